@@ -1,0 +1,73 @@
+/* The paged KV cache: one pool of fixed-size blocks shared by all sequences, per-sequence block
+ * tables, copy-on-write forks, and a prefix index that lets identical prompt prefixes share
+ * blocks (vLLM's PagedAttention and automatic prefix caching). */
+#ifndef CANOPY_CACHE_KV_CACHE_H
+#define CANOPY_CACHE_KV_CACHE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+typedef struct cn_kv_layout {
+  int n_layers;
+  int n_kv_heads;
+  int head_dim;
+  int block_size;  /* tokens per block */
+  int n_blocks;    /* blocks in the pool */
+} cn_kv_layout;
+
+typedef struct cn_kv_pool cn_kv_pool;
+typedef struct cn_kv_seq cn_kv_seq;
+
+/* Allocates the pool and its fp32 host storage (n_blocks * n_layers * 2 * block_size *
+ * n_kv_heads * head_dim floats). CANOPY_ERR_NO_MEMORY if that fails. */
+int cn_kv_pool_create(const cn_kv_layout *layout, cn_kv_pool **out);
+void cn_kv_pool_free(cn_kv_pool *pool);
+const cn_kv_layout *cn_kv_pool_layout(const cn_kv_pool *pool);
+
+/* K or V rows of one block for one layer: [block_size][n_kv_heads * head_dim] fp32. */
+float *cn_kv_block_k(cn_kv_pool *pool, int block, int layer);
+float *cn_kv_block_v(cn_kv_pool *pool, int block, int layer);
+
+/* Blocks that could be handed out now (free, plus cached-but-unused ones that may be evicted). */
+int cn_kv_pool_available(const cn_kv_pool *pool);
+/* Blocks referenced by at least one sequence. */
+int cn_kv_pool_in_use(const cn_kv_pool *pool);
+/* Turns the prefix index on or off (on by default). */
+void cn_kv_pool_set_prefix_cache(cn_kv_pool *pool, bool enabled);
+
+int cn_kv_seq_create(cn_kv_pool *pool, cn_kv_seq **out);
+/* Releases every block reference the sequence holds. */
+void cn_kv_seq_free(cn_kv_seq *seq);
+
+/* Tokens whose K/V are stored. */
+int cn_kv_seq_len(const cn_kv_seq *seq);
+
+/* Makes room for `n` more tokens after the current length: allocates blocks as needed and
+ * copies a shared (refcount > 1) partial last block before it is written (copy-on-write).
+ * Does not change the length. CANOPY_ERR_KV_EXHAUSTED (nothing changed) if the pool is short. */
+int cn_kv_seq_reserve(cn_kv_seq *seq, int n);
+
+/* Where position `pos` (< len + reserved) lives: block id and row inside the block. */
+void cn_kv_seq_slot(const cn_kv_seq *seq, int pos, int *block, int *row);
+
+/* The block table: block ids for positions [0, n_blocks * block_size). */
+const int *cn_kv_seq_blocks(const cn_kv_seq *seq, int *n_blocks);
+
+/* Declares that K/V for `n` more tokens (ids `tokens`) were written after the current length;
+ * len += n. Every block this fills is published to the prefix index under
+ * xxHash64(parent block hash, block tokens). */
+void cn_kv_seq_commit(cn_kv_seq *seq, const int32_t *tokens, int n);
+
+/* Shrinks to `len` tokens, releasing blocks past it. */
+int cn_kv_seq_truncate(cn_kv_seq *seq, int len);
+
+/* A new sequence sharing all of src's blocks (refcounts); a later write to the shared
+ * partial block copies it first. */
+int cn_kv_seq_fork(const cn_kv_seq *src, cn_kv_seq **out);
+
+/* For an empty sequence: attaches the longest run of cached full blocks whose tokens equal the
+ * start of `tokens` (at most `n` tokens), commits them, and returns how many tokens were
+ * reused (a multiple of block_size). */
+int cn_kv_seq_attach_prefix(cn_kv_seq *seq, const int32_t *tokens, int n);
+
+#endif
