@@ -1,0 +1,34 @@
+/* Shared helpers for the cmocka programs: fixture paths, skipping, seeded randomness. */
+#ifndef CANOPY_TESTS_TEST_UTIL_H
+#define CANOPY_TESTS_TEST_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* CTest's SKIP_RETURN_CODE: a test that cannot run here (no GPU, no model) exits with it. */
+#define CN_TEST_SKIP 77
+
+/* The source tree (for fixtures): $CANOPY_SOURCE_DIR, else the compile-time path. */
+const char *cn_test_source_dir(void);
+
+/* Writes "<source dir>/<rel>" into buf and returns buf. */
+char *cn_test_path(char *buf, size_t cap, const char *rel);
+
+/* Whether a path exists. */
+int cn_test_exists(const char *path);
+
+/* Reads a whole file (NUL-terminated, *len bytes); NULL on failure. Caller frees. */
+char *cn_test_read_file(const char *path, size_t *len);
+
+/* A seed from $CANOPY_TEST_SEED or the clock, printed so a failure can be replayed. */
+uint64_t cn_test_seed(const char *test_name);
+
+/* splitmix64: small, seedable, good enough for test inputs. */
+uint64_t cn_test_rand(uint64_t *state);
+/* Uniform float in [-1, 1). */
+float cn_test_randf(uint64_t *state);
+
+/* ||a - b|| / ||b|| in double precision. */
+double cn_test_rel_l2(const float *a, const float *b, size_t n);
+
+#endif
