@@ -1,0 +1,17 @@
+/* The canopy program's commands. Each returns the process exit status. */
+#ifndef CANOPY_CLI_CLI_H
+#define CANOPY_CLI_CLI_H
+
+#define CANOPY_DEFAULT_MODEL "models/SmolLM2-135M-Instruct"
+
+int cli_generate(int argc, char **argv);
+int cli_tokenize(int argc, char **argv);
+int cli_detokenize(int argc, char **argv);
+
+/* Prints "canopy: <what>: <canopy_last_error()>" to stderr and returns 1. */
+int cli_fail(const char *what);
+
+/* The model folder: the -m argument, else $CANOPY_MODEL, else the default. */
+const char *cli_model_dir(const char *arg);
+
+#endif

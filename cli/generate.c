@@ -1,0 +1,270 @@
+/* canopy generate: load, (optionally) apply the chat template, prefill, stream tokens. */
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "canopy.h"
+#include "cli/cli.h"
+
+static const char *usage =
+    "usage: canopy generate [options] (-p TEXT | -f FILE)\n"
+    "\n"
+    "Generates a continuation of the prompt and streams it to stdout; statistics go to stderr.\n"
+    "\n"
+    "  -m, --model DIR       model folder (config.json, *.safetensors, tokenizer.json)\n"
+    "  -p, --prompt TEXT     the prompt\n"
+    "  -f, --file FILE       read the prompt from FILE ('-' for standard input)\n"
+    "  -n, --max-tokens N    new tokens at most (default 256)\n"
+    "      --chat            wrap the prompt as a user turn with the model's chat template\n"
+    "      --system TEXT     system message for --chat\n"
+    "      --temp T          sampling temperature; 0 is greedy (default 0)\n"
+    "      --top-k K         keep the K most likely tokens (default 0: off)\n"
+    "      --top-p P         keep the smallest set of tokens with mass P (default 1: off)\n"
+    "      --seed S          random seed (default 42)\n"
+    "      --threads N       CPU threads (default: all cores)\n"
+    "      --ctx N           context length (default: the model's)\n"
+    "      --ignore-eos      keep generating past end-of-sequence tokens\n"
+    "      --json            print one JSON object with the text and statistics at the end\n"
+    "  -h, --help            show this help\n"
+    "\n"
+    "example:\n"
+    "  canopy generate --chat -p \"What is a B-tree?\" -n 128\n";
+
+typedef struct gen_args {
+  const char *model, *prompt, *file, *system;
+  int max_tokens, chat, threads, ctx, json, ignore_eos;
+  canopy_sampling_params sampling;
+} gen_args;
+
+static int parse_int(const char *s, const char *name, int lo, int *out) {
+  char *end;
+  errno = 0;
+  long v = strtol(s, &end, 10);
+  if (errno || *end || end == s || v < lo || v > 1 << 30) {
+    fprintf(stderr, "canopy: generate: %s '%s' must be an integer >= %d\n", name, s, lo);
+    return 2;
+  }
+  *out = (int)v;
+  return 0;
+}
+
+static int parse_float(const char *s, const char *name, float lo, float hi, float *out) {
+  char *end;
+  errno = 0;
+  float v = strtof(s, &end);
+  if (errno || *end || end == s || !(v >= lo && v <= hi)) {
+    fprintf(stderr, "canopy: generate: %s '%s' must be a number in [%g, %g]\n", name, s, lo, hi);
+    return 2;
+  }
+  *out = v;
+  return 0;
+}
+
+static int parse(int argc, char **argv, gen_args *a) {
+  enum { O_CHAT = 256, O_SYSTEM, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_THREADS, O_CTX, O_JSON, O_IGNORE_EOS };
+  struct option opts[] = {
+      {"model", required_argument, 0, 'm'},   {"prompt", required_argument, 0, 'p'},
+      {"file", required_argument, 0, 'f'},    {"max-tokens", required_argument, 0, 'n'},
+      {"chat", no_argument, 0, O_CHAT},       {"system", required_argument, 0, O_SYSTEM},
+      {"temp", required_argument, 0, O_TEMP}, {"top-k", required_argument, 0, O_TOPK},
+      {"top-p", required_argument, 0, O_TOPP}, {"seed", required_argument, 0, O_SEED},
+      {"threads", required_argument, 0, O_THREADS}, {"ctx", required_argument, 0, O_CTX},
+      {"json", no_argument, 0, O_JSON},       {"ignore-eos", no_argument, 0, O_IGNORE_EOS},
+      {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
+  *a = (gen_args){.max_tokens = 256, .sampling = canopy_sampling_default_params()};
+  int c, rc = 0;
+  optind = 1;
+  while (!rc && (c = getopt_long(argc, argv, "m:p:f:n:h", opts, NULL)) != -1) {
+    switch (c) {
+    case 'm': a->model = optarg; break;
+    case 'p': a->prompt = optarg; break;
+    case 'f': a->file = optarg; break;
+    case 'n': rc = parse_int(optarg, "--max-tokens", 1, &a->max_tokens); break;
+    case O_CHAT: a->chat = 1; break;
+    case O_SYSTEM: a->system = optarg; break;
+    case O_TEMP: rc = parse_float(optarg, "--temp", 0, 100, &a->sampling.temperature); break;
+    case O_TOPK: rc = parse_int(optarg, "--top-k", 0, &a->sampling.top_k); break;
+    case O_TOPP: rc = parse_float(optarg, "--top-p", 1e-6f, 1, &a->sampling.top_p); break;
+    case O_SEED: {
+      char *end;
+      errno = 0;
+      a->sampling.seed = strtoull(optarg, &end, 10);
+      if (errno || *end || end == optarg) {
+        fprintf(stderr, "canopy: generate: --seed '%s' must be a non-negative integer\n", optarg);
+        rc = 2;
+      }
+      break;
+    }
+    case O_THREADS: rc = parse_int(optarg, "--threads", 1, &a->threads); break;
+    case O_CTX: rc = parse_int(optarg, "--ctx", 1, &a->ctx); break;
+    case O_JSON: a->json = 1; break;
+    case O_IGNORE_EOS: a->ignore_eos = 1; break;
+    case 'h': fputs(usage, stdout); return -1;
+    default: fputs(usage, stderr); return 2;
+    }
+  }
+  if (rc) return rc;
+  if (optind != argc || !!a->prompt == !!a->file) {
+    fprintf(stderr, "canopy: generate: give exactly one of -p TEXT or -f FILE\n\n%s", usage);
+    return 2;
+  }
+  return 0;
+}
+
+static char *read_all(const char *path) {
+  FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
+  if (!f) {
+    fprintf(stderr, "canopy: generate: cannot open prompt file '%s': %s\n", path, strerror(errno));
+    return NULL;
+  }
+  size_t len = 0, cap = 4096;
+  char *buf = malloc(cap);
+  size_t got;
+  while (buf && (got = fread(buf + len, 1, cap - len - 1, f)) > 0) {
+    len += got;
+    if (cap - len < 2) {
+      char *bigger = realloc(buf, cap *= 2);
+      if (!bigger) free(buf);
+      buf = bigger;
+    }
+  }
+  if (f != stdin) fclose(f);
+  if (buf) buf[len] = '\0';
+  return buf;
+}
+
+static int tokenize_all(canopy_tokenizer *tok, const char *text, int32_t **ids, int *n) {
+  int cap = (int)strlen(text) + 16;
+  *ids = malloc(sizeof **ids * (size_t)cap);
+  if (!*ids) return CANOPY_ERR_NO_MEMORY;
+  int st = canopy_tokenize(tok, text, strlen(text), 0, *ids, cap, n);
+  if (st == CANOPY_ERR_BUFFER) {
+    int32_t *bigger = realloc(*ids, sizeof **ids * (size_t)*n);
+    if (!bigger) return CANOPY_ERR_NO_MEMORY;
+    *ids = bigger;
+    st = canopy_tokenize(tok, text, strlen(text), 0, *ids, *n, n);
+  }
+  return st;
+}
+
+static void print_json(const char *text, const int32_t *out, const canopy_stats *s) {
+  cJSON *o = cJSON_CreateObject();
+  cJSON_AddStringToObject(o, "text", text);
+  cJSON *ids = cJSON_AddArrayToObject(o, "token_ids");
+  for (int i = 0; i < s->n_generated; i++) cJSON_AddItemToArray(ids, cJSON_CreateNumber(out[i]));
+  cJSON_AddNumberToObject(o, "n_prompt", s->n_prompt);
+  cJSON_AddNumberToObject(o, "n_prompt_reused", s->n_reused);
+  cJSON_AddNumberToObject(o, "n_generated", s->n_generated);
+  cJSON_AddNumberToObject(o, "forward_passes", s->forward_passes);
+  cJSON_AddNumberToObject(o, "prefill_s", s->prefill_s);
+  cJSON_AddNumberToObject(o, "decode_s", s->decode_s);
+  cJSON_AddNumberToObject(o, "prefill_tok_s", s->prefill_s > 0 ? (s->n_prompt - s->n_reused) / s->prefill_s : 0);
+  cJSON_AddNumberToObject(o, "decode_tok_s", s->decode_s > 0 ? s->n_generated / s->decode_s : 0);
+  char *str = cJSON_PrintUnformatted(o);
+  if (str) puts(str);
+  free(str);
+  cJSON_Delete(o);
+}
+
+int cli_generate(int argc, char **argv) {
+  gen_args a;
+  int rc = parse(argc, argv, &a);
+  if (rc) return rc < 0 ? 0 : rc;
+  const char *dir = cli_model_dir(a.model);
+  char *prompt = a.file ? read_all(a.file) : strdup(a.prompt);
+  if (!prompt) return 1;
+
+  canopy_tokenizer *tok = NULL;
+  canopy_model *model = NULL;
+  canopy_session *sess = NULL;
+  canopy_detok_stream *stream = NULL;
+  int32_t *ids = NULL, *out = NULL;
+  char *text = NULL, *rendered = NULL;
+  size_t text_len = 0, text_cap = 0;
+  rc = 1;
+
+  if (canopy_tokenizer_load(dir, &tok)) { cli_fail("loading the tokenizer"); goto done; }
+  if (a.chat) {
+    canopy_chat_message msgs[2];
+    int n = 0;
+    if (a.system) msgs[n++] = (canopy_chat_message){"system", a.system};
+    msgs[n++] = (canopy_chat_message){"user", prompt};
+    if (canopy_chat_apply(tok, msgs, n, 1, &rendered)) { cli_fail("applying the chat template"); goto done; }
+  }
+  int n_ids = 0;
+  if (tokenize_all(tok, rendered ? rendered : prompt, &ids, &n_ids)) { cli_fail("tokenizing the prompt"); goto done; }
+  if (n_ids == 0) { fprintf(stderr, "canopy: generate: the prompt is empty\n"); goto done; }
+
+  canopy_model_params mp = canopy_model_default_params();
+  mp.n_threads = a.threads;
+  mp.max_context = a.ctx;
+  if (canopy_model_load(dir, &mp, &model)) { cli_fail("loading the model"); goto done; }
+  canopy_session_params sp = canopy_session_default_params();
+  sp.sampling = a.sampling;
+  sp.max_tokens = a.max_tokens;
+  sp.stop_at_eos = !a.ignore_eos;
+  if (canopy_session_create(model, &sp, &sess)) { cli_fail("creating a session"); goto done; }
+  if (canopy_session_append(sess, ids, n_ids)) { cli_fail("processing the prompt"); goto done; }
+  if (canopy_detok_stream_create(tok, 1, &stream)) { cli_fail("decoding"); goto done; }
+
+  out = malloc(sizeof *out * (size_t)a.max_tokens);
+  if (!out) goto done;
+  int32_t t;
+  int st, n_out = 0;
+  char piece[256];
+  size_t plen;
+  while ((st = canopy_session_next(sess, &t)) == CANOPY_OK) {
+    out[n_out++] = t;
+    if (canopy_detok_stream_push(stream, t, piece, sizeof piece, &plen)) { cli_fail("decoding"); goto done; }
+    if (a.json) {
+      if (text_len + plen + 1 > text_cap) {
+        char *bigger = realloc(text, text_cap = 2 * (text_len + plen + 1));
+        if (!bigger) goto done;
+        text = bigger;
+      }
+      memcpy(text + text_len, piece, plen);
+      text[text_len += plen] = '\0';
+    } else {
+      fwrite(piece, 1, plen, stdout);
+      fflush(stdout);
+    }
+  }
+  if (st != CANOPY_DONE) { cli_fail("generating"); goto done; }
+  if (!canopy_detok_stream_flush(stream, piece, sizeof piece, &plen) && plen) {
+    if (a.json) {
+      char *bigger = realloc(text, text_len + plen + 1);
+      if (!bigger) goto done;
+      text = bigger;
+      memcpy(text + text_len, piece, plen);
+      text[text_len += plen] = '\0';
+    } else {
+      fwrite(piece, 1, plen, stdout);
+    }
+  }
+  canopy_stats s;
+  canopy_session_get_stats(sess, &s);
+  if (a.json) {
+    print_json(text ? text : "", out, &s);
+  } else {
+    putchar('\n');
+  }
+  fprintf(stderr, "prompt: %d tokens (%d from the prefix cache) in %.3f s, %.1f tok/s\n", s.n_prompt, s.n_reused,
+          s.prefill_s, s.prefill_s > 0 ? (s.n_prompt - s.n_reused) / s.prefill_s : 0.0);
+  fprintf(stderr, "decode: %d tokens in %.3f s, %.2f tok/s (%d forward passes)\n", s.n_generated, s.decode_s,
+          s.decode_s > 0 ? s.n_generated / s.decode_s : 0.0, s.forward_passes);
+  rc = 0;
+done:
+  canopy_detok_stream_free(stream);
+  canopy_session_free(sess);
+  canopy_model_free(model);
+  canopy_tokenizer_free(tok);
+  free(ids);
+  free(out);
+  free(text);
+  free(rendered);
+  free(prompt);
+  return rc;
+}

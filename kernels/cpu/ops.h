@@ -1,0 +1,76 @@
+/* fp32 CPU ops: the reference every CUDA op is tested against. Nothing here knows about models:
+ * shapes and pointers in, results out. Row-major throughout; "[n][d]" means n rows of d floats. */
+#ifndef CANOPY_KERNELS_CPU_OPS_H
+#define CANOPY_KERNELS_CPU_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct cn_threadpool cn_threadpool;
+
+/* A fixed set of worker threads for the element-wise and attention ops. n_threads <= 1 runs
+ * everything on the caller's thread. */
+int cn_threadpool_create(int n_threads, cn_threadpool **out);
+void cn_threadpool_free(cn_threadpool *tp);
+int cn_threadpool_size(const cn_threadpool *tp);
+/* Calls fn(arg, i) for i in [0, n) spread over the workers; returns when all are done. */
+void cn_threadpool_run(cn_threadpool *tp, int n, void (*fn)(void *arg, int i), void *arg);
+
+/* x[i] = table[tokens[i]]: x [n][dim], table [vocab][dim]. */
+void cn_cpu_embed(float *x, const float *table, const int32_t *tokens, int n, int dim);
+
+/* out[i] = x[i] / rms(x[i]) * w: x, out [n][dim] (may alias), w [dim]. */
+void cn_cpu_rmsnorm(float *out, const float *x, const float *w, int n, int dim, float eps);
+
+/* y = x W^T (+ bias): x [n][in], W [out][in], bias [out] or NULL, y [n][out].
+ * OpenBLAS sgemm (sgemv for n == 1), threaded by OpenBLAS. */
+void cn_cpu_matmul(float *y, const float *x, const float *w, const float *bias, int n, int in,
+                   int out);
+
+/* Rotates each head of x [n][n_heads][head_dim] in place by its token's position, in the
+ * "rotate_half" pairing of HF Llama (element i pairs with i + head_dim/2). inv_freq [head_dim/2]. */
+void cn_cpu_rope(float *x, const int32_t *pos, int n, int n_heads, int head_dim,
+                 const float *inv_freq);
+
+/* out [n][d] = silu(gate) * up, reading gate_up [n][2d] as [gate | up]. */
+void cn_cpu_swiglu(float *out, const float *gate_up, int n, int d);
+
+/* x += y, both [n]. */
+void cn_cpu_add(float *x, const float *y, size_t n);
+
+/* The paged KV cache as the attention op sees it: per-layer base pointers are found through
+ * block ids; row `r` of block `b` holds one token's [n_kv_heads * head_dim] keys (or values). */
+typedef struct cn_cpu_paged_kv {
+  float *const *k_blocks;   /* [n_blocks_in_table] block pointers for this layer's K */
+  float *const *v_blocks;   /* same for V */
+  int block_size;
+} cn_cpu_paged_kv;
+
+/* Writes n tokens' k, v [n][kv_dim] into cache slots first_slot .. first_slot + n - 1. */
+void cn_cpu_kv_write(const cn_cpu_paged_kv *kv, int first_slot, const float *k, const float *v,
+                     int n, int kv_dim);
+
+/* Attention for one sequence. q [n][n_heads][head_dim], out same shape.
+ * Query i sits in cache slot ctx_len + i with rope position pos[i]. It attends to every slot
+ * s < ctx_len (whose position is s) and to new slot ctx_len + j when
+ *   tree_mask == NULL: j <= i (causal), else bit j of tree_mask[i * mask_words + j / 64].
+ * sliding_window > 0 also drops keys at positions <= pos[i] - sliding_window.
+ * GQA: query head h reads kv head h / (n_heads / n_kv_heads). Threaded over (token, head). */
+typedef struct cn_cpu_attn_args {
+  float *out;
+  const float *q;
+  const cn_cpu_paged_kv *kv;
+  int n, ctx_len;
+  const int32_t *pos;
+  const uint64_t *tree_mask;
+  int mask_words;
+  int n_heads, n_kv_heads, head_dim;
+  int sliding_window;
+  float scale;
+} cn_cpu_attn_args;
+void cn_cpu_attention(cn_threadpool *tp, const cn_cpu_attn_args *a);
+
+/* Index of the largest element (the first on ties, as torch.argmax). */
+int cn_cpu_argmax(const float *x, int n);
+
+#endif

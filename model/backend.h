@@ -1,0 +1,48 @@
+/* The seam between the model and the hardware (DESIGN.md, "Backends"): the forward is written
+ * once over this table. Weights are backend-owned opaque pointers; activations are backend
+ * buffers (fp32 host memory on the CPU). */
+#ifndef CANOPY_MODEL_BACKEND_H
+#define CANOPY_MODEL_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cache/kv_cache.h"
+#include "model/safetensors.h"
+
+typedef struct cn_backend {
+  const char *name;
+  void (*destroy)(void *ctx);
+  /* Sizes per-sequence scratch for block tables of up to max_blocks blocks. */
+  int (*reserve)(void *ctx, int max_blocks);
+  void *(*alloc)(void *ctx, size_t bytes);
+  void (*release)(void *ctx, void *p);
+  /* Uploads rows of a checkpoint tensor (converted to the backend's weight dtype) into a
+   * weight buffer at element offset `at`: used to fuse q/k/v and gate/up into one matrix. */
+  int (*load)(void *ctx, void *dst, size_t at, const cn_st_tensor *t);
+
+  void (*embed)(void *ctx, void *x, const void *table, const int32_t *tokens, int n, int dim);
+  void (*rmsnorm)(void *ctx, void *out, const void *x, const void *w, int n, int dim, float eps);
+  void (*matmul)(void *ctx, void *y, const void *x, const void *w, const void *bias, int n, int in, int out);
+  void (*rope)(void *ctx, void *x, const int32_t *pos, int n, int n_heads, int head_dim, const float *inv_freq);
+  void (*swiglu)(void *ctx, void *out, const void *gate_up, int n, int d);
+  void (*add)(void *ctx, void *x, const void *y, size_t n);
+  /* Splits fused projections qkv [n][q_dim + 2 kv_dim] into q [n][q_dim], k, v [n][kv_dim]. */
+  void (*split_qkv)(void *ctx, void *q, void *k, void *v, const void *qkv, int n, int q_dim, int kv_dim);
+  /* Copies rows [first, first + n) of a [*][dim] activation buffer, one per index in `rows`. */
+  void (*gather_rows)(void *ctx, void *dst, const void *src, const int32_t *rows, int n, int dim);
+  /* Writes k, v [n][kv_dim] of one layer into cache slots first_slot.. of a sequence. */
+  void (*kv_write)(void *ctx, cn_kv_pool *pool, const cn_kv_seq *seq, int layer, int first_slot,
+                   const void *k, const void *v, int n, int kv_dim);
+  /* Attention of one sequence's n new tokens over its cache (see cn_cpu_attention). */
+  void (*attention)(void *ctx, void *out, const void *q, cn_kv_pool *pool, const cn_kv_seq *seq,
+                    int layer, int ctx_len, int n, const int32_t *pos, const uint64_t *tree_mask,
+                    int n_heads, int n_kv_heads, int head_dim, int sliding_window, float scale);
+  /* Copies n floats of a backend buffer to the host. */
+  void (*to_host)(void *ctx, float *dst, const void *src, size_t n);
+} cn_backend;
+
+/* The fp32 CPU backend with `n_threads` workers (0 = all online cores). */
+int cn_backend_cpu_create(int n_threads, const cn_backend **be, void **ctx);
+
+#endif

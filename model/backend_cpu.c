@@ -1,0 +1,154 @@
+/* The CPU backend: fp32 weights and activations, the kernels/cpu ops behind the table. */
+#include "common/error.h"
+#include "kernels/cpu/ops.h"
+#include "model/backend.h"
+
+#include <cblas.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+typedef struct cpu_ctx {
+  cn_threadpool *tp;
+  float **k_ptrs, **v_ptrs; /* [max_blocks] one sequence's block pointers for one layer */
+  int max_blocks;
+} cpu_ctx;
+
+static void cpu_destroy(void *ctx) {
+  cpu_ctx *c = ctx;
+  cn_threadpool_free(c->tp);
+  free(c->k_ptrs);
+  free(c->v_ptrs);
+  free(c);
+}
+
+static int cpu_reserve(void *ctx, int max_blocks) {
+  cpu_ctx *c = ctx;
+  if (max_blocks <= c->max_blocks) return CANOPY_OK;
+  float **k = realloc(c->k_ptrs, sizeof *k * (size_t)max_blocks);
+  if (k) c->k_ptrs = k;
+  float **v = realloc(c->v_ptrs, sizeof *v * (size_t)max_blocks);
+  if (v) c->v_ptrs = v;
+  if (!k || !v) return cn_error(CANOPY_ERR_NO_MEMORY, "cpu backend: no memory for a %d-block table", max_blocks);
+  c->max_blocks = max_blocks;
+  return CANOPY_OK;
+}
+
+static void *cpu_alloc(void *ctx, size_t bytes) {
+  void *p = NULL;
+  /* 64-byte alignment keeps OpenBLAS and the vector loops on whole cache lines. */
+  return posix_memalign(&p, 64, bytes ? bytes : 64) == 0 ? p : NULL;
+}
+
+static void cpu_release(void *ctx, void *p) { free(p); }
+
+static int cpu_load(void *ctx, void *dst, size_t at, const cn_st_tensor *t) {
+  cn_st_to_f32(t, (float *)dst + at);
+  return CANOPY_OK;
+}
+
+static void cpu_embed(void *ctx, void *x, const void *table, const int32_t *tokens, int n, int dim) {
+  cn_cpu_embed(x, table, tokens, n, dim);
+}
+
+static void cpu_rmsnorm(void *ctx, void *out, const void *x, const void *w, int n, int dim, float eps) {
+  cn_cpu_rmsnorm(out, x, w, n, dim, eps);
+}
+
+static void cpu_matmul(void *ctx, void *y, const void *x, const void *w, const void *bias, int n, int in, int out) {
+  cn_cpu_matmul(y, x, w, bias, n, in, out);
+}
+
+static void cpu_rope(void *ctx, void *x, const int32_t *pos, int n, int n_heads, int head_dim, const float *inv_freq) {
+  cn_cpu_rope(x, pos, n, n_heads, head_dim, inv_freq);
+}
+
+static void cpu_swiglu(void *ctx, void *out, const void *gate_up, int n, int d) { cn_cpu_swiglu(out, gate_up, n, d); }
+
+static void cpu_add(void *ctx, void *x, const void *y, size_t n) { cn_cpu_add(x, y, n); }
+
+static void cpu_gather_rows(void *ctx, void *dst, const void *src, const int32_t *rows, int n, int dim) {
+  for (int i = 0; i < n; i++)
+    memmove((float *)dst + (size_t)i * dim, (const float *)src + (size_t)rows[i] * dim, sizeof(float) * (size_t)dim);
+}
+
+static void cpu_split_qkv(void *ctx, void *q, void *k, void *v, const void *qkv, int n, int q_dim, int kv_dim) {
+  size_t row = (size_t)q_dim + 2 * (size_t)kv_dim;
+  for (int i = 0; i < n; i++) {
+    const float *src = (const float *)qkv + i * row;
+    memcpy((float *)q + (size_t)i * q_dim, src, sizeof(float) * (size_t)q_dim);
+    memcpy((float *)k + (size_t)i * kv_dim, src + q_dim, sizeof(float) * (size_t)kv_dim);
+    memcpy((float *)v + (size_t)i * kv_dim, src + q_dim + kv_dim, sizeof(float) * (size_t)kv_dim);
+  }
+}
+
+/* Resolves a sequence's block table into this layer's block pointers for the kernels. The
+ * table never exceeds max_blocks: the model reserves for its context length at load. */
+static cn_cpu_paged_kv view_of(cpu_ctx *c, cn_kv_pool *pool, const cn_kv_seq *seq, int layer) {
+  int nb;
+  const int *table = cn_kv_seq_blocks(seq, &nb);
+  for (int b = 0; b < nb && b < c->max_blocks; b++) {
+    c->k_ptrs[b] = cn_kv_block_k(pool, table[b], layer);
+    c->v_ptrs[b] = cn_kv_block_v(pool, table[b], layer);
+  }
+  return (cn_cpu_paged_kv){c->k_ptrs, c->v_ptrs, cn_kv_pool_layout(pool)->block_size};
+}
+
+static void cpu_kv_write(void *ctx, cn_kv_pool *pool, const cn_kv_seq *seq, int layer, int first_slot,
+                         const void *k, const void *v, int n, int kv_dim) {
+  cn_cpu_paged_kv kv = view_of(ctx, pool, seq, layer);
+  cn_cpu_kv_write(&kv, first_slot, k, v, n, kv_dim);
+}
+
+static void cpu_attention(void *ctx, void *out, const void *q, cn_kv_pool *pool, const cn_kv_seq *seq, int layer,
+                          int ctx_len, int n, const int32_t *pos, const uint64_t *tree_mask, int n_heads,
+                          int n_kv_heads, int head_dim, int sliding_window, float scale) {
+  cpu_ctx *c = ctx;
+  cn_cpu_paged_kv kv = view_of(c, pool, seq, layer);
+  cn_cpu_attn_args a = {.out = out, .q = q, .kv = &kv, .n = n, .ctx_len = ctx_len, .pos = pos,
+                        .tree_mask = tree_mask, .mask_words = (n + 63) / 64, .n_heads = n_heads,
+                        .n_kv_heads = n_kv_heads, .head_dim = head_dim, .sliding_window = sliding_window,
+                        .scale = scale};
+  cn_cpu_attention(c->tp, &a);
+}
+
+static void cpu_to_host(void *ctx, float *dst, const void *src, size_t n) {
+  if (dst != src) memcpy(dst, src, sizeof(float) * n);
+}
+
+static const cn_backend cpu_backend = {
+    .name = "cpu",
+    .destroy = cpu_destroy,
+    .reserve = cpu_reserve,
+    .alloc = cpu_alloc,
+    .release = cpu_release,
+    .load = cpu_load,
+    .embed = cpu_embed,
+    .rmsnorm = cpu_rmsnorm,
+    .matmul = cpu_matmul,
+    .rope = cpu_rope,
+    .swiglu = cpu_swiglu,
+    .add = cpu_add,
+    .split_qkv = cpu_split_qkv,
+    .gather_rows = cpu_gather_rows,
+    .kv_write = cpu_kv_write,
+    .attention = cpu_attention,
+    .to_host = cpu_to_host,
+};
+
+int cn_backend_cpu_create(int n_threads, const cn_backend **be, void **ctx) {
+  if (n_threads <= 0) n_threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
+  if (n_threads <= 0) n_threads = 1;
+  cpu_ctx *c = calloc(1, sizeof *c);
+  if (!c) return cn_error(CANOPY_ERR_NO_MEMORY, "cpu backend: out of memory");
+  int st = cn_threadpool_create(n_threads, &c->tp);
+  if (st) {
+    free(c);
+    return st;
+  }
+  /* OpenBLAS keeps its own pool; match its size so GEMMs and our ops use the same cores. */
+  openblas_set_num_threads(n_threads);
+  *be = &cpu_backend;
+  *ctx = c;
+  return CANOPY_OK;
+}

@@ -1,0 +1,101 @@
+/* The transformer forward, written once over the backend table (llama2.c's forward, batched):
+ * embed -> [RMSNorm -> QKV -> RoPE -> paged attention -> O -> residual ->
+ *           RMSNorm -> gate/up -> SwiGLU -> down -> residual] x L -> RMSNorm -> LM head. */
+#include "model/forward.h"
+
+#include <math.h>
+
+#include "common/error.h"
+
+/* LM-head rows computed per GEMM: bounds the logits scratch to LOGIT_CHUNK x vocab floats. */
+#define LOGIT_CHUNK 64
+
+static int check_batch(canopy_model *m, const cn_batch *b) {
+  const cn_config *c = &m->cfg;
+  if (b->n_tokens <= 0 || b->n_tokens > m->max_batch)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "forward: %d tokens in a batch (1..%d allowed)", b->n_tokens, m->max_batch);
+  for (int i = 0; i < b->n_tokens; i++)
+    if (b->tokens[i] < 0 || b->tokens[i] >= c->vocab_size)
+      return cn_error(CANOPY_ERR_INVALID_ARG, "forward: token id %d at batch index %d is outside the vocabulary (%d)",
+                      b->tokens[i], i, c->vocab_size);
+  int covered = 0;
+  for (int s = 0; s < b->n_seqs; s++) {
+    const cn_seq_batch *sb = &b->seqs[s];
+    if (sb->first != covered || sb->n <= 0)
+      return cn_error(CANOPY_ERR_INVALID_ARG, "forward: sequence %d covers tokens [%d, %d), expected to start at %d",
+                      s, sb->first, sb->first + sb->n, covered);
+    covered += sb->n;
+    int len = cn_kv_seq_len(sb->kv);
+    if (len + sb->n > m->max_context)
+      return cn_error(CANOPY_ERR_CONTEXT, "sequence of %d tokens plus %d new exceeds the context length %d", len,
+                      sb->n, m->max_context);
+  }
+  if (covered != b->n_tokens)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "forward: sequences cover %d of %d tokens", covered, b->n_tokens);
+  for (int i = 0; i < b->n_logits; i++)
+    if (b->logit_rows[i] < 0 || b->logit_rows[i] >= b->n_tokens)
+      return cn_error(CANOPY_ERR_INVALID_ARG, "forward: logit row %d is outside the batch", b->logit_rows[i]);
+  return CANOPY_OK;
+}
+
+/* Reserves cache slots for every sequence, all or nothing, so a failed forward leaves no trace. */
+static int reserve_all(const cn_batch *b) {
+  for (int s = 0; s < b->n_seqs; s++) {
+    int st = cn_kv_seq_reserve(b->seqs[s].kv, b->seqs[s].n);
+    if (st) {
+      for (int r = 0; r < s; r++) cn_kv_seq_truncate(b->seqs[r].kv, cn_kv_seq_len(b->seqs[r].kv));
+      return st;
+    }
+  }
+  return CANOPY_OK;
+}
+
+int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
+  int st = check_batch(m, b);
+  if (st == CANOPY_OK) st = reserve_all(b);
+  if (st) return st;
+
+  const cn_config *c = &m->cfg;
+  const cn_backend *be = m->be;
+  void *ctx = m->be_ctx;
+  const cn_scratch *s = &m->s;
+  int n = b->n_tokens, D = c->hidden_size, d = c->head_dim, F = c->intermediate_size;
+  int q_dim = c->n_heads * d, kv_dim = c->n_kv_heads * d, qkv_dim = q_dim + 2 * kv_dim;
+  float scale = 1.0f / sqrtf((float)d);
+
+  be->embed(ctx, s->x, m->embed, b->tokens, n, D);
+  for (int l = 0; l < c->n_layers; l++) {
+    const cn_layer *w = &m->layers[l];
+    be->rmsnorm(ctx, s->xn, s->x, w->attn_norm, n, D, c->rms_norm_eps);
+    be->matmul(ctx, s->qkv, s->xn, w->wqkv, w->bqkv, n, D, qkv_dim);
+    be->split_qkv(ctx, s->q, s->k, s->v, s->qkv, n, q_dim, kv_dim);
+    be->rope(ctx, s->q, b->pos, n, c->n_heads, d, m->inv_freq);
+    be->rope(ctx, s->k, b->pos, n, c->n_kv_heads, d, m->inv_freq);
+    for (int q = 0; q < b->n_seqs; q++) {
+      const cn_seq_batch *sb = &b->seqs[q];
+      int len = cn_kv_seq_len(sb->kv);
+      size_t off_kv = (size_t)sb->first * kv_dim * sizeof(float), off_q = (size_t)sb->first * q_dim * sizeof(float);
+      be->kv_write(ctx, m->kv, sb->kv, l, len, (char *)s->k + off_kv, (char *)s->v + off_kv, sb->n, kv_dim);
+      be->attention(ctx, (char *)s->attn + off_q, (char *)s->q + off_q, m->kv, sb->kv, l, len, sb->n,
+                    b->pos + sb->first, sb->tree_mask, c->n_heads, c->n_kv_heads, d, c->sliding_window, scale);
+    }
+    be->matmul(ctx, s->proj, s->attn, w->wo, w->bo, n, q_dim, D);
+    be->add(ctx, s->x, s->proj, (size_t)n * D);
+    be->rmsnorm(ctx, s->xn, s->x, w->ffn_norm, n, D, c->rms_norm_eps);
+    be->matmul(ctx, s->gate_up, s->xn, w->w_gate_up, w->b_gate_up, n, D, 2 * F);
+    be->swiglu(ctx, s->ffn, s->gate_up, n, F);
+    be->matmul(ctx, s->proj, s->ffn, w->w_down, w->b_down, n, F, D);
+    be->add(ctx, s->x, s->proj, (size_t)n * D);
+  }
+
+  /* Only the requested rows go through the final norm and the LM head: at prefill that is one
+   * row in hundreds, and the head is the largest matrix of a small model. */
+  for (int r = 0; r < b->n_logits; r += LOGIT_CHUNK) {
+    int rows = b->n_logits - r < LOGIT_CHUNK ? b->n_logits - r : LOGIT_CHUNK;
+    be->gather_rows(ctx, s->xn, s->x, b->logit_rows + r, rows, D);
+    be->rmsnorm(ctx, s->xn, s->xn, m->final_norm, rows, D, c->rms_norm_eps);
+    be->matmul(ctx, s->logits, s->xn, m->lm_head, NULL, rows, D, c->vocab_size);
+    be->to_host(ctx, logits + (size_t)r * c->vocab_size, s->logits, (size_t)rows * c->vocab_size);
+  }
+  return CANOPY_OK;
+}

@@ -1,0 +1,62 @@
+/* A loaded causal LM: config, weights in the backend's format, the KV pool, forward scratch. */
+#ifndef CANOPY_MODEL_MODEL_H
+#define CANOPY_MODEL_MODEL_H
+
+#include "canopy.h"
+#include "cache/kv_cache.h"
+#include "model/backend.h"
+#include "model/config.h"
+
+/* Shapes use: D = hidden_size, Hq/Hkv = heads, d = head_dim, QKV = (Hq + 2 Hkv) d, F = intermediate. */
+typedef struct cn_layer {
+  void *attn_norm;   /* [D] */
+  void *wqkv;        /* [QKV][D]: q_proj, k_proj, v_proj stacked so one GEMM makes all three */
+  void *bqkv;        /* [QKV] or NULL (Qwen2, Llama attention_bias) */
+  void *wo;          /* [D][Hq d] */
+  void *bo;          /* [D] or NULL */
+  void *ffn_norm;    /* [D] */
+  void *w_gate_up;   /* [2F][D]: gate_proj then up_proj */
+  void *b_gate_up;   /* [2F] or NULL (mlp_bias) */
+  void *w_down;      /* [D][F] */
+  void *b_down;      /* [D] or NULL */
+} cn_layer;
+
+/* Per-forward activations, sized for max_batch tokens. */
+typedef struct cn_scratch {
+  void *x;        /* [B][D] residual stream */
+  void *xn;       /* [B][D] normed input of a sub-block */
+  void *qkv;      /* [B][QKV] */
+  void *q;        /* [B][Hq d] contiguous queries of one sequence */
+  void *k, *v;    /* [B][Hkv d] */
+  void *attn;     /* [B][Hq d] */
+  void *proj;     /* [B][D] */
+  void *gate_up;  /* [B][2F] */
+  void *ffn;      /* [B][F] */
+  void *logits;   /* [B][V] */
+} cn_scratch;
+
+struct canopy_model {
+  cn_config cfg;
+  char dir[1024];
+  const cn_backend *be;
+  void *be_ctx;
+  void *embed;         /* [V][D] */
+  void *lm_head;       /* [V][D]; == embed when tied */
+  void *final_norm;    /* [D] */
+  cn_layer *layers;    /* [n_layers] */
+  float *inv_freq;     /* [d/2] host, llama3 scaling applied */
+  cn_kv_pool *kv;
+  cn_scratch s;
+  int max_batch;       /* tokens per forward; longer prompts are fed in chunks of this size */
+  int max_context;
+  int64_t n_params, weight_bytes;
+};
+
+typedef struct cn_model_load_params {
+  int n_threads, max_context, kv_block_size, kv_blocks, max_batch;
+  int prefix_cache;
+} cn_model_load_params;
+
+int cn_model_load(const char *dir, const canopy_model_params *p, canopy_model **out);
+
+#endif

@@ -1,0 +1,185 @@
+/* A session: one sequence's tokens, its KV blocks, its sampler. Prompts go through the model in
+ * chunks of max_batch tokens (the causal forward); each new token is one more forward. The
+ * sampled token is fed lazily, at the next call, so stopping never costs a wasted forward. */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "common/error.h"
+#include "model/forward.h"
+#include "spec/sampler.h"
+
+struct canopy_session {
+  canopy_model *m;
+  canopy_session_params p;
+  cn_kv_seq *kv;
+  int32_t *tokens;   /* [max_context] every token of the sequence, fed or pending */
+  int n_tokens;      /* tokens in the sequence, the pending one included */
+  int pending;       /* 1 if tokens[n_tokens - 1] was sampled but not yet fed */
+  float *logits;     /* [vocab] of the last fed position */
+  int has_logits;
+  int32_t *pos;      /* [max_batch] */
+  cn_sampler sampler;
+  canopy_stats stats;
+};
+
+canopy_session_params canopy_session_default_params(void) {
+  return (canopy_session_params){.sampling = canopy_sampling_default_params(), .max_tokens = 0, .stop_at_eos = 1};
+}
+
+static double now_s(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+int canopy_session_create(canopy_model *m, const canopy_session_params *p, canopy_session **out) {
+  if (!m || !out) return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_session_create: NULL argument");
+  canopy_session_params defaults = canopy_session_default_params();
+  if (!p) p = &defaults;
+  if (p->max_tokens < 0) return cn_error(CANOPY_ERR_INVALID_ARG, "session: max_tokens %d must be >= 0", p->max_tokens);
+  canopy_session *s = calloc(1, sizeof *s);
+  if (!s) return cn_error(CANOPY_ERR_NO_MEMORY, "session: out of memory");
+  s->m = m;
+  s->p = *p;
+  int st = cn_sampler_init(&s->sampler, &p->sampling, m->cfg.vocab_size);
+  if (!st) st = cn_kv_seq_create(m->kv, &s->kv);
+  if (!st) {
+    s->tokens = malloc(sizeof *s->tokens * (size_t)m->max_context);
+    s->logits = malloc(sizeof *s->logits * (size_t)m->cfg.vocab_size);
+    s->pos = malloc(sizeof *s->pos * (size_t)m->max_batch);
+    if (!s->tokens || !s->logits || !s->pos) st = cn_error(CANOPY_ERR_NO_MEMORY, "session: out of memory");
+  }
+  if (st) {
+    canopy_session_free(s);
+    return st;
+  }
+  *out = s;
+  return CANOPY_OK;
+}
+
+void canopy_session_free(canopy_session *s) {
+  if (!s) return;
+  cn_kv_seq_free(s->kv);
+  cn_sampler_free(&s->sampler);
+  free(s->tokens);
+  free(s->logits);
+  free(s->pos);
+  free(s);
+}
+
+/* Runs tokens[from, to) through the model in max_batch chunks and commits them; the last
+ * chunk's last row leaves its logits in s->logits. */
+static int feed(canopy_session *s, int from, int to) {
+  canopy_model *m = s->m;
+  for (int at = from; at < to;) {
+    int n = to - at < m->max_batch ? to - at : m->max_batch;
+    for (int i = 0; i < n; i++) s->pos[i] = at + i;
+    int last = n - 1, is_last = at + n == to;
+    cn_seq_batch sb = {.kv = s->kv, .first = 0, .n = n, .tree_mask = NULL};
+    cn_batch b = {.n_tokens = n, .tokens = s->tokens + at, .pos = s->pos, .n_seqs = 1, .seqs = &sb,
+                  .n_logits = is_last, .logit_rows = &last};
+    int st = cn_forward(m, &b, s->logits);
+    if (st) {
+      s->has_logits = 0;
+      return st;
+    }
+    cn_kv_seq_commit(s->kv, s->tokens + at, n);
+    s->stats.forward_passes++;
+    at += n;
+  }
+  s->has_logits = 1;
+  return CANOPY_OK;
+}
+
+int canopy_session_append(canopy_session *s, const int32_t *ids, int n) {
+  if (!s || (!ids && n) || n < 0) return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_session_append: bad arguments");
+  if (n == 0) return CANOPY_OK;
+  canopy_model *m = s->m;
+  for (int i = 0; i < n; i++)
+    if (ids[i] < 0 || ids[i] >= m->cfg.vocab_size)
+      return cn_error(CANOPY_ERR_INVALID_ARG, "token id %d at prompt index %d is outside the vocabulary (%d)", ids[i],
+                      i, m->cfg.vocab_size);
+  if (s->n_tokens + n > m->max_context)
+    return cn_error(CANOPY_ERR_CONTEXT, "prompt of %d tokens (after %d in the session) exceeds the context length %d",
+                    n, s->n_tokens, m->max_context);
+  double t0 = now_s();
+  int from = s->n_tokens - s->pending;
+  memcpy(s->tokens + s->n_tokens, ids, sizeof *ids * (size_t)n);
+  s->n_tokens += n;
+  s->pending = 0;
+  int reused = 0;
+  if (from == 0) {
+    /* At least one token must run through the model to produce logits. */
+    reused = cn_kv_seq_attach_prefix(s->kv, s->tokens, s->n_tokens - 1);
+    from = reused;
+  }
+  int st = feed(s, from, s->n_tokens);
+  if (st) {
+    /* Leave the session as it was before the call. */
+    s->n_tokens -= n;
+    cn_kv_seq_truncate(s->kv, s->n_tokens < cn_kv_seq_len(s->kv) ? s->n_tokens : cn_kv_seq_len(s->kv));
+    return st;
+  }
+  s->stats.n_prompt += n;
+  s->stats.n_reused += reused;
+  s->stats.prefill_s += now_s() - t0;
+  return CANOPY_OK;
+}
+
+static int is_eos(const canopy_session *s, int32_t t) {
+  for (int i = 0; i < s->m->cfg.n_eos; i++)
+    if (s->m->cfg.eos_token_ids[i] == t) return 1;
+  return 0;
+}
+
+int canopy_session_next(canopy_session *s, int32_t *token) {
+  if (!s || !token) return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_session_next: NULL argument");
+  *token = -1;
+  double t0 = now_s();
+  if (s->pending) {
+    int st = feed(s, s->n_tokens - 1, s->n_tokens);
+    if (st) return st;
+    s->pending = 0;
+  }
+  if (!s->has_logits) return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_session_next: append a prompt first");
+  if ((s->p.max_tokens > 0 && s->stats.n_generated >= s->p.max_tokens) || s->n_tokens >= s->m->max_context)
+    return CANOPY_DONE;
+  int32_t t = cn_sampler_sample(&s->sampler, s->logits);
+  s->stats.decode_s += now_s() - t0;
+  if (s->p.stop_at_eos && is_eos(s, t)) return CANOPY_DONE;
+  s->tokens[s->n_tokens++] = t;
+  s->pending = 1;
+  s->stats.n_generated++;
+  *token = t;
+  return CANOPY_OK;
+}
+
+int canopy_session_logits(const canopy_session *s, const float **logits, int *n_vocab) {
+  if (!s || !logits) return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_session_logits: NULL argument");
+  if (!s->has_logits || s->pending)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_session_logits: no logits for the current position");
+  *logits = s->logits;
+  if (n_vocab) *n_vocab = s->m->cfg.vocab_size;
+  return CANOPY_OK;
+}
+
+int canopy_session_truncate(canopy_session *s, int len) {
+  if (!s || len < 1 || len > s->n_tokens)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_session_truncate: length %d outside [1, %d]", len,
+                    s ? s->n_tokens : 0);
+  /* Re-run the last kept token so the logits belong to the new end. */
+  int st = cn_kv_seq_truncate(s->kv, len - 1);
+  if (st) return st;
+  s->n_tokens = len;
+  s->pending = 0;
+  return feed(s, len - 1, len);
+}
+
+int canopy_session_get_stats(const canopy_session *s, canopy_stats *stats) {
+  if (!s || !stats) return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_session_get_stats: NULL argument");
+  *stats = s->stats;
+  return CANOPY_OK;
+}
+
+int canopy_session_len(const canopy_session *s) { return s ? s->n_tokens : 0; }
