@@ -1,0 +1,205 @@
+/* The fp32 CPU ops against straightforward double-precision references, on random inputs of
+ * awkward shapes: the CPU ops are the reference for everything else, so they are checked first. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "kernels/cpu/ops.h"
+#include "tests/test_util.h"
+
+static uint64_t rng;
+
+static float *rand_buf(size_t n) {
+  float *p = malloc(sizeof *p * n);
+  for (size_t i = 0; i < n; i++) p[i] = cn_test_randf(&rng);
+  return p;
+}
+
+static float *nan_buf(size_t n) {
+  float *p = malloc(sizeof *p * n);
+  for (size_t i = 0; i < n; i++) p[i] = NAN;
+  return p;
+}
+
+static void assert_all_finite(const float *p, size_t n) {
+  for (size_t i = 0; i < n; i++) assert_true(isfinite(p[i]));
+}
+
+static void test_matmul_matches_naive_product(void **state) {
+  int shapes[][3] = {{1, 7, 5}, {3, 64, 33}, {17, 129, 65}, {64, 96, 250}};
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+    int n = shapes[s][0], in = shapes[s][1], out = shapes[s][2];
+    float *x = rand_buf((size_t)n * in), *w = rand_buf((size_t)out * in), *b = rand_buf((size_t)out);
+    float *y = nan_buf((size_t)n * out), *ref = malloc(sizeof *ref * (size_t)n * out);
+    for (int use_bias = 0; use_bias < 2; use_bias++) {
+      cn_cpu_matmul(y, x, w, use_bias ? b : NULL, n, in, out);
+      for (int i = 0; i < n; i++)
+        for (int j = 0; j < out; j++) {
+          double acc = use_bias ? b[j] : 0;
+          for (int k = 0; k < in; k++) acc += (double)x[i * in + k] * w[j * in + k];
+          ref[i * out + j] = (float)acc;
+        }
+      assert_all_finite(y, (size_t)n * out);
+      assert_true(cn_test_rel_l2(y, ref, (size_t)n * out) < 1e-5);
+    }
+    free(x), free(w), free(b), free(y), free(ref);
+  }
+}
+
+static void test_rmsnorm_and_swiglu_match_formulas(void **state) {
+  int n = 5, dim = 77;
+  float *x = rand_buf((size_t)n * dim), *w = rand_buf(dim), *out = nan_buf((size_t)n * dim);
+  cn_cpu_rmsnorm(out, x, w, n, dim, 1e-5f);
+  for (int i = 0; i < n; i++) {
+    double ss = 0;
+    for (int j = 0; j < dim; j++) ss += (double)x[i * dim + j] * x[i * dim + j];
+    for (int j = 0; j < dim; j++) {
+      double ref = x[i * dim + j] / sqrt(ss / dim + 1e-5) * w[j];
+      assert_true(fabs(out[i * dim + j] - ref) < 1e-5 * (1 + fabs(ref)));
+    }
+  }
+  float *gu = rand_buf((size_t)n * 2 * dim), *o = nan_buf((size_t)n * dim);
+  cn_cpu_swiglu(o, gu, n, dim);
+  for (int i = 0; i < n; i++)
+    for (int j = 0; j < dim; j++) {
+      double g = gu[i * 2 * dim + j], u = gu[i * 2 * dim + dim + j];
+      assert_true(fabs(o[i * dim + j] - g / (1 + exp(-g)) * u) < 1e-6);
+    }
+  free(x), free(w), free(out), free(gu), free(o);
+}
+
+static void test_rope_rotates_half_pairs_by_position(void **state) {
+  int n = 3, heads = 2, d = 8;
+  float *x = rand_buf((size_t)n * heads * d), *orig = malloc(sizeof *orig * (size_t)n * heads * d);
+  memcpy(orig, x, sizeof *orig * (size_t)n * heads * d);
+  int32_t pos[3] = {0, 5, 1000};
+  float inv_freq[4];
+  for (int k = 0; k < 4; k++) inv_freq[k] = (float)pow(10000.0, -2.0 * k / d);
+  cn_cpu_rope(x, pos, n, heads, d, inv_freq);
+  for (int i = 0; i < n; i++)
+    for (int h = 0; h < heads; h++)
+      for (int k = 0; k < d / 2; k++) {
+        const float *o = orig + (i * heads + h) * d;
+        double ang = (double)((float)pos[i] * inv_freq[k]);
+        double a = o[k] * cos(ang) - o[k + d / 2] * sin(ang), b = o[k + d / 2] * cos(ang) + o[k] * sin(ang);
+        assert_true(fabs(x[(i * heads + h) * d + k] - a) < 1e-5);
+        assert_true(fabs(x[(i * heads + h) * d + k + d / 2] - b) < 1e-5);
+      }
+  free(x), free(orig);
+}
+
+/* Reference attention in double over a flat (unpaged) key/value history. */
+static void naive_attention(double *out, const float *q, const float *keys, const float *vals, int ctx, int n,
+                            const int32_t *pos, const uint64_t *mask, int heads, int kv_heads, int d, int window) {
+  int kv_dim = kv_heads * d, words = (n + 63) / 64;
+  double *sc = malloc(sizeof *sc * (size_t)(ctx + n));
+  for (int i = 0; i < n; i++)
+    for (int h = 0; h < heads; h++) {
+      int g = h / (heads / kv_heads);
+      double mx = -INFINITY;
+      for (int s = 0; s < ctx + n; s++) {
+        int j = s - ctx, kp = s < ctx ? s : pos[j];
+        int vis = s < ctx || (mask ? (mask[i * words + j / 64] >> (j % 64)) & 1 : j <= i);
+        if (window > 0 && kp <= pos[i] - window) vis = 0;
+        sc[s] = -INFINITY;
+        if (!vis) continue;
+        double dot = 0;
+        for (int t = 0; t < d; t++) dot += (double)q[(i * heads + h) * d + t] * keys[s * kv_dim + g * d + t];
+        sc[s] = dot / sqrt((double)d);
+        mx = fmax(mx, sc[s]);
+      }
+      double sum = 0;
+      for (int s = 0; s < ctx + n; s++) sum += sc[s] == -INFINITY ? 0 : exp(sc[s] - mx);
+      for (int t = 0; t < d; t++) {
+        double acc = 0;
+        for (int s = 0; s < ctx + n; s++)
+          if (sc[s] != -INFINITY) acc += exp(sc[s] - mx) / sum * vals[s * kv_dim + g * d + t];
+        out[(i * heads + h) * d + t] = acc;
+      }
+    }
+  free(sc);
+}
+
+static void check_attention(cn_threadpool *tp, int ctx, int n, int heads, int kv_heads, int d, int block, int tree,
+                            int window) {
+  int kv_dim = kv_heads * d, total = ctx + n, nblocks = (total + block - 1) / block, words = (n + 63) / 64;
+  float *keys = rand_buf((size_t)total * kv_dim), *vals = rand_buf((size_t)total * kv_dim);
+  float *q = rand_buf((size_t)n * heads * d), *out = nan_buf((size_t)n * heads * d);
+  /* Each block its own allocation, so a wrong block lookup reads NaN or faults. */
+  float **kb = malloc(sizeof *kb * nblocks), **vb = malloc(sizeof *vb * nblocks);
+  for (int b = 0; b < nblocks; b++) kb[b] = nan_buf((size_t)block * kv_dim), vb[b] = nan_buf((size_t)block * kv_dim);
+  cn_cpu_paged_kv kv = {kb, vb, block};
+  cn_cpu_kv_write(&kv, 0, keys, vals, total, kv_dim);
+  int32_t *pos = malloc(sizeof *pos * n);
+  uint64_t *mask = calloc((size_t)n * words, sizeof *mask);
+  int *parent = malloc(sizeof *parent * n), *depth = malloc(sizeof *depth * n);
+  for (int i = 0; i < n; i++) {
+    parent[i] = tree ? (i == 0 ? -1 : (int)(cn_test_rand(&rng) % (uint64_t)i)) : i - 1;
+    depth[i] = parent[i] < 0 ? 0 : depth[parent[i]] + 1;
+    pos[i] = ctx + depth[i];
+    for (int a = i; a >= 0; a = parent[a]) mask[i * words + a / 64] |= 1ull << (a % 64);
+  }
+  cn_cpu_attn_args args = {.out = out, .q = q, .kv = &kv, .n = n, .ctx_len = ctx, .pos = pos,
+                           .tree_mask = tree ? mask : NULL, .mask_words = words, .n_heads = heads,
+                           .n_kv_heads = kv_heads, .head_dim = d, .sliding_window = window,
+                           .scale = 1.0f / sqrtf((float)d)};
+  cn_cpu_attention(tp, &args);
+  double *ref = malloc(sizeof *ref * (size_t)n * heads * d);
+  naive_attention(ref, q, keys, vals, ctx, n, pos, tree ? mask : NULL, heads, kv_heads, d, window);
+  float *reff = malloc(sizeof *reff * (size_t)n * heads * d);
+  for (int i = 0; i < n * heads * d; i++) reff[i] = (float)ref[i];
+  assert_all_finite(out, (size_t)n * heads * d);
+  double err = cn_test_rel_l2(out, reff, (size_t)n * heads * d);
+  if (err > 1e-5) print_error("ctx %d n %d heads %d/%d d %d tree %d window %d: rel l2 %g\n", ctx, n, heads, kv_heads, d, tree, window, err);
+  assert_true(err < 1e-5);
+  for (int b = 0; b < nblocks; b++) free(kb[b]), free(vb[b]);
+  free(kb), free(vb), free(keys), free(vals), free(q), free(out), free(pos), free(mask), free(parent), free(depth),
+      free(ref), free(reff);
+}
+
+static void test_paged_attention_matches_naive_causal_tree_window_gqa(void **state) {
+  cn_threadpool *tp;
+  assert_int_equal(cn_threadpool_create(3, &tp), 0);
+  check_attention(tp, 0, 1, 4, 4, 16, 16, 0, 0);
+  check_attention(tp, 0, 17, 4, 1, 32, 16, 0, 0);
+  check_attention(tp, 37, 1, 8, 2, 64, 16, 0, 0);
+  check_attention(tp, 37, 13, 9, 3, 64, 7, 0, 0);
+  check_attention(tp, 100, 70, 6, 3, 16, 16, 1, 0);
+  check_attention(tp, 5, 129, 4, 2, 8, 32, 1, 0);
+  check_attention(tp, 50, 20, 4, 2, 16, 16, 0, 8);
+  check_attention(tp, 50, 30, 4, 4, 16, 5, 1, 12);
+  cn_threadpool_free(tp);
+}
+
+static void count_item(void *arg, int i) { __atomic_fetch_add((int *)arg + i, 1, __ATOMIC_RELAXED); }
+
+static void test_threadpool_runs_every_item_exactly_once(void **state) {
+  for (int threads = 1; threads <= 4; threads++) {
+    cn_threadpool *tp;
+    assert_int_equal(cn_threadpool_create(threads, &tp), 0);
+    for (int round = 0; round < 50; round++) {
+      int n = 1 + (int)(cn_test_rand(&rng) % 300), *hits = calloc((size_t)n, sizeof *hits);
+      cn_threadpool_run(tp, n, count_item, hits);
+      for (int i = 0; i < n; i++) assert_int_equal(hits[i], 1);
+      free(hits);
+    }
+    cn_threadpool_free(tp);
+  }
+}
+
+int main(void) {
+  rng = cn_test_seed("test_cpu_ops");
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_matmul_matches_naive_product),
+      cmocka_unit_test(test_rmsnorm_and_swiglu_match_formulas),
+      cmocka_unit_test(test_rope_rotates_half_pairs_by_position),
+      cmocka_unit_test(test_paged_attention_matches_naive_causal_tree_window_gqa),
+      cmocka_unit_test(test_threadpool_runs_every_item_exactly_once),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
