@@ -26,6 +26,7 @@ static const char *usage =
     "      --seed S          random seed (default 42)\n"
     "      --threads N       CPU threads (default: all cores)\n"
     "      --ctx N           context length (default: the model's)\n"
+    "      --kv-blocks N     KV cache blocks of 16 tokens (default: 4 full contexts)\n"
     "      --ignore-eos      keep generating past end-of-sequence tokens\n"
     "      --json            print one JSON object with the text and statistics at the end\n"
     "  -h, --help            show this help\n"
@@ -35,7 +36,7 @@ static const char *usage =
 
 typedef struct gen_args {
   const char *model, *prompt, *file, *system;
-  int max_tokens, chat, threads, ctx, json, ignore_eos;
+  int max_tokens, chat, threads, ctx, kv_blocks, json, ignore_eos;
   canopy_sampling_params sampling;
 } gen_args;
 
@@ -64,7 +65,7 @@ static int parse_float(const char *s, const char *name, float lo, float hi, floa
 }
 
 static int parse(int argc, char **argv, gen_args *a) {
-  enum { O_CHAT = 256, O_SYSTEM, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_THREADS, O_CTX, O_JSON, O_IGNORE_EOS };
+  enum { O_CHAT = 256, O_SYSTEM, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_THREADS, O_CTX, O_KV_BLOCKS, O_JSON, O_IGNORE_EOS };
   struct option opts[] = {
       {"model", required_argument, 0, 'm'},   {"prompt", required_argument, 0, 'p'},
       {"file", required_argument, 0, 'f'},    {"max-tokens", required_argument, 0, 'n'},
@@ -72,6 +73,7 @@ static int parse(int argc, char **argv, gen_args *a) {
       {"temp", required_argument, 0, O_TEMP}, {"top-k", required_argument, 0, O_TOPK},
       {"top-p", required_argument, 0, O_TOPP}, {"seed", required_argument, 0, O_SEED},
       {"threads", required_argument, 0, O_THREADS}, {"ctx", required_argument, 0, O_CTX},
+      {"kv-blocks", required_argument, 0, O_KV_BLOCKS},
       {"json", no_argument, 0, O_JSON},       {"ignore-eos", no_argument, 0, O_IGNORE_EOS},
       {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
   *a = (gen_args){.max_tokens = 256, .sampling = canopy_sampling_default_params()};
@@ -100,6 +102,7 @@ static int parse(int argc, char **argv, gen_args *a) {
     }
     case O_THREADS: rc = parse_int(optarg, "--threads", 1, &a->threads); break;
     case O_CTX: rc = parse_int(optarg, "--ctx", 1, &a->ctx); break;
+    case O_KV_BLOCKS: rc = parse_int(optarg, "--kv-blocks", 1, &a->kv_blocks); break;
     case O_JSON: a->json = 1; break;
     case O_IGNORE_EOS: a->ignore_eos = 1; break;
     case 'h': fputs(usage, stdout); return -1;
@@ -201,6 +204,7 @@ int cli_generate(int argc, char **argv) {
   canopy_model_params mp = canopy_model_default_params();
   mp.n_threads = a.threads;
   mp.max_context = a.ctx;
+  mp.kv_blocks = a.kv_blocks;
   if (canopy_model_load(dir, &mp, &model)) { cli_fail("loading the model"); goto done; }
   canopy_session_params sp = canopy_session_default_params();
   sp.sampling = a.sampling;
