@@ -21,7 +21,13 @@ int cn_error_wrap(int status, const char *fmt, ...) {
   va_start(ap, fmt);
   vsnprintf(prefix, sizeof prefix, fmt, ap);
   va_end(ap);
-  snprintf(last_error, sizeof last_error, "%s: %s", prefix, old);
+  size_t k = strlen(prefix), room = sizeof last_error - 1;
+  if (k > room - 2) k = room - 2;
+  memcpy(last_error, prefix, k);
+  memcpy(last_error + k, ": ", 2);
+  size_t rest = strnlen(old, room - k - 2);
+  memcpy(last_error + k + 2, old, rest);
+  last_error[k + 2 + rest] = '\0';
   return status;
 }
 
