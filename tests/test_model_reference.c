@@ -26,7 +26,7 @@ typedef struct expected {
 } expected;
 
 static int load_expected(const char *dir, expected *e) {
-  char path[1024];
+  char path[1100];
   snprintf(path, sizeof path, "%s/expected.json", dir);
   size_t len;
   char *text = cn_test_read_file(path, &len);
@@ -82,7 +82,7 @@ static void test_logits_match_transformers_float32(void **state) {
     char rel[256], dir[1024];
     snprintf(rel, sizeof rel, "tests/fixtures/models/%s", fixtures[f]);
     cn_test_path(dir, sizeof dir, rel);
-    expected e;
+    expected e = {0};
     if (load_expected(dir, &e)) {
       print_error("fixture %s is missing or unreadable\n", dir);
       fail();
