@@ -1,10 +1,19 @@
 /* The paged KV cache: one pool of fixed-size blocks shared by all sequences, per-sequence block
  * tables, copy-on-write forks, and a prefix index that lets identical prompt prefixes share
- * blocks (vLLM's PagedAttention and automatic prefix caching). */
+ * blocks (vLLM's PagedAttention and automatic prefix caching).
+ *
+ * Files: block_pool.c (storage, refcounts, free stack, LRU of evictable cached blocks),
+ * prefix_index.c (hash -> block map), kv_seq.c (block tables), kv_check.c (invariant check).
+ *
+ * Storage is block-major fp32: [n_blocks][n_layers][K, V][block_size][n_kv_heads * head_dim].
+ *
+ * Not thread-safe: a pool and all its sequences form one unit that the engine uses from one
+ * thread at a time (it serialises calls). Free every sequence before its pool. */
 #ifndef CANOPY_CACHE_KV_CACHE_H
 #define CANOPY_CACHE_KV_CACHE_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 typedef struct cn_kv_layout {
@@ -35,6 +44,14 @@ int cn_kv_pool_in_use(const cn_kv_pool *pool);
 /* Turns the prefix index on or off (on by default). */
 void cn_kv_pool_set_prefix_cache(cn_kv_pool *pool, bool enabled);
 
+/* For tests and debugging. The number of block-table entries holding `block` (-1 if out of
+ * range); whether `block` is in the prefix index; and a full check of the pool's bookkeeping
+ * (each block free, evictable or in use exactly once; lists, counters and index consistent):
+ * false with the first broken invariant written to why[cap]. */
+int cn_kv_pool_refcount(const cn_kv_pool *pool, int block);
+bool cn_kv_pool_block_cached(const cn_kv_pool *pool, int block);
+bool cn_kv_pool_check(const cn_kv_pool *pool, char *why, size_t cap);
+
 int cn_kv_seq_create(cn_kv_pool *pool, cn_kv_seq **out);
 /* Releases every block reference the sequence holds. */
 void cn_kv_seq_free(cn_kv_seq *seq);
@@ -43,8 +60,11 @@ void cn_kv_seq_free(cn_kv_seq *seq);
 int cn_kv_seq_len(const cn_kv_seq *seq);
 
 /* Makes room for `n` more tokens after the current length: allocates blocks as needed and
- * copies a shared (refcount > 1) partial last block before it is written (copy-on-write).
- * Does not change the length. CANOPY_ERR_KV_EXHAUSTED (nothing changed) if the pool is short. */
+ * copies a shared (refcount > 1) partial last block before it is written (copy-on-write); so
+ * too a partial last block that is in the prefix index (a truncate cut into a published full
+ * block, which other sequences may still attach). Does not change the length.
+ * CANOPY_ERR_KV_EXHAUSTED (nothing changed) if the pool is short. Only positions made writable
+ * by the latest reserve may be written and committed; truncate and fork make none writable. */
 int cn_kv_seq_reserve(cn_kv_seq *seq, int n);
 
 /* Where position `pos` (< len + reserved) lives: block id and row inside the block. */
@@ -58,16 +78,18 @@ const int *cn_kv_seq_blocks(const cn_kv_seq *seq, int *n_blocks);
  * xxHash64(parent block hash, block tokens). */
 void cn_kv_seq_commit(cn_kv_seq *seq, const int32_t *tokens, int n);
 
-/* Shrinks to `len` tokens, releasing blocks past it. */
+/* Shrinks to `len` tokens (0 <= len <= current length, else CANOPY_ERR_INVALID_ARG), releasing
+ * blocks past it, reserved ones included: truncating to the current length undoes a reserve. */
 int cn_kv_seq_truncate(cn_kv_seq *seq, int len);
 
-/* A new sequence sharing all of src's blocks (refcounts); a later write to the shared
- * partial block copies it first. */
+/* A new sequence sharing all of src's blocks that hold committed tokens (refcounts), and a
+ * copy of its token record; a later write to the shared partial block copies it first. */
 int cn_kv_seq_fork(const cn_kv_seq *src, cn_kv_seq **out);
 
 /* For an empty sequence: attaches the longest run of cached full blocks whose tokens equal the
  * start of `tokens` (at most `n` tokens), commits them, and returns how many tokens were
- * reused (a multiple of block_size). */
+ * reused (a multiple of block_size). Tokens are compared on every hit, so a hash collision
+ * cannot attach wrong K/V. Returns 0 for a non-empty sequence or with the prefix cache off. */
 int cn_kv_seq_attach_prefix(cn_kv_seq *seq, const int32_t *tokens, int n);
 
 #endif
