@@ -3,6 +3,7 @@
 #define CANOPY_MODEL_CONFIG_H
 
 #include <stdbool.h>
+#include <stddef.h>
 
 typedef enum cn_rope_scaling { CN_ROPE_NONE = 0, CN_ROPE_LLAMA3, CN_ROPE_LINEAR } cn_rope_scaling;
 
