@@ -9,6 +9,7 @@
 #include <time.h>
 
 #include "canopy.h"
+#include "cli/cpu_tune.h"
 #include "kernels/cpu/ops.h"
 
 static double now_s(void) {
@@ -85,6 +86,7 @@ static int die(const char *what) {
 }
 
 int main(int argc, char **argv) {
+  cli_tune_openblas(argv);
   const char *dir = "models/SmolLM2-135M-Instruct";
   int threads = 0, n_decode = 64, n_prefill = 512, reps = 3;
   for (int i = 1; i < argc; i++) {
@@ -148,7 +150,7 @@ int main(int argc, char **argv) {
   double prefill_bound = peak / flops_per_token;
 
   printf("model            %s (%lld params, %.1f MB fp32)\n", dir, (long long)info.n_params, info.weight_bytes / 1e6);
-  printf("threads          %d\n", nt);
+  printf("threads          %d (OpenBLAS kernels: %s)\n", nt, openblas_get_corename());
   printf("copy bandwidth   %.2f GB/s (read + write, 1 GiB memcpy, median of 7)\n", bw / 1e9);
   printf("sgemm            %.1f GFLOP/s at 2048^3; %.1f GFLOP/s at %dx%dx%d (prefill shape)\n", peak / 1e9,
          shape_rate / 1e9, n_prefill, info.intermediate_size, info.hidden_size);

@@ -161,7 +161,7 @@ int cn_kv_seq_truncate(cn_kv_seq *s, int len) {
 
 int cn_kv_seq_fork(const cn_kv_seq *src, cn_kv_seq **out) {
   if (!src || !out) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_kv_seq_fork: NULL argument");
-  cn_kv_seq *s;
+  cn_kv_seq *s = NULL;
   int st = cn_kv_seq_create(src->pool, &s);
   if (st) return st;
   int nb = blocks_for(src->len, bs_of(src));

@@ -4,6 +4,7 @@
 
 #include "canopy.h"
 #include "cli/cli.h"
+#include "cli/cpu_tune.h"
 
 static const char *usage =
     "usage: canopy <command> [options]\n"
@@ -33,6 +34,7 @@ const char *cli_model_dir(const char *arg) {
 }
 
 int main(int argc, char **argv) {
+  cli_tune_openblas(argv);
   if (argc < 2) {
     fputs(usage, stderr);
     return 2;
