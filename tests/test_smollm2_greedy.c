@@ -1,0 +1,130 @@
+/* SmolLM2-135M-Instruct end to end against transformers float32 (tests/fixtures/smollm2_greedy.json,
+ * made by tools/make_greedy_reference.py): the chat template renders the same text, the tokenizer
+ * gives the same prompt ids, and greedy decoding gives the same 64 tokens. A sequence may differ
+ * only at a near-tie: the first differing step must have a reference top-1/top-2 logit gap below
+ * NEAR_TIE, and the sequences are not compared past it (they legitimately diverge). */
+#include <cjson/cJSON.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "canopy.h"
+#include "tests/test_util.h"
+
+/* fp32 sums in a different order (OpenBLAS vs PyTorch) move logits by ~1e-4; a gap below this
+ * is a tie that either side may break differently. */
+#define NEAR_TIE 0.01
+
+static char model_dir[1024];
+static cJSON *fixture;
+
+static int ids_of(cJSON *arr, int32_t *out, int cap) {
+  int n = cJSON_GetArraySize(arr);
+  for (int i = 0; i < n && i < cap; i++) out[i] = cJSON_GetArrayItem(arr, i)->valueint;
+  return n;
+}
+
+static int n_prompts(void) {
+  int n = cJSON_GetArraySize(cJSON_GetObjectItem(fixture, "prompts"));
+  return getenv("CANOPY_TEST_QUICK") && n > 2 ? 2 : n;
+}
+
+static void test_chat_template_and_prompt_ids_match_transformers(void **state) {
+  canopy_tokenizer *tok;
+  int st = canopy_tokenizer_load(model_dir, &tok);
+  if (st) print_error("%s\n", canopy_last_error());
+  assert_int_equal(st, 0);
+  cJSON *prompts = cJSON_GetObjectItem(fixture, "prompts");
+  int same_text = 0, same_ids = 0, n = cJSON_GetArraySize(prompts);
+  for (int p = 0; p < n; p++) {
+    cJSON *item = cJSON_GetArrayItem(prompts, p);
+    canopy_chat_message msg = {"user", cJSON_GetObjectItem(item, "prompt")->valuestring};
+    char *text;
+    assert_int_equal(canopy_chat_apply(tok, &msg, 1, 1, &text), 0);
+    same_text += !strcmp(text, cJSON_GetObjectItem(item, "chat_text")->valuestring);
+    int32_t want[4096], got[4096];
+    int n_want = ids_of(cJSON_GetObjectItem(item, "prompt_ids"), want, 4096), n_got;
+    assert_int_equal(canopy_tokenize(tok, text, strlen(text), 0, got, 4096, &n_got), 0);
+    same_ids += n_got == n_want && !memcmp(got, want, sizeof *got * (size_t)n_got);
+    free(text);
+  }
+  printf("[ parity   ] chat text %d/%d identical, prompt ids %d/%d identical\n", same_text, n, same_ids, n);
+  assert_int_equal(same_text, n);
+  assert_int_equal(same_ids, n);
+  canopy_tokenizer_free(tok);
+}
+
+static void test_greedy_generation_matches_transformers_up_to_near_ties(void **state) {
+  canopy_model_params mp = canopy_model_default_params();
+  mp.max_context = 2048;
+  canopy_model *m;
+  int st = canopy_model_load(model_dir, &mp, &m);
+  if (st) print_error("%s\n", canopy_last_error());
+  assert_int_equal(st, 0);
+  cJSON *prompts = cJSON_GetObjectItem(fixture, "prompts");
+  int n = n_prompts(), identical = 0, near_ties = 0;
+  for (int p = 0; p < n; p++) {
+    cJSON *item = cJSON_GetArrayItem(prompts, p);
+    int32_t prompt[4096], want[256], got[256];
+    double gaps[256];
+    int n_prompt = ids_of(cJSON_GetObjectItem(item, "prompt_ids"), prompt, 4096);
+    int n_new = ids_of(cJSON_GetObjectItem(item, "generated_ids"), want, 256);
+    cJSON *g = cJSON_GetObjectItem(item, "top2_gaps");
+    for (int i = 0; i < n_new; i++) gaps[i] = cJSON_GetArrayItem(g, i)->valuedouble;
+
+    canopy_session_params sp = canopy_session_default_params();
+    sp.max_tokens = n_new;
+    sp.stop_at_eos = 0; /* the reference runs past <|im_end|> too */
+    canopy_session *s;
+    assert_int_equal(canopy_session_create(m, &sp, &s), 0);
+    assert_int_equal(canopy_session_append(s, prompt, n_prompt), 0);
+    for (int i = 0; i < n_new; i++) assert_int_equal(canopy_session_next(s, &got[i]), CANOPY_OK);
+    canopy_session_free(s);
+
+    int first = 0;
+    while (first < n_new && got[first] == want[first]) first++;
+    const char *id = cJSON_GetObjectItem(item, "id")->valuestring;
+    if (first == n_new) {
+      identical++;
+      printf("[ greedy   ] %s: %d/%d tokens identical\n", id, n_new, n_new);
+    } else {
+      printf("[ greedy   ] %s: first difference at step %d (ours %d, reference %d), reference top-2 gap %.5f\n", id,
+             first, got[first], want[first], gaps[first]);
+      assert_true(gaps[first] < NEAR_TIE);
+      near_ties++;
+    }
+  }
+  printf("[ greedy   ] %d prompts: %d identical, %d diverge at a near-tie (gap < %g)\n", n, identical, near_ties,
+         NEAR_TIE);
+  canopy_model_free(m);
+}
+
+int main(void) {
+  cn_test_path(model_dir, sizeof model_dir, "models/SmolLM2-135M-Instruct");
+  char path[1200];
+  snprintf(path, sizeof path, "%s/model.safetensors", model_dir);
+  if (!cn_test_exists(path)) {
+    printf("skipped: %s not found (run tools/convert_smollm2.py)\n", model_dir);
+    return CN_TEST_SKIP;
+  }
+  cn_test_path(path, sizeof path, "tests/fixtures/smollm2_greedy.json");
+  char *text = cn_test_read_file(path, NULL);
+  fixture = text ? cJSON_Parse(text) : NULL;
+  free(text);
+  if (!fixture) {
+    fprintf(stderr, "cannot read %s\n", path);
+    return 1;
+  }
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_chat_template_and_prompt_ids_match_transformers),
+      cmocka_unit_test(test_greedy_generation_matches_transformers_up_to_near_ties),
+  };
+  int rc = cmocka_run_group_tests(tests, NULL, NULL);
+  cJSON_Delete(fixture);
+  return rc;
+}
