@@ -153,6 +153,31 @@ static int tokenize_all(canopy_tokenizer *tok, const char *text, int32_t **ids, 
   return st;
 }
 
+/* Where generated text goes: streamed to stdout, or collected for --json. */
+typedef struct sink {
+  int collect;
+  char *text;
+  size_t len, cap;
+} sink;
+
+static int emit(sink *o, const char *piece, size_t n) {
+  if (!o->collect) {
+    fwrite(piece, 1, n, stdout);
+    fflush(stdout);
+    return 0;
+  }
+  if (o->len + n + 1 > o->cap) {
+    size_t cap = 2 * (o->len + n + 1);
+    char *bigger = realloc(o->text, cap);
+    if (!bigger) return -1;
+    o->text = bigger;
+    o->cap = cap;
+  }
+  memcpy(o->text + o->len, piece, n);
+  o->text[o->len += n] = '\0';
+  return 0;
+}
+
 static void print_json(const char *text, const int32_t *out, const canopy_stats *s) {
   cJSON *o = cJSON_CreateObject();
   cJSON_AddStringToObject(o, "text", text);
@@ -185,8 +210,8 @@ int cli_generate(int argc, char **argv) {
   canopy_session *sess = NULL;
   canopy_detok_stream *stream = NULL;
   int32_t *ids = NULL, *out = NULL;
-  char *text = NULL, *rendered = NULL;
-  size_t text_len = 0, text_cap = 0;
+  char *rendered = NULL;
+  sink o = {.collect = a.json};
   rc = 1;
 
   if (canopy_tokenizer_load(dir, &tok)) { cli_fail("loading the tokenizer"); goto done; }
@@ -223,35 +248,14 @@ int cli_generate(int argc, char **argv) {
   while ((st = canopy_session_next(sess, &t)) == CANOPY_OK) {
     out[n_out++] = t;
     if (canopy_detok_stream_push(stream, t, piece, sizeof piece, &plen)) { cli_fail("decoding"); goto done; }
-    if (a.json) {
-      if (text_len + plen + 1 > text_cap) {
-        char *bigger = realloc(text, text_cap = 2 * (text_len + plen + 1));
-        if (!bigger) goto done;
-        text = bigger;
-      }
-      memcpy(text + text_len, piece, plen);
-      text[text_len += plen] = '\0';
-    } else {
-      fwrite(piece, 1, plen, stdout);
-      fflush(stdout);
-    }
+    if (emit(&o, piece, plen)) goto done;
   }
   if (st != CANOPY_DONE) { cli_fail("generating"); goto done; }
-  if (!canopy_detok_stream_flush(stream, piece, sizeof piece, &plen) && plen) {
-    if (a.json) {
-      char *bigger = realloc(text, text_len + plen + 1);
-      if (!bigger) goto done;
-      text = bigger;
-      memcpy(text + text_len, piece, plen);
-      text[text_len += plen] = '\0';
-    } else {
-      fwrite(piece, 1, plen, stdout);
-    }
-  }
+  if (canopy_detok_stream_flush(stream, piece, sizeof piece, &plen) || emit(&o, piece, plen)) goto done;
   canopy_stats s;
   canopy_session_get_stats(sess, &s);
   if (a.json) {
-    print_json(text ? text : "", out, &s);
+    print_json(o.text ? o.text : "", out, &s);
   } else {
     putchar('\n');
   }
@@ -267,7 +271,7 @@ done:
   canopy_tokenizer_free(tok);
   free(ids);
   free(out);
-  free(text);
+  free(o.text);
   free(rendered);
   free(prompt);
   return rc;

@@ -108,13 +108,7 @@ static void test_usage_errors_exit_with_2(void **state) {
 }
 
 int main(void) {
-  cn_test_path(model, sizeof model, "models/SmolLM2-135M-Instruct");
-  char probe[1200];
-  snprintf(probe, sizeof probe, "%s/model.safetensors", model);
-  if (!cn_test_exists(probe)) {
-    printf("skipped: %s not found (run tools/convert_smollm2.py)\n", model);
-    return CN_TEST_SKIP;
-  }
+  if (cn_test_smollm2_dir(model, sizeof model)) return CN_TEST_SKIP;
   strcpy(tmp, "/tmp/canopy-cli-XXXXXX");
   if (!mkdtemp(tmp)) return 1;
   const struct CMUnitTest tests[] = {

@@ -105,13 +105,8 @@ static void test_greedy_generation_matches_transformers_up_to_near_ties(void **s
 }
 
 int main(void) {
-  cn_test_path(model_dir, sizeof model_dir, "models/SmolLM2-135M-Instruct");
+  if (cn_test_smollm2_dir(model_dir, sizeof model_dir)) return CN_TEST_SKIP;
   char path[1200];
-  snprintf(path, sizeof path, "%s/model.safetensors", model_dir);
-  if (!cn_test_exists(path)) {
-    printf("skipped: %s not found (run tools/convert_smollm2.py)\n", model_dir);
-    return CN_TEST_SKIP;
-  }
   cn_test_path(path, sizeof path, "tests/fixtures/smollm2_greedy.json");
   char *text = cn_test_read_file(path, NULL);
   fixture = text ? cJSON_Parse(text) : NULL;

@@ -21,6 +21,15 @@ char *cn_test_path(char *buf, size_t cap, const char *rel) {
   return buf;
 }
 
+int cn_test_smollm2_dir(char *buf, size_t cap) {
+  char probe[1200];
+  cn_test_path(buf, cap, "models/SmolLM2-135M-Instruct");
+  snprintf(probe, sizeof probe, "%s/model.safetensors", buf);
+  if (cn_test_exists(probe)) return 0;
+  printf("skipped: %s not found (run tools/convert_smollm2.py)\n", buf);
+  return CN_TEST_SKIP;
+}
+
 int cn_test_exists(const char *path) {
   struct stat st;
   return stat(path, &st) == 0;

@@ -14,6 +14,10 @@ const char *cn_test_source_dir(void);
 /* Writes "<source dir>/<rel>" into buf and returns buf. */
 char *cn_test_path(char *buf, size_t cap, const char *rel);
 
+/* The converted SmolLM2 folder (models/ under the source tree, made by tools/convert_smollm2.py)
+ * into buf; returns 0, or prints why and returns CN_TEST_SKIP when it is not there. */
+int cn_test_smollm2_dir(char *buf, size_t cap);
+
 /* Whether a path exists. */
 int cn_test_exists(const char *path);
 
