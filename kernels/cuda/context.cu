@@ -1,0 +1,131 @@
+/* Devices, contexts and memory: the stream and cuBLAS handle every op runs on, allocation with
+ * out-of-memory reported in bytes, and the host copies the tests and loaders use. */
+#include <stdlib.h>
+
+#include "kernels/cuda/cuda_common.cuh"
+
+size_t cn_cuda_dtype_size(cn_cuda_dtype dt) { return dt == CN_CUDA_F32 ? 4 : 2; }
+
+int cn_cuda_device_count(void) {
+  int n = 0;
+  /* No driver, an old driver and no device are all "no GPU here", which callers (tests, the
+   * backend choice) handle by skipping CUDA; the error is cleared so it does not linger. */
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+static int ctx_init(cn_cuda_ctx *c, int device) {
+  int n = cn_cuda_device_count();
+  if (device < 0 || device >= n) return cn_error(CANOPY_ERR_DEVICE, "cuda: device %d requested, %d visible", device, n);
+  c->device = device;
+  CN_CUDA_CHECK(cudaSetDevice(device));
+  CN_CUDA_CHECK(cudaDeviceGetAttribute(&c->n_sm, cudaDevAttrMultiProcessorCount, device));
+  CN_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+  CN_CUBLAS_CHECK(cublasCreate(&c->blas));
+  CN_CUBLAS_CHECK(cublasSetStream(c->blas, c->stream));
+  /* bf16 outputs: keep split-K partial sums in fp32 too, so "fp32 accumulation" holds. */
+  CN_CUBLAS_CHECK(cublasSetMathMode(
+      c->blas, (cublasMath_t)(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
+  return CANOPY_OK;
+}
+
+int cn_cuda_ctx_create(int device, cn_cuda_ctx **out) {
+  if (!out) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_ctx_create: NULL out");
+  *out = NULL;
+  cn_cuda_ctx *c = (cn_cuda_ctx *)calloc(1, sizeof *c);
+  if (!c) return cn_error(CANOPY_ERR_NO_MEMORY, "cuda: no host memory for a context");
+  int st = ctx_init(c, device);
+  if (st) {
+    cn_cuda_ctx_free(c);
+    return st;
+  }
+  *out = c;
+  return CANOPY_OK;
+}
+
+void cn_cuda_ctx_free(cn_cuda_ctx *c) {
+  if (!c) return;
+  /* Teardown is best effort: a context is freed on error paths too, and there is nobody left to
+   * report a failure to. */
+  if (c->stream) {
+    (void)cudaSetDevice(c->device);
+    (void)cudaStreamSynchronize(c->stream);
+  }
+  if (c->scratch) (void)cudaFree(c->scratch);
+  if (c->blas) (void)cublasDestroy(c->blas);
+  if (c->stream) (void)cudaStreamDestroy(c->stream);
+  (void)cudaGetLastError();
+  free(c);
+}
+
+int cn_cuda_sync(cn_cuda_ctx *ctx) {
+  CN_CUDA_ENTER(ctx);
+  CN_CUDA_CHECK(cudaStreamSynchronize(ctx->stream));
+  return CANOPY_OK;
+}
+
+int cn_cuda_malloc(cn_cuda_ctx *ctx, void **p, size_t bytes) {
+  if (!p) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_malloc: NULL out");
+  *p = NULL;
+  CN_CUDA_ENTER(ctx);
+  cudaError_t e = cudaMalloc(p, bytes ? bytes : 1);
+  if (e == cudaErrorMemoryAllocation) {
+    (void)cudaGetLastError();
+    size_t free_b = 0, total_b = 0;
+    (void)cudaMemGetInfo(&free_b, &total_b);
+    (void)cudaGetLastError();
+    *p = NULL;
+    return cn_error(CANOPY_ERR_NO_MEMORY,
+                    "%s:%d: cuda out of memory: %zu bytes requested on device %d (%zu of %zu free)",
+                    cn_cuda_short_file(__FILE__), __LINE__, bytes, ctx->device, free_b, total_b);
+  }
+  CN_CUDA_CHECK(e);
+  return CANOPY_OK;
+}
+
+void cn_cuda_free(cn_cuda_ctx *ctx, void *p) {
+  if (!p) return;
+  if (ctx) (void)cudaSetDevice(ctx->device);
+  (void)cudaFree(p);
+  (void)cudaGetLastError();
+}
+
+int cn_cuda_reserve_scratch(cn_cuda_ctx *ctx, size_t elems) {
+  CN_CUDA_ENTER(ctx);
+  size_t bytes = elems * sizeof(cn_bf16_t);
+  if (bytes <= ctx->scratch_bytes) return CANOPY_OK;
+  void *p = NULL;
+  int st = cn_cuda_malloc(ctx, &p, bytes);
+  if (st) return st;
+  /* cudaFree waits for the device, so queued GEMMs that read the old buffer have finished. */
+  if (ctx->scratch) CN_CUDA_CHECK(cudaFree(ctx->scratch));
+  ctx->scratch = p;
+  ctx->scratch_bytes = bytes;
+  return CANOPY_OK;
+}
+
+int cn_cuda_memcpy_h2d(cn_cuda_ctx *ctx, void *dst, const void *src, size_t bytes) {
+  CN_CUDA_ENTER(ctx);
+  if (!bytes) return CANOPY_OK;
+  CN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, ctx->stream));
+  CN_CUDA_CHECK(cudaStreamSynchronize(ctx->stream));
+  return CANOPY_OK;
+}
+
+int cn_cuda_memcpy_d2h(cn_cuda_ctx *ctx, void *dst, const void *src, size_t bytes) {
+  CN_CUDA_ENTER(ctx);
+  if (!bytes) return CANOPY_OK;
+  CN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, ctx->stream));
+  CN_CUDA_CHECK(cudaStreamSynchronize(ctx->stream));
+  return CANOPY_OK;
+}
+
+int cn_cuda_memset(cn_cuda_ctx *ctx, void *p, int byte, size_t bytes) {
+  CN_CUDA_ENTER(ctx);
+  if (!bytes) return CANOPY_OK;
+  CN_CUDA_CHECK(cudaMemsetAsync(p, byte, bytes, ctx->stream));
+  return CANOPY_OK;
+}

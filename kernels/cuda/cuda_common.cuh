@@ -1,0 +1,60 @@
+/* What the op files share: the context struct, bf16/fp32 loads and stores, dtype dispatch and
+ * block-size helpers. C++ only. */
+#ifndef CANOPY_KERNELS_CUDA_CUDA_COMMON_CUH
+#define CANOPY_KERNELS_CUDA_CUDA_COMMON_CUH
+
+#include <cuda_bf16.h>
+#include <stddef.h>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/cuda_ops.h"
+
+struct cn_cuda_ctx {
+  int device;
+  int n_sm;            /* multiprocessors, to size grid-stride launches */
+  cudaStream_t stream; /* every op of this context runs on it, in order */
+  cublasHandle_t blas; /* bound to `stream` */
+  void *scratch;       /* bf16 copy of an fp32 GEMM input; scratch_bytes long */
+  size_t scratch_bytes;
+};
+
+typedef __nv_bfloat16 cn_bf16_t;
+
+/* Loads widen to fp32 and stores round from fp32 (to nearest even), so a kernel templated on the
+ * element type does its arithmetic in fp32 whatever it reads and writes. */
+__device__ __forceinline__ float cn_ld(const float *p) { return *p; }
+__device__ __forceinline__ float cn_ld(const cn_bf16_t *p) { return __bfloat162float(*p); }
+__device__ __forceinline__ void cn_st(float *p, float v) { *p = v; }
+__device__ __forceinline__ void cn_st(cn_bf16_t *p, float v) { *p = __float2bfloat16_rn(v); }
+
+static inline bool cn_dtype_ok(cn_cuda_dtype dt) { return dt == CN_CUDA_F32 || dt == CN_CUDA_BF16; }
+
+/* Calls f(T()) with T the C++ type of `dt`; f returns a status. */
+template <typename F> static int cn_dispatch(cn_cuda_dtype dt, F &&f) {
+  switch (dt) {
+  case CN_CUDA_F32: return f(float());
+  case CN_CUDA_BF16: return f(cn_bf16_t());
+  }
+  return cn_error(CANOPY_ERR_DTYPE, "cuda: unknown dtype %d", (int)dt);
+}
+
+/* The same over two dtypes: f(A(), B()). */
+template <typename F> static int cn_dispatch2(cn_cuda_dtype a, cn_cuda_dtype b, F &&f) {
+  return cn_dispatch(a, [&](auto ta) { return cn_dispatch(b, [&](auto tb) { return f(ta, tb); }); });
+}
+
+/* Validates the context and makes its device current for the launches that follow. */
+#define CN_CUDA_ENTER(ctx)                                                                                             \
+  do {                                                                                                                 \
+    if (!(ctx)) return cn_error(CANOPY_ERR_INVALID_ARG, "%s: NULL cuda context", __func__);                            \
+    CN_CUDA_CHECK(cudaSetDevice((ctx)->device));                                                                       \
+  } while (0)
+
+/* Blocks for a grid-stride loop over n items of `threads` each: enough to fill the device, never
+ * more than the items need. */
+static inline unsigned cn_grid_for(const cn_cuda_ctx *ctx, size_t n, int threads) {
+  size_t want = (n + (size_t)threads - 1) / (size_t)threads, cap = (size_t)ctx->n_sm * 32;
+  return (unsigned)(want < cap ? (want ? want : 1) : cap);
+}
+
+#endif

@@ -1,0 +1,155 @@
+/* bf16 CUDA ops: the device twins of kernels/cpu/ops.h. Nothing here knows about models.
+ *
+ * A plain C header, so that C code (the model, the cmocka tests) calls the launchers; the
+ * kernels themselves live one op per .cu file (llm.c style: a __global__ function and a host
+ * launcher each).
+ *
+ * Conventions:
+ *  - every pointer argument of an op is a device pointer, including token ids, positions,
+ *    inverse frequencies, block tables and tree masks (so a whole step can be captured in a
+ *    CUDA graph later); only the cn_cuda_memcpy_* helpers touch host memory;
+ *  - weights and the KV cache are bf16; activations are bf16 or fp32 as each launcher's dtype
+ *    arguments say; all arithmetic accumulates in fp32;
+ *  - every launcher returns a status (CANOPY_OK, or CANOPY_ERR_* with canopy_last_error() naming
+ *    file:line and the CUDA/cuBLAS message). Launches are asynchronous on the context's stream:
+ *    a fault inside a kernel surfaces at the next cn_cuda_sync or copy to the host;
+ *  - n == 0 (nothing to do) is fine and launches nothing. */
+#ifndef CANOPY_KERNELS_CUDA_CUDA_OPS_H
+#define CANOPY_KERNELS_CUDA_CUDA_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Raw bf16 bits (the upper half of an IEEE fp32), as C sees them. */
+typedef uint16_t cn_bf16;
+
+typedef enum cn_cuda_dtype {
+  CN_CUDA_F32 = 0,
+  CN_CUDA_BF16 = 1,
+} cn_cuda_dtype;
+
+/* Bytes of one element of `dt`. */
+size_t cn_cuda_dtype_size(cn_cuda_dtype dt);
+
+/* ---- devices, contexts, memory ---------------------------------------------------------- */
+
+/* Visible CUDA devices; 0 when there is no driver or no device (never an error). */
+int cn_cuda_device_count(void);
+
+/* One device's stream and cuBLAS handle, plus a scratch buffer for converting fp32 GEMM inputs
+ * to bf16. Not thread-safe: one thread drives a context at a time. */
+typedef struct cn_cuda_ctx cn_cuda_ctx;
+
+int cn_cuda_ctx_create(int device, cn_cuda_ctx **out);
+void cn_cuda_ctx_free(cn_cuda_ctx *ctx);
+
+/* Waits for all work queued on the context's stream; reports any fault it raised. */
+int cn_cuda_sync(cn_cuda_ctx *ctx);
+
+/* Preallocates the matmul scratch for fp32 inputs of up to `elems` elements, so that no
+ * allocation happens later in a decode loop (it would otherwise grow on first use). */
+int cn_cuda_reserve_scratch(cn_cuda_ctx *ctx, size_t elems);
+
+/* cudaMalloc / cudaFree on the context's device. Out of memory is CANOPY_ERR_NO_MEMORY with the
+ * bytes asked for in the message. */
+int cn_cuda_malloc(cn_cuda_ctx *ctx, void **p, size_t bytes);
+void cn_cuda_free(cn_cuda_ctx *ctx, void *p);
+
+/* Copies through the context's stream and waits for the copy, so the host buffer may be reused
+ * (or read) when they return. */
+int cn_cuda_memcpy_h2d(cn_cuda_ctx *ctx, void *dst, const void *src, size_t bytes);
+int cn_cuda_memcpy_d2h(cn_cuda_ctx *ctx, void *dst, const void *src, size_t bytes);
+/* Sets bytes on the stream (asynchronous). 0xFF poisons both fp32 and bf16 buffers with NaN. */
+int cn_cuda_memset(cn_cuda_ctx *ctx, void *p, int byte, size_t bytes);
+
+/* dst[i] = bf16(src[i]) rounding to nearest even, and back (exact). */
+int cn_cuda_f32_to_bf16(cn_cuda_ctx *ctx, cn_bf16 *dst, const float *src, size_t n);
+int cn_cuda_bf16_to_f32(cn_cuda_ctx *ctx, float *dst, const cn_bf16 *src, size_t n);
+
+/* ---- ops (twins of kernels/cpu/ops.h) --------------------------------------------------- */
+
+/* x[i] = table[tokens[i]]: x [n][dim] of x_dt, table [vocab][dim] bf16, tokens [n] (in range:
+ * the caller checks ids against the vocabulary). */
+int cn_cuda_embed(cn_cuda_ctx *ctx, void *x, cn_cuda_dtype x_dt, const cn_bf16 *table, const int32_t *tokens, int n,
+                  int dim);
+
+/* out[i] = x[i] / rms(x[i]) * w: x [n][dim] of x_dt, out [n][dim] of out_dt (may alias x when
+ * the dtypes agree), w [dim] bf16. One block per row, fp32 sum of squares. */
+int cn_cuda_rmsnorm(cn_cuda_ctx *ctx, void *out, cn_cuda_dtype out_dt, const void *x, cn_cuda_dtype x_dt,
+                    const cn_bf16 *w, int n, int dim, float eps);
+
+/* y = x W^T (+ bias) through cuBLAS (bf16 operands, fp32 compute): x [n][in] of x_dt (fp32 is
+ * rounded to bf16 into the scratch buffer first), W [out][in] bf16, bias [out] bf16 or NULL,
+ * y [n][out] of y_dt (must not alias x). */
+int cn_cuda_matmul(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const void *x, cn_cuda_dtype x_dt, const cn_bf16 *w,
+                   const cn_bf16 *bias, int n, int in, int out);
+
+/* Rotates each head of x [n][n_heads][head_dim] (dtype dt) in place by pos[i], HF Llama's
+ * rotate_half pairing (element k with k + head_dim/2); inv_freq [head_dim/2] fp32. The angle is
+ * pos * inv_freq in fp32, as HF and the CPU twin compute it. */
+int cn_cuda_rope(cn_cuda_ctx *ctx, void *x, cn_cuda_dtype dt, const int32_t *pos, int n, int n_heads, int head_dim,
+                 const float *inv_freq);
+
+/* out [n][d] = silu(gate) * up, reading gate_up [n][2d] as [gate | up]; one dtype for both. */
+int cn_cuda_swiglu(cn_cuda_ctx *ctx, void *out, const void *gate_up, cn_cuda_dtype dt, int n, int d);
+
+/* x += y over n elements; x of x_dt (e.g. an fp32 residual stream), y of y_dt. */
+int cn_cuda_add(cn_cuda_ctx *ctx, void *x, cn_cuda_dtype x_dt, const void *y, cn_cuda_dtype y_dt, size_t n);
+
+/* One layer of the paged bf16 KV cache as the kernels see it. Slot s of the sequence lives in
+ * block block_table[s / block_size], row s % block_size:
+ *   k + block_table[s / block_size] * block_stride + (s % block_size) * kv_dim
+ * (likewise v). With the pool stored block-major [n_blocks][n_layers][K, V][block_size][kv_dim],
+ * layer l has k = base + l * 2 * block_size * kv_dim, v = k + block_size * kv_dim and
+ * block_stride = n_layers * 2 * block_size * kv_dim. */
+typedef struct cn_cuda_paged_kv {
+  cn_bf16 *k;                 /* this layer's K rows in block 0 */
+  cn_bf16 *v;                 /* this layer's V rows in block 0 */
+  const int32_t *block_table; /* [blocks of the sequence] device block ids */
+  size_t block_stride;        /* elements from one block to the next */
+  int block_size;             /* tokens per block */
+} cn_cuda_paged_kv;
+
+/* Writes n tokens' k, v [n][kv_dim] (dtype dt) into slots first_slot .. first_slot + n - 1. */
+int cn_cuda_kv_write(cn_cuda_ctx *ctx, const cn_cuda_paged_kv *kv, int first_slot, const void *k, const void *v,
+                     cn_cuda_dtype dt, int n, int kv_dim);
+
+/* Attention for one sequence, with the semantics of cn_cpu_attention: q [n][n_heads][head_dim]
+ * and out the same shape, both of dtype dt. Query i sits in slot ctx_len + i at position pos[i];
+ * it sees every slot s < ctx_len (position s) and new slot ctx_len + j when tree_mask == NULL:
+ * j <= i (causal), else bit j of tree_mask[i * mask_words + j / 64]. sliding_window > 0 also
+ * drops keys at positions <= pos[i] - sliding_window. Query head h reads kv head
+ * h / (n_heads / n_kv_heads). head_dim <= 256. A query that sees no key gets zeros.
+ *
+ * This is the straightforward kernel (one block per (token, head), online softmax over the
+ * prefix): every query head re-reads the prefix. The shared-prefix tree kernel of DESIGN.md
+ * ("Tree attention") replaces it. */
+typedef struct cn_cuda_attn_args {
+  void *out;
+  const void *q;
+  cn_cuda_dtype dt;
+  cn_cuda_paged_kv kv;
+  int n, ctx_len;
+  const int32_t *pos;        /* [n] */
+  const uint64_t *tree_mask; /* [n][mask_words] or NULL */
+  int mask_words;
+  int n_heads, n_kv_heads, head_dim;
+  int sliding_window;
+  float scale;
+} cn_cuda_attn_args;
+int cn_cuda_attention(cn_cuda_ctx *ctx, const cn_cuda_attn_args *a);
+
+#define CN_CUDA_MAX_HEAD_DIM 256
+
+/* idx[r] = index of the largest of x[r][0 .. n) (the first on ties, as torch.argmax), for
+ * rows r < rows; x of dtype dt, idx [rows] int32. One block per row, CUB block reduction. */
+int cn_cuda_argmax(cn_cuda_ctx *ctx, int32_t *idx, const void *x, cn_cuda_dtype dt, int rows, int n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

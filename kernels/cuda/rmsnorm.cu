@@ -1,0 +1,45 @@
+/* RMSNorm, one block per row: an fp32 sum of squares through a CUB block reduction, then one
+ * pass that scales and writes. */
+#include <cub/block/block_reduce.cuh>
+
+#include "kernels/cuda/cuda_common.cuh"
+
+#define RMSNORM_THREADS 256
+
+template <typename TO, typename TI>
+__global__ void __launch_bounds__(RMSNORM_THREADS)
+    rmsnorm_kernel(TO *out, const TI *x, const cn_bf16_t *w, int dim, float eps) {
+  typedef cub::BlockReduce<float, RMSNORM_THREADS> Reduce;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ float r_shared;
+  const TI *xr = x + (size_t)blockIdx.x * dim;
+  TO *outr = out + (size_t)blockIdx.x * dim;
+  float ss = 0.0f;
+  for (int j = threadIdx.x; j < dim; j += RMSNORM_THREADS) {
+    float v = cn_ld(xr + j);
+    ss += v * v;
+  }
+  ss = Reduce(tmp).Sum(ss);
+  if (threadIdx.x == 0) r_shared = rsqrtf(ss / dim + eps);
+  __syncthreads();
+  float r = r_shared;
+  /* Each thread rewrites only the elements it read, so out may alias x. */
+  for (int j = threadIdx.x; j < dim; j += RMSNORM_THREADS)
+    cn_st(outr + j, cn_ld(xr + j) * r * cn_ld(w + j));
+}
+
+int cn_cuda_rmsnorm(cn_cuda_ctx *ctx, void *out, cn_cuda_dtype out_dt, const void *x, cn_cuda_dtype x_dt,
+                    const cn_bf16 *w, int n, int dim, float eps) {
+  CN_CUDA_ENTER(ctx);
+  if (n < 0 || dim <= 0) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_rmsnorm: n=%d dim=%d", n, dim);
+  if (out == x && out_dt != x_dt)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_rmsnorm: in place needs one dtype for x and out");
+  if (!n) return CANOPY_OK;
+  return cn_dispatch2(out_dt, x_dt, [&](auto to, auto ti) {
+    using TO = decltype(to);
+    using TI = decltype(ti);
+    rmsnorm_kernel<<<n, RMSNORM_THREADS, 0, ctx->stream>>>((TO *)out, (const TI *)x, (const cn_bf16_t *)w, dim, eps);
+    CN_CUDA_CHECK_LAUNCH();
+    return (int)CANOPY_OK;
+  });
+}

@@ -1,0 +1,41 @@
+/* Rotary position embedding in place, HF Llama's rotate_half pairing: one thread per
+ * (token, head, pair). */
+#include "kernels/cuda/cuda_common.cuh"
+
+template <typename T>
+__global__ void rope_kernel(T *x, const int32_t *pos, int n, int n_heads, int head_dim, const float *inv_freq) {
+  int half = head_dim / 2;
+  size_t total = (size_t)n * n_heads * half;
+  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
+    int k = (int)(e % half);
+    size_t row = e / half; /* token * n_heads + head */
+    int i = (int)(row / n_heads);
+    /* The angle in fp32 as HF computes it; sincosf (not the __sincosf intrinsic) keeps full
+     * accuracy for the large angles of late positions. */
+    float ang = (float)pos[i] * inv_freq[k];
+    float s, c;
+    sincosf(ang, &s, &c);
+    T *v = x + row * head_dim;
+    float a = cn_ld(v + k), b = cn_ld(v + k + half);
+    cn_st(v + k, a * c - b * s);
+    cn_st(v + k + half, b * c + a * s);
+  }
+}
+
+int cn_cuda_rope(cn_cuda_ctx *ctx, void *x, cn_cuda_dtype dt, const int32_t *pos, int n, int n_heads, int head_dim,
+                 const float *inv_freq) {
+  CN_CUDA_ENTER(ctx);
+  if (n < 0 || n_heads <= 0 || head_dim <= 0 || head_dim % 2)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_rope: n=%d n_heads=%d head_dim=%d (must be even)", n, n_heads,
+                    head_dim);
+  if (!n) return CANOPY_OK;
+  return cn_dispatch(dt, [&](auto t) {
+    using T = decltype(t);
+    const int threads = 256;
+    size_t total = (size_t)n * n_heads * (head_dim / 2);
+    rope_kernel<<<cn_grid_for(ctx, total, threads), threads, 0, ctx->stream>>>((T *)x, pos, n, n_heads, head_dim,
+                                                                               inv_freq);
+    CN_CUDA_CHECK_LAUNCH();
+    return (int)CANOPY_OK;
+  });
+}

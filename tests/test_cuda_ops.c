@@ -1,0 +1,660 @@
+/* The bf16 CUDA ops against their fp32 CPU twins (kernels/cpu/ops.h) on fresh random inputs of
+ * awkward shapes. The CPU reference is fed exactly the bf16-rounded values the device sees, so
+ * the comparison measures the device arithmetic and output rounding alone: rel L2 <= 1e-2 for
+ * bf16 outputs, <= 1e-4 for fp32 ones, exact for copies (embed, kv_write) and argmax. Every
+ * output buffer is poisoned with NaN first and checked to be fully written.
+ *
+ * Skips (exit 77) when canopy was built without CUDA or no device is visible. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "tests/test_util.h"
+
+#ifdef CANOPY_HAVE_CUDA
+#include "canopy.h"
+#include "kernels/cpu/ops.h"
+#include "kernels/cuda/cuda_ops.h"
+
+static uint64_t rng;
+static cn_cuda_ctx *ctx;
+static cn_threadpool *tp;
+
+/* ---- the worst rel L2 seen per op, printed at the end ------------------------------------ */
+
+enum { OP_EMBED, OP_RMSNORM, OP_MATMUL, OP_ROPE, OP_SWIGLU, OP_ADD, OP_KV_WRITE, OP_ATTENTION, OP_ARGMAX, N_OPS };
+static const char *op_names[N_OPS] = {"embed", "rmsnorm",  "matmul",    "rope",  "swiglu",
+                                      "add",   "kv_write", "attention", "argmax"};
+static double worst[N_OPS][2]; /* [op][output dtype] */
+static int checked[N_OPS][2];
+/* Mismatches of the running test: each is printed and counted, so one run shows every failing
+ * shape; the test fails at its end (END_TEST) when any were seen. */
+static int mismatches;
+
+#define END_TEST() assert_int_equal(mismatches, 0)
+
+static const char *dt_name(cn_cuda_dtype dt) { return dt == CN_CUDA_BF16 ? "bf16" : "f32"; }
+
+static double tol(cn_cuda_dtype out_dt) { return out_dt == CN_CUDA_BF16 ? 1e-2 : 1e-4; }
+
+/* Records one comparison; over the output dtype's tolerance is a mismatch. */
+static void check_close(int op, cn_cuda_dtype out_dt, const float *got, const float *ref, size_t n, const char *what) {
+  double rel = cn_test_rel_l2(got, ref, n);
+  if (rel > worst[op][out_dt]) worst[op][out_dt] = rel;
+  checked[op][out_dt]++;
+  int bad = !(rel <= tol(out_dt));
+  printf("  %-9s %-4s out %-60s rel L2 %.3e%s\n", op_names[op], dt_name(out_dt), what, rel, bad ? "  MISMATCH" : "");
+  mismatches += bad;
+}
+
+#define CK(call)                                                                                                       \
+  do {                                                                                                                 \
+    int st_ = (call);                                                                                                  \
+    if (st_) fail_msg("%s -> %d: %s", #call, st_, canopy_last_error());                                                \
+  } while (0)
+
+/* ---- host helpers -------------------------------------------------------------------------- */
+
+/* fp32 -> nearest bf16 (ties to even) -> fp32, for finite values: what the device rounding does. */
+static float bf16_round(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  u &= 0xffff0000u;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+static void round_if_bf16(float *p, size_t n, cn_cuda_dtype dt) {
+  if (dt == CN_CUDA_BF16)
+    for (size_t i = 0; i < n; i++)
+      p[i] = bf16_round(p[i]);
+}
+
+static float *rand_buf(size_t n, float scale) {
+  float *p = malloc(sizeof *p * (n ? n : 1));
+  for (size_t i = 0; i < n; i++)
+    p[i] = scale * cn_test_randf(&rng);
+  return p;
+}
+
+/* Random values already on the bf16 grid (weights, caches, bf16 activations). */
+static float *rand_bf16_buf(size_t n, float scale) {
+  float *p = rand_buf(n, scale);
+  round_if_bf16(p, n, CN_CUDA_BF16);
+  return p;
+}
+
+/* Every element written: the output was poisoned with NaN and inputs are finite. */
+static void check_all_finite(const float *p, size_t n, const char *what) {
+  for (size_t i = 0; i < n; i++)
+    if (!isfinite(p[i])) {
+      printf("  %s: element %zu of %zu not written (%g)  MISMATCH\n", what, i, n, p[i]);
+      mismatches++;
+      return;
+    }
+}
+
+static int rand_int(int lo, int hi) { return lo + (int)(cn_test_rand(&rng) % (uint64_t)(hi - lo + 1)); }
+
+/* ---- device helpers ------------------------------------------------------------------------ */
+
+static void *dev_alloc(size_t bytes) {
+  void *p = NULL;
+  CK(cn_cuda_malloc(ctx, &p, bytes));
+  return p;
+}
+
+/* A device buffer of n elements of dt, all NaN. */
+static void *dev_poisoned(size_t n, cn_cuda_dtype dt) {
+  void *p = dev_alloc(n * cn_cuda_dtype_size(dt));
+  CK(cn_cuda_memset(ctx, p, 0xFF, n * cn_cuda_dtype_size(dt)));
+  return p;
+}
+
+/* Host fp32 values into a new device buffer of dt (bf16 goes through the device conversion). */
+static void *dev_upload(const float *h, size_t n, cn_cuda_dtype dt) {
+  void *d = dev_alloc(n * cn_cuda_dtype_size(dt));
+  if (dt == CN_CUDA_F32) {
+    CK(cn_cuda_memcpy_h2d(ctx, d, h, n * sizeof(float)));
+  } else {
+    float *tmp = dev_alloc(n * sizeof(float));
+    CK(cn_cuda_memcpy_h2d(ctx, tmp, h, n * sizeof(float)));
+    CK(cn_cuda_f32_to_bf16(ctx, d, tmp, n));
+    CK(cn_cuda_sync(ctx));
+    cn_cuda_free(ctx, tmp);
+  }
+  return d;
+}
+
+static void *dev_upload_bytes(const void *h, size_t bytes) {
+  void *d = dev_alloc(bytes);
+  CK(cn_cuda_memcpy_h2d(ctx, d, h, bytes));
+  return d;
+}
+
+/* n elements of dt from the device, widened to host fp32 (exact). */
+static float *dev_download(const void *d, size_t n, cn_cuda_dtype dt) {
+  float *h = malloc(sizeof *h * (n ? n : 1));
+  CK(cn_cuda_sync(ctx));
+  if (dt == CN_CUDA_F32) {
+    CK(cn_cuda_memcpy_d2h(ctx, h, d, n * sizeof(float)));
+  } else {
+    float *tmp = dev_alloc(n * sizeof(float));
+    CK(cn_cuda_bf16_to_f32(ctx, tmp, d, n));
+    CK(cn_cuda_memcpy_d2h(ctx, h, tmp, n * sizeof(float)));
+    cn_cuda_free(ctx, tmp);
+  }
+  return h;
+}
+
+static const cn_cuda_dtype dtypes[2] = {CN_CUDA_F32, CN_CUDA_BF16};
+
+/* ---- tests ----------------------------------------------------------------------------------- */
+
+static void test_bf16_conversion_rounds_to_nearest_even(void **state) {
+  mismatches = 0;
+  /* Halfway cases both ways (1 + 2^-8 -> 1, 1 + 3 * 2^-8 -> 1 + 2^-6), tiny, huge and negative. */
+  const float special[] = {0.0f, -0.0f, 1.00390625f, 1.01171875f, -1.00390625f, 1e-30f, -3.4e38f, 65504.0f, 0.1f};
+  size_t ns = sizeof special / sizeof special[0], n = 1000 + ns;
+  float *h = rand_buf(n, 100.0f);
+  memcpy(h, special, sizeof special);
+  void *b = dev_upload(h, n, CN_CUDA_BF16);
+  float *back = dev_download(b, n, CN_CUDA_BF16);
+  for (size_t i = 0; i < n; i++)
+    if (memcmp(&back[i], &(float){bf16_round(h[i])}, 4) != 0 && mismatches++ < 10)
+      printf("  bf16(%a) = %a, expected %a  MISMATCH\n", h[i], back[i], bf16_round(h[i]));
+  cn_cuda_free(ctx, b);
+  free(h), free(back);
+  END_TEST();
+}
+
+static void test_embed_copies_table_rows(void **state) {
+  mismatches = 0;
+  const int shapes[][2] = {{1, 1}, {3, 17}, {17, 129}, {64, 64}, {129, 576}}; /* n, dim */
+  const int vocab = 1000;
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+    int n = shapes[s][0], dim = shapes[s][1];
+    float *table = rand_bf16_buf((size_t)vocab * dim, 1.0f);
+    int32_t *tok = malloc(sizeof *tok * n);
+    for (int i = 0; i < n; i++)
+      tok[i] = i == 0 ? vocab - 1 : rand_int(0, vocab - 1);
+    float *ref = malloc(sizeof *ref * (size_t)n * dim);
+    cn_cpu_embed(ref, table, tok, n, dim);
+    void *d_table = dev_upload(table, (size_t)vocab * dim, CN_CUDA_BF16);
+    void *d_tok = dev_upload_bytes(tok, sizeof *tok * n);
+    for (int t = 0; t < 2; t++) {
+      void *d_x = dev_poisoned((size_t)n * dim, dtypes[t]);
+      CK(cn_cuda_embed(ctx, d_x, dtypes[t], d_table, d_tok, n, dim));
+      float *x = dev_download(d_x, (size_t)n * dim, dtypes[t]);
+      check_all_finite(x, (size_t)n * dim, "embed");
+      char what[64];
+      snprintf(what, sizeof what, "n=%d dim=%d", n, dim);
+      check_close(OP_EMBED, dtypes[t], x, ref, (size_t)n * dim, what);
+      if (memcmp(x, ref, sizeof *x * (size_t)n * dim)) { /* a copy: exact */
+        printf("  embed %dx%d (%s): not an exact copy  MISMATCH\n", n, dim, dt_name(dtypes[t]));
+        mismatches++;
+      }
+      free(x);
+      cn_cuda_free(ctx, d_x);
+    }
+    cn_cuda_free(ctx, d_table), cn_cuda_free(ctx, d_tok);
+    free(table), free(tok), free(ref);
+  }
+  END_TEST();
+}
+
+static void test_rmsnorm_matches_cpu(void **state) {
+  mismatches = 0;
+  const int shapes[][2] = {{1, 1}, {1, 3}, {3, 17}, {17, 129}, {64, 576}, {129, 2049}};
+  /* (x dtype, out dtype, in place) */
+  const int combos[][3] = {{CN_CUDA_F32, CN_CUDA_BF16, 0},  {CN_CUDA_BF16, CN_CUDA_BF16, 0},
+                           {CN_CUDA_F32, CN_CUDA_F32, 0},   {CN_CUDA_BF16, CN_CUDA_F32, 0},
+                           {CN_CUDA_BF16, CN_CUDA_BF16, 1}, {CN_CUDA_F32, CN_CUDA_F32, 1}};
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+    for (size_t c = 0; c < sizeof combos / sizeof combos[0]; c++) {
+      int n = shapes[s][0], dim = shapes[s][1], in_place = combos[c][2];
+      cn_cuda_dtype x_dt = (cn_cuda_dtype)combos[c][0], o_dt = (cn_cuda_dtype)combos[c][1];
+      size_t len = (size_t)n * dim;
+      float *x = rand_buf(len, 3.0f), *w = rand_bf16_buf((size_t)dim, 1.0f), *ref = malloc(sizeof *ref * len);
+      round_if_bf16(x, len, x_dt);
+      cn_cpu_rmsnorm(ref, x, w, n, dim, 1e-5f);
+      void *d_x = dev_upload(x, len, x_dt), *d_w = dev_upload(w, (size_t)dim, CN_CUDA_BF16);
+      void *d_o = in_place ? d_x : dev_poisoned(len, o_dt);
+      CK(cn_cuda_rmsnorm(ctx, d_o, o_dt, d_x, x_dt, d_w, n, dim, 1e-5f));
+      float *o = dev_download(d_o, len, o_dt);
+      check_all_finite(o, len, "rmsnorm");
+      char what[64];
+      snprintf(what, sizeof what, "n=%d dim=%d x %s%s", n, dim, dt_name(x_dt), in_place ? " in place" : "");
+      check_close(OP_RMSNORM, o_dt, o, ref, len, what);
+      if (!in_place) cn_cuda_free(ctx, d_o);
+      cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_w);
+      free(x), free(w), free(ref), free(o);
+    }
+  END_TEST();
+}
+
+static void test_matmul_matches_cpu(void **state) {
+  mismatches = 0;
+  const int shapes[][3] = {{1, 7, 5}, {3, 64, 33}, {17, 129, 65}, {64, 200, 250}, {129, 576, 1537}}; /* n, in, out */
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+    int n = shapes[s][0], in = shapes[s][1], out = shapes[s][2];
+    /* The device rounds an fp32 x to bf16 before the GEMM, so the reference uses bf16 x always. */
+    float *x = rand_bf16_buf((size_t)n * in, 1.0f), *w = rand_bf16_buf((size_t)out * in, 1.0f);
+    float *b = rand_bf16_buf((size_t)out, 1.0f), *ref = malloc(sizeof *ref * (size_t)n * out);
+    void *d_w = dev_upload(w, (size_t)out * in, CN_CUDA_BF16), *d_b = dev_upload(b, (size_t)out, CN_CUDA_BF16);
+    for (int xt = 0; xt < 2; xt++)
+      for (int yt = 0; yt < 2; yt++)
+        for (int use_bias = 0; use_bias < 2; use_bias++) {
+          cn_cpu_matmul(ref, x, w, use_bias ? b : NULL, n, in, out);
+          void *d_x = dev_upload(x, (size_t)n * in, dtypes[xt]), *d_y = dev_poisoned((size_t)n * out, dtypes[yt]);
+          CK(cn_cuda_matmul(ctx, d_y, dtypes[yt], d_x, dtypes[xt], d_w, use_bias ? d_b : NULL, n, in, out));
+          float *y = dev_download(d_y, (size_t)n * out, dtypes[yt]);
+          check_all_finite(y, (size_t)n * out, "matmul");
+          char what[64];
+          snprintf(what, sizeof what, "%dx%dx%d x %s%s", n, in, out, dt_name(dtypes[xt]), use_bias ? " +bias" : "");
+          check_close(OP_MATMUL, dtypes[yt], y, ref, (size_t)n * out, what);
+          cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_y);
+          free(y);
+        }
+    cn_cuda_free(ctx, d_w), cn_cuda_free(ctx, d_b);
+    free(x), free(w), free(b), free(ref);
+  }
+  END_TEST();
+}
+
+static void test_rope_matches_cpu(void **state) {
+  mismatches = 0;
+  const int shapes[][3] = {{1, 1, 2}, {3, 4, 64}, {17, 3, 72}, {64, 2, 128}, {129, 5, 34}}; /* n, heads, head_dim */
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+    for (int t = 0; t < 2; t++) {
+      int n = shapes[s][0], heads = shapes[s][1], d = shapes[s][2];
+      size_t len = (size_t)n * heads * d;
+      float *x = rand_buf(len, 1.0f), *inv = malloc(sizeof *inv * (size_t)(d / 2));
+      round_if_bf16(x, len, dtypes[t]);
+      for (int k = 0; k < d / 2; k++)
+        inv[k] = powf(10000.0f, -2.0f * k / d);
+      int32_t *pos = malloc(sizeof *pos * n);
+      for (int i = 0; i < n; i++)
+        pos[i] = rand_int(0, 8191); /* large angles: full-range sincos */
+      void *d_x = dev_upload(x, len, dtypes[t]), *d_pos = dev_upload_bytes(pos, sizeof *pos * n);
+      void *d_inv = dev_upload(inv, (size_t)(d / 2), CN_CUDA_F32);
+      CK(cn_cuda_rope(ctx, d_x, dtypes[t], d_pos, n, heads, d, d_inv));
+      cn_cpu_rope(x, pos, n, heads, d, inv);
+      float *got = dev_download(d_x, len, dtypes[t]);
+      check_all_finite(got, len, "rope");
+      char what[64];
+      snprintf(what, sizeof what, "n=%d heads=%d head_dim=%d", n, heads, d);
+      check_close(OP_ROPE, dtypes[t], got, x, len, what);
+      cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_pos), cn_cuda_free(ctx, d_inv);
+      free(x), free(inv), free(pos), free(got);
+    }
+  END_TEST();
+}
+
+static void test_swiglu_matches_cpu(void **state) {
+  mismatches = 0;
+  const int shapes[][2] = {{1, 1}, {3, 17}, {17, 129}, {64, 64}, {129, 1537}}; /* n, d */
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+    for (int t = 0; t < 2; t++) {
+      int n = shapes[s][0], d = shapes[s][1];
+      size_t len = (size_t)n * d;
+      float *gu = rand_buf(2 * len, 6.0f), *ref = malloc(sizeof *ref * len);
+      round_if_bf16(gu, 2 * len, dtypes[t]);
+      cn_cpu_swiglu(ref, gu, n, d);
+      void *d_gu = dev_upload(gu, 2 * len, dtypes[t]), *d_o = dev_poisoned(len, dtypes[t]);
+      CK(cn_cuda_swiglu(ctx, d_o, d_gu, dtypes[t], n, d));
+      float *o = dev_download(d_o, len, dtypes[t]);
+      check_all_finite(o, len, "swiglu");
+      char what[64];
+      snprintf(what, sizeof what, "n=%d d=%d", n, d);
+      check_close(OP_SWIGLU, dtypes[t], o, ref, len, what);
+      cn_cuda_free(ctx, d_gu), cn_cuda_free(ctx, d_o);
+      free(gu), free(ref), free(o);
+    }
+  END_TEST();
+}
+
+static void test_add_matches_cpu(void **state) {
+  mismatches = 0;
+  const size_t sizes[] = {1, 3, 17, 64, 129, 100003};
+  const int combos[][2] = {{CN_CUDA_F32, CN_CUDA_BF16},
+                           {CN_CUDA_BF16, CN_CUDA_BF16},
+                           {CN_CUDA_F32, CN_CUDA_F32},
+                           {CN_CUDA_BF16, CN_CUDA_F32}}; /* x dtype, y dtype */
+  for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++)
+    for (size_t c = 0; c < sizeof combos / sizeof combos[0]; c++) {
+      size_t n = sizes[s];
+      cn_cuda_dtype x_dt = (cn_cuda_dtype)combos[c][0], y_dt = (cn_cuda_dtype)combos[c][1];
+      float *x = rand_buf(n, 4.0f), *y = rand_buf(n, 1.0f);
+      round_if_bf16(x, n, x_dt), round_if_bf16(y, n, y_dt);
+      void *d_x = dev_upload(x, n, x_dt), *d_y = dev_upload(y, n, y_dt);
+      CK(cn_cuda_add(ctx, d_x, x_dt, d_y, y_dt, n));
+      cn_cpu_add(x, y, n);
+      float *got = dev_download(d_x, n, x_dt);
+      check_all_finite(got, n, "add");
+      char what[64];
+      snprintf(what, sizeof what, "n=%zu y %s", n, dt_name(y_dt));
+      check_close(OP_ADD, x_dt, got, x, n, what);
+      cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_y);
+      free(x), free(y), free(got);
+    }
+  END_TEST();
+}
+
+/* A block pool laid out as the CUDA backend will store it, [n_blocks][n_layers][K, V][bs][kv_dim],
+ * with a sequence's block table that is a random permutation of the pool's blocks. */
+typedef struct test_pool {
+  int n_blocks, n_layers, bs, kv_dim, seq_blocks;
+  size_t elems;
+  float *host;    /* the whole pool, fp32 on the bf16 grid */
+  int32_t *table; /* [seq_blocks] */
+  void *d_pool, *d_table;
+  float **k_ptrs, **v_ptrs; /* the CPU twin's view of layer `layer` */
+} test_pool;
+
+static size_t pool_block_stride(const test_pool *p) { return (size_t)p->n_layers * 2 * p->bs * p->kv_dim; }
+
+static size_t pool_layer_offset(const test_pool *p, int layer) { return (size_t)layer * 2 * p->bs * p->kv_dim; }
+
+static void pool_init(test_pool *p, int slots, int bs, int kv_dim, int layer, int fill) {
+  p->n_layers = 2, p->bs = bs, p->kv_dim = kv_dim;
+  p->seq_blocks = (slots + bs - 1) / bs;
+  p->n_blocks = p->seq_blocks + 3; /* spare blocks that nobody may touch */
+  p->elems = (size_t)p->n_blocks * pool_block_stride(p);
+  p->host = fill ? rand_bf16_buf(p->elems, 1.0f) : NULL;
+  int32_t *perm = calloc((size_t)p->n_blocks, sizeof *perm);
+  for (int b = 0; b < p->n_blocks; b++)
+    perm[b] = b;
+  for (int b = p->n_blocks - 1; b > 0; b--) {
+    int j = rand_int(0, b), tmp = perm[b];
+    perm[b] = perm[j], perm[j] = tmp;
+  }
+  p->table = perm;
+  p->d_table = dev_upload_bytes(perm, sizeof *perm * p->seq_blocks);
+  p->d_pool = fill ? dev_upload(p->host, p->elems, CN_CUDA_BF16) : dev_poisoned(p->elems, CN_CUDA_BF16);
+  p->k_ptrs = malloc(sizeof *p->k_ptrs * p->seq_blocks);
+  p->v_ptrs = malloc(sizeof *p->v_ptrs * p->seq_blocks);
+  for (int b = 0; b < p->seq_blocks && fill; b++) {
+    p->k_ptrs[b] = p->host + (size_t)p->table[b] * pool_block_stride(p) + pool_layer_offset(p, layer);
+    p->v_ptrs[b] = p->k_ptrs[b] + (size_t)bs * kv_dim;
+  }
+}
+
+static cn_cuda_paged_kv pool_view(const test_pool *p, int layer) {
+  cn_bf16 *k = (cn_bf16 *)p->d_pool + pool_layer_offset(p, layer);
+  return (cn_cuda_paged_kv){k, k + (size_t)p->bs * p->kv_dim, p->d_table, pool_block_stride(p), p->bs};
+}
+
+static void pool_free(test_pool *p) {
+  cn_cuda_free(ctx, p->d_pool), cn_cuda_free(ctx, p->d_table);
+  free(p->host), free(p->table), free(p->k_ptrs), free(p->v_ptrs);
+}
+
+static void test_kv_write_fills_exactly_its_slots(void **state) {
+  mismatches = 0;
+  const int cases[][4] = {{1, 0, 16, 64}, {3, 7, 16, 144}, {17, 5, 5, 17}, {64, 33, 16, 128}, {129, 1, 7, 40}};
+  for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
+    for (int t = 0; t < 2; t++) {
+      int n = cases[c][0], first = cases[c][1], bs = cases[c][2], kv_dim = cases[c][3], layer = 1;
+      test_pool p;
+      pool_init(&p, first + n, bs, kv_dim, layer, 0);
+      float *k = rand_buf((size_t)n * kv_dim, 1.0f), *v = rand_buf((size_t)n * kv_dim, 1.0f);
+      round_if_bf16(k, (size_t)n * kv_dim, dtypes[t]), round_if_bf16(v, (size_t)n * kv_dim, dtypes[t]);
+      void *d_k = dev_upload(k, (size_t)n * kv_dim, dtypes[t]), *d_v = dev_upload(v, (size_t)n * kv_dim, dtypes[t]);
+      cn_cuda_paged_kv view = pool_view(&p, layer);
+      CK(cn_cuda_kv_write(ctx, &view, first, d_k, d_v, dtypes[t], n, kv_dim));
+      float *pool = dev_download(p.d_pool, p.elems, CN_CUDA_BF16);
+      /* Expected: the bf16 of each new row in its slot, NaN everywhere else. */
+      float *expect = malloc(sizeof *expect * p.elems);
+      for (size_t e = 0; e < p.elems; e++)
+        expect[e] = NAN;
+      for (int i = 0; i < n; i++) {
+        int slot = first + i;
+        size_t at = (size_t)p.table[slot / bs] * pool_block_stride(&p) + pool_layer_offset(&p, layer) +
+                    (size_t)(slot % bs) * kv_dim;
+        for (int j = 0; j < kv_dim; j++) {
+          expect[at + j] = bf16_round(k[(size_t)i * kv_dim + j]);
+          expect[at + (size_t)bs * kv_dim + j] = bf16_round(v[(size_t)i * kv_dim + j]);
+        }
+      }
+      size_t written = 0;
+      for (size_t e = 0; e < p.elems; e++) {
+        if (isnan(expect[e])) {
+          if (!isnan(pool[e]) && mismatches++ < 10)
+            printf("  kv_write touched pool element %zu outside its slots  MISMATCH\n", e);
+        } else {
+          if (pool[e] != expect[e] && mismatches++ < 10)
+            printf("  kv_write: pool element %zu = %g, expected %g  MISMATCH\n", e, pool[e], expect[e]);
+          written++;
+        }
+      }
+      if (written != 2 * (size_t)n * kv_dim) {
+        printf("  kv_write case %zu: %zu elements written, expected %zu  MISMATCH\n", c, written,
+               2 * (size_t)n * kv_dim);
+        mismatches++;
+      }
+      checked[OP_KV_WRITE][dtypes[t]]++;
+      printf("  kv_write  %-4s in  n=%d first_slot=%d block_size=%d kv_dim=%d: %zu elements checked\n",
+             dt_name(dtypes[t]), n, first, bs, kv_dim, p.elems);
+      cn_cuda_free(ctx, d_k), cn_cuda_free(ctx, d_v);
+      pool_free(&p);
+      free(k), free(v), free(pool), free(expect);
+    }
+  END_TEST();
+}
+
+typedef struct attn_case {
+  int n, ctx_len, n_heads, n_kv_heads, head_dim, block_size, tree, window;
+} attn_case;
+
+static void test_attention_matches_cpu(void **state) {
+  mismatches = 0;
+  const attn_case cases[] = {
+      {1, 37, 4, 4, 64, 16, 0, 0},    /* decode, GQA ratio 1 */
+      {3, 0, 6, 2, 48, 16, 0, 0},     /* no prefix, ratio 3 */
+      {17, 129, 8, 2, 128, 16, 1, 0}, /* tree, ratio 4 */
+      {64, 100, 3, 1, 80, 7, 1, 0},   /* tree, ratio 3, odd block size */
+      {129, 5, 4, 1, 64, 16, 1, 50},  /* three mask words, sliding window */
+      {5, 300, 6, 2, 96, 16, 0, 64},  /* causal with a window inside the prefix */
+      {3, 1000, 2, 2, 256, 32, 1, 0}, /* the largest head */
+      {1, 0, 1, 1, 2, 1, 0, 0},       /* one token, nothing before it */
+      {17, 33, 12, 4, 36, 5, 0, 0},   /* prefill chunk, ratio 3 */
+  };
+  for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
+    for (int t = 0; t < 2; t++) {
+      attn_case k = cases[c];
+      int n = k.n, d = k.head_dim, layer = 1, kv_dim = k.n_kv_heads * d, mw = (n + 63) / 64;
+      test_pool p;
+      pool_init(&p, k.ctx_len + n, k.block_size, kv_dim, layer, 1);
+      size_t qlen = (size_t)n * k.n_heads * d;
+      float *q = rand_buf(qlen, 4.0f); /* larger scores: a peaked softmax exercises the running max */
+      round_if_bf16(q, qlen, dtypes[t]);
+      int32_t *pos = malloc(sizeof *pos * n);
+      uint64_t *mask = calloc((size_t)n * mw, sizeof *mask);
+      if (k.tree) {
+        /* A random forest in topological order; each node sees itself and its ancestors. */
+        int *parent = malloc(sizeof *parent * n), *depth = malloc(sizeof *depth * n);
+        for (int i = 0; i < n; i++) {
+          parent[i] = i == 0 ? -1 : rand_int(-1, i - 1);
+          depth[i] = parent[i] < 0 ? 0 : depth[parent[i]] + 1;
+          pos[i] = k.ctx_len + depth[i];
+          for (int j = i; j >= 0; j = parent[j])
+            mask[(size_t)i * mw + j / 64] |= 1ull << (j % 64);
+        }
+        free(parent), free(depth);
+      } else {
+        for (int i = 0; i < n; i++)
+          pos[i] = k.ctx_len + i;
+      }
+      float *ref = malloc(sizeof *ref * qlen);
+      cn_cpu_paged_kv cpu_kv = {p.k_ptrs, p.v_ptrs, k.block_size};
+      cn_cpu_attn_args ca = {.out = ref,
+                             .q = q,
+                             .kv = &cpu_kv,
+                             .n = n,
+                             .ctx_len = k.ctx_len,
+                             .pos = pos,
+                             .tree_mask = k.tree ? mask : NULL,
+                             .mask_words = mw,
+                             .n_heads = k.n_heads,
+                             .n_kv_heads = k.n_kv_heads,
+                             .head_dim = d,
+                             .sliding_window = k.window,
+                             .scale = 1.0f / sqrtf((float)d)};
+      cn_cpu_attention(tp, &ca);
+
+      void *d_q = dev_upload(q, qlen, dtypes[t]), *d_o = dev_poisoned(qlen, dtypes[t]);
+      void *d_pos = dev_upload_bytes(pos, sizeof *pos * n);
+      void *d_mask = dev_upload_bytes(mask, sizeof *mask * (size_t)n * mw);
+      cn_cuda_attn_args ga = {.out = d_o,
+                              .q = d_q,
+                              .dt = dtypes[t],
+                              .kv = pool_view(&p, layer),
+                              .n = n,
+                              .ctx_len = k.ctx_len,
+                              .pos = d_pos,
+                              .tree_mask = k.tree ? d_mask : NULL,
+                              .mask_words = mw,
+                              .n_heads = k.n_heads,
+                              .n_kv_heads = k.n_kv_heads,
+                              .head_dim = d,
+                              .sliding_window = k.window,
+                              .scale = ca.scale};
+      CK(cn_cuda_attention(ctx, &ga));
+      float *o = dev_download(d_o, qlen, dtypes[t]);
+      check_all_finite(o, qlen, "attention");
+      char what[96];
+      snprintf(what, sizeof what, "case %zu (n=%d ctx=%d heads=%d/%d d=%d bs=%d tree=%d window=%d)", c, n, k.ctx_len,
+               k.n_heads, k.n_kv_heads, d, k.block_size, k.tree, k.window);
+      check_close(OP_ATTENTION, dtypes[t], o, ref, qlen, what);
+      cn_cuda_free(ctx, d_q), cn_cuda_free(ctx, d_o), cn_cuda_free(ctx, d_pos), cn_cuda_free(ctx, d_mask);
+      pool_free(&p);
+      free(q), free(pos), free(mask), free(ref), free(o);
+    }
+  END_TEST();
+}
+
+static void test_argmax_is_exact_and_takes_first_of_ties(void **state) {
+  mismatches = 0;
+  const int shapes[][2] = {{1, 1}, {3, 3}, {17, 17}, {64, 1000}, {129, 49153}}; /* rows, n */
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+    for (int t = 0; t < 2; t++) {
+      int rows = shapes[s][0], n = shapes[s][1];
+      size_t len = (size_t)rows * n;
+      float *x = rand_buf(len, 10.0f);
+      /* Row 1: the maximum repeated at scattered places; row 2: all equal. Both -> first index. */
+      if (rows > 1 && n > 1)
+        for (int r = 0; r < 4; r++)
+          x[(size_t)n + rand_int(0, n - 1)] = 11.0f;
+      if (rows > 2)
+        for (int j = 0; j < n; j++)
+          x[2 * (size_t)n + j] = -2.5f;
+      round_if_bf16(x, len, dtypes[t]);
+      void *d_x = dev_upload(x, len, dtypes[t]);
+      int32_t *d_idx = dev_alloc(sizeof(int32_t) * rows), *idx = malloc(sizeof *idx * rows);
+      CK(cn_cuda_memset(ctx, d_idx, 0xFF, sizeof(int32_t) * rows));
+      CK(cn_cuda_argmax(ctx, d_idx, d_x, dtypes[t], rows, n));
+      CK(cn_cuda_sync(ctx));
+      CK(cn_cuda_memcpy_d2h(ctx, idx, d_idx, sizeof(int32_t) * rows));
+      /* Both sides compare the very same values, so even exact ties must agree. */
+      for (int r = 0; r < rows; r++) {
+        int want = cn_cpu_argmax(x + (size_t)r * n, n);
+        if (idx[r] != want) {
+          printf("  argmax row %d of %dx%d (%s): %d, expected %d  MISMATCH\n", r, rows, n, dt_name(dtypes[t]), idx[r],
+                 want);
+          mismatches++;
+        }
+      }
+      checked[OP_ARGMAX][dtypes[t]]++;
+      printf("  argmax    %-4s in  rows=%d n=%d: rows checked\n", dt_name(dtypes[t]), rows, n);
+      cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_idx);
+      free(x), free(idx);
+    }
+  END_TEST();
+}
+
+static void test_cuda_failures_become_status_codes(void **state) {
+  void *p = (void *)1;
+  int st = cn_cuda_malloc(ctx, &p, (size_t)1 << 52); /* 4 PiB */
+  assert_int_equal(st, CANOPY_ERR_NO_MEMORY);
+  assert_null(p);
+  assert_non_null(strstr(canopy_last_error(), "4503599627370496 bytes requested"));
+  /* The failed allocation left nothing behind: the next call works. */
+  CK(cn_cuda_malloc(ctx, &p, 64));
+  cn_cuda_free(ctx, p);
+  cn_cuda_attn_args a = {.n = 1, .n_heads = 1, .n_kv_heads = 1, .head_dim = 512, .kv = {.block_size = 16}};
+  assert_int_equal(cn_cuda_attention(ctx, &a), CANOPY_ERR_UNSUPPORTED);
+  assert_int_equal(cn_cuda_rope(ctx, NULL, CN_CUDA_F32, NULL, 1, 1, 3, NULL), CANOPY_ERR_INVALID_ARG);
+  assert_int_equal(cn_cuda_add(NULL, NULL, CN_CUDA_F32, NULL, CN_CUDA_F32, 1), CANOPY_ERR_INVALID_ARG);
+  assert_int_equal(cn_cuda_swiglu(ctx, NULL, NULL, (cn_cuda_dtype)7, 1, 1), CANOPY_ERR_DTYPE);
+  CK(cn_cuda_sync(ctx));
+}
+
+/* ---- setup ----------------------------------------------------------------------------------- */
+
+static int setup(void **state) {
+  if (cn_cuda_ctx_create(0, &ctx)) {
+    fprintf(stderr, "cn_cuda_ctx_create: %s\n", canopy_last_error());
+    return -1;
+  }
+  return cn_threadpool_create(4, &tp);
+}
+
+static int teardown(void **state) {
+  printf("\n%-10s %12s %12s   (worst rel L2 over all shapes; tolerance bf16 1e-2, f32 1e-4)\n", "op", "f32 out",
+         "bf16 out");
+  for (int op = 0; op < N_OPS; op++) {
+    printf("%-10s", op_names[op]);
+    for (int t = 0; t < 2; t++) {
+      if (!checked[op][t])
+        printf(" %12s", "-");
+      else if (op == OP_KV_WRITE || op == OP_ARGMAX)
+        printf(" %6s (x%2d)", "exact", checked[op][t]);
+      else
+        printf(" %.2e(x%2d)", worst[op][t], checked[op][t]);
+    }
+    printf("\n");
+  }
+  cn_threadpool_free(tp);
+  cn_cuda_ctx_free(ctx);
+  return 0;
+}
+
+int main(void) {
+  int n_dev = cn_cuda_device_count();
+  if (n_dev == 0) {
+    printf("test_cuda_ops: no CUDA device visible, skipping\n");
+    return CN_TEST_SKIP;
+  }
+  rng = cn_test_seed("test_cuda_ops");
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_bf16_conversion_rounds_to_nearest_even),
+      cmocka_unit_test(test_embed_copies_table_rows),
+      cmocka_unit_test(test_rmsnorm_matches_cpu),
+      cmocka_unit_test(test_matmul_matches_cpu),
+      cmocka_unit_test(test_rope_matches_cpu),
+      cmocka_unit_test(test_swiglu_matches_cpu),
+      cmocka_unit_test(test_add_matches_cpu),
+      cmocka_unit_test(test_kv_write_fills_exactly_its_slots),
+      cmocka_unit_test(test_attention_matches_cpu),
+      cmocka_unit_test(test_argmax_is_exact_and_takes_first_of_ties),
+      cmocka_unit_test(test_cuda_failures_become_status_codes),
+  };
+  return cmocka_run_group_tests(tests, setup, teardown);
+}
+
+#else /* !CANOPY_HAVE_CUDA */
+
+int main(void) {
+  printf("test_cuda_ops: canopy was built without CUDA, skipping\n");
+  return CN_TEST_SKIP;
+}
+
+#endif
