@@ -12,6 +12,8 @@ typedef struct cpu_ctx {
   cn_threadpool *tp;
   float **k_ptrs, **v_ptrs; /* [max_blocks] one sequence's block pointers for one layer */
   int max_blocks;
+  float *attn_scratch; /* [threads][cn_cpu_attention_scratch_floats] fp32, grown on first use */
+  size_t attn_scratch_floats;
 } cpu_ctx;
 
 static void cpu_destroy(void *ctx) {
@@ -19,6 +21,7 @@ static void cpu_destroy(void *ctx) {
   cn_threadpool_free(c->tp);
   free(c->k_ptrs);
   free(c->v_ptrs);
+  free(c->attn_scratch);
   free(c);
 }
 
@@ -109,6 +112,13 @@ static void cpu_attention(void *ctx, void *out, const void *q, cn_kv_pool *pool,
                         .tree_mask = tree_mask, .mask_words = (n + 63) / 64, .n_heads = n_heads,
                         .n_kv_heads = n_kv_heads, .head_dim = head_dim, .sliding_window = sliding_window,
                         .scale = scale};
+  size_t need = cn_cpu_attention_scratch_floats(n_heads, n_kv_heads, head_dim) * (size_t)cn_threadpool_size(c->tp);
+  if (need > c->attn_scratch_floats) {
+    free(c->attn_scratch);
+    c->attn_scratch = cpu_alloc(c, sizeof(float) * need);
+    c->attn_scratch_floats = c->attn_scratch ? need : 0;
+  }
+  a.scratch = c->attn_scratch; /* NULL (no memory): the op allocates per call, or runs without */
   cn_cpu_attention(c->tp, &a);
 }
 

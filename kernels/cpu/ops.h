@@ -55,7 +55,9 @@ void cn_cpu_kv_write(const cn_cpu_paged_kv *kv, int first_slot, const float *k, 
  * s < ctx_len (whose position is s) and to new slot ctx_len + j when
  *   tree_mask == NULL: j <= i (causal), else bit j of tree_mask[i * mask_words + j / 64].
  * sliding_window > 0 also drops keys at positions <= pos[i] - sliding_window.
- * GQA: query head h reads kv head h / (n_heads / n_kv_heads). Threaded over (token, head). */
+ * GQA: query head h reads kv head h / (n_heads / n_kv_heads). head_dim <= 256.
+ * scratch: cn_threadpool_size(tp) * cn_cpu_attention_scratch_floats(...) floats, 64-byte aligned,
+ * owned by the caller so a forward allocates nothing; NULL allocates it per call. */
 typedef struct cn_cpu_attn_args {
   float *out;
   const float *q;
@@ -67,8 +69,11 @@ typedef struct cn_cpu_attn_args {
   int n_heads, n_kv_heads, head_dim;
   int sliding_window;
   float scale;
+  float *scratch;
 } cn_cpu_attn_args;
 void cn_cpu_attention(cn_threadpool *tp, const cn_cpu_attn_args *a);
+/* Scratch floats per pool thread; independent of the token count and the context length. */
+size_t cn_cpu_attention_scratch_floats(int n_heads, int n_kv_heads, int head_dim);
 
 /* Index of the largest element (the first on ties, as torch.argmax). */
 int cn_cpu_argmax(const float *x, int n);
