@@ -173,6 +173,12 @@ static void test_paged_attention_matches_naive_causal_tree_window_gqa(void **sta
   check_attention(tp, 5, 129, 4, 2, 8, 32, 1, 0);
   check_attention(tp, 50, 20, 4, 2, 16, 16, 0, 8);
   check_attention(tp, 50, 30, 4, 4, 16, 5, 1, 12);
+  /* Past 256 keys the softmax state is carried across key chunks. */
+  check_attention(tp, 600, 1, 9, 3, 64, 16, 0, 0);
+  check_attention(tp, 300, 40, 9, 3, 64, 16, 0, 0);
+  check_attention(tp, 400, 60, 8, 2, 128, 16, 1, 0);
+  check_attention(tp, 500, 50, 4, 2, 16, 16, 0, 300);
+  check_attention(tp, 0, 300, 2, 2, 8, 7, 1, 100);
   cn_threadpool_free(tp);
 }
 
