@@ -12,7 +12,7 @@
 #include <unistd.h>
 #include <cmocka.h>
 
-#include "tests/test_util.h"
+#include "tests/testing.h"
 
 static char model[1024], tmp[64];
 

@@ -12,7 +12,7 @@
 
 #include "canopy.h"
 #include "model/config.h"
-#include "tests/test_util.h"
+#include "tests/testing.h"
 
 static const char *LLAMA3 = "{\n"
                             "  \"architectures\": [\"LlamaForCausalLM\"],\n"

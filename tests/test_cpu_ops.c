@@ -10,7 +10,7 @@
 #include <cmocka.h>
 
 #include "kernels/cpu/ops.h"
-#include "tests/test_util.h"
+#include "tests/testing.h"
 
 static uint64_t rng;
 

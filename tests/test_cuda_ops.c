@@ -15,7 +15,7 @@
 #include <string.h>
 #include <cmocka.h>
 
-#include "tests/test_util.h"
+#include "tests/testing.h"
 
 #ifdef CANOPY_HAVE_CUDA
 #include "canopy.h"

@@ -20,7 +20,7 @@
 #include "cache/block_pool.h"
 #include "cache/kv_cache.h"
 #include "common/error.h"
-#include "tests/test_util.h"
+#include "tests/testing.h"
 
 /* ---- helpers -------------------------------------------------------------------------------- */
 

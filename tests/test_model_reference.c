@@ -14,7 +14,7 @@
 #include <cmocka.h>
 
 #include "model/forward.h"
-#include "tests/test_util.h"
+#include "tests/testing.h"
 
 static const char *fixtures[] = {"llama", "llama3", "mistral", "qwen2", "smollm2",
                                  "llama_bf16", "llama_f16", "llama_sharded"};

@@ -14,7 +14,7 @@
 
 #include "canopy.h"
 #include "model/safetensors.h"
-#include "tests/test_util.h"
+#include "tests/testing.h"
 
 static char tmp[64];
 

@@ -11,7 +11,7 @@
 #include <cmocka.h>
 
 #include "spec/sampler.h"
-#include "tests/test_util.h"
+#include "tests/testing.h"
 
 static uint64_t rng;
 

@@ -13,7 +13,7 @@
 #include <cmocka.h>
 
 #include "canopy.h"
-#include "tests/test_util.h"
+#include "tests/testing.h"
 
 static char model_dir[1024];
 static uint64_t rng;

@@ -14,7 +14,7 @@
 #include <cmocka.h>
 
 #include "canopy.h"
-#include "tests/test_util.h"
+#include "tests/testing.h"
 
 /* fp32 sums in a different order (OpenBLAS vs PyTorch) move logits by ~1e-4; a gap below this
  * is a tie that either side may break differently. */

@@ -13,7 +13,7 @@
 #include <cmocka.h>
 
 #include "canopy.h"
-#include "tests/test_util.h"
+#include "tests/testing.h"
 
 /* Prints s with escapes, clipped, for failure reports. */
 static void print_escaped(const char *label, const char *s, size_t len) {

@@ -1,4 +1,4 @@
-#include "tests/test_util.h"
+#include "tests/testing.h"
 
 #include <math.h>
 #include <stdio.h>
