@@ -136,15 +136,16 @@ static int is_eos(const canopy_session *s, int32_t t) {
 int canopy_session_next(canopy_session *s, int32_t *token) {
   if (!s || !token) return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_session_next: NULL argument");
   *token = -1;
+  if (!s->has_logits) return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_session_next: append a prompt first");
+  /* Checked before feeding the pending token, so the last token never costs a forward. */
+  if ((s->p.max_tokens > 0 && s->stats.n_generated >= s->p.max_tokens) || s->n_tokens >= s->m->max_context)
+    return CANOPY_DONE;
   double t0 = now_s();
   if (s->pending) {
     int st = feed(s, s->n_tokens - 1, s->n_tokens);
     if (st) return st;
     s->pending = 0;
   }
-  if (!s->has_logits) return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_session_next: append a prompt first");
-  if ((s->p.max_tokens > 0 && s->stats.n_generated >= s->p.max_tokens) || s->n_tokens >= s->m->max_context)
-    return CANOPY_DONE;
   int32_t t = cn_sampler_sample(&s->sampler, s->logits);
   s->stats.decode_s += now_s() - t0;
   if (s->p.stop_at_eos && is_eos(s, t)) return CANOPY_DONE;

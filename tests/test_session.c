@@ -127,6 +127,10 @@ static void generate(canopy_model *m, const canopy_session_params *p, const int3
   for (int i = 0; i < max; i++) assert_int_equal(canopy_session_next(s, &out[i]), CANOPY_OK);
   int32_t t;
   assert_int_equal(canopy_session_next(s, &t), CANOPY_DONE);
+  /* One prefill, then one forward per token but the last, which ends the run unfed. */
+  canopy_stats st;
+  canopy_session_get_stats(s, &st);
+  assert_int_equal(st.forward_passes, 1 + max - 1);
   canopy_session_free(s);
 }
 
