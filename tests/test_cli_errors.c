@@ -95,7 +95,7 @@ static void test_bad_prompts_and_limits_are_errors(void **state) {
   expect_one_line(args, "UTF-8");
   snprintf(args, sizeof args, "generate -m %s --ctx 8 -p 'this prompt is certainly longer than eight tokens of context' -n 1", model);
   expect_one_line(args, "context");
-  snprintf(args, sizeof args, "generate -m %s --kv-blocks 1 -p 'a prompt that needs more than one block of sixteen tokens in the cache, surely' -n 1", model);
+  snprintf(args, sizeof args, "generate -m %s --kv-blocks 1 -p 'a prompt that needs more than one block of sixteen tokens in the cache, surely, because it goes on and on for a while' -n 1", model);
   expect_one_line(args, "exhausted");
 }
 
