@@ -3,7 +3,9 @@
 
 For each style: tokenizer.json (+ tokenizer_config.json with a chat template), cases.jsonl with
 the ids that the `tokenizers` package gives for a few thousand varied strings (and what it
-decodes them back to), and chat.jsonl with what transformers' apply_chat_template renders.
+decodes them back to), and chat.jsonl with what transformers' apply_chat_template renders;
+chat_templates.jsonl does the same for more ChatML variants (Qwen2's default system prompt, none,
+an escaped one) with the SmolLM2 tokenizer.
 
 Styles:
   smollm2          SmolLM2-135M-Instruct's own tokenizer.json (byte-level BPE, Digits, ChatML)
@@ -343,6 +345,22 @@ MISTRAL_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if (message[
                     "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}"
                     "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
 
+# More ChatML variants, rendered with the SmolLM2 tokenizer into chat_templates.jsonl.
+EXTRA_TEMPLATES = {
+    "qwen2": ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+              "You are a helpful assistant.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+              "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+              "{{ '<|im_start|>assistant\n' }}{% endif %}"),
+    "chatml_plain": ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                     "{% endif %}"),
+    "chatml_escaped_default": ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                               "{{ '<|im_start|>system\\nYou are \\'Bot\\', a\\tterse helper.<|im_end|>\\n' }}"
+                               "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                               "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+                               "{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+}
+
 CONVERSATIONS = [
     [("user", "Hello!")],
     [("user", "What is 2+2?"), ("assistant", "4."), ("user", "And 3+3?")],
@@ -367,6 +385,7 @@ def tokenizer_config(template, bos, eos, extra=None) -> dict:
 def make_chat_cases(folder: Path) -> list:
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(folder))
+    fast = Tokenizer.from_file(str(folder / "tokenizer.json"))
     rows = []
     for conv in CONVERSATIONS:
         msgs = [{"role": r, "content": c} for r, c in conv]
@@ -374,10 +393,26 @@ def make_chat_cases(folder: Path) -> list:
             row = {"messages": msgs, "add_generation_prompt": gen}
             try:
                 row["text"] = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+                # apply_chat_template(tokenize=True) encodes without adding special tokens
+                row["ids"] = fast.encode(row["text"], add_special_tokens=False).ids
             except Exception as e:  # the template raised (roles that do not alternate, a system role)
                 row["error"] = str(e).splitlines()[0][:200]
             rows.append(row)
     return rows
+
+
+def make_extra_chat_cases() -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        shutil.copyfile(OUT / "smollm2" / "tokenizer.json", folder / "tokenizer.json")
+        for name, template in EXTRA_TEMPLATES.items():
+            (folder / "tokenizer_config.json").write_text(json.dumps(
+                tokenizer_config(template, "<|im_start|>", "<|im_end|>", {"tokenizer_class": "GPT2Tokenizer"})))
+            for row in make_chat_cases(folder):
+                rows.append({"name": name, "template": template, **row})
+    write_jsonl(OUT / "chat_templates.jsonl", rows)
+    print(f"chat_templates: {len(rows)} cases")
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -428,6 +463,7 @@ def main() -> int:
                 tokenizer_config(MISTRAL_TEMPLATE, "<s>", "</s>", {"unk_token": "<unk>"}), args.seed + 2)
     write_style("llama3", llama3_json(args.seed),
                 tokenizer_config(LLAMA3_TEMPLATE, "<|begin_of_text|>", "<|eot_id|>"), args.seed + 3)
+    make_extra_chat_cases()
     return 0
 
 
