@@ -17,8 +17,9 @@ cmake --build /tmp/canopy-build -j"$(nproc)" > "$out/build.log" 2>&1 || { grep -
 (cd /tmp/canopy-build && ctest --output-on-failure > "$out/ctest.log" 2>&1); rc=$?
 tail -25 "$out/ctest.log"
 sed -n '/^op /,$p' /tmp/canopy-build/Testing/Temporary/LastTest.log | head -40
+# --report-api-errors no: the test asks for 4 PiB on purpose to check the out-of-memory status.
 for tool in memcheck racecheck; do
-  compute-sanitizer --tool $tool /tmp/canopy-build/test_cuda_ops > "$out/$tool.log" 2>&1
+  compute-sanitizer --tool $tool --report-api-errors no /tmp/canopy-build/test_cuda_ops > "$out/$tool.log" 2>&1
   echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/$tool.log" | tr '\n' ' ')"
 done
 exit $rc
