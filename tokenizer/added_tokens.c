@@ -44,16 +44,10 @@ int cn_added_parse(canopy_tokenizer *t, const cJSON *arr) {
   return 0;
 }
 
-static int trie_node(cn_trie *tr, uint8_t byte) {
-  if (tr->n == tr->cap) {
-    int32_t cap = tr->cap ? 2 * tr->cap : 64;
-    cn_trie_node *p = realloc(tr->nodes, (size_t)cap * sizeof *p);
-    if (!p) return -1;
-    tr->nodes = p;
-    tr->cap = cap;
-  }
+static int32_t trie_node(cn_trie *tr, uint8_t byte) {
+  if (tr->n >= INT32_MAX || cn_grow((void **)&tr->nodes, &tr->cap, tr->n + 1, sizeof *tr->nodes)) return -1;
   tr->nodes[tr->n] = (cn_trie_node){-1, -1, -1, byte};
-  return tr->n++;
+  return (int32_t)tr->n++;
 }
 
 static int trie_insert(cn_trie *tr, const char *s, size_t len, int32_t tok) {
@@ -114,23 +108,15 @@ void cn_added_free(cn_added_set *a) {
 }
 
 static int push_seg(cn_segments *v, size_t start, size_t end, int32_t id) {
-  if (v->n == v->cap) {
-    size_t cap = v->cap ? 2 * v->cap : 64;
-    cn_segment *p = realloc(v->p, cap * sizeof *p);
-    if (!p) return CANOPY_ERR_NO_MEMORY;
-    v->p = p;
-    v->cap = cap;
-  }
+  if (cn_grow((void **)&v->p, &v->cap, v->n + 1, sizeof *v->p)) return CANOPY_ERR_NO_MEMORY;
   v->p[v->n++] = (cn_segment){(uint32_t)start, (uint32_t)end, id};
   return 0;
 }
 
 /* The character that ends at s[end) (end > 0). */
 static uint32_t char_before(const char *s, size_t end) {
-  size_t j = end - 1;
-  while (j && ((unsigned char)s[j] & 0xC0) == 0x80) j--;
   int k;
-  return cn_utf8_decode(s + j, &k);
+  return cn_utf8_decode(s + cn_utf8_prev(s, end), &k);
 }
 
 int cn_added_split(const cn_added_set *a, const cn_trie *tr, const char *s, size_t len, cn_segments *out) {
@@ -166,13 +152,7 @@ int cn_added_split(const cn_added_set *a, const cn_trie *tr, const char *s, size
       }
       if (tk->lstrip) {
         size_t ns = start;
-        while (ns > 0) {
-          size_t j = ns - 1;
-          while (j && ((unsigned char)s[j] & 0xC0) == 0x80) j--;
-          int k;
-          if (!cn_is_white_space(cn_utf8_decode(s + j, &k))) break;
-          ns = j;
-        }
+        while (ns > 0 && cn_is_white_space(char_before(s, ns))) ns = cn_utf8_prev(s, ns);
         start = ns > start_offset ? ns : start_offset;
       }
       if (tk->rstrip) {

@@ -191,13 +191,7 @@ static int heap_less(const struct cn_merge *a, const struct cn_merge *b) {
 }
 
 static int heap_push(cn_scratch *sc, size_t *n, struct cn_merge m) {
-  if (*n == sc->heap_cap) {
-    size_t cap = sc->heap_cap ? 2 * sc->heap_cap : 256;
-    struct cn_merge *p = realloc(sc->heap, cap * sizeof *p);
-    if (!p) return CANOPY_ERR_NO_MEMORY;
-    sc->heap = p;
-    sc->heap_cap = cap;
-  }
+  if (cn_grow((void **)&sc->heap, &sc->heap_cap, *n + 1, sizeof *sc->heap)) return CANOPY_ERR_NO_MEMORY;
   struct cn_merge *h = sc->heap;
   size_t i = (*n)++;
   while (i > 0 && heap_less(&m, &h[(i - 1) / 2])) {
@@ -224,13 +218,7 @@ static struct cn_merge heap_pop(struct cn_merge *h, size_t *n) {
 }
 
 static int push_sym(cn_scratch *sc, size_t *n, int32_t id) {
-  if (*n == sc->sym_cap) {
-    size_t cap = sc->sym_cap ? 2 * sc->sym_cap : 256;
-    struct cn_sym *p = realloc(sc->sym, cap * sizeof *p);
-    if (!p) return CANOPY_ERR_NO_MEMORY;
-    sc->sym = p;
-    sc->sym_cap = cap;
-  }
+  if (cn_grow((void **)&sc->sym, &sc->sym_cap, *n + 1, sizeof *sc->sym)) return CANOPY_ERR_NO_MEMORY;
   sc->sym[*n] = (struct cn_sym){id, (int32_t)*n - 1, -1};
   if (*n) sc->sym[*n - 1].next = (int32_t)*n;
   (*n)++;

@@ -4,7 +4,7 @@
 
 #include "tokenizer/tokenizer_internal.h"
 
-static int grow(void **p, size_t *cap, size_t need, size_t elem) {
+int cn_grow(void **p, size_t *cap, size_t need, size_t elem) {
   if (need <= *cap) return 0;
   size_t c = *cap ? *cap : 64;
   while (c < need) c *= 2;
@@ -15,7 +15,7 @@ static int grow(void **p, size_t *cap, size_t need, size_t elem) {
   return 0;
 }
 
-int cn_buf_reserve(cn_buf *b, size_t need) { return grow((void **)&b->p, &b->cap, b->n + need + 1, 1); }
+int cn_buf_reserve(cn_buf *b, size_t need) { return cn_grow((void **)&b->p, &b->cap, b->n + need + 1, 1); }
 
 int cn_buf_append(cn_buf *b, const void *p, size_t n) {
   if (cn_buf_reserve(b, n)) return CANOPY_ERR_NO_MEMORY;
@@ -26,13 +26,13 @@ int cn_buf_append(cn_buf *b, const void *p, size_t n) {
 }
 
 int cn_ivec_push(cn_ivec *v, int32_t x) {
-  if (grow((void **)&v->p, &v->cap, v->n + 1, sizeof *v->p)) return CANOPY_ERR_NO_MEMORY;
+  if (cn_grow((void **)&v->p, &v->cap, v->n + 1, sizeof *v->p)) return CANOPY_ERR_NO_MEMORY;
   v->p[v->n++] = x;
   return 0;
 }
 
 int cn_ivec_append(cn_ivec *v, const int32_t *p, size_t n) {
-  if (grow((void **)&v->p, &v->cap, v->n + n, sizeof *v->p)) return CANOPY_ERR_NO_MEMORY;
+  if (cn_grow((void **)&v->p, &v->cap, v->n + n, sizeof *v->p)) return CANOPY_ERR_NO_MEMORY;
   if (n) memcpy(v->p + v->n, p, n * sizeof *p);
   v->n += n;
   return 0;

@@ -107,12 +107,7 @@ static int put_stripped(cn_buf *b, const char *s) {
   size_t len = strlen(s), a = 0, z = len;
   int k;
   while (a < z && cn_py_isspace(cn_utf8_decode(s + a, &k))) a += (size_t)k;
-  while (z > a) {
-    size_t j = z - 1;
-    while (j > a && ((unsigned char)s[j] & 0xC0) == 0x80) j--;
-    if (!cn_py_isspace(cn_utf8_decode(s + j, &k))) break;
-    z = j;
-  }
+  while (z > a && cn_py_isspace(cn_utf8_decode(s + cn_utf8_prev(s, z), &k))) z = cn_utf8_prev(s, z);
   return cn_buf_append(b, s + a, z - a);
 }
 

@@ -106,13 +106,7 @@ typedef struct toklist {
 } toklist;
 
 static int tl_end(toklist *l) { /* closes the token being written */
-  if (l->n + 2 > l->cap) {
-    size_t cap = l->cap ? 2 * l->cap : 64;
-    size_t *p = realloc(l->off, cap * sizeof *p);
-    if (!p) return CANOPY_ERR_NO_MEMORY;
-    l->off = p;
-    l->cap = cap;
-  }
+  if (cn_grow((void **)&l->off, &l->cap, l->n + 2, sizeof *l->off)) return CANOPY_ERR_NO_MEMORY;
   if (l->n == 0) l->off[0] = 0;
   l->off[++l->n] = l->b.n;
   return 0;
@@ -241,12 +235,8 @@ static int step(const canopy_tokenizer *t, const cn_dec *d, const toklist *in, t
       size_t a = 0, z = len;
       int n;
       for (int k = 0; k < d->start && a < len && cn_utf8_decode(s + a, &n) == d->ch; k++) a += (size_t)n;
-      for (int k = 0; k < d->stop && z > a; k++) {
-        size_t j = z - 1;
-        while (j > a && ((unsigned char)s[j] & 0xC0) == 0x80) j--;
-        if (cn_utf8_decode(s + j, &n) != d->ch) break;
-        z = j;
-      }
+      for (int k = 0; k < d->stop && z > a && cn_utf8_decode(s + cn_utf8_prev(s, z), &n) == d->ch; k++)
+        z = cn_utf8_prev(s, z);
       rc = cn_buf_append(&out->b, s + a, z - a);
     }
     if (!rc) rc = tl_end(out);

@@ -176,12 +176,7 @@ int cn_normalize(const canopy_tokenizer *t, cn_scratch *sc, const char *s, size_
     case CN_NORM_STRIP: {
       int k;
       while (n->left && len && cn_is_white_space(cn_utf8_decode(s, &k))) s += k, len -= (size_t)k;
-      while (n->right && len) {
-        size_t j = len - 1;
-        while (j && ((unsigned char)s[j] & 0xC0) == 0x80) j--;
-        if (!cn_is_white_space(cn_utf8_decode(s + j, &k))) break;
-        len = j;
-      }
+      while (n->right && len && cn_is_white_space(cn_utf8_decode(s + cn_utf8_prev(s, len), &k))) len = cn_utf8_prev(s, len);
       break;
     }
     default: rc = unicode_form(s, len, n->type, sc, &s, &len); break;

@@ -106,13 +106,7 @@ int cn_pretok_parse(canopy_tokenizer *t, const cJSON *j, const char *field) {
 
 static int push_piece(cn_pieces *v, const char *s, uint32_t len, uint32_t flags) {
   if (len == 0) return 0;
-  if (v->n == v->cap) {
-    size_t cap = v->cap ? 2 * v->cap : 256;
-    cn_piece *p = realloc(v->p, cap * sizeof *p);
-    if (!p) return CANOPY_ERR_NO_MEMORY;
-    v->p = p;
-    v->cap = cap;
-  }
+  if (cn_grow((void **)&v->p, &v->cap, v->n + 1, sizeof *v->p)) return CANOPY_ERR_NO_MEMORY;
   v->p[v->n++] = (cn_piece){s, len, flags};
   return 0;
 }
@@ -173,29 +167,13 @@ static int char_spans(const char *s, size_t len, int (*pred)(uint32_t, uint32_t)
     int k;
     uint32_t cp = (unsigned char)s[i] < 0x80 ? (k = 1, (unsigned char)s[i]) : cn_utf8_decode(s + i, &k);
     if (pred(cp, arg)) {
-      if (out->cap < out->n + 2) {
-        size_t cap = out->cap ? 2 * out->cap : 64;
-        cn_span *p = realloc(out->p, cap * sizeof *p);
-        if (!p) return CANOPY_ERR_NO_MEMORY;
-        out->p = p;
-        out->cap = cap;
-      }
-      if (last < i) out->p[out->n++] = (cn_span){(uint32_t)last, (uint32_t)i, 0};
-      out->p[out->n++] = (cn_span){(uint32_t)i, (uint32_t)(i + (size_t)k), 1};
+      if ((last < i && cn_spans_push(out, last, i, 0)) || cn_spans_push(out, i, i + (size_t)k, 1))
+        return CANOPY_ERR_NO_MEMORY;
       last = i + (size_t)k;
     }
     i += (size_t)k;
   }
-  if (last < len || len == 0) {
-    if (out->cap < out->n + 1) {
-      size_t cap = out->cap ? 2 * out->cap : 64;
-      cn_span *p = realloc(out->p, cap * sizeof *p);
-      if (!p) return CANOPY_ERR_NO_MEMORY;
-      out->p = p;
-      out->cap = cap;
-    }
-    out->p[out->n++] = (cn_span){(uint32_t)last, (uint32_t)len, 0};
-  }
+  if (last < len || len == 0) return cn_spans_push(out, last, len, 0);
   return 0;
 }
 

@@ -84,14 +84,8 @@ void cn_rx_state_free(cn_rx_state *st) {
   memset(st, 0, sizeof *st);
 }
 
-static int push_span(cn_spans *v, size_t a, size_t b, int m) {
-  if (v->n == v->cap) {
-    size_t cap = v->cap ? 2 * v->cap : 64;
-    cn_span *p = realloc(v->p, cap * sizeof *p);
-    if (!p) return CANOPY_ERR_NO_MEMORY;
-    v->p = p;
-    v->cap = cap;
-  }
+int cn_spans_push(cn_spans *v, size_t a, size_t b, int m) {
+  if (cn_grow((void **)&v->p, &v->cap, v->n + 1, sizeof *v->p)) return CANOPY_ERR_NO_MEMORY;
   v->p[v->n++] = (cn_span){(uint32_t)a, (uint32_t)b, m};
   return 0;
 }
@@ -100,7 +94,7 @@ static int push_span(cn_spans *v, size_t a, size_t b, int m) {
  * ended is skipped by stepping one character forward. */
 int cn_regex_spans(const cn_regex *re, cn_rx_state *st, const char *s, size_t len, cn_spans *out) {
   out->n = 0;
-  if (len == 0) return push_span(out, 0, 0, 0);
+  if (len == 0) return cn_spans_push(out, 0, 0, 0);
   size_t last_end = 0, prev = 0, last_match_end = SIZE_MAX;
   PCRE2_SIZE *ov = pcre2_get_ovector_pointer(st->md);
   while (last_end <= len) {
@@ -119,10 +113,10 @@ int cn_regex_spans(const cn_regex *re, cn_rx_state *st, const char *s, size_t le
       last_end += (size_t)cn_utf8_len((unsigned char)s[last_end]);
       continue;
     }
-    if (prev != ms && push_span(out, prev, ms, 0)) return CANOPY_ERR_NO_MEMORY;
-    if (push_span(out, ms, me, 1)) return CANOPY_ERR_NO_MEMORY;
+    if (prev != ms && cn_spans_push(out, prev, ms, 0)) return CANOPY_ERR_NO_MEMORY;
+    if (cn_spans_push(out, ms, me, 1)) return CANOPY_ERR_NO_MEMORY;
     prev = last_end = last_match_end = me;
   }
-  if (prev != len) return push_span(out, prev, len, 0);
+  if (prev != len) return cn_spans_push(out, prev, len, 0);
   return 0;
 }

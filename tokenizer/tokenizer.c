@@ -243,11 +243,7 @@ int canopy_token_id(const canopy_tokenizer *t, const char *text) {
 static int encode_text(const canopy_tokenizer *t, cn_scratch *sc, const char *s, size_t len, int at_origin) {
   if (!len) return 0;
   sc->pa.n = 0;
-  if (sc->pa.cap == 0) {
-    sc->pa.p = malloc(64 * sizeof *sc->pa.p);
-    if (!sc->pa.p) return CANOPY_ERR_NO_MEMORY;
-    sc->pa.cap = 64;
-  }
+  if (cn_grow((void **)&sc->pa.p, &sc->pa.cap, 1, sizeof *sc->pa.p)) return CANOPY_ERR_NO_MEMORY;
   sc->pa.p[sc->pa.n++] = (cn_piece){s, (uint32_t)len, at_origin ? CN_PIECE_AT_ORIGIN : 0};
   int rc = cn_pretokenize(t, sc, &sc->pa, &sc->pb);
   for (size_t i = 0; i < sc->pb.n && !rc; i++) rc = cn_bpe_encode(t, sc, &sc->pb.p[i], &sc->ids);

@@ -31,6 +31,8 @@ typedef struct cn_ivec {
   size_t n, cap;
 } cn_ivec;
 
+/* Grows *p (an array of `elem`-byte items, *cap of them) to hold at least `need` items. */
+int cn_grow(void **p, size_t *cap, size_t need, size_t elem);
 int cn_buf_reserve(cn_buf *b, size_t need);          /* room for `need` more bytes */
 int cn_buf_append(cn_buf *b, const void *p, size_t n);
 int cn_ivec_push(cn_ivec *v, int32_t x);
@@ -55,6 +57,12 @@ static inline int cn_utf8_len(unsigned char c) {
 }
 /* Decodes the (valid) character at s; *n gets its length. */
 uint32_t cn_utf8_decode(const char *s, int *n);
+/* Start of the character that ends at s[end) (end > 0, valid UTF-8). */
+static inline size_t cn_utf8_prev(const char *s, size_t end) {
+  size_t j = end - 1;
+  while (j && ((unsigned char)s[j] & 0xC0) == 0x80) j--;
+  return j;
+}
 int cn_utf8_encode(uint32_t cp, char *out); /* returns 1..4 */
 /* Appends bytes to out the way Rust's String::from_utf8_lossy does: each maximal ill-formed
  * subsequence becomes one U+FFFD. With `partial`, a trailing sequence that is still a valid
@@ -150,6 +158,7 @@ typedef struct cn_spans {
 } cn_spans;
 
 int cn_regex_spans(const cn_regex *re, cn_rx_state *st, const char *s, size_t len, cn_spans *out);
+int cn_spans_push(cn_spans *v, size_t start, size_t end, int is_match);
 
 /* ---- normalizers (normalize.c) ----------------------------------------------------------------- */
 
@@ -238,7 +247,7 @@ typedef struct cn_trie_node {
 
 typedef struct cn_trie {
   cn_trie_node *nodes;
-  int32_t n, cap;
+  size_t n, cap;
   int32_t first[256]; /* root children by first byte */
 } cn_trie;
 
