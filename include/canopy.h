@@ -100,7 +100,8 @@ int canopy_model_get_info(const canopy_model *model, canopy_model_info *info);
 typedef struct canopy_tokenizer canopy_tokenizer;
 
 /* `path` is a tokenizer.json file or a folder holding tokenizer.json (and optionally
- * tokenizer_config.json, which gives the chat template and the bos/eos tokens). */
+ * tokenizer_config.json, which gives the chat template and the bos/eos tokens). A loaded
+ * tokenizer is read-only: threads may share it. */
 int canopy_tokenizer_load(const char *path, canopy_tokenizer **out);
 void canopy_tokenizer_free(canopy_tokenizer *tok);
 
@@ -125,7 +126,8 @@ int canopy_token_id(const canopy_tokenizer *tok, const char *text);
 typedef struct canopy_detok_stream canopy_detok_stream;
 int canopy_detok_stream_create(const canopy_tokenizer *tok, int skip_special,
                                canopy_detok_stream **out);
-/* Appends the text that became complete with `id` to buf (NUL-terminated); *len_out bytes. */
+/* Appends the text that became complete with `id` to buf (NUL-terminated); *len_out bytes.
+ * On CANOPY_ERR_BUFFER the id is not consumed: retry it with a larger buffer. */
 int canopy_detok_stream_push(canopy_detok_stream *s, int32_t id, char *buf, size_t cap,
                              size_t *len_out);
 /* Whatever is left (an incomplete character becomes U+FFFD, as HF's decoder does). */
