@@ -28,20 +28,9 @@ static int get_count(const cJSON *j, const char *key, int *out) {
 }
 
 static int parse_one(canopy_tokenizer *t, const cJSON *j, const char *field) {
-  char where[160];
-  const cJSON *type = cJSON_GetObjectItemCaseSensitive(j, "type");
-  if (!cJSON_IsString(type)) return cn_error(CANOPY_ERR_FORMAT, "%s: %s.type: expected a string", t->path, field);
-  const char *ty = type->valuestring;
-  if (!strcmp(ty, "Sequence")) {
-    const cJSON *arr = cJSON_GetObjectItemCaseSensitive(j, "decoders");
-    if (!cJSON_IsArray(arr)) return cn_error(CANOPY_ERR_FORMAT, "%s: %s.decoders: expected an array", t->path, field);
-    int i = 0, rc;
-    for (const cJSON *e = arr->child; e; e = e->next, i++) {
-      snprintf(where, sizeof where, "%s.decoders[%d]", field, i);
-      if ((rc = parse_one(t, e, where))) return rc;
-    }
-    return 0;
-  }
+  const char *ty;
+  int seq = cn_tok_component(t, j, field, "decoders", parse_one, &ty);
+  if (seq) return seq < 0 ? seq : 0;
   cn_dec *grown = realloc(t->dec, (size_t)(t->n_dec + 1) * sizeof *grown);
   if (!grown) return CANOPY_ERR_NO_MEMORY;
   t->dec = grown;

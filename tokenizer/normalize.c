@@ -17,21 +17,10 @@ static char *dup_str(const char *s, size_t *len) {
 }
 
 static int parse_one(canopy_tokenizer *t, const cJSON *j, const char *field) {
-  char where[160];
-  if (!cJSON_IsObject(j)) return cn_error(CANOPY_ERR_FORMAT, "%s: %s: expected an object", t->path, field);
-  const cJSON *type = cJSON_GetObjectItemCaseSensitive(j, "type");
-  if (!cJSON_IsString(type)) return cn_error(CANOPY_ERR_FORMAT, "%s: %s.type: expected a string", t->path, field);
-  const char *ty = type->valuestring;
-  if (!strcmp(ty, "Sequence")) {
-    const cJSON *arr = cJSON_GetObjectItemCaseSensitive(j, "normalizers");
-    if (!cJSON_IsArray(arr)) return cn_error(CANOPY_ERR_FORMAT, "%s: %s.normalizers: expected an array", t->path, field);
-    int i = 0, rc;
-    for (const cJSON *e = arr->child; e; e = e->next, i++) {
-      snprintf(where, sizeof where, "%s.normalizers[%d]", field, i);
-      if ((rc = parse_one(t, e, where))) return rc;
-    }
-    return 0;
-  }
+  const char *ty;
+  int seq = cn_tok_component(t, j, field, "normalizers", parse_one, &ty);
+  if (seq) return seq < 0 ? seq : 0;
+  char where[300];
   cn_norm *grown = realloc(t->norm, (size_t)(t->n_norm + 1) * sizeof *grown);
   if (!grown) return CANOPY_ERR_NO_MEMORY;
   t->norm = grown;

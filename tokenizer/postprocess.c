@@ -60,20 +60,9 @@ static int parse_template(canopy_tokenizer *t, const cJSON *j, const char *field
 }
 
 static int parse_one(canopy_tokenizer *t, const cJSON *j, const char *field) {
-  char where[160];
-  const cJSON *type = cJSON_GetObjectItemCaseSensitive(j, "type");
-  if (!cJSON_IsString(type)) return cn_error(CANOPY_ERR_FORMAT, "%s: %s.type: expected a string", t->path, field);
-  const char *ty = type->valuestring;
-  if (!strcmp(ty, "Sequence")) {
-    const cJSON *arr = cJSON_GetObjectItemCaseSensitive(j, "processors");
-    if (!cJSON_IsArray(arr)) return cn_error(CANOPY_ERR_FORMAT, "%s: %s.processors: expected an array", t->path, field);
-    int i = 0, rc;
-    for (const cJSON *e = arr->child; e; e = e->next, i++) {
-      snprintf(where, sizeof where, "%s.processors[%d]", field, i);
-      if ((rc = parse_one(t, e, where))) return rc;
-    }
-    return 0;
-  }
+  const char *ty;
+  int seq = cn_tok_component(t, j, field, "processors", parse_one, &ty);
+  if (seq) return seq < 0 ? seq : 0;
   if (!strcmp(ty, "ByteLevel")) return 0;
   if (!strcmp(ty, "TemplateProcessing")) return parse_template(t, j, field);
   if (!strcmp(ty, "BertProcessing") || !strcmp(ty, "RobertaProcessing")) {

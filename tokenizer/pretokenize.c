@@ -24,21 +24,10 @@ static int parse_behavior(const char *s) {
 }
 
 static int parse_one(canopy_tokenizer *t, const cJSON *j, const char *field) {
-  char where[200];
-  if (!cJSON_IsObject(j)) return cn_error(CANOPY_ERR_FORMAT, "%s: %s: expected an object", t->path, field);
-  const cJSON *type = cJSON_GetObjectItemCaseSensitive(j, "type");
-  if (!cJSON_IsString(type)) return cn_error(CANOPY_ERR_FORMAT, "%s: %s.type: expected a string", t->path, field);
-  const char *ty = type->valuestring;
-  if (!strcmp(ty, "Sequence")) {
-    const cJSON *arr = cJSON_GetObjectItemCaseSensitive(j, "pretokenizers");
-    if (!cJSON_IsArray(arr)) return cn_error(CANOPY_ERR_FORMAT, "%s: %s.pretokenizers: expected an array", t->path, field);
-    int i = 0, rc;
-    for (const cJSON *e = arr->child; e; e = e->next, i++) {
-      snprintf(where, sizeof where, "%s.pretokenizers[%d]", field, i);
-      if ((rc = parse_one(t, e, where))) return rc;
-    }
-    return 0;
-  }
+  const char *ty;
+  int seq = cn_tok_component(t, j, field, "pretokenizers", parse_one, &ty);
+  if (seq) return seq < 0 ? seq : 0;
+  char where[300];
   cn_pretok *grown = realloc(t->pretok, (size_t)(t->n_pretok + 1) * sizeof *grown);
   if (!grown) return CANOPY_ERR_NO_MEMORY;
   t->pretok = grown;

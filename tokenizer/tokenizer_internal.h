@@ -180,6 +180,14 @@ typedef struct cn_scratch cn_scratch;
 typedef struct canopy_tokenizer canopy_tokenizer;
 
 /* Parses the "normalizer" field (null, one normalizer, or a Sequence). */
+/* The shared head of the component parsers (normalizers, pre-tokenizers, post-processors,
+ * decoders): checks that j is an object with a string "type". A "Sequence" is flattened by
+ * calling parse on each element of j[list] and returns 1; otherwise *type is set and 0 is
+ * returned for the caller to go on. Errors name the field. */
+typedef int (*cn_tok_component_parser)(canopy_tokenizer *t, const cJSON *j, const char *field);
+int cn_tok_component(canopy_tokenizer *t, const cJSON *j, const char *field, const char *list,
+                     cn_tok_component_parser parse, const char **type);
+
 int cn_norm_parse(canopy_tokenizer *t, const cJSON *j, const char *field);
 /* Runs the normalizers over s; the result is s itself or a string in the scratch arena. */
 int cn_normalize(const canopy_tokenizer *t, cn_scratch *sc, const char *s, size_t len, const char **out,
