@@ -10,6 +10,20 @@
 #include "cache/kv_cache.h"
 #include "model/safetensors.h"
 
+/* One sequence's attention in one layer (the semantics of cn_cpu_attention in kernels/cpu/ops.h):
+ * ctx_len committed slots, then q_offset slots an earlier forward of this step wrote, then the n
+ * queries' own slots. */
+typedef struct cn_attn_desc {
+  cn_kv_pool *pool;
+  const cn_kv_seq *seq;
+  int layer;
+  int ctx_len, q_offset, n;
+  const int32_t *pos;          /* [q_offset + n] rope positions of the new slots */
+  const uint64_t *tree_mask;   /* NULL: causal; else [n][(q_offset + n + 63) / 64] */
+  int n_heads, n_kv_heads, head_dim, sliding_window;
+  float scale;
+} cn_attn_desc;
+
 typedef struct cn_backend {
   const char *name;
   void (*destroy)(void *ctx);
@@ -34,10 +48,8 @@ typedef struct cn_backend {
   /* Writes k, v [n][kv_dim] of one layer into cache slots first_slot.. of a sequence. */
   void (*kv_write)(void *ctx, cn_kv_pool *pool, const cn_kv_seq *seq, int layer, int first_slot,
                    const void *k, const void *v, int n, int kv_dim);
-  /* Attention of one sequence's n new tokens over its cache (see cn_cpu_attention). */
-  void (*attention)(void *ctx, void *out, const void *q, cn_kv_pool *pool, const cn_kv_seq *seq,
-                    int layer, int ctx_len, int n, const int32_t *pos, const uint64_t *tree_mask,
-                    int n_heads, int n_kv_heads, int head_dim, int sliding_window, float scale);
+  /* Attention of one sequence's n new tokens over its cache (see cn_attn_desc). */
+  void (*attention)(void *ctx, void *out, const void *q, const struct cn_attn_desc *d);
   /* Copies n floats of a backend buffer to the host. */
   void (*to_host)(void *ctx, float *dst, const void *src, size_t n);
 } cn_backend;

@@ -103,16 +103,15 @@ static void cpu_kv_write(void *ctx, cn_kv_pool *pool, const cn_kv_seq *seq, int 
   cn_cpu_kv_write(&kv, first_slot, k, v, n, kv_dim);
 }
 
-static void cpu_attention(void *ctx, void *out, const void *q, cn_kv_pool *pool, const cn_kv_seq *seq, int layer,
-                          int ctx_len, int n, const int32_t *pos, const uint64_t *tree_mask, int n_heads,
-                          int n_kv_heads, int head_dim, int sliding_window, float scale) {
+static void cpu_attention(void *ctx, void *out, const void *q, const cn_attn_desc *d) {
   cpu_ctx *c = ctx;
-  cn_cpu_paged_kv kv = view_of(c, pool, seq, layer);
-  cn_cpu_attn_args a = {.out = out, .q = q, .kv = &kv, .n = n, .ctx_len = ctx_len, .pos = pos,
-                        .tree_mask = tree_mask, .mask_words = (n + 63) / 64, .n_heads = n_heads,
-                        .n_kv_heads = n_kv_heads, .head_dim = head_dim, .sliding_window = sliding_window,
-                        .scale = scale};
-  size_t need = cn_cpu_attention_scratch_floats(n_heads, n_kv_heads, head_dim) * (size_t)cn_threadpool_size(c->tp);
+  cn_cpu_paged_kv kv = view_of(c, d->pool, d->seq, d->layer);
+  cn_cpu_attn_args a = {.out = out, .q = q, .kv = &kv, .n = d->n, .ctx_len = d->ctx_len, .q_offset = d->q_offset,
+                        .pos = d->pos, .tree_mask = d->tree_mask, .mask_words = (d->q_offset + d->n + 63) / 64,
+                        .n_heads = d->n_heads, .n_kv_heads = d->n_kv_heads, .head_dim = d->head_dim,
+                        .sliding_window = d->sliding_window, .scale = d->scale};
+  size_t need =
+      cn_cpu_attention_scratch_floats(d->n_heads, d->n_kv_heads, d->head_dim) * (size_t)cn_threadpool_size(c->tp);
   if (need > c->attn_scratch_floats) {
     free(c->attn_scratch);
     c->attn_scratch = cpu_alloc(c, sizeof(float) * need);

@@ -26,9 +26,11 @@ static int check_batch(canopy_model *m, const cn_batch *b) {
                       s, sb->first, sb->first + sb->n, covered);
     covered += sb->n;
     int len = cn_kv_seq_len(sb->kv);
-    if (len + sb->n > m->max_context)
+    if (sb->tree_prev < 0 || (sb->tree_prev > 0 && !sb->tree_pos))
+      return cn_error(CANOPY_ERR_INVALID_ARG, "forward: sequence %d: tree_prev %d needs tree_pos", s, sb->tree_prev);
+    if (len + sb->tree_prev + sb->n > m->max_context)
       return cn_error(CANOPY_ERR_CONTEXT, "sequence of %d tokens plus %d new exceeds the context length %d", len,
-                      sb->n, m->max_context);
+                      sb->tree_prev + sb->n, m->max_context);
   }
   if (covered != b->n_tokens)
     return cn_error(CANOPY_ERR_INVALID_ARG, "forward: sequences cover %d of %d tokens", covered, b->n_tokens);
@@ -41,7 +43,7 @@ static int check_batch(canopy_model *m, const cn_batch *b) {
 /* Reserves cache slots for every sequence, all or nothing, so a failed forward leaves no trace. */
 static int reserve_all(const cn_batch *b) {
   for (int s = 0; s < b->n_seqs; s++) {
-    int st = cn_kv_seq_reserve(b->seqs[s].kv, b->seqs[s].n);
+    int st = cn_kv_seq_reserve(b->seqs[s].kv, b->seqs[s].tree_prev + b->seqs[s].n);
     if (st) {
       for (int r = 0; r < s; r++) cn_kv_seq_truncate(b->seqs[r].kv, cn_kv_seq_len(b->seqs[r].kv));
       return st;
@@ -75,9 +77,13 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
       const cn_seq_batch *sb = &b->seqs[q];
       int len = cn_kv_seq_len(sb->kv);
       size_t off_kv = (size_t)sb->first * kv_dim * sizeof(float), off_q = (size_t)sb->first * q_dim * sizeof(float);
-      be->kv_write(ctx, m->kv, sb->kv, l, len, (char *)s->k + off_kv, (char *)s->v + off_kv, sb->n, kv_dim);
-      be->attention(ctx, (char *)s->attn + off_q, (char *)s->q + off_q, m->kv, sb->kv, l, len, sb->n,
-                    b->pos + sb->first, sb->tree_mask, c->n_heads, c->n_kv_heads, d, c->sliding_window, scale);
+      be->kv_write(ctx, m->kv, sb->kv, l, len + sb->tree_prev, (char *)s->k + off_kv, (char *)s->v + off_kv, sb->n,
+                   kv_dim);
+      cn_attn_desc ad = {.pool = m->kv, .seq = sb->kv, .layer = l, .ctx_len = len, .q_offset = sb->tree_prev,
+                         .n = sb->n, .pos = sb->tree_prev ? sb->tree_pos : b->pos + sb->first,
+                         .tree_mask = sb->tree_mask, .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads,
+                         .head_dim = d, .sliding_window = c->sliding_window, .scale = scale};
+      be->attention(ctx, (char *)s->attn + off_q, (char *)s->q + off_q, &ad);
     }
     be->matmul(ctx, s->proj, s->attn, w->wo, w->bo, n, q_dim, D);
     be->add(ctx, s->x, s->proj, (size_t)n * D);

@@ -6,16 +6,21 @@
 
 #include "model/model.h"
 
-/* One sequence's share of a batch. Its n tokens are written to cache slots len .. len + n - 1
- * (len = cn_kv_seq_len before the call) and attend to the committed prefix plus each other
+/* One sequence's share of a batch. Its n tokens are written to cache slots
+ * len + tree_prev .. len + tree_prev + n - 1 (len = cn_kv_seq_len before the call) and attend to the committed prefix plus each other
  * under the mask; the forward reserves the slots but does not commit them (the caller commits
  * all of them after prefill/decode, or the accepted ones after verification). */
 typedef struct cn_seq_batch {
   cn_kv_seq *kv;
   int first;                 /* index of the sequence's first token in the batch arrays */
   int n;
-  const uint64_t *tree_mask; /* NULL: causal. Else [n][(n + 63) / 64]: bit j of row i set when
-                                node i may attend to node j (its ancestors and itself). */
+  /* Uncommitted slots len .. len + tree_prev - 1 that an earlier forward of this step wrote (a
+   * draft tree's upper levels): this forward's tokens go after them and may attend to them
+   * through the mask. 0 for prefill, decode and verification. */
+  int tree_prev;
+  const int32_t *tree_pos;   /* [tree_prev + n] positions of all those slots; NULL if tree_prev == 0 */
+  const uint64_t *tree_mask; /* NULL: causal. Else [n][(tree_prev + n + 63) / 64]: bit j of row i
+                                set when token i may attend to new slot j (ancestors and itself). */
 } cn_seq_batch;
 
 typedef struct cn_batch {

@@ -125,8 +125,10 @@ static void naive_attention(double *out, const float *q, const float *keys, cons
   free(sc);
 }
 
-static void check_attention(cn_threadpool *tp, int ctx, int n, int heads, int kv_heads, int d, int block, int tree,
-                            int window) {
+/* qoff > 0: the first qoff new slots were written by an earlier forward (a draft tree's upper
+ * levels); only the last n - qoff rows are queries of this call. */
+static void check_attention_q(cn_threadpool *tp, int ctx, int n, int heads, int kv_heads, int d, int block, int tree,
+                              int window, int qoff) {
   int kv_dim = kv_heads * d, total = ctx + n, nblocks = (total + block - 1) / block, words = (n + 63) / 64;
   float *keys = rand_buf((size_t)total * kv_dim), *vals = rand_buf((size_t)total * kv_dim);
   float *q = rand_buf((size_t)n * heads * d), *out = nan_buf((size_t)n * heads * d);
@@ -144,8 +146,11 @@ static void check_attention(cn_threadpool *tp, int ctx, int n, int heads, int kv
     pos[i] = ctx + depth[i];
     for (int a = i; a >= 0; a = parent[a]) mask[i * words + a / 64] |= 1ull << (a % 64);
   }
-  cn_cpu_attn_args args = {.out = out, .q = q, .kv = &kv, .n = n, .ctx_len = ctx, .pos = pos,
-                           .tree_mask = tree ? mask : NULL, .mask_words = words, .n_heads = heads,
+  /* Poison the rows this call must not write. */
+  for (int i = 0; i < qoff * heads * d; i++) out[i] = NAN;
+  cn_cpu_attn_args args = {.out = out + (size_t)qoff * heads * d, .q = q + (size_t)qoff * heads * d, .kv = &kv,
+                           .n = n - qoff, .ctx_len = ctx, .q_offset = qoff, .pos = pos,
+                           .tree_mask = tree ? mask + (size_t)qoff * words : NULL, .mask_words = words, .n_heads = heads,
                            .n_kv_heads = kv_heads, .head_dim = d, .sliding_window = window,
                            .scale = 1.0f / sqrtf((float)d)};
   cn_cpu_attention(tp, &args);
@@ -153,13 +158,20 @@ static void check_attention(cn_threadpool *tp, int ctx, int n, int heads, int kv
   naive_attention(ref, q, keys, vals, ctx, n, pos, tree ? mask : NULL, heads, kv_heads, d, window);
   float *reff = malloc(sizeof *reff * (size_t)n * heads * d);
   for (int i = 0; i < n * heads * d; i++) reff[i] = (float)ref[i];
-  assert_all_finite(out, (size_t)n * heads * d);
-  double err = cn_test_rel_l2(out, reff, (size_t)n * heads * d);
+  size_t skip = (size_t)qoff * heads * d;
+  for (size_t i = 0; i < skip; i++) assert_true(isnan(out[i]));
+  assert_all_finite(out + skip, (size_t)n * heads * d - skip);
+  double err = cn_test_rel_l2(out + skip, reff + skip, (size_t)n * heads * d - skip);
   if (err > 1e-5) print_error("ctx %d n %d heads %d/%d d %d tree %d window %d: rel l2 %g\n", ctx, n, heads, kv_heads, d, tree, window, err);
   assert_true(err < 1e-5);
   for (int b = 0; b < nblocks; b++) free(kb[b]), free(vb[b]);
   free(kb), free(vb), free(keys), free(vals), free(q), free(out), free(pos), free(mask), free(parent), free(depth),
       free(ref), free(reff);
+}
+
+static void check_attention(cn_threadpool *tp, int ctx, int n, int heads, int kv_heads, int d, int block, int tree,
+                            int window) {
+  check_attention_q(tp, ctx, n, heads, kv_heads, d, block, tree, window, 0);
 }
 
 static void test_paged_attention_matches_naive_causal_tree_window_gqa(void **state) {
@@ -179,6 +191,11 @@ static void test_paged_attention_matches_naive_causal_tree_window_gqa(void **sta
   check_attention(tp, 400, 60, 8, 2, 128, 16, 1, 0);
   check_attention(tp, 500, 50, 4, 2, 16, 16, 0, 300);
   check_attention(tp, 0, 300, 2, 2, 8, 7, 1, 100);
+  /* Queries after new slots an earlier forward wrote (draft tree levels), both paths. */
+  check_attention_q(tp, 30, 12, 4, 2, 16, 16, 1, 0, 5);
+  check_attention_q(tp, 30, 70, 9, 3, 64, 16, 1, 0, 21);
+  check_attention_q(tp, 300, 40, 4, 4, 16, 7, 0, 0, 10);
+  check_attention_q(tp, 100, 60, 4, 2, 16, 16, 1, 40, 30);
   cn_threadpool_free(tp);
 }
 

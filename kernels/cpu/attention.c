@@ -42,10 +42,11 @@ static int key_visible(const cn_cpu_attn_args *a, int i, int slot) {
     key_pos = slot;
   } else {
     int j = slot - a->ctx_len;
-    if (a->tree_mask ? !((a->tree_mask[(size_t)i * a->mask_words + j / 64] >> (j % 64)) & 1) : j > i) return 0;
+    if (a->tree_mask ? !((a->tree_mask[(size_t)i * a->mask_words + j / 64] >> (j % 64)) & 1) : j > a->q_offset + i)
+      return 0;
     key_pos = a->pos[j];
   }
-  return a->sliding_window <= 0 || key_pos > a->pos[i] - a->sliding_window;
+  return a->sliding_window <= 0 || key_pos > a->pos[a->q_offset + i] - a->sliding_window;
 }
 
 /* ---- vector helpers: plain C that gcc -O3 vectorises without -ffast-math (fixed lane counts
@@ -167,13 +168,14 @@ static void attend_tile(const cn_cpu_attn_args *a, const attn_tile *t, const att
   int d = a->head_dim, nh = t->nh, rows = t->nt * nh, row_stride = a->n_heads * d;
   int last_i = t->i0 + t->nt - 1;
   /* Causal tokens never look past their own slot; tree tokens may look at any earlier node. */
-  int key_end = a->ctx_len + (a->tree_mask ? a->n : last_i + 1);
+  int key_end = a->ctx_len + a->q_offset + (a->tree_mask ? a->n : last_i + 1);
   int key_begin = 0;
   int prefix_mask = !a->tree_mask && a->sliding_window <= 0; /* token i sees slots [0, ctx_len + i] */
   if (a->sliding_window > 0) {
     /* Committed slots at or below every row's pos - window are invisible to the whole tile. */
-    int min_pos = a->pos[t->i0];
-    for (int i = t->i0; i <= last_i; i++) min_pos = a->pos[i] < min_pos ? a->pos[i] : min_pos;
+    const int32_t *qpos = a->pos + a->q_offset;
+    int min_pos = qpos[t->i0];
+    for (int i = t->i0; i <= last_i; i++) min_pos = qpos[i] < min_pos ? qpos[i] : min_pos;
     key_begin = min_pos - a->sliding_window + 1;
     key_begin = key_begin < 0 ? 0 : key_begin > a->ctx_len ? a->ctx_len : key_begin;
   }
@@ -202,7 +204,7 @@ static void attend_tile(const cn_cpu_attn_args *a, const attn_tile *t, const att
       /* Keys of this chunk row r may see: [0, hi) all visible, or per key through bias. */
       int hi = nk, dense = prefix_mask;
       if (prefix_mask) {
-        hi = a->ctx_len + i + 1 - c0;
+        hi = a->ctx_len + a->q_offset + i + 1 - c0;
         hi = hi > nk ? nk : hi;
       } else if (r % nh == 0) {
         for (int j = 0; j < nk; j++) sc->bias[j] = key_visible(a, i, c0 + j) ? 0.0f : -INFINITY;

@@ -51,10 +51,13 @@ void cn_cpu_kv_write(const cn_cpu_paged_kv *kv, int first_slot, const float *k, 
                      int n, int kv_dim);
 
 /* Attention for one sequence. q [n][n_heads][head_dim], out same shape.
- * Query i sits in cache slot ctx_len + i with rope position pos[i]. It attends to every slot
- * s < ctx_len (whose position is s) and to new slot ctx_len + j when
- *   tree_mask == NULL: j <= i (causal), else bit j of tree_mask[i * mask_words + j / 64].
- * sliding_window > 0 also drops keys at positions <= pos[i] - sliding_window.
+ * Past the ctx_len committed slots lie q_offset + n "new" slots: q_offset written by earlier
+ * forwards of the same step (a draft tree's upper levels) and then this forward's n queries.
+ * New slot j has rope position pos[j]; query i is new slot q_offset + i. Query i attends to every
+ * slot s < ctx_len (whose position is s) and to new slot j when
+ *   tree_mask == NULL: j <= q_offset + i (causal), else bit j of tree_mask[i * mask_words + j / 64]
+ *   (one row per query, columns over all q_offset + n new slots).
+ * sliding_window > 0 also drops keys at positions <= pos[q_offset + i] - sliding_window.
  * GQA: query head h reads kv head h / (n_heads / n_kv_heads). head_dim <= 256.
  * scratch: cn_threadpool_size(tp) * cn_cpu_attention_scratch_floats(...) floats, 64-byte aligned,
  * owned by the caller so a forward allocates nothing; NULL allocates it per call. */
@@ -62,7 +65,7 @@ typedef struct cn_cpu_attn_args {
   float *out;
   const float *q;
   const cn_cpu_paged_kv *kv;
-  int n, ctx_len;
+  int n, ctx_len, q_offset;
   const int32_t *pos;
   const uint64_t *tree_mask;
   int mask_words;
