@@ -258,6 +258,7 @@ int cli_generate(int argc, char **argv) {
     print_json(o.text ? o.text : "", out, &s);
   } else {
     putchar('\n');
+    fflush(stdout); /* before the statistics on stderr */
   }
   fprintf(stderr, "prompt: %d tokens (%d from the prefix cache) in %.3f s, %.1f tok/s\n", s.n_prompt, s.n_reused,
           s.prefill_s, s.prefill_s > 0 ? (s.n_prompt - s.n_reused) / s.prefill_s : 0.0);
