@@ -78,6 +78,12 @@ const int *cn_kv_seq_blocks(const cn_kv_seq *seq, int *n_blocks);
  * xxHash64(parent block hash, block tokens). */
 void cn_kv_seq_commit(cn_kv_seq *seq, const int32_t *tokens, int n);
 
+/* Keeps n of the slots written past the length since the last reserve (a verified tree's
+ * accepted path): slot len + slots[i] moves to position len + i in every layer, then the n
+ * tokens are committed as by cn_kv_seq_commit. slots must be strictly increasing with
+ * slots[i] >= i and inside the reservation. The other reserved slots stay reserved, unwritten. */
+int cn_kv_seq_commit_slots(cn_kv_seq *seq, const int *slots, const int32_t *tokens, int n);
+
 /* Shrinks to `len` tokens (0 <= len <= current length, else CANOPY_ERR_INVALID_ARG), releasing
  * blocks past it, reserved ones included: truncating to the current length undoes a reserve. */
 int cn_kv_seq_truncate(cn_kv_seq *seq, int len);

@@ -150,6 +150,34 @@ void cn_kv_seq_commit(cn_kv_seq *s, const int32_t *tokens, int n) {
   for (int i = old / bs; i < s->len / bs; i++) publish(s, i);
 }
 
+int cn_kv_seq_commit_slots(cn_kv_seq *s, const int *slots, const int32_t *tokens, int n) {
+  if (n < 0 || n > s->writable)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_kv_seq_commit_slots: %d slots, %d writable", n, s->writable);
+  const cn_kv_layout *L = &s->pool->layout;
+  int bs = L->block_size;
+  size_t row = (size_t)L->n_kv_heads * L->head_dim;
+  for (int i = 0; i < n; i++) {
+    if (slots[i] < i || slots[i] >= s->writable || (i && slots[i] <= slots[i - 1]))
+      return cn_error(CANOPY_ERR_INVALID_ARG, "cn_kv_seq_commit_slots: slot %d at index %d is out of order", slots[i], i);
+  }
+  /* Ascending sources at or after their destinations: copying in order never overwrites a row
+   * that is still to be read. */
+  for (int i = 0; i < n; i++) {
+    int src = s->len + slots[i], dst = s->len + i;
+    if (src == dst) continue;
+    for (int l = 0; l < L->n_layers; l++) {
+      float *ks = cn_kv_block_k(s->pool, s->table[src / bs], l) + (size_t)(src % bs) * row;
+      float *kd = cn_kv_block_k(s->pool, s->table[dst / bs], l) + (size_t)(dst % bs) * row;
+      float *vs = cn_kv_block_v(s->pool, s->table[src / bs], l) + (size_t)(src % bs) * row;
+      float *vd = cn_kv_block_v(s->pool, s->table[dst / bs], l) + (size_t)(dst % bs) * row;
+      memcpy(kd, ks, sizeof(float) * row);
+      memcpy(vd, vs, sizeof(float) * row);
+    }
+  }
+  cn_kv_seq_commit(s, tokens, n);
+  return CANOPY_OK;
+}
+
 int cn_kv_seq_truncate(cn_kv_seq *s, int len) {
   if (!s || len < 0 || len > s->len)
     return cn_error(CANOPY_ERR_INVALID_ARG, "cn_kv_seq_truncate: length %d outside [0, %d]", len, s ? s->len : 0);

@@ -28,6 +28,11 @@ static const char *usage =
     "      --ctx N           context length (default: the model's)\n"
     "      --kv-blocks N     KV cache blocks of 16 tokens (default: 4 full contexts)\n"
     "      --ignore-eos      keep generating past end-of-sequence tokens\n"
+    "  -d, --draft DIR       speculative decoding with this draft model (same vocabulary)\n"
+    "      --draft-layers N  load only the draft's first N layers (with -d DIR = the target's\n"
+    "                        folder: a truncated target as a stand-in draft)\n"
+    "      --tree SPEC       chain:K | static:4,2,2,1 | dynamic:N[,depth=D,topk=K] | FILE.json\n"
+    "                        (default chain:4)\n"
     "      --json            print one JSON object with the text and statistics at the end\n"
     "  -h, --help            show this help\n"
     "\n"
@@ -35,8 +40,8 @@ static const char *usage =
     "  canopy generate --chat -p \"What is a B-tree?\" -n 128\n";
 
 typedef struct gen_args {
-  const char *model, *prompt, *file, *system;
-  int max_tokens, chat, threads, ctx, kv_blocks, json, ignore_eos;
+  const char *model, *prompt, *file, *system, *draft, *tree;
+  int max_tokens, chat, threads, ctx, kv_blocks, json, ignore_eos, draft_layers;
   canopy_sampling_params sampling;
 } gen_args;
 
@@ -65,7 +70,7 @@ static int parse_float(const char *s, const char *name, float lo, float hi, floa
 }
 
 static int parse(int argc, char **argv, gen_args *a) {
-  enum { O_CHAT = 256, O_SYSTEM, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_THREADS, O_CTX, O_KV_BLOCKS, O_JSON, O_IGNORE_EOS };
+  enum { O_CHAT = 256, O_SYSTEM, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_THREADS, O_CTX, O_KV_BLOCKS, O_JSON, O_IGNORE_EOS, O_TREE, O_DRAFT_LAYERS };
   struct option opts[] = {
       {"model", required_argument, 0, 'm'},   {"prompt", required_argument, 0, 'p'},
       {"file", required_argument, 0, 'f'},    {"max-tokens", required_argument, 0, 'n'},
@@ -75,11 +80,13 @@ static int parse(int argc, char **argv, gen_args *a) {
       {"threads", required_argument, 0, O_THREADS}, {"ctx", required_argument, 0, O_CTX},
       {"kv-blocks", required_argument, 0, O_KV_BLOCKS},
       {"json", no_argument, 0, O_JSON},       {"ignore-eos", no_argument, 0, O_IGNORE_EOS},
+      {"draft", required_argument, 0, 'd'},   {"tree", required_argument, 0, O_TREE},
+      {"draft-layers", required_argument, 0, O_DRAFT_LAYERS},
       {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
   *a = (gen_args){.max_tokens = 256, .sampling = canopy_sampling_default_params()};
   int c, rc = 0;
   optind = 1;
-  while (!rc && (c = getopt_long(argc, argv, "m:p:f:n:h", opts, NULL)) != -1) {
+  while (!rc && (c = getopt_long(argc, argv, "m:p:f:n:d:h", opts, NULL)) != -1) {
     switch (c) {
     case 'm': a->model = optarg; break;
     case 'p': a->prompt = optarg; break;
@@ -105,6 +112,9 @@ static int parse(int argc, char **argv, gen_args *a) {
     case O_KV_BLOCKS: rc = parse_int(optarg, "--kv-blocks", 1, &a->kv_blocks); break;
     case O_JSON: a->json = 1; break;
     case O_IGNORE_EOS: a->ignore_eos = 1; break;
+    case 'd': a->draft = optarg; break;
+    case O_TREE: a->tree = optarg; break;
+    case O_DRAFT_LAYERS: rc = parse_int(optarg, "--draft-layers", 1, &a->draft_layers); break;
     case 'h': fputs(usage, stdout); return -1;
     default: fputs(usage, stderr); return 2;
     }
@@ -191,6 +201,17 @@ static void print_json(const char *text, const int32_t *out, const canopy_stats 
   cJSON_AddNumberToObject(o, "decode_s", s->decode_s);
   cJSON_AddNumberToObject(o, "prefill_tok_s", s->prefill_s > 0 ? (s->n_prompt - s->n_reused) / s->prefill_s : 0);
   cJSON_AddNumberToObject(o, "decode_tok_s", s->decode_s > 0 ? s->n_generated / s->decode_s : 0);
+  if (s->spec_steps > 0) {
+    cJSON_AddNumberToObject(o, "target_forwards", s->forward_passes);
+    cJSON_AddNumberToObject(o, "draft_forwards", s->draft_forwards);
+    cJSON_AddNumberToObject(o, "spec_steps", s->spec_steps);
+    cJSON_AddNumberToObject(o, "mean_accepted_len", (double)s->spec_tokens / s->spec_steps);
+    cJSON_AddNumberToObject(o, "draft_s", s->draft_s);
+    cJSON_AddNumberToObject(o, "verify_s", s->verify_s);
+    cJSON *by_depth = cJSON_AddArrayToObject(o, "accept_rate_by_depth");
+    for (int d = 0; d < CANOPY_STATS_MAX_DEPTH && s->offered_depth[d] > 0; d++)
+      cJSON_AddItemToArray(by_depth, cJSON_CreateNumber((double)s->accept_depth[d] / s->offered_depth[d]));
+  }
   char *str = cJSON_PrintUnformatted(o);
   if (str) puts(str);
   free(str);
@@ -208,6 +229,7 @@ int cli_generate(int argc, char **argv) {
   canopy_tokenizer *tok = NULL;
   canopy_model *model = NULL;
   canopy_session *sess = NULL;
+  canopy_model *draft = NULL;
   canopy_detok_stream *stream = NULL;
   int32_t *ids = NULL, *out = NULL;
   char *rendered = NULL;
@@ -231,8 +253,15 @@ int cli_generate(int argc, char **argv) {
   mp.max_context = a.ctx;
   mp.kv_blocks = a.kv_blocks;
   if (canopy_model_load(dir, &mp, &model)) { cli_fail("loading the model"); goto done; }
+  if (a.draft) {
+    canopy_model_params dp = mp;
+    dp.n_layers = a.draft_layers;
+    if (canopy_model_load(a.draft, &dp, &draft)) { cli_fail("loading the draft model"); goto done; }
+  }
   canopy_session_params sp = canopy_session_default_params();
   sp.sampling = a.sampling;
+  sp.draft = draft;
+  sp.tree = a.tree;
   sp.max_tokens = a.max_tokens;
   sp.stop_at_eos = !a.ignore_eos;
   if (canopy_session_create(model, &sp, &sess)) { cli_fail("creating a session"); goto done; }
@@ -264,10 +293,14 @@ int cli_generate(int argc, char **argv) {
           s.prefill_s, s.prefill_s > 0 ? (s.n_prompt - s.n_reused) / s.prefill_s : 0.0);
   fprintf(stderr, "decode: %d tokens in %.3f s, %.2f tok/s (%d forward passes)\n", s.n_generated, s.decode_s,
           s.decode_s > 0 ? s.n_generated / s.decode_s : 0.0, s.forward_passes);
+  if (s.spec_steps > 0)
+    fprintf(stderr, "speculation: %d steps, %.2f tokens per target forward, draft %.3f s, verify %.3f s\n",
+            s.spec_steps, (double)s.spec_tokens / s.spec_steps, s.draft_s, s.verify_s);
   rc = 0;
 done:
   canopy_detok_stream_free(stream);
   canopy_session_free(sess);
+  canopy_model_free(draft);
   canopy_model_free(model);
   canopy_tokenizer_free(tok);
   free(ids);

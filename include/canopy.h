@@ -72,6 +72,8 @@ typedef struct canopy_model_params {
   int kv_block_size;   /* tokens per KV block (default 16) */
   int kv_blocks;       /* blocks in the pool shared by all sessions; 0 = enough for 4 full contexts */
   int prefix_cache;    /* reuse cached KV blocks of identical prompt prefixes (default 1) */
+  int n_layers;        /* load only the first n layers (plus the head): a truncated model, the
+                          cheapest stand-in draft for its own target; 0 = all */
 } canopy_model_params;
 
 canopy_model_params canopy_model_default_params(void);
@@ -163,6 +165,13 @@ typedef struct canopy_session_params {
   canopy_sampling_params sampling;
   int max_tokens;      /* new tokens before CANOPY_DONE; 0 = until the context is full */
   int stop_at_eos;     /* end at the model's eos ids (default 1) */
+  /* Speculative decoding: a draft model with the target's vocabulary proposes a token tree of
+   * shape `tree` each step; the target verifies it in one forward. The output is the target's
+   * own (greedy), or distributed exactly as the target's sampling. NULL draft: target only.
+   * tree: "chain:K", "static:4,2,2,1", "dynamic:N[,depth=D,topk=K]", a JSON list of rank paths,
+   * or the path of a file holding one. */
+  canopy_model *draft;
+  const char *tree;
 } canopy_session_params;
 
 canopy_session_params canopy_session_default_params(void);
@@ -188,13 +197,25 @@ int canopy_session_logits(const canopy_session *s, const float **logits, int *n_
 /* Drops the sequence back to its first `len` tokens (KV blocks past it are released). */
 int canopy_session_truncate(canopy_session *s, int len);
 
+#define CANOPY_STATS_MAX_DEPTH 32
+
 typedef struct canopy_stats {
   int n_prompt;           /* tokens given to canopy_session_append */
   int n_reused;           /* of those, served from the prefix cache without a forward */
   int n_generated;        /* tokens returned by canopy_session_next */
-  int forward_passes;     /* model forwards run */
+  int forward_passes;     /* target forwards run (prefill chunks, decode steps, verifications) */
   double prefill_s;       /* seconds in append forwards */
-  double decode_s;        /* seconds in next forwards and sampling */
+  double decode_s;        /* seconds in next: forwards, drafting, acceptance, sampling */
+  /* Speculative decoding (zero without a draft). */
+  int spec_steps;         /* verification forwards */
+  int spec_tokens;        /* tokens those steps produced: accepted nodes + one bonus each */
+  int draft_forwards;     /* draft model forwards (catch-up and one per tree level) */
+  double draft_s, verify_s;
+  int tree_nodes;         /* drafted nodes verified, over all steps (root excluded) */
+  /* accept_depth[d]: steps whose accepted path reached depth d + 1; offered_depth[d]: steps
+   * whose tree had a node at depth d + 1. Their ratio is the acceptance rate by depth. */
+  int accept_depth[CANOPY_STATS_MAX_DEPTH];
+  int offered_depth[CANOPY_STATS_MAX_DEPTH];
 } canopy_stats;
 
 int canopy_session_get_stats(const canopy_session *s, canopy_stats *stats);

@@ -59,7 +59,7 @@ static void cpu_rmsnorm(void *ctx, void *out, const void *x, const void *w, int 
 }
 
 static void cpu_matmul(void *ctx, void *y, const void *x, const void *w, const void *bias, int n, int in, int out) {
-  cn_cpu_matmul(y, x, w, bias, n, in, out);
+  cn_cpu_matmul(((cpu_ctx *)ctx)->tp, y, x, w, bias, n, in, out);
 }
 
 static void cpu_rope(void *ctx, void *x, const int32_t *pos, int n, int n_heads, int head_dim, const float *inv_freq) {

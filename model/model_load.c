@@ -121,6 +121,8 @@ static int load_all(canopy_model *m, const canopy_model_params *p) {
   snprintf(path, sizeof path, "%s/config.json", m->dir);
   int st = cn_config_load(path, &m->cfg);
   if (st) return st;
+  if (p->n_layers < 0) return cn_error(CANOPY_ERR_INVALID_ARG, "%s: n_layers %d must be >= 0", m->dir, p->n_layers);
+  if (p->n_layers > 0 && p->n_layers < m->cfg.n_layers) m->cfg.n_layers = p->n_layers;
   const cn_config *c = &m->cfg;
   if (c->head_dim > MAX_HEAD_DIM || c->head_dim % 2)
     return cn_error(CANOPY_ERR_UNSUPPORTED, "%s: head_dim %d is not supported (even, at most %d)", path, c->head_dim,

@@ -8,6 +8,7 @@
 #include "common/error.h"
 #include "model/forward.h"
 #include "spec/sampler.h"
+#include "spec/speculate.h"
 
 struct canopy_session {
   canopy_model *m;
@@ -21,6 +22,9 @@ struct canopy_session {
   int32_t *pos;      /* [max_batch] */
   cn_sampler sampler;
   canopy_stats stats;
+  cn_spec *spec;     /* NULL: target-only decoding */
+  int32_t *queue;    /* [tree depth + 1] tokens a speculative step produced, not yet returned */
+  int n_queue, q_at;
 };
 
 canopy_session_params canopy_session_default_params(void) {
@@ -44,6 +48,11 @@ int canopy_session_create(canopy_model *m, const canopy_session_params *p, canop
   s->p = *p;
   int st = cn_sampler_init(&s->sampler, &p->sampling, m->cfg.vocab_size);
   if (!st) st = cn_kv_seq_create(m->kv, &s->kv);
+  if (!st && p->draft) {
+    st = cn_spec_create(m, p->draft, p->tree, &p->sampling, &s->spec);
+    if (!st && !(s->queue = malloc(sizeof *s->queue * (size_t)(cn_spec_depth(s->spec) + 1))))
+      st = cn_error(CANOPY_ERR_NO_MEMORY, "session: out of memory");
+  }
   if (!st) {
     s->tokens = malloc(sizeof *s->tokens * (size_t)m->max_context);
     s->logits = malloc(sizeof *s->logits * (size_t)m->cfg.vocab_size);
@@ -60,6 +69,8 @@ int canopy_session_create(canopy_model *m, const canopy_session_params *p, canop
 
 void canopy_session_free(canopy_session *s) {
   if (!s) return;
+  cn_spec_free(s->spec);
+  free(s->queue);
   cn_kv_seq_free(s->kv);
   cn_sampler_free(&s->sampler);
   free(s->tokens);
@@ -92,6 +103,8 @@ static int feed(canopy_session *s, int from, int to) {
   return CANOPY_OK;
 }
 
+static void cut(canopy_session *s, int keep);
+
 int canopy_session_append(canopy_session *s, const int32_t *ids, int n) {
   if (!s || (!ids && n) || n < 0) return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_session_append: bad arguments");
   if (n == 0) return CANOPY_OK;
@@ -103,6 +116,8 @@ int canopy_session_append(canopy_session *s, const int32_t *ids, int n) {
   if (s->n_tokens + n > m->max_context)
     return cn_error(CANOPY_ERR_CONTEXT, "prompt of %d tokens (after %d in the session) exceeds the context length %d",
                     n, s->n_tokens, m->max_context);
+  /* Drafted tokens the caller has not taken are not part of what it continues from. */
+  if (s->q_at < s->n_queue) cut(s, s->n_tokens - (s->n_queue - s->q_at));
   double t0 = now_s();
   int from = s->n_tokens - s->pending;
   memcpy(s->tokens + s->n_tokens, ids, sizeof *ids * (size_t)n);
@@ -133,25 +148,70 @@ static int is_eos(const canopy_session *s, int32_t t) {
   return 0;
 }
 
+/* Shortens the sequence to its first `keep` tokens after a speculative step overshot (an eos or
+ * max_tokens inside the accepted run): the caches forget what the caller never saw, and the last
+ * kept token becomes the pending one. */
+static void cut(canopy_session *s, int keep) {
+  s->n_queue = s->q_at = 0;
+  s->n_tokens = keep;
+  if (cn_kv_seq_len(s->kv) > keep - 1) cn_kv_seq_truncate(s->kv, keep - 1);
+  if (s->spec) cn_spec_truncate(s->spec, keep - 1);
+  s->pending = 1;
+  s->has_logits = 0;
+}
+
+/* One speculative step: the pending token is the tree's root; the accepted tokens and the bonus
+ * join the sequence (the bonus pending) and wait in the queue. */
+static int speculate(canopy_session *s) {
+  int n_out = 0;
+  int st = cn_spec_step(s->spec, s->kv, s->tokens, s->n_tokens, &s->sampler, s->queue, &n_out, &s->stats);
+  if (st) return st;
+  memcpy(s->tokens + s->n_tokens, s->queue, sizeof *s->queue * (size_t)n_out);
+  s->n_tokens += n_out;
+  s->n_queue = n_out;
+  s->q_at = 0;
+  s->pending = 1;
+  s->has_logits = 0;
+  return CANOPY_OK;
+}
+
 int canopy_session_next(canopy_session *s, int32_t *token) {
   if (!s || !token) return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_session_next: NULL argument");
   *token = -1;
-  if (!s->has_logits) return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_session_next: append a prompt first");
+  if (s->n_tokens == 0) return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_session_next: append a prompt first");
   /* Checked before feeding the pending token, so the last token never costs a forward. */
-  if ((s->p.max_tokens > 0 && s->stats.n_generated >= s->p.max_tokens) || s->n_tokens >= s->m->max_context)
+  if (s->q_at == s->n_queue &&
+      ((s->p.max_tokens > 0 && s->stats.n_generated >= s->p.max_tokens) || s->n_tokens >= s->m->max_context))
     return CANOPY_DONE;
   double t0 = now_s();
-  if (s->pending) {
-    int st = feed(s, s->n_tokens - 1, s->n_tokens);
+  int32_t t;
+  int at; /* t's index in the sequence */
+  if (s->q_at < s->n_queue) {
+    at = s->n_tokens - s->n_queue + s->q_at;
+    t = s->queue[s->q_at++];
+  } else if (s->spec && s->pending && s->n_tokens + cn_spec_depth(s->spec) + 1 <= s->m->max_context) {
+    int st = speculate(s);
     if (st) return st;
-    s->pending = 0;
+    at = s->n_tokens - s->n_queue;
+    t = s->queue[s->q_at++];
+  } else {
+    if (s->pending) {
+      int st = feed(s, s->n_tokens - 1, s->n_tokens);
+      if (st) return st;
+      s->pending = 0;
+    }
+    t = cn_sampler_sample(&s->sampler, s->logits);
+    at = s->n_tokens;
+    s->tokens[s->n_tokens++] = t;
+    s->pending = 1;
   }
-  int32_t t = cn_sampler_sample(&s->sampler, s->logits);
   s->stats.decode_s += now_s() - t0;
-  if (s->p.stop_at_eos && is_eos(s, t)) return CANOPY_DONE;
-  s->tokens[s->n_tokens++] = t;
-  s->pending = 1;
+  if (s->p.stop_at_eos && is_eos(s, t)) {
+    cut(s, at); /* the eos itself is not part of the sequence */
+    return CANOPY_DONE;
+  }
   s->stats.n_generated++;
+  if (s->p.max_tokens > 0 && s->stats.n_generated >= s->p.max_tokens && s->q_at < s->n_queue) cut(s, at + 1);
   *token = t;
   return CANOPY_OK;
 }
@@ -170,8 +230,10 @@ int canopy_session_truncate(canopy_session *s, int len) {
     return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_session_truncate: length %d outside [1, %d]", len,
                     s ? s->n_tokens : 0);
   /* Re-run the last kept token so the logits belong to the new end. */
-  int st = cn_kv_seq_truncate(s->kv, len - 1);
+  int st = cn_kv_seq_truncate(s->kv, len - 1 < cn_kv_seq_len(s->kv) ? len - 1 : cn_kv_seq_len(s->kv));
   if (st) return st;
+  s->n_queue = s->q_at = 0;
+  if (s->spec) cn_spec_truncate(s->spec, len - 1);
   s->n_tokens = len;
   s->pending = 0;
   return feed(s, len - 1, len);

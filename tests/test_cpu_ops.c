@@ -31,13 +31,16 @@ static void assert_all_finite(const float *p, size_t n) {
 }
 
 static void test_matmul_matches_naive_product(void **state) {
-  int shapes[][3] = {{1, 7, 5}, {3, 64, 33}, {17, 129, 65}, {64, 96, 250}};
+  cn_threadpool *tp;
+  assert_int_equal(cn_threadpool_create(3, &tp), 0);
+  /* n = 1 (sgemv), 2..32 (the streaming kernel), beyond (sgemm). */
+  int shapes[][3] = {{1, 7, 5}, {2, 17, 3}, {3, 64, 33}, {17, 129, 65}, {32, 40, 9}, {33, 31, 70}, {64, 96, 250}};
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
     int n = shapes[s][0], in = shapes[s][1], out = shapes[s][2];
     float *x = rand_buf((size_t)n * in), *w = rand_buf((size_t)out * in), *b = rand_buf((size_t)out);
     float *y = nan_buf((size_t)n * out), *ref = malloc(sizeof *ref * (size_t)n * out);
     for (int use_bias = 0; use_bias < 2; use_bias++) {
-      cn_cpu_matmul(y, x, w, use_bias ? b : NULL, n, in, out);
+      cn_cpu_matmul(tp, y, x, w, use_bias ? b : NULL, n, in, out);
       for (int i = 0; i < n; i++)
         for (int j = 0; j < out; j++) {
           double acc = use_bias ? b[j] : 0;
@@ -49,6 +52,7 @@ static void test_matmul_matches_naive_product(void **state) {
     }
     free(x), free(w), free(b), free(y), free(ref);
   }
+  cn_threadpool_free(tp);
 }
 
 static void test_rmsnorm_and_swiglu_match_formulas(void **state) {

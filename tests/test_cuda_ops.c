@@ -252,7 +252,7 @@ static void test_matmul_matches_cpu(void **state) {
     for (int xt = 0; xt < 2; xt++)
       for (int yt = 0; yt < 2; yt++)
         for (int use_bias = 0; use_bias < 2; use_bias++) {
-          cn_cpu_matmul(ref, x, w, use_bias ? b : NULL, n, in, out);
+          cn_cpu_matmul(NULL, ref, x, w, use_bias ? b : NULL, n, in, out);
           void *d_x = dev_upload(x, (size_t)n * in, dtypes[xt]), *d_y = dev_poisoned((size_t)n * out, dtypes[yt]);
           CK(cn_cuda_matmul(ctx, d_y, dtypes[yt], d_x, dtypes[xt], d_w, use_bias ? d_b : NULL, n, in, out));
           float *y = dev_download(d_y, (size_t)n * out, dtypes[yt]);

@@ -22,9 +22,10 @@ void cn_cpu_embed(float *x, const float *table, const int32_t *tokens, int n, in
 /* out[i] = x[i] / rms(x[i]) * w: x, out [n][dim] (may alias), w [dim]. */
 void cn_cpu_rmsnorm(float *out, const float *x, const float *w, int n, int dim, float eps);
 
-/* y = x W^T (+ bias): x [n][in], W [out][in], bias [out] or NULL, y [n][out].
- * OpenBLAS sgemm (sgemv for n == 1), threaded by OpenBLAS. */
-void cn_cpu_matmul(float *y, const float *x, const float *w, const float *bias, int n, int in,
+/* y = x W^T (+ bias): x [n][in], W [out][in], bias [out] or NULL, y [n][out]. Streams W once for
+ * any n up to CN_SKINNY_MAX (decode, verification); OpenBLAS sgemm beyond. tp may be NULL. */
+#define CN_SKINNY_MAX 32
+void cn_cpu_matmul(cn_threadpool *tp, float *y, const float *x, const float *w, const float *bias, int n, int in,
                    int out);
 
 /* Rotates each head of x [n][n_heads][head_dim] in place by its token's position, in the

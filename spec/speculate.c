@@ -1,0 +1,271 @@
+#include "spec/speculate.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "common/error.h"
+#include "draft/tree_grow.h"
+#include "model/forward.h"
+#include "spec/accept.h"
+
+#define WORDS(n) (((n) + 63) / 64)
+
+struct cn_spec {
+  canopy_model *target, *draft;
+  cn_kv_seq *dkv;            /* the draft's cache: the sequence's tokens, then this step's tree slots */
+  cn_tree_spec spec;
+  cn_tree_spec_bounds bounds;
+  int vocab, stochastic;
+  cn_sampler dist;           /* turns draft logits into the distribution children come from */
+  cn_rng rng;                /* the stochastic picker's draws */
+  cn_tree tree;
+
+  /* Draft side of the step under way. Oracle-tree node -> its draft KV slot past dkv's length
+   * (-1: the root, which is committed, or a node never fed). */
+  int32_t slot_of[CN_TREE_MAX_NODES];
+  int32_t slot_pos[CN_TREE_MAX_NODES]; /* rope position of each fed slot */
+  int n_fed;
+  int32_t oracle_index[CN_TREE_MAX_NODES];
+  uint64_t *dmask;           /* [max_frontier][WORDS(oracle_nodes)] */
+  int32_t *dtok, *dpos, *drows; /* [max(max_frontier, max_batch)] */
+  float *dlogits;            /* [max_frontier][V] */
+  float *dprobs;             /* [oracle_nodes][V]: q of every oracle-tree node that got children */
+  const float *probs_out[CN_TREE_MAX_NODES];
+  canopy_stats *stats;
+
+  /* Target side. */
+  uint64_t *tmask;           /* [CN_TREE_MAX_NODES][WORDS(CN_TREE_MAX_NODES)] */
+  int32_t tpos[CN_TREE_MAX_NODES], trows[CN_TREE_MAX_NODES];
+  float *tlogits;            /* [n_nodes + 1][V] */
+  float *tprobs;             /* [n_nodes + 1][V], stochastic only */
+  const float *qrows[CN_TREE_MAX_NODES];
+  float *scratch;            /* [2V] */
+};
+
+static double now_s(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+int cn_spec_create(canopy_model *target, canopy_model *draft, const char *tree, const canopy_sampling_params *sp,
+                   cn_spec **out) {
+  if (!target || !draft || !sp || !out) return cn_error(CANOPY_ERR_INVALID_ARG, "speculation: NULL argument");
+  if (draft->cfg.vocab_size != target->cfg.vocab_size)
+    return cn_error(CANOPY_ERR_VOCAB_MISMATCH, "draft %s has a vocabulary of %d tokens, the target %s has %d",
+                    draft->dir, draft->cfg.vocab_size, target->dir, target->cfg.vocab_size);
+  cn_spec *s = calloc(1, sizeof *s);
+  if (!s) return cn_error(CANOPY_ERR_NO_MEMORY, "speculation: out of memory");
+  s->target = target;
+  s->draft = draft;
+  s->vocab = target->cfg.vocab_size;
+  s->stochastic = sp->temperature > 0;
+  int st = cn_tree_spec_parse(tree && *tree ? tree : "chain:4", &s->spec);
+  if (!st && s->stochastic && s->spec.rank_gaps)
+    st = cn_error(CANOPY_ERR_INVALID_ARG,
+                  "tree '%s' lists a child without its lower-ranked siblings: sampling needs each node's children to "
+                  "be its first draws",
+                  tree);
+  if (!st && s->stochastic && s->spec.kind == CN_TREE_DYNAMIC)
+    st = cn_error(CANOPY_ERR_UNSUPPORTED,
+                  "dynamic trees keep children by their probability, which sampling cannot allow without bias; use a "
+                  "static tree or chain with --temp > 0");
+  /* Greedy trees rank children by the draft's own (T = 1) probabilities; sampled trees draw them
+   * from the draft processed like the target (temperature, top-k, top-p). */
+  canopy_sampling_params dp = *sp;
+  if (!s->stochastic) dp = (canopy_sampling_params){.temperature = 1.0f, .top_k = 0, .top_p = 1.0f, .seed = sp->seed};
+  if (!st) st = cn_sampler_init(&s->dist, &dp, s->vocab);
+  cn_rng_seed(&s->rng, sp->seed ^ 0x5eedd4af7ull);
+  if (!st) st = cn_kv_seq_create(draft->kv, &s->dkv);
+  if (st) {
+    cn_spec_free(s);
+    return st;
+  }
+  s->bounds = cn_tree_spec_get_bounds(&s->spec);
+  size_t V = (size_t)s->vocab, on = (size_t)s->bounds.oracle_nodes, fr = (size_t)s->bounds.max_frontier;
+  size_t nn = (size_t)s->bounds.n_nodes + 1, batch = fr > (size_t)draft->max_batch ? fr : (size_t)draft->max_batch;
+  s->dmask = malloc(sizeof *s->dmask * fr * WORDS(on));
+  s->dtok = malloc(sizeof *s->dtok * batch);
+  s->dpos = malloc(sizeof *s->dpos * batch);
+  s->drows = malloc(sizeof *s->drows * batch);
+  s->dlogits = malloc(sizeof *s->dlogits * fr * V);
+  s->dprobs = malloc(sizeof *s->dprobs * on * V);
+  s->tmask = malloc(sizeof *s->tmask * nn * WORDS(nn));
+  s->tlogits = malloc(sizeof *s->tlogits * nn * V);
+  s->tprobs = s->stochastic ? malloc(sizeof *s->tprobs * nn * V) : NULL;
+  s->scratch = malloc(sizeof *s->scratch * 2 * V);
+  if (!s->dmask || !s->dtok || !s->dpos || !s->drows || !s->dlogits || !s->dprobs || !s->tmask || !s->tlogits ||
+      (s->stochastic && !s->tprobs) || !s->scratch) {
+    cn_spec_free(s);
+    return cn_error(CANOPY_ERR_NO_MEMORY, "speculation: no memory for a %d-node tree over %zu tokens",
+                    s->bounds.n_nodes, V);
+  }
+  *out = s;
+  return CANOPY_OK;
+}
+
+void cn_spec_free(cn_spec *s) {
+  if (!s) return;
+  cn_kv_seq_free(s->dkv);
+  cn_sampler_free(&s->dist);
+  free(s->dmask), free(s->dtok), free(s->dpos), free(s->drows), free(s->dlogits), free(s->dprobs);
+  free(s->tmask), free(s->tlogits), free(s->tprobs), free(s->scratch);
+  free(s);
+}
+
+int cn_spec_depth(const cn_spec *s) { return s->bounds.depth; }
+
+void cn_spec_truncate(cn_spec *s, int len) {
+  if (cn_kv_seq_len(s->dkv) > len) cn_kv_seq_truncate(s->dkv, len);
+}
+
+/* Feeds the draft every sequence token it has not seen (the prompt at first, later the accepted
+ * tokens it never fed and the root) and leaves the root's distribution in dprobs row 0. */
+static int draft_catch_up(cn_spec *s, const int32_t *tokens, int n_tokens) {
+  canopy_model *d = s->draft;
+  int from = cn_kv_seq_len(s->dkv);
+  if (from == 0) from = cn_kv_seq_attach_prefix(s->dkv, tokens, n_tokens - 1);
+  while (from < n_tokens) {
+    int n = n_tokens - from < d->max_batch ? n_tokens - from : d->max_batch;
+    for (int i = 0; i < n; i++) s->dpos[i] = from + i;
+    int last = n - 1, is_last = from + n == n_tokens;
+    cn_seq_batch sb = {.kv = s->dkv, .first = 0, .n = n};
+    cn_batch b = {.n_tokens = n, .tokens = tokens + from, .pos = s->dpos, .n_seqs = 1, .seqs = &sb,
+                  .n_logits = is_last, .logit_rows = &last};
+    int st = cn_forward(d, &b, s->dlogits);
+    if (st) return cn_error_wrap(st, "draft");
+    cn_kv_seq_commit(s->dkv, tokens + from, n);
+    s->stats->draft_forwards++;
+    from += n;
+  }
+  cn_sampler_probs(&s->dist, s->dlogits, s->dprobs);
+  return CANOPY_OK;
+}
+
+/* The oracle of cn_tree_grow: one tree-masked draft forward over a level's frontier. */
+static int draft_level(void *ctx, const cn_tree *t, const int32_t *frontier, int n, const float **probs_out) {
+  cn_spec *s = ctx;
+  if (t->depth[frontier[0]] == 0) { /* the root: draft_catch_up already has its distribution */
+    probs_out[0] = s->dprobs;
+    return CANOPY_OK;
+  }
+  int ctx_len = cn_kv_seq_len(s->dkv), prev = s->n_fed, words = WORDS(prev + n);
+  memset(s->dmask, 0, sizeof *s->dmask * (size_t)n * words);
+  for (int i = 0; i < n; i++) {
+    int u = frontier[i];
+    s->dtok[i] = t->token[u];
+    s->slot_of[u] = prev + i;
+    s->slot_pos[prev + i] = ctx_len - 1 + t->depth[u]; /* the root sits at ctx_len - 1 */
+    s->drows[i] = i;
+    for (int a = u; a > 0; a = t->parent[a]) s->dmask[(size_t)i * words + s->slot_of[a] / 64] |= 1ull << (s->slot_of[a] % 64);
+  }
+  cn_seq_batch sb = {.kv = s->dkv, .first = 0, .n = n, .tree_prev = prev, .tree_pos = s->slot_pos, .tree_mask = s->dmask};
+  cn_batch b = {.n_tokens = n, .tokens = s->dtok, .pos = s->slot_pos + prev, .n_seqs = 1, .seqs = &sb,
+                .n_logits = n, .logit_rows = s->drows};
+  int st = cn_forward(s->draft, &b, s->dlogits);
+  if (st) return cn_error_wrap(st, "draft");
+  s->n_fed += n;
+  s->stats->draft_forwards++;
+  for (int i = 0; i < n; i++) {
+    float *q = s->dprobs + (size_t)frontier[i] * s->vocab;
+    cn_sampler_probs(&s->dist, s->dlogits + (size_t)i * s->vocab, q);
+    probs_out[i] = q;
+  }
+  return CANOPY_OK;
+}
+
+static int pick_sampled(void *ctx, const float *q, int vocab, int k, int32_t *tokens) {
+  cn_spec *s = ctx;
+  return cn_draft_children_sample(q, vocab, k, &s->rng, tokens, s->scratch);
+}
+
+/* Verifies the tree with one target forward; rows of tlogits follow the tree's nodes. */
+static int verify(cn_spec *s, cn_kv_seq *kv, int ctx_len) {
+  const cn_tree *t = &s->tree;
+  int words = WORDS(t->n);
+  cn_tree_mask(t, s->tmask, words);
+  for (int i = 0; i < t->n; i++) {
+    s->tpos[i] = ctx_len + t->depth[i];
+    s->trows[i] = i;
+  }
+  cn_seq_batch sb = {.kv = kv, .first = 0, .n = t->n, .tree_mask = s->tmask};
+  cn_batch b = {.n_tokens = t->n, .tokens = t->token, .pos = s->tpos, .n_seqs = 1, .seqs = &sb,
+                .n_logits = t->n, .logit_rows = s->trows};
+  return cn_forward(s->target, &b, s->tlogits);
+}
+
+int cn_spec_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, cn_sampler *sampler,
+                 int32_t *out, int *n_out, canopy_stats *stats) {
+  s->stats = stats;
+  int ctx_len = cn_kv_seq_len(target_kv); /* == n_tokens - 1: everything but the root */
+  if (ctx_len + 1 + s->bounds.depth > s->target->max_context)
+    return cn_error(CANOPY_ERR_CONTEXT, "a tree %d deep after %d tokens exceeds the context length %d",
+                    s->bounds.depth, n_tokens, s->target->max_context);
+
+  double t0 = now_s();
+  cn_spec_truncate(s, n_tokens - 1); /* the root is new to the draft too */
+  int st = draft_catch_up(s, tokens, n_tokens);
+  s->n_fed = 0;
+  for (int i = 0; i < CN_TREE_MAX_NODES; i++) s->slot_of[i] = -1;
+  if (!st)
+    st = cn_tree_grow_ex(&s->spec, tokens[n_tokens - 1], s->vocab, draft_level, s,
+                         s->stochastic ? pick_sampled : cn_pick_topk, s, &s->tree, NULL, s->oracle_index);
+  double t1 = now_s();
+  stats->draft_s += t1 - t0;
+  if (st) return st;
+
+  st = verify(s, target_kv, ctx_len);
+  if (st) return st;
+  const cn_tree *t = &s->tree;
+  int32_t acc[CN_TREE_MAX_NODES], bonus;
+  int n_acc = 0;
+  if (s->stochastic) {
+    for (int u = 0; u < t->n; u++) {
+      cn_sampler_probs(sampler, s->tlogits + (size_t)u * s->vocab, s->tprobs + (size_t)u * s->vocab);
+      int o = s->oracle_index[u];
+      s->qrows[u] = t->n_children[u] > 0 && o >= 0 ? s->dprobs + (size_t)o * s->vocab : NULL;
+    }
+    st = cn_accept_stochastic(t, s->tprobs, s->qrows, s->vocab, &sampler->rng, s->scratch, acc, &n_acc, &bonus);
+  } else {
+    st = cn_accept_greedy(t, s->tlogits, s->vocab, acc, &n_acc, &bonus);
+  }
+  if (st) return st;
+
+  /* Commit: the root and the accepted path move to consecutive positions in both caches. */
+  int slots[CN_TREE_MAX_NODES];
+  int32_t toks[CN_TREE_MAX_NODES];
+  slots[0] = 0;
+  toks[0] = t->token[0];
+  for (int i = 0; i < n_acc; i++) {
+    slots[i + 1] = acc[i];
+    toks[i + 1] = t->token[acc[i]];
+  }
+  st = cn_kv_seq_commit_slots(target_kv, slots, toks, n_acc + 1);
+  /* The draft fed a prefix of the path (a node with children was fed, and so were its
+   * ancestors); the rest it catches up on next step. */
+  int n_draft = 0;
+  while (n_draft < n_acc) {
+    int o = s->oracle_index[acc[n_draft]];
+    if (o < 0 || s->slot_of[o] < 0) break;
+    slots[n_draft] = s->slot_of[o];
+    n_draft++;
+  }
+  if (!st) st = cn_kv_seq_commit_slots(s->dkv, slots, toks + 1, n_draft);
+  if (!st) cn_kv_seq_truncate(s->dkv, cn_kv_seq_len(s->dkv)); /* drop the rest of the tree's slots */
+  if (st) return st;
+
+  for (int i = 0; i < n_acc; i++) out[i] = toks[i + 1];
+  out[n_acc] = bonus;
+  *n_out = n_acc + 1;
+  stats->verify_s += now_s() - t1;
+  stats->spec_steps++;
+  stats->forward_passes++;
+  stats->spec_tokens += n_acc + 1;
+  stats->tree_nodes += t->n - 1;
+  int depth = cn_tree_max_depth(t);
+  for (int d = 0; d < depth && d < CANOPY_STATS_MAX_DEPTH; d++) stats->offered_depth[d]++;
+  for (int d = 0; d < n_acc && d < CANOPY_STATS_MAX_DEPTH; d++) stats->accept_depth[d]++;
+  return CANOPY_OK;
+}

@@ -1,0 +1,37 @@
+/* One speculative step for one sequence (DESIGN.md, "One speculative step, as data"):
+ * the draft catches up and grows a token tree level by level (one batched, tree-masked draft
+ * forward per level), the target verifies the whole tree in one forward, acceptance walks it, and
+ * the accepted path is committed into both models' paged caches. */
+#ifndef CANOPY_SPEC_SPECULATE_H
+#define CANOPY_SPEC_SPECULATE_H
+
+#include <stdint.h>
+
+#include "canopy.h"
+#include "draft/tree.h"
+#include "draft/tree_spec.h"
+#include "model/model.h"
+#include "spec/sampler.h"
+
+typedef struct cn_spec cn_spec;
+
+/* Checks the draft against the target (same vocabulary: CANOPY_ERR_VOCAB_MISMATCH) and parses the
+ * tree spec; sizes every buffer a step needs, so a step allocates nothing. */
+int cn_spec_create(canopy_model *target, canopy_model *draft, const char *tree, const canopy_sampling_params *sp,
+                   cn_spec **out);
+void cn_spec_free(cn_spec *s);
+
+/* The deepest node a tree of this spec can have (the engine keeps ctx + depth + 1 in context). */
+int cn_spec_depth(const cn_spec *s);
+
+/* One step. tokens[0, n_tokens) is the sequence; target_kv holds K/V for its first n_tokens - 1
+ * tokens (the last one, the root, is fed now). On return out[0, *n_out) are the new tokens
+ * (accepted drafts, then the bonus token); the target cache holds the root and the accepted
+ * tokens; the bonus is not fed yet. The draft's cache follows the sequence by itself. */
+int cn_spec_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, cn_sampler *sampler,
+                 int32_t *out, int *n_out, canopy_stats *stats);
+
+/* Rewinds the draft's cache to at most `len` tokens (after the session truncates). */
+void cn_spec_truncate(cn_spec *s, int len);
+
+#endif
