@@ -63,15 +63,12 @@ int cn_spec_create(canopy_model *target, canopy_model *draft, const char *tree, 
   s->vocab = target->cfg.vocab_size;
   s->stochastic = sp->temperature > 0;
   int st = cn_tree_spec_parse(tree && *tree ? tree : "chain:4", &s->spec);
-  if (!st && s->stochastic && s->spec.rank_gaps)
-    st = cn_error(CANOPY_ERR_INVALID_ARG,
-                  "tree '%s' lists a child without its lower-ranked siblings: sampling needs each node's children to "
-                  "be its first draws",
-                  tree);
-  if (!st && s->stochastic && s->spec.kind == CN_TREE_DYNAMIC)
+  if (!st && s->stochastic && !cn_tree_spec_exact_for_sampling(&s->spec))
     st = cn_error(CANOPY_ERR_UNSUPPORTED,
-                  "dynamic trees keep children by their probability, which sampling cannot allow without bias; use a "
-                  "static tree or chain with --temp > 0");
+                  "tree '%s' would keep sampled children by their own probability (a dynamic tree, or a static one "
+                  "listing a child without its lower-ranked siblings), which biases sampling; use a static tree or "
+                  "chain with --temp > 0",
+                  tree);
   /* Greedy trees rank children by the draft's own (T = 1) probabilities; sampled trees draw them
    * from the draft processed like the target (temperature, top-k, top-p). */
   canopy_sampling_params dp = *sp;

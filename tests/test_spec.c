@@ -1,0 +1,231 @@
+/* Speculative decoding end to end on SmolLM2-135M-Instruct with a same-vocabulary draft (the
+ * target truncated to its first layers, and the target itself): greedy speculation is lossless,
+ * the commit leaves exactly the cache a fresh prefill would build, and bad trees are errors. */
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "canopy.h"
+#include "tests/testing.h"
+
+/* Batched verification sums in another order than single-token decoding (~1e-5 on logits): a
+ * top-2 gap below this is a tie either may break differently. */
+#define NEAR_TIE 1e-3
+
+static char model_dir[1024];
+static canopy_model *target, *shallow, *full_draft;
+static cJSON *fixture;
+
+static int quick(void) { return getenv("CANOPY_TEST_QUICK") != NULL; }
+
+static int prompt_ids(int p, int32_t *ids) {
+  cJSON *arr = cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(fixture, "prompts"), p), "prompt_ids");
+  int n = cJSON_GetArraySize(arr);
+  for (int i = 0; i < n; i++) ids[i] = cJSON_GetArrayItem(arr, i)->valueint;
+  return n;
+}
+
+/* Generates n tokens greedily; with gaps != NULL also records the target's top-2 logit gap
+ * before each token (target-only runs). Returns the session's stats. */
+static canopy_stats run(canopy_model *draft, const char *tree, const int32_t *prompt, int n_prompt, int n,
+                        int32_t *out, double *gaps) {
+  canopy_session_params sp = canopy_session_default_params();
+  sp.max_tokens = n;
+  sp.stop_at_eos = 0;
+  sp.draft = draft;
+  sp.tree = tree;
+  canopy_session *s;
+  int st = canopy_session_create(target, &sp, &s);
+  if (st) print_error("%s\n", canopy_last_error());
+  assert_int_equal(st, 0);
+  assert_int_equal(canopy_session_append(s, prompt, n_prompt), 0);
+  for (int i = 0; i < n; i++) {
+    if (gaps) {
+      const float *l;
+      int V;
+      assert_int_equal(canopy_session_logits(s, &l, &V), 0);
+      int a = 0, b = -1;
+      for (int v = 1; v < V; v++)
+        if (l[v] > l[a]) b = a, a = v;
+        else if (b < 0 || l[v] > l[b]) b = v;
+      gaps[i] = l[a] - l[b];
+    }
+    st = canopy_session_next(s, &out[i]);
+    if (st) print_error("%s\n", canopy_last_error());
+    assert_int_equal(st, CANOPY_OK);
+    if (gaps) { /* feed it now so the next logits exist */
+      canopy_session_truncate(s, canopy_session_len(s));
+    }
+  }
+  canopy_stats stats;
+  canopy_session_get_stats(s, &stats);
+  int32_t t;
+  assert_int_equal(canopy_session_next(s, &t), CANOPY_DONE);
+  canopy_session_free(s);
+  return stats;
+}
+
+static void test_greedy_speculation_equals_target_only(void **state) {
+  const char *trees[] = {"chain:4", "static:3,2,1", "dynamic:16,depth=4,topk=4", "[[0],[1],[0,0],[0,0,0],[1,0]]"};
+  int n_prompts = quick() ? 1 : 3, n_new = quick() ? 12 : 24, identical = 0, ties = 0, runs = 0;
+  for (int p = 0; p < n_prompts; p++) {
+    int32_t prompt[2048], want[64], got[64];
+    double gaps[64];
+    int n_prompt = prompt_ids(p, prompt);
+    run(NULL, NULL, prompt, n_prompt, n_new, want, gaps);
+    for (size_t t = 0; t < sizeof trees / sizeof trees[0]; t++) {
+      for (int d = 0; d < 2; d++) {
+        canopy_stats st = run(d ? full_draft : shallow, trees[t], prompt, n_prompt, n_new, got, NULL);
+        int first = 0;
+        while (first < n_new && got[first] == want[first]) first++;
+        runs++;
+        printf("[ spec     ] prompt %d %-32s draft %-9s %.2f tokens/forward  %s\n", p, trees[t],
+               d ? "target" : "4 layers", (double)st.spec_tokens / (st.spec_steps ? st.spec_steps : 1),
+               first == n_new ? "identical" : "differs");
+        if (first == n_new) {
+          identical++;
+          continue;
+        }
+        printf("             first difference at %d: target-only top-2 gap %.2e\n", first, gaps[first]);
+        assert_true(gaps[first] < NEAR_TIE);
+        ties++;
+      }
+    }
+  }
+  printf("[ spec     ] %d runs: %d identical, %d differ at a near-tie (gap < %g)\n", runs, identical, ties, NEAR_TIE);
+}
+
+static void test_target_as_draft_accepts_every_node_of_a_chain(void **state) {
+  int32_t prompt[2048], out[64];
+  int n_prompt = prompt_ids(0, prompt);
+  canopy_stats st = run(full_draft, "chain:4", prompt, n_prompt, 30, out, NULL);
+  /* Every step but the last (cut at max_tokens) yields depth + 1 tokens. */
+  printf("[ spec     ] %d steps for 30 tokens, accept rate at depth 4: %d/%d\n", st.spec_steps, st.accept_depth[3],
+         st.offered_depth[3]);
+  assert_true(st.spec_steps <= 7);
+  assert_true(st.accept_depth[3] >= st.offered_depth[3] - 1);
+}
+
+static void test_commit_leaves_the_cache_a_fresh_prefill_builds(void **state) {
+  int32_t prompt[2048], all[2200];
+  int n_prompt = prompt_ids(1, prompt);
+  const char *trees[] = {"static:3,2,1", "dynamic:12,depth=3,topk=3"};
+  for (size_t t = 0; t < 2; t++) {
+    canopy_session_params sp = canopy_session_default_params();
+    sp.stop_at_eos = 0;
+    sp.draft = shallow;
+    sp.tree = trees[t];
+    canopy_session *s, *fresh;
+    assert_int_equal(canopy_session_create(target, &sp, &s), 0);
+    assert_int_equal(canopy_session_append(s, prompt, n_prompt), 0);
+    memcpy(all, prompt, sizeof *prompt * (size_t)n_prompt);
+    int n = n_prompt;
+    for (int step = 0; step < 10; step++) {
+      assert_int_equal(canopy_session_next(s, &all[n]), CANOPY_OK);
+      n++;
+      /* Rewinding to the current length re-feeds the last token over the committed cache. */
+      assert_int_equal(canopy_session_truncate(s, n), 0);
+      const float *spec_logits, *ref_logits;
+      int V;
+      assert_int_equal(canopy_session_logits(s, &spec_logits, &V), 0);
+      assert_int_equal(canopy_session_create(target, NULL, &fresh), 0);
+      assert_int_equal(canopy_session_append(fresh, all, n), 0);
+      assert_int_equal(canopy_session_logits(fresh, &ref_logits, &V), 0);
+      double err = cn_test_rel_l2(spec_logits, ref_logits, (size_t)V);
+      if (err > 1e-4) print_error("%s after %d tokens: rel L2 %g\n", trees[t], n, err);
+      assert_true(err <= 1e-4);
+      canopy_session_free(fresh);
+    }
+    canopy_session_free(s);
+  }
+}
+
+static void expect_error(canopy_model *draft, const char *tree, float temp, int status, const char *needle) {
+  canopy_session_params sp = canopy_session_default_params();
+  sp.draft = draft;
+  sp.tree = tree;
+  sp.sampling.temperature = temp;
+  canopy_session *s = NULL;
+  int st = canopy_session_create(target, &sp, &s);
+  printf("[ error    ] %-24s -> %d: %s\n", tree ? tree : "(null)", st, canopy_last_error());
+  assert_int_equal(st, status);
+  assert_non_null(strstr(canopy_last_error(), needle));
+  assert_null(s);
+}
+
+static void test_bad_trees_and_drafts_are_errors(void **state) {
+  expect_error(shallow, "chain:0", 0, CANOPY_ERR_INVALID_ARG, "chain");
+  expect_error(shallow, "static:2,0", 0, CANOPY_ERR_INVALID_ARG, "0");
+  expect_error(shallow, "dynamic:0", 0, CANOPY_ERR_INVALID_ARG, "0");
+  expect_error(shallow, "bogus:3", 0, CANOPY_ERR_INVALID_ARG, "bogus");
+  expect_error(shallow, "[[1],[0,0]]", 0, CANOPY_ERR_INVALID_ARG, "prefix");
+  expect_error(shallow, "dynamic:8", 0.7f, CANOPY_ERR_UNSUPPORTED, "dynamic");
+  char other[1200];
+  cn_test_path(other, sizeof other, "tests/fixtures/models/llama");
+  canopy_model *tiny;
+  assert_int_equal(canopy_model_load(other, NULL, &tiny), 0);
+  expect_error(tiny, "chain:2", 0, CANOPY_ERR_VOCAB_MISMATCH, "vocabulary");
+  canopy_model_free(tiny);
+
+  /* A tree deeper than the room left in the context. */
+  canopy_model_params mp = canopy_model_default_params();
+  mp.max_context = 24;
+  canopy_model *small;
+  assert_int_equal(canopy_model_load(model_dir, &mp, &small), 0);
+  canopy_session_params sp = canopy_session_default_params();
+  sp.draft = shallow;
+  sp.tree = "chain:8";
+  sp.stop_at_eos = 0;
+  canopy_session *s;
+  assert_int_equal(canopy_session_create(small, &sp, &s), 0);
+  int32_t prompt[2048], t;
+  assert_int_equal(canopy_session_append(s, prompt_ids(0, prompt) > 20 ? prompt : prompt, 20), 0);
+  /* Speculation stops where the tree no longer fits; plain decoding finishes the context. */
+  int n = 0, st;
+  while ((st = canopy_session_next(s, &t)) == CANOPY_OK) n++;
+  assert_int_equal(st, CANOPY_DONE);
+  assert_int_equal(canopy_session_len(s), 24);
+  canopy_session_free(s);
+  canopy_model_free(small);
+}
+
+static int setup(void **state) {
+  canopy_model_params mp = canopy_model_default_params();
+  mp.max_context = 4096;
+  if (canopy_model_load(model_dir, &mp, &target) || canopy_model_load(model_dir, &mp, &full_draft)) return -1;
+  mp.n_layers = 4;
+  return canopy_model_load(model_dir, &mp, &shallow);
+}
+
+static int teardown(void **state) {
+  canopy_model_free(target);
+  canopy_model_free(shallow);
+  canopy_model_free(full_draft);
+  return 0;
+}
+
+int main(void) {
+  if (cn_test_smollm2_dir(model_dir, sizeof model_dir)) return CN_TEST_SKIP;
+  char path[1200];
+  cn_test_path(path, sizeof path, "tests/fixtures/smollm2_greedy.json");
+  char *text = cn_test_read_file(path, NULL);
+  fixture = text ? cJSON_Parse(text) : NULL;
+  free(text);
+  if (!fixture) return 1;
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_greedy_speculation_equals_target_only),
+      cmocka_unit_test(test_target_as_draft_accepts_every_node_of_a_chain),
+      cmocka_unit_test(test_commit_leaves_the_cache_a_fresh_prefill_builds),
+      cmocka_unit_test(test_bad_trees_and_drafts_are_errors),
+  };
+  int rc = cmocka_run_group_tests(tests, setup, teardown);
+  cJSON_Delete(fixture);
+  return rc;
+}
