@@ -1,0 +1,115 @@
+/* The cost of verifying a token tree of n nodes in one target forward, relative to one decode
+ * step, at several context lengths: the reason tree speculation pays on any hardware.
+ * Every timed forward writes its K/V past the committed length and is then dropped, so each
+ * repetition sees the same context. Trees are random (each node's parent drawn from earlier
+ * nodes); verification asks for logits at every node, a decode step at its one token.
+ * usage: bench_verify [-m DIR] [--threads N] [--reps N] */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cli/cpu_tune.h"
+#include "draft/tree.h"
+#include "model/forward.h"
+
+static double now_s(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+
+static double time_forward(canopy_model *m, cn_kv_seq *kv, const cn_tree *t, int all_logits, float *logits, int reps) {
+  int n = t->n, ctx = cn_kv_seq_len(kv), words = (n + 63) / 64;
+  uint64_t mask[CN_TREE_MAX_NODES * CN_TREE_MASK_WORDS];
+  int32_t pos[CN_TREE_MAX_NODES], rows[CN_TREE_MAX_NODES];
+  cn_tree_mask(t, mask, words);
+  for (int i = 0; i < n; i++) pos[i] = ctx + t->depth[i], rows[i] = i;
+  cn_seq_batch sb = {.kv = kv, .first = 0, .n = n, .tree_mask = n > 1 ? mask : NULL};
+  int last = n - 1;
+  cn_batch b = {.n_tokens = n, .tokens = t->token, .pos = pos, .n_seqs = 1, .seqs = &sb,
+                .n_logits = all_logits ? n : 1, .logit_rows = all_logits ? rows : &last};
+  double *times = malloc(sizeof *times * (size_t)reps);
+  for (int r = -1; r < reps; r++) { /* one warm-up */
+    double t0 = now_s();
+    if (cn_forward(m, &b, logits)) {
+      fprintf(stderr, "bench_verify: %s\n", canopy_last_error());
+      exit(1);
+    }
+    if (r >= 0) times[r] = now_s() - t0;
+    cn_kv_seq_truncate(kv, ctx);
+  }
+  qsort(times, (size_t)reps, sizeof *times, cmp_double);
+  double med = times[reps / 2];
+  free(times);
+  return med;
+}
+
+int main(int argc, char **argv) {
+  cli_tune_openblas(argv);
+  const char *dir = "models/SmolLM2-135M-Instruct";
+  int threads = 0, reps = 7;
+  for (int i = 1; i < argc; i++) {
+    if (!strcmp(argv[i], "-m") && i + 1 < argc) dir = argv[++i];
+    else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
+    else {
+      fprintf(stderr, "usage: bench_verify [-m DIR] [--threads N] [--reps N]\n");
+      return 2;
+    }
+  }
+  canopy_model_params mp = canopy_model_default_params();
+  mp.n_threads = threads;
+  mp.prefix_cache = 0;
+  canopy_model *m;
+  if (canopy_model_load(dir, &mp, &m)) {
+    fprintf(stderr, "bench_verify: %s\n", canopy_last_error());
+    return 1;
+  }
+  int V = m->cfg.vocab_size, sizes[] = {1, 4, 16, 32, 64}, ctxs[] = {128, 1024};
+  float *logits = malloc(sizeof *logits * (size_t)V * 64);
+  uint32_t x = 777;
+  printf("%-8s %6s %12s %12s %10s\n", "context", "nodes", "forward ms", "decode ms", "ratio");
+  for (size_t c = 0; c < sizeof ctxs / sizeof ctxs[0]; c++) {
+    cn_kv_seq *kv;
+    cn_kv_seq_create(m->kv, &kv);
+    int32_t *prompt = malloc(sizeof *prompt * (size_t)ctxs[c]);
+    for (int i = 0; i < ctxs[c]; i++) prompt[i] = (int32_t)(100 + (x = x * 1664525u + 1013904223u) % 20000u);
+    int32_t rows0 = 0;
+    for (int at = 0; at < ctxs[c]; at += m->max_batch) { /* prefill the context */
+      int n = ctxs[c] - at < m->max_batch ? ctxs[c] - at : m->max_batch;
+      int32_t pos[512];
+      for (int i = 0; i < n; i++) pos[i] = at + i;
+      cn_seq_batch sb = {.kv = kv, .first = 0, .n = n};
+      cn_batch b = {.n_tokens = n, .tokens = prompt + at, .pos = pos, .n_seqs = 1, .seqs = &sb, .n_logits = 1,
+                    .logit_rows = &rows0};
+      cn_forward(m, &b, logits);
+      cn_kv_seq_commit(kv, prompt + at, n);
+    }
+    cn_tree one;
+    cn_tree_reset(&one, 42);
+    double decode = time_forward(m, kv, &one, 0, logits, reps);
+    for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
+      cn_tree t;
+      cn_tree_reset(&t, 42);
+      for (int i = 1; i < sizes[s]; i++) {
+        /* Attach to a random earlier node; add in parent order so siblings stay consecutive. */
+        int p = (int)((x = x * 1664525u + 1013904223u) % (uint32_t)i);
+        while (p < t.n - 1 && t.first_child[p] >= 0 && t.first_child[p] + t.n_children[p] != t.n) p++;
+        if (cn_tree_add(&t, p, (int32_t)(200 + i), -1.0f) < 0) break;
+      }
+      double ms = time_forward(m, kv, &t, 1, logits, reps);
+      printf("%-8d %6d %12.2f %12.2f %10.2f\n", ctxs[c], t.n, ms * 1e3, decode * 1e3, ms / decode);
+    }
+    free(prompt);
+    cn_kv_seq_free(kv);
+  }
+  free(logits);
+  canopy_model_free(m);
+  return 0;
+}
