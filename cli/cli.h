@@ -7,6 +7,8 @@
 int cli_generate(int argc, char **argv);
 int cli_tokenize(int argc, char **argv);
 int cli_detokenize(int argc, char **argv);
+int cli_bench(int argc, char **argv);
+int cli_tree_opt(int argc, char **argv);
 
 /* Prints "canopy: <what>: <canopy_last_error()>" to stderr and returns 1. */
 int cli_fail(const char *what);

@@ -15,6 +15,8 @@ static const char *usage =
     "  generate     generate text from a prompt (streams tokens to stdout)\n"
     "  tokenize     print the token ids of a text\n"
     "  detokenize   print the text of token ids\n"
+    "  bench acceptance  measure draft acceptance and speedup of tree shapes over prompts\n"
+    "  tree-opt     the static draft tree with the best expected acceptance (Sequoia)\n"
     "\n"
     "options:\n"
     "  -h, --help      show this help (or `canopy <command> --help`)\n"
@@ -51,6 +53,8 @@ int main(int argc, char **argv) {
   if (!strcmp(cmd, "generate")) return cli_generate(argc - 1, argv + 1);
   if (!strcmp(cmd, "tokenize")) return cli_tokenize(argc - 1, argv + 1);
   if (!strcmp(cmd, "detokenize")) return cli_detokenize(argc - 1, argv + 1);
+  if (!strcmp(cmd, "bench")) return cli_bench(argc - 1, argv + 1);
+  if (!strcmp(cmd, "tree-opt")) return cli_tree_opt(argc - 1, argv + 1);
   fprintf(stderr, "canopy: unknown command '%s'\n\n%s", cmd, usage);
   return 2;
 }

@@ -1,0 +1,236 @@
+/* canopy tree-opt: the static draft tree of N nodes with the highest expected accepted length
+ * under measured acceptance rates (Sequoia's dynamic program, cli/tree_opt.h). */
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "canopy.h"
+#include "cli/cli.h"
+#include "cli/tree_opt.h"
+#include "draft/tree_spec.h"
+
+static const char *usage =
+    "usage: canopy tree-opt --acceptance RESULTS.json --size N [options]\n"
+    "\n"
+    "Computes the static draft tree of N nodes (root excluded) that maximizes the expected\n"
+    "number of tokens per target forward (Sequoia's dynamic program) under the acceptance rates\n"
+    "measured by `canopy bench acceptance`, prints its predicted mean accepted length and writes\n"
+    "it as a tree file for --tree.\n"
+    "\n"
+    "  -a, --acceptance FILE  results.json from `canopy bench acceptance`\n"
+    "  -s, --size N           drafted nodes, 1..255\n"
+    "  -D, --max-depth D      deepest node, 1..32 (default 8)\n"
+    "  -o, --out FILE         write the tree as {\"paths\": [...], ...} (default: standard output)\n"
+    "      --p1 P             use P as the first choice's acceptance instead of the measured one\n"
+    "      --rank-decay R     p_k = p_1 * R^(k-1) for the k-th choice, k > 1 (default 0.3)\n"
+    "  -h, --help             show this help\n"
+    "\n"
+    "The model: p_k is the probability that a node's k-th ranked child is accepted given that\n"
+    "the parent was accepted and children 1..k-1 were rejected. If RESULTS.json carries\n"
+    "\"accept_rate_by_rank\" (engine support for acceptance by child rank) that is p. Otherwise\n"
+    "p_1 is estimated from the chain trees' per-depth counts (accepted / tried first-choice\n"
+    "tokens, pooled over depths; every tree if no chain was measured, which overestimates it)\n"
+    "and p_k for k > 1 is the assumption above.\n"
+    "\n"
+    "example:\n"
+    "  canopy tree-opt --acceptance /tmp/acc/results.json --size 16 --out tree16.json\n";
+
+static int parse_num(const char *s, const char *name, double lo, double hi, double *out) {
+  char *end;
+  errno = 0;
+  double v = strtod(s, &end);
+  if (errno || *end || end == s || !(v >= lo && v <= hi)) {
+    fprintf(stderr, "canopy: tree-opt: %s '%s' must be a number in [%g, %g]\n", name, s, lo, hi);
+    return 2;
+  }
+  *out = v;
+  return 0;
+}
+
+static char *slurp(const char *path) {
+  FILE *f = fopen(path, "rb");
+  if (!f) return NULL;
+  size_t len = 0, cap = 1 << 16;
+  char *buf = malloc(cap);
+  size_t got;
+  while (buf && (got = fread(buf + len, 1, cap - len - 1, f)) > 0) {
+    len += got;
+    if (cap - len < 2) {
+      char *bigger = realloc(buf, cap *= 2);
+      if (!bigger) free(buf);
+      buf = bigger;
+    }
+  }
+  fclose(f);
+  if (buf) buf[len] = '\0';
+  return buf;
+}
+
+static int int_at(const cJSON *arr, int i) {
+  const cJSON *x = cJSON_GetArrayItem(arr, i);
+  return cJSON_IsNumber(x) ? (int)x->valuedouble : 0;
+}
+
+/* First-choice acceptance pooled over depths: depth d+1 was tried by steps that reached depth d
+ * and offered depth d+1. */
+static void pool_tree(const cJSON *t, double *acc, double *tried) {
+  const cJSON *ad = cJSON_GetObjectItemCaseSensitive(t, "accept_depth");
+  const cJSON *od = cJSON_GetObjectItemCaseSensitive(t, "offered_depth");
+  int n = cJSON_GetArraySize(od);
+  for (int d = 0; d < n; d++) {
+    int offered = int_at(od, d), reached = d ? int_at(ad, d - 1) : offered;
+    *tried += offered < reached ? offered : reached;
+    *acc += int_at(ad, d);
+  }
+}
+
+int cli_tree_opt(int argc, char **argv) {
+  struct option opts[] = {{"acceptance", required_argument, 0, 'a'}, {"size", required_argument, 0, 's'},
+                          {"max-depth", required_argument, 0, 'D'},  {"out", required_argument, 0, 'o'},
+                          {"p1", required_argument, 0, 'P'},         {"rank-decay", required_argument, 0, 'R'},
+                          {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
+  const char *acc_path = NULL, *out_path = NULL;
+  double size = 0, depth = 8, p1 = -1, decay = 0.3;
+  int c, rc = 0;
+  optind = 1;
+  while (!rc && (c = getopt_long(argc, argv, "a:s:D:o:h", opts, NULL)) != -1) {
+    switch (c) {
+    case 'a': acc_path = optarg; break;
+    case 's': rc = parse_num(optarg, "--size", 1, CLI_TREE_OPT_MAX_NODES, &size); break;
+    case 'D': rc = parse_num(optarg, "--max-depth", 1, CLI_TREE_OPT_MAX_DEPTH, &depth); break;
+    case 'o': out_path = optarg; break;
+    case 'P': rc = parse_num(optarg, "--p1", 0, 1, &p1); break;
+    case 'R': rc = parse_num(optarg, "--rank-decay", 0, 1, &decay); break;
+    case 'h': fputs(usage, stdout); return 0;
+    default: fputs(usage, stderr); return 2;
+    }
+  }
+  if (rc) return rc;
+  if (optind != argc || !acc_path || size == 0 || size != (int)size || depth != (int)depth) {
+    fprintf(stderr, "canopy: tree-opt: give --acceptance FILE and an integer --size N\n\n%s", usage);
+    return 2;
+  }
+
+  char *text = slurp(acc_path);
+  if (!text) {
+    fprintf(stderr, "canopy: tree-opt: cannot read '%s': %s\n", acc_path, strerror(errno));
+    return 1;
+  }
+  cJSON *root = cJSON_Parse(text);
+  free(text);
+  const cJSON *overall = cJSON_GetObjectItemCaseSensitive(root, "overall");
+  const cJSON *trees = cJSON_GetObjectItemCaseSensitive(overall, "trees");
+  if (!cJSON_IsArray(trees)) {
+    fprintf(stderr, "canopy: tree-opt: '%s' is not a results.json of canopy bench acceptance\n", acc_path);
+    cJSON_Delete(root);
+    return 1;
+  }
+
+  double p[CLI_TREE_OPT_MAX_NODES];
+  int n_p = 0;
+  const char *source = "";
+  int ranked = 0;
+  const cJSON *by_rank = cJSON_GetObjectItemCaseSensitive(overall, "accept_rate_by_rank");
+  if (p1 < 0 && cJSON_IsArray(by_rank) && cJSON_GetArraySize(by_rank) > 0) {
+    for (int k = 0; k < cJSON_GetArraySize(by_rank) && k < CLI_TREE_OPT_MAX_NODES; k++) {
+      const cJSON *x = cJSON_GetArrayItem(by_rank, k);
+      double v = cJSON_IsNumber(x) ? x->valuedouble : 0;
+      p[n_p++] = v < 0 ? 0 : v > 1 ? 1 : v;
+    }
+    source = "measured by child rank";
+    ranked = 1;
+  } else {
+    if (p1 < 0) {
+      double acc = 0, tried = 0;
+      const cJSON *t;
+      cJSON_ArrayForEach(t, trees) {
+        const cJSON *name = cJSON_GetObjectItemCaseSensitive(t, "tree");
+        if (cJSON_IsString(name) && !strncmp(name->valuestring, "chain:", 6)) pool_tree(t, &acc, &tried);
+      }
+      source = "estimated from the chain trees";
+      if (tried == 0) {
+        cJSON_ArrayForEach(t, trees) pool_tree(t, &acc, &tried);
+        source = "estimated from all trees (no chain measured: an overestimate)";
+        fprintf(stderr, "canopy: tree-opt: no chain tree in '%s'; p1 from branching trees overestimates it\n",
+                acc_path);
+      }
+      if (tried == 0) {
+        fprintf(stderr, "canopy: tree-opt: '%s' has no speculative steps to estimate acceptance from\n", acc_path);
+        cJSON_Delete(root);
+        return 1;
+      }
+      p1 = acc / tried;
+    } else {
+      source = "given with --p1";
+    }
+    double pk = p1;
+    for (n_p = 0; n_p < (int)size; n_p++, pk *= decay) p[n_p] = pk;
+  }
+  cJSON_Delete(root);
+
+  cli_tree_opt_result *r = malloc(sizeof *r);
+  if (!r || cli_tree_opt_solve(p, n_p, (int)size, (int)depth, r)) {
+    fprintf(stderr, "canopy: tree-opt: the dynamic program failed (out of memory?)\n");
+    free(r);
+    return 1;
+  }
+
+  /* The JSON, paths in depth order (every prefix before its extensions). */
+  size_t cap = 64 * 1024, len = 0;
+  char *json = malloc(cap);
+  if (!json) {
+    free(r);
+    return 1;
+  }
+  len += (size_t)snprintf(json + len, cap - len, "{\"paths\": [");
+  int first = 1;
+  for (int d = 1; d <= r->depth; d++)
+    for (int i = 1; i <= r->n_nodes; i++) {
+      if (r->node_depth[i] != d) continue;
+      int32_t path[CLI_TREE_OPT_MAX_DEPTH];
+      int k = d;
+      for (int a = i; a > 0; a = r->parent[a]) path[--k] = r->rank[a];
+      len += (size_t)snprintf(json + len, cap - len, "%s[", first ? "" : ", ");
+      first = 0;
+      for (int j = 0; j < d; j++) len += (size_t)snprintf(json + len, cap - len, "%s%d", j ? ", " : "", path[j]);
+      len += (size_t)snprintf(json + len, cap - len, "]");
+    }
+  len += (size_t)snprintf(json + len, cap - len, "],\n \"predicted_mean_accepted_len\": %.6f,\n \"p\": [", r->value);
+  for (int k = 0; k < n_p && k < 8; k++) len += (size_t)snprintf(json + len, cap - len, "%s%.6f", k ? ", " : "", p[k]);
+  len += (size_t)snprintf(json + len, cap - len, "],\n \"p_source\": \"%s\", \"size\": %d, \"max_depth\": %d}\n", source,
+                          r->n_nodes, (int)depth);
+
+  cn_tree_spec spec;
+  if (cn_tree_spec_parse(json, &spec) || spec.n_nodes != r->n_nodes || spec.depth != r->depth) {
+    rc = cli_fail("the optimized tree does not parse back");
+    goto done;
+  }
+  if (out_path) {
+    FILE *f = fopen(out_path, "w");
+    if (!f || fputs(json, f) == EOF || fclose(f)) {
+      fprintf(stderr, "canopy: tree-opt: cannot write '%s': %s\n", out_path, strerror(errno));
+      rc = 1;
+      goto done;
+    }
+  } else {
+    fputs(json, stdout);
+  }
+  int width[CLI_TREE_OPT_MAX_DEPTH + 1] = {0};
+  for (int i = 1; i <= r->n_nodes; i++) width[r->node_depth[i]]++;
+  FILE *o = out_path ? stdout : stderr;
+  if (ranked)
+    fprintf(o, "p = %.4f, %.4f, ... (%s)\n", p[0], n_p > 1 ? p[1] : 0.0, source);
+  else
+    fprintf(o, "p_1 = %.4f (%s), p_k = p_1 * %.2f^(k-1)\n", p[0], source, decay);
+  fprintf(o, "tree: %d nodes, depth %d, nodes per depth:", r->n_nodes, r->depth);
+  for (int d = 1; d <= r->depth; d++) fprintf(o, " %d", width[d]);
+  fprintf(o, "\npredicted mean accepted length: %.4f tokens per target forward\n", r->value);
+  if (out_path) fprintf(o, "wrote %s (use it with --tree %s)\n", out_path, out_path);
+done:
+  free(json);
+  free(r);
+  return rc;
+}

@@ -1,0 +1,158 @@
+/* canopy tree-opt's dynamic program (cli/tree_opt.h): known optima (a chain when only the first
+ * choice is ever accepted), the trees it returns are well formed and evaluate to the value it
+ * claims, and a brute force over every tree of up to 6 nodes never beats it. The written tree
+ * parses back with cn_tree_spec_parse. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "canopy.h"
+#include "cli/tree_opt.h"
+#include "draft/tree_spec.h"
+#include "tests/testing.h"
+
+static uint64_t seed;
+
+static void check_result(const double *p, int n_p, int n, int max_depth, const cli_tree_opt_result *r) {
+  assert_int_equal(r->n_nodes, n);
+  assert_true(r->depth <= max_depth);
+  int n_children[CLI_TREE_OPT_MAX_NODES + 1] = {0};
+  for (int i = 1; i <= n; i++) {
+    assert_true(r->parent[i] >= 0 && r->parent[i] < i);
+    assert_int_equal(r->node_depth[i], r->node_depth[r->parent[i]] + 1);
+    assert_true(r->node_depth[i] <= max_depth);
+    assert_int_equal(r->rank[i], n_children[r->parent[i]]++); /* ranks 0, 1, ... without gaps */
+  }
+  assert_true(fabs(cli_tree_opt_eval(p, n_p, n, r->parent, r->rank) - r->value) < 1e-9);
+}
+
+static void test_chain_when_first_choice_always_accepted(void **state) {
+  double p[4] = {1, 0, 0, 0};
+  for (int n = 1; n <= 40; n += 3)
+    for (int d = 1; d <= 12; d++) {
+      cli_tree_opt_result r;
+      assert_int_equal(cli_tree_opt_solve(p, 4, n, d, &r), 0);
+      check_result(p, 4, n, d, &r);
+      int best = n < d ? n : d;
+      assert_true(fabs(r.value - (best + 1)) < 1e-12);
+      assert_int_equal(r.depth, best);
+    }
+}
+
+static void test_half_first_choice_is_geometric(void **state) {
+  double p[3] = {0.5, 0, 0};
+  for (int n = 1; n <= 20; n++) {
+    cli_tree_opt_result r;
+    assert_int_equal(cli_tree_opt_solve(p, 3, n, CLI_TREE_OPT_MAX_DEPTH, &r), 0);
+    check_result(p, 3, n, CLI_TREE_OPT_MAX_DEPTH, &r);
+    double want = 1;
+    for (int k = 1; k <= n; k++) want += pow(0.5, k);
+    assert_true(fabs(r.value - want) < 1e-12);
+    assert_int_equal(r.depth, n); /* the chain */
+  }
+}
+
+/* Every tree with parent[i] < i (all labelings of all ordered trees of n nodes). */
+static double brute(const double *p, int n_p, int n, int max_depth, int i, int32_t *parent, int32_t *rank,
+                    int32_t *depth, int *n_children) {
+  if (i > n) return cli_tree_opt_eval(p, n_p, n, parent, rank);
+  double best = -1;
+  for (int a = 0; a < i; a++) {
+    if (depth[a] + 1 > max_depth) continue;
+    parent[i] = a;
+    rank[i] = n_children[a]++;
+    depth[i] = depth[a] + 1;
+    double v = brute(p, n_p, n, max_depth, i + 1, parent, rank, depth, n_children);
+    if (v > best) best = v;
+    n_children[a]--;
+  }
+  return best;
+}
+
+static void test_brute_force_small_trees(void **state) {
+  uint64_t rng = seed;
+  for (int trial = 0; trial < 60; trial++) {
+    double p[6];
+    int n_p = 1 + (int)(cn_test_rand(&rng) % 6);
+    for (int k = 0; k < n_p; k++) p[k] = (cn_test_randf(&rng) + 1) / 2;
+    if (trial % 3 == 0) p[0] = 1;      /* extremes too */
+    if (trial % 5 == 1) p[n_p - 1] = 0;
+    for (int n = 1; n <= 6; n++)
+      for (int d = 1; d <= 4; d++) {
+        int32_t parent[8] = {-1}, rank[8] = {0}, depth[8] = {0};
+        int n_children[8] = {0};
+        double want = brute(p, n_p, n, d, 1, parent, rank, depth, n_children);
+        cli_tree_opt_result r;
+        assert_int_equal(cli_tree_opt_solve(p, n_p, n, d, &r), 0);
+        check_result(p, n_p, n, d, &r);
+        if (fabs(r.value - want) > 1e-9)
+          fail_msg("n %d depth %d n_p %d: dp %.12f, brute force %.12f", n, d, n_p, r.value, want);
+      }
+  }
+}
+
+static void test_large_tree_parses_back(void **state) {
+  double p[4] = {0.7, 0.4, 0.3, 0.2};
+  cli_tree_opt_result r;
+  assert_int_equal(cli_tree_opt_solve(p, 4, CLI_TREE_OPT_MAX_NODES, 8, &r), 0);
+  check_result(p, 4, CLI_TREE_OPT_MAX_NODES, 8, &r);
+  /* Monotone in the budget. */
+  cli_tree_opt_result smaller;
+  assert_int_equal(cli_tree_opt_solve(p, 4, 64, 8, &smaller), 0);
+  assert_true(smaller.value <= r.value + 1e-12);
+  /* As JSON paths (in depth order), through the engine's parser. */
+  size_t cap = 64 * 1024, len = 0;
+  char *json = malloc(cap);
+  assert_non_null(json);
+  len += (size_t)snprintf(json + len, cap - len, "[");
+  int first = 1;
+  for (int d = 1; d <= r.depth; d++)
+    for (int i = 1; i <= r.n_nodes; i++) {
+      if (r.node_depth[i] != d) continue;
+      int32_t path[CLI_TREE_OPT_MAX_DEPTH];
+      int k = r.node_depth[i];
+      for (int a = i; a > 0; a = r.parent[a]) path[--k] = r.rank[a];
+      len += (size_t)snprintf(json + len, cap - len, "%s[", first ? "" : ",");
+      first = 0;
+      for (int j = 0; j < r.node_depth[i]; j++)
+        len += (size_t)snprintf(json + len, cap - len, "%s%d", j ? "," : "", path[j]);
+      len += (size_t)snprintf(json + len, cap - len, "]");
+    }
+  snprintf(json + len, cap - len, "]");
+  cn_tree_spec s;
+  int rc = cn_tree_spec_parse(json, &s);
+  if (rc) fail_msg("parse: %s", canopy_last_error());
+  assert_int_equal(s.n_nodes, CLI_TREE_OPT_MAX_NODES);
+  assert_int_equal(s.depth, r.depth);
+  assert_int_equal(s.rank_gaps, 0);
+  free(json);
+}
+
+static void test_bad_arguments(void **state) {
+  double p[2] = {0.5, 1.5};
+  cli_tree_opt_result r;
+  assert_int_equal(cli_tree_opt_solve(p, 1, 0, 4, &r), -1);
+  assert_int_equal(cli_tree_opt_solve(p, 1, CLI_TREE_OPT_MAX_NODES + 1, 4, &r), -1);
+  assert_int_equal(cli_tree_opt_solve(p, 1, 4, 0, &r), -1);
+  assert_int_equal(cli_tree_opt_solve(p, 2, 4, 4, &r), -1);
+  assert_int_equal(cli_tree_opt_solve(NULL, 0, 4, 4, &r), 0); /* nothing accepted: value 1 */
+  assert_true(fabs(r.value - 1) < 1e-12);
+}
+
+int main(void) {
+  seed = cn_test_seed("test_tree_opt");
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_chain_when_first_choice_always_accepted),
+      cmocka_unit_test(test_half_first_choice_is_geometric),
+      cmocka_unit_test(test_brute_force_small_trees),
+      cmocka_unit_test(test_large_tree_parses_back),
+      cmocka_unit_test(test_bad_arguments),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
