@@ -44,7 +44,9 @@
 /* Draws up to k distinct tokens from q [vocab] without replacement (Sequoia's drafting rule):
  * each draw is from q with the earlier draws removed and renormalised. Entries <= 0 (or NaN)
  * are never drawn. Writes the tokens in draw order to out_tokens [k] and returns how many were
- * drawn: min(k, number of positive entries of q). scratch: [vocab] floats. */
+ * drawn: min(k, number of positive entries of q), or CANOPY_ERR_INVALID_ARG (negative) for a
+ * NULL pointer or vocab <= 0. scratch: [vocab] floats. Cost: two passes over q plus, per draw,
+ * a walk over at most 1024 block sums and one block. */
 int cn_draft_children_sample(const float *q, int vocab, int k, cn_rng *rng, int32_t *out_tokens, float *scratch);
 
 /* Greedy acceptance. From the root, at node u the target's token is the argmax of
@@ -65,11 +67,26 @@ int cn_accept_greedy(const cn_tree *t, const float *target_logits, int vocab, in
  * target_probs: [t->n][vocab], row u = the processed target distribution (cn_sampler_probs) at u.
  * draft_probs: [t->n] pointers; draft_probs[u] = q_u [vocab], the distribution u's children were
  *   drawn from (see the contract above); may be NULL for nodes without children.
- * scratch: [2 * vocab] floats. accepted, n_accepted, bonus: as cn_accept_greedy.
+ * scratch: [2 * vocab] floats, apart from the rows. accepted, n_accepted, bonus: as
+ * cn_accept_greedy. Cost: vectorised passes over the vocabulary, two per visited node, four per
+ * rejection and two for the bonus (about 1 ms a step at vocab 152k on one core).
  * The chain (accepted tokens..., bonus) is distributed as target-only sampling of as many tokens.
  * Returns CANOPY_OK, or CANOPY_ERR_INVALID_ARG for a bad tree or argument, or for a target row on
  * the walk with no positive mass. */
 int cn_accept_stochastic(const cn_tree *t, const float *target_probs, const float *const *draft_probs, int vocab,
                          cn_rng *rng, float *scratch, int32_t *accepted, int *n_accepted, int32_t *bonus);
+
+/* Gives the processed target distribution at `node` in *row ([vocab], owned by the callee, read
+ * only until the next call). Returns CANOPY_OK or a status (with canopy_last_error set), which
+ * the walk returns as is. */
+typedef int (*cn_target_row_fn)(void *ctx, int node, const float **row);
+
+/* cn_accept_stochastic with the target rows asked for one at a time, for only the nodes the walk
+ * visits (at most the path's depth + 1 of them): processing logits into a distribution (softmax,
+ * top-k, top-p) costs O(vocab) a row, and most of a tree's rows are never looked at. Same
+ * result, draw for draw, as cn_accept_stochastic given the same rows and RNG state. */
+int cn_accept_stochastic_lazy(const cn_tree *t, cn_target_row_fn target_row, void *ctx, const float *const *draft_probs,
+                              int vocab, cn_rng *rng, float *scratch, int32_t *accepted, int *n_accepted,
+                              int32_t *bonus);
 
 #endif
