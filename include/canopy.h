@@ -216,6 +216,11 @@ typedef struct canopy_stats {
    * whose tree had a node at depth d + 1. Their ratio is the acceptance rate by depth. */
   int accept_depth[CANOPY_STATS_MAX_DEPTH];
   int offered_depth[CANOPY_STATS_MAX_DEPTH];
+  /* By child rank, over the nodes the acceptance walk visited: offered_rank[k] counts visits
+   * where the child of rank k was tried (all lower ranks rejected), accept_rank[k] those where it
+   * was accepted. Their ratio is Sequoia's positional acceptance p_k, what canopy tree-opt uses. */
+  int accept_rank[CANOPY_STATS_MAX_DEPTH];
+  int offered_rank[CANOPY_STATS_MAX_DEPTH];
 } canopy_stats;
 
 int canopy_session_get_stats(const canopy_session *s, canopy_stats *stats);

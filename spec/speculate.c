@@ -264,5 +264,13 @@ int cn_spec_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_
   int depth = cn_tree_max_depth(t);
   for (int d = 0; d < depth && d < CANOPY_STATS_MAX_DEPTH; d++) stats->offered_depth[d]++;
   for (int d = 0; d < n_acc && d < CANOPY_STATS_MAX_DEPTH; d++) stats->accept_depth[d]++;
+  /* Positional acceptance along the walk: at each visited node with children, the children
+   * before the accepted one were tried and rejected; with none accepted, all were tried. */
+  for (int i = 0, u = 0; i <= n_acc; i++) {
+    int tried = i < n_acc ? t->rank[acc[i]] + 1 : t->n_children[u];
+    for (int k = 0; k < tried && k < CANOPY_STATS_MAX_DEPTH; k++) stats->offered_rank[k]++;
+    if (i < n_acc && t->rank[acc[i]] < CANOPY_STATS_MAX_DEPTH) stats->accept_rank[t->rank[acc[i]]]++;
+    if (i < n_acc) u = acc[i];
+  }
   return CANOPY_OK;
 }

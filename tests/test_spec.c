@@ -111,6 +111,10 @@ static void test_target_as_draft_accepts_every_node_of_a_chain(void **state) {
          st.offered_depth[3]);
   assert_true(st.spec_steps <= 7);
   assert_true(st.accept_depth[3] >= st.offered_depth[3] - 1);
+  /* A chain offers rank 0 only, and the target as its own draft takes it every time. */
+  assert_true(st.offered_rank[0] > 0);
+  assert_int_equal(st.accept_rank[0], st.offered_rank[0]);
+  assert_int_equal(st.offered_rank[1], 0);
 }
 
 static void test_commit_leaves_the_cache_a_fresh_prefill_builds(void **state) {
