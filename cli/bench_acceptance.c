@@ -17,6 +17,12 @@
 
 #define MAX_TREES 32
 
+/* Whether canopy_stats has accept_rank / offered_rank (acceptance by child rank, Sequoia's
+ * positional acceptance p_k): then results.json reports "accept_rate_by_rank" too. */
+#ifndef CANOPY_BENCH_HAVE_ACCEPT_RANK
+#define CANOPY_BENCH_HAVE_ACCEPT_RANK 1
+#endif
+
 static const char *usage =
     "usage: canopy bench acceptance -m TARGET -d DRAFT --prompts FILE.jsonl --out DIR [options]\n"
     "\n"
@@ -58,6 +64,7 @@ typedef struct agg {
   long n_generated, forward_passes, spec_steps, spec_tokens, draft_forwards, tree_nodes, n_prompt;
   double decode_s, draft_s, verify_s;
   long accept_depth[CANOPY_STATS_MAX_DEPTH], offered_depth[CANOPY_STATS_MAX_DEPTH];
+  long accept_rank[CANOPY_STATS_MAX_DEPTH], offered_rank[CANOPY_STATS_MAX_DEPTH];
 } agg;
 
 static void agg_add(agg *a, const canopy_stats *s) {
@@ -74,6 +81,33 @@ static void agg_add(agg *a, const canopy_stats *s) {
   for (int d = 0; d < CANOPY_STATS_MAX_DEPTH; d++) {
     a->accept_depth[d] += s->accept_depth[d];
     a->offered_depth[d] += s->offered_depth[d];
+#if CANOPY_BENCH_HAVE_ACCEPT_RANK
+    a->accept_rank[d] += s->accept_rank[d];
+    a->offered_rank[d] += s->offered_rank[d];
+#endif
+  }
+}
+
+/* The by-rank counts of a into sum (the pooled p_k over every tree). */
+static void agg_add_ranks(agg *sum, const agg *a) {
+  for (int k = 0; k < CANOPY_STATS_MAX_DEPTH; k++) {
+    sum->accept_rank[k] += a->accept_rank[k];
+    sum->offered_rank[k] += a->offered_rank[k];
+  }
+}
+
+/* accept_rate_by_rank, accept_rank, offered_rank (ranks up to the last one tried). */
+static void add_ranks_json(cJSON *o, const agg *a) {
+  if (!CANOPY_BENCH_HAVE_ACCEPT_RANK) return;
+  int n = 0;
+  while (n < CANOPY_STATS_MAX_DEPTH && a->offered_rank[n] > 0) n++;
+  cJSON *rate = cJSON_AddArrayToObject(o, "accept_rate_by_rank");
+  cJSON *acc = cJSON_AddArrayToObject(o, "accept_rank");
+  cJSON *off = cJSON_AddArrayToObject(o, "offered_rank");
+  for (int k = 0; k < n; k++) {
+    cJSON_AddItemToArray(rate, cJSON_CreateNumber((double)a->accept_rank[k] / a->offered_rank[k]));
+    cJSON_AddItemToArray(acc, cJSON_CreateNumber((double)a->accept_rank[k]));
+    cJSON_AddItemToArray(off, cJSON_CreateNumber((double)a->offered_rank[k]));
   }
 }
 
@@ -111,6 +145,7 @@ static cJSON *agg_json(const agg *a, const char *tree, const agg *base) {
     cJSON_AddItemToArray(acc, cJSON_CreateNumber((double)a->accept_depth[d]));
     cJSON_AddItemToArray(off, cJSON_CreateNumber((double)a->offered_depth[d]));
   }
+  add_ranks_json(o, a);
   return o;
 }
 
@@ -422,8 +457,15 @@ static int bench_acceptance(int argc, char **argv) {
       root, "notes",
       "mean_accepted_len = spec_tokens / spec_steps: tokens per target verification forward, the bonus "
       "token included. accept_rate_by_depth[d] = steps whose accepted path reached depth d+1 / steps whose "
-      "tree had a node at depth d+1. Acceptance by child rank needs engine support (canopy_stats has no "
-      "accept_rank yet), so it is not reported. target_forwards counts every target forward (prefill "
+      "tree had a node at depth d+1. "
+#if CANOPY_BENCH_HAVE_ACCEPT_RANK
+      "accept_rate_by_rank[k] = times the child of rank k was accepted / times it was tried (every lower "
+      "rank rejected): Sequoia's positional acceptance p_(k+1); overall.accept_rate_by_rank pools every "
+      "tree. "
+#else
+      "Acceptance by child rank needs engine support (canopy_stats.accept_rank), not in this build. "
+#endif
+      "target_forwards counts every target forward (prefill "
       "chunks included). speedup = tokens_per_s / the target alone's tokens_per_s in this run. "
       "Runs stop at eos: n_generated may be below max_new_tokens.");
   cJSON *trees = cJSON_AddArrayToObject(root, "trees");
@@ -469,6 +511,10 @@ static int bench_acceptance(int argc, char **argv) {
   cJSON *overall = cJSON_AddObjectToObject(root, "overall");
   cJSON_AddItemToObject(overall, "target_only", agg_json(&total[0], NULL, NULL));
   cJSON_AddNumberToObject(overall, "target_only_tokens_per_s", tps(&total[0]));
+  agg pooled;
+  memset(&pooled, 0, sizeof pooled);
+  for (int c = 1; c < nc; c++) agg_add_ranks(&pooled, &total[c]);
+  add_ranks_json(overall, &pooled);
   cJSON *ot = cJSON_AddArrayToObject(overall, "trees");
   for (int c = 1; c < nc; c++) cJSON_AddItemToArray(ot, agg_json(&total[c], a.trees[c - 1], &total[0]));
   cJSON_AddItemToObject(root, "prompts", per_prompt);
@@ -512,12 +558,17 @@ static int bench_acceptance(int argc, char **argv) {
   printf("%d prompts, up to %d new tokens each; target alone: %.2f tok/s (%ld tokens in %.2f s)\n", n_ps,
          a.max_tokens, tps(&total[0]), total[0].n_generated, total[0].decode_s);
   printf("%-24s %8s %9s %8s %8s %9s %9s  %s\n", "tree", "nodes", "mean_len", "tok/s", "speedup", "tgt_fwd",
-         "drf_fwd", "accept rate by depth");
+         "drf_fwd", CANOPY_BENCH_HAVE_ACCEPT_RANK ? "accept rate by depth | by rank" : "accept rate by depth");
   for (int c = 1; c < nc; c++) {
     const agg *t = &total[c];
     printf("%-24s %8.1f %9.3f %8.2f %7.2fx %9ld %9ld ", a.trees[c - 1], nodes_per_step(t), mean_len(t), tps(t),
            tps(&total[0]) > 0 ? tps(t) / tps(&total[0]) : 0, t->forward_passes, t->draft_forwards);
     for (int d = 0; d < n_depths(t); d++) printf(" %.2f", (double)t->accept_depth[d] / t->offered_depth[d]);
+    if (CANOPY_BENCH_HAVE_ACCEPT_RANK) {
+      printf(" |");
+      for (int k = 0; k < CANOPY_STATS_MAX_DEPTH && t->offered_rank[k] > 0; k++)
+        printf(" %.2f", (double)t->accept_rank[k] / t->offered_rank[k]);
+    }
     putchar('\n');
   }
   printf("results: %s/results.json\n", a.out);

@@ -30,7 +30,8 @@ static const char *usage =
     "\n"
     "The model: p_k is the probability that a node's k-th ranked child is accepted given that\n"
     "the parent was accepted and children 1..k-1 were rejected. If RESULTS.json carries\n"
-    "\"accept_rate_by_rank\" (engine support for acceptance by child rank) that is p. Otherwise\n"
+    "\"accept_rate_by_rank\" (pooled over its trees) that is p, ranks it never tried extrapolated\n"
+    "as p_k = p_(k-1) * R. Otherwise\n"
     "p_1 is estimated from the chain trees' per-depth counts (accepted / tried first-choice\n"
     "tokens, pooled over depths; every tree if no chain was measured, which overestimates it)\n"
     "and p_k for k > 1 is the assumption above.\n"
@@ -140,7 +141,9 @@ int cli_tree_opt(int argc, char **argv) {
       double v = cJSON_IsNumber(x) ? x->valuedouble : 0;
       p[n_p++] = v < 0 ? 0 : v > 1 ? 1 : v;
     }
-    source = "measured by child rank";
+    /* Ranks never tried: extrapolated with the decay. */
+    for (; n_p < (int)size; n_p++) p[n_p] = p[n_p - 1] * decay;
+    source = "measured by child rank; untried ranks extrapolated with --rank-decay";
     ranked = 1;
   } else {
     if (p1 < 0) {
@@ -221,9 +224,11 @@ int cli_tree_opt(int argc, char **argv) {
   int width[CLI_TREE_OPT_MAX_DEPTH + 1] = {0};
   for (int i = 1; i <= r->n_nodes; i++) width[r->node_depth[i]]++;
   FILE *o = out_path ? stdout : stderr;
-  if (ranked)
-    fprintf(o, "p = %.4f, %.4f, ... (%s)\n", p[0], n_p > 1 ? p[1] : 0.0, source);
-  else
+  if (ranked) {
+    fprintf(o, "p =");
+    for (int k = 0; k < n_p && k < 6; k++) fprintf(o, " %.4f", p[k]);
+    fprintf(o, "%s (%s)\n", n_p > 6 ? " ..." : "", source);
+  } else
     fprintf(o, "p_1 = %.4f (%s), p_k = p_1 * %.2f^(k-1)\n", p[0], source, decay);
   fprintf(o, "tree: %d nodes, depth %d, nodes per depth:", r->n_nodes, r->depth);
   for (int d = 1; d <= r->depth; d++) fprintf(o, " %d", width[d]);
