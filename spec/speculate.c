@@ -37,7 +37,7 @@ struct cn_spec {
 
   /* Target side. */
   uint64_t *tmask;           /* [CN_TREE_MAX_NODES][WORDS(CN_TREE_MAX_NODES)] */
-  int32_t tpos[CN_TREE_MAX_NODES], trows[CN_TREE_MAX_NODES];
+  int32_t tpos[CN_TREE_MAX_NODES], trows[CN_TREE_MAX_NODES], tbuf_tokens[CN_TREE_MAX_NODES];
   float *tlogits;            /* [n_nodes + 1][V] */
   float *tprobs;             /* [n_nodes + 1][V], stochastic only */
   const float *qrows[CN_TREE_MAX_NODES];
@@ -178,29 +178,12 @@ static int pick_sampled(void *ctx, const float *q, int vocab, int k, int32_t *to
   return cn_draft_children_sample(q, vocab, k, &s->rng, tokens, s->scratch);
 }
 
-/* Verifies the tree with one target forward; rows of tlogits follow the tree's nodes. */
-static int verify(cn_spec *s, cn_kv_seq *kv, int ctx_len) {
-  const cn_tree *t = &s->tree;
-  int words = WORDS(t->n);
-  cn_tree_mask(t, s->tmask, words);
-  for (int i = 0; i < t->n; i++) {
-    s->tpos[i] = ctx_len + t->depth[i];
-    s->trows[i] = i;
-  }
-  cn_seq_batch sb = {.kv = kv, .first = 0, .n = t->n, .tree_mask = s->tmask};
-  cn_batch b = {.n_tokens = t->n, .tokens = t->token, .pos = s->tpos, .n_seqs = 1, .seqs = &sb,
-                .n_logits = t->n, .logit_rows = s->trows};
-  return cn_forward(s->target, &b, s->tlogits);
-}
-
-int cn_spec_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, cn_sampler *sampler,
-                 int32_t *out, int *n_out, canopy_stats *stats) {
+int cn_spec_draft(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, canopy_stats *stats) {
   s->stats = stats;
   int ctx_len = cn_kv_seq_len(target_kv); /* == n_tokens - 1: everything but the root */
   if (ctx_len + 1 + s->bounds.depth > s->target->max_context)
     return cn_error(CANOPY_ERR_CONTEXT, "a tree %d deep after %d tokens exceeds the context length %d",
                     s->bounds.depth, n_tokens, s->target->max_context);
-
   double t0 = now_s();
   cn_spec_truncate(s, n_tokens - 1); /* the root is new to the draft too */
   int st = draft_catch_up(s, tokens, n_tokens);
@@ -209,27 +192,41 @@ int cn_spec_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_
   if (!st)
     st = cn_tree_grow_ex(&s->spec, tokens[n_tokens - 1], s->vocab, draft_level, s,
                          s->stochastic ? pick_sampled : cn_pick_topk, s, &s->tree, NULL, s->oracle_index);
-  double t1 = now_s();
-  stats->draft_s += t1 - t0;
-  if (st) return st;
+  stats->draft_s += now_s() - t0;
+  return st;
+}
 
-  st = verify(s, target_kv, ctx_len);
-  if (st) return st;
+int cn_spec_batch(cn_spec *s, cn_kv_seq *target_kv, int first, int32_t *tokens, int32_t *pos, int32_t *rows,
+                  cn_seq_batch *sb) {
+  const cn_tree *t = &s->tree;
+  int ctx_len = cn_kv_seq_len(target_kv);
+  cn_tree_mask(t, s->tmask, WORDS(t->n));
+  for (int i = 0; i < t->n; i++) {
+    tokens[first + i] = t->token[i];
+    pos[first + i] = ctx_len + t->depth[i];
+    rows[first + i] = first + i;
+  }
+  *sb = (cn_seq_batch){.kv = target_kv, .first = first, .n = t->n, .tree_mask = s->tmask};
+  return t->n;
+}
+
+int cn_spec_accept(cn_spec *s, cn_kv_seq *target_kv, const float *logits, cn_sampler *sampler, int32_t *out,
+                   int *n_out, canopy_stats *stats) {
+  double t1 = now_s();
   const cn_tree *t = &s->tree;
   int32_t acc[CN_TREE_MAX_NODES], bonus;
-  int n_acc = 0;
+  int n_acc = 0, st;
   if (s->stochastic) {
     for (int u = 0; u < t->n; u++) {
-      cn_sampler_probs(sampler, s->tlogits + (size_t)u * s->vocab, s->tprobs + (size_t)u * s->vocab);
+      cn_sampler_probs(sampler, logits + (size_t)u * s->vocab, s->tprobs + (size_t)u * s->vocab);
       int o = s->oracle_index[u];
       s->qrows[u] = t->n_children[u] > 0 && o >= 0 ? s->dprobs + (size_t)o * s->vocab : NULL;
     }
     st = cn_accept_stochastic(t, s->tprobs, s->qrows, s->vocab, &sampler->rng, s->scratch, acc, &n_acc, &bonus);
   } else {
-    st = cn_accept_greedy(t, s->tlogits, s->vocab, acc, &n_acc, &bonus);
+    st = cn_accept_greedy(t, logits, s->vocab, acc, &n_acc, &bonus);
   }
   if (st) return st;
-
   /* Commit: the root and the accepted path move to consecutive positions in both caches. */
   int slots[CN_TREE_MAX_NODES];
   int32_t toks[CN_TREE_MAX_NODES];
@@ -258,7 +255,6 @@ int cn_spec_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_
   *n_out = n_acc + 1;
   stats->verify_s += now_s() - t1;
   stats->spec_steps++;
-  stats->forward_passes++;
   stats->spec_tokens += n_acc + 1;
   stats->tree_nodes += t->n - 1;
   int depth = cn_tree_max_depth(t);
@@ -273,4 +269,20 @@ int cn_spec_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_
     if (i < n_acc) u = acc[i];
   }
   return CANOPY_OK;
+}
+
+int cn_spec_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, cn_sampler *sampler,
+                 int32_t *out, int *n_out, canopy_stats *stats) {
+  int st = cn_spec_draft(s, target_kv, tokens, n_tokens, stats);
+  if (st) return st;
+  double t0 = now_s();
+  cn_seq_batch sb;
+  int n = cn_spec_batch(s, target_kv, 0, s->tbuf_tokens, s->tpos, s->trows, &sb);
+  cn_batch b = {.n_tokens = n, .tokens = s->tbuf_tokens, .pos = s->tpos, .n_seqs = 1, .seqs = &sb,
+                .n_logits = n, .logit_rows = s->trows};
+  st = cn_forward(s->target, &b, s->tlogits);
+  if (st) return st;
+  stats->forward_passes++;
+  stats->verify_s += now_s() - t0;
+  return cn_spec_accept(s, target_kv, s->tlogits, sampler, out, n_out, stats);
 }

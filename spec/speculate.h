@@ -10,6 +10,7 @@
 #include "canopy.h"
 #include "draft/tree.h"
 #include "draft/tree_spec.h"
+#include "model/forward.h"
 #include "model/model.h"
 #include "spec/sampler.h"
 
@@ -30,6 +31,16 @@ int cn_spec_depth(const cn_spec *s);
  * tokens; the bonus is not fed yet. The draft's cache follows the sequence by itself. */
 int cn_spec_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, cn_sampler *sampler,
                  int32_t *out, int *n_out, canopy_stats *stats);
+
+/* The step in phases, so that one target forward can verify many sequences' trees:
+ * cn_spec_draft grows this sequence's tree; cn_spec_batch writes its tokens, positions and logit
+ * rows at index `first` of the batch arrays and fills its cn_seq_batch, returning its token count;
+ * after the forward, cn_spec_accept takes the tree's logits ([tree nodes][vocab]) and commits. */
+int cn_spec_draft(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, canopy_stats *stats);
+int cn_spec_batch(cn_spec *s, cn_kv_seq *target_kv, int first, int32_t *tokens, int32_t *pos, int32_t *rows,
+                  struct cn_seq_batch *sb);
+int cn_spec_accept(cn_spec *s, cn_kv_seq *target_kv, const float *logits, cn_sampler *sampler, int32_t *out,
+                   int *n_out, canopy_stats *stats);
 
 /* Rewinds the draft's cache to at most `len` tokens (after the session truncates). */
 void cn_spec_truncate(cn_spec *s, int len);
