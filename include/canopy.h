@@ -191,6 +191,19 @@ int canopy_session_append(canopy_session *s, const int32_t *ids, int n);
  * set to -1) once max_tokens are out or an eos token was chosen (the eos is not fed back). */
 int canopy_session_next(canopy_session *s, int32_t *token);
 
+/* Steps several sessions of one model together, the way a server does: every session that needs
+ * the target for its next tokens gets them from ONE target forward over a ragged batch (each
+ * speculative session its own drafted tree, each plain session its one pending token); after it,
+ * canopy_session_next returns those tokens without running the model. Sessions that still hold
+ * tokens, have finished, or were just given a prompt (their next token needs no forward) sit the
+ * step out, as do sessions past the model's batch capacity (they go in the next call).
+ * *n_stepped (may be NULL) receives how many took part. */
+int canopy_sessions_step(canopy_session *const *sessions, int n, int *n_stepped);
+
+/* How many tokens canopy_session_next will return without running the model (produced by a
+ * speculative or batched step and not yet taken). */
+int canopy_session_ready(const canopy_session *s);
+
 /* The logits of the last position fed (vocab_size floats, owned by the session). */
 int canopy_session_logits(const canopy_session *s, const float **logits, int *n_vocab);
 

@@ -48,6 +48,8 @@ struct canopy_model {
   cn_kv_pool *kv;
   cn_scratch s;
   int max_batch;       /* tokens per forward; longer prompts are fed in chunks of this size */
+  float *step_logits;  /* [step_rows][V] host logits of a batched session step, grown once */
+  int step_rows;
   int max_context;
   int64_t n_params, weight_bytes;
 };

@@ -204,6 +204,7 @@ void canopy_model_free(canopy_model *m) {
     m->be->destroy(m->be_ctx);
   }
   cn_kv_pool_free(m->kv);
+  free(m->step_logits);
   free(m->layers);
   free(m->inv_freq);
   free(m);

@@ -48,11 +48,9 @@ int canopy_session_create(canopy_model *m, const canopy_session_params *p, canop
   s->p = *p;
   int st = cn_sampler_init(&s->sampler, &p->sampling, m->cfg.vocab_size);
   if (!st) st = cn_kv_seq_create(m->kv, &s->kv);
-  if (!st && p->draft) {
-    st = cn_spec_create(m, p->draft, p->tree, &p->sampling, &s->spec);
-    if (!st && !(s->queue = malloc(sizeof *s->queue * (size_t)(cn_spec_depth(s->spec) + 1))))
-      st = cn_error(CANOPY_ERR_NO_MEMORY, "session: out of memory");
-  }
+  if (!st && p->draft) st = cn_spec_create(m, p->draft, p->tree, &p->sampling, &s->spec);
+  if (!st && !(s->queue = malloc(sizeof *s->queue * (size_t)(s->spec ? cn_spec_depth(s->spec) + 1 : 1))))
+    st = cn_error(CANOPY_ERR_NO_MEMORY, "session: out of memory");
   if (!st) {
     s->tokens = malloc(sizeof *s->tokens * (size_t)m->max_context);
     s->logits = malloc(sizeof *s->logits * (size_t)m->cfg.vocab_size);
@@ -216,6 +214,97 @@ int canopy_session_next(canopy_session *s, int32_t *token) {
   return CANOPY_OK;
 }
 
+/* What a session contributes to a batched step. */
+typedef struct step_part {
+  canopy_session *s;
+  int spec; /* 1: a drafted tree; 0: its pending token */
+  int first, n;
+} step_part;
+
+static int finished(const canopy_session *s) {
+  return (s->p.max_tokens > 0 && s->stats.n_generated >= s->p.max_tokens) || s->n_tokens >= s->m->max_context;
+}
+
+int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
+  if (n_stepped) *n_stepped = 0;
+  if (!ss || n <= 0) return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_sessions_step: no sessions");
+  canopy_model *m = ss[0]->m;
+  for (int i = 0; i < n; i++)
+    if (!ss[i] || ss[i]->m != m)
+      return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_sessions_step: session %d is NULL or of another model", i);
+  double t0 = now_s();
+  int32_t *tokens = malloc(sizeof *tokens * 3 * (size_t)m->max_batch);
+  cn_seq_batch *seqs = malloc(sizeof *seqs * (size_t)n);
+  step_part *parts = malloc(sizeof *parts * (size_t)n);
+  if (!tokens || !seqs || !parts) {
+    free(tokens), free(seqs), free(parts);
+    return cn_error(CANOPY_ERR_NO_MEMORY, "canopy_sessions_step: out of memory");
+  }
+  int32_t *pos = tokens + m->max_batch, *rows = pos + m->max_batch;
+  int total = 0, k = 0, st = CANOPY_OK;
+  for (int i = 0; i < n && !st; i++) {
+    canopy_session *s = ss[i];
+    if (s->q_at < s->n_queue || !s->pending || finished(s)) continue;
+    int spec = s->spec && s->n_tokens + cn_spec_depth(s->spec) + 1 <= m->max_context;
+    if (total + (spec ? cn_spec_depth(s->spec) : 0) + 1 > m->max_batch) break;
+    step_part *p = &parts[k];
+    *p = (step_part){.s = s, .spec = spec, .first = total};
+    if (spec) {
+      if ((st = cn_spec_draft(s->spec, s->kv, s->tokens, s->n_tokens, &s->stats))) break;
+      p->n = cn_spec_batch(s->spec, s->kv, total, tokens, pos, rows, &seqs[k]);
+      if (total + p->n > m->max_batch) break; /* a tree bigger than its depth: next call */
+    } else {
+      p->n = 1;
+      tokens[total] = s->tokens[s->n_tokens - 1];
+      pos[total] = s->n_tokens - 1;
+      rows[total] = total;
+      seqs[k] = (cn_seq_batch){.kv = s->kv, .first = total, .n = 1};
+    }
+    total += p->n;
+    k++;
+  }
+  if (!st && k > 0 && total > m->step_rows) {
+    float *grown = realloc(m->step_logits, sizeof *grown * (size_t)total * (size_t)m->cfg.vocab_size);
+    if (grown) m->step_logits = grown, m->step_rows = total;
+    else st = cn_error(CANOPY_ERR_NO_MEMORY, "canopy_sessions_step: no memory for %d rows of logits", total);
+  }
+  if (!st && k > 0) {
+    cn_batch b = {.n_tokens = total, .tokens = tokens, .pos = pos, .n_seqs = k, .seqs = seqs, .n_logits = total,
+                  .logit_rows = rows};
+    st = cn_forward(m, &b, m->step_logits);
+  }
+  double t1 = now_s();
+  size_t V = (size_t)m->cfg.vocab_size;
+  for (int j = 0; !st && j < k; j++) {
+    canopy_session *s = parts[j].s;
+    const float *logits = m->step_logits + (size_t)parts[j].first * V;
+    s->stats.forward_passes++;
+    if (parts[j].spec) {
+      int n_out = 0;
+      s->stats.verify_s += t1 - t0;
+      if ((st = cn_spec_accept(s->spec, s->kv, logits, &s->sampler, s->queue, &n_out, &s->stats))) break;
+      memcpy(s->tokens + s->n_tokens, s->queue, sizeof *s->queue * (size_t)n_out);
+      s->n_tokens += n_out;
+      s->n_queue = n_out;
+      s->has_logits = 0;
+    } else {
+      cn_kv_seq_commit(s->kv, s->tokens + s->n_tokens - 1, 1);
+      memcpy(s->logits, logits, sizeof *logits * V);
+      s->has_logits = 1;
+      int32_t t = cn_sampler_sample(&s->sampler, s->logits);
+      s->tokens[s->n_tokens++] = t;
+      s->queue[0] = t;
+      s->n_queue = 1;
+    }
+    s->q_at = 0;
+    s->pending = 1;
+    s->stats.decode_s += now_s() - t0;
+  }
+  free(tokens), free(seqs), free(parts);
+  if (!st && n_stepped) *n_stepped = k;
+  return st;
+}
+
 int canopy_session_logits(const canopy_session *s, const float **logits, int *n_vocab) {
   if (!s || !logits) return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_session_logits: NULL argument");
   if (!s->has_logits || s->pending)
@@ -244,5 +333,7 @@ int canopy_session_get_stats(const canopy_session *s, canopy_stats *stats) {
   *stats = s->stats;
   return CANOPY_OK;
 }
+
+int canopy_session_ready(const canopy_session *s) { return s ? s->n_queue - s->q_at : 0; }
 
 int canopy_session_len(const canopy_session *s) { return s ? s->n_tokens : 0; }

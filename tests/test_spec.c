@@ -151,6 +151,55 @@ static void test_commit_leaves_the_cache_a_fresh_prefill_builds(void **state) {
   }
 }
 
+static void test_batched_sessions_match_one_at_a_time(void **state) {
+  enum { N = 4, NEW = 16 };
+  canopy_model *drafts[N] = {shallow, NULL, full_draft, shallow};
+  const char *trees[N] = {"chain:4", NULL, "static:3,2,1", "dynamic:8,depth=3,topk=3"};
+  int32_t prompts[N][2048], alone[N][NEW], together[N][NEW];
+  double gaps[N][NEW];
+  int n_prompt[N], got[N] = {0};
+  canopy_session *ss[N];
+  for (int i = 0; i < N; i++) {
+    n_prompt[i] = prompt_ids(i, prompts[i]);
+    run(NULL, NULL, prompts[i], n_prompt[i], NEW, alone[i], gaps[i]);
+    canopy_session_params sp = canopy_session_default_params();
+    sp.max_tokens = NEW;
+    sp.stop_at_eos = 0;
+    sp.draft = drafts[i];
+    sp.tree = trees[i];
+    assert_int_equal(canopy_session_create(target, &sp, &ss[i]), 0);
+    assert_int_equal(canopy_session_append(ss[i], prompts[i], n_prompt[i]), 0);
+    /* The first token comes from the prompt's logits, without a forward. */
+    assert_int_equal(canopy_session_next(ss[i], &together[i][got[i]++]), 0);
+  }
+  int steps = 0, stepped;
+  for (;;) {
+    assert_int_equal(canopy_sessions_step(ss, N, &stepped), 0);
+    if (stepped == 0) break;
+    steps++;
+    for (int i = 0; i < N; i++) {
+      canopy_stats before, after;
+      canopy_session_get_stats(ss[i], &before);
+      int32_t t;
+      /* Drain what the step produced: these calls run no forward. */
+      while (canopy_session_ready(ss[i]) > 0 && got[i] < NEW && canopy_session_next(ss[i], &t) == CANOPY_OK)
+        together[i][got[i]++] = t;
+      canopy_session_get_stats(ss[i], &after);
+      assert_int_equal(after.forward_passes, before.forward_passes);
+    }
+  }
+  printf("[ batch    ] %d sessions, %d batched steps\n", N, steps);
+  for (int i = 0; i < N; i++) {
+    assert_int_equal(got[i], NEW);
+    int first = 0;
+    while (first < NEW && together[i][first] == alone[i][first]) first++;
+    printf("[ batch    ] session %d (%s): %s\n", i, trees[i] ? trees[i] : "target only",
+           first == NEW ? "identical" : "differs");
+    if (first < NEW) assert_true(gaps[i][first] < NEAR_TIE);
+    canopy_session_free(ss[i]);
+  }
+}
+
 static void expect_error(canopy_model *draft, const char *tree, float temp, int status, const char *needle) {
   canopy_session_params sp = canopy_session_default_params();
   sp.draft = draft;
@@ -227,6 +276,7 @@ int main(void) {
       cmocka_unit_test(test_greedy_speculation_equals_target_only),
       cmocka_unit_test(test_target_as_draft_accepts_every_node_of_a_chain),
       cmocka_unit_test(test_commit_leaves_the_cache_a_fresh_prefill_builds),
+      cmocka_unit_test(test_batched_sessions_match_one_at_a_time),
       cmocka_unit_test(test_bad_trees_and_drafts_are_errors),
   };
   int rc = cmocka_run_group_tests(tests, setup, teardown);
