@@ -33,6 +33,7 @@ static const char *usage =
     "                        folder: a truncated target as a stand-in draft)\n"
     "      --tree SPEC       chain:K | static:4,2,2,1 | dynamic:N[,depth=D,topk=K] | FILE.json\n"
     "                        (default chain:4)\n"
+    "      --compare         also decode with the target alone and report its speed\n"
     "      --json            print one JSON object with the text and statistics at the end\n"
     "  -h, --help            show this help\n"
     "\n"
@@ -41,7 +42,7 @@ static const char *usage =
 
 typedef struct gen_args {
   const char *model, *prompt, *file, *system, *draft, *tree;
-  int max_tokens, chat, threads, ctx, kv_blocks, json, ignore_eos, draft_layers;
+  int max_tokens, chat, threads, ctx, kv_blocks, json, ignore_eos, draft_layers, compare;
   canopy_sampling_params sampling;
 } gen_args;
 
@@ -70,7 +71,7 @@ static int parse_float(const char *s, const char *name, float lo, float hi, floa
 }
 
 static int parse(int argc, char **argv, gen_args *a) {
-  enum { O_CHAT = 256, O_SYSTEM, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_THREADS, O_CTX, O_KV_BLOCKS, O_JSON, O_IGNORE_EOS, O_TREE, O_DRAFT_LAYERS };
+  enum { O_CHAT = 256, O_SYSTEM, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_THREADS, O_CTX, O_KV_BLOCKS, O_JSON, O_IGNORE_EOS, O_TREE, O_DRAFT_LAYERS, O_COMPARE };
   struct option opts[] = {
       {"model", required_argument, 0, 'm'},   {"prompt", required_argument, 0, 'p'},
       {"file", required_argument, 0, 'f'},    {"max-tokens", required_argument, 0, 'n'},
@@ -81,7 +82,7 @@ static int parse(int argc, char **argv, gen_args *a) {
       {"kv-blocks", required_argument, 0, O_KV_BLOCKS},
       {"json", no_argument, 0, O_JSON},       {"ignore-eos", no_argument, 0, O_IGNORE_EOS},
       {"draft", required_argument, 0, 'd'},   {"tree", required_argument, 0, O_TREE},
-      {"draft-layers", required_argument, 0, O_DRAFT_LAYERS},
+      {"draft-layers", required_argument, 0, O_DRAFT_LAYERS}, {"compare", no_argument, 0, O_COMPARE},
       {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
   *a = (gen_args){.max_tokens = 256, .sampling = canopy_sampling_default_params()};
   int c, rc = 0;
@@ -115,6 +116,7 @@ static int parse(int argc, char **argv, gen_args *a) {
     case 'd': a->draft = optarg; break;
     case O_TREE: a->tree = optarg; break;
     case O_DRAFT_LAYERS: rc = parse_int(optarg, "--draft-layers", 1, &a->draft_layers); break;
+    case O_COMPARE: a->compare = 1; break;
     case 'h': fputs(usage, stdout); return -1;
     default: fputs(usage, stderr); return 2;
     }
@@ -188,7 +190,25 @@ static int emit(sink *o, const char *piece, size_t n) {
   return 0;
 }
 
-static void print_json(const char *text, const int32_t *out, const canopy_stats *s) {
+/* Target-only decoding of the same prompt and length, for --compare: tokens per second. */
+static double target_only_tok_s(canopy_model *model, const canopy_session_params *sp, const int32_t *ids, int n,
+                                int n_new) {
+  canopy_session_params plain = *sp;
+  plain.draft = NULL;
+  plain.max_tokens = n_new > 0 ? n_new : 1;
+  plain.stop_at_eos = 0;
+  canopy_session *s;
+  if (canopy_session_create(model, &plain, &s)) return 0;
+  int32_t t;
+  if (!canopy_session_append(s, ids, n))
+    while (canopy_session_next(s, &t) == CANOPY_OK) {}
+  canopy_stats st;
+  canopy_session_get_stats(s, &st);
+  canopy_session_free(s);
+  return st.decode_s > 0 ? st.n_generated / st.decode_s : 0;
+}
+
+static void print_json(const char *text, const int32_t *out, const canopy_stats *s, double compare_tok_s) {
   cJSON *o = cJSON_CreateObject();
   cJSON_AddStringToObject(o, "text", text);
   cJSON *ids = cJSON_AddArrayToObject(o, "token_ids");
@@ -208,6 +228,10 @@ static void print_json(const char *text, const int32_t *out, const canopy_stats 
     cJSON_AddNumberToObject(o, "mean_accepted_len", (double)s->spec_tokens / s->spec_steps);
     cJSON_AddNumberToObject(o, "draft_s", s->draft_s);
     cJSON_AddNumberToObject(o, "verify_s", s->verify_s);
+    if (compare_tok_s > 0) {
+      cJSON_AddNumberToObject(o, "target_only_decode_tok_s", compare_tok_s);
+      cJSON_AddNumberToObject(o, "speedup", s->decode_s > 0 ? s->n_generated / s->decode_s / compare_tok_s : 0);
+    }
     cJSON *by_depth = cJSON_AddArrayToObject(o, "accept_rate_by_depth");
     for (int d = 0; d < CANOPY_STATS_MAX_DEPTH && s->offered_depth[d] > 0; d++)
       cJSON_AddItemToArray(by_depth, cJSON_CreateNumber((double)s->accept_depth[d] / s->offered_depth[d]));
@@ -283,8 +307,9 @@ int cli_generate(int argc, char **argv) {
   if (canopy_detok_stream_flush(stream, piece, sizeof piece, &plen) || emit(&o, piece, plen)) goto done;
   canopy_stats s;
   canopy_session_get_stats(sess, &s);
+  double compare_tok_s = a.compare ? target_only_tok_s(model, &sp, ids, n_ids, s.n_generated) : 0;
   if (a.json) {
-    print_json(o.text ? o.text : "", out, &s);
+    print_json(o.text ? o.text : "", out, &s, compare_tok_s);
   } else {
     putchar('\n');
     fflush(stdout); /* before the statistics on stderr */
@@ -296,6 +321,9 @@ int cli_generate(int argc, char **argv) {
   if (s.spec_steps > 0)
     fprintf(stderr, "speculation: %d steps, %.2f tokens per target forward, draft %.3f s, verify %.3f s\n",
             s.spec_steps, (double)s.spec_tokens / s.spec_steps, s.draft_s, s.verify_s);
+  if (compare_tok_s > 0)
+    fprintf(stderr, "target only: %.2f tok/s; speedup %.2fx\n", compare_tok_s,
+            s.decode_s > 0 ? s.n_generated / s.decode_s / compare_tok_s : 0.0);
   rc = 0;
 done:
   canopy_detok_stream_free(stream);
