@@ -25,16 +25,16 @@ static const char *usage =
     "  -D, --max-depth D      deepest node, 1..32 (default 8)\n"
     "  -o, --out FILE         write the tree as {\"paths\": [...], ...} (default: standard output)\n"
     "      --p1 P             use P as the first choice's acceptance instead of the measured one\n"
-    "      --rank-decay R     p_k = p_1 * R^(k-1) for the k-th choice, k > 1 (default 0.3)\n"
+    "      --rank-decay R     the assumed decay of p_k over ranks not measured (default 0.3)\n"
     "  -h, --help             show this help\n"
     "\n"
     "The model: p_k is the probability that a node's k-th ranked child is accepted given that\n"
     "the parent was accepted and children 1..k-1 were rejected. If RESULTS.json carries\n"
     "\"accept_rate_by_rank\" (pooled over its trees) that is p, ranks it never tried extrapolated\n"
-    "as p_k = p_(k-1) * R. Otherwise\n"
-    "p_1 is estimated from the chain trees' per-depth counts (accepted / tried first-choice\n"
-    "tokens, pooled over depths; every tree if no chain was measured, which overestimates it)\n"
-    "and p_k for k > 1 is the assumption above.\n"
+    "as p_k = p_(k-1) * R. Otherwise p_1 is estimated from the chain trees' per-depth counts\n"
+    "(accepted / tried first-choice tokens, pooled over depths; every tree if no chain was\n"
+    "measured, which overestimates it) and p_k = p_1 * R^(k-1) for k > 1 (an assumption: the\n"
+    "draft's lower choices are accepted geometrically less often).\n"
     "\n"
     "example:\n"
     "  canopy tree-opt --acceptance /tmp/acc/results.json --size 16 --out tree16.json\n";
@@ -142,7 +142,7 @@ int cli_tree_opt(int argc, char **argv) {
       p[n_p++] = v < 0 ? 0 : v > 1 ? 1 : v;
     }
     /* Ranks never tried: extrapolated with the decay. */
-    for (; n_p < (int)size; n_p++) p[n_p] = p[n_p - 1] * decay;
+    for (; n_p < CLI_TREE_OPT_MAX_NODES; n_p++) p[n_p] = p[n_p - 1] * decay;
     source = "measured by child rank; untried ranks extrapolated with --rank-decay";
     ranked = 1;
   } else {
@@ -170,7 +170,20 @@ int cli_tree_opt(int argc, char **argv) {
       source = "given with --p1";
     }
     double pk = p1;
-    for (n_p = 0; n_p < (int)size; n_p++, pk *= decay) p[n_p] = pk;
+    for (n_p = 0; n_p < CLI_TREE_OPT_MAX_NODES; n_p++, pk *= decay) p[n_p] = pk;
+  }
+
+  /* The model against the measurements: each static tree's predicted and measured lengths. */
+  const cJSON *t;
+  cJSON_ArrayForEach(t, trees) {
+    const cJSON *name = cJSON_GetObjectItemCaseSensitive(t, "tree");
+    const cJSON *measured = cJSON_GetObjectItemCaseSensitive(t, "mean_accepted_len");
+    cn_tree_spec ts;
+    if (!cJSON_IsString(name) || !cJSON_IsNumber(measured) || cn_tree_spec_parse(name->valuestring, &ts) ||
+        ts.kind != CN_TREE_STATIC)
+      continue;
+    fprintf(out_path ? stdout : stderr, "%-20s predicted mean accepted length %.4f, measured %.4f\n",
+            name->valuestring, cli_tree_opt_eval(p, n_p, ts.n_nodes, ts.parent, ts.rank), measured->valuedouble);
   }
   cJSON_Delete(root);
 
