@@ -194,10 +194,11 @@ int canopy_session_next(canopy_session *s, int32_t *token);
 /* Steps several sessions of one model together, the way a server does: every session that needs
  * the target for its next tokens gets them from ONE target forward over a ragged batch (each
  * speculative session its own drafted tree, each plain session its one pending token); after it,
- * canopy_session_next returns those tokens without running the model. Sessions that still hold
- * tokens, have finished, or were just given a prompt (their next token needs no forward) sit the
- * step out, as do sessions past the model's batch capacity (they go in the next call).
- * *n_stepped (may be NULL) receives how many took part. */
+ * canopy_session_next returns those tokens without running the model. A session just given a
+ * prompt gets its first token from the prompt's logits (no forward). Sessions that still hold
+ * tokens or have finished sit the step out, as do sessions past the model's batch capacity (they
+ * go in the next call). *n_stepped (may be NULL) receives how many produced tokens: 0 when all
+ * are done. */
 int canopy_sessions_step(canopy_session *const *sessions, int n, int *n_stepped);
 
 /* How many tokens canopy_session_next will return without running the model (produced by a

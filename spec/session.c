@@ -241,10 +241,22 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
     return cn_error(CANOPY_ERR_NO_MEMORY, "canopy_sessions_step: out of memory");
   }
   int32_t *pos = tokens + m->max_batch, *rows = pos + m->max_batch;
-  int total = 0, k = 0, st = CANOPY_OK;
+  int total = 0, k = 0, st = CANOPY_OK, sampled = 0;
   for (int i = 0; i < n && !st; i++) {
     canopy_session *s = ss[i];
-    if (s->q_at < s->n_queue || !s->pending || finished(s)) continue;
+    if (s->q_at < s->n_queue || finished(s)) continue;
+    if (!s->pending && s->has_logits) {
+      /* Just given a prompt: its next token comes from the prompt's logits, no forward. */
+      int32_t t = cn_sampler_sample(&s->sampler, s->logits);
+      s->tokens[s->n_tokens++] = t;
+      s->queue[0] = t;
+      s->n_queue = 1;
+      s->q_at = 0;
+      s->pending = 1;
+      sampled++;
+      continue;
+    }
+    if (!s->pending) continue;
     int spec = s->spec && s->n_tokens + cn_spec_depth(s->spec) + 1 <= m->max_context;
     if (total + (spec ? cn_spec_depth(s->spec) : 0) + 1 > m->max_batch) break;
     step_part *p = &parts[k];
@@ -301,7 +313,7 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
     s->stats.decode_s += now_s() - t0;
   }
   free(tokens), free(seqs), free(parts);
-  if (!st && n_stepped) *n_stepped = k;
+  if (!st && n_stepped) *n_stepped = k + sampled;
   return st;
 }
 
