@@ -56,7 +56,7 @@ typedef struct bench_args {
   const char *trees[MAX_TREES];
   int n_trees, draft_layers, chat, max_tokens, max_prompts, threads;
   float temp;
-  unsigned long long seed;
+  uint64_t seed;
 } bench_args;
 
 /* Sums of canopy_stats over runs. */
@@ -149,18 +149,6 @@ static cJSON *agg_json(const agg *a, const char *tree, const agg *base) {
   return o;
 }
 
-static int parse_int(const char *s, const char *name, int lo, int *out) {
-  char *end;
-  errno = 0;
-  long v = strtol(s, &end, 10);
-  if (errno || *end || end == s || v < lo || v > 1 << 30) {
-    fprintf(stderr, "canopy: bench acceptance: %s '%s' must be an integer >= %d\n", name, s, lo);
-    return 2;
-  }
-  *out = (int)v;
-  return 0;
-}
-
 static int parse(int argc, char **argv, bench_args *a) {
   enum { O_LAYERS = 256, O_PROMPTS, O_CHAT, O_TREE, O_TEMP, O_SEED, O_MAXP, O_THREADS };
   struct option opts[] = {{"model", required_argument, 0, 'm'},      {"draft", required_argument, 0, 'd'},
@@ -173,15 +161,16 @@ static int parse(int argc, char **argv, bench_args *a) {
                           {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
   *a = (bench_args){.max_tokens = 128, .seed = 42};
   int c, rc = 0;
+  double num = 0;
   optind = 1;
   while (!rc && (c = getopt_long(argc, argv, "m:d:n:o:h", opts, NULL)) != -1) {
     switch (c) {
     case 'm': a->model = optarg; break;
     case 'd': a->draft = optarg; break;
-    case O_LAYERS: rc = parse_int(optarg, "--draft-layers", 1, &a->draft_layers); break;
+    case O_LAYERS: rc = cli_parse_int("bench acceptance", "--draft-layers", optarg, 1, &a->draft_layers); break;
     case O_PROMPTS: a->prompts = optarg; break;
     case O_CHAT: a->chat = 1; break;
-    case 'n': rc = parse_int(optarg, "--max-tokens", 1, &a->max_tokens); break;
+    case 'n': rc = cli_parse_int("bench acceptance", "--max-tokens", optarg, 1, &a->max_tokens); break;
     case O_TREE:
       if (a->n_trees == MAX_TREES) {
         fprintf(stderr, "canopy: bench acceptance: at most %d --tree options\n", MAX_TREES);
@@ -190,28 +179,10 @@ static int parse(int argc, char **argv, bench_args *a) {
         a->trees[a->n_trees++] = optarg;
       }
       break;
-    case O_TEMP: {
-      char *end;
-      errno = 0;
-      a->temp = strtof(optarg, &end);
-      if (errno || *end || end == optarg || !(a->temp >= 0 && a->temp <= 100)) {
-        fprintf(stderr, "canopy: bench acceptance: --temp '%s' must be a number in [0, 100]\n", optarg);
-        rc = 2;
-      }
-      break;
-    }
-    case O_SEED: {
-      char *end;
-      errno = 0;
-      a->seed = strtoull(optarg, &end, 10);
-      if (errno || *end || end == optarg) {
-        fprintf(stderr, "canopy: bench acceptance: --seed '%s' must be a non-negative integer\n", optarg);
-        rc = 2;
-      }
-      break;
-    }
-    case O_MAXP: rc = parse_int(optarg, "--max-prompts", 1, &a->max_prompts); break;
-    case O_THREADS: rc = parse_int(optarg, "--threads", 1, &a->threads); break;
+    case O_TEMP: rc = cli_parse_double("bench acceptance", "--temp", optarg, 0, 100, &num), a->temp = (float)num; break;
+    case O_SEED: rc = cli_parse_u64("bench acceptance", "--seed", optarg, &a->seed); break;
+    case O_MAXP: rc = cli_parse_int("bench acceptance", "--max-prompts", optarg, 1, &a->max_prompts); break;
+    case O_THREADS: rc = cli_parse_int("bench acceptance", "--threads", optarg, 1, &a->threads); break;
     case 'o': a->out = optarg; break;
     case 'h': fputs(usage, stdout); return -1;
     default: fputs(usage, stderr); return 2;

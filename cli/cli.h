@@ -2,6 +2,8 @@
 #ifndef CANOPY_CLI_CLI_H
 #define CANOPY_CLI_CLI_H
 
+#include <stdint.h>
+
 #define CANOPY_DEFAULT_MODEL "models/SmolLM2-135M-Instruct"
 
 int cli_generate(int argc, char **argv);
@@ -9,6 +11,11 @@ int cli_tokenize(int argc, char **argv);
 int cli_detokenize(int argc, char **argv);
 int cli_bench(int argc, char **argv);
 int cli_tree_opt(int argc, char **argv);
+
+/* Option values: 0, or a message "canopy: CMD: NAME 'S' must be ..." on stderr and 2 (usage). */
+int cli_parse_int(const char *cmd, const char *name, const char *s, int lo, int *out);
+int cli_parse_double(const char *cmd, const char *name, const char *s, double lo, double hi, double *out);
+int cli_parse_u64(const char *cmd, const char *name, const char *s, uint64_t *out);
 
 /* Prints "canopy: <what>: <canopy_last_error()>" to stderr and returns 1. */
 int cli_fail(const char *what);

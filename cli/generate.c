@@ -46,30 +46,6 @@ typedef struct gen_args {
   canopy_sampling_params sampling;
 } gen_args;
 
-static int parse_int(const char *s, const char *name, int lo, int *out) {
-  char *end;
-  errno = 0;
-  long v = strtol(s, &end, 10);
-  if (errno || *end || end == s || v < lo || v > 1 << 30) {
-    fprintf(stderr, "canopy: generate: %s '%s' must be an integer >= %d\n", name, s, lo);
-    return 2;
-  }
-  *out = (int)v;
-  return 0;
-}
-
-static int parse_float(const char *s, const char *name, float lo, float hi, float *out) {
-  char *end;
-  errno = 0;
-  float v = strtof(s, &end);
-  if (errno || *end || end == s || !(v >= lo && v <= hi)) {
-    fprintf(stderr, "canopy: generate: %s '%s' must be a number in [%g, %g]\n", name, s, lo, hi);
-    return 2;
-  }
-  *out = v;
-  return 0;
-}
-
 static int parse(int argc, char **argv, gen_args *a) {
   enum { O_CHAT = 256, O_SYSTEM, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_THREADS, O_CTX, O_KV_BLOCKS, O_JSON, O_IGNORE_EOS, O_TREE, O_DRAFT_LAYERS, O_COMPARE };
   struct option opts[] = {
@@ -86,36 +62,28 @@ static int parse(int argc, char **argv, gen_args *a) {
       {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
   *a = (gen_args){.max_tokens = 256, .sampling = canopy_sampling_default_params()};
   int c, rc = 0;
+  double num = 0;
   optind = 1;
   while (!rc && (c = getopt_long(argc, argv, "m:p:f:n:d:h", opts, NULL)) != -1) {
     switch (c) {
     case 'm': a->model = optarg; break;
     case 'p': a->prompt = optarg; break;
     case 'f': a->file = optarg; break;
-    case 'n': rc = parse_int(optarg, "--max-tokens", 1, &a->max_tokens); break;
+    case 'n': rc = cli_parse_int("generate", "--max-tokens", optarg, 1, &a->max_tokens); break;
     case O_CHAT: a->chat = 1; break;
     case O_SYSTEM: a->system = optarg; break;
-    case O_TEMP: rc = parse_float(optarg, "--temp", 0, 100, &a->sampling.temperature); break;
-    case O_TOPK: rc = parse_int(optarg, "--top-k", 0, &a->sampling.top_k); break;
-    case O_TOPP: rc = parse_float(optarg, "--top-p", 1e-6f, 1, &a->sampling.top_p); break;
-    case O_SEED: {
-      char *end;
-      errno = 0;
-      a->sampling.seed = strtoull(optarg, &end, 10);
-      if (errno || *end || end == optarg) {
-        fprintf(stderr, "canopy: generate: --seed '%s' must be a non-negative integer\n", optarg);
-        rc = 2;
-      }
-      break;
-    }
-    case O_THREADS: rc = parse_int(optarg, "--threads", 1, &a->threads); break;
-    case O_CTX: rc = parse_int(optarg, "--ctx", 1, &a->ctx); break;
-    case O_KV_BLOCKS: rc = parse_int(optarg, "--kv-blocks", 1, &a->kv_blocks); break;
+    case O_TEMP: rc = cli_parse_double("generate", "--temp", optarg, 0, 100, &num), a->sampling.temperature = (float)num; break;
+    case O_TOPK: rc = cli_parse_int("generate", "--top-k", optarg, 0, &a->sampling.top_k); break;
+    case O_TOPP: rc = cli_parse_double("generate", "--top-p", optarg, 1e-6, 1, &num), a->sampling.top_p = (float)num; break;
+    case O_SEED: rc = cli_parse_u64("generate", "--seed", optarg, &a->sampling.seed); break;
+    case O_THREADS: rc = cli_parse_int("generate", "--threads", optarg, 1, &a->threads); break;
+    case O_CTX: rc = cli_parse_int("generate", "--ctx", optarg, 1, &a->ctx); break;
+    case O_KV_BLOCKS: rc = cli_parse_int("generate", "--kv-blocks", optarg, 1, &a->kv_blocks); break;
     case O_JSON: a->json = 1; break;
     case O_IGNORE_EOS: a->ignore_eos = 1; break;
     case 'd': a->draft = optarg; break;
     case O_TREE: a->tree = optarg; break;
-    case O_DRAFT_LAYERS: rc = parse_int(optarg, "--draft-layers", 1, &a->draft_layers); break;
+    case O_DRAFT_LAYERS: rc = cli_parse_int("generate", "--draft-layers", optarg, 1, &a->draft_layers); break;
     case O_COMPARE: a->compare = 1; break;
     case 'h': fputs(usage, stdout); return -1;
     default: fputs(usage, stderr); return 2;

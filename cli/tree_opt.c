@@ -39,18 +39,6 @@ static const char *usage =
     "example:\n"
     "  canopy tree-opt --acceptance /tmp/acc/results.json --size 16 --out tree16.json\n";
 
-static int parse_num(const char *s, const char *name, double lo, double hi, double *out) {
-  char *end;
-  errno = 0;
-  double v = strtod(s, &end);
-  if (errno || *end || end == s || !(v >= lo && v <= hi)) {
-    fprintf(stderr, "canopy: tree-opt: %s '%s' must be a number in [%g, %g]\n", name, s, lo, hi);
-    return 2;
-  }
-  *out = v;
-  return 0;
-}
-
 static char *slurp(const char *path) {
   FILE *f = fopen(path, "rb");
   if (!f) return NULL;
@@ -100,11 +88,11 @@ int cli_tree_opt(int argc, char **argv) {
   while (!rc && (c = getopt_long(argc, argv, "a:s:D:o:h", opts, NULL)) != -1) {
     switch (c) {
     case 'a': acc_path = optarg; break;
-    case 's': rc = parse_num(optarg, "--size", 1, CLI_TREE_OPT_MAX_NODES, &size); break;
-    case 'D': rc = parse_num(optarg, "--max-depth", 1, CLI_TREE_OPT_MAX_DEPTH, &depth); break;
+    case 's': rc = cli_parse_double("tree-opt", "--size", optarg, 1, CLI_TREE_OPT_MAX_NODES, &size); break;
+    case 'D': rc = cli_parse_double("tree-opt", "--max-depth", optarg, 1, CLI_TREE_OPT_MAX_DEPTH, &depth); break;
     case 'o': out_path = optarg; break;
-    case 'P': rc = parse_num(optarg, "--p1", 0, 1, &p1); break;
-    case 'R': rc = parse_num(optarg, "--rank-decay", 0, 1, &decay); break;
+    case 'P': rc = cli_parse_double("tree-opt", "--p1", optarg, 0, 1, &p1); break;
+    case 'R': rc = cli_parse_double("tree-opt", "--rank-decay", optarg, 0, 1, &decay); break;
     case 'h': fputs(usage, stdout); return 0;
     default: fputs(usage, stderr); return 2;
     }

@@ -221,6 +221,16 @@ typedef struct step_part {
   int first, n;
 } step_part;
 
+/* Samples the next token from the current logits into the sequence (pending) and the queue. */
+static void sample_to_queue(canopy_session *s) {
+  int32_t t = cn_sampler_sample(&s->sampler, s->logits);
+  s->tokens[s->n_tokens++] = t;
+  s->queue[0] = t;
+  s->n_queue = 1;
+  s->q_at = 0;
+  s->pending = 1;
+}
+
 static int finished(const canopy_session *s) {
   return (s->p.max_tokens > 0 && s->stats.n_generated >= s->p.max_tokens) || s->n_tokens >= s->m->max_context;
 }
@@ -247,12 +257,7 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
     if (s->q_at < s->n_queue || finished(s)) continue;
     if (!s->pending && s->has_logits) {
       /* Just given a prompt: its next token comes from the prompt's logits, no forward. */
-      int32_t t = cn_sampler_sample(&s->sampler, s->logits);
-      s->tokens[s->n_tokens++] = t;
-      s->queue[0] = t;
-      s->n_queue = 1;
-      s->q_at = 0;
-      s->pending = 1;
+      sample_to_queue(s);
       sampled++;
       continue;
     }
@@ -303,10 +308,7 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
       cn_kv_seq_commit(s->kv, s->tokens + s->n_tokens - 1, 1);
       memcpy(s->logits, logits, sizeof *logits * V);
       s->has_logits = 1;
-      int32_t t = cn_sampler_sample(&s->sampler, s->logits);
-      s->tokens[s->n_tokens++] = t;
-      s->queue[0] = t;
-      s->n_queue = 1;
+      sample_to_queue(s);
     }
     s->q_at = 0;
     s->pending = 1;

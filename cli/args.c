@@ -1,0 +1,42 @@
+/* Option values shared by the commands: one message format, exit status 2 for usage errors. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "cli/cli.h"
+
+int cli_parse_int(const char *cmd, const char *name, const char *s, int lo, int *out) {
+  char *end;
+  errno = 0;
+  long v = strtol(s, &end, 10);
+  if (errno || *end || end == s || v < lo || v > 1 << 30) {
+    fprintf(stderr, "canopy: %s: %s '%s' must be an integer >= %d\n", cmd, name, s, lo);
+    return 2;
+  }
+  *out = (int)v;
+  return 0;
+}
+
+int cli_parse_double(const char *cmd, const char *name, const char *s, double lo, double hi, double *out) {
+  char *end;
+  errno = 0;
+  double v = strtod(s, &end);
+  if (errno || *end || end == s || !(v >= lo && v <= hi)) {
+    fprintf(stderr, "canopy: %s: %s '%s' must be a number in [%g, %g]\n", cmd, name, s, lo, hi);
+    return 2;
+  }
+  *out = v;
+  return 0;
+}
+
+int cli_parse_u64(const char *cmd, const char *name, const char *s, uint64_t *out) {
+  char *end;
+  errno = 0;
+  unsigned long long v = strtoull(s, &end, 10);
+  if (errno || *end || end == s || *s == '-') {
+    fprintf(stderr, "canopy: %s: %s '%s' must be a non-negative integer\n", cmd, name, s);
+    return 2;
+  }
+  *out = (uint64_t)v;
+  return 0;
+}
