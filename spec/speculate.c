@@ -210,6 +210,20 @@ int cn_spec_batch(cn_spec *s, cn_kv_seq *target_kv, int first, int32_t *tokens, 
   return t->n;
 }
 
+typedef struct target_rows {
+  cn_spec *s;
+  cn_sampler *sampler;
+  const float *logits; /* [tree nodes][V] */
+} target_rows;
+
+static int target_row(void *ctx, int node, const float **row) {
+  target_rows *r = ctx;
+  float *p = r->s->tprobs + (size_t)node * r->s->vocab;
+  cn_sampler_probs(r->sampler, r->logits + (size_t)node * r->s->vocab, p);
+  *row = p;
+  return CANOPY_OK;
+}
+
 int cn_spec_accept(cn_spec *s, cn_kv_seq *target_kv, const float *logits, cn_sampler *sampler, int32_t *out,
                    int *n_out, canopy_stats *stats) {
   double t1 = now_s();
@@ -218,11 +232,14 @@ int cn_spec_accept(cn_spec *s, cn_kv_seq *target_kv, const float *logits, cn_sam
   int n_acc = 0, st;
   if (s->stochastic) {
     for (int u = 0; u < t->n; u++) {
-      cn_sampler_probs(sampler, logits + (size_t)u * s->vocab, s->tprobs + (size_t)u * s->vocab);
       int o = s->oracle_index[u];
       s->qrows[u] = t->n_children[u] > 0 && o >= 0 ? s->dprobs + (size_t)o * s->vocab : NULL;
     }
-    st = cn_accept_stochastic(t, s->tprobs, s->qrows, s->vocab, &sampler->rng, s->scratch, acc, &n_acc, &bonus);
+    /* Only the rows the walk visits (depth + 1 at most) go through top-k/top-p: a full sort of
+     * the vocabulary per row, for every node of the tree, would cost more than the walk. */
+    target_rows rows = {.s = s, .sampler = sampler, .logits = logits};
+    st = cn_accept_stochastic_lazy(t, target_row, &rows, s->qrows, s->vocab, &sampler->rng, s->scratch, acc, &n_acc,
+                                   &bonus);
   } else {
     st = cn_accept_greedy(t, logits, s->vocab, acc, &n_acc, &bonus);
   }
