@@ -11,14 +11,9 @@
 #include <immintrin.h>
 #endif
 
+#include "bench/bench_util.h"
 #include "cli/cpu_tune.h"
 #include "kernels/cpu/ops.h"
-
-static double now_s(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 typedef struct job {
   const float *w, *x;
@@ -68,16 +63,16 @@ int main(int argc, char **argv) {
       for (size_t e = 0; e < (size_t)M * K; e++) w[c][e] = (float)(e % 7) * 0.1f;
     }
     for (int k = 0; k < K; k++) x[k] = 1.0f;
-    double t0 = now_s();
+    double t0 = bench_now_s();
     for (long r = 0; r < reps; r++) cblas_sgemv(CblasRowMajor, CblasNoTrans, M, K, 1, w[r % copies], K, x, 1, 0, y, 1);
-    double t_blas = (now_s() - t0) / (double)reps;
+    double t_blas = (bench_now_s() - t0) / (double)reps;
     job j = {.x = x, .y = y, .in = K, .out = M, .parts = threads * 4};
-    t0 = now_s();
+    t0 = bench_now_s();
     for (long r = 0; r < reps; r++) {
       j.w = w[r % copies];
       cn_threadpool_run(tp, j.parts, rows_part, &j);
     }
-    double t_own = (now_s() - t0) / (double)reps;
+    double t_own = (bench_now_s() - t0) / (double)reps;
     char name[32];
     snprintf(name, sizeof name, "%dx%d", M, K);
     printf("%-12s %14.1f %14.1f\n", name, (double)bytes / t_blas / 1e9, (double)bytes / t_own / 1e9);

@@ -8,25 +8,10 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench/bench_util.h"
 #include "canopy.h"
 #include "cli/cpu_tune.h"
 #include "kernels/cpu/ops.h"
-
-static double now_s(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
-
-static double median(double *v, int n) {
-  qsort(v, (size_t)n, sizeof *v, cmp_double);
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 typedef struct copy_job {
   char *dst;
@@ -71,13 +56,13 @@ static double read_bandwidth(int threads) {
   read_job j = {.src = a, .n = n, .parts = threads * 4};
   double t[7];
   for (int r = 0; r < 7; r++) {
-    double t0 = now_s();
+    double t0 = bench_now_s();
     cn_threadpool_run(tp, j.parts, read_part, &j);
-    t[r] = now_s() - t0;
+    t[r] = bench_now_s() - t0;
   }
   cn_threadpool_free(tp);
   free(a);
-  return (double)(n * sizeof(float)) / median(t, 7);
+  return (double)(n * sizeof(float)) / bench_median(t, 7);
 }
 
 /* Bytes read plus bytes written per second by a multi-threaded memcpy of a buffer far larger
@@ -92,14 +77,14 @@ static double copy_bandwidth(int threads) {
   copy_job j = {b, a, bytes, threads * 4};
   double t[7];
   for (int r = 0; r < 7; r++) {
-    double t0 = now_s();
+    double t0 = bench_now_s();
     cn_threadpool_run(tp, j.parts, copy_part, &j);
-    t[r] = now_s() - t0;
+    t[r] = bench_now_s() - t0;
   }
   cn_threadpool_free(tp);
   free(a);
   free(b);
-  return 2.0 * (double)bytes / median(t, 7);
+  return 2.0 * (double)bytes / bench_median(t, 7);
 }
 
 /* sgemm FLOP rate at the prefill's own shape (tokens x hidden by hidden x ffn), and at a large
@@ -111,12 +96,12 @@ static double sgemm_rate(int m, int n, int k) {
   double t[5];
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1, a, k, b, k, 0, c, n);
   for (int r = 0; r < 5; r++) {
-    double t0 = now_s();
+    double t0 = bench_now_s();
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1, a, k, b, k, 0, c, n);
-    t[r] = now_s() - t0;
+    t[r] = bench_now_s() - t0;
   }
   free(a), free(b), free(c);
-  return 2.0 * m * n * (double)k / median(t, 5);
+  return 2.0 * m * n * (double)k / bench_median(t, 5);
 }
 
 static int die(const char *what) {
@@ -174,7 +159,7 @@ int main(int argc, char **argv) {
     dec[r] = st.n_generated / st.decode_s;
     canopy_session_free(s);
   }
-  double prefill_tok_s = median(pre, reps), decode_tok_s = median(dec, reps);
+  double prefill_tok_s = bench_median(pre, reps), decode_tok_s = bench_median(dec, reps);
 
   /* Per decoded token: every weight once, plus K and V of the context (at the mean position). */
   double ctx = n_prefill + n_decode / 2.0;

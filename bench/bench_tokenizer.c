@@ -13,6 +13,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench/bench_util.h"
 #include "canopy.h"
 
 static const char *WORDS[] = {
@@ -72,17 +73,6 @@ static char *read_file(const char *path, size_t *len) {
   return t;
 }
 
-static double now(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
-
 /* One pass over the text; returns the ids produced, or -1. */
 static long encode_all(const canopy_tokenizer *tok, const char *text, size_t len, size_t chunk, int32_t *ids, int cap) {
   long total = 0;
@@ -135,16 +125,16 @@ int main(int argc, char **argv) {
   int cap = (int)((chunk && (size_t)chunk < len ? (size_t)chunk * 2 : len) + 4096);
   int32_t *ids = malloc(sizeof *ids * (size_t)cap);
   double *secs = malloc(sizeof *secs * (size_t)runs);
-  double t_cold = now();
+  double t_cold = bench_now_s();
   long ntok = encode_all(tok, text, len, (size_t)chunk, ids, cap); /* warm-up (fills the word cache) */
-  t_cold = now() - t_cold;
+  t_cold = bench_now_s() - t_cold;
   for (int r = 0; r < runs && ntok >= 0; r++) {
-    double t0 = now();
+    double t0 = bench_now_s();
     ntok = encode_all(tok, text, len, (size_t)chunk, ids, cap);
-    secs[r] = now() - t0;
+    secs[r] = bench_now_s() - t0;
   }
   if (ntok < 0) return 1;
-  qsort(secs, (size_t)runs, sizeof *secs, cmp_double);
+  qsort(secs, (size_t)runs, sizeof *secs, bench_cmp_double);
   double med = secs[runs / 2];
   printf("bench_tokenizer: %s, %.2f MB of %s in %s, %ld tokens (%.2f bytes/token)\n", tok_path, (double)len / 1e6,
          file ? file : "generated English", chunk ? "chunks of whole lines" : "one call", ntok, (double)len / (double)ntok);

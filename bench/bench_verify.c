@@ -9,20 +9,10 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench/bench_util.h"
 #include "cli/cpu_tune.h"
 #include "draft/tree.h"
 #include "model/forward.h"
-
-static double now_s(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
 
 static double time_forward(canopy_model *m, cn_kv_seq *kv, const cn_tree *t, int all_logits, float *logits, int reps) {
   int n = t->n, ctx = cn_kv_seq_len(kv), words = (n + 63) / 64;
@@ -36,16 +26,15 @@ static double time_forward(canopy_model *m, cn_kv_seq *kv, const cn_tree *t, int
                 .n_logits = all_logits ? n : 1, .logit_rows = all_logits ? rows : &last};
   double *times = malloc(sizeof *times * (size_t)reps);
   for (int r = -1; r < reps; r++) { /* one warm-up */
-    double t0 = now_s();
+    double t0 = bench_now_s();
     if (cn_forward(m, &b, logits)) {
       fprintf(stderr, "bench_verify: %s\n", canopy_last_error());
       exit(1);
     }
-    if (r >= 0) times[r] = now_s() - t0;
+    if (r >= 0) times[r] = bench_now_s() - t0;
     cn_kv_seq_truncate(kv, ctx);
   }
-  qsort(times, (size_t)reps, sizeof *times, cmp_double);
-  double med = times[reps / 2];
+  double med = bench_median(times, reps);
   free(times);
   return med;
 }

@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cli/cli.h"
 
@@ -39,4 +40,22 @@ int cli_parse_u64(const char *cmd, const char *name, const char *s, uint64_t *ou
   }
   *out = (uint64_t)v;
   return 0;
+}
+
+char *cli_read_file(const char *path) {
+  FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
+  if (!f) return NULL;
+  size_t len = 0, cap = 1 << 16, got;
+  char *buf = malloc(cap);
+  while (buf && (got = fread(buf + len, 1, cap - len - 1, f)) > 0) {
+    len += got;
+    if (cap - len < 2) {
+      char *bigger = realloc(buf, cap *= 2);
+      if (!bigger) free(buf);
+      buf = bigger;
+    }
+  }
+  if (f != stdin) fclose(f);
+  if (buf) buf[len] = '\0';
+  return buf;
 }

@@ -17,6 +17,10 @@ int cli_parse_int(const char *cmd, const char *name, const char *s, int lo, int 
 int cli_parse_double(const char *cmd, const char *name, const char *s, double lo, double hi, double *out);
 int cli_parse_u64(const char *cmd, const char *name, const char *s, uint64_t *out);
 
+/* A whole file ('-': standard input), NUL-terminated; NULL with errno set if it cannot be read.
+ * Caller frees. */
+char *cli_read_file(const char *path);
+
 /* Prints "canopy: <what>: <canopy_last_error()>" to stderr and returns 1. */
 int cli_fail(const char *what);
 

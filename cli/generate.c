@@ -97,28 +97,6 @@ static int parse(int argc, char **argv, gen_args *a) {
   return 0;
 }
 
-static char *read_all(const char *path) {
-  FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
-  if (!f) {
-    fprintf(stderr, "canopy: generate: cannot open prompt file '%s': %s\n", path, strerror(errno));
-    return NULL;
-  }
-  size_t len = 0, cap = 4096;
-  char *buf = malloc(cap);
-  size_t got;
-  while (buf && (got = fread(buf + len, 1, cap - len - 1, f)) > 0) {
-    len += got;
-    if (cap - len < 2) {
-      char *bigger = realloc(buf, cap *= 2);
-      if (!bigger) free(buf);
-      buf = bigger;
-    }
-  }
-  if (f != stdin) fclose(f);
-  if (buf) buf[len] = '\0';
-  return buf;
-}
-
 static int tokenize_all(canopy_tokenizer *tok, const char *text, int32_t **ids, int *n) {
   int cap = (int)strlen(text) + 16;
   *ids = malloc(sizeof **ids * (size_t)cap);
@@ -215,8 +193,11 @@ int cli_generate(int argc, char **argv) {
   int rc = parse(argc, argv, &a);
   if (rc) return rc < 0 ? 0 : rc;
   const char *dir = cli_model_dir(a.model);
-  char *prompt = a.file ? read_all(a.file) : strdup(a.prompt);
-  if (!prompt) return 1;
+  char *prompt = a.file ? cli_read_file(a.file) : strdup(a.prompt);
+  if (!prompt) {
+    fprintf(stderr, "canopy: generate: cannot read prompt file '%s': %s\n", a.file ? a.file : "-", strerror(errno));
+    return 1;
+  }
 
   canopy_tokenizer *tok = NULL;
   canopy_model *model = NULL;

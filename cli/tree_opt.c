@@ -39,25 +39,6 @@ static const char *usage =
     "example:\n"
     "  canopy tree-opt --acceptance /tmp/acc/results.json --size 16 --out tree16.json\n";
 
-static char *slurp(const char *path) {
-  FILE *f = fopen(path, "rb");
-  if (!f) return NULL;
-  size_t len = 0, cap = 1 << 16;
-  char *buf = malloc(cap);
-  size_t got;
-  while (buf && (got = fread(buf + len, 1, cap - len - 1, f)) > 0) {
-    len += got;
-    if (cap - len < 2) {
-      char *bigger = realloc(buf, cap *= 2);
-      if (!bigger) free(buf);
-      buf = bigger;
-    }
-  }
-  fclose(f);
-  if (buf) buf[len] = '\0';
-  return buf;
-}
-
 static int int_at(const cJSON *arr, int i) {
   const cJSON *x = cJSON_GetArrayItem(arr, i);
   return cJSON_IsNumber(x) ? (int)x->valuedouble : 0;
@@ -103,7 +84,7 @@ int cli_tree_opt(int argc, char **argv) {
     return 2;
   }
 
-  char *text = slurp(acc_path);
+  char *text = cli_read_file(acc_path);
   if (!text) {
     fprintf(stderr, "canopy: tree-opt: cannot read '%s': %s\n", acc_path, strerror(errno));
     return 1;

@@ -29,16 +29,6 @@ static int group_teardown(void **state) {
   return system(cmd) == 0 ? 0 : -1;
 }
 
-static canopy_tokenizer *load_style(const char *style) {
-  char path[1024], rel[256];
-  snprintf(rel, sizeof rel, "tests/fixtures/tokenizer/%s", style);
-  canopy_tokenizer *tok = NULL;
-  int rc = canopy_tokenizer_load(cn_test_path(path, sizeof path, rel), &tok);
-  if (rc) printf("      load failed: %s\n", canopy_last_error());
-  assert_int_equal(rc, CANOPY_OK);
-  return tok;
-}
-
 /* A folder with SmolLM2's tokenizer.json and a tokenizer_config.json holding `config`. */
 static canopy_tokenizer *load_with_config(const char *name, const char *config, int *status) {
   char dir[256], src[1024], dst[300];
@@ -99,7 +89,8 @@ static int check_row(const canopy_tokenizer *tok, const cJSON *row) {
 }
 
 static void run_style(const char *style) {
-  canopy_tokenizer *tok = load_style(style);
+  canopy_tokenizer *tok = cn_test_tokenizer(style);
+  assert_non_null(tok);
   char path[1024], rel[256];
   snprintf(rel, sizeof rel, "tests/fixtures/tokenizer/%s/chat.jsonl", style);
   char *data = cn_test_read_file(cn_test_path(path, sizeof path, rel), NULL);
@@ -188,7 +179,8 @@ static void test_unknown_or_missing_template_is_unsupported(void **state) {
 }
 
 static void test_null_messages_are_invalid(void **state) {
-  canopy_tokenizer *tok = load_style("smollm2");
+  canopy_tokenizer *tok = cn_test_tokenizer("smollm2");
+  assert_non_null(tok);
   canopy_chat_message m[] = {{"user", NULL}};
   char *out = NULL;
   assert_int_equal(canopy_chat_apply(tok, m, 1, 0, &out), CANOPY_ERR_INVALID_ARG);

@@ -39,16 +39,6 @@ static int valid_utf8(const unsigned char *s, size_t n) {
   return 1;
 }
 
-static canopy_tokenizer *load_style(const char *style) {
-  char path[1024], rel[256];
-  snprintf(rel, sizeof rel, "tests/fixtures/tokenizer/%s", style);
-  canopy_tokenizer *tok = NULL;
-  int rc = canopy_tokenizer_load(cn_test_path(path, sizeof path, rel), &tok);
-  if (rc) printf("      load failed: %s\n", canopy_last_error());
-  assert_int_equal(rc, CANOPY_OK);
-  return tok;
-}
-
 /* Streams ids; returns 1 if every piece was whole UTF-8 and the whole equals detokenize. */
 static int stream_matches(const canopy_tokenizer *tok, const int32_t *ids, int n, int skip) {
   canopy_detok_stream *s;
@@ -79,7 +69,8 @@ static int stream_matches(const canopy_tokenizer *tok, const int32_t *ids, int n
 
 static void test_stream_of_fixture_ids_concatenates_to_detokenize(void **state) {
   for (int st = 0; st < 4; st++) {
-    canopy_tokenizer *tok = load_style(STYLES[st]);
+    canopy_tokenizer *tok = cn_test_tokenizer(STYLES[st]);
+    assert_non_null(tok);
     char path[1024], rel[256];
     snprintf(rel, sizeof rel, "tests/fixtures/tokenizer/%s/cases.jsonl", STYLES[st]);
     char *data = cn_test_read_file(cn_test_path(path, sizeof path, rel), NULL);
@@ -123,7 +114,8 @@ static int byte_ids(const canopy_tokenizer *tok, int32_t *out) {
 static void test_stream_of_random_ids_never_splits_a_character(void **state) {
   uint64_t rng = cn_test_seed("test_stream_of_random_ids_never_splits_a_character");
   for (int st = 0; st < 4; st++) {
-    canopy_tokenizer *tok = load_style(STYLES[st]);
+    canopy_tokenizer *tok = cn_test_tokenizer(STYLES[st]);
+    assert_non_null(tok);
     int32_t bytes[128], ids[48];
     int nb = byte_ids(tok, bytes), vocab = canopy_tokenizer_vocab_size(tok);
     assert_true(nb >= 64);
@@ -143,7 +135,8 @@ static void test_stream_of_random_ids_never_splits_a_character(void **state) {
 }
 
 static void test_stream_holds_a_character_until_its_last_byte(void **state) {
-  canopy_tokenizer *tok = load_style("llama2");
+  canopy_tokenizer *tok = cn_test_tokenizer("llama2");
+  assert_non_null(tok);
   /* "中" as byte-fallback tokens, then a word: nothing comes out before the run ends. */
   int32_t ids[] = {canopy_token_id(tok, "<0xE4>"), canopy_token_id(tok, "<0xB8>"), canopy_token_id(tok, "<0xAD>"),
                    canopy_token_id(tok, "\xE2\x96\x81" "a")};
@@ -169,7 +162,8 @@ static void test_stream_holds_a_character_until_its_last_byte(void **state) {
 }
 
 static void test_stream_buffer_too_small_keeps_the_id(void **state) {
-  canopy_tokenizer *tok = load_style("smollm2");
+  canopy_tokenizer *tok = cn_test_tokenizer("smollm2");
+  assert_non_null(tok);
   int32_t ids[4];
   int n;
   assert_int_equal(canopy_tokenize(tok, "Hello world", 11, 0, ids, 4, &n), CANOPY_OK);

@@ -1,5 +1,7 @@
 #include "tests/testing.h"
 
+#include "canopy.h"
+
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,6 +30,17 @@ int cn_test_smollm2_dir(char *buf, size_t cap) {
   if (cn_test_exists(probe)) return 0;
   printf("skipped: %s not found (run tools/convert_smollm2.py)\n", buf);
   return CN_TEST_SKIP;
+}
+
+canopy_tokenizer *cn_test_tokenizer(const char *style) {
+  char path[1024], rel[256];
+  snprintf(rel, sizeof rel, "tests/fixtures/tokenizer/%s", style);
+  canopy_tokenizer *tok = NULL;
+  if (canopy_tokenizer_load(cn_test_path(path, sizeof path, rel), &tok)) {
+    printf("      load failed: %s\n", canopy_last_error());
+    return NULL;
+  }
+  return tok;
 }
 
 int cn_test_exists(const char *path) {

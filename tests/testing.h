@@ -18,6 +18,9 @@ char *cn_test_path(char *buf, size_t cap, const char *rel);
  * into buf; returns 0, or prints why and returns CN_TEST_SKIP when it is not there. */
 int cn_test_smollm2_dir(char *buf, size_t cap);
 
+/* The tokenizer of tests/fixtures/tokenizer/<style>, or NULL after printing why. */
+struct canopy_tokenizer *cn_test_tokenizer(const char *style);
+
 /* Whether a path exists. */
 int cn_test_exists(const char *path);
 
