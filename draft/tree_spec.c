@@ -347,6 +347,9 @@ cn_tree_spec_bounds cn_tree_spec_get_bounds(const cn_tree_spec *s) {
     int width = s->topk < s->n_nodes ? s->topk : s->n_nodes;
     b.max_frontier = s->depth > 1 ? width : 1;
     b.oracle_nodes = 1 + (s->depth - 1) * width;
+    /* A sampled dynamic tree's oracle tree is the output (N + 1 nodes), though it feeds at most
+     * as many as EAGLE-2 does. */
+    if (b.oracle_nodes < s->n_nodes + 1) b.oracle_nodes = s->n_nodes + 1;
     return b;
   }
   b.oracle_nodes = s->n_nodes + 1;
@@ -357,4 +360,4 @@ cn_tree_spec_bounds cn_tree_spec_get_bounds(const cn_tree_spec *s) {
   return b;
 }
 
-int cn_tree_spec_exact_for_sampling(const cn_tree_spec *s) { return s->kind == CN_TREE_STATIC && !s->rank_gaps; }
+int cn_tree_spec_exact_for_sampling(const cn_tree_spec *s) { return !s->rank_gaps; }

@@ -71,7 +71,7 @@ int cn_tree_spec_write_json(const cn_tree_spec *s, const char *path);
 typedef struct cn_tree_spec_bounds {
   int n_nodes;      /* most drafted nodes in a grown tree, the root excluded */
   int depth;        /* the deepest drafted node: ctx_len + depth must fit in the context */
-  int oracle_nodes; /* most nodes (root included) of the tree an oracle call sees: draft KV slots */
+  int oracle_nodes; /* most nodes (root included) of the tree an oracle call sees */
   int max_frontier; /* most frontier nodes in one oracle call: the draft forward's batch */
   int oracle_calls; /* most oracle calls (draft forwards) per grown tree */
 } cn_tree_spec_bounds;
@@ -80,9 +80,9 @@ cn_tree_spec_bounds cn_tree_spec_get_bounds(const cn_tree_spec *s);
 
 /* Whether trees grown from this spec with a sampling picker meet spec/accept.h's drafting
  * contract for exact stochastic acceptance: each node keeps a prefix of its draws, chosen without
- * looking at their values. True for static specs without rank_gaps. A dynamic spec ranks drawn
- * children by their probabilities (EAGLE-2's reranking), and rank gaps skip draws: both are fine
- * for greedy acceptance only. */
+ * looking at their values. True for static specs without rank_gaps, and for dynamic specs grown
+ * with cn_grow_params.sampled (draft/tree_grow.h fixes each node's child count before drawing).
+ * Rank gaps skip draws: fine for greedy acceptance only. */
 int cn_tree_spec_exact_for_sampling(const cn_tree_spec *s);
 
 #endif

@@ -93,6 +93,7 @@ typedef struct canopy_model_info {
   int bos_token_id;         /* -1 if none */
   int n_eos;                /* end-of-sequence ids from config.json / generation_config.json */
   int eos_token_ids[8];
+  int64_t n_forwards;       /* forward passes run so far (one per batch, however many sequences) */
 } canopy_model_info;
 
 int canopy_model_get_info(const canopy_model *model, canopy_model_info *info);
@@ -194,11 +195,14 @@ int canopy_session_next(canopy_session *s, int32_t *token);
 /* Steps several sessions of one model together, the way a server does: every session that needs
  * the target for its next tokens gets them from ONE target forward over a ragged batch (each
  * speculative session its own drafted tree, each plain session its one pending token); after it,
- * canopy_session_next returns those tokens without running the model. A session just given a
- * prompt gets its first token from the prompt's logits (no forward). Sessions that still hold
- * tokens or have finished sit the step out, as do sessions past the model's batch capacity (they
- * go in the next call). *n_stepped (may be NULL) receives how many produced tokens: 0 when all
- * are done. */
+ * canopy_session_next returns those tokens without running the model. The trees are drafted
+ * together too: each round is one draft forward holding every session's next tree level (or
+ * catch-up tokens) for all sessions that share a draft model. A session just given a prompt gets
+ * its first token from the prompt's logits (no forward). Sessions that still hold tokens or have
+ * finished sit the step out, as do sessions whose largest possible tree no longer fits the
+ * model's batch (they go in a later call: each call starts its search one session further on, so
+ * none waits forever). A steady-state step allocates no memory. *n_stepped (may be NULL) receives
+ * how many produced tokens: 0 when all are done. */
 int canopy_sessions_step(canopy_session *const *sessions, int n, int *n_stepped);
 
 /* How many tokens canopy_session_next will return without running the model (produced by a

@@ -56,6 +56,7 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
   int st = check_batch(m, b);
   if (st == CANOPY_OK) st = reserve_all(b);
   if (st) return st;
+  m->n_forwards++;
 
   const cn_config *c = &m->cfg;
   const cn_backend *be = m->be;

@@ -48,10 +48,18 @@ struct canopy_model {
   cn_kv_pool *kv;
   cn_scratch s;
   int max_batch;       /* tokens per forward; longer prompts are fed in chunks of this size */
-  float *step_logits;  /* [step_rows][V] host logits of a batched session step, grown once */
+  /* Host scratch of a batched session step (spec/session.c), grown on demand and kept, so a
+   * steady-state step allocates nothing. */
+  float *step_logits;  /* [step_rows][V] */
   int step_rows;
+  int32_t *step_idx;   /* [3 * max_batch]: a forward's tokens, positions and logit rows */
+  struct cn_seq_batch *step_seqs; /* [step_cap] */
+  struct cn_step_part *step_parts; /* [step_cap] */
+  int step_cap;
+  unsigned step_rr;    /* where the next step starts looking, so no session waits forever */
   int max_context;
   int64_t n_params, weight_bytes;
+  int64_t n_forwards;
 };
 
 typedef struct cn_model_load_params {

@@ -205,6 +205,9 @@ void canopy_model_free(canopy_model *m) {
   }
   cn_kv_pool_free(m->kv);
   free(m->step_logits);
+  free(m->step_idx);
+  free(m->step_seqs);
+  free(m->step_parts);
   free(m->layers);
   free(m->inv_freq);
   free(m);
@@ -218,7 +221,7 @@ int canopy_model_get_info(const canopy_model *m, canopy_model_info *info) {
                               .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
                               .intermediate_size = c->intermediate_size, .max_context = m->max_context,
                               .n_params = m->n_params, .weight_bytes = m->weight_bytes,
-                              .bos_token_id = c->bos_token_id, .n_eos = c->n_eos};
+                              .bos_token_id = c->bos_token_id, .n_eos = c->n_eos, .n_forwards = m->n_forwards};
   memcpy(info->eos_token_ids, c->eos_token_ids, sizeof info->eos_token_ids);
   return CANOPY_OK;
 }

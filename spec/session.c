@@ -215,10 +215,11 @@ int canopy_session_next(canopy_session *s, int32_t *token) {
 }
 
 /* What a session contributes to a batched step. */
-typedef struct step_part {
+typedef struct cn_step_part {
   canopy_session *s;
-  int spec; /* 1: a drafted tree; 0: its pending token */
-  int first, n;
+  int spec;      /* 1: a drafted tree; 0: its pending token */
+  int first, n;  /* its tokens in the verification batch */
+  int row_first; /* its draft piece's first logit row in the current draft forward, -1: none */
 } step_part;
 
 /* Samples the next token from the current logits into the sequence (pending) and the queue. */
@@ -235,6 +236,64 @@ static int finished(const canopy_session *s) {
   return (s->p.max_tokens > 0 && s->stats.n_generated >= s->p.max_tokens) || s->n_tokens >= s->m->max_context;
 }
 
+/* Grows a model's step scratch to `sessions` parts and `rows` rows of logits. */
+static int step_scratch(canopy_model *m, int sessions, int rows) {
+  if (!m->step_idx && !(m->step_idx = malloc(sizeof *m->step_idx * 3 * (size_t)m->max_batch)))
+    return cn_error(CANOPY_ERR_NO_MEMORY, "batched step: out of memory");
+  if (sessions > m->step_cap) {
+    cn_seq_batch *seqs = realloc(m->step_seqs, sizeof *seqs * (size_t)sessions);
+    if (seqs) m->step_seqs = seqs;
+    step_part *parts = seqs ? realloc(m->step_parts, sizeof *parts * (size_t)sessions) : NULL;
+    if (parts) m->step_parts = parts;
+    if (!seqs || !parts) return cn_error(CANOPY_ERR_NO_MEMORY, "batched step: no memory for %d sessions", sessions);
+    m->step_cap = sessions;
+  }
+  if (rows > m->step_rows) {
+    float *grown = realloc(m->step_logits, sizeof *grown * (size_t)rows * (size_t)m->cfg.vocab_size);
+    if (!grown) return cn_error(CANOPY_ERR_NO_MEMORY, "batched step: no memory for %d rows of logits", rows);
+    m->step_logits = grown, m->step_rows = rows;
+  }
+  return CANOPY_OK;
+}
+
+/* Grows the trees of every speculative part whose draft model is d: each round is ONE draft
+ * forward holding every such sequence's next piece (catch-up chunk or tree level), ragged. */
+static int draft_together(canopy_model *d, step_part *parts, int k) {
+  int st = step_scratch(d, k, d->max_batch);
+  int32_t *tokens = d->step_idx, *pos = tokens + d->max_batch, *rows = pos + d->max_batch;
+  for (;;) {
+    int total = 0, n_rows = 0, n_seqs = 0, waiting = 0;
+    for (int j = 0; !st && j < k; j++) {
+      step_part *p = &parts[j];
+      p->row_first = -1;
+      if (!p->spec || cn_spec_draft_model(p->s->spec) != d || !cn_spec_drafting(p->s->spec)) continue;
+      int n = cn_spec_draft_piece(p->s->spec, total, d->max_batch - total, tokens, pos, rows, n_rows,
+                                  &d->step_seqs[n_seqs]);
+      if (!n) {
+        waiting++; /* no room left in this forward: the next one */
+        continue;
+      }
+      p->row_first = n_rows;
+      n_rows += cn_spec_draft_rows(p->s->spec);
+      total += n;
+      n_seqs++;
+    }
+    if (st || !total) {
+      if (!st && waiting)
+        st = cn_error(CANOPY_ERR_INVALID_ARG, "batched step: a draft tree level does not fit the draft's batch of %d",
+                      d->max_batch);
+      return st;
+    }
+    cn_batch b = {.n_tokens = total, .tokens = tokens, .pos = pos, .n_seqs = n_seqs, .seqs = d->step_seqs,
+                  .n_logits = n_rows, .logit_rows = rows};
+    if (!(st = step_scratch(d, k, n_rows)) && (st = cn_forward(d, &b, d->step_logits)))
+      st = cn_error_wrap(st, "draft");
+    for (int j = 0; !st && j < k; j++)
+      if (parts[j].row_first >= 0)
+        st = cn_spec_draft_take(parts[j].s->spec, d->step_logits + (size_t)parts[j].row_first * d->cfg.vocab_size);
+  }
+}
+
 int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
   if (n_stepped) *n_stepped = 0;
   if (!ss || n <= 0) return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_sessions_step: no sessions");
@@ -243,17 +302,15 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
     if (!ss[i] || ss[i]->m != m)
       return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_sessions_step: session %d is NULL or of another model", i);
   double t0 = now_s();
-  int32_t *tokens = malloc(sizeof *tokens * 3 * (size_t)m->max_batch);
-  cn_seq_batch *seqs = malloc(sizeof *seqs * (size_t)n);
-  step_part *parts = malloc(sizeof *parts * (size_t)n);
-  if (!tokens || !seqs || !parts) {
-    free(tokens), free(seqs), free(parts);
-    return cn_error(CANOPY_ERR_NO_MEMORY, "canopy_sessions_step: out of memory");
-  }
-  int32_t *pos = tokens + m->max_batch, *rows = pos + m->max_batch;
-  int total = 0, k = 0, st = CANOPY_OK, sampled = 0;
-  for (int i = 0; i < n && !st; i++) {
-    canopy_session *s = ss[i];
+  int st = step_scratch(m, n, 0);
+  if (st) return st;
+  step_part *parts = m->step_parts;
+
+  /* Who takes part: everyone who needs the target, while the verification batch has room for
+   * the largest tree each could draft. The search starts one session later each call. */
+  int total = 0, k = 0, sampled = 0, start = (int)(m->step_rr++ % (unsigned)n);
+  for (int i = 0; i < n; i++) {
+    canopy_session *s = ss[(start + i) % n];
     if (s->q_at < s->n_queue || finished(s)) continue;
     if (!s->pending && s->has_logits) {
       /* Just given a prompt: its next token comes from the prompt's logits, no forward. */
@@ -263,34 +320,53 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
     }
     if (!s->pending) continue;
     int spec = s->spec && s->n_tokens + cn_spec_depth(s->spec) + 1 <= m->max_context;
-    if (total + (spec ? cn_spec_depth(s->spec) : 0) + 1 > m->max_batch) break;
-    step_part *p = &parts[k];
-    *p = (step_part){.s = s, .spec = spec, .first = total};
-    if (spec) {
-      if ((st = cn_spec_draft(s->spec, s->kv, s->tokens, s->n_tokens, &s->stats))) break;
-      p->n = cn_spec_batch(s->spec, s->kv, total, tokens, pos, rows, &seqs[k]);
-      if (total + p->n > m->max_batch) break; /* a tree bigger than its depth: next call */
+    int most = spec ? cn_spec_max_nodes(s->spec) : 1;
+    if (total + most > m->max_batch) continue;
+    parts[k++] = (step_part){.s = s, .spec = spec, .first = total, .n = most};
+    total += most;
+  }
+
+  /* Draft every tree, sharing draft forwards among sessions with the same draft model. */
+  for (int j = 0; !st && j < k; j++)
+    if (parts[j].spec) st = cn_spec_draft_begin(parts[j].s->spec, parts[j].s->kv, parts[j].s->tokens,
+                                                parts[j].s->n_tokens, &parts[j].s->stats);
+  for (int j = 0; !st && j < k; j++) {
+    if (!parts[j].spec) continue;
+    canopy_model *d = cn_spec_draft_model(parts[j].s->spec);
+    int seen = 0;
+    for (int i = 0; i < j && !seen; i++)
+      seen = parts[i].spec && cn_spec_draft_model(parts[i].s->spec) == d;
+    if (!seen) st = draft_together(d, parts, k);
+  }
+  for (int j = 0; !st && j < k; j++)
+    if (parts[j].spec) st = cn_spec_draft_end(parts[j].s->spec);
+
+  /* One target forward verifies every tree and feeds every plain session's pending token. */
+  if (!st) st = step_scratch(m, n, 0);
+  int32_t *tokens = m->step_idx, *pos = tokens + m->max_batch, *rows = pos + m->max_batch;
+  total = 0;
+  for (int j = 0; !st && j < k; j++) {
+    step_part *p = &parts[j];
+    canopy_session *s = p->s;
+    p->first = total;
+    if (p->spec) {
+      p->n = cn_spec_batch(s->spec, s->kv, total, tokens, pos, rows, &m->step_seqs[j]);
     } else {
       p->n = 1;
       tokens[total] = s->tokens[s->n_tokens - 1];
       pos[total] = s->n_tokens - 1;
       rows[total] = total;
-      seqs[k] = (cn_seq_batch){.kv = s->kv, .first = total, .n = 1};
+      m->step_seqs[j] = (cn_seq_batch){.kv = s->kv, .first = total, .n = 1};
     }
     total += p->n;
-    k++;
-  }
-  if (!st && k > 0 && total > m->step_rows) {
-    float *grown = realloc(m->step_logits, sizeof *grown * (size_t)total * (size_t)m->cfg.vocab_size);
-    if (grown) m->step_logits = grown, m->step_rows = total;
-    else st = cn_error(CANOPY_ERR_NO_MEMORY, "canopy_sessions_step: no memory for %d rows of logits", total);
-  }
-  if (!st && k > 0) {
-    cn_batch b = {.n_tokens = total, .tokens = tokens, .pos = pos, .n_seqs = k, .seqs = seqs, .n_logits = total,
-                  .logit_rows = rows};
-    st = cn_forward(m, &b, m->step_logits);
   }
   double t1 = now_s();
+  if (!st && k > 0 && !(st = step_scratch(m, n, total))) {
+    cn_batch b = {.n_tokens = total, .tokens = tokens, .pos = pos, .n_seqs = k, .seqs = m->step_seqs,
+                  .n_logits = total, .logit_rows = rows};
+    st = cn_forward(m, &b, m->step_logits);
+  }
+  double t2 = now_s();
   size_t V = (size_t)m->cfg.vocab_size;
   for (int j = 0; !st && j < k; j++) {
     canopy_session *s = parts[j].s;
@@ -298,7 +374,7 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
     s->stats.forward_passes++;
     if (parts[j].spec) {
       int n_out = 0;
-      s->stats.verify_s += t1 - t0;
+      s->stats.verify_s += t2 - t1;
       if ((st = cn_spec_accept(s->spec, s->kv, logits, &s->sampler, s->queue, &n_out, &s->stats))) break;
       memcpy(s->tokens + s->n_tokens, s->queue, sizeof *s->queue * (size_t)n_out);
       s->n_tokens += n_out;
@@ -314,7 +390,6 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
     s->pending = 1;
     s->stats.decode_s += now_s() - t0;
   }
-  free(tokens), free(seqs), free(parts);
   if (!st && n_stepped) *n_stepped = k + sampled;
   return st;
 }

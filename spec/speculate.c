@@ -21,6 +21,15 @@ struct cn_spec {
   cn_sampler dist;           /* turns draft logits into the distribution children come from */
   cn_rng rng;                /* the stochastic picker's draws */
   cn_tree tree;
+  cn_tree_grower grower;
+  float log_tau;             /* sampled dynamic trees: the next step's threshold (draft/tree_grow.h) */
+
+  /* The draft phase under way: catch-up chunks, then one piece per tree level. */
+  const int32_t *seq;        /* the sequence being drafted from, and its length */
+  int seq_len;
+  int catch_from;            /* next sequence token the draft has not fed; seq_len when caught up */
+  int piece_n, piece_last;   /* the piece in the batch: its tokens, and whether it ends the catch-up */
+  double draft_t0;
 
   /* Draft side of the step under way. Oracle-tree node -> its draft KV slot past dkv's length
    * (-1: the root, which is committed, or a node never fed). */
@@ -29,7 +38,8 @@ struct cn_spec {
   int n_fed;
   int32_t oracle_index[CN_TREE_MAX_NODES];
   uint64_t *dmask;           /* [max_frontier][WORDS(oracle_nodes)] */
-  int32_t *dtok, *dpos, *drows; /* [max(max_frontier, max_batch)] */
+  int32_t *dtok, *dpos, *drows; /* [dbatch] */
+  int dbatch;                /* max(max_frontier, the draft's max_batch) */
   float *dlogits;            /* [max_frontier][V] */
   float *dprobs;             /* [oracle_nodes][V]: q of every oracle-tree node that got children */
   const float *probs_out[CN_TREE_MAX_NODES];
@@ -65,9 +75,8 @@ int cn_spec_create(canopy_model *target, canopy_model *draft, const char *tree, 
   int st = cn_tree_spec_parse(tree && *tree ? tree : "chain:4", &s->spec);
   if (!st && s->stochastic && !cn_tree_spec_exact_for_sampling(&s->spec))
     st = cn_error(CANOPY_ERR_UNSUPPORTED,
-                  "tree '%s' would keep sampled children by their own probability (a dynamic tree, or a static one "
-                  "listing a child without its lower-ranked siblings), which biases sampling; use a static tree or "
-                  "chain with --temp > 0",
+                  "tree '%s' lists a child without its lower-ranked siblings, which would skip sampled children and "
+                  "bias sampling; list every lower rank, or use it with --temp 0",
                   tree);
   /* Greedy trees rank children by the draft's own (T = 1) probabilities; sampled trees draw them
    * from the draft processed like the target (temperature, top-k, top-p). */
@@ -83,6 +92,8 @@ int cn_spec_create(canopy_model *target, canopy_model *draft, const char *tree, 
   s->bounds = cn_tree_spec_get_bounds(&s->spec);
   size_t V = (size_t)s->vocab, on = (size_t)s->bounds.oracle_nodes, fr = (size_t)s->bounds.max_frontier;
   size_t nn = (size_t)s->bounds.n_nodes + 1, batch = fr > (size_t)draft->max_batch ? fr : (size_t)draft->max_batch;
+  s->dbatch = (int)batch;
+  s->log_tau = -INFINITY;
   s->dmask = malloc(sizeof *s->dmask * fr * WORDS(on));
   s->dtok = malloc(sizeof *s->dtok * batch);
   s->dpos = malloc(sizeof *s->dpos * batch);
@@ -114,85 +125,144 @@ void cn_spec_free(cn_spec *s) {
 
 int cn_spec_depth(const cn_spec *s) { return s->bounds.depth; }
 
+canopy_model *cn_spec_draft_model(const cn_spec *s) { return s->draft; }
+
+int cn_spec_max_nodes(const cn_spec *s) { return s->bounds.n_nodes + 1; }
+
 void cn_spec_truncate(cn_spec *s, int len) {
   if (cn_kv_seq_len(s->dkv) > len) cn_kv_seq_truncate(s->dkv, len);
 }
 
-/* Feeds the draft every sequence token it has not seen (the prompt at first, later the accepted
- * tokens it never fed and the root) and leaves the root's distribution in dprobs row 0. */
-static int draft_catch_up(cn_spec *s, const int32_t *tokens, int n_tokens) {
-  canopy_model *d = s->draft;
-  int from = cn_kv_seq_len(s->dkv);
-  if (from == 0) from = cn_kv_seq_attach_prefix(s->dkv, tokens, n_tokens - 1);
-  while (from < n_tokens) {
-    int n = n_tokens - from < d->max_batch ? n_tokens - from : d->max_batch;
-    for (int i = 0; i < n; i++) s->dpos[i] = from + i;
-    int last = n - 1, is_last = from + n == n_tokens;
-    cn_seq_batch sb = {.kv = s->dkv, .first = 0, .n = n};
-    cn_batch b = {.n_tokens = n, .tokens = tokens + from, .pos = s->dpos, .n_seqs = 1, .seqs = &sb,
-                  .n_logits = is_last, .logit_rows = &last};
-    int st = cn_forward(d, &b, s->dlogits);
-    if (st) return cn_error_wrap(st, "draft");
-    cn_kv_seq_commit(s->dkv, tokens + from, n);
-    s->stats->draft_forwards++;
-    from += n;
-  }
-  cn_sampler_probs(&s->dist, s->dlogits, s->dprobs);
-  return CANOPY_OK;
-}
-
-/* The oracle of cn_tree_grow: one tree-masked draft forward over a level's frontier. */
-static int draft_level(void *ctx, const cn_tree *t, const int32_t *frontier, int n, const float **probs_out) {
-  cn_spec *s = ctx;
-  if (t->depth[frontier[0]] == 0) { /* the root: draft_catch_up already has its distribution */
-    probs_out[0] = s->dprobs;
-    return CANOPY_OK;
-  }
-  int ctx_len = cn_kv_seq_len(s->dkv), prev = s->n_fed, words = WORDS(prev + n);
-  memset(s->dmask, 0, sizeof *s->dmask * (size_t)n * words);
-  for (int i = 0; i < n; i++) {
-    int u = frontier[i];
-    s->dtok[i] = t->token[u];
-    s->slot_of[u] = prev + i;
-    s->slot_pos[prev + i] = ctx_len - 1 + t->depth[u]; /* the root sits at ctx_len - 1 */
-    s->drows[i] = i;
-    for (int a = u; a > 0; a = t->parent[a]) s->dmask[(size_t)i * words + s->slot_of[a] / 64] |= 1ull << (s->slot_of[a] % 64);
-  }
-  cn_seq_batch sb = {.kv = s->dkv, .first = 0, .n = n, .tree_prev = prev, .tree_pos = s->slot_pos, .tree_mask = s->dmask};
-  cn_batch b = {.n_tokens = n, .tokens = s->dtok, .pos = s->slot_pos + prev, .n_seqs = 1, .seqs = &sb,
-                .n_logits = n, .logit_rows = s->drows};
-  int st = cn_forward(s->draft, &b, s->dlogits);
-  if (st) return cn_error_wrap(st, "draft");
-  s->n_fed += n;
-  s->stats->draft_forwards++;
-  for (int i = 0; i < n; i++) {
-    float *q = s->dprobs + (size_t)frontier[i] * s->vocab;
-    cn_sampler_probs(&s->dist, s->dlogits + (size_t)i * s->vocab, q);
-    probs_out[i] = q;
-  }
-  return CANOPY_OK;
-}
+/* ---- the draft phase, piece by piece ------------------------------------------------------- */
 
 static int pick_sampled(void *ctx, const float *q, int vocab, int k, int32_t *tokens) {
   cn_spec *s = ctx;
   return cn_draft_children_sample(q, vocab, k, &s->rng, tokens, s->scratch);
 }
 
-int cn_spec_draft(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, canopy_stats *stats) {
+int cn_spec_draft_begin(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, canopy_stats *stats) {
   s->stats = stats;
   int ctx_len = cn_kv_seq_len(target_kv); /* == n_tokens - 1: everything but the root */
   if (ctx_len + 1 + s->bounds.depth > s->target->max_context)
     return cn_error(CANOPY_ERR_CONTEXT, "a tree %d deep after %d tokens exceeds the context length %d",
                     s->bounds.depth, n_tokens, s->target->max_context);
-  double t0 = now_s();
+  s->draft_t0 = now_s();
   cn_spec_truncate(s, n_tokens - 1); /* the root is new to the draft too */
-  int st = draft_catch_up(s, tokens, n_tokens);
+  s->seq = tokens;
+  s->seq_len = n_tokens;
+  s->catch_from = cn_kv_seq_len(s->dkv);
+  if (s->catch_from == 0) s->catch_from = cn_kv_seq_attach_prefix(s->dkv, tokens, n_tokens - 1);
+  s->piece_n = 0;
   s->n_fed = 0;
   for (int i = 0; i < CN_TREE_MAX_NODES; i++) s->slot_of[i] = -1;
-  if (!st)
-    st = cn_tree_grow_ex(&s->spec, tokens[n_tokens - 1], s->vocab, draft_level, s,
-                         s->stochastic ? pick_sampled : cn_pick_topk, s, &s->tree, NULL, s->oracle_index);
-  stats->draft_s += now_s() - t0;
+  cn_grow_params gp = {.spec = &s->spec, .root_token = tokens[n_tokens - 1], .vocab = s->vocab,
+                       .picker = s->stochastic ? pick_sampled : cn_pick_topk, .picker_ctx = s,
+                       .sampled = s->stochastic, .log_tau = s->log_tau};
+  return cn_tree_grower_start(&s->grower, &gp);
+}
+
+int cn_spec_drafting(const cn_spec *s) {
+  return s->catch_from < s->seq_len || cn_tree_grower_frontier((cn_tree_grower *)&s->grower, NULL, NULL) > 0;
+}
+
+int cn_spec_draft_piece(cn_spec *s, int first, int room, int32_t *tokens, int32_t *pos, int32_t *rows, int row_first,
+                        cn_seq_batch *sb) {
+  s->piece_n = 0;
+  if (s->catch_from < s->seq_len) {
+    /* Catch-up: every sequence token the draft has not fed (the prompt at first, later the
+     * accepted tokens it never fed, and the root), causal, in chunks that fit. */
+    int n = s->seq_len - s->catch_from < room ? s->seq_len - s->catch_from : room;
+    if (n <= 0) return 0;
+    for (int i = 0; i < n; i++) {
+      tokens[first + i] = s->seq[s->catch_from + i];
+      pos[first + i] = s->catch_from + i;
+    }
+    s->piece_last = s->catch_from + n == s->seq_len;
+    if (s->piece_last) rows[row_first] = first + n - 1; /* the root's distribution */
+    *sb = (cn_seq_batch){.kv = s->dkv, .first = first, .n = n};
+    return s->piece_n = n;
+  }
+  /* A tree level: one tree-masked piece over its frontier, after the slots earlier levels wrote. */
+  const cn_tree *t;
+  const int32_t *frontier;
+  int n = cn_tree_grower_frontier(&s->grower, &t, &frontier);
+  if (n <= 0 || n > room) return 0;
+  int ctx_len = cn_kv_seq_len(s->dkv), prev = s->n_fed, words = WORDS(prev + n);
+  memset(s->dmask, 0, sizeof *s->dmask * (size_t)n * words);
+  for (int i = 0; i < n; i++) {
+    int u = frontier[i];
+    tokens[first + i] = t->token[u];
+    s->slot_of[u] = prev + i;
+    s->slot_pos[prev + i] = pos[first + i] = ctx_len - 1 + t->depth[u]; /* the root sits at ctx_len - 1 */
+    rows[row_first + i] = first + i;
+    for (int a = u; a > 0; a = t->parent[a]) s->dmask[(size_t)i * words + s->slot_of[a] / 64] |= 1ull << (s->slot_of[a] % 64);
+  }
+  *sb = (cn_seq_batch){.kv = s->dkv, .first = first, .n = n, .tree_prev = prev, .tree_pos = s->slot_pos,
+                       .tree_mask = s->dmask};
+  return s->piece_n = n;
+}
+
+int cn_spec_draft_rows(const cn_spec *s) {
+  if (!s->piece_n) return 0;
+  return s->catch_from < s->seq_len ? s->piece_last : s->piece_n;
+}
+
+/* Hands the level's distributions to the grower; the root's comes from the catch-up, and a
+ * level with nothing to feed (the root again) is answered without a forward. */
+static int give_level(cn_spec *s, const float *logits) {
+  const cn_tree *t;
+  const int32_t *frontier;
+  int n = cn_tree_grower_frontier(&s->grower, &t, &frontier);
+  for (int i = 0; i < n; i++) {
+    float *q = s->dprobs + (size_t)frontier[i] * s->vocab;
+    if (logits) cn_sampler_probs(&s->dist, logits + (size_t)i * s->vocab, q);
+    s->probs_out[i] = q;
+  }
+  return cn_tree_grower_give(&s->grower, s->probs_out);
+}
+
+int cn_spec_draft_take(cn_spec *s, const float *logits) {
+  int n = s->piece_n;
+  if (!n) return CANOPY_OK;
+  s->piece_n = 0;
+  s->stats->draft_forwards++;
+  if (s->catch_from < s->seq_len) {
+    cn_kv_seq_commit(s->dkv, s->seq + s->catch_from, n);
+    s->catch_from += n;
+    if (!s->piece_last) return CANOPY_OK;
+    cn_sampler_probs(&s->dist, logits, s->dprobs); /* the root is node 0 of every tree */
+    return give_level(s, NULL);
+  }
+  s->n_fed += n;
+  return give_level(s, logits);
+}
+
+int cn_spec_draft_end(cn_spec *s) {
+  int st = cn_tree_grower_finish(&s->grower, &s->tree, s->oracle_index);
+  if (!st) s->log_tau = cn_tree_grower_next_log_tau(&s->grower);
+  s->stats->draft_s += now_s() - s->draft_t0;
+  return st;
+}
+
+int cn_spec_draft(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, canopy_stats *stats) {
+  int st = cn_spec_draft_begin(s, target_kv, tokens, n_tokens, stats);
+  int room = s->draft->max_batch < s->dbatch ? s->draft->max_batch : s->dbatch;
+  while (!st && cn_spec_drafting(s)) {
+    cn_seq_batch sb;
+    int n = cn_spec_draft_piece(s, 0, room, s->dtok, s->dpos, s->drows, 0, &sb);
+    if (n <= 0) {
+      st = cn_error(CANOPY_ERR_INVALID_ARG, "draft: a tree level of %d nodes does not fit a batch of %d (internal)",
+                    cn_tree_grower_frontier(&s->grower, NULL, NULL), room);
+      break;
+    }
+    cn_batch b = {.n_tokens = n, .tokens = s->dtok, .pos = s->dpos, .n_seqs = 1, .seqs = &sb,
+                  .n_logits = cn_spec_draft_rows(s), .logit_rows = s->drows};
+    st = cn_forward(s->draft, &b, s->dlogits);
+    if (st) st = cn_error_wrap(st, "draft");
+    else st = cn_spec_draft_take(s, s->dlogits);
+  }
+  if (!st) return cn_spec_draft_end(s);
+  s->stats->draft_s += now_s() - s->draft_t0;
   return st;
 }
 

@@ -24,6 +24,8 @@ void cn_spec_free(cn_spec *s);
 
 /* The deepest node a tree of this spec can have (the engine keeps ctx + depth + 1 in context). */
 int cn_spec_depth(const cn_spec *s);
+/* The most nodes (root included) a tree of this spec can have: its verification rows. */
+int cn_spec_max_nodes(const cn_spec *s);
 
 /* One step. tokens[0, n_tokens) is the sequence; target_kv holds K/V for its first n_tokens - 1
  * tokens (the last one, the root, is fed now). On return out[0, *n_out) are the new tokens
@@ -41,6 +43,33 @@ int cn_spec_batch(cn_spec *s, cn_kv_seq *target_kv, int first, int32_t *tokens, 
                   struct cn_seq_batch *sb);
 int cn_spec_accept(cn_spec *s, cn_kv_seq *target_kv, const float *logits, cn_sampler *sampler, int32_t *out,
                    int *n_out, canopy_stats *stats);
+
+/* cn_spec_draft in pieces, so that one draft forward can serve many sequences (all with the same
+ * draft model): a piece is a chunk of the draft's catch-up (tokens it has not fed) or one tree
+ * level. tokens/n_tokens must stay valid until cn_spec_draft_end.
+ *
+ *   cn_spec_draft_begin(...);
+ *   while (cn_spec_drafting(s)) {
+ *     n = cn_spec_draft_piece(s, first, room, tokens, pos, rows, row_first, &sb);  // 0: no room
+ *     ... one draft forward over the batch; this piece's logits are cn_spec_draft_rows(s) rows
+ *         starting at row_first of the forward's output ...
+ *     cn_spec_draft_take(s, its logits);
+ *   }
+ *   cn_spec_draft_end(s);
+ *
+ * cn_spec_draft_piece writes at most `room` tokens at index `first` of tokens/pos, the logit row
+ * indices at rows[row_first...], and fills sb; it returns the token count, or 0 when the piece
+ * does not fit in `room` (a level is never split; a catch-up is chunked). */
+int cn_spec_draft_begin(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, canopy_stats *stats);
+int cn_spec_drafting(const cn_spec *s);
+int cn_spec_draft_piece(cn_spec *s, int first, int room, int32_t *tokens, int32_t *pos, int32_t *rows, int row_first,
+                        struct cn_seq_batch *sb);
+int cn_spec_draft_rows(const cn_spec *s);
+int cn_spec_draft_take(cn_spec *s, const float *logits);
+int cn_spec_draft_end(cn_spec *s);
+
+/* The draft model (sessions with the same one share draft forwards). */
+canopy_model *cn_spec_draft_model(const cn_spec *s);
 
 /* Rewinds the draft's cache to at most `len` tokens (after the session truncates). */
 void cn_spec_truncate(cn_spec *s, int len);

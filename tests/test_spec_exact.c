@@ -62,33 +62,34 @@ static double chi2_p(double x, int k) {
   return 0.5 * erfc(z / sqrt(2.0));
 }
 
+/* One session draws all n samples: after each three tokens it is truncated back to the prompt,
+ * so the draft's state that carries over between steps (its cache, the dynamic tree's threshold)
+ * is exercised too, and the samples stay independent (fresh draws each time). */
 static void check(canopy_model *d, const char *tree, canopy_sampling_params sp, int n) {
   double joint[CELLS];
   exact_joint(&sp, joint);
   int *counts = calloc(CELLS, sizeof *counts);
-  long steps = 0, tokens = 0;
+  canopy_session_params p = canopy_session_default_params();
+  p.sampling = sp;
+  p.sampling.seed = seed;
+  p.stop_at_eos = 0;
+  p.draft = d;
+  p.tree = tree;
+  canopy_session *s;
+  int st = canopy_session_create(target, &p, &s);
+  if (st) print_error("%s\n", canopy_last_error());
+  assert_int_equal(st, 0);
+  assert_int_equal(canopy_session_append(s, prompt, 3), 0);
   for (int i = 0; i < n; i++) {
-    canopy_session_params p = canopy_session_default_params();
-    p.sampling = sp;
-    p.sampling.seed = seed + (uint64_t)i;
-    p.max_tokens = 3;
-    p.stop_at_eos = 0;
-    p.draft = d;
-    p.tree = tree;
-    canopy_session *s;
-    int st = canopy_session_create(target, &p, &s);
-    if (st) print_error("%s\n", canopy_last_error());
-    assert_int_equal(st, 0);
-    assert_int_equal(canopy_session_append(s, prompt, 3), 0);
     int32_t t[3];
     for (int j = 0; j < 3; j++) assert_int_equal(canopy_session_next(s, &t[j]), CANOPY_OK);
     counts[(t[0] * V + t[1]) * V + t[2]]++;
-    canopy_stats stats;
-    canopy_session_get_stats(s, &stats);
-    steps += stats.spec_steps;
-    tokens += stats.spec_tokens;
-    canopy_session_free(s);
+    assert_int_equal(canopy_session_truncate(s, 3), CANOPY_OK);
   }
+  canopy_stats stats;
+  canopy_session_get_stats(s, &stats);
+  long steps = stats.spec_steps, tokens = stats.spec_tokens;
+  canopy_session_free(s);
   /* Cells expected below 5 are pooled into one, as the chi-square approximation needs. */
   double chi2 = 0, pooled_e = 0, pooled_o = 0;
   int dof = -1;
@@ -102,11 +103,11 @@ static void check(canopy_model *d, const char *tree, canopy_sampling_params sp, 
     dof++;
   }
   if (pooled_e > 0) chi2 += (pooled_o - pooled_e) * (pooled_o - pooled_e) / pooled_e, dof++;
-  double p = chi2_p(chi2, dof);
+  double pv = chi2_p(chi2, dof);
   printf("[ exact    ] %-14s T=%.1f top_k=%d top_p=%.2f: %d samples, %.2f tokens/step, chi2 %.1f, dof %d, p %.3f\n",
          d ? tree : "target only", sp.temperature, sp.top_k, sp.top_p, n, steps ? (double)tokens / steps : 1.0, chi2,
-         dof, p);
-  assert_true(p > 0.001);
+         dof, pv);
+  assert_true(pv > 0.001);
   free(counts);
 }
 
@@ -122,6 +123,24 @@ static void test_chain_sampling_at_t07_is_exact(void **state) {
 
 static void test_sampling_with_top_k_and_top_p_is_exact(void **state) {
   check(draft, "[[0],[1],[2],[0,0],[1,0]]", (canopy_sampling_params){1.0f, 5, 0.9f, 0}, n_samples());
+}
+
+static void test_static_tree_at_t07_with_top_k_and_top_p_is_exact(void **state) {
+  check(draft, "static:3,2", (canopy_sampling_params){0.7f, 6, 0.8f, 0}, n_samples());
+}
+
+/* Dynamic trees decide each node's child count before drawing (draft/tree_grow.h). */
+static void test_dynamic_tree_sampling_at_t1_is_exact(void **state) {
+  check(draft, "dynamic:6,depth=3,topk=3", (canopy_sampling_params){1.0f, 0, 1.0f, 0}, n_samples());
+}
+
+static void test_dynamic_tree_sampling_at_t07_is_exact(void **state) {
+  check(draft, "dynamic:8,depth=3,topk=4", (canopy_sampling_params){0.7f, 0, 1.0f, 0}, n_samples());
+}
+
+static void test_dynamic_tree_with_top_k_and_top_p_is_exact(void **state) {
+  check(draft, "dynamic:5,depth=2,topk=2", (canopy_sampling_params){1.0f, 4, 0.85f, 0}, n_samples());
+  check(draft, "dynamic:8,depth=3,topk=3", (canopy_sampling_params){0.7f, 5, 0.9f, 0}, n_samples());
 }
 
 static int setup(void **state) {
@@ -145,6 +164,10 @@ int main(void) {
       cmocka_unit_test(test_static_tree_sampling_at_t1_is_exact),
       cmocka_unit_test(test_chain_sampling_at_t07_is_exact),
       cmocka_unit_test(test_sampling_with_top_k_and_top_p_is_exact),
+      cmocka_unit_test(test_static_tree_at_t07_with_top_k_and_top_p_is_exact),
+      cmocka_unit_test(test_dynamic_tree_sampling_at_t1_is_exact),
+      cmocka_unit_test(test_dynamic_tree_sampling_at_t07_is_exact),
+      cmocka_unit_test(test_dynamic_tree_with_top_k_and_top_p_is_exact),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -400,7 +400,10 @@ static void test_dynamic_spec_takes_defaults_and_options_in_any_order(void **sta
   assert_int_equal(s.depth, CN_TREE_DEFAULT_DEPTH);
   assert_int_equal(s.topk, CN_TREE_DEFAULT_TOPK);
   cn_tree_spec_bounds b = cn_tree_spec_get_bounds(&s);
-  assert_int_equal(b.oracle_nodes, 1 + (CN_TREE_DEFAULT_DEPTH - 1) * CN_TREE_DEFAULT_TOPK);
+  /* EAGLE-2 feeds at most 1 + (D - 1) K nodes; a sampled tree's oracle tree is all N + 1. */
+  assert_int_equal(b.oracle_nodes, 61);
+  cn_tree_spec wide = parse_ok("dynamic:20,depth=6,topk=8");
+  assert_int_equal(cn_tree_spec_get_bounds(&wide).oracle_nodes, 1 + 5 * 8);
   assert_int_equal(b.max_frontier, CN_TREE_DEFAULT_TOPK);
   assert_int_equal(b.oracle_calls, CN_TREE_DEFAULT_DEPTH);
   s = parse_ok("dynamic:20,topk=4,depth=3");
@@ -446,7 +449,7 @@ static void test_json_paths_parse_in_canonical_bfs_order(void **state) {
   assert_false(cn_tree_spec_exact_for_sampling(&gaps));
   assert_true(cn_tree_spec_exact_for_sampling(&medusa));
   cn_tree_spec dyn = parse_ok("dynamic:10");
-  assert_false(cn_tree_spec_exact_for_sampling(&dyn));
+  assert_true(cn_tree_spec_exact_for_sampling(&dyn)); /* grown by the sampled rule */
   assert_int_equal(gaps.rank[2], 2);
   assert_int_equal(gaps.rank[3], 1);
 }
@@ -707,10 +710,14 @@ static void test_static_children_past_the_last_pick_are_dropped(void **state) {
   check_mask(&t);
 }
 
-static void run_dynamic_case(int N, int D, int K, int mode, cn_child_picker picker, uint64_t s) {
+static cn_tree_spec parse_dynamic(int N, int D, int K) {
   char text[96];
   snprintf(text, sizeof text, "dynamic:%d,depth=%d,topk=%d", N, D, K);
-  cn_tree_spec spec = parse_ok(text);
+  return parse_ok(text);
+}
+
+static void run_dynamic_case(int N, int D, int K, int mode, cn_child_picker picker, uint64_t s) {
+  cn_tree_spec spec = parse_dynamic(N, D, K);
   cn_tree_spec_bounds b = cn_tree_spec_get_bounds(&spec);
   oracle_reset(s, mode);
   int32_t root = (int32_t)(s % VOCAB);
@@ -817,6 +824,124 @@ static void test_dynamic_keeps_only_first_picks_for_an_unordered_picker(void **s
   }
 }
 
+/* ---- sampled dynamic trees ------------------------------------------------------------------ */
+
+typedef struct ref_slot {
+  float value;
+  int node, j;
+} ref_slot;
+
+static int float_desc(const void *a, const void *b) {
+  float x = *(const float *)a, y = *(const float *)b;
+  return (x < y) - (x > y);
+}
+
+static int ref_slot_cmp(const void *a, const void *b) {
+  const ref_slot *x = a, *y = b;
+  if (x->value != y->value) return x->value > y->value ? -1 : 1;
+  return x->node != y->node ? x->node - y->node : x->j - y->j;
+}
+
+/* Level by level against a full sort: the kept slots (value P_v * s_v[j], s_v = q_v sorted), the
+ * children asked of the picker per node, the next frontier, the budget, the next threshold. */
+static void run_sampled_case(int N, int D, int K, int mode, float log_tau, uint64_t s) {
+  cn_tree_spec spec = parse_dynamic(N, D, K);
+  cn_tree_spec_bounds b = cn_tree_spec_get_bounds(&spec);
+  oracle_reset(s, mode);
+  cn_tree_grower g;
+  cn_grow_params gp = {.spec = &spec, .root_token = (int32_t)(s % VOCAB), .vocab = VOCAB, .picker = pick_shuffled,
+                       .sampled = 1, .log_tau = log_tau};
+  assert_int_equal(cn_tree_grower_start(&g, &gp), CANOPY_OK);
+  const cn_tree *t;
+  const int32_t *fr;
+  const float *probs[CN_TREE_MAX_NODES];
+  static ref_slot slots[CN_TREE_MAX_TOPK * VOCAB];
+  float offered[CN_TREE_MAX_TOPK * CN_TREE_MAX_DEPTH * CN_TREE_MAX_TOPK];
+  int kept = 0, n_offered = 0, level = 0, n;
+  int32_t want_frontier[CN_TREE_MAX_TOPK];
+  int n_want = 1;
+  want_frontier[0] = 0;
+  while ((n = cn_tree_grower_frontier(&g, &t, &fr)) > 0) {
+    assert_true(level < D && n <= b.max_frontier && kept < N);
+    assert_int_equal(n, n_want);
+    assert_memory_equal(fr, want_frontier, sizeof *fr * (size_t)n);
+    assert_int_equal(test_oracle(&O, t, fr, n, probs), CANOPY_OK);
+    int n_slots = 0;
+    for (int i = 0; i < n; i++) {
+      scored sq[VOCAB];
+      for (int v = 0; v < VOCAB; v++) sq[v] = (scored){probs[i][v], v};
+      qsort(sq, VOCAB, sizeof *sq, scored_cmp);
+      for (int j = 0; j < K && sq[j].q > 0; j++) {
+        slots[n_slots++] = (ref_slot){t->logp[fr[i]] + fminf(logf(sq[j].q), 0.0f), i, j};
+        offered[n_offered++] = slots[n_slots - 1].value;
+      }
+    }
+    qsort(slots, (size_t)n_slots, sizeof *slots, ref_slot_cmp);
+    int count[CN_TREE_MAX_TOPK] = {0}, front[CN_TREE_MAX_TOPK], first_new = t->n;
+    for (int i = 0; i < n_slots && kept < N && slots[i].value >= log_tau; i++, kept++) count[slots[i].node]++;
+    memcpy(front, fr, sizeof *front * (size_t)n);
+    assert_int_equal(cn_tree_grower_give(&g, probs), CANOPY_OK);
+    for (int i = 0; i < n; i++) assert_int_equal(t->n_children[front[i]], count[i]);
+    level++;
+    /* The next frontier: the K new nodes with the highest P >= tau, fed in BFS order. */
+    ref_slot cand[CN_TREE_MAX_NODES];
+    int nc = 0;
+    for (int u = first_new; u < t->n; u++)
+      if (t->logp[u] >= log_tau) cand[nc++] = (ref_slot){t->logp[u], u, 0};
+    qsort(cand, (size_t)nc, sizeof *cand, ref_slot_cmp);
+    n_want = nc < K ? nc : K;
+    if (level == D || kept >= N) n_want = 0;
+    for (int i = 0; i < n_want; i++) want_frontier[i] = cand[i].node;
+    for (int i = 1; i < n_want; i++)
+      for (int k = i; k > 0 && want_frontier[k] < want_frontier[k - 1]; k--) {
+        int32_t x = want_frontier[k];
+        want_frontier[k] = want_frontier[k - 1], want_frontier[k - 1] = x;
+      }
+  }
+  assert_int_equal(n_want, 0);
+  cn_tree out;
+  int32_t index[CN_TREE_MAX_NODES];
+  assert_int_equal(cn_tree_grower_finish(&g, &out, index), CANOPY_OK);
+  check_tree(&out);
+  check_logp(&out);
+  check_mask(&out);
+  assert_int_equal(out.n - 1, kept);
+  assert_true(kept <= N && cn_tree_max_depth(&out) <= D && out.n <= b.oracle_nodes);
+  for (int i = 0; i < out.n; i++) assert_int_equal(index[i], i);
+  /* The next step's threshold: the N-th best value offered, or the worst if fewer were. */
+  qsort(offered, (size_t)n_offered, sizeof *offered, float_desc);
+  float want_tau = n_offered ? offered[(n_offered < N ? n_offered : N) - 1] : -INFINITY;
+  assert_true(cn_tree_grower_next_log_tau(&g) == want_tau);
+}
+
+static void test_sampled_dynamic_tree_fixes_child_counts_before_drawing(void **state) {
+  const float taus[] = {-INFINITY, logf(0.3f), logf(0.05f), logf(0.001f)};
+  for (size_t c = 0; c < sizeof dynamic_cases / sizeof dynamic_cases[0]; c++)
+    for (int mode = DIST_RANDOM; mode <= DIST_PEAKED; mode++)
+      for (size_t k = 0; k < sizeof taus / sizeof taus[0]; k++)
+        run_sampled_case(dynamic_cases[c][0], dynamic_cases[c][1], dynamic_cases[c][2], mode, taus[k],
+                         seed + 17 * c + 5 * k + (uint64_t)mode);
+  /* With no threshold the budget fills breadth first: the root takes min(K, N) children. */
+  cn_tree_spec s = parse_ok("dynamic:20,depth=4,topk=4");
+  oracle_reset(seed, DIST_RANDOM);
+  cn_tree t;
+  int calls;
+  cn_tree_grower g;
+  cn_grow_params gp = {.spec = &s, .root_token = 0, .vocab = VOCAB, .picker = pick_shuffled, .sampled = 1,
+                       .log_tau = -INFINITY};
+  assert_int_equal(cn_tree_grower_start(&g, &gp), CANOPY_OK);
+  const cn_tree *gt;
+  const int32_t *fr;
+  const float *probs[CN_TREE_MAX_NODES];
+  for (calls = 0; cn_tree_grower_frontier(&g, &gt, &fr) > 0; calls++) {
+    assert_int_equal(test_oracle(&O, gt, fr, cn_tree_grower_frontier(&g, NULL, NULL), probs), CANOPY_OK);
+    assert_int_equal(cn_tree_grower_give(&g, probs), CANOPY_OK);
+  }
+  assert_int_equal(cn_tree_grower_finish(&g, &t, NULL), CANOPY_OK);
+  assert_int_equal(t.n_children[0], 4);
+  assert_int_equal(t.n, 21);
+}
+
 static int picker_out_of_range(void *ctx, const float *q, int vocab, int k, int32_t *tokens) {
   tokens[0] = vocab;
   return 1;
@@ -892,6 +1017,7 @@ int main(void) {
       cmocka_unit_test(test_dynamic_ties_break_by_depth_then_bfs_order),
       cmocka_unit_test(test_dynamic_trees_take_fewer_picks_and_certain_tokens),
       cmocka_unit_test(test_dynamic_keeps_only_first_picks_for_an_unordered_picker),
+      cmocka_unit_test(test_sampled_dynamic_tree_fixes_child_counts_before_drawing),
       cmocka_unit_test(test_grow_reports_oracle_and_picker_failures),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
