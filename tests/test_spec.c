@@ -12,7 +12,9 @@
 #include <string.h>
 #include <cmocka.h>
 
+#include "cache/kv_cache.h"
 #include "canopy.h"
+#include "model/model.h"
 #include "tests/testing.h"
 
 /* Batched verification sums in another order than single-token decoding (~1e-5 on logits): a
@@ -224,6 +226,39 @@ static void expect_error(canopy_model *draft, const char *tree, float temp, int 
   assert_null(s);
 }
 
+/* A server cancels sessions at any moment: between steps with drafted tokens still queued, or
+ * before their first step. Freeing them returns every block to both models' pools, and the
+ * pools' bookkeeping stays consistent. */
+static void test_sessions_closed_at_any_time_release_every_block(void **state) {
+  enum { N = 4 };
+  const char *trees[N] = {"chain:4", "dynamic:8,depth=3,topk=3", NULL, "static:3,2,1"};
+  int target_before = cn_kv_pool_in_use(target->kv), draft_before = cn_kv_pool_in_use(shallow->kv);
+  for (int close_after = 0; close_after < 3; close_after++) {
+    canopy_session *ss[N];
+    int32_t prompt[2048];
+    for (int i = 0; i < N; i++) {
+      canopy_session_params sp = canopy_session_default_params();
+      sp.stop_at_eos = 0;
+      sp.draft = trees[i] ? shallow : NULL;
+      sp.tree = trees[i];
+      sp.sampling.temperature = i == 1 ? 0.7f : 0.0f;
+      assert_int_equal(canopy_session_create(target, &sp, &ss[i]), 0);
+      assert_int_equal(canopy_session_append(ss[i], prompt, prompt_ids(i, prompt)), 0);
+    }
+    int stepped;
+    for (int k = 0; k < close_after; k++) assert_int_equal(canopy_sessions_step(ss, N, &stepped), 0);
+    int32_t t;
+    if (close_after) assert_int_equal(canopy_session_next(ss[0], &t), CANOPY_OK); /* leave some queued */
+    assert_true(cn_kv_pool_in_use(target->kv) > target_before);
+    for (int i = 0; i < N; i++) canopy_session_free(ss[i]);
+    assert_int_equal(cn_kv_pool_in_use(target->kv), target_before);
+    assert_int_equal(cn_kv_pool_in_use(shallow->kv), draft_before);
+    char why[256];
+    if (!cn_kv_pool_check(target->kv, why, sizeof why) || !cn_kv_pool_check(shallow->kv, why, sizeof why))
+      fail_msg("pool bookkeeping: %s", why);
+  }
+}
+
 static void test_bad_trees_and_drafts_are_errors(void **state) {
   expect_error(shallow, "chain:0", 0, CANOPY_ERR_INVALID_ARG, "chain");
   expect_error(shallow, "static:2,0", 0, CANOPY_ERR_INVALID_ARG, "0");
@@ -288,6 +323,7 @@ int main(void) {
       cmocka_unit_test(test_target_as_draft_accepts_every_node_of_a_chain),
       cmocka_unit_test(test_commit_leaves_the_cache_a_fresh_prefill_builds),
       cmocka_unit_test(test_batched_sessions_match_one_at_a_time),
+      cmocka_unit_test(test_sessions_closed_at_any_time_release_every_block),
       cmocka_unit_test(test_bad_trees_and_drafts_are_errors),
   };
   int rc = cmocka_run_group_tests(tests, setup, teardown);
