@@ -65,6 +65,7 @@ typedef struct agg {
   double decode_s, draft_s, verify_s;
   long accept_depth[CANOPY_STATS_MAX_DEPTH], offered_depth[CANOPY_STATS_MAX_DEPTH];
   long accept_rank[CANOPY_STATS_MAX_DEPTH], offered_rank[CANOPY_STATS_MAX_DEPTH];
+  long greedy_runs, identical_runs; /* greedy only: runs compared with the target alone, and equal */
 } agg;
 
 static void agg_add(agg *a, const canopy_stats *s) {
@@ -146,6 +147,10 @@ static cJSON *agg_json(const agg *a, const char *tree, const agg *base) {
     cJSON_AddItemToArray(off, cJSON_CreateNumber((double)a->offered_depth[d]));
   }
   add_ranks_json(o, a);
+  if (a->greedy_runs) {
+    cJSON_AddNumberToObject(o, "runs_compared_with_target_only", (double)a->greedy_runs);
+    cJSON_AddNumberToObject(o, "runs_identical_to_target_only", (double)a->identical_runs);
+  }
   return o;
 }
 
@@ -264,9 +269,9 @@ static void progress(int done, int total) {
   fflush(stderr);
 }
 
-/* One run: a fresh session, the prompt, up to n tokens (stopping at eos). */
+/* One run: a fresh session, the prompt, up to n tokens (stopping at eos), kept in out[max_tokens]. */
 static int run_one(canopy_model *model, canopy_model *draft, const char *tree, const bench_args *a,
-                   const int32_t *ids, int n_ids, canopy_stats *s) {
+                   const int32_t *ids, int n_ids, canopy_stats *s, int32_t *out, int *n_out) {
   canopy_session_params sp = canopy_session_default_params();
   sp.sampling.temperature = a->temp;
   sp.sampling.seed = a->seed;
@@ -277,9 +282,9 @@ static int run_one(canopy_model *model, canopy_model *draft, const char *tree, c
   if (canopy_session_create(model, &sp, &sess)) return cli_fail(tree ? tree : "creating a session");
   int st = canopy_session_append(sess, ids, n_ids);
   int32_t t;
+  *n_out = 0;
   if (!st)
-    while ((st = canopy_session_next(sess, &t)) == CANOPY_OK) {
-    }
+    while ((st = canopy_session_next(sess, &t)) == CANOPY_OK) out[(*n_out)++] = t;
   if (st != CANOPY_DONE) {
     canopy_session_free(sess);
     fputc('\n', stderr);
@@ -379,12 +384,13 @@ static int bench_acceptance(int argc, char **argv) {
   canopy_tokenizer *tok = NULL;
   canopy_model *model = NULL, *draft = NULL;
   int32_t *ids = NULL;
+  int32_t *base = malloc(sizeof *base * (size_t)a.max_tokens), *gen = malloc(sizeof *gen * (size_t)a.max_tokens);
   char *rendered = NULL;
   int nc = a.n_trees + 1; /* config 0: the target alone */
   agg *total = calloc((size_t)nc, sizeof *total);
   cJSON *root = cJSON_CreateObject(), *per_prompt = NULL;
   rc = 1;
-  if (!total || !root) goto done;
+  if (!total || !root || !base || !gen) goto done;
 
   if (canopy_tokenizer_load(dir, &tok)) { cli_fail("loading the tokenizer"); goto done; }
   canopy_model_params mp = canopy_model_default_params();
@@ -463,10 +469,19 @@ static int bench_acceptance(int argc, char **argv) {
     }
     agg one[MAX_TREES + 1];
     memset(one, 0, sizeof one);
+    int n_base = 0;
     for (int c = 0; c < nc; c++) {
       canopy_stats s;
-      if (run_one(model, c ? draft : NULL, c ? a.trees[c - 1] : NULL, &a, ids, n_ids, &s)) goto done;
+      int32_t *o = c ? gen : base;
+      int n_o = 0;
+      if (run_one(model, c ? draft : NULL, c ? a.trees[c - 1] : NULL, &a, ids, n_ids, &s, o, &n_o)) goto done;
       agg_add(&one[c], &s);
+      if (!c) n_base = n_o;
+      if (c && a.temp == 0) { /* greedy speculation must reproduce the target alone */
+        int same = n_o == n_base && !memcmp(o, base, sizeof *o * (size_t)n_o);
+        one[c].greedy_runs = 1, one[c].identical_runs = same;
+        total[c].greedy_runs++, total[c].identical_runs += same;
+      }
       agg_add(&total[c], &s);
     }
     cJSON *pj = cJSON_CreateObject();
@@ -542,6 +557,9 @@ static int bench_acceptance(int argc, char **argv) {
     }
     putchar('\n');
   }
+  for (int c = 1; c < nc && a.temp == 0; c++)
+    printf("%-24s greedy output identical to the target alone in %ld of %ld prompts\n", a.trees[c - 1],
+           total[c].identical_runs, total[c].greedy_runs);
   printf("results: %s/results.json\n", a.out);
   rc = 0;
 done:
@@ -551,6 +569,8 @@ done:
   canopy_model_free(model);
   canopy_tokenizer_free(tok);
   free(ids);
+  free(base);
+  free(gen);
   free(rendered);
   free(total);
   for (int i = 0; i < n_ps; i++) free(ps[i].id), free(ps[i].text);
