@@ -1,4 +1,4 @@
-/* The block pool: fp32 storage, refcounts, the free stack and the LRU of evictable cached blocks
+/* The block pool: K/V storage (host fp32, or a backend's), refcounts, the free stack and the LRU of evictable cached blocks
  * (states in block_pool.h).
  *
  * Storage layout, block-major: data[block][layer][K, V][row][n_kv_heads * head_dim]. One block's
@@ -42,6 +42,11 @@ static bool mul_ok(size_t *acc, int factor) {
 }
 
 int cn_kv_pool_create(const cn_kv_layout *layout, cn_kv_pool **out) {
+  return cn_kv_pool_create_on(layout, NULL, NULL, out);
+}
+
+int cn_kv_pool_create_on(const cn_kv_layout *layout, const cn_kv_storage *storage, void *storage_ctx,
+                         cn_kv_pool **out) {
   if (!out) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_kv_pool_create: NULL output");
   *out = NULL;
   if (!layout || layout->n_layers <= 0 || layout->n_kv_heads <= 0 || layout->head_dim <= 0 ||
@@ -57,12 +62,13 @@ int cn_kv_pool_create(const cn_kv_layout *layout, cn_kv_pool **out) {
   block = half;
   ok = ok && mul_ok(&block, L->n_layers) && mul_ok(&block, 2);
   bytes = block;
-  ok = ok && mul_ok(&bytes, L->n_blocks) && mul_ok(&bytes, (int)sizeof(float));
+  int elem = storage ? (int)storage->elem_bytes : (int)sizeof(float);
+  ok = ok && mul_ok(&bytes, L->n_blocks) && mul_ok(&bytes, elem);
   if (!ok)
     return cn_error(CANOPY_ERR_NO_MEMORY,
-                    "KV cache: %d blocks x %d layers x 2 x %d tokens x %d kv heads x %d dims x 4 bytes "
+                    "KV cache: %d blocks x %d layers x 2 x %d tokens x %d kv heads x %d dims x %d bytes "
                     "overflows the address space",
-                    L->n_blocks, L->n_layers, L->block_size, L->n_kv_heads, L->head_dim);
+                    L->n_blocks, L->n_layers, L->block_size, L->n_kv_heads, L->head_dim, elem);
 
   cn_kv_pool *p = calloc(1, sizeof *p);
   if (!p) return cn_error(CANOPY_ERR_NO_MEMORY, "KV cache: cannot allocate %zu bytes", sizeof *p);
@@ -71,12 +77,15 @@ int cn_kv_pool_create(const cn_kv_layout *layout, cn_kv_pool **out) {
   p->block_floats = block;
   p->prefix_cache = true;
   p->lru_head = p->lru_tail = -1;
+  p->storage = storage;
+  p->storage_ctx = storage_ctx;
   size_t n = (size_t)L->n_blocks;
-  p->data = calloc(n, block * sizeof(float));
+  p->data = storage ? storage->alloc(storage_ctx, bytes) : calloc(n, block * sizeof(float));
   if (!p->data) {
     free(p);
-    return cn_error(CANOPY_ERR_NO_MEMORY, "KV cache: cannot allocate %zu bytes (%d blocks of %d tokens, %d layers)",
-                    bytes, L->n_blocks, L->block_size, L->n_layers);
+    return cn_error(CANOPY_ERR_NO_MEMORY,
+                    "KV cache: cannot allocate %zu bytes of %s storage (%d blocks of %d tokens, %d layers)", bytes,
+                    storage ? storage->name : "host fp32", L->n_blocks, L->block_size, L->n_layers);
   }
   p->refcount = calloc(n, sizeof *p->refcount);
   p->free_stack = malloc(n * sizeof *p->free_stack);
@@ -97,7 +106,9 @@ int cn_kv_pool_create(const cn_kv_layout *layout, cn_kv_pool **out) {
 
 void cn_kv_pool_free(cn_kv_pool *pool) {
   if (!pool) return;
-  free(pool->data);
+  if (pool->storage) pool->storage->release(pool->storage_ctx, pool->data);
+  else free(pool->data);
+  free(pool->spans);
   free(pool->refcount);
   free(pool->free_stack);
   free(pool->lru_prev);
@@ -108,9 +119,12 @@ void cn_kv_pool_free(cn_kv_pool *pool) {
 
 const cn_kv_layout *cn_kv_pool_layout(const cn_kv_pool *pool) { return &pool->layout; }
 
+void *cn_kv_pool_data(const cn_kv_pool *pool) { return pool->data; }
+
 float *cn_kv_block_k(cn_kv_pool *pool, int block, int layer) {
   assert(block >= 0 && block < pool->layout.n_blocks && layer >= 0 && layer < pool->layout.n_layers);
-  return pool->data + (size_t)block * pool->block_floats + (size_t)layer * 2 * pool->half_floats;
+  assert(!pool->storage);
+  return (float *)pool->data + (size_t)block * pool->block_floats + (size_t)layer * 2 * pool->half_floats;
 }
 
 float *cn_kv_block_v(cn_kv_pool *pool, int block, int layer) {
@@ -174,12 +188,35 @@ void cn_block_unref(cn_kv_pool *p, int b) {
   else free_push(p, b);
 }
 
-void cn_block_copy_rows(cn_kv_pool *p, int dst, int src, int rows) {
+int cn_block_spans_reserve(cn_kv_pool *p, int n) {
+  if (n <= p->span_cap) return CANOPY_OK;
+  int cap = p->span_cap ? p->span_cap : 64;
+  while (cap < n) cap = cap > INT32_MAX / 2 ? n : cap * 2;
+  cn_kv_span *s = realloc(p->spans, sizeof *s * (size_t)cap);
+  if (!s) return cn_error(CANOPY_ERR_NO_MEMORY, "KV cache: cannot allocate %zu bytes of copy spans", sizeof *s * (size_t)cap);
+  p->spans = s;
+  p->span_cap = cap;
+  return CANOPY_OK;
+}
+
+int cn_block_copy_rows(cn_kv_pool *p, int dst, int src, int rows) {
   size_t n = (size_t)rows * (p->half_floats / (size_t)p->layout.block_size);
-  for (int l = 0; l < p->layout.n_layers; l++) {
-    memcpy(cn_kv_block_k(p, dst, l), cn_kv_block_k(p, src, l), n * sizeof(float));
-    memcpy(cn_kv_block_v(p, dst, l), cn_kv_block_v(p, src, l), n * sizeof(float));
+  if (!p->storage) {
+    for (int l = 0; l < p->layout.n_layers; l++) {
+      memcpy(cn_kv_block_k(p, dst, l), cn_kv_block_k(p, src, l), n * sizeof(float));
+      memcpy(cn_kv_block_v(p, dst, l), cn_kv_block_v(p, src, l), n * sizeof(float));
+    }
+    return CANOPY_OK;
   }
+  int st = cn_block_spans_reserve(p, 2 * p->layout.n_layers);
+  if (st) return st;
+  /* Rows [0, rows) of K then V, layer after layer: 2 * n_layers spans, one storage call. */
+  for (int h = 0; h < 2 * p->layout.n_layers; h++) {
+    size_t at = (size_t)h * p->half_floats;
+    p->spans[h] = (cn_kv_span){.dst = (size_t)dst * p->block_floats + at, .src = (size_t)src * p->block_floats + at,
+                               .n = n};
+  }
+  return p->storage->copy(p->storage_ctx, p->data, p->spans, 2 * p->layout.n_layers);
 }
 
 uint64_t cn_block_publish(cn_kv_pool *p, int b, uint64_t key, uint64_t parent_serial, const int32_t *tokens) {

@@ -18,9 +18,14 @@
 
 struct cn_kv_pool {
   cn_kv_layout layout;
-  size_t half_floats;   /* floats of K (or V) of one block for one layer: block_size * n_kv_heads * head_dim */
-  size_t block_floats;  /* floats of one block over all layers: n_layers * 2 * half_floats */
-  float *data;          /* [n_blocks][n_layers][2: K, V][block_size][n_kv_heads * head_dim] fp32 */
+  size_t half_floats;   /* elements of K (or V) of one block for one layer: block_size * n_kv_heads * head_dim */
+  size_t block_floats;  /* elements of one block over all layers: n_layers * 2 * half_floats */
+  void *data;           /* [n_blocks][n_layers][2: K, V][block_size][n_kv_heads * head_dim] fp32 on
+                           the host, or storage's dtype where storage puts it */
+  const cn_kv_storage *storage; /* NULL: host fp32, copied with memcpy */
+  void *storage_ctx;
+  cn_kv_span *spans;    /* [span_cap] copies gathered for one storage->copy call, kept between calls */
+  int span_cap;
   int *refcount;        /* [n_blocks] block-table entries that hold the block */
   int *free_stack;      /* [n_blocks] free blocks, n_free of them, popped from the end */
   int n_free;
@@ -38,7 +43,9 @@ void cn_block_ref(cn_kv_pool *pool, int b);
 /* One reference fewer; at 0 the block becomes evictable if indexed, else free. */
 void cn_block_unref(cn_kv_pool *pool, int b);
 /* Copies K and V rows [0, rows) of every layer from block src to block dst. */
-void cn_block_copy_rows(cn_kv_pool *pool, int dst, int src, int rows);
+int cn_block_copy_rows(cn_kv_pool *pool, int dst, int src, int rows);
+/* Room for n spans in pool->spans (device storage only). */
+int cn_block_spans_reserve(cn_kv_pool *pool, int n);
 
 /* Publishes full block b (not indexed) under `key`. Returns the serial of the entry that now holds
  * this exact prefix: an equal existing entry is kept (b stays unindexed, no duplicate); an entry

@@ -5,7 +5,10 @@
  * Files: block_pool.c (storage, refcounts, free stack, LRU of evictable cached blocks),
  * prefix_index.c (hash -> block map), kv_seq.c (block tables), kv_check.c (invariant check).
  *
- * Storage is block-major fp32: [n_blocks][n_layers][K, V][block_size][n_kv_heads * head_dim].
+ * Storage is block-major: [n_blocks][n_layers][K, V][block_size][n_kv_heads * head_dim], in host
+ * fp32 by default (the CPU backend's) or wherever a backend's cn_kv_storage puts it (CUDA: device
+ * bf16). The pool never reads K/V itself: it only asks its storage to copy rows (copy-on-write,
+ * commit gathers), so those copies run on the side where the data lives.
  *
  * Not thread-safe: a pool and all its sequences form one unit that the engine uses from one
  * thread at a time (it serialises calls). Free every sequence before its pool. */
@@ -27,15 +30,42 @@ typedef struct cn_kv_layout {
 typedef struct cn_kv_pool cn_kv_pool;
 typedef struct cn_kv_seq cn_kv_seq;
 
+/* One contiguous copy inside a pool's storage, in elements from its base. */
+typedef struct cn_kv_span {
+  size_t dst, src, n;
+} cn_kv_span;
+
+/* Storage that is not host fp32 memory (a device's), supplied by the backend whose kernels read
+ * it. `ctx` is passed back to every call. */
+typedef struct cn_kv_storage {
+  const char *name;   /* for messages, e.g. "cuda bf16" */
+  size_t elem_bytes;  /* bytes of one K or V element */
+  /* Zero-filled storage of `bytes`, or NULL (the pool then reports CANOPY_ERR_NO_MEMORY). */
+  void *(*alloc)(void *ctx, size_t bytes);
+  void (*release)(void *ctx, void *data);
+  /* Copies n spans inside `data` as if every source were read before any destination is
+   * written (sources and destinations of one call may overlap across spans). May be
+   * asynchronous, ordered before the backend's next op. Returns a status. */
+  int (*copy)(void *ctx, void *data, const cn_kv_span *spans, int n);
+} cn_kv_storage;
+
 /* Allocates the pool and its fp32 host storage (n_blocks * n_layers * 2 * block_size *
  * n_kv_heads * head_dim floats). CANOPY_ERR_NO_MEMORY if that fails. */
 int cn_kv_pool_create(const cn_kv_layout *layout, cn_kv_pool **out);
+/* The same with its K/V in `storage` (NULL: host fp32, as cn_kv_pool_create). */
+int cn_kv_pool_create_on(const cn_kv_layout *layout, const cn_kv_storage *storage, void *storage_ctx,
+                         cn_kv_pool **out);
 void cn_kv_pool_free(cn_kv_pool *pool);
 const cn_kv_layout *cn_kv_pool_layout(const cn_kv_pool *pool);
 
-/* K or V rows of one block for one layer: [block_size][n_kv_heads * head_dim] fp32. */
+/* K or V rows of one block for one layer of a host fp32 pool: [block_size][n_kv_heads * head_dim]. */
 float *cn_kv_block_k(cn_kv_pool *pool, int block, int layer);
 float *cn_kv_block_v(cn_kv_pool *pool, int block, int layer);
+
+/* The storage base of any pool (a device pointer for device storage). Element (block b, layer l,
+ * K = 0 / V = 1, row r, column c) sits at ((b * n_layers + l) * 2 + kv) * block_size * kv_dim +
+ * r * kv_dim + c, kv_dim = n_kv_heads * head_dim. */
+void *cn_kv_pool_data(const cn_kv_pool *pool);
 
 /* Blocks that could be handed out now (free, plus cached-but-unused ones that may be evicted). */
 int cn_kv_pool_available(const cn_kv_pool *pool);

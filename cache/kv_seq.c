@@ -100,17 +100,19 @@ int cn_kv_seq_reserve(cn_kv_seq *s, int n) {
                     "KV cache pool exhausted: need %d more blocks, %d available (pool of %d blocks of %d tokens)",
                     need, avail, p->layout.n_blocks, bs);
   int st = grow(s, want);
+  if (!st && cow && p->storage) st = cn_block_spans_reserve(p, 2 * p->layout.n_layers);
   if (st) return st;
-  /* Nothing below can fail: the blocks were counted above. */
+  /* Nothing below fails on the host: the blocks were counted above. A device copy may report a
+   * fault; the bookkeeping is complete either way. */
   if (cow) {
     int old = s->table[partial], copy = cn_block_alloc(p);
-    cn_block_copy_rows(p, copy, old, s->len % bs);
+    st = cn_block_copy_rows(p, copy, old, s->len % bs);
     cn_block_unref(p, old);
     s->table[partial] = copy;
   }
   while (s->n_table < want) s->table[s->n_table++] = cn_block_alloc(p);
   s->writable = s->n_table * bs - s->len;
-  return CANOPY_OK;
+  return st;
 }
 
 void cn_kv_seq_slot(const cn_kv_seq *seq, int pos, int *block, int *row) {
@@ -150,6 +152,32 @@ void cn_kv_seq_commit(cn_kv_seq *s, const int32_t *tokens, int n) {
   for (int i = old / bs; i < s->len / bs; i++) publish(s, i);
 }
 
+/* commit_slots for storage the pool cannot memcpy (a device's): the same row moves as spans, one
+ * storage call for all of them (its copy reads every source before writing, which the in-order
+ * host loop gets from ascending sources). Slots were validated by the caller. */
+static int commit_slots_on_storage(cn_kv_seq *s, const int *slots, const int32_t *tokens, int n) {
+  cn_kv_pool *p = s->pool;
+  const cn_kv_layout *L = &p->layout;
+  int bs = L->block_size, moved = 0;
+  size_t row = (size_t)L->n_kv_heads * L->head_dim;
+  for (int i = 0; i < n; i++) moved += slots[i] != i;
+  int st = cn_block_spans_reserve(p, moved * 2 * L->n_layers);
+  if (st) return st;
+  int k = 0;
+  for (int i = 0; i < n; i++) {
+    int src = s->len + slots[i], dst = s->len + i;
+    if (src == dst) continue;
+    size_t so = (size_t)s->table[src / bs] * p->block_floats + (size_t)(src % bs) * row;
+    size_t d_o = (size_t)s->table[dst / bs] * p->block_floats + (size_t)(dst % bs) * row;
+    for (int h = 0; h < 2 * L->n_layers; h++) /* K and V of each layer: half_floats apart */
+      p->spans[k++] = (cn_kv_span){.dst = d_o + (size_t)h * p->half_floats, .src = so + (size_t)h * p->half_floats,
+                                   .n = row};
+  }
+  if (k) st = p->storage->copy(p->storage_ctx, p->data, p->spans, k);
+  cn_kv_seq_commit(s, tokens, n);
+  return st;
+}
+
 int cn_kv_seq_commit_slots(cn_kv_seq *s, const int *slots, const int32_t *tokens, int n) {
   if (n < 0 || n > s->writable)
     return cn_error(CANOPY_ERR_INVALID_ARG, "cn_kv_seq_commit_slots: %d slots, %d writable", n, s->writable);
@@ -160,16 +188,18 @@ int cn_kv_seq_commit_slots(cn_kv_seq *s, const int *slots, const int32_t *tokens
     if (slots[i] < i || slots[i] >= s->writable || (i && slots[i] <= slots[i - 1]))
       return cn_error(CANOPY_ERR_INVALID_ARG, "cn_kv_seq_commit_slots: slot %d at index %d is out of order", slots[i], i);
   }
+  cn_kv_pool *p = s->pool;
+  if (p->storage) return commit_slots_on_storage(s, slots, tokens, n);
   /* Ascending sources at or after their destinations: copying in order never overwrites a row
    * that is still to be read. */
   for (int i = 0; i < n; i++) {
     int src = s->len + slots[i], dst = s->len + i;
     if (src == dst) continue;
     for (int l = 0; l < L->n_layers; l++) {
-      float *ks = cn_kv_block_k(s->pool, s->table[src / bs], l) + (size_t)(src % bs) * row;
-      float *kd = cn_kv_block_k(s->pool, s->table[dst / bs], l) + (size_t)(dst % bs) * row;
-      float *vs = cn_kv_block_v(s->pool, s->table[src / bs], l) + (size_t)(src % bs) * row;
-      float *vd = cn_kv_block_v(s->pool, s->table[dst / bs], l) + (size_t)(dst % bs) * row;
+      float *ks = cn_kv_block_k(p, s->table[src / bs], l) + (size_t)(src % bs) * row;
+      float *kd = cn_kv_block_k(p, s->table[dst / bs], l) + (size_t)(dst % bs) * row;
+      float *vs = cn_kv_block_v(p, s->table[src / bs], l) + (size_t)(src % bs) * row;
+      float *vd = cn_kv_block_v(p, s->table[dst / bs], l) + (size_t)(dst % bs) * row;
       memcpy(kd, ks, sizeof(float) * row);
       memcpy(vd, vs, sizeof(float) * row);
     }

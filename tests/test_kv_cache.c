@@ -22,13 +22,36 @@
 #include "common/error.h"
 #include "tests/testing.h"
 
+/* ---- a storage the pool cannot memcpy ----------------------------------------------------------- */
+
+/* Host fp32 again, but reached only through cn_kv_storage, with a device's copy semantics (every
+ * source read before any destination is written): the pool's span path, testable without a GPU. */
+static int g_copies; /* storage copy calls */
+
+static void *spans_alloc(void *ctx, size_t bytes) { return calloc(1, bytes); }
+static void spans_release(void *ctx, void *data) { free(data); }
+static int spans_copy(void *ctx, void *data, const cn_kv_span *spans, int n) {
+  size_t total = 0;
+  for (int i = 0; i < n; i++) total += spans[i].n;
+  float *tmp = malloc(sizeof(float) * (total ? total : 1)), *base = data;
+  assert_non_null(tmp);
+  for (int i = 0, at = 0; i < n; at += (int)spans[i++].n) memcpy(tmp + at, base + spans[i].src, sizeof(float) * spans[i].n);
+  for (int i = 0, at = 0; i < n; at += (int)spans[i++].n) memcpy(base + spans[i].dst, tmp + at, sizeof(float) * spans[i].n);
+  free(tmp);
+  g_copies++;
+  return CANOPY_OK;
+}
+static const cn_kv_storage spans_storage = {.name = "test spans", .elem_bytes = sizeof(float), .alloc = spans_alloc,
+                                            .release = spans_release, .copy = spans_copy};
+static const cn_kv_storage *g_storage; /* make_pool's storage: NULL (host) unless a test sets it */
+
 /* ---- helpers -------------------------------------------------------------------------------- */
 
 static cn_kv_pool *make_pool(int n_layers, int n_kv_heads, int head_dim, int block_size, int n_blocks) {
   cn_kv_layout l = {.n_layers = n_layers, .n_kv_heads = n_kv_heads, .head_dim = head_dim,
                     .block_size = block_size, .n_blocks = n_blocks};
   cn_kv_pool *p = NULL;
-  int st = cn_kv_pool_create(&l, &p);
+  int st = cn_kv_pool_create_on(&l, g_storage, NULL, &p);
   if (st) print_error("%s\n", canopy_last_error());
   assert_int_equal(st, CANOPY_OK);
   return p;
@@ -41,6 +64,14 @@ static cn_kv_seq *make_seq(cn_kv_pool *p) {
 }
 
 static int kv_dim(const cn_kv_pool *p) { return cn_kv_pool_layout(p)->n_kv_heads * cn_kv_pool_layout(p)->head_dim; }
+
+/* K (is_v 0) or V rows of a block and layer, by the geometry kv_cache.h documents for
+ * cn_kv_pool_data: the same for host pools and the test storage. */
+static float *rows_of(cn_kv_pool *p, int block, int layer, int is_v) {
+  const cn_kv_layout *L = cn_kv_pool_layout(p);
+  return (float *)cn_kv_pool_data(p) +
+         (((size_t)block * L->n_layers + layer) * 2 + is_v) * L->block_size * (size_t)kv_dim(p);
+}
 
 /* Exact in fp32 for token < 160, pos < 1000, layer < 10, column < 50. */
 static float row_value(int32_t token, int pos, int layer, int col, int is_v) {
@@ -55,8 +86,8 @@ static void write_rows(cn_kv_pool *p, const cn_kv_seq *s, const int32_t *tokens,
     cn_kv_seq_slot(s, from + i, &block, &row);
     for (int l = 0; l < L; l++)
       for (int c = 0; c < D; c++) {
-        cn_kv_block_k(p, block, l)[(size_t)row * D + c] = row_value(tokens[i], from + i, l, c, 0);
-        cn_kv_block_v(p, block, l)[(size_t)row * D + c] = row_value(tokens[i], from + i, l, c, 1);
+        rows_of(p, block, l, 0)[(size_t)row * D + c] = row_value(tokens[i], from + i, l, c, 0);
+        rows_of(p, block, l, 1)[(size_t)row * D + c] = row_value(tokens[i], from + i, l, c, 1);
       }
   }
 }
@@ -69,8 +100,8 @@ static int first_bad_row(cn_kv_pool *p, const cn_kv_seq *s, const int32_t *token
     cn_kv_seq_slot(s, pos, &block, &row);
     for (int l = 0; l < L; l++)
       for (int c = 0; c < D; c++)
-        if (cn_kv_block_k(p, block, l)[(size_t)row * D + c] != row_value(tokens[pos], pos, l, c, 0) ||
-            cn_kv_block_v(p, block, l)[(size_t)row * D + c] != row_value(tokens[pos], pos, l, c, 1))
+        if (rows_of(p, block, l, 0)[(size_t)row * D + c] != row_value(tokens[pos], pos, l, c, 0) ||
+            rows_of(p, block, l, 1)[(size_t)row * D + c] != row_value(tokens[pos], pos, l, c, 1))
           return pos;
   }
   return -1;
@@ -664,6 +695,68 @@ static void test_random_ops_keep_pool_invariants_and_every_row(void **state) {
   run_random_ops(1, 40, 10000);
 }
 
+/* The same on a storage reached only through cn_kv_storage (what the CUDA backend's device bf16
+ * pool is): copy-on-write goes through storage->copy and every row still reads back. */
+static void test_random_ops_on_a_foreign_storage_keep_every_row(void **state) {
+  g_storage = &spans_storage;
+  g_copies = 0;
+  run_random_ops(4, 24, 10000);
+  run_random_ops(3, 17, 10000);
+  g_storage = NULL;
+  printf("[ info     ] %d storage copies\n", g_copies);
+  assert_true(g_copies > 0);
+}
+
+/* commit_slots on a foreign storage moves the same rows as on the host: random accepted paths
+ * (strictly increasing slots, slots[i] >= i) over block boundaries, rows compared with the host
+ * pool's after each commit. Sources and destinations overlap across spans (slots {1, 2}), which
+ * the storage's read-all-first copy must get right. */
+static void test_commit_slots_on_a_foreign_storage_equals_the_host_pool(void **state) {
+  uint64_t rng = cn_test_seed("test_commit_slots_on_a_foreign_storage_equals_the_host_pool");
+  cn_kv_pool *host = make_pool(3, 2, 4, 4, 64);
+  g_storage = &spans_storage;
+  cn_kv_pool *dev = make_pool(3, 2, 4, 4, 64);
+  g_storage = NULL;
+  cn_kv_seq *hs = make_seq(host), *ds = make_seq(dev);
+  int len = 0;
+  while (len < 180) {
+    int n = 1 + (int)(cn_test_rand(&rng) % 12);
+    int32_t toks[16];
+    for (int i = 0; i < n; i++) toks[i] = (int32_t)(cn_test_rand(&rng) % 150);
+    assert_int_equal(cn_kv_seq_reserve(hs, n), CANOPY_OK);
+    assert_int_equal(cn_kv_seq_reserve(ds, n), CANOPY_OK);
+    write_rows(host, hs, toks, len, n); /* slot len + j holds token j at position len + j */
+    write_rows(dev, ds, toks, len, n);
+    int slots[16], k = 0;
+    for (int j = 0; j < n; j++)
+      if (cn_test_rand(&rng) % 2 || j == 0) slots[k++] = j;
+    int32_t kept[16];
+    for (int i = 0; i < k; i++) kept[i] = toks[slots[i]];
+    assert_int_equal(cn_kv_seq_commit_slots(hs, slots, kept, k), CANOPY_OK);
+    assert_int_equal(cn_kv_seq_commit_slots(ds, slots, kept, k), CANOPY_OK);
+    /* Position len + i now holds the row written for slot len + slots[i]: compare raw rows. */
+    int L = 3, D = 8;
+    for (int i = 0; i < k; i++) {
+      int hb, hr, db, dr;
+      cn_kv_seq_slot(hs, len + i, &hb, &hr);
+      cn_kv_seq_slot(ds, len + i, &db, &dr);
+      for (int l = 0; l < L; l++)
+        for (int v = 0; v < 2; v++) {
+          assert_memory_equal(rows_of(host, hb, l, v) + (size_t)hr * D, rows_of(dev, db, l, v) + (size_t)dr * D,
+                              sizeof(float) * D);
+          for (int c = 0; c < D; c++)
+            assert_true(rows_of(dev, db, l, v)[(size_t)dr * D + c] == row_value(kept[i], len + slots[i], l, c, v));
+        }
+    }
+    len += k;
+    assert_int_equal(cn_kv_seq_len(ds), len);
+  }
+  cn_kv_seq_free(hs);
+  cn_kv_seq_free(ds);
+  cn_kv_pool_free(host);
+  cn_kv_pool_free(dev);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_reserve_maps_positions_to_blocks_across_block_boundaries),
@@ -680,6 +773,8 @@ int main(void) {
       cmocka_unit_test(test_a_disabled_prefix_cache_drops_cached_blocks_and_shares_nothing),
       cmocka_unit_test(test_pool_create_rejects_bad_and_overflowing_layouts_with_messages),
       cmocka_unit_test(test_random_ops_keep_pool_invariants_and_every_row),
+      cmocka_unit_test(test_random_ops_on_a_foreign_storage_keep_every_row),
+      cmocka_unit_test(test_commit_slots_on_a_foreign_storage_equals_the_host_pool),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
