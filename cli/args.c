@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "canopy.h"
 #include "cli/cli.h"
 
 int cli_parse_int(const char *cmd, const char *name, const char *s, int lo, int *out) {
@@ -39,6 +40,16 @@ int cli_parse_u64(const char *cmd, const char *name, const char *s, uint64_t *ou
     return 2;
   }
   *out = (uint64_t)v;
+  return 0;
+}
+
+int cli_parse_device(const char *cmd, const char *s, int *out) {
+  if (!strcmp(s, "cpu")) *out = CANOPY_DEVICE_CPU;
+  else if (!strcmp(s, "cuda")) *out = CANOPY_DEVICE_CUDA;
+  else {
+    fprintf(stderr, "canopy: %s: --device '%s' must be cpu or cuda\n", cmd, s);
+    return 2;
+  }
   return 0;
 }
 

@@ -43,6 +43,7 @@ static const char *usage =
     "      --seed S          random seed (default 42)\n"
     "      --max-prompts K   only the first K prompts\n"
     "      --threads N       CPU threads (default: all cores)\n"
+    "      --device D        cpu (default) or cuda, for target and draft\n"
     "  -o, --out DIR         output folder (created if missing)\n"
     "  -h, --help            show this help\n"
     "\n"
@@ -54,7 +55,7 @@ static const char *usage =
 typedef struct bench_args {
   const char *model, *draft, *prompts, *out;
   const char *trees[MAX_TREES];
-  int n_trees, draft_layers, chat, max_tokens, max_prompts, threads;
+  int n_trees, draft_layers, chat, max_tokens, max_prompts, threads, device;
   float temp;
   uint64_t seed;
 } bench_args;
@@ -155,7 +156,7 @@ static cJSON *agg_json(const agg *a, const char *tree, const agg *base) {
 }
 
 static int parse(int argc, char **argv, bench_args *a) {
-  enum { O_LAYERS = 256, O_PROMPTS, O_CHAT, O_TREE, O_TEMP, O_SEED, O_MAXP, O_THREADS };
+  enum { O_LAYERS = 256, O_PROMPTS, O_CHAT, O_TREE, O_TEMP, O_SEED, O_MAXP, O_THREADS, O_DEVICE };
   struct option opts[] = {{"model", required_argument, 0, 'm'},      {"draft", required_argument, 0, 'd'},
                           {"draft-layers", required_argument, 0, O_LAYERS},
                           {"prompts", required_argument, 0, O_PROMPTS}, {"chat", no_argument, 0, O_CHAT},
@@ -163,6 +164,7 @@ static int parse(int argc, char **argv, bench_args *a) {
                           {"temp", required_argument, 0, O_TEMP},    {"seed", required_argument, 0, O_SEED},
                           {"max-prompts", required_argument, 0, O_MAXP},
                           {"threads", required_argument, 0, O_THREADS}, {"out", required_argument, 0, 'o'},
+                          {"device", required_argument, 0, O_DEVICE},
                           {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
   *a = (bench_args){.max_tokens = 128, .seed = 42};
   int c, rc = 0;
@@ -188,6 +190,7 @@ static int parse(int argc, char **argv, bench_args *a) {
     case O_SEED: rc = cli_parse_u64("bench acceptance", "--seed", optarg, &a->seed); break;
     case O_MAXP: rc = cli_parse_int("bench acceptance", "--max-prompts", optarg, 1, &a->max_prompts); break;
     case O_THREADS: rc = cli_parse_int("bench acceptance", "--threads", optarg, 1, &a->threads); break;
+    case O_DEVICE: rc = cli_parse_device("bench acceptance", optarg, &a->device); break;
     case 'o': a->out = optarg; break;
     case 'h': fputs(usage, stdout); return -1;
     default: fputs(usage, stderr); return 2;
@@ -395,6 +398,7 @@ static int bench_acceptance(int argc, char **argv) {
   if (canopy_tokenizer_load(dir, &tok)) { cli_fail("loading the tokenizer"); goto done; }
   canopy_model_params mp = canopy_model_default_params();
   mp.n_threads = a.threads;
+  mp.device = a.device;
   if (canopy_model_load(dir, &mp, &model)) { cli_fail("loading the model"); goto done; }
   canopy_model_params dp = mp;
   dp.n_layers = a.draft_layers;
@@ -423,6 +427,7 @@ static int bench_acceptance(int argc, char **argv) {
   cJSON_AddStringToObject(meta, "draft", a.draft);
   cJSON_AddNumberToObject(meta, "draft_layers", di.n_layers);
   cJSON_AddNumberToObject(meta, "draft_params", (double)di.n_params);
+  cJSON_AddStringToObject(meta, "device", a.device == CANOPY_DEVICE_CUDA ? "cuda" : "cpu");
   cJSON_AddStringToObject(meta, "prompts_file", a.prompts);
   cJSON_AddNumberToObject(meta, "n_prompts", n_ps);
   cJSON_AddNumberToObject(meta, "max_new_tokens", a.max_tokens);

@@ -16,6 +16,8 @@ int cli_tree_opt(int argc, char **argv);
 int cli_parse_int(const char *cmd, const char *name, const char *s, int lo, int *out);
 int cli_parse_double(const char *cmd, const char *name, const char *s, double lo, double hi, double *out);
 int cli_parse_u64(const char *cmd, const char *name, const char *s, uint64_t *out);
+/* --device cpu|cuda into a canopy_device. */
+int cli_parse_device(const char *cmd, const char *s, int *out);
 
 /* A whole file ('-': standard input), NUL-terminated; NULL with errno set if it cannot be read.
  * Caller frees. */

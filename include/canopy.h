@@ -66,6 +66,12 @@ const char *canopy_status_string(int status);
 
 typedef struct canopy_model canopy_model;
 
+/* Where a model's weights, KV cache and forward live. */
+typedef enum canopy_device {
+  CANOPY_DEVICE_CPU = 0,  /* fp32 on the host (the reference) */
+  CANOPY_DEVICE_CUDA = 1, /* bf16 weights and KV cache on CUDA device 0, fp32 activations */
+} canopy_device;
+
 typedef struct canopy_model_params {
   int n_threads;       /* CPU worker threads; 0 = one per online core */
   int max_context;     /* tokens per sequence; 0 = the model's max_position_embeddings */
@@ -74,6 +80,9 @@ typedef struct canopy_model_params {
   int prefix_cache;    /* reuse cached KV blocks of identical prompt prefixes (default 1) */
   int n_layers;        /* load only the first n layers (plus the head): a truncated model, the
                           cheapest stand-in draft for its own target; 0 = all */
+  int device;          /* a canopy_device (default CANOPY_DEVICE_CPU). CUDA without a visible
+                          device (or in a build without CUDA) is CANOPY_ERR_DEVICE; device memory
+                          running out is CANOPY_ERR_NO_MEMORY naming the bytes */
 } canopy_model_params;
 
 canopy_model_params canopy_model_default_params(void);

@@ -1,6 +1,8 @@
 /* The seam between the model and the hardware (DESIGN.md, "Backends"): the forward is written
  * once over this table. Weights are backend-owned opaque pointers; activations are backend
- * buffers (fp32 host memory on the CPU). */
+ * buffers of fp32 (host memory on the CPU, device memory on CUDA). Index arrays handed to the
+ * ops (tokens, positions, tree masks, logit rows, inv_freq) and the sequences' block tables are
+ * host memory: a device backend copies them over itself. */
 #ifndef CANOPY_MODEL_BACKEND_H
 #define CANOPY_MODEL_BACKEND_H
 
@@ -26,7 +28,13 @@ typedef struct cn_attn_desc {
 
 typedef struct cn_backend {
   const char *name;
+  size_t weight_elem_bytes;        /* bytes of one weight element: 4 (fp32 CPU), 2 (bf16 CUDA) */
+  const cn_kv_storage *kv_storage; /* where the KV pool lives; NULL: host fp32. Its ctx is the backend's */
   void (*destroy)(void *ctx);
+  /* Optional (NULL on the CPU): called before the first op of each forward, and after the last
+   * one. The ops return nothing; a device backend keeps the first failure and `end` returns it. */
+  int (*begin)(void *ctx);
+  int (*end)(void *ctx);
   /* Sizes per-sequence scratch for block tables of up to max_blocks blocks. */
   int (*reserve)(void *ctx, int max_blocks);
   void *(*alloc)(void *ctx, size_t bytes);
@@ -56,5 +64,9 @@ typedef struct cn_backend {
 
 /* The fp32 CPU backend with `n_threads` workers (0 = all online cores). */
 int cn_backend_cpu_create(int n_threads, const cn_backend **be, void **ctx);
+
+/* The CUDA backend on device `device`: bf16 weights and KV, fp32 activations. CANOPY_ERR_DEVICE
+ * when no such device is visible or canopy was built without CUDA. */
+int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx);
 
 #endif

@@ -127,6 +127,7 @@ static void cpu_to_host(void *ctx, float *dst, const void *src, size_t n) {
 
 static const cn_backend cpu_backend = {
     .name = "cpu",
+    .weight_elem_bytes = sizeof(float),
     .destroy = cpu_destroy,
     .reserve = cpu_reserve,
     .alloc = cpu_alloc,

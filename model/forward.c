@@ -40,12 +40,17 @@ static int check_batch(canopy_model *m, const cn_batch *b) {
   return CANOPY_OK;
 }
 
+/* Undoes the reservations of sequences [0, n) (truncating to the current length releases them). */
+static void unreserve(const cn_batch *b, int n) {
+  for (int r = 0; r < n; r++) cn_kv_seq_truncate(b->seqs[r].kv, cn_kv_seq_len(b->seqs[r].kv));
+}
+
 /* Reserves cache slots for every sequence, all or nothing, so a failed forward leaves no trace. */
 static int reserve_all(const cn_batch *b) {
   for (int s = 0; s < b->n_seqs; s++) {
     int st = cn_kv_seq_reserve(b->seqs[s].kv, b->seqs[s].tree_prev + b->seqs[s].n);
     if (st) {
-      for (int r = 0; r < s; r++) cn_kv_seq_truncate(b->seqs[r].kv, cn_kv_seq_len(b->seqs[r].kv));
+      unreserve(b, s);
       return st;
     }
   }
@@ -56,11 +61,15 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
   int st = check_batch(m, b);
   if (st == CANOPY_OK) st = reserve_all(b);
   if (st) return st;
+  const cn_backend *be = m->be;
+  void *ctx = m->be_ctx;
+  if (be->begin && (st = be->begin(ctx))) {
+    unreserve(b, b->n_seqs);
+    return st;
+  }
   m->n_forwards++;
 
   const cn_config *c = &m->cfg;
-  const cn_backend *be = m->be;
-  void *ctx = m->be_ctx;
   const cn_scratch *s = &m->s;
   int n = b->n_tokens, D = c->hidden_size, d = c->head_dim, F = c->intermediate_size;
   int q_dim = c->n_heads * d, kv_dim = c->n_kv_heads * d, qkv_dim = q_dim + 2 * kv_dim;
@@ -104,5 +113,6 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
     be->matmul(ctx, s->logits, s->xn, m->lm_head, NULL, rows, D, c->vocab_size);
     be->to_host(ctx, logits + (size_t)r * c->vocab_size, s->logits, (size_t)rows * c->vocab_size);
   }
-  return CANOPY_OK;
+  if (be->end && (st = be->end(ctx))) unreserve(b, b->n_seqs);
+  return st;
 }

@@ -12,7 +12,8 @@
 #define MAX_HEAD_DIM 256
 
 canopy_model_params canopy_model_default_params(void) {
-  return (canopy_model_params){.n_threads = 0, .max_context = 0, .kv_block_size = 16, .kv_blocks = 0, .prefix_cache = 1};
+  return (canopy_model_params){.n_threads = 0, .max_context = 0, .kv_block_size = 16, .kv_blocks = 0, .prefix_cache = 1,
+                               .device = CANOPY_DEVICE_CPU};
 }
 
 typedef struct loader {
@@ -32,8 +33,11 @@ static int load_parts(loader *ld, void **dst, int cols, int n_parts, const char 
     if (st) return st;
     total += (size_t)rows[i] * width;
   }
-  *dst = m->be->alloc(m->be_ctx, total * sizeof(float));
-  if (!*dst) return cn_error(CANOPY_ERR_NO_MEMORY, "%s: no memory for %s (%zu floats)", m->dir, names[0], total);
+  size_t bytes = total * m->be->weight_elem_bytes;
+  *dst = m->be->alloc(m->be_ctx, bytes);
+  if (!*dst)
+    return cn_error(CANOPY_ERR_NO_MEMORY, "%s: cannot allocate %zu bytes of %s memory for %s", m->dir, bytes,
+                    m->be->name, names[0]);
   size_t at = 0;
   for (int i = 0; i < n_parts; i++) {
     int st = m->be->load(m->be_ctx, *dst, at, t[i]);
@@ -41,7 +45,7 @@ static int load_parts(loader *ld, void **dst, int cols, int n_parts, const char 
     at += (size_t)rows[i] * width;
   }
   m->n_params += (int64_t)total;
-  m->weight_bytes += (int64_t)(total * sizeof(float));
+  m->weight_bytes += (int64_t)bytes;
   return CANOPY_OK;
 }
 
@@ -111,7 +115,9 @@ static int alloc_scratch(canopy_model *m) {
   };
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
     *bufs[i].p = m->be->alloc(m->be_ctx, bufs[i].n * sizeof(float));
-    if (!*bufs[i].p) return cn_error(CANOPY_ERR_NO_MEMORY, "%s: no memory for forward scratch", m->dir);
+    if (!*bufs[i].p)
+      return cn_error(CANOPY_ERR_NO_MEMORY, "%s: cannot allocate %zu bytes of %s memory for forward scratch", m->dir,
+                      bufs[i].n * sizeof(float), m->be->name);
   }
   return CANOPY_OK;
 }
@@ -128,7 +134,10 @@ static int load_all(canopy_model *m, const canopy_model_params *p) {
     return cn_error(CANOPY_ERR_UNSUPPORTED, "%s: head_dim %d is not supported (even, at most %d)", path, c->head_dim,
                     MAX_HEAD_DIM);
 
-  st = cn_backend_cpu_create(p->n_threads, &m->be, &m->be_ctx);
+  if (p->device == CANOPY_DEVICE_CUDA) st = cn_backend_cuda_create(0, &m->be, &m->be_ctx);
+  else if (p->device == CANOPY_DEVICE_CPU) st = cn_backend_cpu_create(p->n_threads, &m->be, &m->be_ctx);
+  else st = cn_error(CANOPY_ERR_INVALID_ARG, "%s: unknown device %d (CANOPY_DEVICE_CPU or CANOPY_DEVICE_CUDA)", m->dir,
+                     p->device);
   if (st) return st;
 
   loader ld = {.m = m};
@@ -159,7 +168,7 @@ static int load_all(canopy_model *m, const canopy_model_params *p) {
   int blocks_per_seq = (m->max_context + bs - 1) / bs;
   cn_kv_layout layout = {.n_layers = c->n_layers, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
                          .block_size = bs, .n_blocks = p->kv_blocks > 0 ? p->kv_blocks : 4 * blocks_per_seq};
-  st = cn_kv_pool_create(&layout, &m->kv);
+  st = cn_kv_pool_create_on(&layout, m->be->kv_storage, m->be_ctx, &m->kv);
   if (st) return st;
   cn_kv_pool_set_prefix_cache(m->kv, p->prefix_cache != 0);
   st = m->be->reserve(m->be_ctx, blocks_per_seq + 1);
@@ -201,9 +210,9 @@ void canopy_model_free(canopy_model *m) {
     if (m->lm_head != m->embed) m->be->release(m->be_ctx, m->lm_head);
     m->be->release(m->be_ctx, m->embed);
     m->be->release(m->be_ctx, m->final_norm);
-    m->be->destroy(m->be_ctx);
   }
-  cn_kv_pool_free(m->kv);
+  cn_kv_pool_free(m->kv); /* before the backend: its storage may be the backend's */
+  if (m->be) m->be->destroy(m->be_ctx);
   free(m->step_logits);
   free(m->step_idx);
   free(m->step_seqs);

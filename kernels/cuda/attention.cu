@@ -25,7 +25,8 @@ __device__ __forceinline__ bool visible(const cn_cuda_attn_args &a, int i, int p
   int key_pos = s;
   if (s >= a.ctx_len) {
     int j = s - a.ctx_len;
-    if (a.tree_mask ? !((a.tree_mask[(size_t)i * a.mask_words + j / 64] >> (j % 64)) & 1) : j > i) return false;
+    if (a.tree_mask ? !((a.tree_mask[(size_t)i * a.mask_words + j / 64] >> (j % 64)) & 1) : j > a.q_offset + i)
+      return false;
     key_pos = a.pos[j];
   }
   return a.sliding_window <= 0 || key_pos > pos_i - a.sliding_window;
@@ -48,9 +49,9 @@ template <typename T> __global__ void __launch_bounds__(ATTN_WARPS * 32) attenti
     qr[r] = t < d ? cn_ld(q + t) : 0.0f;
   }
 
-  int pos_i = a.pos[i];
+  int pos_i = a.pos[a.q_offset + i];
   /* Causal tokens never look past their own slot; tree tokens may look at any earlier node. */
-  int last = a.ctx_len + (a.tree_mask ? a.n - 1 : i);
+  int last = a.ctx_len + a.q_offset + (a.tree_mask ? a.n - 1 : i);
   /* Prefix slot s has position s, so a window lets the scan start late. */
   int first = 0;
   if (a.sliding_window > 0) first = max(0, min(a.ctx_len, pos_i - a.sliding_window + 1));
@@ -115,15 +116,16 @@ template <typename T> __global__ void __launch_bounds__(ATTN_WARPS * 32) attenti
 int cn_cuda_attention(cn_cuda_ctx *ctx, const cn_cuda_attn_args *a) {
   CN_CUDA_ENTER(ctx);
   if (!a) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_attention: NULL args");
-  if (a->n < 0 || a->ctx_len < 0 || a->n_heads <= 0 || a->n_kv_heads <= 0 || a->n_heads % a->n_kv_heads ||
+  if (a->n < 0 || a->ctx_len < 0 || a->q_offset < 0 || a->n_heads <= 0 || a->n_kv_heads <= 0 || a->n_heads % a->n_kv_heads ||
       a->kv.block_size <= 0)
     return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_attention: n=%d ctx_len=%d n_heads=%d n_kv_heads=%d block_size=%d",
                     a->n, a->ctx_len, a->n_heads, a->n_kv_heads, a->kv.block_size);
   if (a->head_dim <= 0 || a->head_dim > CN_CUDA_MAX_HEAD_DIM)
     return cn_error(CANOPY_ERR_UNSUPPORTED, "cn_cuda_attention: head_dim %d (at most %d)", a->head_dim,
                     CN_CUDA_MAX_HEAD_DIM);
-  if (a->tree_mask && a->mask_words < (a->n + 63) / 64)
-    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_attention: %d mask words for %d tokens", a->mask_words, a->n);
+  if (a->tree_mask && a->mask_words < (a->q_offset + a->n + 63) / 64)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_attention: %d mask words for %d new slots", a->mask_words,
+                    a->q_offset + a->n);
   if (!a->n) return CANOPY_OK;
   return cn_dispatch(a->dt, [&](auto t) {
     using T = decltype(t);

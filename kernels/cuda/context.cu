@@ -123,6 +123,42 @@ int cn_cuda_memcpy_d2h(cn_cuda_ctx *ctx, void *dst, const void *src, size_t byte
   return CANOPY_OK;
 }
 
+int cn_cuda_host_alloc(cn_cuda_ctx *ctx, void **p, size_t bytes) {
+  if (!p) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_host_alloc: NULL out");
+  *p = NULL;
+  CN_CUDA_ENTER(ctx);
+  cudaError_t e = cudaMallocHost(p, bytes ? bytes : 1);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    *p = NULL;
+    return cn_error(CANOPY_ERR_NO_MEMORY, "%s:%d: cannot allocate %zu bytes of page-locked host memory (%s)",
+                    cn_cuda_short_file(__FILE__), __LINE__, bytes, cudaGetErrorString(e));
+  }
+  return CANOPY_OK;
+}
+
+void cn_cuda_host_free(cn_cuda_ctx *ctx, void *p) {
+  if (!p) return;
+  if (ctx) (void)cudaSetDevice(ctx->device);
+  (void)cudaFreeHost(p);
+  (void)cudaGetLastError();
+}
+
+int cn_cuda_memcpy_h2d_async(cn_cuda_ctx *ctx, void *dst, const void *src, size_t bytes) {
+  CN_CUDA_ENTER(ctx);
+  if (!bytes) return CANOPY_OK;
+  CN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, ctx->stream));
+  return CANOPY_OK;
+}
+
+int cn_cuda_memcpy_2d(cn_cuda_ctx *ctx, void *dst, size_t dpitch, const void *src, size_t spitch, size_t width,
+                      size_t height) {
+  CN_CUDA_ENTER(ctx);
+  if (!width || !height) return CANOPY_OK;
+  CN_CUDA_CHECK(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, cudaMemcpyDeviceToDevice, ctx->stream));
+  return CANOPY_OK;
+}
+
 int cn_cuda_memset(cn_cuda_ctx *ctx, void *p, int byte, size_t bytes) {
   CN_CUDA_ENTER(ctx);
   if (!bytes) return CANOPY_OK;

@@ -63,6 +63,16 @@ void cn_cuda_free(cn_cuda_ctx *ctx, void *p);
  * (or read) when they return. */
 int cn_cuda_memcpy_h2d(cn_cuda_ctx *ctx, void *dst, const void *src, size_t bytes);
 int cn_cuda_memcpy_d2h(cn_cuda_ctx *ctx, void *dst, const void *src, size_t bytes);
+/* Page-locked host memory, so that a cn_cuda_memcpy_h2d_async source may be rewritten only after
+ * the stream has passed the copy (cn_cuda_sync). */
+int cn_cuda_host_alloc(cn_cuda_ctx *ctx, void **p, size_t bytes);
+void cn_cuda_host_free(cn_cuda_ctx *ctx, void *p);
+/* Queues a copy on the stream and returns at once: src must stay unchanged until the stream has
+ * passed it (page-locked memory from cn_cuda_host_alloc, for a real overlap). */
+int cn_cuda_memcpy_h2d_async(cn_cuda_ctx *ctx, void *dst, const void *src, size_t bytes);
+/* Device-to-device copy of `height` rows of `width` bytes between pitched buffers (asynchronous). */
+int cn_cuda_memcpy_2d(cn_cuda_ctx *ctx, void *dst, size_t dpitch, const void *src, size_t spitch, size_t width,
+                      size_t height);
 /* Sets bytes on the stream (asynchronous). 0xFF poisons both fp32 and bf16 buffers with NaN. */
 int cn_cuda_memset(cn_cuda_ctx *ctx, void *p, int byte, size_t bytes);
 
@@ -119,11 +129,13 @@ int cn_cuda_kv_write(cn_cuda_ctx *ctx, const cn_cuda_paged_kv *kv, int first_slo
                      cn_cuda_dtype dt, int n, int kv_dim);
 
 /* Attention for one sequence, with the semantics of cn_cpu_attention: q [n][n_heads][head_dim]
- * and out the same shape, both of dtype dt. Query i sits in slot ctx_len + i at position pos[i];
- * it sees every slot s < ctx_len (position s) and new slot ctx_len + j when tree_mask == NULL:
- * j <= i (causal), else bit j of tree_mask[i * mask_words + j / 64]. sliding_window > 0 also
- * drops keys at positions <= pos[i] - sliding_window. Query head h reads kv head
- * h / (n_heads / n_kv_heads). head_dim <= 256. A query that sees no key gets zeros.
+ * and out the same shape, both of dtype dt. Past the ctx_len committed slots lie q_offset + n new
+ * slots (q_offset written by earlier forwards of the step: a draft tree's upper levels); new slot
+ * j has position pos[j] and query i is new slot q_offset + i. Query i sees every slot s < ctx_len
+ * (position s) and new slot j when tree_mask == NULL: j <= q_offset + i (causal), else bit j of
+ * tree_mask[i * mask_words + j / 64]. sliding_window > 0 also drops keys at positions
+ * <= pos[q_offset + i] - sliding_window. Query head h reads kv head h / (n_heads / n_kv_heads).
+ * head_dim <= 256. A query that sees no key gets zeros.
  *
  * This is the straightforward kernel (one block per (token, head), online softmax over the
  * prefix): every query head re-reads the prefix. The shared-prefix tree kernel of DESIGN.md
@@ -134,16 +146,35 @@ typedef struct cn_cuda_attn_args {
   cn_cuda_dtype dt;
   cn_cuda_paged_kv kv;
   int n, ctx_len;
-  const int32_t *pos;        /* [n] */
+  const int32_t *pos;        /* [q_offset + n] */
   const uint64_t *tree_mask; /* [n][mask_words] or NULL */
   int mask_words;
   int n_heads, n_kv_heads, head_dim;
   int sliding_window;
   float scale;
+  int q_offset;              /* 0 unless a draft tree's upper levels sit before the queries */
 } cn_cuda_attn_args;
 int cn_cuda_attention(cn_cuda_ctx *ctx, const cn_cuda_attn_args *a);
 
 #define CN_CUDA_MAX_HEAD_DIM 256
+
+/* One contiguous copy inside a buffer, in elements: n elements from src to dst, staged at tmp. */
+typedef struct cn_cuda_span {
+  uint64_t dst, src, n;
+  uint64_t tmp; /* where the span's elements wait in the tmp buffer (the sum of the earlier n) */
+} cn_cuda_span;
+
+/* Copies n_spans spans (device array) of elem_bytes-wide elements (2 or 4) inside base as if every
+ * source were read before any destination is written: all sources go to tmp first (holding the
+ * sum of the spans' n elements), then to their destinations. The KV pool's copy-on-write and
+ * commit gathers; the CPU twin is the pool's memcpy. */
+int cn_cuda_copy_spans(cn_cuda_ctx *ctx, void *base, size_t elem_bytes, const cn_cuda_span *spans, int n_spans,
+                       void *tmp);
+
+/* dst[i] = src[rows[i]] for i < n: rows of dim elements of dtype dt, rows [n] int32 on the
+ * device; dst must not overlap the rows it reads. */
+int cn_cuda_gather_rows(cn_cuda_ctx *ctx, void *dst, const void *src, cn_cuda_dtype dt, const int32_t *rows, int n,
+                        int dim);
 
 /* idx[r] = index of the largest of x[r][0 .. n) (the first on ties, as torch.argmax), for
  * rows r < rows; x of dtype dt, idx [rows] int32. One block per row, CUB block reduction. */

@@ -1,0 +1,427 @@
+/* The CUDA backend: bf16 weights and KV cache on the device, fp32 activations (the matmul
+ * launcher rounds its fp32 input to bf16 for cuBLAS), the kernels/cuda launchers behind the table.
+ *
+ * Host arrays reach the device through a per-forward staging area: an op that gets a host array
+ * (tokens, positions, a tree mask, a block table, inv_freq, logit rows) copies it into page-locked
+ * memory and queues one asynchronous upload; later ops of the same forward that pass the same
+ * array find it again by address. `begin` waits for the previous forward and empties the area.
+ * This keeps the forward correct and simple, with a few small copies per step; the next step
+ * (issue 5) is fixed device buffers filled once per step and the step captured in a CUDA graph per
+ * (batch, node count) bucket, which needs every input at a fixed address. */
+#include "model/backend.h"
+
+#include "common/error.h"
+
+#ifndef CANOPY_HAVE_CUDA
+
+int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx) {
+  return cn_error(CANOPY_ERR_DEVICE,
+                  "cuda device %d requested, but this build of canopy has no CUDA support "
+                  "(configure it where nvcc is found)",
+                  device);
+}
+
+#else
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/cuda/cuda_ops.h"
+
+#ifndef ARENA_MIN
+#define ARENA_MIN (256u << 10) /* bytes; grown on demand */
+#endif
+#define MAX_RETIRED 8
+
+/* One staged host array of the current forward. */
+typedef struct staged {
+  const void *host;
+  size_t bytes;
+  void *dev;
+  unsigned gen; /* the forward it belongs to; older entries are empty */
+} staged;
+
+/* Page-locked host bytes and their device twin, filled front to back within a forward. */
+typedef struct arena {
+  char *host, *dev;
+  size_t cap, used;
+} arena;
+
+typedef struct cuda_ctx {
+  cn_cuda_ctx *cu;
+  int status; /* first failure since begin (ops return nothing) */
+  arena a;
+  arena retired[MAX_RETIRED]; /* outgrown areas whose uploads this forward may still read */
+  int n_retired;
+  staged *map; /* [map_cap] open addressing by host address; map_cap a power of 2 */
+  size_t map_cap, map_used;
+  unsigned gen;
+  void *copy_tmp; /* device staging of KV span copies, copy_tmp_bytes long */
+  size_t copy_tmp_bytes;
+  uint16_t *load_buf; /* host bf16 of one checkpoint tensor being uploaded */
+  float *load_f32;
+  size_t load_cap; /* elements of both */
+} cuda_ctx;
+
+/* Records the first failure of a forward; later ops then do nothing. */
+static int keep(cuda_ctx *c, int st) {
+  if (st && !c->status) c->status = st;
+  return st;
+}
+
+/* ---- the staging area ------------------------------------------------------------------------ */
+
+static void arena_release(cuda_ctx *c, arena *a) {
+  cn_cuda_host_free(c->cu, a->host);
+  cn_cuda_free(c->cu, a->dev);
+  *a = (arena){0};
+}
+
+/* Makes room for `bytes` more: a full area is retired (kept alive, since device pointers into it
+ * may still be used by this forward's ops) and a larger one takes its place. */
+static int arena_grow(cuda_ctx *c, size_t bytes) {
+  if (c->a.used + bytes <= c->a.cap) return CANOPY_OK;
+  if (c->a.cap && c->n_retired == MAX_RETIRED)
+    return cn_error(CANOPY_ERR_NO_MEMORY, "cuda backend: staging area outgrown %d times in one forward (%zu bytes)",
+                    MAX_RETIRED, c->a.cap);
+  size_t cap = 2 * (c->a.cap + bytes);
+  if (cap < ARENA_MIN) cap = ARENA_MIN;
+  arena n = {.cap = cap};
+  int st = cn_cuda_host_alloc(c->cu, (void **)&n.host, cap);
+  if (!st) st = cn_cuda_malloc(c->cu, (void **)&n.dev, cap);
+  if (st) {
+    arena_release(c, &n);
+    return st;
+  }
+  if (c->a.cap) c->retired[c->n_retired++] = c->a;
+  c->a = n;
+  return CANOPY_OK;
+}
+
+/* Takes `bytes` of the area (16-byte aligned): *host to fill, *dev where the upload lands. */
+static int arena_take(cuda_ctx *c, size_t bytes, void **host, void **dev) {
+  bytes = (bytes + 15) & ~(size_t)15;
+  int st = arena_grow(c, bytes);
+  if (st) return st;
+  *host = c->a.host + c->a.used;
+  *dev = c->a.dev + c->a.used;
+  c->a.used += bytes;
+  return CANOPY_OK;
+}
+
+static size_t slot_of(const cuda_ctx *c, const void *host) {
+  uintptr_t h = (uintptr_t)host;
+  h ^= h >> 17;
+  h *= 0x9E3779B97F4A7C15ull;
+  return (size_t)(h >> 20) & (c->map_cap - 1);
+}
+
+static int map_grow(cuda_ctx *c) {
+  if (2 * (c->map_used + 1) <= c->map_cap) return CANOPY_OK;
+  size_t old_cap = c->map_cap, cap = old_cap ? 2 * old_cap : 256;
+  staged *old = c->map, *map = calloc(cap, sizeof *map);
+  if (!map) return cn_error(CANOPY_ERR_NO_MEMORY, "cuda backend: no memory for a %zu-entry staging map", cap);
+  c->map = map;
+  c->map_cap = cap;
+  c->map_used = 0;
+  for (size_t i = 0; i < old_cap; i++) {
+    if (old[i].gen != c->gen || !old[i].host) continue;
+    size_t k = slot_of(c, old[i].host);
+    while (map[k].gen == c->gen && map[k].host)
+      k = (k + 1) & (cap - 1);
+    map[k] = old[i];
+    c->map_used++;
+  }
+  free(old);
+  return CANOPY_OK;
+}
+
+/* The device copy of host array [host, host + bytes) for this forward: staged once, found again
+ * by address. NULL (with the failure kept) when staging fails. */
+static const void *dev_of(cuda_ctx *c, const void *host, size_t bytes) {
+  if (c->status || !host) return NULL;
+  if (keep(c, map_grow(c))) return NULL;
+  size_t k = slot_of(c, host);
+  while (c->map[k].gen == c->gen && c->map[k].host) {
+    if (c->map[k].host == host && c->map[k].bytes >= bytes) return c->map[k].dev;
+    if (c->map[k].host == host) break; /* staged shorter: stage again, in the same entry */
+    k = (k + 1) & (c->map_cap - 1);
+  }
+  void *h, *d;
+  if (keep(c, arena_take(c, bytes, &h, &d))) return NULL;
+  memcpy(h, host, bytes);
+  if (keep(c, cn_cuda_memcpy_h2d_async(c->cu, d, h, bytes))) return NULL;
+  if (!(c->map[k].gen == c->gen && c->map[k].host)) c->map_used++;
+  c->map[k] = (staged){.host = host, .bytes = bytes, .dev = d, .gen = c->gen};
+  return d;
+}
+
+static int cuda_begin(void *ctx) {
+  cuda_ctx *c = ctx;
+  /* The previous forward's uploads and the KV copies queued since must be done before their
+   * page-locked source bytes are reused; the stream is normally idle here (to_host waited). */
+  int st = cn_cuda_sync(c->cu);
+  for (int i = 0; i < c->n_retired; i++)
+    arena_release(c, &c->retired[i]);
+  c->n_retired = 0;
+  c->a.used = 0;
+  c->gen++;
+  c->map_used = 0;
+  c->status = CANOPY_OK;
+  return st;
+}
+
+static int cuda_end(void *ctx) { return ((cuda_ctx *)ctx)->status; }
+
+/* ---- memory and weights ---------------------------------------------------------------------- */
+
+static void cuda_destroy(void *ctx) {
+  cuda_ctx *c = ctx;
+  arena_release(c, &c->a);
+  for (int i = 0; i < c->n_retired; i++)
+    arena_release(c, &c->retired[i]);
+  cn_cuda_free(c->cu, c->copy_tmp);
+  cn_cuda_ctx_free(c->cu);
+  free(c->map);
+  free(c->load_buf);
+  free(c->load_f32);
+  free(c);
+}
+
+/* Block tables are staged per forward: nothing to size ahead. */
+static int cuda_reserve(void *ctx, int max_blocks) { return CANOPY_OK; }
+
+static void *cuda_alloc(void *ctx, size_t bytes) {
+  void *p = NULL;
+  return cn_cuda_malloc(((cuda_ctx *)ctx)->cu, &p, bytes) ? NULL : p;
+}
+
+static void cuda_release(void *ctx, void *p) { cn_cuda_free(((cuda_ctx *)ctx)->cu, p); }
+
+/* fp32 -> bf16 bits, rounding to nearest even; NaN stays a (quiet) NaN. */
+static uint16_t bf16_of(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+static int cuda_load(void *ctx, void *dst, size_t at, const cn_st_tensor *t) {
+  cuda_ctx *c = ctx;
+  size_t n = 1;
+  for (int i = 0; i < t->ndim; i++)
+    n *= (size_t)t->shape[i];
+  if (n > c->load_cap) {
+    free(c->load_buf);
+    free(c->load_f32);
+    c->load_buf = malloc(n * sizeof *c->load_buf);
+    c->load_f32 = malloc(n * sizeof *c->load_f32);
+    c->load_cap = c->load_buf && c->load_f32 ? n : 0;
+    if (!c->load_cap)
+      return cn_error(CANOPY_ERR_NO_MEMORY, "cuda backend: no host memory to convert %s (%zu elements)", t->name, n);
+  }
+  /* Every checkpoint dtype goes through fp32 (exact for F16 and BF16), then rounds once. */
+  cn_st_to_f32(t, c->load_f32);
+  for (size_t i = 0; i < n; i++)
+    c->load_buf[i] = bf16_of(c->load_f32[i]);
+  int st = cn_cuda_memcpy_h2d(c->cu, (cn_bf16 *)dst + at, c->load_buf, n * sizeof(cn_bf16));
+  return st ? cn_error_wrap(st, "uploading %s from %s", t->name, t->file) : CANOPY_OK;
+}
+
+/* ---- the KV pool's storage: device bf16 -------------------------------------------------------- */
+
+static void *kv_alloc(void *ctx, size_t bytes) {
+  cuda_ctx *c = ctx;
+  void *p = NULL;
+  if (cn_cuda_malloc(c->cu, &p, bytes)) return NULL;
+  if (cn_cuda_memset(c->cu, p, 0, bytes) || cn_cuda_sync(c->cu)) {
+    cn_cuda_free(c->cu, p);
+    return NULL;
+  }
+  return p;
+}
+
+static void kv_release(void *ctx, void *data) { cn_cuda_free(((cuda_ctx *)ctx)->cu, data); }
+
+static int kv_copy(void *ctx, void *data, const cn_kv_span *spans, int n) {
+  cuda_ctx *c = ctx;
+  size_t total = 0;
+  for (int i = 0; i < n; i++)
+    total += spans[i].n;
+  size_t tmp_bytes = total * sizeof(cn_bf16);
+  if (tmp_bytes > c->copy_tmp_bytes) {
+    /* Copies queued earlier may still read the old buffer. */
+    int st = cn_cuda_sync(c->cu);
+    if (st) return st;
+    cn_cuda_free(c->cu, c->copy_tmp);
+    c->copy_tmp = NULL;
+    c->copy_tmp_bytes = 0;
+    if ((st = cn_cuda_malloc(c->cu, &c->copy_tmp, tmp_bytes))) return st;
+    c->copy_tmp_bytes = tmp_bytes;
+  }
+  cn_cuda_span *h, *d;
+  int st = arena_take(c, sizeof *h * (size_t)n, (void **)&h, (void **)&d);
+  if (st) return st;
+  uint64_t at = 0;
+  for (int i = 0; i < n; i++) {
+    h[i] = (cn_cuda_span){.dst = spans[i].dst, .src = spans[i].src, .n = spans[i].n, .tmp = at};
+    at += spans[i].n;
+  }
+  st = cn_cuda_memcpy_h2d_async(c->cu, d, h, sizeof *h * (size_t)n);
+  if (!st) st = cn_cuda_copy_spans(c->cu, data, sizeof(cn_bf16), d, n, c->copy_tmp);
+  return st;
+}
+
+static const cn_kv_storage cuda_kv_storage = {
+    .name = "cuda bf16",
+    .elem_bytes = sizeof(cn_bf16),
+    .alloc = kv_alloc,
+    .release = kv_release,
+    .copy = kv_copy,
+};
+
+/* One layer of a sequence's paged KV as the kernels see it; block_table NULL if staging failed. */
+static cn_cuda_paged_kv view_of(cuda_ctx *c, cn_kv_pool *pool, const cn_kv_seq *seq, int layer) {
+  const cn_kv_layout *L = cn_kv_pool_layout(pool);
+  size_t half = (size_t)L->block_size * L->n_kv_heads * L->head_dim;
+  int nb;
+  const int *table = cn_kv_seq_blocks(seq, &nb);
+  cn_bf16 *k = (cn_bf16 *)cn_kv_pool_data(pool) + (size_t)layer * 2 * half;
+  return (cn_cuda_paged_kv){.k = k,
+                            .v = k + half,
+                            .block_table = dev_of(c, table, sizeof(int32_t) * (size_t)nb),
+                            .block_stride = (size_t)L->n_layers * 2 * half,
+                            .block_size = L->block_size};
+}
+
+/* ---- ops ------------------------------------------------------------------------------------- */
+
+static void cuda_embed(void *ctx, void *x, const void *table, const int32_t *tokens, int n, int dim) {
+  cuda_ctx *c = ctx;
+  const int32_t *t = dev_of(c, tokens, sizeof *tokens * (size_t)n);
+  if (t) keep(c, cn_cuda_embed(c->cu, x, CN_CUDA_F32, table, t, n, dim));
+}
+
+static void cuda_rmsnorm(void *ctx, void *out, const void *x, const void *w, int n, int dim, float eps) {
+  cuda_ctx *c = ctx;
+  if (!c->status) keep(c, cn_cuda_rmsnorm(c->cu, out, CN_CUDA_F32, x, CN_CUDA_F32, w, n, dim, eps));
+}
+
+static void cuda_matmul(void *ctx, void *y, const void *x, const void *w, const void *bias, int n, int in, int out) {
+  cuda_ctx *c = ctx;
+  if (!c->status) keep(c, cn_cuda_matmul(c->cu, y, CN_CUDA_F32, x, CN_CUDA_F32, w, bias, n, in, out));
+}
+
+static void cuda_rope(void *ctx, void *x, const int32_t *pos, int n, int n_heads, int head_dim, const float *inv_freq) {
+  cuda_ctx *c = ctx;
+  const int32_t *p = dev_of(c, pos, sizeof *pos * (size_t)n);
+  const float *f = dev_of(c, inv_freq, sizeof *inv_freq * (size_t)(head_dim / 2));
+  if (p && f) keep(c, cn_cuda_rope(c->cu, x, CN_CUDA_F32, p, n, n_heads, head_dim, f));
+}
+
+static void cuda_swiglu(void *ctx, void *out, const void *gate_up, int n, int d) {
+  cuda_ctx *c = ctx;
+  if (!c->status) keep(c, cn_cuda_swiglu(c->cu, out, gate_up, CN_CUDA_F32, n, d));
+}
+
+static void cuda_add(void *ctx, void *x, const void *y, size_t n) {
+  cuda_ctx *c = ctx;
+  if (!c->status) keep(c, cn_cuda_add(c->cu, x, CN_CUDA_F32, y, CN_CUDA_F32, n));
+}
+
+static void cuda_split_qkv(void *ctx, void *q, void *k, void *v, const void *qkv, int n, int q_dim, int kv_dim) {
+  cuda_ctx *c = ctx;
+  size_t row = sizeof(float) * ((size_t)q_dim + 2 * (size_t)kv_dim), qb = sizeof(float) * (size_t)q_dim,
+         kb = sizeof(float) * (size_t)kv_dim;
+  const char *src = qkv;
+  if (!c->status) keep(c, cn_cuda_memcpy_2d(c->cu, q, qb, src, row, qb, (size_t)n));
+  if (!c->status) keep(c, cn_cuda_memcpy_2d(c->cu, k, kb, src + qb, row, kb, (size_t)n));
+  if (!c->status) keep(c, cn_cuda_memcpy_2d(c->cu, v, kb, src + qb + kb, row, kb, (size_t)n));
+}
+
+static void cuda_gather_rows(void *ctx, void *dst, const void *src, const int32_t *rows, int n, int dim) {
+  cuda_ctx *c = ctx;
+  const int32_t *r = dev_of(c, rows, sizeof *rows * (size_t)n);
+  if (r) keep(c, cn_cuda_gather_rows(c->cu, dst, src, CN_CUDA_F32, r, n, dim));
+}
+
+static void cuda_kv_write(void *ctx, cn_kv_pool *pool, const cn_kv_seq *seq, int layer, int first_slot, const void *k,
+                          const void *v, int n, int kv_dim) {
+  cuda_ctx *c = ctx;
+  cn_cuda_paged_kv kv = view_of(c, pool, seq, layer);
+  if (kv.block_table) keep(c, cn_cuda_kv_write(c->cu, &kv, first_slot, k, v, CN_CUDA_F32, n, kv_dim));
+}
+
+static void cuda_attention(void *ctx, void *out, const void *q, const cn_attn_desc *d) {
+  cuda_ctx *c = ctx;
+  int words = (d->q_offset + d->n + 63) / 64;
+  cn_cuda_attn_args a = {.out = out,
+                         .q = q,
+                         .dt = CN_CUDA_F32,
+                         .kv = view_of(c, d->pool, d->seq, d->layer),
+                         .n = d->n,
+                         .ctx_len = d->ctx_len,
+                         .q_offset = d->q_offset,
+                         .pos = dev_of(c, d->pos, sizeof(int32_t) * (size_t)(d->q_offset + d->n)),
+                         .tree_mask =
+                             d->tree_mask ? dev_of(c, d->tree_mask, sizeof(uint64_t) * (size_t)d->n * words) : NULL,
+                         .mask_words = words,
+                         .n_heads = d->n_heads,
+                         .n_kv_heads = d->n_kv_heads,
+                         .head_dim = d->head_dim,
+                         .sliding_window = d->sliding_window,
+                         .scale = d->scale};
+  if (!c->status) keep(c, cn_cuda_attention(c->cu, &a));
+}
+
+static void cuda_to_host(void *ctx, float *dst, const void *src, size_t n) {
+  cuda_ctx *c = ctx;
+  if (!c->status) keep(c, cn_cuda_memcpy_d2h(c->cu, dst, src, sizeof(float) * n));
+}
+
+static const cn_backend cuda_backend = {
+    .name = "cuda",
+    .weight_elem_bytes = sizeof(cn_bf16),
+    .kv_storage = &cuda_kv_storage,
+    .destroy = cuda_destroy,
+    .begin = cuda_begin,
+    .end = cuda_end,
+    .reserve = cuda_reserve,
+    .alloc = cuda_alloc,
+    .release = cuda_release,
+    .load = cuda_load,
+    .embed = cuda_embed,
+    .rmsnorm = cuda_rmsnorm,
+    .matmul = cuda_matmul,
+    .rope = cuda_rope,
+    .swiglu = cuda_swiglu,
+    .add = cuda_add,
+    .split_qkv = cuda_split_qkv,
+    .gather_rows = cuda_gather_rows,
+    .kv_write = cuda_kv_write,
+    .attention = cuda_attention,
+    .to_host = cuda_to_host,
+};
+
+int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx) {
+  int n = cn_cuda_device_count();
+  if (device < 0 || device >= n)
+    return cn_error(CANOPY_ERR_DEVICE, "cuda device %d requested, but %s", device,
+                    n ? "it is not visible" : "no CUDA device is visible (no GPU or no driver)");
+  cuda_ctx *c = calloc(1, sizeof *c);
+  if (!c) return cn_error(CANOPY_ERR_NO_MEMORY, "cuda backend: out of host memory");
+  int st = cn_cuda_ctx_create(device, &c->cu);
+  if (!st) st = map_grow(c);
+  if (!st) st = arena_grow(c, ARENA_MIN / 2);
+  if (st) {
+    cuda_destroy(c);
+    return st;
+  }
+  c->gen = 1;
+  *be = &cuda_backend;
+  *ctx = c;
+  return CANOPY_OK;
+}
+
+#endif
