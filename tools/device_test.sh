@@ -56,10 +56,10 @@ grep -E "^\[ (cuda|spec|speed) " "$out/cuda_forward.log" | awk '/rel L2/ {f=$4; 
 echo "ctest done at ${SECONDS}s"
 unset CANOPY_TEST_BIG_MODEL
 # --report-api-errors no: the tests ask for 1 TiB / 4 PiB on purpose to check the out-of-memory status.
-CANOPY_TEST_QUICK=1 timeout 240 compute-sanitizer --tool memcheck --report-api-errors no /tmp/canopy-build/test_cuda_forward > "$out/memcheck_forward.log" 2>&1
+CANOPY_TEST_QUICK=1 timeout 150 compute-sanitizer --tool memcheck --report-api-errors no /tmp/canopy-build/test_cuda_forward > "$out/memcheck_forward.log" 2>&1
 echo "memcheck test_cuda_forward (rc $?): $(grep -E 'ERROR SUMMARY|PASSED|FAILED' "$out/memcheck_forward.log" | tr '\n' ' ')"
 for tool in memcheck racecheck; do
-  timeout 120 compute-sanitizer --tool $tool --report-api-errors no /tmp/canopy-build/test_cuda_ops > "$out/$tool.log" 2>&1
+  timeout 45 compute-sanitizer --tool $tool --report-api-errors no /tmp/canopy-build/test_cuda_ops > "$out/$tool.log" 2>&1
   echo "$tool test_cuda_ops: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/$tool.log" | tr '\n' ' ')"
 done
 echo "all done at ${SECONDS}s"
