@@ -34,6 +34,8 @@
 #ifndef TOL
 #define TOL 5e-2
 #endif
+/* llama_bf16: its weights are exact in bf16, so only activations and K/V round (1.2-1.5e-2 seen). */
+#define TOL_BF16_WEIGHTS (TOL * 0.6)
 /* Greedy runs may part only where the target's top two logits are this close (bf16 GEMMs of a
  * different batch shape round differently). */
 #define NEAR_TIE 5e-2
@@ -130,7 +132,7 @@ static double forward_both(pair *p, const int32_t *tokens, const int32_t *pos, i
   double err = cn_test_rel_l2(out[GPU], out[CPU], (size_t)n_tokens * p->vocab);
   printf("[ cuda     ] %-10s %-34s rel L2 %.2e\n", p->name, what, err);
   assert_false(isnan(err));
-  assert_true(err <= TOL);
+  assert_true(err <= (strcmp(p->name, "llama_bf16") ? TOL : TOL_BF16_WEIGHTS));
   return err;
 }
 
