@@ -13,6 +13,11 @@ py="$(canopy_python "$root")"
 
 export CANOPY_MODEL="${CANOPY_MODEL:-$root/models/SmolLM2-135M-Instruct}"
 if [ $# -eq 0 ]; then
-  set -- generate --chat -n 128 -p "Explain in three sentences why the sky is blue."
+  # The distilled draft shipped in drafts/ (issue 4), with the static tree that decoded fastest
+  # on the dev prompts (drafts/SmolLM2-135M-draft/MODEL_CARD.md); --compare also times the
+  # target alone.
+  draft="$root/drafts/SmolLM2-135M-draft"
+  set -- generate --chat -n 128 -d "$draft" --tree "$draft/tree.json" --compare \
+    -p "Explain in three sentences why the sky is blue."
 fi
 exec "$root/build/canopy" "$@"
