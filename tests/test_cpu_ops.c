@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <cmocka.h>
 
 #include "kernels/cpu/ops.h"
@@ -30,28 +31,37 @@ static void assert_all_finite(const float *p, size_t n) {
   for (size_t i = 0; i < n; i++) assert_true(isfinite(p[i]));
 }
 
+static void check_matmul(cn_threadpool *tp, int n, int in, int out) {
+  float *x = rand_buf((size_t)n * in), *w = rand_buf((size_t)out * in), *b = rand_buf((size_t)out);
+  float *y = nan_buf((size_t)n * out), *ref = malloc(sizeof *ref * (size_t)n * out);
+  for (int use_bias = 0; use_bias < 2; use_bias++) {
+    cn_cpu_matmul(tp, y, x, w, use_bias ? b : NULL, n, in, out);
+    for (int i = 0; i < n; i++)
+      for (int j = 0; j < out; j++) {
+        double acc = use_bias ? b[j] : 0;
+        for (int k = 0; k < in; k++) acc += (double)x[i * in + k] * w[j * in + k];
+        ref[i * out + j] = (float)acc;
+      }
+    assert_all_finite(y, (size_t)n * out);
+    double err = cn_test_rel_l2(y, ref, (size_t)n * out);
+    if (!(err < 1e-5)) fail_msg("matmul n=%d in=%d out=%d bias=%d: rel L2 %g", n, in, out, use_bias, err);
+  }
+  free(x), free(w), free(b), free(y), free(ref);
+}
+
 static void test_matmul_matches_naive_product(void **state) {
   cn_threadpool *tp;
   assert_int_equal(cn_threadpool_create(3, &tp), 0);
-  /* n = 1 (sgemv), 2..32 (the streaming kernel), beyond (sgemm). */
-  int shapes[][3] = {{1, 7, 5}, {2, 17, 3}, {3, 64, 33}, {17, 129, 65}, {32, 40, 9}, {33, 31, 70}, {64, 96, 250}};
-  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
-    int n = shapes[s][0], in = shapes[s][1], out = shapes[s][2];
-    float *x = rand_buf((size_t)n * in), *w = rand_buf((size_t)out * in), *b = rand_buf((size_t)out);
-    float *y = nan_buf((size_t)n * out), *ref = malloc(sizeof *ref * (size_t)n * out);
-    for (int use_bias = 0; use_bias < 2; use_bias++) {
-      cn_cpu_matmul(tp, y, x, w, use_bias ? b : NULL, n, in, out);
-      for (int i = 0; i < n; i++)
-        for (int j = 0; j < out; j++) {
-          double acc = use_bias ? b[j] : 0;
-          for (int k = 0; k < in; k++) acc += (double)x[i * in + k] * w[j * in + k];
-          ref[i * out + j] = (float)acc;
-        }
-      assert_all_finite(y, (size_t)n * out);
-      assert_true(cn_test_rel_l2(y, ref, (size_t)n * out) < 1e-5);
-    }
-    free(x), free(w), free(b), free(y), free(ref);
-  }
+  /* Around the streaming kernel's edges: input groups of 4 (n), 16-wide columns with a masked
+   * tail (in), 4-row blocks with leftover rows and fewer blocks than pool parts (out); sgemm
+   * past CN_SKINNY_MAX. */
+  int ns[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, CN_SKINNY_MAX - 1, CN_SKINNY_MAX, CN_SKINNY_MAX + 1, 64};
+  int ins[] = {1, 7, 16, 17, 40, 129};
+  int outs[] = {1, 3, 4, 5, 9, 70, 250};
+  for (size_t a = 0; a < sizeof ns / sizeof ns[0]; a++)
+    for (size_t c = 0; c < sizeof ins / sizeof ins[0]; c++)
+      for (size_t d = 0; d < sizeof outs / sizeof outs[0]; d++) check_matmul(tp, ns[a], ins[c], outs[d]);
+  check_matmul(NULL, 5, 576, 37); /* no pool: one part does every block and the leftover rows */
   cn_threadpool_free(tp);
 }
 
@@ -209,11 +219,17 @@ static void test_threadpool_runs_every_item_exactly_once(void **state) {
   for (int threads = 1; threads <= 4; threads++) {
     cn_threadpool *tp;
     assert_int_equal(cn_threadpool_create(threads, &tp), 0);
-    for (int round = 0; round < 50; round++) {
+    for (int round = 0; round < 200; round++) {
       int n = 1 + (int)(cn_test_rand(&rng) % 300), *hits = calloc((size_t)n, sizeof *hits);
       cn_threadpool_run(tp, n, count_item, hits);
       for (int i = 0; i < n; i++) assert_int_equal(hits[i], 1);
       free(hits);
+      /* Now and then idle long enough for the workers to stop spinning and sleep, so jobs
+       * arrive both at spinning and at sleeping workers. */
+      if (cn_test_rand(&rng) % 8 == 0) {
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+      }
     }
     cn_threadpool_free(tp);
   }
