@@ -11,6 +11,7 @@
  *   SmolLM2-135M prefill went from 19% to ~57% of the sgemm-bound (scalar per-key loops took
  *   more time than all the weight GEMMs). */
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/exp_approx.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -84,20 +85,14 @@ static float row_max(const float *x, int n) {
   return mx[0];
 }
 
-/* x[j] = exp(x[j] - m) for x[j] <= m (-INFINITY gives 0); returns the sum. exp is 2^k e^r with
- * |r| <= ln2/2 and a degree-7 Taylor polynomial for e^r: relative error below 1e-7. */
+/* x[j] = exp(x[j] - m) for x[j] <= m (-INFINITY gives 0); returns the sum. */
 static float exp_shifted_sum(float *x, int n, float m) {
   float sum[ATTN_LANES] = {0};
   int j = 0;
   for (; j + ATTN_LANES <= n; j += ATTN_LANES) {
     for (int l = 0; l < ATTN_LANES; l++) {
       float z = x[j + l] - m;
-      float zc = z < -87.0f ? -87.0f : z;              /* keeps 2^k a normal float */
-      float kf = (zc * 1.44269504f + 12582912.0f) - 12582912.0f; /* round(z / ln2) */
-      float r = zc - kf * 0.693145751953125f - kf * 1.42860682e-6f;
-      float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
-      union { int32_t i; float f; } two_k = {.i = ((int32_t)kf + 127) << 23};
-      float e = z < -87.0f ? 0.0f : p * two_k.f;
+      float e = z < -87.0f ? 0.0f : cn_exp_clamped(z);
       x[j + l] = e;
       sum[l] += e;
     }

@@ -1,5 +1,6 @@
 /* Row-wise and element-wise fp32 ops. */
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/exp_approx.h"
 
 #include <math.h>
 #include <string.h>
@@ -40,7 +41,7 @@ void cn_cpu_swiglu(float *out, const float *gate_up, int n, int d) {
   for (int i = 0; i < n; i++) {
     const float *g = gate_up + (size_t)i * 2 * d, *u = g + d;
     float *o = out + (size_t)i * d;
-    for (int j = 0; j < d; j++) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+    for (int j = 0; j < d; j++) o[j] = g[j] / (1.0f + cn_exp_clamped(-g[j])) * u[j];
   }
 }
 
