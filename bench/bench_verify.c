@@ -2,7 +2,10 @@
  * step, at several context lengths: the reason tree speculation pays on any hardware.
  * Every timed forward writes its K/V past the committed length and is then dropped, so each
  * repetition sees the same context. Trees are random (each node's parent drawn from earlier
- * nodes); verification asks for logits at every node, a decode step at its one token.
+ * nodes); verification asks for logits at every node, a decode step at its one token. Decode
+ * steps and verifications alternate and the ratio is the median of the per-pair ratios: on a
+ * machine shared with other work the load moves within seconds, and a ratio of two medians
+ * taken seconds apart moved with it.
  * usage: bench_verify [-m DIR] [--threads N] [--reps N] */
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,29 +17,50 @@
 #include "draft/tree.h"
 #include "model/forward.h"
 
-static double time_forward(canopy_model *m, cn_kv_seq *kv, const cn_tree *t, int all_logits, float *logits, int reps) {
-  int n = t->n, ctx = cn_kv_seq_len(kv), words = (n + 63) / 64;
+typedef struct timed {
+  cn_batch b;
+  cn_seq_batch sb;
   uint64_t mask[CN_TREE_MAX_NODES * CN_TREE_MASK_WORDS];
   int32_t pos[CN_TREE_MAX_NODES], rows[CN_TREE_MAX_NODES];
-  cn_tree_mask(t, mask, words);
-  for (int i = 0; i < n; i++) pos[i] = ctx + t->depth[i], rows[i] = i;
-  cn_seq_batch sb = {.kv = kv, .first = 0, .n = n, .tree_mask = n > 1 ? mask : NULL};
-  int last = n - 1;
-  cn_batch b = {.n_tokens = n, .tokens = t->token, .pos = pos, .n_seqs = 1, .seqs = &sb,
-                .n_logits = all_logits ? n : 1, .logit_rows = all_logits ? rows : &last};
-  double *times = malloc(sizeof *times * (size_t)reps);
-  for (int r = -1; r < reps; r++) { /* one warm-up */
-    double t0 = bench_now_s();
-    if (cn_forward(m, &b, logits)) {
-      fprintf(stderr, "bench_verify: %s\n", canopy_last_error());
-      exit(1);
-    }
-    if (r >= 0) times[r] = bench_now_s() - t0;
-    cn_kv_seq_truncate(kv, ctx);
+} timed;
+
+/* The batch of one forward over tree t; every node's logits, or the last node's. */
+static void setup(timed *f, cn_kv_seq *kv, const cn_tree *t, int all_logits) {
+  int n = t->n, ctx = cn_kv_seq_len(kv);
+  cn_tree_mask(t, f->mask, (n + 63) / 64);
+  for (int i = 0; i < n; i++) f->pos[i] = ctx + t->depth[i], f->rows[i] = all_logits ? i : n - 1;
+  f->sb = (cn_seq_batch){.kv = kv, .first = 0, .n = n, .tree_mask = n > 1 ? f->mask : NULL};
+  f->b = (cn_batch){.n_tokens = n, .tokens = t->token, .pos = f->pos, .n_seqs = 1, .seqs = &f->sb,
+                    .n_logits = all_logits ? n : 1, .logit_rows = f->rows};
+}
+
+static double run_once(canopy_model *m, timed *f, float *logits) {
+  int ctx = cn_kv_seq_len(f->sb.kv);
+  double t0 = bench_now_s();
+  if (cn_forward(m, &f->b, logits)) {
+    fprintf(stderr, "bench_verify: %s\n", canopy_last_error());
+    exit(1);
   }
-  double med = bench_median(times, reps);
-  free(times);
-  return med;
+  double dt = bench_now_s() - t0;
+  cn_kv_seq_truncate(f->sb.kv, ctx);
+  return dt;
+}
+
+/* Medians of reps alternating (decode, verify) pairs after one warm-up pair: decode ms,
+ * verify ms, and the median of the per-pair ratios. */
+static void time_pair(canopy_model *m, cn_kv_seq *kv, const cn_tree *t, float *logits, int reps, double out[3]) {
+  timed dec, ver;
+  cn_tree one;
+  cn_tree_reset(&one, t->token[0]);
+  setup(&dec, kv, &one, 0);
+  setup(&ver, kv, t, 1);
+  double *v = malloc(sizeof *v * 3 * (size_t)reps);
+  for (int r = -1; r < reps; r++) {
+    double d = run_once(m, &dec, logits), x = run_once(m, &ver, logits);
+    if (r >= 0) v[r] = d, v[reps + r] = x, v[2 * reps + r] = x / d;
+  }
+  for (int k = 0; k < 3; k++) out[k] = bench_median(v + (size_t)k * reps, reps);
+  free(v);
 }
 
 int main(int argc, char **argv) {
@@ -60,7 +84,7 @@ int main(int argc, char **argv) {
     fprintf(stderr, "bench_verify: %s\n", canopy_last_error());
     return 1;
   }
-  int V = m->cfg.vocab_size, sizes[] = {1, 4, 16, 32, 64}, ctxs[] = {128, 1024};
+  int V = m->cfg.vocab_size, sizes[] = {1, 4, 5, 8, 16, 32, 64}, ctxs[] = {128, 1024};
   float *logits = malloc(sizeof *logits * (size_t)V * 64);
   uint32_t x = 777;
   printf("%-8s %6s %12s %12s %10s\n", "context", "nodes", "forward ms", "decode ms", "ratio");
@@ -80,9 +104,6 @@ int main(int argc, char **argv) {
       cn_forward(m, &b, logits);
       cn_kv_seq_commit(kv, prompt + at, n);
     }
-    cn_tree one;
-    cn_tree_reset(&one, 42);
-    double decode = time_forward(m, kv, &one, 0, logits, reps);
     for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
       cn_tree t;
       cn_tree_reset(&t, 42);
@@ -92,8 +113,10 @@ int main(int argc, char **argv) {
         while (p < t.n - 1 && t.first_child[p] >= 0 && t.first_child[p] + t.n_children[p] != t.n) p++;
         if (cn_tree_add(&t, p, (int32_t)(200 + i), -1.0f) < 0) break;
       }
-      double ms = time_forward(m, kv, &t, 1, logits, reps);
-      printf("%-8d %6d %12.2f %12.2f %10.2f\n", ctxs[c], t.n, ms * 1e3, decode * 1e3, ms / decode);
+      double r[3];
+      time_pair(m, kv, &t, logits, reps, r);
+      printf("%-8d %6d %12.2f %12.2f %10.2f\n", ctxs[c], t.n, r[1] * 1e3, r[0] * 1e3, r[2]);
+      fflush(stdout);
     }
     free(prompt);
     cn_kv_seq_free(kv);
