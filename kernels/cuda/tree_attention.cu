@@ -1,0 +1,395 @@
+/* Shared-prefix tree attention (DESIGN.md, "Tree attention"): the twin of cn_cpu_attention for a
+ * ragged batch of sequences in one launch.
+ *
+ * Block (row tile, split, sequence x KV head): 4 warps x 16 query rows = 64 of the n x G rows
+ * that share a KV head (G = n_heads / n_kv_heads; row r is token r / G, head g G + r % G). The
+ * block streams its split of the keys in tiles of 64 through shared memory (cp.async, two stages)
+ * and every warp multiplies its 16 rows against each tile with mma.sync m16n8k16 (bf16 operands,
+ * fp32 accumulators): S = Q K^T, an online softmax in fp32 (base-2, scale folded in), O += P V with
+ * P rounded to bf16. So each key tile crosses the memory bus once per row tile instead of once per
+ * query row, and the row tiles of one split run side by side, mostly sharing it through L2.
+ *
+ * The key range [0, ctx_len + q_offset + n) of a sequence is cut into n_splits chunks of whole
+ * tiles (flash-decoding), so that even one decode token keeps every SM busy; each block leaves
+ * its unnormalised (max, sum, accumulator) per row in the workspace, and merge_kernel combines
+ * them exactly. With one split the block normalises and writes the output itself.
+ *
+ * Masks are applied only on tiles that reach the new slots (tree or causal), the end of the
+ * range, or with a sliding window; prefix tiles are all visible. Keys past the range are zero
+ * filled, so masked products stay finite. */
+#include <math.h>
+
+#include "kernels/cuda/cuda_common.cuh"
+
+#define TA_ROWS 64  /* query rows per block */
+#define TA_KEYS 64  /* keys per shared-memory tile */
+#define TA_THREADS 128
+#define TA_PAD 8    /* bf16 of padding per shared row: 16 bytes, so ldmatrix rows hit distinct banks */
+#define TA_LOG2E 1.4426950408889634f
+
+/* ---- PTX wrappers --------------------------------------------------------------------------- */
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+/* 16 bytes global -> shared; bytes = 0 writes zeros without reading. */
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void *p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void *p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+/* c += a b: a 16x16 (row), b 16x8 (col), bf16 in, fp32 accumulators. */
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* Two floats as bf16x2, the first in the low half (the lower k or column index). */
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t *>(&v);
+}
+__device__ __forceinline__ uint32_t load_pair(const float *p) {
+  float2 v = *reinterpret_cast<const float2 *>(p);
+  return pack_bf16(v.x, v.y);
+}
+__device__ __forceinline__ uint32_t load_pair(const cn_bf16_t *p) { return *reinterpret_cast<const uint32_t *>(p); }
+__device__ __forceinline__ void store_pair(float *p, float x, float y) { *reinterpret_cast<float2 *>(p) = make_float2(x, y); }
+__device__ __forceinline__ void store_pair(cn_bf16_t *p, float x, float y) {
+  *reinterpret_cast<__nv_bfloat162 *>(p) = __floats2bfloat162_rn(x, y);
+}
+
+/* ---- the split of a sequence's keys ---------------------------------------------------------- */
+
+struct key_split {
+  int total, chunk, n_used; /* keys; keys per split (whole tiles); splits that hold any */
+};
+
+__device__ __forceinline__ key_split split_of(const cn_cuda_tree_seq &s, int n_splits) {
+  key_split k;
+  k.total = s.ctx_len + s.q_offset + s.n;
+  int per = (k.total + n_splits - 1) / n_splits;
+  k.chunk = (per + TA_KEYS - 1) / TA_KEYS * TA_KEYS;
+  k.n_used = k.chunk ? (k.total + k.chunk - 1) / k.chunk : 0;
+  return k;
+}
+
+/* Rows of the workspace per (sequence, KV head): the grid's row tiles. */
+static inline int rows_cap(int max_n, int group) { return (max_n * group + TA_ROWS - 1) / TA_ROWS * TA_ROWS; }
+
+/* ---- the main kernel ------------------------------------------------------------------------- */
+
+template <typename T, int D>
+__global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_attn_args a) {
+  constexpr int LD = D + TA_PAD, KSTEPS = D / 16, DN = D / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  cn_bf16_t *ks = reinterpret_cast<cn_bf16_t *>(smem_raw); /* [2][TA_KEYS][LD] */
+  cn_bf16_t *vs = ks + 2 * TA_KEYS * LD;                   /* [2][TA_KEYS][LD] */
+
+  const int tile = blockIdx.x, split = blockIdx.y;
+  const int g = blockIdx.z % a.n_kv_heads;
+  const cn_cuda_tree_seq sq = a.seqs[blockIdx.z / a.n_kv_heads];
+  const int G = a.n_heads / a.n_kv_heads, rows = sq.n * G;
+  if (tile * TA_ROWS >= rows) return;
+  const key_split ksp = split_of(sq, a.n_splits);
+  if (split >= ksp.n_used) return;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane / 4, qlane = lane % 4;
+  const bool causal = sq.mask0 < 0;
+  const int32_t *pos = a.pos + sq.pos0;
+
+  /* The two rows this thread holds in the MMA fragments: quad and quad + 8 of its warp. */
+  int row[2], tok[2], head[2], qpos[2];
+  bool valid[2];
+#pragma unroll
+  for (int j = 0; j < 2; j++) {
+    row[j] = tile * TA_ROWS + warp * 16 + quad + 8 * j;
+    valid[j] = row[j] < rows;
+    int r = valid[j] ? row[j] : rows - 1; /* padding rows compute on a real row and are not written */
+    tok[j] = r / G;
+    head[j] = g * G + r % G;
+    qpos[j] = pos[sq.q_offset + tok[j]];
+  }
+  const bool warp_active = tile * TA_ROWS + warp * 16 < rows;
+
+  /* This block's keys: its split, cut at the last key any of its rows may see. */
+  const int tok_lo = tile * TA_ROWS / G, tok_hi = (min(rows, (tile + 1) * TA_ROWS) - 1) / G;
+  int k_begin = split * ksp.chunk;
+  int k_end = min(ksp.total, k_begin + ksp.chunk);
+  if (causal) k_end = min(k_end, sq.ctx_len + sq.q_offset + tok_hi + 1);
+  if (a.sliding_window > 0) {
+    /* Prefix slot s has position s: slots below every row's window are skipped. */
+    int mn = INT_MAX;
+    for (int t = tok_lo; t <= tok_hi; t++)
+      mn = min(mn, pos[sq.q_offset + t]);
+    k_begin = max(k_begin, min(sq.ctx_len, max(0, mn - a.sliding_window + 1)));
+  }
+  const int n_tiles = k_end > k_begin ? (k_end - k_begin + TA_KEYS - 1) / TA_KEYS : 0;
+
+  /* Q fragments (A operand, row-major 16 x 16 per k-step), rounded to bf16. */
+  uint32_t qa[KSTEPS][4];
+  {
+    const T *q0 = (const T *)a.q + ((size_t)(sq.row0 + tok[0]) * a.n_heads + head[0]) * D;
+    const T *q1 = (const T *)a.q + ((size_t)(sq.row0 + tok[1]) * a.n_heads + head[1]) * D;
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; kk++) {
+      int c = kk * 16 + qlane * 2;
+      qa[kk][0] = valid[0] ? load_pair(q0 + c) : 0u;
+      qa[kk][1] = valid[1] ? load_pair(q1 + c) : 0u;
+      qa[kk][2] = valid[0] ? load_pair(q0 + c + 8) : 0u;
+      qa[kk][3] = valid[1] ? load_pair(q1 + c + 8) : 0u;
+    }
+  }
+
+  const int kv_dim = a.n_kv_heads * D;
+  const int32_t *table = a.block_tables + sq.table0;
+  auto load_tile = [&](int kt, int st) {
+    constexpr int CH = D / 8; /* 16-byte pieces per key row */
+    cn_bf16_t *kd = ks + st * TA_KEYS * LD, *vd = vs + st * TA_KEYS * LD;
+#pragma unroll
+    for (int it = 0; it < TA_KEYS * CH / TA_THREADS; it++) {
+      int c = threadIdx.x + it * TA_THREADS, key = c / CH, col = (c % CH) * 8, slot = kt + key;
+      const cn_bf16_t *ksrc = (const cn_bf16_t *)a.k, *vsrc = (const cn_bf16_t *)a.v;
+      int bytes = 0;
+      if (slot < k_end) {
+        size_t off = (size_t)table[slot / a.block_size] * a.block_stride + (size_t)(slot % a.block_size) * kv_dim +
+                     (size_t)g * D + col;
+        ksrc += off;
+        vsrc += off;
+        bytes = 16;
+      }
+      cp_async16(kd + key * LD + col, ksrc, bytes);
+      cp_async16(vd + key * LD + col, vsrc, bytes);
+    }
+  };
+
+  /* Whether row j of this thread sees key `key` (k_begin <= key); the prefix part is the same
+   * test as key_visible() in kernels/cpu/attention.c. */
+  auto visible = [&](int j, int key) -> bool {
+    if (key >= k_end) return false;
+    int key_pos = key;
+    if (key >= sq.ctx_len) {
+      int s = key - sq.ctx_len;
+      if (causal) {
+        if (s > sq.q_offset + tok[j]) return false;
+      } else if (!((a.tree_mask[sq.mask0 + (size_t)tok[j] * sq.mask_words + s / 64] >> (s % 64)) & 1)) {
+        return false;
+      }
+      key_pos = pos[s];
+    }
+    return a.sliding_window <= 0 || key_pos > qpos[j] - a.sliding_window;
+  };
+
+  const float sl2 = a.scale * TA_LOG2E;
+  float o[DN][4];
+#pragma unroll
+  for (int dn = 0; dn < DN; dn++)
+    o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+
+  if (n_tiles > 0) {
+    load_tile(k_begin, 0);
+    cp_async_commit();
+  }
+  for (int it = 0; it < n_tiles; it++) {
+    const int kt = k_begin + it * TA_KEYS;
+    if (it + 1 < n_tiles) {
+      load_tile(kt + TA_KEYS, (it + 1) & 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (warp_active) {
+      const cn_bf16_t *kst = ks + (it & 1) * TA_KEYS * LD, *vst = vs + (it & 1) * TA_KEYS * LD;
+      float s[8][4];
+#pragma unroll
+      for (int nn = 0; nn < 8; nn++) {
+        s[nn][0] = s[nn][1] = s[nn][2] = s[nn][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; kk += 2) {
+          uint32_t b[4];
+          ldmatrix_x4(b, kst + (nn * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8);
+          mma_bf16(s[nn], qa[kk], b[0], b[1]);
+          mma_bf16(s[nn], qa[kk + 1], b[2], b[3]);
+        }
+      }
+      if (kt + TA_KEYS > sq.ctx_len || kt + TA_KEYS > k_end || a.sliding_window > 0) {
+#pragma unroll
+        for (int nn = 0; nn < 8; nn++)
+#pragma unroll
+          for (int e = 0; e < 4; e++)
+            if (!visible(e / 2, kt + nn * 8 + qlane * 2 + (e & 1))) s[nn][e] = -INFINITY;
+      }
+      /* Online softmax per row; the four lanes of a quad hold one row's 64 scores. */
+#pragma unroll
+      for (int j = 0; j < 2; j++) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nn = 0; nn < 8; nn++)
+          mx = fmaxf(mx, fmaxf(s[nn][2 * j], s[nn][2 * j + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        float m_new = fmaxf(m[j], mx * sl2);
+        float mu = m_new == -INFINITY ? 0.0f : m_new; /* a row that saw nothing yet: exp2(-inf) = 0 */
+        float corr = exp2f(m[j] - mu);
+        m[j] = m_new;
+        float rs = 0.0f;
+#pragma unroll
+        for (int nn = 0; nn < 8; nn++) {
+          float p0 = exp2f(fmaf(s[nn][2 * j], sl2, -mu)), p1 = exp2f(fmaf(s[nn][2 * j + 1], sl2, -mu));
+          s[nn][2 * j] = p0;
+          s[nn][2 * j + 1] = p1;
+          rs += p0 + p1;
+        }
+        l[j] = l[j] * corr + rs; /* this lane's part of the row sum; the quad is summed at the end */
+#pragma unroll
+        for (int dn = 0; dn < DN; dn++) {
+          o[dn][2 * j] *= corr;
+          o[dn][2 * j + 1] *= corr;
+        }
+      }
+      /* O += P V: P's C fragments are the A fragments of the next MMA, 16 keys per k-step. */
+#pragma unroll
+      for (int kk = 0; kk < 4; kk++) {
+        uint32_t pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                          pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int dn = 0; dn < DN; dn += 2) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, vst + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dn * 8 + (lane >> 4) * 8);
+          mma_bf16(o[dn], pa, b[0], b[1]);
+          mma_bf16(o[dn + 1], pa, b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads(); /* the next iteration's loads overwrite this stage */
+  }
+
+#pragma unroll
+  for (int j = 0; j < 2; j++) {
+    l[j] += __shfl_xor_sync(0xffffffffu, l[j], 1);
+    l[j] += __shfl_xor_sync(0xffffffffu, l[j], 2);
+  }
+  const int cap = gridDim.x * TA_ROWS;
+#pragma unroll
+  for (int j = 0; j < 2; j++) {
+    if (!valid[j]) continue;
+    if (a.n_splits == 1) {
+      float inv = l[j] > 0.0f ? 1.0f / l[j] : 0.0f; /* a query that sees nothing gets zeros */
+      T *out = (T *)a.out + ((size_t)(sq.row0 + tok[j]) * a.n_heads + head[j]) * D + qlane * 2;
+#pragma unroll
+      for (int dn = 0; dn < DN; dn++)
+        store_pair(out + dn * 8, o[dn][2 * j] * inv, o[dn][2 * j + 1] * inv);
+    } else {
+      size_t prow = ((size_t)blockIdx.z * cap + row[j]) * a.n_splits + split;
+      float *ml = a.workspace + 2 * prow;
+      float *acc = a.workspace + 2 * (size_t)gridDim.z * cap * a.n_splits + prow * D + qlane * 2;
+      if (qlane == 0) ml[0] = m[j], ml[1] = l[j];
+#pragma unroll
+      for (int dn = 0; dn < DN; dn++)
+        store_pair(acc + dn * 8, o[dn][2 * j], o[dn][2 * j + 1]);
+    }
+  }
+}
+
+/* ---- the exact merge of the splits' partial states ------------------------------------------- */
+
+/* Block (row, sequence x KV head), D / 2 threads of two columns each. */
+template <typename T, int D> __global__ void merge_kernel(cn_cuda_tree_attn_args a, int cap) {
+  const int r = blockIdx.x, g = blockIdx.y % a.n_kv_heads;
+  const cn_cuda_tree_seq sq = a.seqs[blockIdx.y / a.n_kv_heads];
+  const int G = a.n_heads / a.n_kv_heads;
+  if (r >= sq.n * G) return;
+  const int used = split_of(sq, a.n_splits).n_used;
+  const size_t base = ((size_t)blockIdx.y * cap + r) * a.n_splits;
+  const float *ml = a.workspace + 2 * base;
+  const float *acc = a.workspace + 2 * (size_t)gridDim.y * cap * a.n_splits + base * D + threadIdx.x * 2;
+  float mx = -INFINITY;
+  for (int s = 0; s < used; s++)
+    mx = fmaxf(mx, ml[2 * s]);
+  float den = 0.0f, x = 0.0f, y = 0.0f;
+  for (int s = 0; s < used; s++) {
+    if (ml[2 * s] == -INFINITY) continue; /* saw nothing: its accumulator is zeros, its weight 0 */
+    float w = exp2f(ml[2 * s] - mx);
+    den += w * ml[2 * s + 1];
+    float2 v = *reinterpret_cast<const float2 *>(acc + (size_t)s * D);
+    x += w * v.x;
+    y += w * v.y;
+  }
+  float inv = den > 0.0f ? 1.0f / den : 0.0f;
+  T *out = (T *)a.out + ((size_t)(sq.row0 + r / G) * a.n_heads + g * G + r % G) * D + threadIdx.x * 2;
+  store_pair(out, x * inv, y * inv);
+}
+
+/* ---- launchers ------------------------------------------------------------------------------- */
+
+int cn_cuda_tree_attn_supported(int head_dim) { return head_dim == 64 || head_dim == 128; }
+
+int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int max_keys, int n_heads,
+                             int n_kv_heads) {
+  if (!ctx || n_seqs <= 0 || max_n <= 0 || n_kv_heads <= 0 || n_heads < n_kv_heads) return 1;
+  long base = (long)n_seqs * n_kv_heads * (rows_cap(max_n, n_heads / n_kv_heads) / TA_ROWS);
+  /* About three blocks per multiprocessor in one wave (two fit at once, by shared memory and
+   * registers), each split at least 128 keys so that the partial states stay small beside them. */
+  long want = (3L * ctx->n_sm + base - 1) / base, most = max_keys / 128;
+  if (want > most) want = most;
+  if (want > 256) want = 256;
+  return want < 1 ? 1 : (int)want;
+}
+
+size_t cn_cuda_tree_attn_workspace(int n_seqs, int max_n, int n_splits, int n_heads, int n_kv_heads, int head_dim) {
+  if (n_splits <= 1 || n_seqs <= 0 || max_n <= 0 || n_kv_heads <= 0) return 0;
+  return sizeof(float) * (size_t)n_seqs * n_kv_heads * rows_cap(max_n, n_heads / n_kv_heads) * n_splits *
+         (size_t)(head_dim + 2);
+}
+
+template <typename T, int D> static int launch(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a) {
+  int group = a->n_heads / a->n_kv_heads, cap = rows_cap(a->max_n, group);
+  size_t smem = sizeof(cn_bf16_t) * 2 * 2 * TA_KEYS * (D + TA_PAD);
+  CN_CUDA_CHECK(cudaFuncSetAttribute(tree_attn_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  dim3 grid(cap / TA_ROWS, a->n_splits, a->n_seqs * a->n_kv_heads);
+  tree_attn_kernel<T, D><<<grid, TA_THREADS, smem, ctx->stream>>>(*a);
+  CN_CUDA_CHECK_LAUNCH();
+  if (a->n_splits > 1) {
+    merge_kernel<T, D><<<dim3(cap, a->n_seqs * a->n_kv_heads), D / 2, 0, ctx->stream>>>(*a, cap);
+    CN_CUDA_CHECK_LAUNCH();
+  }
+  return CANOPY_OK;
+}
+
+int cn_cuda_tree_attention(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a) {
+  CN_CUDA_ENTER(ctx);
+  if (!a) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_tree_attention: NULL args");
+  if (a->n_seqs < 0 || a->max_n < 0 || a->n_splits < 1 || a->n_heads <= 0 || a->n_kv_heads <= 0 ||
+      a->n_heads % a->n_kv_heads || a->block_size <= 0 || a->n_seqs * a->n_kv_heads > 65535 || a->n_splits > 65535)
+    return cn_error(CANOPY_ERR_INVALID_ARG,
+                    "cn_cuda_tree_attention: n_seqs=%d max_n=%d n_splits=%d n_heads=%d n_kv_heads=%d block_size=%d",
+                    a->n_seqs, a->max_n, a->n_splits, a->n_heads, a->n_kv_heads, a->block_size);
+  if (!cn_cuda_tree_attn_supported(a->head_dim))
+    return cn_error(CANOPY_ERR_UNSUPPORTED, "cn_cuda_tree_attention: head_dim %d (64 or 128)", a->head_dim);
+  if (!cn_dtype_ok(a->dt)) return cn_error(CANOPY_ERR_DTYPE, "cn_cuda_tree_attention: unknown dtype %d", (int)a->dt);
+  if (!a->n_seqs || !a->max_n) return CANOPY_OK;
+  if (!a->seqs || !a->q || !a->out || !a->k || !a->v || !a->block_tables || !a->pos || (a->n_splits > 1 && !a->workspace))
+    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_tree_attention: a NULL device array (seqs, q, out, k, v, "
+                                           "block_tables, pos, or the workspace of %d splits)",
+                    a->n_splits);
+  return cn_dispatch(a->dt, [&](auto t) {
+    using T = decltype(t);
+    return a->head_dim == 64 ? launch<T, 64>(ctx, a) : launch<T, 128>(ctx, a);
+  });
+}

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Runs on the GPU host (see ../shared/device/README.md): builds the tree-attention test and
+# benchmark (plus the CUDA op and forward tests, which now go through the batched attention),
+# runs them, compute-sanitizer memcheck and racecheck on the tree-attention test with small shapes,
+# benchmark 6a (bench_tree_attention) and its torch side (tools/bench_attention_torch.py). Logs in
+# $OUT. STEPS picks parts: test, sanitize, bench, torch (default all).
+#   device run, carry [".devdeps"]: bash tools/device_tree_attention.sh
+set -uo pipefail
+out="${OUT:-/tmp/out}"
+steps="${STEPS:-test sanitize bench torch}"
+mkdir -p "$out"
+export PATH=/usr/local/cuda/bin:$PATH
+deps="${DEVDEPS:-.devdeps}"
+source "$deps/env.sh"
+# The carried .pc files name /usr; the libraries were unpacked under /opt/devdeps.
+sed -i -e 's#=/usr$#=/opt/devdeps/usr#' -e 's#=/usr/#=/opt/devdeps/usr/#' \
+       -e 's#-I/usr/#-I/opt/devdeps/usr/#' -e 's#-L/usr/#-L/opt/devdeps/usr/#' $(find /opt/devdeps -name '*.pc')
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+SECONDS=0
+b=/tmp/canopy-ta
+cmake -S . -B $b -DCMAKE_BUILD_TYPE=Release -DCANOPY_WERROR=ON > "$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; exit 1; }
+cmake --build $b -j"$(nproc)" --target test_tree_attention bench_tree_attention test_cuda_ops test_cuda_forward \
+  > "$out/build.log" 2>&1 || { grep -E "error|warning" -A3 "$out/build.log" | head -40; exit 1; }
+echo "built in ${SECONDS}s"
+rc=0
+if [[ $steps == *test* ]]; then
+  (cd $b && ctest -R "test_tree_attention|test_cuda_ops|test_cuda_forward" --output-on-failure > "$out/ctest.log" 2>&1) || rc=1
+  grep -E "tests passed|Passed|Failed|\*\*\*" "$out/ctest.log"
+  $b/test_tree_attention > "$out/tree_test.log" 2>&1 || rc=1
+  grep -E "splits|PASSED|FAILED|seed" "$out/tree_test.log" | tail -40
+  echo "tests done at ${SECONDS}s"
+fi
+if [[ $steps == *sanitize* ]]; then
+  for tool in memcheck racecheck; do
+    CANOPY_TEST_QUICK=1 timeout 100 compute-sanitizer --tool $tool --report-api-errors no $b/test_tree_attention > "$out/$tool.log" 2>&1
+    echo "$tool test_tree_attention (rc $?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED' "$out/$tool.log" | tr '\n' ' ')"
+  done
+  echo "sanitizers done at ${SECONDS}s"
+fi
+if [[ $steps == *bench* ]]; then
+  $b/bench_tree_attention > "$out/bench_tree_attention.log" 2>&1 || rc=1
+  cat "$out/bench_tree_attention.log"
+  echo "bench done at ${SECONDS}s"
+fi
+if [[ $steps == *torch* ]]; then
+  PYTHONUNBUFFERED=1 timeout "${TORCH_TIMEOUT:-330}" python3 tools/bench_attention_torch.py --budget "${FLEX_BUDGET:-200}" \
+    > "$out/bench_torch.log" 2> "$out/bench_torch.err" || rc=1
+  cat "$out/bench_torch.log"; tail -5 "$out/bench_torch.err"
+  echo "torch done at ${SECONDS}s"
+fi
+exit $rc
