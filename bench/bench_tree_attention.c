@@ -233,7 +233,7 @@ int main(int argc, char **argv) {
         j.d_pos = dupload(pos, sizeof(int32_t) * (size_t)batch * n);
         j.d_mask = dupload(mask, sizeof(uint64_t) * (size_t)batch * n * words);
         void *d_desc = dupload(desc, sizeof *desc * (size_t)batch);
-        int splits = cn_cuda_tree_attn_splits(ctx, batch, n, L + n, HQ, HKV);
+        int splits = cn_cuda_tree_attn_splits(ctx, batch, n, L + n, HQ, HKV, HD);
         if (cn_cuda_tree_attn_workspace(batch, n, splits, HQ, HKV, HD) > ws_bytes) {
           fprintf(stderr, "workspace too small\n");
           return 1;

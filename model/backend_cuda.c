@@ -479,7 +479,7 @@ static void cuda_attention_batch(void *ctx, void *out, const void *q, const cn_a
   /* Powers of two, so that the launch shape (and a captured graph's) changes only at doublings. */
   int keys_bucket = 64;
   while (keys_bucket < max_keys) keys_bucket *= 2;
-  int splits = cn_cuda_tree_attn_splits(c->cu, n_seqs, max_n, keys_bucket, n_heads, n_kv);
+  int splits = cn_cuda_tree_attn_splits(c->cu, n_seqs, max_n, keys_bucket, n_heads, n_kv, hd);
   size_t ws = cn_cuda_tree_attn_workspace(n_seqs, max_n, splits, n_heads, n_kv, hd);
   if (ws > c->ta_ws_bytes) {
     /* Launches queued earlier may still use the old workspace. */

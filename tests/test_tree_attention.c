@@ -268,7 +268,7 @@ static int run_case(const batch_case *c) {
   CK(cn_cuda_malloc(ctx, &d_desc, sizeof *desc * (size_t)ns));
   CK(cn_cuda_memcpy_h2d(ctx, d_desc, desc, sizeof *desc * (size_t)ns));
 
-  int auto_splits = cn_cuda_tree_attn_splits(ctx, ns, max_n, max_keys, c->n_heads, c->n_kv_heads);
+  int auto_splits = cn_cuda_tree_attn_splits(ctx, ns, max_n, max_keys, c->n_heads, c->n_kv_heads, d);
   int splits[3] = {1, auto_splits, 7};
   for (int v = 0; v < 3; v++) {
     size_t ws = cn_cuda_tree_attn_workspace(ns, max_n, splits[v], c->n_heads, c->n_kv_heads, d);

@@ -220,11 +220,11 @@ typedef struct cn_cuda_tree_attn_args {
 /* Whether the tree kernel handles this head_dim (64 and 128); others take cn_cuda_attention. */
 int cn_cuda_tree_attn_supported(int head_dim);
 
-/* A split count that gives the device a few blocks per multiprocessor for a batch of n_seqs
+/* A split count that fills every resident block slot of the device once for a batch of n_seqs
  * sequences of at most max_n queries and max_keys keys (ctx_len + q_offset + n); a caller that
  * captures graphs passes bucketed values so that the count stays fixed. */
-int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int max_keys, int n_heads,
-                             int n_kv_heads);
+int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int max_keys, int n_heads, int n_kv_heads,
+                             int head_dim);
 
 /* Bytes of workspace the partial softmax states of one launch take (0 when n_splits == 1). */
 size_t cn_cuda_tree_attn_workspace(int n_seqs, int max_n, int n_splits, int n_heads, int n_kv_heads, int head_dim);
