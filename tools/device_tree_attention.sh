@@ -29,8 +29,8 @@ if [[ $steps == *test* ]]; then
   awk '/<<.PY./ {f = 1; next} /^PY$/ {f = 0} f' tools/device_test.sh > /tmp/make_big.py
   python3 /tmp/make_big.py /tmp/smollm2-shape > "$out/bigmodel.log" 2>&1 && export CANOPY_TEST_BIG_MODEL=/tmp/smollm2-shape
   (cd $b && ctest -R "test_tree_attention|test_cuda_ops|test_cuda_forward" --output-on-failure > "$out/ctest.log" 2>&1) || rc=1
-  unset CANOPY_TEST_BIG_MODEL
   $b/test_cuda_forward > "$out/cuda_forward.log" 2>&1
+  unset CANOPY_TEST_BIG_MODEL
   grep -E "^\[ (cuda|spec|speed) " "$out/cuda_forward.log" | grep -E "SmolLM2|speed" | head -12
   grep -E "tests passed|Passed|Failed|\*\*\*" "$out/ctest.log"
   $b/test_tree_attention > "$out/tree_test.log" 2>&1 || rc=1
@@ -48,6 +48,15 @@ if [[ $steps == *bench* ]]; then
   $b/bench_tree_attention > "$out/bench_tree_attention.log" 2>&1 || rc=1
   cat "$out/bench_tree_attention.log"
   echo "bench done at ${SECONDS}s"
+fi
+if [[ $steps == *kt16* ]]; then
+  # The tuning knob: 16-key tiles for the two-row-block variant (fewer registers, more barriers).
+  cmake -S . -B $b-kt16 -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_FLAGS=-DCN_TA_WIDE_KT=16 > "$out/configure16.log" 2>&1 &&
+    cmake --build $b-kt16 -j"$(nproc)" --target test_tree_attention bench_tree_attention > "$out/build16.log" 2>&1 || rc=1
+  $b-kt16/test_tree_attention 2>&1 | grep -E "PASSED|FAILED|MISMATCH"
+  $b-kt16/bench_tree_attention > "$out/bench_kt16.log" 2>&1 || rc=1
+  grep -E "^ +[18] +(64|128) " "$out/bench_kt16.log"
+  echo "kt16 done at ${SECONDS}s"
 fi
 if [[ $steps == *torch* ]]; then
   PYTHONUNBUFFERED=1 timeout "${TORCH_TIMEOUT:-330}" python3 tools/bench_attention_torch.py --budget "${FLEX_BUDGET:-200}" \

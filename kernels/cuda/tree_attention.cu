@@ -21,11 +21,13 @@
 
 #include "kernels/cuda/cuda_common.cuh"
 
-#define TA_ROWS 64  /* query rows per block */
-#define TA_KEYS 64  /* keys per shared-memory tile */
+#define TA_KEYS 64  /* keys per split unit (splits hold whole multiples) */
 #define TA_THREADS 128
 #define TA_PAD 8    /* bf16 of padding per shared row: 16 bytes, so ldmatrix rows hit distinct banks */
 #define TA_STAGES 3 /* key tiles in shared memory: two in flight while one is used */
+#ifndef CN_TA_WIDE_KT
+#define CN_TA_WIDE_KT 32 /* keys per tile of the two-row-block variant at head_dim 128 (a tuning knob) */
+#endif
 #define TA_LOG2E 1.4426950408889634f
 
 /* ---- PTX wrappers --------------------------------------------------------------------------- */
@@ -96,23 +98,38 @@ __device__ __forceinline__ key_split split_of(const cn_cuda_tree_seq &s, int n_s
   return k;
 }
 
+/* The variant: two row blocks per warp (128 rows a block, 32-key tiles) once a (sequence, KV head)
+ * has 128 query rows or more, else one (64 rows, 64-key tiles). */
+static inline bool wide_rows(int max_n, int group) { return max_n * group >= 128; }
+
+/* Keys per shared-memory tile of a variant. */
+template <int D, int RW> constexpr int kt_of() { return RW == 1 ? 64 : D == 128 ? CN_TA_WIDE_KT : 32; }
+
 /* Rows of the workspace per (sequence, KV head): the grid's row tiles. */
-static inline int rows_cap(int max_n, int group) { return (max_n * group + TA_ROWS - 1) / TA_ROWS * TA_ROWS; }
+static inline int rows_cap(int max_n, int group) {
+  int t = wide_rows(max_n, group) ? 128 : 64;
+  return (max_n * group + t - 1) / t * t;
+}
 
 /* ---- the main kernel ------------------------------------------------------------------------- */
 
-template <typename T, int D>
+/* RW row blocks of 16 per warp (a block holds 64 RW query rows) and KT keys per tile. RW = 2
+ * halves the shared-memory traffic per MMA (each K or V fragment loaded by ldmatrix feeds two
+ * row blocks): with one row block, ldmatrix alone takes as many shared-memory cycles as the MMAs
+ * take tensor cycles, which bounds trees of 64+ nodes. KT = 32 there keeps the score registers
+ * within budget. */
+template <typename T, int D, int RW, int KT>
 __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_attn_args a) {
-  constexpr int LD = D + TA_PAD, KSTEPS = D / 16, DN = D / 8;
+  constexpr int LD = D + TA_PAD, KSTEPS = D / 16, DN = D / 8, NT = KT / 8, ROWS = 64 * RW;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  cn_bf16_t *ks = reinterpret_cast<cn_bf16_t *>(smem_raw); /* [TA_STAGES][TA_KEYS][LD] */
-  cn_bf16_t *vs = ks + TA_STAGES * TA_KEYS * LD;           /* [TA_STAGES][TA_KEYS][LD] */
+  cn_bf16_t *ks = reinterpret_cast<cn_bf16_t *>(smem_raw); /* [TA_STAGES][KT][LD] */
+  cn_bf16_t *vs = ks + TA_STAGES * KT * LD;                /* [TA_STAGES][KT][LD] */
 
   const int tile = blockIdx.x, split = blockIdx.y;
   const int g = blockIdx.z % a.n_kv_heads;
   const cn_cuda_tree_seq sq = a.seqs[blockIdx.z / a.n_kv_heads];
   const int G = a.n_heads / a.n_kv_heads, rows = sq.n * G;
-  if (tile * TA_ROWS >= rows) return;
+  if (tile * ROWS >= rows) return;
   const key_split ksp = split_of(sq, a.n_splits);
   if (split >= ksp.n_used) return;
 
@@ -120,22 +137,15 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
   const bool causal = sq.mask0 < 0;
   const int32_t *pos = a.pos + sq.pos0;
 
-  /* The two rows this thread holds in the MMA fragments: quad and quad + 8 of its warp. */
-  int row[2], tok[2], head[2], qpos[2];
-  bool valid[2];
-#pragma unroll
-  for (int j = 0; j < 2; j++) {
-    row[j] = tile * TA_ROWS + warp * 16 + quad + 8 * j;
-    valid[j] = row[j] < rows;
-    int r = valid[j] ? row[j] : rows - 1; /* padding rows compute on a real row and are not written */
-    tok[j] = r / G;
-    head[j] = g * G + r % G;
-    qpos[j] = pos[sq.q_offset + tok[j]];
-  }
-  const bool warp_active = tile * TA_ROWS + warp * 16 < rows;
+  /* The rows this thread holds in the MMA fragments: quad and quad + 8 of each of its warp's
+   * row blocks. Recomputed where needed rather than held: registers are the scarce resource. */
+  auto row_of = [&](int rb, int j) { return tile * ROWS + (warp * RW + rb) * 16 + quad + 8 * j; };
+  auto tok_of = [&](int rb, int j) { return min(row_of(rb, j), rows - 1) / G; }; /* padding rows: a real row, unwritten */
+  auto head_of = [&](int rb, int j) { return g * G + min(row_of(rb, j), rows - 1) % G; };
+  const bool warp_active = tile * ROWS + warp * RW * 16 < rows;
 
   /* This block's keys: its split, cut at the last key any of its rows may see. */
-  const int tok_lo = tile * TA_ROWS / G, tok_hi = (min(rows, (tile + 1) * TA_ROWS) - 1) / G;
+  const int tok_lo = tile * ROWS / G, tok_hi = (min(rows, (tile + 1) * ROWS) - 1) / G;
   int k_begin = split * ksp.chunk;
   int k_end = min(ksp.total, k_begin + ksp.chunk);
   if (causal) k_end = min(k_end, sq.ctx_len + sq.q_offset + tok_hi + 1);
@@ -146,20 +156,22 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
       mn = min(mn, pos[sq.q_offset + t]);
     k_begin = max(k_begin, min(sq.ctx_len, max(0, mn - a.sliding_window + 1)));
   }
-  const int n_tiles = k_end > k_begin ? (k_end - k_begin + TA_KEYS - 1) / TA_KEYS : 0;
+  const int n_tiles = k_end > k_begin ? (k_end - k_begin + KT - 1) / KT : 0;
 
   /* Q fragments (A operand, row-major 16 x 16 per k-step), rounded to bf16. */
-  uint32_t qa[KSTEPS][4];
-  {
-    const T *q0 = (const T *)a.q + ((size_t)(sq.row0 + tok[0]) * a.n_heads + head[0]) * D;
-    const T *q1 = (const T *)a.q + ((size_t)(sq.row0 + tok[1]) * a.n_heads + head[1]) * D;
+  uint32_t qa[RW][KSTEPS][4];
+#pragma unroll
+  for (int rb = 0; rb < RW; rb++) {
+    const T *q0 = (const T *)a.q + ((size_t)(sq.row0 + tok_of(rb, 0)) * a.n_heads + head_of(rb, 0)) * D;
+    const T *q1 = (const T *)a.q + ((size_t)(sq.row0 + tok_of(rb, 1)) * a.n_heads + head_of(rb, 1)) * D;
+    const bool valid0 = row_of(rb, 0) < rows, valid1 = row_of(rb, 1) < rows;
 #pragma unroll
     for (int kk = 0; kk < KSTEPS; kk++) {
       int c = kk * 16 + qlane * 2;
-      qa[kk][0] = valid[0] ? load_pair(q0 + c) : 0u;
-      qa[kk][1] = valid[1] ? load_pair(q1 + c) : 0u;
-      qa[kk][2] = valid[0] ? load_pair(q0 + c + 8) : 0u;
-      qa[kk][3] = valid[1] ? load_pair(q1 + c + 8) : 0u;
+      qa[rb][kk][0] = valid0 ? load_pair(q0 + c) : 0u;
+      qa[rb][kk][1] = valid1 ? load_pair(q1 + c) : 0u;
+      qa[rb][kk][2] = valid0 ? load_pair(q0 + c + 8) : 0u;
+      qa[rb][kk][3] = valid1 ? load_pair(q1 + c + 8) : 0u;
     }
   }
 
@@ -171,9 +183,9 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
   const bool bs_pow2 = (bs & (bs - 1)) == 0;
   auto load_tile = [&](int kt, int st) {
     constexpr int CH = D / 8; /* 16-byte pieces per key row */
-    cn_bf16_t *kd = ks + st * TA_KEYS * LD, *vd = vs + st * TA_KEYS * LD;
+    cn_bf16_t *kd = ks + st * KT * LD, *vd = vs + st * KT * LD;
 #pragma unroll
-    for (int it = 0; it < TA_KEYS * CH / TA_THREADS; it++) {
+    for (int it = 0; it < KT * CH / TA_THREADS; it++) {
       int c = threadIdx.x + it * TA_THREADS, key = c / CH, col = (c % CH) * 8, slot = kt + key;
       const cn_bf16_t *ksrc = (const cn_bf16_t *)a.k, *vsrc = (const cn_bf16_t *)a.v;
       int bytes = 0;
@@ -189,104 +201,127 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
     }
   };
 
-  /* Whether row j of this thread sees key `key` (k_begin <= key); the prefix part is the same
-   * test as key_visible() in kernels/cpu/attention.c. */
-  auto visible = [&](int j, int key) -> bool {
+  /* Whether row (rb, j) of this thread sees key `key` (k_begin <= key); the prefix part is the
+   * same test as key_visible() in kernels/cpu/attention.c. */
+  auto visible = [&](int rb, int j, int key) -> bool {
     if (key >= k_end) return false;
-    int key_pos = key;
+    int key_pos = key, t = tok_of(rb, j);
     if (key >= sq.ctx_len) {
       int s = key - sq.ctx_len;
       if (causal) {
-        if (s > sq.q_offset + tok[j]) return false;
-      } else if (!((a.tree_mask[sq.mask0 + (size_t)tok[j] * sq.mask_words + s / 64] >> (s % 64)) & 1)) {
+        if (s > sq.q_offset + t) return false;
+      } else if (!((a.tree_mask[sq.mask0 + (size_t)t * sq.mask_words + s / 64] >> (s % 64)) & 1)) {
         return false;
       }
       key_pos = pos[s];
     }
-    return a.sliding_window <= 0 || key_pos > qpos[j] - a.sliding_window;
+    return a.sliding_window <= 0 || key_pos > pos[sq.q_offset + t] - a.sliding_window;
   };
 
   const float sl2 = a.scale * TA_LOG2E;
-  float o[DN][4];
+  float o[RW][DN][4];
 #pragma unroll
-  for (int dn = 0; dn < DN; dn++)
-    o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  for (int rb = 0; rb < RW; rb++)
+#pragma unroll
+    for (int dn = 0; dn < DN; dn++)
+      o[rb][dn][0] = o[rb][dn][1] = o[rb][dn][2] = o[rb][dn][3] = 0.0f;
+  float m[RW][2], l[RW][2];
+#pragma unroll
+  for (int rb = 0; rb < RW; rb++)
+    m[rb][0] = m[rb][1] = -INFINITY, l[rb][0] = l[rb][1] = 0.0f;
 
   /* Every iteration commits one group (empty past the last tile), so waiting for all but the
    * newest TA_STAGES - 1 groups always means this iteration's tile has landed. */
 #pragma unroll
   for (int st = 0; st < TA_STAGES - 1; st++) {
-    if (st < n_tiles) load_tile(k_begin + st * TA_KEYS, st);
+    if (st < n_tiles) load_tile(k_begin + st * KT, st);
     cp_async_commit();
   }
   for (int it = 0; it < n_tiles; it++) {
-    const int kt = k_begin + it * TA_KEYS, ahead = it + TA_STAGES - 1;
-    if (ahead < n_tiles) load_tile(k_begin + ahead * TA_KEYS, ahead % TA_STAGES);
+    const int kt = k_begin + it * KT, ahead = it + TA_STAGES - 1;
+    if (ahead < n_tiles) load_tile(k_begin + ahead * KT, ahead % TA_STAGES);
     cp_async_commit();
     cp_async_wait<TA_STAGES - 1>();
     __syncthreads();
     if (warp_active) {
       const int st = it % TA_STAGES;
-      const cn_bf16_t *kst = ks + st * TA_KEYS * LD, *vst = vs + st * TA_KEYS * LD;
-      float s[8][4];
+      const cn_bf16_t *kst = ks + st * KT * LD, *vst = vs + st * KT * LD;
+      float s[RW][NT][4];
 #pragma unroll
-      for (int nn = 0; nn < 8; nn++) {
-        s[nn][0] = s[nn][1] = s[nn][2] = s[nn][3] = 0.0f;
+      for (int nn = 0; nn < NT; nn++) {
+#pragma unroll
+        for (int rb = 0; rb < RW; rb++)
+          s[rb][nn][0] = s[rb][nn][1] = s[rb][nn][2] = s[rb][nn][3] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < KSTEPS; kk += 2) {
           uint32_t b[4];
           ldmatrix_x4(b, kst + (nn * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8);
-          mma_bf16(s[nn], qa[kk], b[0], b[1]);
-          mma_bf16(s[nn], qa[kk + 1], b[2], b[3]);
+#pragma unroll
+          for (int rb = 0; rb < RW; rb++) {
+            mma_bf16(s[rb][nn], qa[rb][kk], b[0], b[1]);
+            mma_bf16(s[rb][nn], qa[rb][kk + 1], b[2], b[3]);
+          }
         }
       }
-      if (kt + TA_KEYS > sq.ctx_len || kt + TA_KEYS > k_end || a.sliding_window > 0) {
+      if (kt + KT > sq.ctx_len || kt + KT > k_end || a.sliding_window > 0) {
 #pragma unroll
-        for (int nn = 0; nn < 8; nn++)
+        for (int rb = 0; rb < RW; rb++)
 #pragma unroll
-          for (int e = 0; e < 4; e++)
-            if (!visible(e / 2, kt + nn * 8 + qlane * 2 + (e & 1))) s[nn][e] = -INFINITY;
+          for (int nn = 0; nn < NT; nn++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+              if (!visible(rb, e / 2, kt + nn * 8 + qlane * 2 + (e & 1))) s[rb][nn][e] = -INFINITY;
       }
-      /* Online softmax per row; the four lanes of a quad hold one row's 64 scores. */
+      /* Online softmax per row; the four lanes of a quad hold one row's KT scores. */
 #pragma unroll
-      for (int j = 0; j < 2; j++) {
-        float mx = -INFINITY;
+      for (int rb = 0; rb < RW; rb++)
 #pragma unroll
-        for (int nn = 0; nn < 8; nn++)
-          mx = fmaxf(mx, fmaxf(s[nn][2 * j], s[nn][2 * j + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        float m_new = fmaxf(m[j], mx * sl2);
-        float mu = m_new == -INFINITY ? 0.0f : m_new; /* a row that saw nothing yet: exp2(-inf) = 0 */
-        float corr = fast_exp2(m[j] - mu);
-        m[j] = m_new;
-        float rs = 0.0f;
+        for (int j = 0; j < 2; j++) {
+          float mx = -INFINITY;
 #pragma unroll
-        for (int nn = 0; nn < 8; nn++) {
-          float p0 = fast_exp2(fmaf(s[nn][2 * j], sl2, -mu)), p1 = fast_exp2(fmaf(s[nn][2 * j + 1], sl2, -mu));
-          s[nn][2 * j] = p0;
-          s[nn][2 * j + 1] = p1;
-          rs += p0 + p1;
+          for (int nn = 0; nn < NT; nn++)
+            mx = fmaxf(mx, fmaxf(s[rb][nn][2 * j], s[rb][nn][2 * j + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          float m_new = fmaxf(m[rb][j], mx * sl2);
+          float mu = m_new == -INFINITY ? 0.0f : m_new; /* a row that saw nothing yet: exp2(-inf) = 0 */
+          float corr = fast_exp2(m[rb][j] - mu);
+          m[rb][j] = m_new;
+          float rs = 0.0f;
+#pragma unroll
+          for (int nn = 0; nn < NT; nn++) {
+            float p0 = fast_exp2(fmaf(s[rb][nn][2 * j], sl2, -mu)), p1 = fast_exp2(fmaf(s[rb][nn][2 * j + 1], sl2, -mu));
+            s[rb][nn][2 * j] = p0;
+            s[rb][nn][2 * j + 1] = p1;
+            rs += p0 + p1;
+          }
+          l[rb][j] = l[rb][j] * corr + rs; /* this lane's part of the row sum; the quad is summed at the end */
+#pragma unroll
+          for (int dn = 0; dn < DN; dn++) {
+            o[rb][dn][2 * j] *= corr;
+            o[rb][dn][2 * j + 1] *= corr;
+          }
         }
-        l[j] = l[j] * corr + rs; /* this lane's part of the row sum; the quad is summed at the end */
-#pragma unroll
-        for (int dn = 0; dn < DN; dn++) {
-          o[dn][2 * j] *= corr;
-          o[dn][2 * j + 1] *= corr;
-        }
-      }
       /* O += P V: P's C fragments are the A fragments of the next MMA, 16 keys per k-step. */
 #pragma unroll
-      for (int kk = 0; kk < 4; kk++) {
-        uint32_t pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                          pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      for (int kk = 0; kk < KT / 16; kk++) {
+        uint32_t pa[RW][4];
+#pragma unroll
+        for (int rb = 0; rb < RW; rb++) {
+          pa[rb][0] = pack_bf16(s[rb][2 * kk][0], s[rb][2 * kk][1]);
+          pa[rb][1] = pack_bf16(s[rb][2 * kk][2], s[rb][2 * kk][3]);
+          pa[rb][2] = pack_bf16(s[rb][2 * kk + 1][0], s[rb][2 * kk + 1][1]);
+          pa[rb][3] = pack_bf16(s[rb][2 * kk + 1][2], s[rb][2 * kk + 1][3]);
+        }
 #pragma unroll
         for (int dn = 0; dn < DN; dn += 2) {
           uint32_t b[4];
           ldmatrix_x4_trans(b, vst + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dn * 8 + (lane >> 4) * 8);
-          mma_bf16(o[dn], pa, b[0], b[1]);
-          mma_bf16(o[dn + 1], pa, b[2], b[3]);
+#pragma unroll
+          for (int rb = 0; rb < RW; rb++) {
+            mma_bf16(o[rb][dn], pa[rb], b[0], b[1]);
+            mma_bf16(o[rb][dn + 1], pa[rb], b[2], b[3]);
+          }
         }
       }
     }
@@ -294,31 +329,31 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
   }
   cp_async_wait<0>(); /* no copy may still be writing when the block exits */
 
+  const int cap = gridDim.x * ROWS;
 #pragma unroll
-  for (int j = 0; j < 2; j++) {
-    l[j] += __shfl_xor_sync(0xffffffffu, l[j], 1);
-    l[j] += __shfl_xor_sync(0xffffffffu, l[j], 2);
-  }
-  const int cap = gridDim.x * TA_ROWS;
+  for (int rb = 0; rb < RW; rb++)
 #pragma unroll
-  for (int j = 0; j < 2; j++) {
-    if (!valid[j]) continue;
-    if (a.n_splits == 1) {
-      float inv = l[j] > 0.0f ? 1.0f / l[j] : 0.0f; /* a query that sees nothing gets zeros */
-      T *out = (T *)a.out + ((size_t)(sq.row0 + tok[j]) * a.n_heads + head[j]) * D + qlane * 2;
+    for (int j = 0; j < 2; j++) {
+      float lj = l[rb][j];
+      lj += __shfl_xor_sync(0xffffffffu, lj, 1);
+      lj += __shfl_xor_sync(0xffffffffu, lj, 2);
+      if (row_of(rb, j) >= rows) continue;
+      if (a.n_splits == 1) {
+        float inv = lj > 0.0f ? 1.0f / lj : 0.0f; /* a query that sees nothing gets zeros */
+        T *out = (T *)a.out + ((size_t)(sq.row0 + tok_of(rb, j)) * a.n_heads + head_of(rb, j)) * D + qlane * 2;
 #pragma unroll
-      for (int dn = 0; dn < DN; dn++)
-        store_pair(out + dn * 8, o[dn][2 * j] * inv, o[dn][2 * j + 1] * inv);
-    } else {
-      size_t prow = ((size_t)blockIdx.z * cap + row[j]) * a.n_splits + split;
-      float *ml = a.workspace + 2 * prow;
-      float *acc = a.workspace + 2 * (size_t)gridDim.z * cap * a.n_splits + prow * D + qlane * 2;
-      if (qlane == 0) ml[0] = m[j], ml[1] = l[j];
+        for (int dn = 0; dn < DN; dn++)
+          store_pair(out + dn * 8, o[rb][dn][2 * j] * inv, o[rb][dn][2 * j + 1] * inv);
+      } else {
+        size_t prow = ((size_t)blockIdx.z * cap + row_of(rb, j)) * a.n_splits + split;
+        float *ml = a.workspace + 2 * prow;
+        float *acc = a.workspace + 2 * (size_t)gridDim.z * cap * a.n_splits + prow * D + qlane * 2;
+        if (qlane == 0) ml[0] = m[rb][j], ml[1] = lj;
 #pragma unroll
-      for (int dn = 0; dn < DN; dn++)
-        store_pair(acc + dn * 8, o[dn][2 * j], o[dn][2 * j + 1]);
+        for (int dn = 0; dn < DN; dn++)
+          store_pair(acc + dn * 8, o[rb][dn][2 * j], o[rb][dn][2 * j + 1]);
+      }
     }
-  }
 }
 
 /* ---- the exact merge of the splits' partial states ------------------------------------------- */
@@ -354,13 +389,16 @@ template <typename T, int D> __global__ void merge_kernel(cn_cuda_tree_attn_args
 
 int cn_cuda_tree_attn_supported(int head_dim) { return head_dim == 64 || head_dim == 128; }
 
-template <typename T, int D> static size_t smem_bytes() { return sizeof(cn_bf16_t) * TA_STAGES * 2 * TA_KEYS * (D + TA_PAD); }
+template <int D, int RW> static size_t smem_bytes() {
+  return sizeof(cn_bf16_t) * TA_STAGES * 2 * kt_of<D, RW>() * (D + TA_PAD);
+}
 
 /* Raises the kernel's shared-memory limit to what it uses; resident blocks per multiprocessor. */
-template <typename T, int D> static int prepare(int *per_sm) {
-  int smem = (int)smem_bytes<T, D>();
-  CN_CUDA_CHECK(cudaFuncSetAttribute(tree_attn_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  if (per_sm) CN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, tree_attn_kernel<T, D>, TA_THREADS, smem));
+template <typename T, int D, int RW> static int prepare(int *per_sm) {
+  auto kernel = tree_attn_kernel<T, D, RW, kt_of<D, RW>()>;
+  int smem = (int)smem_bytes<D, RW>();
+  CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  if (per_sm) CN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, TA_THREADS, smem));
   return CANOPY_OK;
 }
 
@@ -368,8 +406,12 @@ int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int 
                              int head_dim) {
   if (!ctx || n_seqs <= 0 || max_n <= 0 || n_kv_heads <= 0 || n_heads < n_kv_heads) return 1;
   int per_sm = 0;
-  if ((head_dim == 64 ? prepare<cn_bf16_t, 64>(&per_sm) : prepare<cn_bf16_t, 128>(&per_sm)) || per_sm < 1) per_sm = 1;
-  long base = (long)n_seqs * n_kv_heads * (rows_cap(max_n, n_heads / n_kv_heads) / TA_ROWS);
+  int group = n_heads / n_kv_heads;
+  bool wide = wide_rows(max_n, group);
+  int st = head_dim == 64 ? (wide ? prepare<cn_bf16_t, 64, 2>(&per_sm) : prepare<cn_bf16_t, 64, 1>(&per_sm))
+                          : (wide ? prepare<cn_bf16_t, 128, 2>(&per_sm) : prepare<cn_bf16_t, 128, 1>(&per_sm));
+  if (st || per_sm < 1) per_sm = 1;
+  long base = (long)n_seqs * n_kv_heads * (rows_cap(max_n, group) / (wide ? 128 : 64));
   /* As many splits as fill every resident block slot once: one wave, no tail (measured on the
    * H100: 50 splits of 8 blocks, 1.5 waves, ran a 32k decode at 53% of the copy bandwidth). Each
    * split keeps at least 128 keys, so that the partial states stay small beside them. */
@@ -385,13 +427,13 @@ size_t cn_cuda_tree_attn_workspace(int n_seqs, int max_n, int n_splits, int n_he
          (size_t)(head_dim + 2);
 }
 
-template <typename T, int D> static int launch(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a) {
+template <typename T, int D, int RW> static int launch(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a) {
   int group = a->n_heads / a->n_kv_heads, cap = rows_cap(a->max_n, group);
-  size_t smem = smem_bytes<T, D>();
-  int st = prepare<T, D>(NULL);
+  size_t smem = smem_bytes<D, RW>();
+  int st = prepare<T, D, RW>(NULL);
   if (st) return st;
-  dim3 grid(cap / TA_ROWS, a->n_splits, a->n_seqs * a->n_kv_heads);
-  tree_attn_kernel<T, D><<<grid, TA_THREADS, smem, ctx->stream>>>(*a);
+  dim3 grid(cap / (64 * RW), a->n_splits, a->n_seqs * a->n_kv_heads);
+  tree_attn_kernel<T, D, RW, kt_of<D, RW>()><<<grid, TA_THREADS, smem, ctx->stream>>>(*a);
   CN_CUDA_CHECK_LAUNCH();
   if (a->n_splits > 1) {
     merge_kernel<T, D><<<dim3(cap, a->n_seqs * a->n_kv_heads), D / 2, 0, ctx->stream>>>(*a, cap);
@@ -418,6 +460,8 @@ int cn_cuda_tree_attention(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a) {
                     a->n_splits);
   return cn_dispatch(a->dt, [&](auto t) {
     using T = decltype(t);
-    return a->head_dim == 64 ? launch<T, 64>(ctx, a) : launch<T, 128>(ctx, a);
+    bool wide = wide_rows(a->max_n, a->n_heads / a->n_kv_heads);
+    if (a->head_dim == 64) return wide ? launch<T, 64, 2>(ctx, a) : launch<T, 64, 1>(ctx, a);
+    return wide ? launch<T, 128, 2>(ctx, a) : launch<T, 128, 1>(ctx, a);
   });
 }
