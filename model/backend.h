@@ -56,8 +56,11 @@ typedef struct cn_backend {
   /* Writes k, v [n][kv_dim] of one layer into cache slots first_slot.. of a sequence. */
   void (*kv_write)(void *ctx, cn_kv_pool *pool, const cn_kv_seq *seq, int layer, int first_slot,
                    const void *k, const void *v, int n, int kv_dim);
-  /* Attention of one sequence's n new tokens over its cache (see cn_attn_desc). */
-  void (*attention)(void *ctx, void *out, const void *q, const struct cn_attn_desc *d);
+  /* Attention of n_seqs sequences' new tokens over their caches, all in one layer of one pool
+   * (d[s] as cn_attn_desc says): q and out hold the sequences' rows one after the other, sequence
+   * s from row d[0].n + .. + d[s - 1].n (the forward's row order). One call per layer, so a device
+   * backend runs the whole batch in one launch. */
+  void (*attention_batch)(void *ctx, void *out, const void *q, const struct cn_attn_desc *d, int n_seqs);
   /* Copies n floats of a backend buffer to the host. */
   void (*to_host)(void *ctx, float *dst, const void *src, size_t n);
 } cn_backend;

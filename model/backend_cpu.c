@@ -121,6 +121,15 @@ static void cpu_attention(void *ctx, void *out, const void *q, const cn_attn_des
   cn_cpu_attention(c->tp, &a);
 }
 
+static void cpu_attention_batch(void *ctx, void *out, const void *q, const cn_attn_desc *d, int n_seqs) {
+  size_t row = 0;
+  for (int s = 0; s < n_seqs; s++) {
+    size_t at = row * (size_t)d[s].n_heads * d[s].head_dim;
+    cpu_attention(ctx, (float *)out + at, (const float *)q + at, &d[s]);
+    row += (size_t)d[s].n;
+  }
+}
+
 static void cpu_to_host(void *ctx, float *dst, const void *src, size_t n) {
   if (dst != src) memcpy(dst, src, sizeof(float) * n);
 }
@@ -142,7 +151,7 @@ static const cn_backend cpu_backend = {
     .split_qkv = cpu_split_qkv,
     .gather_rows = cpu_gather_rows,
     .kv_write = cpu_kv_write,
-    .attention = cpu_attention,
+    .attention_batch = cpu_attention_batch,
     .to_host = cpu_to_host,
 };
 

@@ -58,6 +58,13 @@ typedef struct cuda_ctx {
   unsigned gen;
   void *copy_tmp; /* device staging of KV span copies, copy_tmp_bytes long */
   size_t copy_tmp_bytes;
+  /* Tree attention: the device arrays of the last staged batch (descriptors, block tables,
+   * positions, masks), reused by the later layers of the same forward, and the split workspace. */
+  unsigned ta_gen;
+  void *ta_dev, *ta_host; /* ta_host: a copy of the staged bytes, to recognise the same batch */
+  size_t ta_bytes, ta_host_cap;
+  float *ta_ws;
+  size_t ta_ws_bytes;
   uint16_t *load_buf; /* host bf16 of one checkpoint tensor being uploaded */
   float *load_f32;
   size_t load_cap; /* elements of both */
@@ -181,7 +188,9 @@ static void cuda_destroy(void *ctx) {
   for (int i = 0; i < c->n_retired; i++)
     arena_release(c, &c->retired[i]);
   cn_cuda_free(c->cu, c->copy_tmp);
+  cn_cuda_free(c->cu, c->ta_ws);
   cn_cuda_ctx_free(c->cu);
+  free(c->ta_host);
   free(c->map);
   free(c->load_buf);
   free(c->load_f32);
@@ -281,18 +290,22 @@ static const cn_kv_storage cuda_kv_storage = {
     .copy = kv_copy,
 };
 
-/* One layer of a sequence's paged KV as the kernels see it; block_table NULL if staging failed. */
-static cn_cuda_paged_kv view_of(cuda_ctx *c, cn_kv_pool *pool, const cn_kv_seq *seq, int layer) {
+/* One layer of the pool as the kernels see it, without a block table. */
+static cn_cuda_paged_kv layer_view(cn_kv_pool *pool, int layer) {
   const cn_kv_layout *L = cn_kv_pool_layout(pool);
   size_t half = (size_t)L->block_size * L->n_kv_heads * L->head_dim;
+  cn_bf16 *k = (cn_bf16 *)cn_kv_pool_data(pool) + (size_t)layer * 2 * half;
+  return (cn_cuda_paged_kv){
+      .k = k, .v = k + half, .block_stride = (size_t)L->n_layers * 2 * half, .block_size = L->block_size};
+}
+
+/* One layer of a sequence's paged KV as the kernels see it; block_table NULL if staging failed. */
+static cn_cuda_paged_kv view_of(cuda_ctx *c, cn_kv_pool *pool, const cn_kv_seq *seq, int layer) {
   int nb;
   const int *table = cn_kv_seq_blocks(seq, &nb);
-  cn_bf16 *k = (cn_bf16 *)cn_kv_pool_data(pool) + (size_t)layer * 2 * half;
-  return (cn_cuda_paged_kv){.k = k,
-                            .v = k + half,
-                            .block_table = dev_of(c, table, sizeof(int32_t) * (size_t)nb),
-                            .block_stride = (size_t)L->n_layers * 2 * half,
-                            .block_size = L->block_size};
+  cn_cuda_paged_kv kv = layer_view(pool, layer);
+  kv.block_table = dev_of(c, table, sizeof(int32_t) * (size_t)nb);
+  return kv;
 }
 
 /* ---- ops ------------------------------------------------------------------------------------- */
@@ -375,6 +388,132 @@ static void cuda_attention(void *ctx, void *out, const void *q, const cn_attn_de
   if (!c->status) keep(c, cn_cuda_attention(c->cu, &a));
 }
 
+static size_t align16(size_t n) { return (n + 15) & ~(size_t)15; }
+
+/* Stages a batch's descriptors, block tables, positions and masks as one upload (laid out in that
+ * order, 16-byte aligned) and returns its device copy; the layers after the first find the same
+ * bytes and reuse it. NULL (with the failure kept) when staging fails. */
+static char *stage_tree_batch(cuda_ctx *c, const cn_attn_desc *d, int n_seqs, size_t *at_tables, size_t *at_pos,
+                              size_t *at_mask) {
+  size_t n_tables = 0, n_pos = 0, n_mask = 0;
+  for (int s = 0; s < n_seqs; s++) {
+    int nb;
+    cn_kv_seq_blocks(d[s].seq, &nb);
+    n_tables += (size_t)nb;
+    n_pos += (size_t)(d[s].q_offset + d[s].n);
+    if (d[s].tree_mask) n_mask += (size_t)d[s].n * ((d[s].q_offset + d[s].n + 63) / 64);
+  }
+  *at_tables = align16(sizeof(cn_cuda_tree_seq) * (size_t)n_seqs);
+  *at_pos = *at_tables + align16(sizeof(int32_t) * n_tables);
+  *at_mask = *at_pos + align16(sizeof(int32_t) * n_pos);
+  size_t bytes = *at_mask + sizeof(uint64_t) * n_mask;
+  if (bytes > c->ta_host_cap) {
+    void *p = realloc(c->ta_host, bytes);
+    if (!p) {
+      keep(c, cn_error(CANOPY_ERR_NO_MEMORY, "cuda backend: no host memory to stage %zu bytes of attention batch", bytes));
+      return NULL;
+    }
+    c->ta_host = p;
+    c->ta_host_cap = bytes;
+  }
+  char *h = c->ta_host;
+  memset(h, 0, bytes);
+  cn_cuda_tree_seq *desc = (cn_cuda_tree_seq *)h;
+  int32_t *tables = (int32_t *)(h + *at_tables), *pos = (int32_t *)(h + *at_pos);
+  uint64_t *mask = (uint64_t *)(h + *at_mask);
+  int row = 0, t0 = 0, p0 = 0, m0 = 0;
+  for (int s = 0; s < n_seqs; s++) {
+    int nb, words = (d[s].q_offset + d[s].n + 63) / 64, m = d[s].q_offset + d[s].n;
+    const int *table = cn_kv_seq_blocks(d[s].seq, &nb);
+    memcpy(tables + t0, table, sizeof(int32_t) * (size_t)nb);
+    memcpy(pos + p0, d[s].pos, sizeof(int32_t) * (size_t)m);
+    if (d[s].tree_mask) memcpy(mask + m0, d[s].tree_mask, sizeof(uint64_t) * (size_t)d[s].n * words);
+    desc[s] = (cn_cuda_tree_seq){.ctx_len = d[s].ctx_len, .q_offset = d[s].q_offset, .n = d[s].n, .row0 = row,
+                                 .pos0 = p0, .mask0 = d[s].tree_mask ? m0 : -1, .mask_words = words, .table0 = t0};
+    row += d[s].n;
+    t0 += nb;
+    p0 += m;
+    m0 += d[s].tree_mask ? d[s].n * words : 0;
+  }
+  if (c->ta_gen == c->gen && c->ta_bytes == bytes && c->ta_dev) {
+    /* Compare with what the arena holds for the last staged batch (its host side). */
+    const char *last = (const char *)c->ta_dev - c->a.dev + c->a.host;
+    if ((char *)c->ta_dev >= c->a.dev && (char *)c->ta_dev + bytes <= c->a.dev + c->a.used && !memcmp(last, h, bytes))
+      return c->ta_dev;
+  }
+  void *hd, *dd;
+  if (keep(c, arena_take(c, bytes, &hd, &dd))) return NULL;
+  memcpy(hd, h, bytes);
+  if (keep(c, cn_cuda_memcpy_h2d_async(c->cu, dd, hd, bytes))) return NULL;
+  c->ta_gen = c->gen;
+  c->ta_dev = dd;
+  c->ta_bytes = bytes;
+  return dd;
+}
+
+/* The shared-prefix tree kernel for the whole batch in one launch; head sizes it does not cover
+ * take the per-sequence kernel. */
+static void cuda_attention_batch(void *ctx, void *out, const void *q, const cn_attn_desc *d, int n_seqs) {
+  cuda_ctx *c = ctx;
+  if (c->status || n_seqs <= 0) return;
+  int hd = d[0].head_dim, n_heads = d[0].n_heads, n_kv = d[0].n_kv_heads;
+  if (!cn_cuda_tree_attn_supported(hd)) {
+    size_t row = 0;
+    for (int s = 0; s < n_seqs; s++) {
+      size_t at = row * (size_t)n_heads * hd;
+      cuda_attention(ctx, (float *)out + at, (const float *)q + at, &d[s]);
+      row += (size_t)d[s].n;
+    }
+    return;
+  }
+  size_t at_tables, at_pos, at_mask;
+  char *dev = stage_tree_batch(c, d, n_seqs, &at_tables, &at_pos, &at_mask);
+  if (!dev) return;
+  int max_n = 0, max_keys = 0, any_tree = 0;
+  for (int s = 0; s < n_seqs; s++) {
+    int keys = d[s].ctx_len + d[s].q_offset + d[s].n;
+    max_n = d[s].n > max_n ? d[s].n : max_n;
+    max_keys = keys > max_keys ? keys : max_keys;
+    any_tree |= d[s].tree_mask != NULL;
+  }
+  /* Powers of two, so that the launch shape (and a captured graph's) changes only at doublings. */
+  int keys_bucket = 64;
+  while (keys_bucket < max_keys) keys_bucket *= 2;
+  int splits = cn_cuda_tree_attn_splits(c->cu, n_seqs, max_n, keys_bucket, n_heads, n_kv, hd);
+  size_t ws = cn_cuda_tree_attn_workspace(n_seqs, max_n, splits, n_heads, n_kv, hd);
+  if (ws > c->ta_ws_bytes) {
+    /* Launches queued earlier may still use the old workspace. */
+    if (keep(c, cn_cuda_sync(c->cu))) return;
+    cn_cuda_free(c->cu, c->ta_ws);
+    c->ta_ws = NULL;
+    c->ta_ws_bytes = 0;
+    if (keep(c, cn_cuda_malloc(c->cu, (void **)&c->ta_ws, 2 * ws))) return;
+    c->ta_ws_bytes = 2 * ws;
+  }
+  cn_cuda_paged_kv kv = layer_view(d[0].pool, d[0].layer);
+  cn_cuda_tree_attn_args a = {.out = out,
+                              .q = q,
+                              .dt = CN_CUDA_F32,
+                              .k = kv.k,
+                              .v = kv.v,
+                              .block_stride = kv.block_stride,
+                              .block_size = kv.block_size,
+                              .block_tables = (const int32_t *)(dev + at_tables),
+                              .pos = (const int32_t *)(dev + at_pos),
+                              .tree_mask = any_tree ? (const uint64_t *)(dev + at_mask) : NULL,
+                              .seqs = (const cn_cuda_tree_seq *)dev,
+                              .n_seqs = n_seqs,
+                              .max_n = max_n,
+                              .n_splits = splits,
+                              .n_heads = n_heads,
+                              .n_kv_heads = n_kv,
+                              .head_dim = hd,
+                              .sliding_window = d[0].sliding_window,
+                              .scale = d[0].scale,
+                              .workspace = c->ta_ws};
+  keep(c, cn_cuda_tree_attention(c->cu, &a));
+}
+
 static void cuda_to_host(void *ctx, float *dst, const void *src, size_t n) {
   cuda_ctx *c = ctx;
   if (!c->status) keep(c, cn_cuda_memcpy_d2h(c->cu, dst, src, sizeof(float) * n));
@@ -400,7 +539,7 @@ static const cn_backend cuda_backend = {
     .split_qkv = cuda_split_qkv,
     .gather_rows = cuda_gather_rows,
     .kv_write = cuda_kv_write,
-    .attention = cuda_attention,
+    .attention_batch = cuda_attention_batch,
     .to_host = cuda_to_host,
 };
 

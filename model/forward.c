@@ -86,15 +86,16 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
     for (int q = 0; q < b->n_seqs; q++) {
       const cn_seq_batch *sb = &b->seqs[q];
       int len = cn_kv_seq_len(sb->kv);
-      size_t off_kv = (size_t)sb->first * kv_dim * sizeof(float), off_q = (size_t)sb->first * q_dim * sizeof(float);
+      size_t off_kv = (size_t)sb->first * kv_dim * sizeof(float);
       be->kv_write(ctx, m->kv, sb->kv, l, len + sb->tree_prev, (char *)s->k + off_kv, (char *)s->v + off_kv, sb->n,
                    kv_dim);
-      cn_attn_desc ad = {.pool = m->kv, .seq = sb->kv, .layer = l, .ctx_len = len, .q_offset = sb->tree_prev,
-                         .n = sb->n, .pos = sb->tree_prev ? sb->tree_pos : b->pos + sb->first,
-                         .tree_mask = sb->tree_mask, .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads,
-                         .head_dim = d, .sliding_window = c->sliding_window, .scale = scale};
-      be->attention(ctx, (char *)s->attn + off_q, (char *)s->q + off_q, &ad);
+      m->attn_desc[q] = (cn_attn_desc){.pool = m->kv, .seq = sb->kv, .layer = l, .ctx_len = len,
+                                       .q_offset = sb->tree_prev, .n = sb->n,
+                                       .pos = sb->tree_prev ? sb->tree_pos : b->pos + sb->first,
+                                       .tree_mask = sb->tree_mask, .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads,
+                                       .head_dim = d, .sliding_window = c->sliding_window, .scale = scale};
     }
+    be->attention_batch(ctx, s->attn, s->q, m->attn_desc, b->n_seqs);
     be->matmul(ctx, s->proj, s->attn, w->wo, w->bo, n, q_dim, D);
     be->add(ctx, s->x, s->proj, (size_t)n * D);
     be->rmsnorm(ctx, s->xn, s->x, w->ffn_norm, n, D, c->rms_norm_eps);

@@ -119,6 +119,8 @@ static int alloc_scratch(canopy_model *m) {
       return cn_error(CANOPY_ERR_NO_MEMORY, "%s: cannot allocate %zu bytes of %s memory for forward scratch", m->dir,
                       bufs[i].n * sizeof(float), m->be->name);
   }
+  if (!(m->attn_desc = malloc(sizeof *m->attn_desc * B)))
+    return cn_error(CANOPY_ERR_NO_MEMORY, "%s: no host memory for %zu attention descriptors", m->dir, B);
   return CANOPY_OK;
 }
 
@@ -215,6 +217,7 @@ void canopy_model_free(canopy_model *m) {
   if (m->be) m->be->destroy(m->be_ctx);
   free(m->step_logits);
   free(m->step_idx);
+  free(m->attn_desc);
   free(m->step_seqs);
   free(m->step_parts);
   free(m->layers);

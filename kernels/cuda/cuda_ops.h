@@ -76,6 +76,17 @@ int cn_cuda_memcpy_2d(cn_cuda_ctx *ctx, void *dst, size_t dpitch, const void *sr
 /* Sets bytes on the stream (asynchronous). 0xFF poisons both fp32 and bf16 buffers with NaN. */
 int cn_cuda_memset(cn_cuda_ctx *ctx, void *p, int byte, size_t bytes);
 
+/* Device-to-device copy on the stream (asynchronous). */
+int cn_cuda_memcpy_d2d(cn_cuda_ctx *ctx, void *dst, const void *src, size_t bytes);
+
+/* Device-event timing of the work queued on a context's stream between start and stop; stop
+ * waits for it and gives the milliseconds. For the benchmarks. */
+typedef struct cn_cuda_timer cn_cuda_timer;
+int cn_cuda_timer_create(cn_cuda_ctx *ctx, cn_cuda_timer **out);
+void cn_cuda_timer_free(cn_cuda_timer *t);
+int cn_cuda_timer_start(cn_cuda_timer *t);
+int cn_cuda_timer_stop(cn_cuda_timer *t, float *ms);
+
 /* dst[i] = bf16(src[i]) rounding to nearest even, and back (exact). */
 int cn_cuda_f32_to_bf16(cn_cuda_ctx *ctx, cn_bf16 *dst, const float *src, size_t n);
 int cn_cuda_bf16_to_f32(cn_cuda_ctx *ctx, float *dst, const cn_bf16 *src, size_t n);
@@ -138,8 +149,8 @@ int cn_cuda_kv_write(cn_cuda_ctx *ctx, const cn_cuda_paged_kv *kv, int first_slo
  * head_dim <= 256. A query that sees no key gets zeros.
  *
  * This is the straightforward kernel (one block per (token, head), online softmax over the
- * prefix): every query head re-reads the prefix. The shared-prefix tree kernel of DESIGN.md
- * ("Tree attention") replaces it. */
+ * prefix): every query head re-reads the prefix. cn_cuda_tree_attention below replaces it where
+ * it can (head_dim 64 and 128); it stays as the fallback and as the benchmark's naive baseline. */
 typedef struct cn_cuda_attn_args {
   void *out;
   const void *q;
@@ -157,6 +168,68 @@ typedef struct cn_cuda_attn_args {
 int cn_cuda_attention(cn_cuda_ctx *ctx, const cn_cuda_attn_args *a);
 
 #define CN_CUDA_MAX_HEAD_DIM 256
+
+/* ---- shared-prefix tree attention (DESIGN.md, "Tree attention") --------------------------
+ *
+ * Attention for a ragged batch of sequences in one launch, each with the semantics of
+ * cn_cuda_attention: n_i queries (a tree level, a causal chunk, or one decode token) over the
+ * sequence's ctx_len committed slots, q_offset slots an earlier forward of the step wrote, and
+ * the queries' own slots, all in the paged bf16 cache (the new tokens' K/V are written there
+ * first). The n_i x (n_heads / n_kv_heads) query rows that share a KV head are tiled 64 at a time
+ * and each tile streams the keys past all its rows with tensor-core MMA (KV-guided grouping);
+ * the key range is split across n_splits blocks (flash-decoding) and the partial softmax states
+ * are merged exactly by a second kernel. Row tiles of one split run side by side (the fastest grid
+ * index), so a prefix tile read by several row tiles comes from L2 after the first.
+ *
+ * CUDA graphs: everything that changes from step to step lives in device memory (the per-sequence
+ * descriptors below, block tables, positions, masks); the launch itself depends only on n_seqs,
+ * max_n and n_splits, which a caller fixes per bucket. Sequences with fewer queries, shorter
+ * contexts or n = 0 leave blocks that exit at once. */
+
+/* One sequence of a batch, as the kernel reads it from device memory. */
+typedef struct cn_cuda_tree_seq {
+  int32_t ctx_len;    /* committed slots 0 .. ctx_len - 1 (slot s has position s) */
+  int32_t q_offset;   /* new slots before the queries' own (a draft tree's upper levels) */
+  int32_t n;          /* queries, 0 .. max_n */
+  int32_t row0;       /* row (token) of the first query in q and out */
+  int32_t pos0;       /* new slot j has position pos[pos0 + j], j < q_offset + n */
+  int32_t mask0;      /* -1: causal; else query i's bits are tree_mask[mask0 + i * mask_words ..] */
+  int32_t mask_words; /* >= (q_offset + n + 63) / 64 when mask0 >= 0 */
+  int32_t table0;     /* slot s lives in block block_tables[table0 + s / block_size] */
+} cn_cuda_tree_seq;
+
+typedef struct cn_cuda_tree_attn_args {
+  void *out;                    /* [rows][n_heads][head_dim] of dt */
+  const void *q;                /* [rows][n_heads][head_dim] of dt */
+  cn_cuda_dtype dt;
+  const cn_bf16 *k, *v;         /* this layer's K and V rows in block 0 (as cn_cuda_paged_kv) */
+  size_t block_stride;          /* elements from one block to the next */
+  int block_size;               /* tokens per block */
+  const int32_t *block_tables;  /* concatenated block tables (device) */
+  const int32_t *pos;           /* concatenated positions of the new slots (device) */
+  const uint64_t *tree_mask;    /* concatenated mask rows (device), or NULL if every sequence is causal */
+  const cn_cuda_tree_seq *seqs; /* [n_seqs] (device) */
+  int n_seqs, max_n;            /* grid bucket: sequences, and the most queries any of them has */
+  int n_splits;                 /* key-range splits, >= 1 (cn_cuda_tree_attn_splits) */
+  int n_heads, n_kv_heads, head_dim; /* head_dim 64 or 128 */
+  int sliding_window;
+  float scale;
+  float *workspace;             /* cn_cuda_tree_attn_workspace() bytes (device), when n_splits > 1 */
+} cn_cuda_tree_attn_args;
+
+/* Whether the tree kernel handles this head_dim (64 and 128); others take cn_cuda_attention. */
+int cn_cuda_tree_attn_supported(int head_dim);
+
+/* A split count that fills every resident block slot of the device once for a batch of n_seqs
+ * sequences of at most max_n queries and max_keys keys (ctx_len + q_offset + n); a caller that
+ * captures graphs passes bucketed values so that the count stays fixed. */
+int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int max_keys, int n_heads, int n_kv_heads,
+                             int head_dim);
+
+/* Bytes of workspace the partial softmax states of one launch take (0 when n_splits == 1). */
+size_t cn_cuda_tree_attn_workspace(int n_seqs, int max_n, int n_splits, int n_heads, int n_kv_heads, int head_dim);
+
+int cn_cuda_tree_attention(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a);
 
 /* One contiguous copy inside a buffer, in elements: n elements from src to dst, staged at tmp. */
 typedef struct cn_cuda_span {

@@ -1,0 +1,275 @@
+/* Benchmark 6a (issue 5): the shared-prefix tree-attention kernel against the naive per-row kernel
+ * and the physical limit, Llama-3-8B heads (32 q, 8 kv, d 128), bf16 queries, outputs and paged
+ * K/V (16-token blocks), n in {1, 16, 64, 128} tree nodes (random trees: each node's parent a
+ * random earlier node), prefix L in {1k, 4k, 16k, 32k}, batch 1 and 8.
+ *
+ * The limit is the prefix K/V bytes over the copy bandwidth measured in the same run (a
+ * device-to-device copy of 1 GiB, read plus written bytes over the median time). Every launch
+ * reads a different set of K/V blocks (sets rotate until 256 MiB, five times the 50 MB L2, lie
+ * between two uses of one set). Times are device-event medians over groups of back-to-back
+ * launches. The tree kernel's output is checked against the naive kernel's on every shape.
+ *
+ *   bench_tree_attention [--quick]     (--quick: batch 1, L 4k only) */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bench/bench_util.h"
+
+#ifdef CANOPY_HAVE_CUDA
+#include "canopy.h"
+#include "kernels/cuda/cuda_ops.h"
+
+#define HQ 32
+#define HKV 8
+#define HD 128
+#define BS 16
+#define KV_DIM (HKV * HD)
+#define BLOCK_ELEMS (2 * BS * KV_DIM) /* K and V of one block */
+#define POOL_BYTES (2560ull << 20)
+#define ROTATE_BYTES (256ull << 20)
+#define GROUPS 7
+
+#define CK(call)                                                                                                       \
+  do {                                                                                                                 \
+    int st_ = (call);                                                                                                  \
+    if (st_) {                                                                                                         \
+      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, canopy_last_error());                             \
+      exit(1);                                                                                                         \
+    }                                                                                                                  \
+  } while (0)
+
+static uint64_t rng = 0x9E3779B97F4A7C15ull;
+static uint64_t next_rand(void) {
+  uint64_t z = (rng += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+static cn_cuda_ctx *ctx;
+static cn_cuda_timer *timer;
+
+static void *dmalloc(size_t bytes) {
+  void *p;
+  CK(cn_cuda_malloc(ctx, &p, bytes));
+  return p;
+}
+
+static void *dupload(const void *h, size_t bytes) {
+  void *d = dmalloc(bytes);
+  CK(cn_cuda_memcpy_h2d(ctx, d, h, bytes));
+  return d;
+}
+
+/* Random bf16 in [-1, 1) over a device buffer, uploaded in 64 MiB pieces. */
+static void fill_random_bf16(uint16_t *d, size_t elems) {
+  size_t piece = 32u << 20;
+  uint16_t *h = malloc(sizeof(uint16_t) * piece);
+  for (size_t i = 0; i < piece; i++) {
+    float f = (float)((int64_t)(next_rand() >> 40) - (1 << 23)) / (float)(1 << 23);
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    h[i] = (uint16_t)(u >> 16);
+  }
+  for (size_t at = 0; at < elems; at += piece) {
+    size_t n = elems - at < piece ? elems - at : piece;
+    h[next_rand() % piece] ^= 0x1; /* pieces differ a little */
+    CK(cn_cuda_memcpy_h2d(ctx, d + at, h, sizeof(uint16_t) * n));
+  }
+  free(h);
+}
+
+/* Median of GROUPS device-event timings of `per` back-to-back calls of f(i), in microseconds. */
+static double time_us(void (*f)(void *, int), void *arg, int per) {
+  double t[GROUPS];
+  int i = 0;
+  f(arg, i++); /* warm-up */
+  CK(cn_cuda_sync(ctx));
+  for (int g = 0; g < GROUPS; g++) {
+    float ms;
+    CK(cn_cuda_timer_start(timer));
+    for (int k = 0; k < per; k++) f(arg, i++);
+    CK(cn_cuda_timer_stop(timer, &ms));
+    t[g] = 1e3 * ms / per;
+  }
+  return bench_median(t, GROUPS);
+}
+
+typedef struct copy_job {
+  void *dst, *src;
+  size_t bytes;
+} copy_job;
+
+static void run_copy(void *arg, int i) {
+  copy_job *j = arg;
+  CK(cn_cuda_memcpy_d2d(ctx, j->dst, j->src, j->bytes));
+}
+
+/* One benchmarked shape: n_sets copies of the batch's block tables over disjoint K/V blocks. */
+typedef struct shape_job {
+  cn_cuda_tree_attn_args a;
+  int32_t **tables;      /* [n_sets] device block tables */
+  int n_sets;
+  /* the naive kernel, one launch per sequence */
+  int batch, n, L;
+  int32_t *d_pos;        /* [batch][n] */
+  uint64_t *d_mask;      /* [batch][n] one word each (n <= 64) or more */
+  int words;
+  void *naive_out;
+} shape_job;
+
+static void run_tree(void *arg, int i) {
+  shape_job *j = arg;
+  j->a.block_tables = j->tables[i % j->n_sets];
+  CK(cn_cuda_tree_attention(ctx, &j->a));
+}
+
+static void run_naive(void *arg, int i) {
+  shape_job *j = arg;
+  int blocks_per_seq = (j->L + j->n + BS - 1) / BS;
+  for (int s = 0; s < j->batch; s++) {
+    cn_cuda_attn_args a = {.out = (uint16_t *)j->naive_out + (size_t)s * j->n * HQ * HD,
+                           .q = (const uint16_t *)j->a.q + (size_t)s * j->n * HQ * HD,
+                           .dt = CN_CUDA_BF16,
+                           .kv = {.k = (cn_bf16 *)j->a.k, .v = (cn_bf16 *)j->a.v,
+                                  .block_table = j->tables[i % j->n_sets] + (size_t)s * blocks_per_seq,
+                                  .block_stride = j->a.block_stride, .block_size = BS},
+                           .n = j->n, .ctx_len = j->L, .pos = j->d_pos + (size_t)s * j->n,
+                           .tree_mask = j->n > 1 ? j->d_mask + (size_t)s * j->n * j->words : NULL,
+                           .mask_words = j->words, .n_heads = HQ, .n_kv_heads = HKV, .head_dim = HD,
+                           .scale = j->a.scale};
+    CK(cn_cuda_attention(ctx, &a));
+  }
+}
+
+/* rel L2 of two bf16 device buffers of n elements. */
+static double rel_diff(const void *x, const void *y, size_t n, float *scratch_dev) {
+  float *hx = malloc(sizeof(float) * n), *hy = malloc(sizeof(float) * n);
+  CK(cn_cuda_bf16_to_f32(ctx, scratch_dev, x, n));
+  CK(cn_cuda_memcpy_d2h(ctx, hx, scratch_dev, sizeof(float) * n));
+  CK(cn_cuda_bf16_to_f32(ctx, scratch_dev, y, n));
+  CK(cn_cuda_memcpy_d2h(ctx, hy, scratch_dev, sizeof(float) * n));
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; i++) {
+    num += ((double)hx[i] - hy[i]) * ((double)hx[i] - hy[i]);
+    den += (double)hy[i] * hy[i];
+  }
+  free(hx), free(hy);
+  return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+int main(int argc, char **argv) {
+  int quick = argc > 1 && !strcmp(argv[1], "--quick");
+  if (cn_cuda_device_count() == 0) {
+    printf("bench_tree_attention: no CUDA device visible\n");
+    return 0;
+  }
+  CK(cn_cuda_ctx_create(0, &ctx));
+  CK(cn_cuda_timer_create(ctx, &timer));
+
+  /* The ceiling: a large device-to-device copy, read + written bytes over time. */
+  copy_job cj = {.bytes = 1ull << 30};
+  cj.src = dmalloc(cj.bytes);
+  cj.dst = dmalloc(cj.bytes);
+  CK(cn_cuda_memset(ctx, cj.src, 0x3c, cj.bytes));
+  double copy_us = time_us(run_copy, &cj, 3);
+  double copy_gbs = 2.0 * (double)cj.bytes / (copy_us * 1e-6) / 1e9;
+  cn_cuda_free(ctx, cj.src);
+  cn_cuda_free(ctx, cj.dst);
+  printf("copy bandwidth (1 GiB device-to-device, read + write): %.0f GB/s\n", copy_gbs);
+
+  size_t pool_blocks = POOL_BYTES / (sizeof(uint16_t) * BLOCK_ELEMS);
+  uint16_t *pool = dmalloc(pool_blocks * BLOCK_ELEMS * sizeof(uint16_t));
+  fill_random_bf16(pool, pool_blocks * BLOCK_ELEMS);
+  size_t ws_bytes = 256u << 20;
+  float *ws = dmalloc(ws_bytes);
+  size_t max_rows = 8 * 128;
+  void *q = dmalloc(sizeof(uint16_t) * max_rows * HQ * HD), *out = dmalloc(sizeof(uint16_t) * max_rows * HQ * HD),
+       *naive_out = dmalloc(sizeof(uint16_t) * max_rows * HQ * HD);
+  float *scratch = dmalloc(sizeof(float) * max_rows * HQ * HD);
+  fill_random_bf16(q, max_rows * HQ * HD);
+
+  printf("\nLlama-3-8B heads (32 q / 8 kv, d 128), bf16, paged K/V (block 16); limit = prefix K/V bytes / copy bandwidth\n");
+  printf("%5s %4s %6s %6s | %10s %9s %8s | %10s %8s | %9s\n", "batch", "n", "L", "splits", "tree us", "KV GB/s",
+         "% limit", "naive us", "x naive", "rel diff");
+  static const int batches[] = {1, 8}, ns[] = {1, 16, 64, 128}, Ls[] = {1024, 4096, 16384, 32768};
+  for (int bi = 0; bi < 2; bi++)
+    for (int ni = 0; ni < 4; ni++)
+      for (int li = 0; li < 4; li++) {
+        int batch = batches[bi], n = ns[ni], L = Ls[li];
+        if (quick && (batch != 1 || L != 4096)) continue;
+        int bps = (L + n + BS - 1) / BS, words = (n + 63) / 64;
+        size_t set_blocks = (size_t)batch * bps, set_bytes = set_blocks * BLOCK_ELEMS * sizeof(uint16_t);
+        int n_sets = (int)((ROTATE_BYTES + set_bytes - 1) / set_bytes);
+        if (n_sets < 2) n_sets = 2;
+        if ((size_t)n_sets * set_blocks > pool_blocks) n_sets = (int)(pool_blocks / set_blocks);
+
+        shape_job j = {.n_sets = n_sets, .batch = batch, .n = n, .L = L, .words = words, .naive_out = naive_out};
+        j.tables = malloc(sizeof(int32_t *) * (size_t)n_sets);
+        int32_t *ht = malloc(sizeof(int32_t) * set_blocks);
+        for (int s = 0; s < n_sets; s++) {
+          for (size_t b = 0; b < set_blocks; b++) ht[b] = (int32_t)((size_t)s * set_blocks + b);
+          j.tables[s] = dupload(ht, sizeof(int32_t) * set_blocks);
+        }
+        /* Random trees: positions L + depth, ancestor masks. */
+        int32_t *pos = malloc(sizeof(int32_t) * (size_t)batch * n);
+        uint64_t *mask = calloc((size_t)batch * n * words, sizeof(uint64_t));
+        cn_cuda_tree_seq *desc = malloc(sizeof *desc * (size_t)batch);
+        for (int s = 0; s < batch; s++) {
+          int32_t *p = pos + (size_t)s * n;
+          uint64_t *m = mask + (size_t)s * n * words;
+          for (int i = 0; i < n; i++) {
+            int parent = i ? (int)(next_rand() % (uint64_t)i) : -1;
+            p[i] = i ? p[parent] + 1 : L;
+            if (i) memcpy(m + (size_t)i * words, m + (size_t)parent * words, sizeof(uint64_t) * words);
+            m[(size_t)i * words + i / 64] |= 1ull << (i % 64);
+          }
+          desc[s] = (cn_cuda_tree_seq){.ctx_len = L, .q_offset = 0, .n = n, .row0 = s * n, .pos0 = s * n,
+                                       .mask0 = n > 1 ? s * n * words : -1, .mask_words = words, .table0 = s * bps};
+        }
+        j.d_pos = dupload(pos, sizeof(int32_t) * (size_t)batch * n);
+        j.d_mask = dupload(mask, sizeof(uint64_t) * (size_t)batch * n * words);
+        void *d_desc = dupload(desc, sizeof *desc * (size_t)batch);
+        int splits = cn_cuda_tree_attn_splits(ctx, batch, n, L + n, HQ, HKV, HD);
+        if (cn_cuda_tree_attn_workspace(batch, n, splits, HQ, HKV, HD) > ws_bytes) {
+          fprintf(stderr, "workspace too small\n");
+          return 1;
+        }
+        j.a = (cn_cuda_tree_attn_args){.out = out, .q = q, .dt = CN_CUDA_BF16, .k = pool, .v = pool + BS * KV_DIM,
+                                       .block_stride = BLOCK_ELEMS, .block_size = BS, .pos = j.d_pos,
+                                       .tree_mask = j.d_mask, .seqs = d_desc, .n_seqs = batch, .max_n = n,
+                                       .n_splits = splits, .n_heads = HQ, .n_kv_heads = HKV, .head_dim = HD,
+                                       .scale = 1.0f / sqrtf((float)HD), .workspace = ws};
+        double t_tree = time_us(run_tree, &j, 10);
+        /* The naive kernel is slow at large n: fewer launches per group. */
+        double t_naive = time_us(run_naive, &j, n * (double)L * batch > 4e6 ? 1 : 4);
+        /* Both on the same set, then compare. */
+        run_tree(&j, 0);
+        run_naive(&j, 0);
+        CK(cn_cuda_sync(ctx));
+        double diff = rel_diff(out, naive_out, (size_t)batch * n * HQ * HD, scratch);
+        double kv_bytes = (double)batch * L * KV_DIM * 2 * sizeof(uint16_t);
+        double limit_us = kv_bytes / (copy_gbs * 1e9) * 1e6;
+        printf("%5d %4d %6d %6d | %10.1f %9.0f %7.1f%% | %10.1f %7.1fx | %9.2e\n", batch, n, L, splits, t_tree,
+               kv_bytes / (t_tree * 1e-6) / 1e9, 100.0 * limit_us / t_tree, t_naive, t_naive / t_tree, diff);
+        fflush(stdout);
+        for (int s = 0; s < n_sets; s++) cn_cuda_free(ctx, j.tables[s]);
+        cn_cuda_free(ctx, j.d_pos), cn_cuda_free(ctx, j.d_mask), cn_cuda_free(ctx, d_desc);
+        free(j.tables), free(ht), free(pos), free(mask), free(desc);
+      }
+  cn_cuda_timer_free(timer);
+  cn_cuda_ctx_free(ctx);
+  return 0;
+}
+
+#else
+
+int main(void) {
+  printf("bench_tree_attention: canopy was built without CUDA\n");
+  return 0;
+}
+
+#endif

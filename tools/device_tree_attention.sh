@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Runs on the GPU host (see ../shared/device/README.md): builds the tree-attention test and
+# benchmark (plus the CUDA op and forward tests, which now go through the batched attention),
+# runs them, compute-sanitizer memcheck and racecheck on the tree-attention test with small shapes,
+# benchmark 6a (bench_tree_attention) and its torch side (tools/bench_attention_torch.py). Logs in
+# $OUT. STEPS picks parts: test, sanitize, bench, torch (default all).
+#   device run, carry [".devdeps"]: bash tools/device_tree_attention.sh
+set -uo pipefail
+out="${OUT:-/tmp/out}"
+steps="${STEPS:-test sanitize bench torch}"
+mkdir -p "$out"
+export PATH=/usr/local/cuda/bin:$PATH
+deps="${DEVDEPS:-.devdeps}"
+source "$deps/env.sh"
+# The carried .pc files name /usr; the libraries were unpacked under /opt/devdeps.
+sed -i -e 's#=/usr$#=/opt/devdeps/usr#' -e 's#=/usr/#=/opt/devdeps/usr/#' \
+       -e 's#-I/usr/#-I/opt/devdeps/usr/#' -e 's#-L/usr/#-L/opt/devdeps/usr/#' $(find /opt/devdeps -name '*.pc')
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+SECONDS=0
+b=/tmp/canopy-ta
+cmake -S . -B $b -DCMAKE_BUILD_TYPE=Release -DCANOPY_WERROR=ON > "$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; exit 1; }
+cmake --build $b -j"$(nproc)" --target test_tree_attention bench_tree_attention test_cuda_ops test_cuda_forward \
+  > "$out/build.log" 2>&1 || { grep -E "error|warning" -A3 "$out/build.log" | head -40; exit 1; }
+echo "built in ${SECONDS}s"
+rc=0
+if [[ $steps == *test* ]]; then
+  # The fixtures' heads (16, 32) take the fallback kernel: the SmolLM2-shape random model of
+  # device_test.sh (head_dim 64, 9 / 3 heads) puts the forward test through the tree kernel.
+  awk '/<<.PY./ {f = 1; next} /^PY$/ {f = 0} f' tools/device_test.sh > /tmp/make_big.py
+  python3 /tmp/make_big.py /tmp/smollm2-shape > "$out/bigmodel.log" 2>&1 && export CANOPY_TEST_BIG_MODEL=/tmp/smollm2-shape
+  (cd $b && ctest -R "test_tree_attention|test_cuda_ops|test_cuda_forward" --output-on-failure > "$out/ctest.log" 2>&1) || rc=1
+  $b/test_cuda_forward > "$out/cuda_forward.log" 2>&1
+  unset CANOPY_TEST_BIG_MODEL
+  grep -E "^\[ (cuda|spec|speed) " "$out/cuda_forward.log" | grep -E "SmolLM2|speed" | head -12
+  grep -E "tests passed|Passed|Failed|\*\*\*" "$out/ctest.log"
+  $b/test_tree_attention > "$out/tree_test.log" 2>&1 || rc=1
+  grep -E "splits|PASSED|FAILED|seed" "$out/tree_test.log" | tail -40
+  echo "tests done at ${SECONDS}s"
+fi
+if [[ $steps == *sanitize* ]]; then
+  for tool in memcheck racecheck; do
+    CANOPY_TEST_QUICK=1 timeout 100 compute-sanitizer --tool $tool --report-api-errors no $b/test_tree_attention > "$out/$tool.log" 2>&1
+    echo "$tool test_tree_attention (rc $?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED' "$out/$tool.log" | tr '\n' ' ')"
+  done
+  echo "sanitizers done at ${SECONDS}s"
+fi
+if [[ $steps == *bench* ]]; then
+  $b/bench_tree_attention > "$out/bench_tree_attention.log" 2>&1 || rc=1
+  cat "$out/bench_tree_attention.log"
+  echo "bench done at ${SECONDS}s"
+fi
+if [[ $steps == *kt16* ]]; then
+  # The tuning knob: 16-key tiles for the two-row-block variant (fewer registers, more barriers).
+  cmake -S . -B $b-kt16 -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_FLAGS=-DCN_TA_WIDE_KT=16 > "$out/configure16.log" 2>&1 &&
+    cmake --build $b-kt16 -j"$(nproc)" --target test_tree_attention bench_tree_attention > "$out/build16.log" 2>&1 || rc=1
+  $b-kt16/test_tree_attention 2>&1 | grep -E "PASSED|FAILED|MISMATCH"
+  $b-kt16/bench_tree_attention > "$out/bench_kt16.log" 2>&1 || rc=1
+  grep -E "^ +[18] +(64|128) " "$out/bench_kt16.log"
+  echo "kt16 done at ${SECONDS}s"
+fi
+if [[ $steps == *torch* ]]; then
+  PYTHONUNBUFFERED=1 timeout "${TORCH_TIMEOUT:-330}" python3 tools/bench_attention_torch.py --budget "${FLEX_BUDGET:-200}" \
+    > "$out/bench_torch.log" 2> "$out/bench_torch.err" || rc=1
+  cat "$out/bench_torch.log"; tail -5 "$out/bench_torch.err"
+  echo "torch done at ${SECONDS}s"
+fi
+exit $rc
