@@ -42,6 +42,9 @@ typedef struct cn_backend {
   /* Uploads rows of a checkpoint tensor (converted to the backend's weight dtype) into a
    * weight buffer at element offset `at`: used to fuse q/k/v and gate/up into one matrix. */
   int (*load)(void *ctx, void *dst, size_t at, const cn_st_tensor *t);
+  /* Fills n weight elements at element offset `at` with random values (kernels/random_init.h),
+   * the same on every backend: models without a checkpoint (--random-weights). */
+  int (*random)(void *ctx, void *dst, size_t at, size_t n, uint64_t stream, float scale, float mean);
 
   void (*embed)(void *ctx, void *x, const void *table, const int32_t *tokens, int n, int dim);
   void (*rmsnorm)(void *ctx, void *out, const void *x, const void *w, int n, int dim, float eps);

@@ -50,6 +50,11 @@ static int cpu_load(void *ctx, void *dst, size_t at, const cn_st_tensor *t) {
   return CANOPY_OK;
 }
 
+static int cpu_random(void *ctx, void *dst, size_t at, size_t n, uint64_t stream, float scale, float mean) {
+  cn_cpu_random_weights((float *)dst + at, n, stream, scale, mean);
+  return CANOPY_OK;
+}
+
 static void cpu_embed(void *ctx, void *x, const void *table, const int32_t *tokens, int n, int dim) {
   cn_cpu_embed(x, table, tokens, n, dim);
 }
@@ -133,6 +138,7 @@ static const cn_backend cpu_backend = {
     .alloc = cpu_alloc,
     .release = cpu_release,
     .load = cpu_load,
+    .random = cpu_random,
     .embed = cpu_embed,
     .rmsnorm = cpu_rmsnorm,
     .matmul = cpu_matmul,

@@ -229,6 +229,10 @@ static int cuda_load(void *ctx, void *dst, size_t at, const cn_st_tensor *t) {
   return st ? cn_error_wrap(st, "uploading %s from %s", t->name, t->file) : CANOPY_OK;
 }
 
+static int cuda_random(void *ctx, void *dst, size_t at, size_t n, uint64_t stream, float scale, float mean) {
+  return cn_cuda_random_bf16(((cuda_ctx *)ctx)->cu, (cn_bf16 *)dst + at, n, stream, scale, mean);
+}
+
 /* ---- the KV pool's storage: device bf16 -------------------------------------------------------- */
 
 static void *kv_alloc(void *ctx, size_t bytes) {
@@ -391,6 +395,7 @@ static const cn_backend cuda_backend = {
     .alloc = cuda_alloc,
     .release = cuda_release,
     .load = cuda_load,
+    .random = cuda_random,
     .embed = cuda_embed,
     .rmsnorm = cuda_rmsnorm,
     .matmul = cuda_matmul,

@@ -180,6 +180,10 @@ int cn_cuda_gather_rows(cn_cuda_ctx *ctx, void *dst, const void *src, cn_cuda_dt
  * rows r < rows; x of dtype dt, idx [rows] int32. One block per row, CUB block reduction. */
 int cn_cuda_argmax(cn_cuda_ctx *ctx, int32_t *idx, const void *x, cn_cuda_dtype dt, int rows, int n);
 
+/* dst[i] = element i of a random weight tensor of the given stream (kernels/random_init.h):
+ * bf16(mean + scale * u), u uniform on [-1, 1); bit-equal to cn_cpu_random_weights. */
+int cn_cuda_random_bf16(cn_cuda_ctx *ctx, cn_bf16 *dst, size_t n, uint64_t stream, float scale, float mean);
+
 #ifdef __cplusplus
 }
 #endif
