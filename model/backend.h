@@ -72,4 +72,8 @@ int cn_backend_cpu_create(int n_threads, const cn_backend **be, void **ctx);
  * when no such device is visible or canopy was built without CUDA. */
 int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx);
 
+/* The cn_cuda_ctx (kernels/cuda/cuda_ops.h) a CUDA backend context runs on, for benchmarks that
+ * time on its stream; NULL for other backends' contexts or without CUDA. */
+struct cn_cuda_ctx *cn_backend_cuda_ctx(const cn_backend *be, void *ctx);
+
 #endif

@@ -14,6 +14,8 @@
 
 #ifndef CANOPY_HAVE_CUDA
 
+struct cn_cuda_ctx *cn_backend_cuda_ctx(const cn_backend *be, void *ctx) { return NULL; }
+
 int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx) {
   return cn_error(CANOPY_ERR_DEVICE,
                   "cuda device %d requested, but this build of canopy has no CUDA support "
@@ -408,6 +410,10 @@ static const cn_backend cuda_backend = {
     .attention = cuda_attention,
     .to_host = cuda_to_host,
 };
+
+struct cn_cuda_ctx *cn_backend_cuda_ctx(const cn_backend *be, void *ctx) {
+  return be == &cuda_backend ? ((cuda_ctx *)ctx)->cu : NULL;
+}
 
 int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx) {
   int n = cn_cuda_device_count();

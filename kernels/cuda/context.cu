@@ -165,3 +165,45 @@ int cn_cuda_memset(cn_cuda_ctx *ctx, void *p, int byte, size_t bytes) {
   CN_CUDA_CHECK(cudaMemsetAsync(p, byte, bytes, ctx->stream));
   return CANOPY_OK;
 }
+
+struct cn_cuda_timer {
+  cudaEvent_t start, stop;
+};
+
+int cn_cuda_timer_create(cn_cuda_ctx *ctx, cn_cuda_timer **out) {
+  if (!out) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_timer_create: NULL out");
+  *out = NULL;
+  CN_CUDA_ENTER(ctx);
+  cn_cuda_timer *t = (cn_cuda_timer *)calloc(1, sizeof *t);
+  if (!t) return cn_error(CANOPY_ERR_NO_MEMORY, "cuda: no host memory for a timer");
+  cudaError_t e = cudaEventCreate(&t->start);
+  if (e == cudaSuccess) e = cudaEventCreate(&t->stop);
+  if (e != cudaSuccess) {
+    cn_cuda_timer_free(t);
+    CN_CUDA_CHECK(e);
+  }
+  *out = t;
+  return CANOPY_OK;
+}
+
+int cn_cuda_timer_start(cn_cuda_ctx *ctx, cn_cuda_timer *t) {
+  CN_CUDA_ENTER(ctx);
+  CN_CUDA_CHECK(cudaEventRecord(t->start, ctx->stream));
+  return CANOPY_OK;
+}
+
+int cn_cuda_timer_stop(cn_cuda_ctx *ctx, cn_cuda_timer *t, float *ms) {
+  CN_CUDA_ENTER(ctx);
+  CN_CUDA_CHECK(cudaEventRecord(t->stop, ctx->stream));
+  CN_CUDA_CHECK(cudaEventSynchronize(t->stop));
+  CN_CUDA_CHECK(cudaEventElapsedTime(ms, t->start, t->stop));
+  return CANOPY_OK;
+}
+
+void cn_cuda_timer_free(cn_cuda_timer *t) {
+  if (!t) return;
+  if (t->start) (void)cudaEventDestroy(t->start);
+  if (t->stop) (void)cudaEventDestroy(t->stop);
+  (void)cudaGetLastError();
+  free(t);
+}
