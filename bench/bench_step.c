@@ -49,8 +49,7 @@ static double copy_bandwidth(cn_cuda_ctx *cu, cn_cuda_timer *tm, int reps) {
   double *t = malloc(sizeof *t * (size_t)reps);
   for (int r = -2; r < reps; r++) {
     float ms;
-    if (cn_cuda_timer_start(cu, tm) || cn_cuda_memcpy_2d(cu, b, bytes, a, bytes, bytes, 1) ||
-        cn_cuda_timer_stop(cu, tm, &ms))
+    if (cn_cuda_timer_start(tm) || cn_cuda_memcpy_d2d(cu, b, a, bytes) || cn_cuda_timer_stop(tm, &ms))
       die("copy");
     if (r >= 0) t[r] = ms * 1e-3;
   }
@@ -83,7 +82,7 @@ static step_time time_forward(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *t
   for (int r = -2; r < reps; r++) { /* two warm-ups */
     float ms = 0;
     double t0 = bench_now_s();
-    if (cn_cuda_timer_start(cu, tm) || cn_forward(m, &b, logits) || cn_cuda_timer_stop(cu, tm, &ms)) die("forward");
+    if (cn_cuda_timer_start(tm) || cn_forward(m, &b, logits) || cn_cuda_timer_stop(tm, &ms)) die("forward");
     double t1 = bench_now_s();
     if (r >= 0) ev[r] = ms, wall[r] = 1e3 * (t1 - t0);
     cn_kv_seq_truncate(kv, ctx);

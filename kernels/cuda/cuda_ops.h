@@ -76,13 +76,16 @@ int cn_cuda_memcpy_2d(cn_cuda_ctx *ctx, void *dst, size_t dpitch, const void *sr
 /* Sets bytes on the stream (asynchronous). 0xFF poisons both fp32 and bf16 buffers with NaN. */
 int cn_cuda_memset(cn_cuda_ctx *ctx, void *p, int byte, size_t bytes);
 
-/* Device-side timing on the context's stream (cudaEvent pairs): start marks a point, stop marks
- * another, waits for it and gives the milliseconds between. */
+/* Device-to-device copy on the stream (asynchronous). */
+int cn_cuda_memcpy_d2d(cn_cuda_ctx *ctx, void *dst, const void *src, size_t bytes);
+
+/* Device-event timing of the work queued on a context's stream between start and stop; stop
+ * waits for it and gives the milliseconds. For the benchmarks. */
 typedef struct cn_cuda_timer cn_cuda_timer;
 int cn_cuda_timer_create(cn_cuda_ctx *ctx, cn_cuda_timer **out);
-int cn_cuda_timer_start(cn_cuda_ctx *ctx, cn_cuda_timer *t);
-int cn_cuda_timer_stop(cn_cuda_ctx *ctx, cn_cuda_timer *t, float *ms);
 void cn_cuda_timer_free(cn_cuda_timer *t);
+int cn_cuda_timer_start(cn_cuda_timer *t);
+int cn_cuda_timer_stop(cn_cuda_timer *t, float *ms);
 
 /* dst[i] = bf16(src[i]) rounding to nearest even, and back (exact). */
 int cn_cuda_f32_to_bf16(cn_cuda_ctx *ctx, cn_bf16 *dst, const float *src, size_t n);
