@@ -14,7 +14,10 @@
  * --reps forwards, measured with cudaEvents on the backend's stream (the forward starts and ends
  * synchronised, so this is the step's whole latency, launches included).
  *
- * usage: bench_step --config FILE.json [--config ...] [--ctx L] [--nodes 16,64,128] [--reps N] */
+ * With --unfused, the decode and verification steps are timed a second time with the backend's
+ * fused ops (norm_matmul, swiglu_matmul_add, qkv_rope) switched off, side by side in the same run.
+ *
+ * usage: bench_step --config FILE.json [--config ...] [--ctx L] [--nodes 16,64,128] [--reps N] [--unfused] */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -105,7 +108,33 @@ static void random_tree(cn_tree *t, int n, int vocab, uint32_t *x) {
   }
 }
 
-static void bench_config(const char *path, int L, const int *nodes, int n_nodes, int reps, double bw) {
+/* The rows of one table: decode, then verification of each tree size (all logits, one row). */
+static void bench_steps(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, cn_kv_seq *kv, const int *nodes,
+                        int n_nodes, int reps, double floor_ms, const char *tag) {
+  const cn_config *c = &m->cfg;
+  float *logits = malloc(sizeof *logits * (size_t)c->vocab_size * CN_TREE_MAX_NODES);
+  uint32_t x = 777; /* the same trees for every tag */
+  cn_tree one;
+  cn_tree_reset(&one, 42 % c->vocab_size);
+  step_time dec = time_forward(m, cu, tm, kv, &one, 0, logits, reps);
+  char name[64];
+  snprintf(name, sizeof name, "decode%s", tag);
+  printf("%-30s %6d %11.3f %11.3f %9.2f %10.1f%%\n", name, 1, dec.event_ms, dec.wall_ms, 1.0,
+         100.0 * floor_ms / dec.event_ms);
+  for (int k = 0; k < n_nodes; k++) {
+    cn_tree t;
+    random_tree(&t, nodes[k], c->vocab_size, &x);
+    for (int all = 1; all >= 0; all--) {
+      step_time v = time_forward(m, cu, tm, kv, &t, all, logits, reps);
+      snprintf(name, sizeof name, "verify, %s%s", all ? "all logits" : "1 logit row", tag);
+      printf("%-30s %6d %11.3f %11.3f %9.2f %10s\n", name, t.n, v.event_ms, v.wall_ms, v.event_ms / dec.event_ms, "");
+    }
+  }
+  fflush(stdout);
+  free(logits);
+}
+
+static void bench_config(const char *path, int L, const int *nodes, int n_nodes, int reps, double bw, int unfused) {
   canopy_model_params mp = canopy_model_default_params();
   mp.device = CANOPY_DEVICE_CUDA;
   mp.random_weights = path;
@@ -115,10 +144,10 @@ static void bench_config(const char *path, int L, const int *nodes, int n_nodes,
   canopy_model *m;
   double t0 = bench_now_s();
   if (canopy_model_load(NULL, &mp, &m)) die(path);
-  double load_s = bench_now_s() - t0;
   cn_cuda_ctx *cu = cn_backend_cuda_ctx(m->be, m->be_ctx);
   cn_cuda_timer *tm;
-  if (!cu || cn_cuda_timer_create(cu, &tm)) die("timer");
+  if (!cu || cn_cuda_sync(cu) || cn_cuda_timer_create(cu, &tm)) die("timer");
+  double load_s = bench_now_s() - t0; /* the initialisation kernels included */
   const cn_config *c = &m->cfg;
 
   /* The context: L committed slots of random K/V (the whole pool, so any block the sequence
@@ -139,32 +168,23 @@ static void bench_config(const char *path, int L, const int *nodes, int n_nodes,
   double kv_read = (double)L * c->n_layers * 2.0 * c->n_kv_heads * c->head_dim * (double)m->be->kv_storage->elem_bytes;
   double floor_ms = 1e3 * (weight_read + kv_read) / bw;
 
-  float *logits = malloc(sizeof *logits * (size_t)c->vocab_size * CN_TREE_MAX_NODES);
-  uint32_t x = 777;
-  cn_tree one;
-  cn_tree_reset(&one, 42 % c->vocab_size);
-  step_time dec = time_forward(m, cu, tm, kv, &one, 0, logits, reps);
   printf("\n%s: %d layers, hidden %d, %d q / %d kv heads x %d, FFN %d, vocab %d; %.2f GB of bf16 weights "
          "(initialised in %.2f s)\n",
          path, c->n_layers, c->hidden_size, c->n_heads, c->n_kv_heads, c->head_dim, c->intermediate_size,
          c->vocab_size, m->weight_bytes / 1e9, load_s);
   printf("context L = %d: decode reads %.3f GB of weights + %.3f GB of K/V; floor at %.0f GB/s = %.3f ms\n", L,
          weight_read / 1e9, kv_read / 1e9, bw / 1e9, floor_ms);
-  printf("%-22s %6s %11s %11s %9s %11s\n", "step", "nodes", "event ms", "wall ms", "x decode", "% of floor");
-  printf("%-22s %6d %11.3f %11.3f %9.2f %10.1f%%\n", "decode", 1, dec.event_ms, dec.wall_ms, 1.0,
-         100.0 * floor_ms / dec.event_ms);
-  for (int k = 0; k < n_nodes; k++) {
-    cn_tree t;
-    random_tree(&t, nodes[k], c->vocab_size, &x);
-    step_time all = time_forward(m, cu, tm, kv, &t, 1, logits, reps);
-    step_time one_row = time_forward(m, cu, tm, kv, &t, 0, logits, reps);
-    printf("%-22s %6d %11.3f %11.3f %9.2f %10s\n", "verify, all logits", t.n, all.event_ms, all.wall_ms,
-           all.event_ms / dec.event_ms, "");
-    printf("%-22s %6d %11.3f %11.3f %9.2f %10s\n", "verify, 1 logit row", t.n, one_row.event_ms, one_row.wall_ms,
-           one_row.event_ms / dec.event_ms, "");
+  printf("%-30s %6s %11s %11s %9s %11s\n", "step", "nodes", "event ms", "wall ms", "x decode", "% of floor");
+  bench_steps(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, "");
+  if (unfused) {
+    /* The same model through a copy of its backend table without the fused ops. */
+    cn_backend plain = *m->be;
+    const cn_backend *fused = m->be;
+    plain.norm_matmul = NULL, plain.swiglu_matmul_add = NULL, plain.qkv_rope = NULL;
+    m->be = &plain;
+    bench_steps(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, " (unfused)");
+    m->be = fused;
   }
-  fflush(stdout);
-  free(logits);
   cn_kv_seq_free(kv);
   cn_cuda_timer_free(tm);
   canopy_model_free(m);
@@ -185,16 +205,17 @@ static int parse_list(const char *s, int *out, int cap) {
 
 int main(int argc, char **argv) {
   const char *configs[MAX_CONFIGS];
-  int n_configs = 0, L = 4096, reps = 20, nodes[MAX_NODES] = {16, 64, 128}, n_nodes = 3;
+  int n_configs = 0, L = 4096, reps = 20, nodes[MAX_NODES] = {16, 64, 128}, n_nodes = 3, unfused = 0;
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--config") && i + 1 < argc && n_configs < MAX_CONFIGS) configs[n_configs++] = argv[++i];
     else if (!strcmp(argv[i], "--ctx") && i + 1 < argc) L = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--nodes") && i + 1 < argc) n_nodes = parse_list(argv[++i], nodes, MAX_NODES);
+    else if (!strcmp(argv[i], "--unfused")) unfused = 1;
     else n_configs = -1;
     if (n_configs < 0 || n_nodes < 0 || L < 1 || reps < 1) {
       fprintf(stderr, "usage: bench_step --config FILE.json [--config ...] [--ctx L] [--nodes 16,64,128] "
-                      "[--reps N]\n");
+                      "[--reps N] [--unfused]\n");
       return 2;
     }
   }
@@ -214,7 +235,7 @@ int main(int argc, char **argv) {
   cn_cuda_ctx_free(cu);
   printf("device-to-device copy bandwidth (1 GiB, read + write, median of 10): %.0f GB/s\n", bw / 1e9);
   for (int i = 0; i < n_configs; i++)
-    bench_config(configs[i], L, nodes, n_nodes, reps, bw);
+    bench_config(configs[i], L, nodes, n_nodes, reps, bw, unfused);
   return 0;
 }
 #endif

@@ -61,6 +61,17 @@ typedef struct cn_backend {
                    const void *k, const void *v, int n, int kv_dim);
   /* Attention of one sequence's n new tokens over its cache (see cn_attn_desc). */
   void (*attention)(void *ctx, void *out, const void *q, const struct cn_attn_desc *d);
+  /* Optional fused forms (NULL: the forward runs the separate ops above; a device backend fills
+   * them to save launches and passes over the activations). Same results up to rounding:
+   *   norm_matmul:       y = rmsnorm(x, norm_w) W^T + bias
+   *   swiglu_matmul_add: x += swiglu(gate_up) W^T + bias   (x [n][out] the residual stream)
+   *   qkv_rope:          split_qkv, then rope on q and on k */
+  void (*norm_matmul)(void *ctx, void *y, const void *x, const void *norm_w, float eps, const void *w, const void *bias,
+                      int n, int in, int out);
+  void (*swiglu_matmul_add)(void *ctx, void *x, const void *gate_up, const void *w, const void *bias, int n, int d,
+                            int out);
+  void (*qkv_rope)(void *ctx, void *q, void *k, void *v, const void *qkv, const int32_t *pos, int n, int n_heads,
+                   int n_kv_heads, int head_dim, const float *inv_freq);
   /* Copies n floats of a backend buffer to the host. */
   void (*to_host)(void *ctx, float *dst, const void *src, size_t n);
 } cn_backend;

@@ -381,6 +381,26 @@ static void cuda_attention(void *ctx, void *out, const void *q, const cn_attn_de
   if (!c->status) keep(c, cn_cuda_attention(c->cu, &a));
 }
 
+static void cuda_norm_matmul(void *ctx, void *y, const void *x, const void *norm_w, float eps, const void *w,
+                             const void *bias, int n, int in, int out) {
+  cuda_ctx *c = ctx;
+  if (!c->status) keep(c, cn_cuda_norm_matmul(c->cu, y, CN_CUDA_F32, x, norm_w, eps, w, bias, n, in, out));
+}
+
+static void cuda_swiglu_matmul_add(void *ctx, void *x, const void *gate_up, const void *w, const void *bias, int n,
+                                   int d, int out) {
+  cuda_ctx *c = ctx;
+  if (!c->status) keep(c, cn_cuda_swiglu_matmul_add(c->cu, x, gate_up, w, bias, n, d, out));
+}
+
+static void cuda_qkv_rope(void *ctx, void *q, void *k, void *v, const void *qkv, const int32_t *pos, int n,
+                          int n_heads, int n_kv_heads, int head_dim, const float *inv_freq) {
+  cuda_ctx *c = ctx;
+  const int32_t *p = dev_of(c, pos, sizeof *pos * (size_t)n);
+  const float *f = dev_of(c, inv_freq, sizeof *inv_freq * (size_t)(head_dim / 2));
+  if (p && f) keep(c, cn_cuda_qkv_rope(c->cu, q, k, v, qkv, p, n, n_heads, n_kv_heads, head_dim, f));
+}
+
 static void cuda_to_host(void *ctx, float *dst, const void *src, size_t n) {
   cuda_ctx *c = ctx;
   if (!c->status) keep(c, cn_cuda_memcpy_d2h(c->cu, dst, src, sizeof(float) * n));
@@ -409,6 +429,9 @@ static const cn_backend cuda_backend = {
     .kv_write = cuda_kv_write,
     .attention = cuda_attention,
     .to_host = cuda_to_host,
+    .norm_matmul = cuda_norm_matmul,
+    .swiglu_matmul_add = cuda_swiglu_matmul_add,
+    .qkv_rope = cuda_qkv_rope,
 };
 
 struct cn_cuda_ctx *cn_backend_cuda_ctx(const cn_backend *be, void *ctx) {

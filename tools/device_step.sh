@@ -20,12 +20,16 @@ cmake --build $b -j"$(nproc)" --target canopy_cli bench_step $tests > "$out/buil
 echo "built in ${SECONDS}s"
 rc=0
 for t in $tests; do
-  $b/$t > "$out/$t.log" 2>&1; r=$?
+  timeout 240 $b/$t > "$out/$t.log" 2>&1; r=$?
   echo "$t: rc $r $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$out/$t.log" | tr '\n' ' ')"
   [ $r -ne 0 ] && rc=$r && grep -E "MISMATCH|FAILED|Failure|error" "$out/$t.log" | head -10
 done
 grep -E "rel L2|differ" "$out/test_random_weights.log" 2>/dev/null | head -12
-$b/bench_step --config bench/configs/llama3-8b.json --config bench/configs/smollm2-135m.json ${STEP_ARGS:-} 2>&1 |
-  tee "$out/bench_step.txt"
+# L = 4096 (the issue's shape), then L = 256: the same steps with little attention, which shows
+# what the rest of the forward costs.
+for L in 4096 256; do
+  $b/bench_step --config bench/configs/llama3-8b.json --config bench/configs/smollm2-135m.json --ctx $L --unfused ${STEP_ARGS:-} 2>&1 |
+    tee "$out/bench_step_$L.txt"
+done
 echo "all done at ${SECONDS}s"
 exit $rc
