@@ -5,8 +5,8 @@
  *   floor = (weight bytes read + K/V bytes) / copy bandwidth,
  * the bandwidth measured in the same run by a large device-to-device copy (bytes read plus bytes
  * written, METHOD.md). Verification of n tree nodes (a random tree) is reported relative to the
- * decode step, with the logits of every node brought to the host (what greedy verification needs
- * today) and with only one row (what it would cost once argmax runs on the device).
+ * decode step, with the logits of every node brought to the host (what sampled verification
+ * needs) and with only every node's top token (the argmax on the device: greedy verification).
  *
  * The context is made by reserving and committing L slots whose K/V are filled with random values
  * (never zeros: METHOD.md), not by running L tokens of prefill. Every timed forward writes its own
@@ -67,10 +67,12 @@ typedef struct step_time {
   double event_ms, wall_ms;
 } step_time;
 
-/* Median time of a forward over tree t at the sequence's current length; logits of every node
- * (all_logits) or of the last one. */
+enum { LAST_ROW, ALL_LOGITS, TOP_IDS };
+
+/* Median time of a forward over tree t at the sequence's current length: the logits of the last
+ * node, of every node, or every node's top token (argmax on the device, ids to the host). */
 static step_time time_forward(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, cn_kv_seq *kv, const cn_tree *t,
-                              int all_logits, float *logits, int reps) {
+                              int mode, float *logits, int reps) {
   int n = t->n, ctx = cn_kv_seq_len(kv), words = (n + 63) / 64;
   static uint64_t mask[CN_TREE_MAX_NODES * CN_TREE_MASK_WORDS];
   int32_t pos[CN_TREE_MAX_NODES], rows[CN_TREE_MAX_NODES];
@@ -79,8 +81,10 @@ static step_time time_forward(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *t
     pos[i] = ctx + t->depth[i], rows[i] = i;
   cn_seq_batch sb = {.kv = kv, .first = 0, .n = n, .tree_mask = n > 1 ? mask : NULL};
   int last = n - 1;
+  int32_t top[CN_TREE_MAX_NODES];
   cn_batch b = {.n_tokens = n, .tokens = t->token, .pos = pos, .n_seqs = 1, .seqs = &sb,
-                .n_logits = all_logits ? n : 1, .logit_rows = all_logits ? rows : &last};
+                .n_logits = mode == LAST_ROW ? 1 : n, .logit_rows = mode == LAST_ROW ? &last : rows,
+                .top = mode == TOP_IDS ? top : NULL};
   double *ev = malloc(sizeof *ev * (size_t)reps), *wall = malloc(sizeof *wall * (size_t)reps);
   for (int r = -2; r < reps; r++) { /* two warm-ups */
     float ms = 0;
@@ -116,7 +120,7 @@ static void bench_steps(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, cn_
   uint32_t x = 777; /* the same trees for every tag */
   cn_tree one;
   cn_tree_reset(&one, 42 % c->vocab_size);
-  step_time dec = time_forward(m, cu, tm, kv, &one, 0, logits, reps);
+  step_time dec = time_forward(m, cu, tm, kv, &one, LAST_ROW, logits, reps);
   char name[64];
   snprintf(name, sizeof name, "decode%s", tag);
   printf("%-30s %6d %11.3f %11.3f %9.2f %10.1f%%\n", name, 1, dec.event_ms, dec.wall_ms, 1.0,
@@ -124,9 +128,12 @@ static void bench_steps(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, cn_
   for (int k = 0; k < n_nodes; k++) {
     cn_tree t;
     random_tree(&t, nodes[k], c->vocab_size, &x);
-    for (int all = 1; all >= 0; all--) {
-      step_time v = time_forward(m, cu, tm, kv, &t, all, logits, reps);
-      snprintf(name, sizeof name, "verify, %s%s", all ? "all logits" : "1 logit row", tag);
+    const int modes[] = {ALL_LOGITS, TOP_IDS, LAST_ROW};
+    for (int i = 0; i < 3; i++) {
+      int mode = modes[i];
+      step_time v = time_forward(m, cu, tm, kv, &t, mode, logits, reps);
+      snprintf(name, sizeof name, "verify, %s%s",
+               mode == ALL_LOGITS ? "all logits" : mode == TOP_IDS ? "top ids" : "1 logit row", tag);
       printf("%-30s %6d %11.3f %11.3f %9.2f %10s\n", name, t.n, v.event_ms, v.wall_ms, v.event_ms / dec.event_ms, "");
     }
   }

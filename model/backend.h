@@ -74,6 +74,9 @@ typedef struct cn_backend {
                    int n_kv_heads, int head_dim, const float *inv_freq);
   /* Copies n floats of a backend buffer to the host. */
   void (*to_host)(void *ctx, float *dst, const void *src, size_t n);
+  /* Host top[r] = index of the largest of rows r < rows of a [rows][vocab] logits buffer (the
+   * first on ties), at most 64 rows per call; only the indices cross to the host. */
+  void (*argmax_rows)(void *ctx, int32_t *top, const void *logits, int rows, int vocab);
 } cn_backend;
 
 /* The fp32 CPU backend with `n_threads` workers (0 = all online cores). */

@@ -130,6 +130,11 @@ static void cpu_to_host(void *ctx, float *dst, const void *src, size_t n) {
   if (dst != src) memcpy(dst, src, sizeof(float) * n);
 }
 
+static void cpu_argmax_rows(void *ctx, int32_t *top, const void *logits, int rows, int vocab) {
+  for (int r = 0; r < rows; r++)
+    top[r] = cn_cpu_argmax((const float *)logits + (size_t)r * vocab, vocab);
+}
+
 static const cn_backend cpu_backend = {
     .name = "cpu",
     .weight_elem_bytes = sizeof(float),
@@ -150,6 +155,7 @@ static const cn_backend cpu_backend = {
     .kv_write = cpu_kv_write,
     .attention = cpu_attention,
     .to_host = cpu_to_host,
+    .argmax_rows = cpu_argmax_rows,
 };
 
 int cn_backend_cpu_create(int n_threads, const cn_backend **be, void **ctx) {

@@ -34,6 +34,7 @@ int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx) {
 #define ARENA_MIN (256u << 10) /* bytes; grown on demand */
 #endif
 #define MAX_RETIRED 8
+#define TOP_ROWS 64 /* rows per argmax_rows call (the forward's LM-head chunk) */
 
 /* One staged host array of the current forward. */
 typedef struct staged {
@@ -59,6 +60,7 @@ typedef struct cuda_ctx {
   size_t map_cap, map_used;
   unsigned gen;
   void *copy_tmp; /* device staging of KV span copies, copy_tmp_bytes long */
+  int32_t *top_dev; /* [TOP_ROWS] argmax_rows' device result */
   size_t copy_tmp_bytes;
   uint16_t *load_buf; /* host bf16 of one checkpoint tensor being uploaded */
   float *load_f32;
@@ -183,6 +185,7 @@ static void cuda_destroy(void *ctx) {
   for (int i = 0; i < c->n_retired; i++)
     arena_release(c, &c->retired[i]);
   cn_cuda_free(c->cu, c->copy_tmp);
+  cn_cuda_free(c->cu, c->top_dev);
   cn_cuda_ctx_free(c->cu);
   free(c->map);
   free(c->load_buf);
@@ -381,6 +384,14 @@ static void cuda_attention(void *ctx, void *out, const void *q, const cn_attn_de
   if (!c->status) keep(c, cn_cuda_attention(c->cu, &a));
 }
 
+static void cuda_argmax_rows(void *ctx, int32_t *top, const void *logits, int rows, int vocab) {
+  cuda_ctx *c = ctx;
+  if (!c->status && rows > TOP_ROWS)
+    keep(c, cn_error(CANOPY_ERR_INVALID_ARG, "cuda argmax_rows: %d rows (at most %d a call)", rows, TOP_ROWS));
+  if (!c->status) keep(c, cn_cuda_argmax(c->cu, c->top_dev, logits, CN_CUDA_F32, rows, vocab));
+  if (!c->status) keep(c, cn_cuda_memcpy_d2h(c->cu, top, c->top_dev, sizeof *top * (size_t)rows));
+}
+
 static void cuda_norm_matmul(void *ctx, void *y, const void *x, const void *norm_w, float eps, const void *w,
                              const void *bias, int n, int in, int out) {
   cuda_ctx *c = ctx;
@@ -429,6 +440,7 @@ static const cn_backend cuda_backend = {
     .kv_write = cuda_kv_write,
     .attention = cuda_attention,
     .to_host = cuda_to_host,
+    .argmax_rows = cuda_argmax_rows,
     .norm_matmul = cuda_norm_matmul,
     .swiglu_matmul_add = cuda_swiglu_matmul_add,
     .qkv_rope = cuda_qkv_rope,
@@ -448,6 +460,7 @@ int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx) {
   int st = cn_cuda_ctx_create(device, &c->cu);
   if (!st) st = map_grow(c);
   if (!st) st = arena_grow(c, ARENA_MIN / 2);
+  if (!st) st = cn_cuda_malloc(c->cu, (void **)&c->top_dev, sizeof *c->top_dev * TOP_ROWS);
   if (st) {
     cuda_destroy(c);
     return st;

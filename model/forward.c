@@ -146,7 +146,8 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
     int rows = b->n_logits - r < LOGIT_CHUNK ? b->n_logits - r : LOGIT_CHUNK;
     be->gather_rows(ctx, s->xn, s->x, b->logit_rows + r, rows, D);
     norm_matmul(m, s->logits, s->xn, m->final_norm, m->lm_head, NULL, rows, D, c->vocab_size);
-    be->to_host(ctx, logits + (size_t)r * c->vocab_size, s->logits, (size_t)rows * c->vocab_size);
+    if (b->top) be->argmax_rows(ctx, b->top + r, s->logits, rows, c->vocab_size);
+    else be->to_host(ctx, logits + (size_t)r * c->vocab_size, s->logits, (size_t)rows * c->vocab_size);
   }
   if (be->end && (st = be->end(ctx))) unreserve(b, b->n_seqs);
   return st;

@@ -36,6 +36,10 @@ static const char *TINY =
 
 static char cfg_path[256];
 
+static const int32_t TOKENS[] = {1, 1002, 17, 500, 3, 999, 0, 42, 42, 77, 256, 1000, 5};
+#define N_TOK (int)(sizeof TOKENS / sizeof TOKENS[0])
+
+
 static void write_config(const char *path, const char *json) {
   FILE *f = fopen(path, "w");
   assert_non_null(f);
@@ -56,8 +60,9 @@ static canopy_model *load_random(int device, uint64_t seed) {
   return m;
 }
 
-/* Prefill of n tokens, logits of every row into out [n][vocab]. */
-static void prefill(canopy_model *m, const int32_t *tokens, int n, float *out) {
+/* Prefill of n tokens: logits of every row into out [n][vocab], or (top != NULL) only their
+ * argmax into top [n]. */
+static void prefill_top(canopy_model *m, const int32_t *tokens, int n, float *out, int32_t *top) {
   int32_t pos[64], rows[64];
   for (int i = 0; i < n; i++)
     pos[i] = rows[i] = i;
@@ -65,11 +70,44 @@ static void prefill(canopy_model *m, const int32_t *tokens, int n, float *out) {
   assert_int_equal(cn_kv_seq_create(m->kv, &kv), CANOPY_OK);
   cn_seq_batch sb = {.kv = kv, .first = 0, .n = n};
   cn_batch b = {.n_tokens = n, .tokens = tokens, .pos = pos, .n_seqs = 1, .seqs = &sb, .n_logits = n,
-                .logit_rows = rows};
+                .logit_rows = rows, .top = top};
   int st = cn_forward(m, &b, out);
   if (st) print_error("%s\n", canopy_last_error());
   assert_int_equal(st, CANOPY_OK);
   cn_kv_seq_free(kv);
+}
+
+static void prefill(canopy_model *m, const int32_t *tokens, int n, float *out) { prefill_top(m, tokens, n, out, NULL); }
+
+/* The forward's top tokens (computed by the backend where the logits are) are the argmax of the
+ * logits the same forward copies out; NULL logits are fine then. */
+static void check_top_matches_logits(canopy_model *m, const char *device) {
+  int V = m->cfg.vocab_size;
+  float *l = malloc(sizeof(float) * N_TOK * V);
+  int32_t top[N_TOK];
+  memset(top, 0xff, sizeof top);
+  prefill(m, TOKENS, N_TOK, l);
+  prefill_top(m, TOKENS, N_TOK, NULL, top);
+  for (int r = 0; r < N_TOK; r++) {
+    int want = cn_cpu_argmax(l + (size_t)r * V, V);
+    if (top[r] != want) printf("  %s row %d: top %d, argmax of the logits %d\n", device, r, top[r], want);
+    assert_int_equal(top[r], want);
+  }
+  printf("  %s: top tokens of %d rows equal the argmax of the logits\n", device, N_TOK);
+  free(l);
+}
+
+static void test_forward_top_is_the_argmax_of_its_logits(void **state) {
+  canopy_model *m = load_random(CANOPY_DEVICE_CPU, 5);
+  check_top_matches_logits(m, "cpu");
+  canopy_model_free(m);
+#ifdef CANOPY_HAVE_CUDA
+  if (cn_cuda_device_count()) {
+    m = load_random(CANOPY_DEVICE_CUDA, 5);
+    check_top_matches_logits(m, "cuda");
+    canopy_model_free(m);
+  }
+#endif
 }
 
 static void stats(const float *x, size_t n, double *mean, double *std) {
@@ -89,8 +127,6 @@ static int on_bf16_grid(const float *x, size_t n) {
   return 1;
 }
 
-static const int32_t TOKENS[] = {1, 1002, 17, 500, 3, 999, 0, 42, 42, 77, 256, 1000, 5};
-#define N_TOK (int)(sizeof TOKENS / sizeof TOKENS[0])
 
 static void test_same_seed_same_model_other_seed_other_model(void **state) {
   canopy_model *a = load_random(CANOPY_DEVICE_CPU, 7), *b = load_random(CANOPY_DEVICE_CPU, 7),
@@ -258,6 +294,7 @@ int main(void) {
       cmocka_unit_test(test_same_seed_same_model_other_seed_other_model),
       cmocka_unit_test(test_weights_have_the_promised_statistics),
       cmocka_unit_test(test_bad_configs_fail_naming_file_and_field),
+      cmocka_unit_test(test_forward_top_is_the_argmax_of_its_logits),
 #ifdef CANOPY_HAVE_CUDA
       cmocka_unit_test(test_cuda_random_weights_equal_the_cpu_twin_bit_for_bit),
       cmocka_unit_test(test_cuda_random_model_matches_the_cpu_one),
