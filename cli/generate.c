@@ -29,6 +29,10 @@ static const char *usage =
     "      --ctx N           context length (default: the model's)\n"
     "      --kv-blocks N     KV cache blocks of 16 tokens (default: 4 full contexts)\n"
     "      --ignore-eos      keep generating past end-of-sequence tokens\n"
+    "      --random-weights CONFIG.json\n"
+    "                        a model of that config's shape with random weights instead of the\n"
+    "                        checkpoint in -m DIR (which still gives the tokenizer): for speed\n"
+    "                        measurements of shapes whose weights are not at hand\n"
     "  -d, --draft DIR       speculative decoding with this draft model (same vocabulary)\n"
     "      --draft-layers N  load only the draft's first N layers (with -d DIR = the target's\n"
     "                        folder: a truncated target as a stand-in draft)\n"
@@ -42,13 +46,13 @@ static const char *usage =
     "  canopy generate --chat -p \"What is a B-tree?\" -n 128\n";
 
 typedef struct gen_args {
-  const char *model, *prompt, *file, *system, *draft, *tree;
+  const char *model, *prompt, *file, *system, *draft, *tree, *random_weights;
   int max_tokens, chat, threads, ctx, kv_blocks, json, ignore_eos, draft_layers, compare, device;
   canopy_sampling_params sampling;
 } gen_args;
 
 static int parse(int argc, char **argv, gen_args *a) {
-  enum { O_CHAT = 256, O_SYSTEM, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_THREADS, O_CTX, O_KV_BLOCKS, O_JSON, O_IGNORE_EOS, O_TREE, O_DRAFT_LAYERS, O_COMPARE, O_DEVICE };
+  enum { O_CHAT = 256, O_SYSTEM, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_THREADS, O_CTX, O_KV_BLOCKS, O_JSON, O_IGNORE_EOS, O_TREE, O_DRAFT_LAYERS, O_COMPARE, O_DEVICE, O_RANDOM };
   struct option opts[] = {
       {"model", required_argument, 0, 'm'},   {"prompt", required_argument, 0, 'p'},
       {"file", required_argument, 0, 'f'},    {"max-tokens", required_argument, 0, 'n'},
@@ -60,7 +64,7 @@ static int parse(int argc, char **argv, gen_args *a) {
       {"json", no_argument, 0, O_JSON},       {"ignore-eos", no_argument, 0, O_IGNORE_EOS},
       {"draft", required_argument, 0, 'd'},   {"tree", required_argument, 0, O_TREE},
       {"draft-layers", required_argument, 0, O_DRAFT_LAYERS}, {"compare", no_argument, 0, O_COMPARE},
-      {"device", required_argument, 0, O_DEVICE},
+      {"device", required_argument, 0, O_DEVICE}, {"random-weights", required_argument, 0, O_RANDOM},
       {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
   *a = (gen_args){.max_tokens = 256, .sampling = canopy_sampling_default_params()};
   int c, rc = 0;
@@ -88,6 +92,7 @@ static int parse(int argc, char **argv, gen_args *a) {
     case O_DRAFT_LAYERS: rc = cli_parse_int("generate", "--draft-layers", optarg, 1, &a->draft_layers); break;
     case O_COMPARE: a->compare = 1; break;
     case O_DEVICE: rc = cli_parse_device("generate", optarg, &a->device); break;
+    case O_RANDOM: a->random_weights = optarg; break;
     case 'h': fputs(usage, stdout); return -1;
     default: fputs(usage, stderr); return 2;
     }
@@ -229,10 +234,12 @@ int cli_generate(int argc, char **argv) {
   mp.device = a.device;
   mp.max_context = a.ctx;
   mp.kv_blocks = a.kv_blocks;
+  mp.random_weights = a.random_weights;
   if (canopy_model_load(dir, &mp, &model)) { cli_fail("loading the model"); goto done; }
   if (a.draft) {
     canopy_model_params dp = mp;
     dp.n_layers = a.draft_layers;
+    dp.random_weights = NULL; /* the draft is always a checkpoint */
     if (canopy_model_load(a.draft, &dp, &draft)) { cli_fail("loading the draft model"); goto done; }
   }
   canopy_session_params sp = canopy_session_default_params();

@@ -83,6 +83,11 @@ typedef struct canopy_model_params {
   int device;          /* a canopy_device (default CANOPY_DEVICE_CPU). CUDA without a visible
                           device (or in a build without CUDA) is CANOPY_ERR_DEVICE; device memory
                           running out is CANOPY_ERR_NO_MEMORY naming the bytes */
+  const char *random_weights; /* a config.json path: build a model of that shape with random
+                          weights (std 0.02, norms ~1, a hash of random_seed and the element, the
+                          same on every device) instead of reading a checkpoint; `dir` is then
+                          unused and may be NULL. For benchmarks of shapes with no weights at hand */
+  uint64_t random_seed;
 } canopy_model_params;
 
 canopy_model_params canopy_model_default_params(void);

@@ -42,6 +42,9 @@ typedef struct cn_backend {
   /* Uploads rows of a checkpoint tensor (converted to the backend's weight dtype) into a
    * weight buffer at element offset `at`: used to fuse q/k/v and gate/up into one matrix. */
   int (*load)(void *ctx, void *dst, size_t at, const cn_st_tensor *t);
+  /* Fills n weight elements at element offset `at` with random values (kernels/random_init.h),
+   * the same on every backend: models without a checkpoint (--random-weights). */
+  int (*random)(void *ctx, void *dst, size_t at, size_t n, uint64_t stream, float scale, float mean);
 
   void (*embed)(void *ctx, void *x, const void *table, const int32_t *tokens, int n, int dim);
   void (*rmsnorm)(void *ctx, void *out, const void *x, const void *w, int n, int dim, float eps);
@@ -61,8 +64,22 @@ typedef struct cn_backend {
    * s from row d[0].n + .. + d[s - 1].n (the forward's row order). One call per layer, so a device
    * backend runs the whole batch in one launch. */
   void (*attention_batch)(void *ctx, void *out, const void *q, const struct cn_attn_desc *d, int n_seqs);
+  /* Optional fused forms (NULL: the forward runs the separate ops above; a device backend fills
+   * them to save launches and passes over the activations). Same results up to rounding:
+   *   norm_matmul:       y = rmsnorm(x, norm_w) W^T + bias
+   *   swiglu_matmul_add: x += swiglu(gate_up) W^T + bias   (x [n][out] the residual stream)
+   *   qkv_rope:          split_qkv, then rope on q and on k */
+  void (*norm_matmul)(void *ctx, void *y, const void *x, const void *norm_w, float eps, const void *w, const void *bias,
+                      int n, int in, int out);
+  void (*swiglu_matmul_add)(void *ctx, void *x, const void *gate_up, const void *w, const void *bias, int n, int d,
+                            int out);
+  void (*qkv_rope)(void *ctx, void *q, void *k, void *v, const void *qkv, const int32_t *pos, int n, int n_heads,
+                   int n_kv_heads, int head_dim, const float *inv_freq);
   /* Copies n floats of a backend buffer to the host. */
   void (*to_host)(void *ctx, float *dst, const void *src, size_t n);
+  /* Host top[r] = index of the largest of rows r < rows of a [rows][vocab] logits buffer (the
+   * first on ties), at most 64 rows per call; only the indices cross to the host. */
+  void (*argmax_rows)(void *ctx, int32_t *top, const void *logits, int rows, int vocab);
 } cn_backend;
 
 /* The fp32 CPU backend with `n_threads` workers (0 = all online cores). */
@@ -71,5 +88,9 @@ int cn_backend_cpu_create(int n_threads, const cn_backend **be, void **ctx);
 /* The CUDA backend on device `device`: bf16 weights and KV, fp32 activations. CANOPY_ERR_DEVICE
  * when no such device is visible or canopy was built without CUDA. */
 int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx);
+
+/* The cn_cuda_ctx (kernels/cuda/cuda_ops.h) a CUDA backend context runs on, for benchmarks that
+ * time on its stream; NULL for other backends' contexts or without CUDA. */
+struct cn_cuda_ctx *cn_backend_cuda_ctx(const cn_backend *be, void *ctx);
 
 #endif

@@ -50,6 +50,11 @@ static int cpu_load(void *ctx, void *dst, size_t at, const cn_st_tensor *t) {
   return CANOPY_OK;
 }
 
+static int cpu_random(void *ctx, void *dst, size_t at, size_t n, uint64_t stream, float scale, float mean) {
+  cn_cpu_random_weights((float *)dst + at, n, stream, scale, mean);
+  return CANOPY_OK;
+}
+
 static void cpu_embed(void *ctx, void *x, const void *table, const int32_t *tokens, int n, int dim) {
   cn_cpu_embed(x, table, tokens, n, dim);
 }
@@ -134,6 +139,11 @@ static void cpu_to_host(void *ctx, float *dst, const void *src, size_t n) {
   if (dst != src) memcpy(dst, src, sizeof(float) * n);
 }
 
+static void cpu_argmax_rows(void *ctx, int32_t *top, const void *logits, int rows, int vocab) {
+  for (int r = 0; r < rows; r++)
+    top[r] = cn_cpu_argmax((const float *)logits + (size_t)r * vocab, vocab);
+}
+
 static const cn_backend cpu_backend = {
     .name = "cpu",
     .weight_elem_bytes = sizeof(float),
@@ -142,6 +152,7 @@ static const cn_backend cpu_backend = {
     .alloc = cpu_alloc,
     .release = cpu_release,
     .load = cpu_load,
+    .random = cpu_random,
     .embed = cpu_embed,
     .rmsnorm = cpu_rmsnorm,
     .matmul = cpu_matmul,
@@ -153,6 +164,7 @@ static const cn_backend cpu_backend = {
     .kv_write = cpu_kv_write,
     .attention_batch = cpu_attention_batch,
     .to_host = cpu_to_host,
+    .argmax_rows = cpu_argmax_rows,
 };
 
 int cn_backend_cpu_create(int n_threads, const cn_backend **be, void **ctx) {

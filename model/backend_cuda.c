@@ -14,6 +14,8 @@
 
 #ifndef CANOPY_HAVE_CUDA
 
+struct cn_cuda_ctx *cn_backend_cuda_ctx(const cn_backend *be, void *ctx) { return NULL; }
+
 int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx) {
   return cn_error(CANOPY_ERR_DEVICE,
                   "cuda device %d requested, but this build of canopy has no CUDA support "
@@ -32,6 +34,7 @@ int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx) {
 #define ARENA_MIN (256u << 10) /* bytes; grown on demand */
 #endif
 #define MAX_RETIRED 8
+#define TOP_ROWS 64 /* rows per argmax_rows call (the forward's LM-head chunk) */
 
 /* One staged host array of the current forward. */
 typedef struct staged {
@@ -57,6 +60,7 @@ typedef struct cuda_ctx {
   size_t map_cap, map_used;
   unsigned gen;
   void *copy_tmp; /* device staging of KV span copies, copy_tmp_bytes long */
+  int32_t *top_dev; /* [TOP_ROWS] argmax_rows' device result */
   size_t copy_tmp_bytes;
   /* Tree attention: the device arrays of the last staged batch (descriptors, block tables,
    * positions, masks), reused by the later layers of the same forward, and the split workspace. */
@@ -189,6 +193,7 @@ static void cuda_destroy(void *ctx) {
     arena_release(c, &c->retired[i]);
   cn_cuda_free(c->cu, c->copy_tmp);
   cn_cuda_free(c->cu, c->ta_ws);
+  cn_cuda_free(c->cu, c->top_dev);
   cn_cuda_ctx_free(c->cu);
   free(c->ta_host);
   free(c->map);
@@ -236,6 +241,10 @@ static int cuda_load(void *ctx, void *dst, size_t at, const cn_st_tensor *t) {
     c->load_buf[i] = bf16_of(c->load_f32[i]);
   int st = cn_cuda_memcpy_h2d(c->cu, (cn_bf16 *)dst + at, c->load_buf, n * sizeof(cn_bf16));
   return st ? cn_error_wrap(st, "uploading %s from %s", t->name, t->file) : CANOPY_OK;
+}
+
+static int cuda_random(void *ctx, void *dst, size_t at, size_t n, uint64_t stream, float scale, float mean) {
+  return cn_cuda_random_bf16(((cuda_ctx *)ctx)->cu, (cn_bf16 *)dst + at, n, stream, scale, mean);
 }
 
 /* ---- the KV pool's storage: device bf16 -------------------------------------------------------- */
@@ -514,6 +523,34 @@ static void cuda_attention_batch(void *ctx, void *out, const void *q, const cn_a
   keep(c, cn_cuda_tree_attention(c->cu, &a));
 }
 
+static void cuda_argmax_rows(void *ctx, int32_t *top, const void *logits, int rows, int vocab) {
+  cuda_ctx *c = ctx;
+  if (!c->status && rows > TOP_ROWS)
+    keep(c, cn_error(CANOPY_ERR_INVALID_ARG, "cuda argmax_rows: %d rows (at most %d a call)", rows, TOP_ROWS));
+  if (!c->status) keep(c, cn_cuda_argmax(c->cu, c->top_dev, logits, CN_CUDA_F32, rows, vocab));
+  if (!c->status) keep(c, cn_cuda_memcpy_d2h(c->cu, top, c->top_dev, sizeof *top * (size_t)rows));
+}
+
+static void cuda_norm_matmul(void *ctx, void *y, const void *x, const void *norm_w, float eps, const void *w,
+                             const void *bias, int n, int in, int out) {
+  cuda_ctx *c = ctx;
+  if (!c->status) keep(c, cn_cuda_norm_matmul(c->cu, y, CN_CUDA_F32, x, norm_w, eps, w, bias, n, in, out));
+}
+
+static void cuda_swiglu_matmul_add(void *ctx, void *x, const void *gate_up, const void *w, const void *bias, int n,
+                                   int d, int out) {
+  cuda_ctx *c = ctx;
+  if (!c->status) keep(c, cn_cuda_swiglu_matmul_add(c->cu, x, gate_up, w, bias, n, d, out));
+}
+
+static void cuda_qkv_rope(void *ctx, void *q, void *k, void *v, const void *qkv, const int32_t *pos, int n,
+                          int n_heads, int n_kv_heads, int head_dim, const float *inv_freq) {
+  cuda_ctx *c = ctx;
+  const int32_t *p = dev_of(c, pos, sizeof *pos * (size_t)n);
+  const float *f = dev_of(c, inv_freq, sizeof *inv_freq * (size_t)(head_dim / 2));
+  if (p && f) keep(c, cn_cuda_qkv_rope(c->cu, q, k, v, qkv, p, n, n_heads, n_kv_heads, head_dim, f));
+}
+
 static void cuda_to_host(void *ctx, float *dst, const void *src, size_t n) {
   cuda_ctx *c = ctx;
   if (!c->status) keep(c, cn_cuda_memcpy_d2h(c->cu, dst, src, sizeof(float) * n));
@@ -530,6 +567,7 @@ static const cn_backend cuda_backend = {
     .alloc = cuda_alloc,
     .release = cuda_release,
     .load = cuda_load,
+    .random = cuda_random,
     .embed = cuda_embed,
     .rmsnorm = cuda_rmsnorm,
     .matmul = cuda_matmul,
@@ -541,7 +579,15 @@ static const cn_backend cuda_backend = {
     .kv_write = cuda_kv_write,
     .attention_batch = cuda_attention_batch,
     .to_host = cuda_to_host,
+    .argmax_rows = cuda_argmax_rows,
+    .norm_matmul = cuda_norm_matmul,
+    .swiglu_matmul_add = cuda_swiglu_matmul_add,
+    .qkv_rope = cuda_qkv_rope,
 };
+
+struct cn_cuda_ctx *cn_backend_cuda_ctx(const cn_backend *be, void *ctx) {
+  return be == &cuda_backend ? ((cuda_ctx *)ctx)->cu : NULL;
+}
 
 int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx) {
   int n = cn_cuda_device_count();
@@ -553,6 +599,7 @@ int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx) {
   int st = cn_cuda_ctx_create(device, &c->cu);
   if (!st) st = map_grow(c);
   if (!st) st = arena_grow(c, ARENA_MIN / 2);
+  if (!st) st = cn_cuda_malloc(c->cu, (void **)&c->top_dev, sizeof *c->top_dev * TOP_ROWS);
   if (st) {
     cuda_destroy(c);
     return st;

@@ -57,6 +57,48 @@ static int reserve_all(const cn_batch *b) {
   return CANOPY_OK;
 }
 
+/* ---- the fused forms where the backend has them, else the separate ops ------------------------ */
+
+/* y = rmsnorm(x) W^T + bias (through s->xn when unfused; x may be s->xn). */
+static void norm_matmul(canopy_model *m, void *y, const void *x, const void *norm_w, const void *w, const void *bias,
+                        int n, int in, int out) {
+  const cn_backend *be = m->be;
+  float eps = m->cfg.rms_norm_eps;
+  if (be->norm_matmul) {
+    be->norm_matmul(m->be_ctx, y, x, norm_w, eps, w, bias, n, in, out);
+    return;
+  }
+  be->rmsnorm(m->be_ctx, m->s.xn, x, norm_w, n, in, eps);
+  be->matmul(m->be_ctx, y, m->s.xn, w, bias, n, in, out);
+}
+
+/* x += swiglu(gate_up) W^T + bias (through s->ffn and s->proj when unfused). */
+static void swiglu_matmul_add(canopy_model *m, void *x, const void *gate_up, const void *w, const void *bias, int n,
+                              int d, int out) {
+  const cn_backend *be = m->be;
+  if (be->swiglu_matmul_add) {
+    be->swiglu_matmul_add(m->be_ctx, x, gate_up, w, bias, n, d, out);
+    return;
+  }
+  be->swiglu(m->be_ctx, m->s.ffn, gate_up, n, d);
+  be->matmul(m->be_ctx, m->s.proj, m->s.ffn, w, bias, n, d, out);
+  be->add(m->be_ctx, x, m->s.proj, (size_t)n * out);
+}
+
+/* s->q, s->k, s->v from s->qkv, q and k rotated to their positions. */
+static void qkv_rope(canopy_model *m, const int32_t *pos, int n) {
+  const cn_backend *be = m->be;
+  const cn_config *c = &m->cfg;
+  const cn_scratch *s = &m->s;
+  if (be->qkv_rope) {
+    be->qkv_rope(m->be_ctx, s->q, s->k, s->v, s->qkv, pos, n, c->n_heads, c->n_kv_heads, c->head_dim, m->inv_freq);
+    return;
+  }
+  be->split_qkv(m->be_ctx, s->q, s->k, s->v, s->qkv, n, c->n_heads * c->head_dim, c->n_kv_heads * c->head_dim);
+  be->rope(m->be_ctx, s->q, pos, n, c->n_heads, c->head_dim, m->inv_freq);
+  be->rope(m->be_ctx, s->k, pos, n, c->n_kv_heads, c->head_dim, m->inv_freq);
+}
+
 int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
   int st = check_batch(m, b);
   if (st == CANOPY_OK) st = reserve_all(b);
@@ -78,11 +120,8 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
   be->embed(ctx, s->x, m->embed, b->tokens, n, D);
   for (int l = 0; l < c->n_layers; l++) {
     const cn_layer *w = &m->layers[l];
-    be->rmsnorm(ctx, s->xn, s->x, w->attn_norm, n, D, c->rms_norm_eps);
-    be->matmul(ctx, s->qkv, s->xn, w->wqkv, w->bqkv, n, D, qkv_dim);
-    be->split_qkv(ctx, s->q, s->k, s->v, s->qkv, n, q_dim, kv_dim);
-    be->rope(ctx, s->q, b->pos, n, c->n_heads, d, m->inv_freq);
-    be->rope(ctx, s->k, b->pos, n, c->n_kv_heads, d, m->inv_freq);
+    norm_matmul(m, s->qkv, s->x, w->attn_norm, w->wqkv, w->bqkv, n, D, qkv_dim);
+    qkv_rope(m, b->pos, n);
     for (int q = 0; q < b->n_seqs; q++) {
       const cn_seq_batch *sb = &b->seqs[q];
       int len = cn_kv_seq_len(sb->kv);
@@ -98,11 +137,8 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
     be->attention_batch(ctx, s->attn, s->q, m->attn_desc, b->n_seqs);
     be->matmul(ctx, s->proj, s->attn, w->wo, w->bo, n, q_dim, D);
     be->add(ctx, s->x, s->proj, (size_t)n * D);
-    be->rmsnorm(ctx, s->xn, s->x, w->ffn_norm, n, D, c->rms_norm_eps);
-    be->matmul(ctx, s->gate_up, s->xn, w->w_gate_up, w->b_gate_up, n, D, 2 * F);
-    be->swiglu(ctx, s->ffn, s->gate_up, n, F);
-    be->matmul(ctx, s->proj, s->ffn, w->w_down, w->b_down, n, F, D);
-    be->add(ctx, s->x, s->proj, (size_t)n * D);
+    norm_matmul(m, s->gate_up, s->x, w->ffn_norm, w->w_gate_up, w->b_gate_up, n, D, 2 * F);
+    swiglu_matmul_add(m, s->x, s->gate_up, w->w_down, w->b_down, n, F, D);
   }
 
   /* Only the requested rows go through the final norm and the LM head: at prefill that is one
@@ -110,9 +146,9 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
   for (int r = 0; r < b->n_logits; r += LOGIT_CHUNK) {
     int rows = b->n_logits - r < LOGIT_CHUNK ? b->n_logits - r : LOGIT_CHUNK;
     be->gather_rows(ctx, s->xn, s->x, b->logit_rows + r, rows, D);
-    be->rmsnorm(ctx, s->xn, s->xn, m->final_norm, rows, D, c->rms_norm_eps);
-    be->matmul(ctx, s->logits, s->xn, m->lm_head, NULL, rows, D, c->vocab_size);
-    be->to_host(ctx, logits + (size_t)r * c->vocab_size, s->logits, (size_t)rows * c->vocab_size);
+    norm_matmul(m, s->logits, s->xn, m->final_norm, m->lm_head, NULL, rows, D, c->vocab_size);
+    if (b->top) be->argmax_rows(ctx, b->top + r, s->logits, rows, c->vocab_size);
+    else be->to_host(ctx, logits + (size_t)r * c->vocab_size, s->logits, (size_t)rows * c->vocab_size);
   }
   if (be->end && (st = be->end(ctx))) unreserve(b, b->n_seqs);
   return st;

@@ -31,9 +31,14 @@ typedef struct cn_batch {
   const cn_seq_batch *seqs;  /* [n_seqs], tokens of one sequence contiguous */
   int n_logits;
   const int32_t *logit_rows; /* [n_logits] token indices whose logits are wanted */
+  /* Optional: [n_logits] receives the index of the largest logit of each requested row (the
+   * first on ties, as cn_cpu_argmax), computed where the logits are; the logits themselves are
+   * then not copied out and cn_forward's `logits` may be NULL. Greedy verification needs no more. */
+  int32_t *top;
 } cn_batch;
 
-/* Runs the model over the batch and writes logits [n_logits][vocab] (host fp32). n_tokens must
+/* Runs the model over the batch and writes logits [n_logits][vocab] (host fp32), or their argmax
+ * to b->top. n_tokens must
  * not exceed the model's max_batch. Errors: CANOPY_ERR_KV_EXHAUSTED, CANOPY_ERR_CONTEXT,
  * CANOPY_ERR_INVALID_ARG (bad token ids or counts), each with a message. */
 int cn_forward(canopy_model *m, const cn_batch *b, float *logits);

@@ -52,7 +52,7 @@ struct canopy_model {
    * steady-state step allocates nothing. */
   float *step_logits;  /* [step_rows][V] */
   int step_rows;
-  int32_t *step_idx;   /* [3 * max_batch]: a forward's tokens, positions and logit rows */
+  int32_t *step_idx;   /* [4 * max_batch]: a forward's tokens, positions, logit rows and top tokens */
   struct cn_attn_desc *attn_desc; /* [max_batch] one layer's attention batch (model/forward.c) */
   struct cn_seq_batch *step_seqs; /* [step_cap] */
   struct cn_step_part *step_parts; /* [step_cap] */

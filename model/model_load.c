@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "common/error.h"
+#include "kernels/random_init.h"
 #include "model/model.h"
 
 #define DEFAULT_MAX_BATCH 512
@@ -18,18 +19,30 @@ canopy_model_params canopy_model_default_params(void) {
 
 typedef struct loader {
   canopy_model *m;
-  cn_st *st;
+  cn_st *st;        /* NULL: random weights */
+  uint64_t seed;
+  int n_random;     /* tensors initialised so far: each gets its own stream */
 } loader;
+
+/* Random values for one checkpoint tensor, shaped as the checkpoint would be: matrices and biases
+ * with std 0.02 (initializer_range of the Llama family), norm weights around 1. */
+static int random_part(loader *ld, void *dst, size_t at, size_t n, const char *name) {
+  int is_norm = strstr(name, "norm.weight") != NULL;
+  float scale = cn_random_scale(is_norm ? 0.1f : 0.02f), mean = is_norm ? 1.0f : 0.0f;
+  uint64_t stream = cn_random_stream(ld->seed, (uint64_t)ld->n_random++);
+  int st = ld->m->be->random(ld->m->be_ctx, dst, at, n, stream, scale, mean);
+  return st ? cn_error_wrap(st, "initialising %s at random", name) : CANOPY_OK;
+}
 
 /* Allocates one weight and fills it from checkpoint tensors stacked by rows, after checking
  * each tensor's shape: [rows[i]][cols] for matrices, [rows[i]] for vectors (cols == 0). */
 static int load_parts(loader *ld, void **dst, int cols, int n_parts, const char *const *names, const int *rows) {
   canopy_model *m = ld->m;
   size_t width = cols > 0 ? (size_t)cols : 1, total = 0;
-  const cn_st_tensor *t[4];
+  const cn_st_tensor *t[4] = {0};
   for (int i = 0; i < n_parts; i++) {
     int64_t shape[2] = {rows[i], cols};
-    int st = cn_st_expect(ld->st, names[i], cols > 0 ? 2 : 1, shape, &t[i]);
+    int st = ld->st ? cn_st_expect(ld->st, names[i], cols > 0 ? 2 : 1, shape, &t[i]) : CANOPY_OK;
     if (st) return st;
     total += (size_t)rows[i] * width;
   }
@@ -40,9 +53,10 @@ static int load_parts(loader *ld, void **dst, int cols, int n_parts, const char 
                     m->be->name, names[0]);
   size_t at = 0;
   for (int i = 0; i < n_parts; i++) {
-    int st = m->be->load(m->be_ctx, *dst, at, t[i]);
+    size_t n = (size_t)rows[i] * width;
+    int st = ld->st ? m->be->load(m->be_ctx, *dst, at, t[i]) : random_part(ld, *dst, at, n, names[i]);
     if (st) return st;
-    at += (size_t)rows[i] * width;
+    at += n;
   }
   m->n_params += (int64_t)total;
   m->weight_bytes += (int64_t)bytes;
@@ -126,7 +140,8 @@ static int alloc_scratch(canopy_model *m) {
 
 static int load_all(canopy_model *m, const canopy_model_params *p) {
   char path[1200];
-  snprintf(path, sizeof path, "%s/config.json", m->dir);
+  if (p->random_weights) snprintf(path, sizeof path, "%s", p->random_weights);
+  else snprintf(path, sizeof path, "%s/config.json", m->dir);
   int st = cn_config_load(path, &m->cfg);
   if (st) return st;
   if (p->n_layers < 0) return cn_error(CANOPY_ERR_INVALID_ARG, "%s: n_layers %d must be >= 0", m->dir, p->n_layers);
@@ -142,8 +157,8 @@ static int load_all(canopy_model *m, const canopy_model_params *p) {
                      p->device);
   if (st) return st;
 
-  loader ld = {.m = m};
-  st = cn_st_open(m->dir, &ld.st);
+  loader ld = {.m = m, .seed = p->random_seed};
+  st = p->random_weights ? CANOPY_OK : cn_st_open(m->dir, &ld.st);
   if (st) return st;
   st = load_matrix(&ld, &m->embed, "model.embed_tokens.weight", c->vocab_size, c->hidden_size);
   if (!st) st = load_vector(&ld, &m->final_norm, "model.norm.weight", c->hidden_size);
@@ -179,12 +194,13 @@ static int load_all(canopy_model *m, const canopy_model_params *p) {
 }
 
 int cn_model_load(const char *dir, const canopy_model_params *p, canopy_model **out) {
-  if (!dir || !out) return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_model_load: NULL argument");
   canopy_model_params defaults = canopy_model_default_params();
   if (!p) p = &defaults;
+  if ((!dir && !p->random_weights) || !out) return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_model_load: NULL argument");
   canopy_model *m = calloc(1, sizeof *m);
   if (!m) return cn_error(CANOPY_ERR_NO_MEMORY, "out of memory");
-  snprintf(m->dir, sizeof m->dir, "%s", dir);
+  /* Messages name the folder, or the config a random model was built from. */
+  snprintf(m->dir, sizeof m->dir, "%s", p->random_weights ? p->random_weights : dir);
   int st = load_all(m, p);
   if (st) {
     canopy_model_free(m);

@@ -192,15 +192,25 @@ static int check_tree(const cn_tree *t, int vocab, const char *who) {
   return CANOPY_OK;
 }
 
-int cn_accept_greedy(const cn_tree *t, const float *target_logits, int vocab, int32_t *accepted, int *n_accepted,
-                     int32_t *bonus) {
-  if (!t || !target_logits || !accepted || !n_accepted || !bonus || vocab <= 0)
-    return cn_error(CANOPY_ERR_INVALID_ARG, "accept greedy: NULL argument or vocab %d <= 0", vocab);
-  int rc = check_tree(t, vocab, "accept greedy");
+/* Node u's target top token: from its logits row, or given. */
+typedef struct greedy_src {
+  const float *logits;
+  const int32_t *top;
+  int vocab;
+} greedy_src;
+
+static int32_t top_of(const greedy_src *g, int u) {
+  return g->top ? g->top[u] : cn_cpu_argmax(g->logits + (size_t)u * g->vocab, g->vocab);
+}
+
+static int greedy_walk(const cn_tree *t, const greedy_src *g, int32_t *accepted, int *n_accepted, int32_t *bonus) {
+  if (!t || !(g->logits || g->top) || !accepted || !n_accepted || !bonus || g->vocab <= 0)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "accept greedy: NULL argument or vocab %d <= 0", g->vocab);
+  int rc = check_tree(t, g->vocab, "accept greedy");
   if (rc) return rc;
   int u = 0, n = 0;
   for (;;) {
-    int32_t want = cn_cpu_argmax(target_logits + (size_t)u * vocab, vocab), next = -1;
+    int32_t want = top_of(g, u), next = -1;
     for (int c = t->first_child[u]; c >= 0 && c < t->first_child[u] + t->n_children[u]; c++)
       if (t->token[c] == want) {
         next = c;
@@ -215,6 +225,18 @@ int cn_accept_greedy(const cn_tree *t, const float *target_logits, int vocab, in
   }
   *n_accepted = n;
   return CANOPY_OK;
+}
+
+int cn_accept_greedy(const cn_tree *t, const float *target_logits, int vocab, int32_t *accepted, int *n_accepted,
+                     int32_t *bonus) {
+  greedy_src g = {.logits = target_logits, .vocab = vocab};
+  return greedy_walk(t, &g, accepted, n_accepted, bonus);
+}
+
+int cn_accept_greedy_top(const cn_tree *t, const int32_t *target_top, int vocab, int32_t *accepted, int *n_accepted,
+                         int32_t *bonus) {
+  greedy_src g = {.top = target_top, .vocab = vocab};
+  return greedy_walk(t, &g, accepted, n_accepted, bonus);
 }
 
 int cn_accept_stochastic_lazy(const cn_tree *t, cn_target_row_fn target_row, void *ctx, const float *const *draft_probs,

@@ -58,6 +58,10 @@ int cn_draft_children_sample(const float *q, int vocab, int k, cn_rng *rng, int3
  * Returns CANOPY_OK, or CANOPY_ERR_INVALID_ARG for a bad tree or argument. */
 int cn_accept_greedy(const cn_tree *t, const float *target_logits, int vocab, int32_t *accepted, int *n_accepted,
                      int32_t *bonus);
+/* The same walk from the target's top token of each node (target_top [t->n], e.g. computed on the
+ * device, so only n ids cross to the host instead of n rows of logits). */
+int cn_accept_greedy_top(const cn_tree *t, const int32_t *target_top, int vocab, int32_t *accepted, int *n_accepted,
+                         int32_t *bonus);
 
 /* Stochastic acceptance (multi-draft speculative sampling without replacement, Sequoia).
  * At node u with children c_1..c_k (draw order): r = p_u, q = q_u; for each c_i, accept with

@@ -238,7 +238,7 @@ static int finished(const canopy_session *s) {
 
 /* Grows a model's step scratch to `sessions` parts and `rows` rows of logits. */
 static int step_scratch(canopy_model *m, int sessions, int rows) {
-  if (!m->step_idx && !(m->step_idx = malloc(sizeof *m->step_idx * 3 * (size_t)m->max_batch)))
+  if (!m->step_idx && !(m->step_idx = malloc(sizeof *m->step_idx * 4 * (size_t)m->max_batch)))
     return cn_error(CANOPY_ERR_NO_MEMORY, "batched step: out of memory");
   if (sessions > m->step_cap) {
     cn_seq_batch *seqs = realloc(m->step_seqs, sizeof *seqs * (size_t)sessions);
@@ -343,7 +343,12 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
 
   /* One target forward verifies every tree and feeds every plain session's pending token. */
   if (!st) st = step_scratch(m, n, 0);
-  int32_t *tokens = m->step_idx, *pos = tokens + m->max_batch, *rows = pos + m->max_batch;
+  int32_t *tokens = m->step_idx, *pos = tokens + m->max_batch, *rows = pos + m->max_batch, *top = rows + m->max_batch;
+  /* When every part verifies a greedy tree, only each node's top token is needed: the argmax runs
+   * where the logits are and n ids come back instead of n rows of logits. */
+  int greedy = k > 0;
+  for (int j = 0; j < k && greedy; j++)
+    greedy = parts[j].spec && cn_spec_greedy(parts[j].s->spec);
   total = 0;
   for (int j = 0; !st && j < k; j++) {
     step_part *p = &parts[j];
@@ -363,7 +368,7 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
   double t1 = now_s();
   if (!st && k > 0 && !(st = step_scratch(m, n, total))) {
     cn_batch b = {.n_tokens = total, .tokens = tokens, .pos = pos, .n_seqs = k, .seqs = m->step_seqs,
-                  .n_logits = total, .logit_rows = rows};
+                  .n_logits = total, .logit_rows = rows, .top = greedy ? top : NULL};
     st = cn_forward(m, &b, m->step_logits);
   }
   double t2 = now_s();
@@ -375,7 +380,9 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
     if (parts[j].spec) {
       int n_out = 0;
       s->stats.verify_s += t2 - t1;
-      if ((st = cn_spec_accept(s->spec, s->kv, logits, &s->sampler, s->queue, &n_out, &s->stats))) break;
+      st = greedy ? cn_spec_accept_top(s->spec, s->kv, top + parts[j].first, s->queue, &n_out, &s->stats)
+                  : cn_spec_accept(s->spec, s->kv, logits, &s->sampler, s->queue, &n_out, &s->stats);
+      if (st) break;
       memcpy(s->tokens + s->n_tokens, s->queue, sizeof *s->queue * (size_t)n_out);
       s->n_tokens += n_out;
       s->n_queue = n_out;

@@ -294,26 +294,12 @@ static int target_row(void *ctx, int node, const float **row) {
   return CANOPY_OK;
 }
 
-int cn_spec_accept(cn_spec *s, cn_kv_seq *target_kv, const float *logits, cn_sampler *sampler, int32_t *out,
-                   int *n_out, canopy_stats *stats) {
-  double t1 = now_s();
+/* Commits the accepted path acc[0, n_acc) (root excluded) in both caches, writes the new tokens
+ * and the step's statistics; t1 is when acceptance started. */
+static int commit_path(cn_spec *s, cn_kv_seq *target_kv, double t1, const int32_t *acc, int n_acc, int32_t bonus,
+                       int32_t *out, int *n_out, canopy_stats *stats) {
   const cn_tree *t = &s->tree;
-  int32_t acc[CN_TREE_MAX_NODES], bonus;
-  int n_acc = 0, st;
-  if (s->stochastic) {
-    for (int u = 0; u < t->n; u++) {
-      int o = s->oracle_index[u];
-      s->qrows[u] = t->n_children[u] > 0 && o >= 0 ? s->dprobs + (size_t)o * s->vocab : NULL;
-    }
-    /* Only the rows the walk visits (depth + 1 at most) go through top-k/top-p: a full sort of
-     * the vocabulary per row, for every node of the tree, would cost more than the walk. */
-    target_rows rows = {.s = s, .sampler = sampler, .logits = logits};
-    st = cn_accept_stochastic_lazy(t, target_row, &rows, s->qrows, s->vocab, &sampler->rng, s->scratch, acc, &n_acc,
-                                   &bonus);
-  } else {
-    st = cn_accept_greedy(t, logits, s->vocab, acc, &n_acc, &bonus);
-  }
-  if (st) return st;
+  int st;
   /* Commit: the root and the accepted path move to consecutive positions in both caches. */
   int slots[CN_TREE_MAX_NODES];
   int32_t toks[CN_TREE_MAX_NODES];
@@ -356,6 +342,41 @@ int cn_spec_accept(cn_spec *s, cn_kv_seq *target_kv, const float *logits, cn_sam
     if (i < n_acc) u = acc[i];
   }
   return CANOPY_OK;
+}
+
+int cn_spec_accept(cn_spec *s, cn_kv_seq *target_kv, const float *logits, cn_sampler *sampler, int32_t *out,
+                   int *n_out, canopy_stats *stats) {
+  double t1 = now_s();
+  const cn_tree *t = &s->tree;
+  int32_t acc[CN_TREE_MAX_NODES], bonus;
+  int n_acc = 0, st;
+  if (s->stochastic) {
+    for (int u = 0; u < t->n; u++) {
+      int o = s->oracle_index[u];
+      s->qrows[u] = t->n_children[u] > 0 && o >= 0 ? s->dprobs + (size_t)o * s->vocab : NULL;
+    }
+    /* Only the rows the walk visits (depth + 1 at most) go through top-k/top-p: a full sort of
+     * the vocabulary per row, for every node of the tree, would cost more than the walk. */
+    target_rows rows = {.s = s, .sampler = sampler, .logits = logits};
+    st = cn_accept_stochastic_lazy(t, target_row, &rows, s->qrows, s->vocab, &sampler->rng, s->scratch, acc, &n_acc,
+                                   &bonus);
+  } else {
+    st = cn_accept_greedy(t, logits, s->vocab, acc, &n_acc, &bonus);
+  }
+  if (st) return st;
+  return commit_path(s, target_kv, t1, acc, n_acc, bonus, out, n_out, stats);
+}
+
+int cn_spec_greedy(const cn_spec *s) { return !s->stochastic; }
+
+int cn_spec_accept_top(cn_spec *s, cn_kv_seq *target_kv, const int32_t *top, int32_t *out, int *n_out,
+                       canopy_stats *stats) {
+  if (s->stochastic)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_spec_accept_top: sampled acceptance needs the target's logits");
+  double t1 = now_s();
+  int32_t acc[CN_TREE_MAX_NODES], bonus;
+  int n_acc = 0, st = cn_accept_greedy_top(&s->tree, top, s->vocab, acc, &n_acc, &bonus);
+  return st ? st : commit_path(s, target_kv, t1, acc, n_acc, bonus, out, n_out, stats);
 }
 
 int cn_spec_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, cn_sampler *sampler,

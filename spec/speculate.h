@@ -43,6 +43,11 @@ int cn_spec_batch(cn_spec *s, cn_kv_seq *target_kv, int first, int32_t *tokens, 
                   struct cn_seq_batch *sb);
 int cn_spec_accept(cn_spec *s, cn_kv_seq *target_kv, const float *logits, cn_sampler *sampler, int32_t *out,
                    int *n_out, canopy_stats *stats);
+/* Whether acceptance is greedy (temperature 0): it then needs only each node's top token, and
+ * cn_spec_accept_top takes those ([tree nodes]) in place of the logits. */
+int cn_spec_greedy(const cn_spec *s);
+int cn_spec_accept_top(cn_spec *s, cn_kv_seq *target_kv, const int32_t *top, int32_t *out, int *n_out,
+                       canopy_stats *stats);
 
 /* cn_spec_draft in pieces, so that one draft forward can serve many sequences (all with the same
  * draft model): a piece is a chunk of the draft's catch-up (tokens it has not fed) or one tree

@@ -28,9 +28,13 @@ static cn_threadpool *tp;
 
 /* ---- the worst rel L2 seen per op, printed at the end ------------------------------------ */
 
-enum { OP_EMBED, OP_RMSNORM, OP_MATMUL, OP_ROPE, OP_SWIGLU, OP_ADD, OP_KV_WRITE, OP_ATTENTION, OP_ARGMAX, N_OPS };
-static const char *op_names[N_OPS] = {"embed", "rmsnorm",  "matmul",    "rope",  "swiglu",
-                                      "add",   "kv_write", "attention", "argmax"};
+enum {
+  OP_EMBED, OP_RMSNORM, OP_MATMUL, OP_ROPE, OP_SWIGLU, OP_ADD, OP_KV_WRITE, OP_ATTENTION, OP_ARGMAX,
+  OP_NORM_MATMUL, OP_SWIGLU_MM_ADD, OP_QKV_ROPE, N_OPS
+};
+static const char *op_names[N_OPS] = {"embed",  "rmsnorm",     "matmul", "rope",   "swiglu",
+                                      "add",    "kv_write",    "attention", "argmax", "norm_mm",
+                                      "swiglu_mm+", "qkv_rope"};
 static double worst[N_OPS][2]; /* [op][output dtype] */
 static int checked[N_OPS][2];
 /* Mismatches of the running test: each is printed and counted, so one run shows every failing
@@ -580,6 +584,104 @@ static void test_argmax_is_exact_and_takes_first_of_ties(void **state) {
   END_TEST();
 }
 
+/* The fused forms against the CPU twins run one after the other. The device rounds the normed
+ * (or SwiGLU) rows to bf16 before its GEMM where the CPU keeps fp32: within the bf16 tolerance. */
+static void test_norm_matmul_matches_cpu(void **state) {
+  mismatches = 0;
+  const int shapes[][3] = {{1, 7, 5}, {3, 64, 33}, {17, 129, 65}, {64, 576, 250}, {129, 576, 1537}}; /* n, in, out */
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+    for (int use_bias = 0; use_bias < 2; use_bias++) {
+      int n = shapes[s][0], in = shapes[s][1], out = shapes[s][2];
+      float *x = rand_buf((size_t)n * in, 3.0f), *g = rand_bf16_buf((size_t)in, 1.0f);
+      float *w = rand_bf16_buf((size_t)out * in, 1.0f), *b = rand_bf16_buf((size_t)out, 1.0f);
+      float *xn = malloc(sizeof *xn * (size_t)n * in), *ref = malloc(sizeof *ref * (size_t)n * out);
+      cn_cpu_rmsnorm(xn, x, g, n, in, 1e-5f);
+      cn_cpu_matmul(NULL, ref, xn, w, use_bias ? b : NULL, n, in, out);
+      void *d_x = dev_upload(x, (size_t)n * in, CN_CUDA_F32), *d_g = dev_upload(g, (size_t)in, CN_CUDA_BF16);
+      void *d_w = dev_upload(w, (size_t)out * in, CN_CUDA_BF16), *d_b = dev_upload(b, (size_t)out, CN_CUDA_BF16);
+      void *d_y = dev_poisoned((size_t)n * out, CN_CUDA_F32);
+      CK(cn_cuda_norm_matmul(ctx, d_y, CN_CUDA_F32, d_x, d_g, 1e-5f, d_w, use_bias ? d_b : NULL, n, in, out));
+      float *y = dev_download(d_y, (size_t)n * out, CN_CUDA_F32);
+      check_all_finite(y, (size_t)n * out, "norm_matmul");
+      char what[64];
+      snprintf(what, sizeof what, "%dx%dx%d%s", n, in, out, use_bias ? " +bias" : "");
+      /* bf16 rounding inside, fp32 out: judged at the bf16 tolerance. */
+      check_close(OP_NORM_MATMUL, CN_CUDA_BF16, y, ref, (size_t)n * out, what);
+      cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_g), cn_cuda_free(ctx, d_w), cn_cuda_free(ctx, d_b);
+      cn_cuda_free(ctx, d_y);
+      free(x), free(g), free(w), free(b), free(xn), free(ref), free(y);
+    }
+  END_TEST();
+}
+
+static void test_swiglu_matmul_add_matches_cpu(void **state) {
+  mismatches = 0;
+  const int shapes[][3] = {{1, 7, 5}, {3, 64, 33}, {17, 129, 65}, {64, 1536, 576}, {129, 344, 1537}}; /* n, d, out */
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+    for (int use_bias = 0; use_bias < 2; use_bias++) {
+      int n = shapes[s][0], d = shapes[s][1], out = shapes[s][2];
+      size_t ny = (size_t)n * out;
+      float *gu = rand_buf((size_t)n * 2 * d, 3.0f), *w = rand_bf16_buf((size_t)out * d, 1.0f);
+      float *b = rand_bf16_buf((size_t)out, 1.0f), *x = rand_buf(ny, 4.0f);
+      float *act = malloc(sizeof *act * (size_t)n * d), *prod = malloc(sizeof *prod * ny), *ref = malloc(sizeof *ref * ny);
+      cn_cpu_swiglu(act, gu, n, d);
+      cn_cpu_matmul(NULL, prod, act, w, use_bias ? b : NULL, n, d, out);
+      memcpy(ref, x, sizeof *ref * ny);
+      cn_cpu_add(ref, prod, ny);
+      void *d_gu = dev_upload(gu, (size_t)n * 2 * d, CN_CUDA_F32), *d_w = dev_upload(w, (size_t)out * d, CN_CUDA_BF16);
+      void *d_b = dev_upload(b, (size_t)out, CN_CUDA_BF16), *d_x = dev_upload(x, ny, CN_CUDA_F32);
+      CK(cn_cuda_swiglu_matmul_add(ctx, d_x, d_gu, d_w, use_bias ? d_b : NULL, n, d, out));
+      float *y = dev_download(d_x, ny, CN_CUDA_F32);
+      check_all_finite(y, ny, "swiglu_matmul_add");
+      char what[64];
+      snprintf(what, sizeof what, "%dx%dx%d%s", n, d, out, use_bias ? " +bias" : "");
+      /* Compared on the product alone (the residual would hide an error in it). */
+      for (size_t i = 0; i < ny; i++)
+        y[i] -= x[i], ref[i] = prod[i];
+      check_close(OP_SWIGLU_MM_ADD, CN_CUDA_BF16, y, ref, ny, what);
+      cn_cuda_free(ctx, d_gu), cn_cuda_free(ctx, d_w), cn_cuda_free(ctx, d_b), cn_cuda_free(ctx, d_x);
+      free(gu), free(w), free(b), free(x), free(act), free(prod), free(ref), free(y);
+    }
+  END_TEST();
+}
+
+static void test_qkv_rope_matches_cpu(void **state) {
+  mismatches = 0;
+  const int shapes[][4] = {{1, 1, 1, 2}, {3, 4, 1, 64}, {17, 9, 3, 64}, {64, 32, 8, 128}, {129, 6, 2, 34}};
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+    int n = shapes[s][0], hq = shapes[s][1], hkv = shapes[s][2], d = shapes[s][3];
+    size_t qd = (size_t)hq * d, kd = (size_t)hkv * d, row = qd + 2 * kd;
+    float *qkv = rand_buf((size_t)n * row, 2.0f), *inv = malloc(sizeof *inv * (size_t)(d / 2));
+    float *ref = malloc(sizeof *ref * (size_t)n * row);
+    for (int k = 0; k < d / 2; k++)
+      inv[k] = powf(500000.0f, -2.0f * k / d);
+    int32_t *pos = malloc(sizeof *pos * n);
+    for (int i = 0; i < n; i++)
+      pos[i] = rand_int(0, 32767);
+    /* The twin: split into [q | k | v] blocks, rotate q and k. */
+    float *rq = ref, *rk = ref + (size_t)n * qd, *rv = rk + (size_t)n * kd;
+    for (int i = 0; i < n; i++) {
+      memcpy(rq + i * qd, qkv + i * row, sizeof(float) * qd);
+      memcpy(rk + i * kd, qkv + i * row + qd, sizeof(float) * kd);
+      memcpy(rv + i * kd, qkv + i * row + qd + kd, sizeof(float) * kd);
+    }
+    cn_cpu_rope(rq, pos, n, hq, d, inv);
+    cn_cpu_rope(rk, pos, n, hkv, d, inv);
+    void *d_qkv = dev_upload(qkv, (size_t)n * row, CN_CUDA_F32), *d_pos = dev_upload_bytes(pos, sizeof *pos * n);
+    void *d_inv = dev_upload(inv, (size_t)(d / 2), CN_CUDA_F32), *d_o = dev_poisoned((size_t)n * row, CN_CUDA_F32);
+    float *o = d_o;
+    CK(cn_cuda_qkv_rope(ctx, o, o + (size_t)n * qd, o + (size_t)n * (qd + kd), d_qkv, d_pos, n, hq, hkv, d, d_inv));
+    float *got = dev_download(d_o, (size_t)n * row, CN_CUDA_F32);
+    check_all_finite(got, (size_t)n * row, "qkv_rope");
+    char what[64];
+    snprintf(what, sizeof what, "n=%d heads=%d/%d head_dim=%d", n, hq, hkv, d);
+    check_close(OP_QKV_ROPE, CN_CUDA_F32, got, ref, (size_t)n * row, what);
+    cn_cuda_free(ctx, d_qkv), cn_cuda_free(ctx, d_pos), cn_cuda_free(ctx, d_inv), cn_cuda_free(ctx, d_o);
+    free(qkv), free(inv), free(ref), free(pos), free(got);
+  }
+  END_TEST();
+}
+
 static void test_cuda_failures_become_status_codes(void **state) {
   void *p = (void *)1;
   int st = cn_cuda_malloc(ctx, &p, (size_t)1 << 52); /* 4 PiB */
@@ -645,6 +747,9 @@ int main(void) {
       cmocka_unit_test(test_kv_write_fills_exactly_its_slots),
       cmocka_unit_test(test_attention_matches_cpu),
       cmocka_unit_test(test_argmax_is_exact_and_takes_first_of_ties),
+      cmocka_unit_test(test_norm_matmul_matches_cpu),
+      cmocka_unit_test(test_swiglu_matmul_add_matches_cpu),
+      cmocka_unit_test(test_qkv_rope_matches_cpu),
       cmocka_unit_test(test_cuda_failures_become_status_codes),
   };
   return cmocka_run_group_tests(tests, setup, teardown);

@@ -82,4 +82,8 @@ size_t cn_cpu_attention_scratch_floats(int n_heads, int n_kv_heads, int head_dim
 /* Index of the largest element (the first on ties, as torch.argmax). */
 int cn_cpu_argmax(const float *x, int n);
 
+/* dst[i] = element i of a random weight tensor (kernels/random_init.h): mean + scale * u with u
+ * uniform on [-1, 1), rounded to bf16 and widened back, so it equals the device's bf16 copy. */
+void cn_cpu_random_weights(float *dst, size_t n, uint64_t stream, float scale, float mean);
+
 #endif

@@ -121,6 +121,27 @@ int cn_cuda_swiglu(cn_cuda_ctx *ctx, void *out, const void *gate_up, cn_cuda_dty
 /* x += y over n elements; x of x_dt (e.g. an fp32 residual stream), y of y_dt. */
 int cn_cuda_add(cn_cuda_ctx *ctx, void *x, cn_cuda_dtype x_dt, const void *y, cn_cuda_dtype y_dt, size_t n);
 
+/* ---- fused forms of the ops above, for the forward's hot path ------------------------------ */
+
+/* y = rmsnorm(x) W^T (+ bias): x [n][in] fp32, norm_w [in] bf16; the normed rows go to the
+ * scratch buffer in bf16 and straight into the GEMM. Twin: cn_cpu_rmsnorm, then cn_cpu_matmul. */
+int cn_cuda_norm_matmul(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const float *x, const cn_bf16 *norm_w, float eps,
+                        const cn_bf16 *w, const cn_bf16 *bias, int n, int in, int out);
+
+/* y += silu(gate) * up W^T (+ bias): gate_up [n][2d] fp32, W [out][d], y [n][out] fp32 (the
+ * residual stream: the GEMM accumulates into it). Twin: cn_cpu_swiglu, cn_cpu_matmul, cn_cpu_add. */
+int cn_cuda_swiglu_matmul_add(cn_cuda_ctx *ctx, float *y, const float *gate_up, const cn_bf16 *w, const cn_bf16 *bias,
+                              int n, int d, int out);
+
+/* out [n][d] bf16 = silu(gate) * up from gate_up [n][2d] fp32. */
+int cn_cuda_swiglu_to_bf16(cn_cuda_ctx *ctx, cn_bf16 *out, const float *gate_up, int n, int d);
+
+/* Splits qkv [n][(n_heads + 2 n_kv_heads) head_dim] fp32 into q [n][n_heads][head_dim],
+ * k, v [n][n_kv_heads][head_dim], rotating q and k by pos[i] as cn_cuda_rope does. Twin: the
+ * split, then cn_cpu_rope on q and k. */
+int cn_cuda_qkv_rope(cn_cuda_ctx *ctx, float *q, float *k, float *v, const float *qkv, const int32_t *pos, int n,
+                     int n_heads, int n_kv_heads, int head_dim, const float *inv_freq);
+
 /* One layer of the paged bf16 KV cache as the kernels see it. Slot s of the sequence lives in
  * block block_table[s / block_size], row s % block_size:
  *   k + block_table[s / block_size] * block_stride + (s % block_size) * kv_dim
@@ -252,6 +273,10 @@ int cn_cuda_gather_rows(cn_cuda_ctx *ctx, void *dst, const void *src, cn_cuda_dt
 /* idx[r] = index of the largest of x[r][0 .. n) (the first on ties, as torch.argmax), for
  * rows r < rows; x of dtype dt, idx [rows] int32. One block per row, CUB block reduction. */
 int cn_cuda_argmax(cn_cuda_ctx *ctx, int32_t *idx, const void *x, cn_cuda_dtype dt, int rows, int n);
+
+/* dst[i] = element i of a random weight tensor of the given stream (kernels/random_init.h):
+ * bf16(mean + scale * u), u uniform on [-1, 1); bit-equal to cn_cpu_random_weights. */
+int cn_cuda_random_bf16(cn_cuda_ctx *ctx, cn_bf16 *dst, size_t n, uint64_t stream, float scale, float mean);
 
 #ifdef __cplusplus
 }

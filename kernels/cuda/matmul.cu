@@ -12,6 +12,36 @@ template <typename T> __global__ void bias_rows_kernel(T *y, const cn_bf16_t *bi
     cn_st(y + e, cn_ld(bias + e % out));
 }
 
+/* y += bias row by row, before a GEMM that accumulates into y (beta = 1). */
+__global__ void add_bias_rows_kernel(float *y, const cn_bf16_t *bias, int n, int out) {
+  size_t total = (size_t)n * out;
+  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x)
+    y[e] += cn_ld(bias + e % out);
+}
+
+/* The GEMM proper on a bf16 x: y = (accumulate ? y : 0) + x W^T + bias. */
+static int gemm_bf16(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const void *xb, const cn_bf16 *w,
+                     const cn_bf16 *bias, int n, int in, int out, bool accumulate) {
+  float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  if (bias) {
+    int st = cn_dispatch(y_dt, [&](auto t) {
+      using T = decltype(t);
+      const int threads = 256;
+      unsigned grid = cn_grid_for(ctx, (size_t)n * out, threads);
+      if (accumulate) add_bias_rows_kernel<<<grid, threads, 0, ctx->stream>>>((float *)y, (const cn_bf16_t *)bias, n, out);
+      else bias_rows_kernel<<<grid, threads, 0, ctx->stream>>>((T *)y, (const cn_bf16_t *)bias, n, out);
+      CN_CUDA_CHECK_LAUNCH();
+      return (int)CANOPY_OK;
+    });
+    if (st) return st;
+    beta = 1.0f;
+  }
+  cudaDataType_t yt = y_dt == CN_CUDA_F32 ? CUDA_R_32F : CUDA_R_16BF;
+  CN_CUBLAS_CHECK(cublasGemmEx(ctx->blas, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &alpha, w, CUDA_R_16BF, in, xb,
+                               CUDA_R_16BF, in, &beta, y, yt, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  return CANOPY_OK;
+}
+
 int cn_cuda_matmul(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const void *x, cn_cuda_dtype x_dt, const cn_bf16 *w,
                    const cn_bf16 *bias, int n, int in, int out) {
   CN_CUDA_ENTER(ctx);
@@ -32,22 +62,32 @@ int cn_cuda_matmul(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const void *x,
     if (st) return st;
     xb = ctx->scratch;
   }
+  return gemm_bf16(ctx, y, y_dt, xb, w, bias, n, in, out, false);
+}
 
-  float alpha = 1.0f, beta = 0.0f;
-  if (bias) {
-    int st = cn_dispatch(y_dt, [&](auto t) {
-      using T = decltype(t);
-      const int threads = 256;
-      bias_rows_kernel<<<cn_grid_for(ctx, (size_t)n * out, threads), threads, 0, ctx->stream>>>(
-          (T *)y, (const cn_bf16_t *)bias, n, out);
-      CN_CUDA_CHECK_LAUNCH();
-      return (int)CANOPY_OK;
-    });
-    if (st) return st;
-    beta = 1.0f;
-  }
-  cudaDataType_t yt = y_dt == CN_CUDA_F32 ? CUDA_R_32F : CUDA_R_16BF;
-  CN_CUBLAS_CHECK(cublasGemmEx(ctx->blas, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &alpha, w, CUDA_R_16BF, in, xb,
-                               CUDA_R_16BF, in, &beta, y, yt, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-  return CANOPY_OK;
+/* The fused forms: the GEMM's input is produced in bf16 straight into the scratch buffer by the
+ * op before it (RMSNorm, SwiGLU), so no fp32 activation is written, read back and rounded in a
+ * pass of its own. */
+
+int cn_cuda_norm_matmul(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const float *x, const cn_bf16 *norm_w, float eps,
+                        const cn_bf16 *w, const cn_bf16 *bias, int n, int in, int out) {
+  CN_CUDA_ENTER(ctx);
+  if (n < 0 || in <= 0 || out <= 0)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_norm_matmul: n=%d in=%d out=%d", n, in, out);
+  if (!cn_dtype_ok(y_dt)) return cn_error(CANOPY_ERR_DTYPE, "cn_cuda_norm_matmul: y dtype %d", (int)y_dt);
+  if (!n) return CANOPY_OK;
+  int st = cn_cuda_reserve_scratch(ctx, (size_t)n * in);
+  if (!st) st = cn_cuda_rmsnorm(ctx, ctx->scratch, CN_CUDA_BF16, x, CN_CUDA_F32, norm_w, n, in, eps);
+  return st ? st : gemm_bf16(ctx, y, y_dt, ctx->scratch, w, bias, n, in, out, false);
+}
+
+int cn_cuda_swiglu_matmul_add(cn_cuda_ctx *ctx, float *y, const float *gate_up, const cn_bf16 *w, const cn_bf16 *bias,
+                              int n, int d, int out) {
+  CN_CUDA_ENTER(ctx);
+  if (n < 0 || d <= 0 || out <= 0)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_swiglu_matmul_add: n=%d d=%d out=%d", n, d, out);
+  if (!n) return CANOPY_OK;
+  int st = cn_cuda_reserve_scratch(ctx, (size_t)n * d);
+  if (!st) st = cn_cuda_swiglu_to_bf16(ctx, (cn_bf16 *)ctx->scratch, gate_up, n, d);
+  return st ? st : gemm_bf16(ctx, y, CN_CUDA_F32, ctx->scratch, w, bias, n, d, out, true);
 }

