@@ -401,19 +401,33 @@ static void pool_free(test_pool *p) {
   free(p->host), free(p->table), free(p->k_ptrs), free(p->v_ptrs);
 }
 
+/* Both launchers: slots first.. through the block table, and per-token physical slots
+ * (cn_cuda_kv_write_slots, what a captured forward uses). */
 static void test_kv_write_fills_exactly_its_slots(void **state) {
   mismatches = 0;
   const int cases[][4] = {{1, 0, 16, 64}, {3, 7, 16, 144}, {17, 5, 5, 17}, {64, 33, 16, 128}, {129, 1, 7, 40}};
   for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
-    for (int t = 0; t < 2; t++) {
+    for (int t = 0; t < 4; t++) {
+      int by_slots = t / 2;
       int n = cases[c][0], first = cases[c][1], bs = cases[c][2], kv_dim = cases[c][3], layer = 1;
       test_pool p;
       pool_init(&p, first + n, bs, kv_dim, layer, 0);
       float *k = rand_buf((size_t)n * kv_dim, 1.0f), *v = rand_buf((size_t)n * kv_dim, 1.0f);
-      round_if_bf16(k, (size_t)n * kv_dim, dtypes[t]), round_if_bf16(v, (size_t)n * kv_dim, dtypes[t]);
-      void *d_k = dev_upload(k, (size_t)n * kv_dim, dtypes[t]), *d_v = dev_upload(v, (size_t)n * kv_dim, dtypes[t]);
+      round_if_bf16(k, (size_t)n * kv_dim, dtypes[t % 2]), round_if_bf16(v, (size_t)n * kv_dim, dtypes[t % 2]);
+      void *d_k = dev_upload(k, (size_t)n * kv_dim, dtypes[t % 2]), *d_v = dev_upload(v, (size_t)n * kv_dim, dtypes[t % 2]);
       cn_cuda_paged_kv view = pool_view(&p, layer);
-      CK(cn_cuda_kv_write(ctx, &view, first, d_k, d_v, dtypes[t], n, kv_dim));
+      if (by_slots) {
+        int32_t *phys = malloc(sizeof *phys * (size_t)n);
+        for (int i = 0; i < n; i++)
+          phys[i] = p.table[(first + i) / bs] * bs + (first + i) % bs;
+        int32_t *d_phys = dev_upload_bytes(phys, sizeof *phys * (size_t)n);
+        view.block_table = NULL; /* unused by this launcher */
+        CK(cn_cuda_kv_write_slots(ctx, &view, d_phys, d_k, d_v, dtypes[t % 2], n, kv_dim));
+        cn_cuda_free(ctx, d_phys);
+        free(phys);
+      } else {
+        CK(cn_cuda_kv_write(ctx, &view, first, d_k, d_v, dtypes[t % 2], n, kv_dim));
+      }
       float *pool = dev_download(p.d_pool, p.elems, CN_CUDA_BF16);
       /* Expected: the bf16 of each new row in its slot, NaN everywhere else. */
       float *expect = malloc(sizeof *expect * p.elems);
@@ -444,9 +458,9 @@ static void test_kv_write_fills_exactly_its_slots(void **state) {
                2 * (size_t)n * kv_dim);
         mismatches++;
       }
-      checked[OP_KV_WRITE][dtypes[t]]++;
-      printf("  kv_write  %-4s in  n=%d first_slot=%d block_size=%d kv_dim=%d: %zu elements checked\n",
-             dt_name(dtypes[t]), n, first, bs, kv_dim, p.elems);
+      checked[OP_KV_WRITE][dtypes[t % 2]]++;
+      printf("  kv_write%s %-4s in  n=%d first_slot=%d block_size=%d kv_dim=%d: %zu elements checked\n",
+             by_slots ? " (slots)" : "", dt_name(dtypes[t % 2]), n, first, bs, kv_dim, p.elems);
       cn_cuda_free(ctx, d_k), cn_cuda_free(ctx, d_v);
       pool_free(&p);
       free(k), free(v), free(pool), free(expect);

@@ -4,6 +4,8 @@
 
 #include "kernels/cuda/cuda_common.cuh"
 
+#define BLAS_WS_BYTES ((size_t)32 << 20)
+
 size_t cn_cuda_dtype_size(cn_cuda_dtype dt) { return dt == CN_CUDA_F32 ? 4 : 2; }
 
 int cn_cuda_device_count(void) {
@@ -29,6 +31,10 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
   /* bf16 outputs: keep split-K partial sums in fp32 too, so "fp32 accumulation" holds. */
   CN_CUBLAS_CHECK(cublasSetMathMode(
       c->blas, (cublasMath_t)(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
+  /* A fixed workspace (NVIDIA's recommended size for Hopper): GEMMs captured into CUDA graphs
+   * then reference it instead of allocating one per capture. */
+  CN_CUDA_CHECK(cudaMalloc(&c->blas_ws, BLAS_WS_BYTES));
+  CN_CUBLAS_CHECK(cublasSetWorkspace(c->blas, c->blas_ws, BLAS_WS_BYTES));
   return CANOPY_OK;
 }
 
@@ -56,6 +62,7 @@ void cn_cuda_ctx_free(cn_cuda_ctx *c) {
   }
   if (c->scratch) (void)cudaFree(c->scratch);
   if (c->blas) (void)cublasDestroy(c->blas);
+  if (c->blas_ws) (void)cudaFree(c->blas_ws);
   if (c->stream) (void)cudaStreamDestroy(c->stream);
   (void)cudaGetLastError();
   free(c);
@@ -104,6 +111,7 @@ int cn_cuda_reserve_scratch(cn_cuda_ctx *ctx, size_t elems) {
   if (ctx->scratch) CN_CUDA_CHECK(cudaFree(ctx->scratch));
   ctx->scratch = p;
   ctx->scratch_bytes = bytes;
+  ctx->scratch_gen++;
   return CANOPY_OK;
 }
 

@@ -16,6 +16,8 @@ struct cn_cuda_ctx {
   cublasHandle_t blas; /* bound to `stream` */
   void *scratch;       /* bf16 copy of an fp32 GEMM input; scratch_bytes long */
   size_t scratch_bytes;
+  unsigned scratch_gen; /* bumped when scratch moves: captured graphs that read it are stale */
+  void *blas_ws;       /* cuBLAS workspace of our own, so captured GEMMs allocate nothing */
 };
 
 typedef __nv_bfloat16 cn_bf16_t;

@@ -54,6 +54,21 @@ int cn_cuda_sync(cn_cuda_ctx *ctx);
  * allocation happens later in a decode loop (it would otherwise grow on first use). */
 int cn_cuda_reserve_scratch(cn_cuda_ctx *ctx, size_t elems);
 
+/* ---- CUDA graphs -------------------------------------------------------------------------
+ *
+ * Between capture_begin and capture_end the context's ops are recorded, not run (nothing may
+ * synchronise or allocate in between); the graph then replays them with the same arguments, so
+ * whatever changes from one replay to the next must be in device memory the kernels read. */
+typedef struct cn_cuda_graph cn_cuda_graph;
+int cn_cuda_capture_begin(cn_cuda_ctx *ctx);
+/* Ends the capture and instantiates it; on failure *out is NULL and the capture is discarded. */
+int cn_cuda_capture_end(cn_cuda_ctx *ctx, cn_cuda_graph **out);
+int cn_cuda_graph_launch(cn_cuda_ctx *ctx, const cn_cuda_graph *g);
+void cn_cuda_graph_free(cn_cuda_graph *g);
+/* Changes whenever the matmul scratch is reallocated: graphs captured before then read freed
+ * memory and must be dropped. */
+unsigned cn_cuda_scratch_gen(const cn_cuda_ctx *ctx);
+
 /* cudaMalloc / cudaFree on the context's device. Out of memory is CANOPY_ERR_NO_MEMORY with the
  * bytes asked for in the message. */
 int cn_cuda_malloc(cn_cuda_ctx *ctx, void **p, size_t bytes);
@@ -159,6 +174,11 @@ typedef struct cn_cuda_paged_kv {
 /* Writes n tokens' k, v [n][kv_dim] (dtype dt) into slots first_slot .. first_slot + n - 1. */
 int cn_cuda_kv_write(cn_cuda_ctx *ctx, const cn_cuda_paged_kv *kv, int first_slot, const void *k, const void *v,
                      cn_cuda_dtype dt, int n, int kv_dim);
+/* The same for a batch of sequences in one launch: token i goes to row slots[i] % block_size of
+ * block slots[i] / block_size (slots [n] on the device, the block already looked up; the view's
+ * block_table is unused), so a captured graph takes new slots from memory at every replay. */
+int cn_cuda_kv_write_slots(cn_cuda_ctx *ctx, const cn_cuda_paged_kv *kv, const int32_t *slots, const void *k,
+                           const void *v, cn_cuda_dtype dt, int n, int kv_dim);
 
 /* Attention for one sequence, with the semantics of cn_cpu_attention: q [n][n_heads][head_dim]
  * and out the same shape, both of dtype dt. Past the ctx_len committed slots lie q_offset + n new
