@@ -26,6 +26,7 @@ static const char *usage =
     "      --seed S          random seed (default 42)\n"
     "      --threads N       CPU threads (default: all cores)\n"
     "      --device D        cpu (fp32, default) or cuda (bf16 on GPU 0), for target and draft\n"
+    "      --no-graphs       cuda: launch every op of every forward (no CUDA graphs)\n"
     "      --ctx N           context length (default: the model's)\n"
     "      --kv-blocks N     KV cache blocks of 16 tokens (default: 4 full contexts)\n"
     "      --ignore-eos      keep generating past end-of-sequence tokens\n"
@@ -47,12 +48,12 @@ static const char *usage =
 
 typedef struct gen_args {
   const char *model, *prompt, *file, *system, *draft, *tree, *random_weights;
-  int max_tokens, chat, threads, ctx, kv_blocks, json, ignore_eos, draft_layers, compare, device;
+  int max_tokens, chat, threads, ctx, kv_blocks, json, ignore_eos, draft_layers, compare, device, no_graphs;
   canopy_sampling_params sampling;
 } gen_args;
 
 static int parse(int argc, char **argv, gen_args *a) {
-  enum { O_CHAT = 256, O_SYSTEM, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_THREADS, O_CTX, O_KV_BLOCKS, O_JSON, O_IGNORE_EOS, O_TREE, O_DRAFT_LAYERS, O_COMPARE, O_DEVICE, O_RANDOM };
+  enum { O_CHAT = 256, O_SYSTEM, O_TEMP, O_TOPK, O_TOPP, O_SEED, O_THREADS, O_CTX, O_KV_BLOCKS, O_JSON, O_IGNORE_EOS, O_TREE, O_DRAFT_LAYERS, O_COMPARE, O_DEVICE, O_RANDOM, O_NO_GRAPHS };
   struct option opts[] = {
       {"model", required_argument, 0, 'm'},   {"prompt", required_argument, 0, 'p'},
       {"file", required_argument, 0, 'f'},    {"max-tokens", required_argument, 0, 'n'},
@@ -65,6 +66,7 @@ static int parse(int argc, char **argv, gen_args *a) {
       {"draft", required_argument, 0, 'd'},   {"tree", required_argument, 0, O_TREE},
       {"draft-layers", required_argument, 0, O_DRAFT_LAYERS}, {"compare", no_argument, 0, O_COMPARE},
       {"device", required_argument, 0, O_DEVICE}, {"random-weights", required_argument, 0, O_RANDOM},
+      {"no-graphs", no_argument, 0, O_NO_GRAPHS},
       {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
   *a = (gen_args){.max_tokens = 256, .sampling = canopy_sampling_default_params()};
   int c, rc = 0;
@@ -93,6 +95,7 @@ static int parse(int argc, char **argv, gen_args *a) {
     case O_COMPARE: a->compare = 1; break;
     case O_DEVICE: rc = cli_parse_device("generate", optarg, &a->device); break;
     case O_RANDOM: a->random_weights = optarg; break;
+    case O_NO_GRAPHS: a->no_graphs = 1; break;
     case 'h': fputs(usage, stdout); return -1;
     default: fputs(usage, stderr); return 2;
     }
@@ -232,6 +235,7 @@ int cli_generate(int argc, char **argv) {
   canopy_model_params mp = canopy_model_default_params();
   mp.n_threads = a.threads;
   mp.device = a.device;
+  if (a.no_graphs) mp.cuda_graphs = 0;
   mp.max_context = a.ctx;
   mp.kv_blocks = a.kv_blocks;
   mp.random_weights = a.random_weights;

@@ -88,6 +88,9 @@ typedef struct canopy_model_params {
                           same on every device) instead of reading a checkpoint; `dir` is then
                           unused and may be NULL. For benchmarks of shapes with no weights at hand */
   uint64_t random_seed;
+  int cuda_graphs;     /* CUDA: forwards kept captured as CUDA graphs and replayed (one launch a
+                          step instead of ~12 a layer), least recently used dropped first; a shape
+                          is captured the second time it is seen. Default 64; 0 = off */
 } canopy_model_params;
 
 canopy_model_params canopy_model_default_params(void);

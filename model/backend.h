@@ -26,14 +26,38 @@ typedef struct cn_attn_desc {
   float scale;
 } cn_attn_desc;
 
+/* LM-head rows per GEMM in the forward: bounds the logits scratch to CN_LOGIT_CHUNK x vocab. */
+#define CN_LOGIT_CHUNK 64
+
+/* Everything a forward reads from the host, handed to `begin` before its first op, so that a
+ * device backend can upload it at once (one copy to fixed device addresses) and replay a captured
+ * graph of the forward instead of running the ops. The ops still receive the same host pointers
+ * and find their device copies by address. */
+typedef struct cn_fwd_io {
+  int n_tokens;
+  const int32_t *tokens, *pos; /* [n_tokens] */
+  int n_logits;
+  const int32_t *logit_rows;   /* [n_logits] */
+  int32_t *top;                /* [n_logits] host: argmax ids wanted (then logits is NULL) */
+  float *logits;               /* [n_logits][vocab] host, when top is NULL */
+  int vocab;
+  int n_seqs;
+  const struct cn_attn_desc *desc; /* [n_seqs] layer 0's attention; later layers differ in .layer only */
+  const float *inv_freq;       /* [head_dim / 2] */
+} cn_fwd_io;
+
 typedef struct cn_backend {
   const char *name;
   size_t weight_elem_bytes;        /* bytes of one weight element: 4 (fp32 CPU), 2 (bf16 CUDA) */
   const cn_kv_storage *kv_storage; /* where the KV pool lives; NULL: host fp32. Its ctx is the backend's */
   void (*destroy)(void *ctx);
   /* Optional (NULL on the CPU): called before the first op of each forward, and after the last
-   * one. The ops return nothing; a device backend keeps the first failure and `end` returns it. */
-  int (*begin)(void *ctx);
+   * one. The ops return nothing; a device backend keeps the first failure and `end` returns it.
+   * `begin` sets *replayed when it has already queued the whole forward (a CUDA graph captured
+   * from an earlier forward of the same shape): the forward then calls no op and goes to `end`,
+   * which delivers the outputs io names. A backend that replays assumes the op sequence is a
+   * function of the shape: a caller that swaps ops in the table must drop its graphs first. */
+  int (*begin)(void *ctx, const cn_fwd_io *io, int *replayed);
   int (*end)(void *ctx);
   /* Sizes per-sequence scratch for block tables of up to max_blocks blocks. */
   int (*reserve)(void *ctx, int max_blocks);
@@ -56,6 +80,9 @@ typedef struct cn_backend {
   void (*split_qkv)(void *ctx, void *q, void *k, void *v, const void *qkv, int n, int q_dim, int kv_dim);
   /* Copies rows [first, first + n) of a [*][dim] activation buffer, one per index in `rows`. */
   void (*gather_rows)(void *ctx, void *dst, const void *src, const int32_t *rows, int n, int dim);
+  /* Optional: kv_write for every sequence of the forward in one call (d as attention_batch gets it;
+   * k, v hold the sequences' rows in batch order; d[s] goes to slots ctx_len + q_offset..). */
+  void (*kv_write_batch)(void *ctx, const struct cn_attn_desc *d, int n_seqs, const void *k, const void *v, int kv_dim);
   /* Writes k, v [n][kv_dim] of one layer into cache slots first_slot.. of a sequence. */
   void (*kv_write)(void *ctx, cn_kv_pool *pool, const cn_kv_seq *seq, int layer, int first_slot,
                    const void *k, const void *v, int n, int kv_dim);
@@ -88,6 +115,14 @@ int cn_backend_cpu_create(int n_threads, const cn_backend **be, void **ctx);
 /* The CUDA backend on device `device`: bf16 weights and KV, fp32 activations. CANOPY_ERR_DEVICE
  * when no such device is visible or canopy was built without CUDA. */
 int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx);
+
+/* CUDA graphs of a CUDA backend context: up to max_graphs forwards kept captured (least recently
+ * used dropped first), 0 = never capture (every forward launches its ops). Drops the graphs held
+ * so far. Without CUDA, or for another backend, does nothing. */
+void cn_backend_cuda_set_graphs(const cn_backend *be, void *ctx, int max_graphs);
+
+/* Forwards of a CUDA backend context so far that replayed a graph, and graphs captured. */
+void cn_backend_cuda_graph_stats(const cn_backend *be, void *ctx, long *replays, long *captures);
 
 /* The cn_cuda_ctx (kernels/cuda/cuda_ops.h) a CUDA backend context runs on, for benchmarks that
  * time on its stream; NULL for other backends' contexts or without CUDA. */

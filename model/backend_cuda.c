@@ -1,13 +1,25 @@
 /* The CUDA backend: bf16 weights and KV cache on the device, fp32 activations (the matmul
  * launcher rounds its fp32 input to bf16 for cuBLAS), the kernels/cuda launchers behind the table.
  *
- * Host arrays reach the device through a per-forward staging area: an op that gets a host array
- * (tokens, positions, a tree mask, a block table, inv_freq, logit rows) copies it into page-locked
- * memory and queues one asynchronous upload; later ops of the same forward that pass the same
- * array find it again by address. `begin` waits for the previous forward and empties the area.
- * This keeps the forward correct and simple, with a few small copies per step; the next step
- * (issue 5) is fixed device buffers filled once per step and the step captured in a CUDA graph per
- * (batch, node count) bucket, which needs every input at a fixed address. */
+ * Inputs. `begin` gets all of a forward's host inputs (cn_fwd_io) and lays them out in one block
+ * of a page-locked staging area: tokens, positions, logit rows, inv_freq, each token's physical KV
+ * slot, and the attention batch (descriptors, block tables at a fixed stride of max_blocks per
+ * sequence, tree positions, masks). One asynchronous copy uploads the block. The ops receive the
+ * same host pointers and find the device copies by address (dev_of); an array begin did not stage
+ * (the per-sequence attention fallback's block tables) is staged on the spot.
+ *
+ * Graphs. For a forward of a given shape (graph_key: token, sequence and logit counts, top ids or
+ * logits, the attention key bucket, the longest sequence, positions and mask words) the block has
+ * the same layout and lands at the same device address every time, and no kernel argument
+ * depends on anything else. So the first forward of a shape runs its ops (and grows every buffer
+ * it needs), the second is captured into a CUDA graph, and later ones upload their block and
+ * replay the graph: one launch instead of ~12 per layer. Anything a graph references moving (the
+ * staging area, the split workspace, the argmax output, the GEMM scratch) drops all graphs.
+ *
+ * Host synchronisation: `end` waits once per forward, for its outputs (argmax ids or logits, one
+ * copy). Nothing else in a forward waits, except growing a buffer (first use of a larger shape).
+ * KV span copies between forwards (commit, copy-on-write) upload from their own page-locked buffer
+ * and do not wait either; that buffer is reused only after the next forward's wait. */
 #include "model/backend.h"
 
 #include "common/error.h"
@@ -15,6 +27,10 @@
 #ifndef CANOPY_HAVE_CUDA
 
 struct cn_cuda_ctx *cn_backend_cuda_ctx(const cn_backend *be, void *ctx) { return NULL; }
+void cn_backend_cuda_set_graphs(const cn_backend *be, void *ctx, int max_graphs) {}
+void cn_backend_cuda_graph_stats(const cn_backend *be, void *ctx, long *replays, long *captures) {
+  *replays = 0, *captures = 0;
+}
 
 int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx) {
   return cn_error(CANOPY_ERR_DEVICE,
@@ -29,12 +45,15 @@ int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx) {
 #include <string.h>
 
 #include "kernels/cuda/cuda_ops.h"
+#include "model/graph_cache.h"
 
 #ifndef ARENA_MIN
 #define ARENA_MIN (256u << 10) /* bytes; grown on demand */
 #endif
 #define MAX_RETIRED 8
-#define TOP_ROWS 64 /* rows per argmax_rows call (the forward's LM-head chunk) */
+#define TOP_ROWS CN_LOGIT_CHUNK /* rows per argmax_rows call (the forward's LM-head chunk) */
+#define MAX_GRAPHS 64
+#define MIN_SPANS 256
 
 /* One staged host array of the current forward. */
 typedef struct staged {
@@ -50,9 +69,25 @@ typedef struct arena {
   size_t cap, used;
 } arena;
 
+enum { EAGER, CAPTURE, REPLAY };
+
 typedef struct cuda_ctx {
   cn_cuda_ctx *cu;
   int status; /* first failure since begin (ops return nothing) */
+  int mode;   /* this forward: ops run (EAGER), are recorded (CAPTURE), or were replayed by begin */
+  cn_fwd_io io;
+  cn_graph_cache graphs;
+  cn_graph_slot *cur;     /* the graph being captured or replayed */
+  const float *cap_logits; /* the device logits a captured forward's to_host reads */
+  unsigned scratch_gen;   /* cn_cuda_scratch_gen when the cached graphs were captured */
+  long replays, captures;
+  /* The staged block of this forward (device side). */
+  const int32_t *slots;   /* [n_tokens] physical KV slot of each token: block * block_size + row */
+  char *tb;               /* the attention batch: descriptors at 0, then tables, positions, masks */
+  size_t at_tables, at_pos, at_mask;
+  int max_n, any_tree, keys_bucket, max_blocks;
+  cn_cuda_span *span_h, *span_d; /* [span_cap] kv_copy's spans, host and device */
+  int span_cap, span_used;
   arena a;
   arena retired[MAX_RETIRED]; /* outgrown areas whose uploads this forward may still read */
   int n_retired;
@@ -60,14 +95,10 @@ typedef struct cuda_ctx {
   size_t map_cap, map_used;
   unsigned gen;
   void *copy_tmp; /* device staging of KV span copies, copy_tmp_bytes long */
-  int32_t *top_dev; /* [TOP_ROWS] argmax_rows' device result */
+  int32_t *top_dev; /* [top_cap] argmax_rows' device result, a forward's rows one after the other */
+  int top_cap, top_used;
   size_t copy_tmp_bytes;
-  /* Tree attention: the device arrays of the last staged batch (descriptors, block tables,
-   * positions, masks), reused by the later layers of the same forward, and the split workspace. */
-  unsigned ta_gen;
-  void *ta_dev, *ta_host; /* ta_host: a copy of the staged bytes, to recognise the same batch */
-  size_t ta_bytes, ta_host_cap;
-  float *ta_ws;
+  float *ta_ws; /* tree attention's split workspace */
   size_t ta_ws_bytes;
   uint16_t *load_buf; /* host bf16 of one checkpoint tensor being uploaded */
   float *load_f32;
@@ -106,6 +137,7 @@ static int arena_grow(cuda_ctx *c, size_t bytes) {
   }
   if (c->a.cap) c->retired[c->n_retired++] = c->a;
   c->a = n;
+  cn_graph_cache_clear(&c->graphs); /* their blocks were in the old area */
   return CANOPY_OK;
 }
 
@@ -167,22 +199,19 @@ static const void *dev_of(cuda_ctx *c, const void *host, size_t bytes) {
   return d;
 }
 
-static int cuda_begin(void *ctx) {
-  cuda_ctx *c = ctx;
-  /* The previous forward's uploads and the KV copies queued since must be done before their
-   * page-locked source bytes are reused; the stream is normally idle here (to_host waited). */
-  int st = cn_cuda_sync(c->cu);
-  for (int i = 0; i < c->n_retired; i++)
-    arena_release(c, &c->retired[i]);
-  c->n_retired = 0;
-  c->a.used = 0;
-  c->gen++;
-  c->map_used = 0;
-  c->status = CANOPY_OK;
-  return st;
+/* Records that host array [host, host + bytes) is at dev for this forward (staged by begin). */
+static int map_put(cuda_ctx *c, const void *host, size_t bytes, void *dev) {
+  if (!host || !bytes) return CANOPY_OK;
+  int st = map_grow(c);
+  if (st) return st;
+  size_t k = slot_of(c, host);
+  while (c->map[k].gen == c->gen && c->map[k].host && c->map[k].host != host)
+    k = (k + 1) & (c->map_cap - 1);
+  if (!(c->map[k].gen == c->gen && c->map[k].host)) c->map_used++;
+  c->map[k] = (staged){.host = host, .bytes = bytes, .dev = dev, .gen = c->gen};
+  return CANOPY_OK;
 }
 
-static int cuda_end(void *ctx) { return ((cuda_ctx *)ctx)->status; }
 
 /* ---- memory and weights ---------------------------------------------------------------------- */
 
@@ -194,16 +223,26 @@ static void cuda_destroy(void *ctx) {
   cn_cuda_free(c->cu, c->copy_tmp);
   cn_cuda_free(c->cu, c->ta_ws);
   cn_cuda_free(c->cu, c->top_dev);
+  cn_cuda_host_free(c->cu, c->span_h);
+  cn_cuda_free(c->cu, c->span_d);
+  cn_graph_cache_free(&c->graphs);
   cn_cuda_ctx_free(c->cu);
-  free(c->ta_host);
   free(c->map);
   free(c->load_buf);
   free(c->load_f32);
   free(c);
 }
 
-/* Block tables are staged per forward: nothing to size ahead. */
-static int cuda_reserve(void *ctx, int max_blocks) { return CANOPY_OK; }
+/* Block tables are staged per forward at a stride of max_blocks, so that the layout of a forward's
+ * block depends on its shape only. */
+static int cuda_reserve(void *ctx, int max_blocks) {
+  cuda_ctx *c = ctx;
+  if (max_blocks > c->max_blocks) {
+    c->max_blocks = max_blocks;
+    cn_graph_cache_clear(&c->graphs);
+  }
+  return CANOPY_OK;
+}
 
 static void *cuda_alloc(void *ctx, size_t bytes) {
   void *p = NULL;
@@ -278,9 +317,24 @@ static int kv_copy(void *ctx, void *data, const cn_kv_span *spans, int n) {
     if ((st = cn_cuda_malloc(c->cu, &c->copy_tmp, tmp_bytes))) return st;
     c->copy_tmp_bytes = tmp_bytes;
   }
-  cn_cuda_span *h, *d;
-  int st = arena_take(c, sizeof *h * (size_t)n, (void **)&h, (void **)&d);
-  if (st) return st;
+  if (c->span_used + n > c->span_cap) {
+    /* Copies queued since the last forward's wait may still read the spans. */
+    int st = cn_cuda_sync(c->cu);
+    if (st) return st;
+    c->span_used = 0;
+    if (n > c->span_cap) {
+      int cap = 2 * n > MIN_SPANS ? 2 * n : MIN_SPANS;
+      cn_cuda_host_free(c->cu, c->span_h);
+      cn_cuda_free(c->cu, c->span_d);
+      c->span_h = NULL, c->span_d = NULL, c->span_cap = 0;
+      if ((st = cn_cuda_host_alloc(c->cu, (void **)&c->span_h, sizeof *c->span_h * (size_t)cap))) return st;
+      if ((st = cn_cuda_malloc(c->cu, (void **)&c->span_d, sizeof *c->span_d * (size_t)cap))) return st;
+      c->span_cap = cap;
+    }
+  }
+  cn_cuda_span *h = c->span_h + c->span_used, *d = c->span_d + c->span_used;
+  c->span_used += n;
+  int st;
   uint64_t at = 0;
   for (int i = 0; i < n; i++) {
     h[i] = (cn_cuda_span){.dst = spans[i].dst, .src = spans[i].src, .n = spans[i].n, .tmp = at};
@@ -399,74 +453,192 @@ static void cuda_attention(void *ctx, void *out, const void *q, const cn_attn_de
 
 static size_t align16(size_t n) { return (n + 15) & ~(size_t)15; }
 
-/* Stages a batch's descriptors, block tables, positions and masks as one upload (laid out in that
- * order, 16-byte aligned) and returns its device copy; the layers after the first find the same
- * bytes and reuse it. NULL (with the failure kept) when staging fails. */
-static char *stage_tree_batch(cuda_ctx *c, const cn_attn_desc *d, int n_seqs, size_t *at_tables, size_t *at_pos,
-                              size_t *at_mask) {
-  size_t n_tables = 0, n_pos = 0, n_mask = 0;
-  for (int s = 0; s < n_seqs; s++) {
+/* What the launches of a forward depend on (the file comment's "shape"); 0 where it cannot be
+ * captured (head sizes the tree kernel does not cover, a block table longer than max_blocks, more
+ * logit rows than one LM-head chunk when the logits themselves go to the host). */
+static int graph_key(const cuda_ctx *c, const cn_fwd_io *io, int n_pos, int n_mask, cn_graph_key *key) {
+  const cn_attn_desc *d = io->desc;
+  if (!io->n_seqs || !cn_cuda_tree_attn_supported(d[0].head_dim) || !c->max_blocks) return 0;
+  if (!io->top && io->n_logits > CN_LOGIT_CHUNK) return 0;
+  for (int s = 0; s < io->n_seqs; s++) {
     int nb;
     cn_kv_seq_blocks(d[s].seq, &nb);
-    n_tables += (size_t)nb;
-    n_pos += (size_t)(d[s].q_offset + d[s].n);
-    if (d[s].tree_mask) n_mask += (size_t)d[s].n * ((d[s].q_offset + d[s].n + 63) / 64);
+    if (nb > c->max_blocks) return 0;
   }
-  *at_tables = align16(sizeof(cn_cuda_tree_seq) * (size_t)n_seqs);
-  *at_pos = *at_tables + align16(sizeof(int32_t) * n_tables);
-  *at_mask = *at_pos + align16(sizeof(int32_t) * n_pos);
-  size_t bytes = *at_mask + sizeof(uint64_t) * n_mask;
-  if (bytes > c->ta_host_cap) {
-    void *p = realloc(c->ta_host, bytes);
-    if (!p) {
-      keep(c, cn_error(CANOPY_ERR_NO_MEMORY, "cuda backend: no host memory to stage %zu bytes of attention batch", bytes));
-      return NULL;
-    }
-    c->ta_host = p;
-    c->ta_host_cap = bytes;
+  *key = (cn_graph_key){{io->n_tokens, io->n_seqs, io->n_logits, io->top != NULL, c->keys_bucket, c->any_tree,
+                         c->max_n, n_pos, n_mask, 0}};
+  return 1;
+}
+
+/* Lays out and uploads the forward's inputs (the file comment's "Inputs") as one block, and
+ * registers its arrays for dev_of. *key_ok: the block's layout is a function of *key. */
+static int stage_inputs(cuda_ctx *c, const cn_fwd_io *io, cn_graph_key *key, int *key_ok) {
+  const cn_attn_desc *d = io->desc;
+  int n = io->n_tokens, ns = io->n_seqs, hd = ns ? d[0].head_dim : 0, tree = ns && cn_cuda_tree_attn_supported(hd);
+  int n_pos = 0, n_mask = 0, max_keys = 0, stride = c->max_blocks;
+  c->max_n = 0, c->any_tree = 0;
+  for (int s = 0; s < ns; s++) {
+    int nb, m = d[s].q_offset + d[s].n, keys = d[s].ctx_len + m;
+    cn_kv_seq_blocks(d[s].seq, &nb);
+    stride = nb > stride ? nb : stride;
+    n_pos += m;
+    if (d[s].tree_mask) n_mask += d[s].n * ((m + 63) / 64);
+    c->max_n = d[s].n > c->max_n ? d[s].n : c->max_n;
+    max_keys = keys > max_keys ? keys : max_keys;
+    c->any_tree |= d[s].tree_mask != NULL;
   }
-  char *h = c->ta_host;
+  /* Powers of two, so that the launch shape (and a captured graph's) changes only at doublings. */
+  c->keys_bucket = 64;
+  while (c->keys_bucket < max_keys) c->keys_bucket *= 2;
+  *key_ok = graph_key(c, io, n_pos, n_mask, key);
+
+  size_t at_pos = align16(sizeof(int32_t) * (size_t)n), at_rows = at_pos + at_pos,
+         at_freq = at_rows + align16(sizeof(int32_t) * (size_t)io->n_logits),
+         at_slots = at_freq + align16(sizeof(float) * (size_t)(hd / 2)), at_tb = at_slots + at_pos;
+  c->at_tables = align16(sizeof(cn_cuda_tree_seq) * (size_t)ns);
+  c->at_pos = c->at_tables + align16(sizeof(int32_t) * (size_t)ns * stride);
+  c->at_mask = c->at_pos + align16(sizeof(int32_t) * (size_t)n_pos);
+  size_t bytes = at_tb + (tree ? c->at_mask + sizeof(uint64_t) * (size_t)n_mask : 0);
+  char *h, *dev;
+  int st = arena_grow(c, bytes + ARENA_MIN / 4); /* room for what dev_of stages on the spot */
+  if (!st) st = arena_take(c, bytes, (void **)&h, (void **)&dev);
+  if (st) return st;
   memset(h, 0, bytes);
-  cn_cuda_tree_seq *desc = (cn_cuda_tree_seq *)h;
-  int32_t *tables = (int32_t *)(h + *at_tables), *pos = (int32_t *)(h + *at_pos);
-  uint64_t *mask = (uint64_t *)(h + *at_mask);
-  int row = 0, t0 = 0, p0 = 0, m0 = 0;
-  for (int s = 0; s < n_seqs; s++) {
+  memcpy(h, io->tokens, sizeof(int32_t) * (size_t)n);
+  memcpy(h + at_pos, io->pos, sizeof(int32_t) * (size_t)n);
+  if (io->n_logits) memcpy(h + at_rows, io->logit_rows, sizeof(int32_t) * (size_t)io->n_logits);
+  if (hd) memcpy(h + at_freq, io->inv_freq, sizeof(float) * (size_t)(hd / 2));
+  int32_t *slots = (int32_t *)(h + at_slots);
+  char *tb = h + at_tb;
+  cn_cuda_tree_seq *desc = (cn_cuda_tree_seq *)tb;
+  int32_t *tables = (int32_t *)(tb + c->at_tables), *pos = (int32_t *)(tb + c->at_pos);
+  uint64_t *mask = (uint64_t *)(tb + c->at_mask);
+  int row = 0, p0 = 0, m0 = 0;
+  for (int s = 0; s < ns; s++) {
     int nb, words = (d[s].q_offset + d[s].n + 63) / 64, m = d[s].q_offset + d[s].n;
     const int *table = cn_kv_seq_blocks(d[s].seq, &nb);
-    memcpy(tables + t0, table, sizeof(int32_t) * (size_t)nb);
-    memcpy(pos + p0, d[s].pos, sizeof(int32_t) * (size_t)m);
-    if (d[s].tree_mask) memcpy(mask + m0, d[s].tree_mask, sizeof(uint64_t) * (size_t)d[s].n * words);
-    desc[s] = (cn_cuda_tree_seq){.ctx_len = d[s].ctx_len, .q_offset = d[s].q_offset, .n = d[s].n, .row0 = row,
-                                 .pos0 = p0, .mask0 = d[s].tree_mask ? m0 : -1, .mask_words = words, .table0 = t0};
+    int bs = cn_kv_pool_layout(d[s].pool)->block_size;
+    for (int i = 0; i < d[s].n; i++) {
+      int slot = d[s].ctx_len + d[s].q_offset + i;
+      slots[row + i] = table[slot / bs] * bs + slot % bs;
+    }
+    if (tree) {
+      memcpy(tables + (size_t)s * stride, table, sizeof(int32_t) * (size_t)nb);
+      memcpy(pos + p0, d[s].pos, sizeof(int32_t) * (size_t)m);
+      if (d[s].tree_mask) memcpy(mask + m0, d[s].tree_mask, sizeof(uint64_t) * (size_t)d[s].n * words);
+      desc[s] = (cn_cuda_tree_seq){.ctx_len = d[s].ctx_len, .q_offset = d[s].q_offset, .n = d[s].n, .row0 = row,
+                                   .pos0 = p0, .mask0 = d[s].tree_mask ? m0 : -1, .mask_words = words,
+                                   .table0 = s * stride};
+    }
     row += d[s].n;
-    t0 += nb;
     p0 += m;
     m0 += d[s].tree_mask ? d[s].n * words : 0;
   }
-  if (c->ta_gen == c->gen && c->ta_bytes == bytes && c->ta_dev) {
-    /* Compare with what the arena holds for the last staged batch (its host side). */
-    const char *last = (const char *)c->ta_dev - c->a.dev + c->a.host;
-    if ((char *)c->ta_dev >= c->a.dev && (char *)c->ta_dev + bytes <= c->a.dev + c->a.used && !memcmp(last, h, bytes))
-      return c->ta_dev;
+  if ((st = cn_cuda_memcpy_h2d_async(c->cu, dev, h, bytes))) return st;
+  c->slots = (const int32_t *)(dev + at_slots);
+  c->tb = tree ? dev + at_tb : NULL;
+  st = map_put(c, io->tokens, sizeof(int32_t) * (size_t)n, dev);
+  if (!st) st = map_put(c, io->pos, sizeof(int32_t) * (size_t)n, dev + at_pos);
+  if (!st && hd) st = map_put(c, io->inv_freq, sizeof(float) * (size_t)(hd / 2), dev + at_freq);
+  for (int r = 0; !st && r < io->n_logits; r += CN_LOGIT_CHUNK) {
+    int rows = io->n_logits - r < CN_LOGIT_CHUNK ? io->n_logits - r : CN_LOGIT_CHUNK;
+    st = map_put(c, io->logit_rows + r, sizeof(int32_t) * (size_t)rows, dev + at_rows + sizeof(int32_t) * r);
   }
-  void *hd, *dd;
-  if (keep(c, arena_take(c, bytes, &hd, &dd))) return NULL;
-  memcpy(hd, h, bytes);
-  if (keep(c, cn_cuda_memcpy_h2d_async(c->cu, dd, hd, bytes))) return NULL;
-  c->ta_gen = c->gen;
-  c->ta_dev = dd;
-  c->ta_bytes = bytes;
-  return dd;
+  return st;
 }
 
-/* The shared-prefix tree kernel for the whole batch in one launch; head sizes it does not cover
- * take the per-sequence kernel. */
+static void free_graph(void *g) { cn_cuda_graph_free(g); }
+
+/* Stages the inputs, then runs, captures or replays the forward (the file comment's "Graphs"). */
+static int cuda_begin(void *ctx, const cn_fwd_io *io, int *replayed) {
+  cuda_ctx *c = ctx;
+  *replayed = 0;
+  /* The previous forward's `end` waited for the stream, and KV span copies have their own
+   * buffer: the area's page-locked bytes are free to refill. */
+  for (int i = 0; i < c->n_retired; i++)
+    arena_release(c, &c->retired[i]);
+  c->n_retired = 0;
+  c->a.used = 0;
+  c->gen++;
+  c->map_used = 0;
+  c->status = CANOPY_OK;
+  c->mode = EAGER;
+  c->cur = NULL;
+  c->cap_logits = NULL;
+  c->io = *io;
+  c->top_used = 0;
+  if (io->top && io->n_logits > c->top_cap) {
+    cn_cuda_free(c->cu, c->top_dev);
+    c->top_dev = NULL, c->top_cap = 0;
+    int st = cn_cuda_malloc(c->cu, (void **)&c->top_dev, sizeof *c->top_dev * (size_t)io->n_logits);
+    if (st) return st;
+    c->top_cap = io->n_logits;
+    cn_graph_cache_clear(&c->graphs);
+  }
+  cn_graph_key key;
+  int key_ok, st = stage_inputs(c, io, &key, &key_ok);
+  if (st || !key_ok) return st;
+  if (cn_cuda_scratch_gen(c->cu) != c->scratch_gen) {
+    cn_graph_cache_clear(&c->graphs);
+    c->scratch_gen = cn_cuda_scratch_gen(c->cu);
+  }
+  int fresh;
+  cn_graph_slot *g = cn_graph_cache_get(&c->graphs, &key, &fresh);
+  /* A shape seen for the first time runs its ops, so that every buffer it needs has grown before
+   * a capture (where nothing may allocate). */
+  if (!g || fresh) return CANOPY_OK;
+  c->cur = g;
+  if (g->graph) {
+    if ((st = cn_cuda_graph_launch(c->cu, g->graph))) return st;
+    c->mode = REPLAY;
+    c->replays++;
+    *replayed = 1;
+    return CANOPY_OK;
+  }
+  if ((st = cn_cuda_capture_begin(c->cu))) return st;
+  c->mode = CAPTURE;
+  return CANOPY_OK;
+}
+
+/* Finishes a capture and launches it, then brings the outputs to the host: the forward's one
+ * wait. */
+static int cuda_end(void *ctx) {
+  cuda_ctx *c = ctx;
+  int st = c->status;
+  if (c->mode == CAPTURE) {
+    cn_cuda_graph *g = NULL;
+    int cst = cn_cuda_capture_end(c->cu, &g);
+    if (!st) st = cst;
+    if (!st) {
+      c->cur->graph = g;
+      c->cur->aux = c->cap_logits;
+      c->captures++;
+      st = cn_cuda_graph_launch(c->cu, g);
+    } else {
+      cn_cuda_graph_free(g);
+    }
+  }
+  const cn_fwd_io *io = &c->io;
+  if (!st && io->n_logits && io->top) {
+    st = cn_cuda_memcpy_d2h(c->cu, io->top, c->top_dev, sizeof(int32_t) * (size_t)io->n_logits);
+  } else if (!st && io->n_logits && c->mode != EAGER) {
+    const float *src = c->mode == REPLAY ? c->cur->aux : c->cap_logits;
+    st = cn_cuda_memcpy_d2h(c->cu, io->logits, src, sizeof(float) * (size_t)io->n_logits * io->vocab);
+  }
+  int sst = cn_cuda_sync(c->cu); /* also after a failure: the staging area gets refilled next */
+  if (!st) st = sst;
+  if (!sst) c->span_used = 0;
+  c->mode = EAGER;
+  return st;
+}
+
+/* The shared-prefix tree kernel for the whole batch in one launch, over the batch begin staged;
+ * head sizes it does not cover take the per-sequence kernel. */
 static void cuda_attention_batch(void *ctx, void *out, const void *q, const cn_attn_desc *d, int n_seqs) {
   cuda_ctx *c = ctx;
   if (c->status || n_seqs <= 0) return;
   int hd = d[0].head_dim, n_heads = d[0].n_heads, n_kv = d[0].n_kv_heads;
-  if (!cn_cuda_tree_attn_supported(hd)) {
+  if (!c->tb) {
     size_t row = 0;
     for (int s = 0; s < n_seqs; s++) {
       size_t at = row * (size_t)n_heads * hd;
@@ -475,24 +647,13 @@ static void cuda_attention_batch(void *ctx, void *out, const void *q, const cn_a
     }
     return;
   }
-  size_t at_tables, at_pos, at_mask;
-  char *dev = stage_tree_batch(c, d, n_seqs, &at_tables, &at_pos, &at_mask);
-  if (!dev) return;
-  int max_n = 0, max_keys = 0, any_tree = 0;
-  for (int s = 0; s < n_seqs; s++) {
-    int keys = d[s].ctx_len + d[s].q_offset + d[s].n;
-    max_n = d[s].n > max_n ? d[s].n : max_n;
-    max_keys = keys > max_keys ? keys : max_keys;
-    any_tree |= d[s].tree_mask != NULL;
-  }
-  /* Powers of two, so that the launch shape (and a captured graph's) changes only at doublings. */
-  int keys_bucket = 64;
-  while (keys_bucket < max_keys) keys_bucket *= 2;
-  int splits = cn_cuda_tree_attn_splits(c->cu, n_seqs, max_n, keys_bucket, n_heads, n_kv, hd);
-  size_t ws = cn_cuda_tree_attn_workspace(n_seqs, max_n, splits, n_heads, n_kv, hd);
+  int splits = cn_cuda_tree_attn_splits(c->cu, n_seqs, c->max_n, c->keys_bucket, n_heads, n_kv, hd);
+  size_t ws = cn_cuda_tree_attn_workspace(n_seqs, c->max_n, splits, n_heads, n_kv, hd);
   if (ws > c->ta_ws_bytes) {
-    /* Launches queued earlier may still use the old workspace. */
+    /* Launches queued earlier, and captured graphs, may still use the old workspace. Never
+     * during a capture: the same shape ran its ops (and grew this) first. */
     if (keep(c, cn_cuda_sync(c->cu))) return;
+    cn_graph_cache_clear(&c->graphs);
     cn_cuda_free(c->cu, c->ta_ws);
     c->ta_ws = NULL;
     c->ta_ws_bytes = 0;
@@ -507,12 +668,12 @@ static void cuda_attention_batch(void *ctx, void *out, const void *q, const cn_a
                               .v = kv.v,
                               .block_stride = kv.block_stride,
                               .block_size = kv.block_size,
-                              .block_tables = (const int32_t *)(dev + at_tables),
-                              .pos = (const int32_t *)(dev + at_pos),
-                              .tree_mask = any_tree ? (const uint64_t *)(dev + at_mask) : NULL,
-                              .seqs = (const cn_cuda_tree_seq *)dev,
+                              .block_tables = (const int32_t *)(c->tb + c->at_tables),
+                              .pos = (const int32_t *)(c->tb + c->at_pos),
+                              .tree_mask = c->any_tree ? (const uint64_t *)(c->tb + c->at_mask) : NULL,
+                              .seqs = (const cn_cuda_tree_seq *)c->tb,
                               .n_seqs = n_seqs,
-                              .max_n = max_n,
+                              .max_n = c->max_n,
                               .n_splits = splits,
                               .n_heads = n_heads,
                               .n_kv_heads = n_kv,
@@ -523,12 +684,24 @@ static void cuda_attention_batch(void *ctx, void *out, const void *q, const cn_a
   keep(c, cn_cuda_tree_attention(c->cu, &a));
 }
 
+/* Every sequence's new K/V of one layer in one launch, to the slots begin looked up. */
+static void cuda_kv_write_batch(void *ctx, const cn_attn_desc *d, int n_seqs, const void *k, const void *v,
+                                int kv_dim) {
+  cuda_ctx *c = ctx;
+  if (c->status || n_seqs <= 0) return;
+  cn_cuda_paged_kv kv = layer_view(d[0].pool, d[0].layer);
+  keep(c, cn_cuda_kv_write_slots(c->cu, &kv, c->slots, k, v, CN_CUDA_F32, c->io.n_tokens, kv_dim));
+}
+
+/* Into the forward's run of device ids; `end` brings all of them over in one copy. */
 static void cuda_argmax_rows(void *ctx, int32_t *top, const void *logits, int rows, int vocab) {
   cuda_ctx *c = ctx;
-  if (!c->status && rows > TOP_ROWS)
-    keep(c, cn_error(CANOPY_ERR_INVALID_ARG, "cuda argmax_rows: %d rows (at most %d a call)", rows, TOP_ROWS));
-  if (!c->status) keep(c, cn_cuda_argmax(c->cu, c->top_dev, logits, CN_CUDA_F32, rows, vocab));
-  if (!c->status) keep(c, cn_cuda_memcpy_d2h(c->cu, top, c->top_dev, sizeof *top * (size_t)rows));
+  if (!c->status && (rows > TOP_ROWS || top != c->io.top + c->top_used || c->top_used + rows > c->top_cap))
+    keep(c, cn_error(CANOPY_ERR_INVALID_ARG,
+                     "cuda argmax_rows: %d rows at row %d (at most %d a call, in order, %d in all begin announced)",
+                     rows, c->top_used, TOP_ROWS, c->top_cap));
+  if (!c->status) keep(c, cn_cuda_argmax(c->cu, c->top_dev + c->top_used, logits, CN_CUDA_F32, rows, vocab));
+  c->top_used += rows;
 }
 
 static void cuda_norm_matmul(void *ctx, void *y, const void *x, const void *norm_w, float eps, const void *w,
@@ -551,9 +724,12 @@ static void cuda_qkv_rope(void *ctx, void *q, void *k, void *v, const void *qkv,
   if (p && f) keep(c, cn_cuda_qkv_rope(c->cu, q, k, v, qkv, p, n, n_heads, n_kv_heads, head_dim, f));
 }
 
+/* While capturing, the copy is left to `end` (after the graph's launch): a graph captures one
+ * LM-head chunk at most, so src still holds it then. */
 static void cuda_to_host(void *ctx, float *dst, const void *src, size_t n) {
   cuda_ctx *c = ctx;
-  if (!c->status) keep(c, cn_cuda_memcpy_d2h(c->cu, dst, src, sizeof(float) * n));
+  if (c->mode == CAPTURE) c->cap_logits = src;
+  else if (!c->status) keep(c, cn_cuda_memcpy_d2h(c->cu, dst, src, sizeof(float) * n));
 }
 
 static const cn_backend cuda_backend = {
@@ -577,6 +753,7 @@ static const cn_backend cuda_backend = {
     .split_qkv = cuda_split_qkv,
     .gather_rows = cuda_gather_rows,
     .kv_write = cuda_kv_write,
+    .kv_write_batch = cuda_kv_write_batch,
     .attention_batch = cuda_attention_batch,
     .to_host = cuda_to_host,
     .argmax_rows = cuda_argmax_rows,
@@ -585,8 +762,24 @@ static const cn_backend cuda_backend = {
     .qkv_rope = cuda_qkv_rope,
 };
 
+/* Tables copied from the CUDA one (bench_step's unfused variant) share its destroy. */
+static int is_cuda(const cn_backend *be) { return be && be->destroy == cuda_destroy; }
+
 struct cn_cuda_ctx *cn_backend_cuda_ctx(const cn_backend *be, void *ctx) {
-  return be == &cuda_backend ? ((cuda_ctx *)ctx)->cu : NULL;
+  return is_cuda(be) ? ((cuda_ctx *)ctx)->cu : NULL;
+}
+
+void cn_backend_cuda_set_graphs(const cn_backend *be, void *ctx, int max_graphs) {
+  if (!is_cuda(be)) return;
+  cuda_ctx *c = ctx;
+  cn_graph_cache_free(&c->graphs);
+  /* Without memory for the slots the cache holds nothing: forwards then just run their ops. */
+  (void)cn_graph_cache_init(&c->graphs, max_graphs, free_graph);
+}
+
+void cn_backend_cuda_graph_stats(const cn_backend *be, void *ctx, long *replays, long *captures) {
+  *replays = is_cuda(be) ? ((cuda_ctx *)ctx)->replays : 0;
+  *captures = is_cuda(be) ? ((cuda_ctx *)ctx)->captures : 0;
 }
 
 int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx) {
@@ -600,6 +793,8 @@ int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx) {
   if (!st) st = map_grow(c);
   if (!st) st = arena_grow(c, ARENA_MIN / 2);
   if (!st) st = cn_cuda_malloc(c->cu, (void **)&c->top_dev, sizeof *c->top_dev * TOP_ROWS);
+  if (!st) c->top_cap = TOP_ROWS;
+  if (!st) st = cn_graph_cache_init(&c->graphs, MAX_GRAPHS, free_graph);
   if (st) {
     cuda_destroy(c);
     return st;

@@ -7,8 +7,7 @@
 
 #include "common/error.h"
 
-/* LM-head rows computed per GEMM: bounds the logits scratch to LOGIT_CHUNK x vocab floats. */
-#define LOGIT_CHUNK 64
+#define LOGIT_CHUNK CN_LOGIT_CHUNK
 
 static int check_batch(canopy_model *m, const cn_batch *b) {
   const cn_config *c = &m->cfg;
@@ -105,34 +104,48 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
   if (st) return st;
   const cn_backend *be = m->be;
   void *ctx = m->be_ctx;
-  if (be->begin && (st = be->begin(ctx))) {
-    unreserve(b, b->n_seqs);
-    return st;
-  }
-  m->n_forwards++;
-
   const cn_config *c = &m->cfg;
   const cn_scratch *s = &m->s;
   int n = b->n_tokens, D = c->hidden_size, d = c->head_dim, F = c->intermediate_size;
   int q_dim = c->n_heads * d, kv_dim = c->n_kv_heads * d, qkv_dim = q_dim + 2 * kv_dim;
   float scale = 1.0f / sqrtf((float)d);
 
+  /* Each sequence's attention, the same in every layer but for .layer. */
+  for (int q = 0; q < b->n_seqs; q++) {
+    const cn_seq_batch *sb = &b->seqs[q];
+    m->attn_desc[q] = (cn_attn_desc){.pool = m->kv, .seq = sb->kv, .layer = 0, .ctx_len = cn_kv_seq_len(sb->kv),
+                                     .q_offset = sb->tree_prev, .n = sb->n,
+                                     .pos = sb->tree_prev ? sb->tree_pos : b->pos + sb->first,
+                                     .tree_mask = sb->tree_mask, .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads,
+                                     .head_dim = d, .sliding_window = c->sliding_window, .scale = scale};
+  }
+  cn_fwd_io io = {.n_tokens = n, .tokens = b->tokens, .pos = b->pos, .n_logits = b->n_logits,
+                  .logit_rows = b->logit_rows, .top = b->top, .logits = b->top ? NULL : logits,
+                  .vocab = c->vocab_size, .n_seqs = b->n_seqs, .desc = m->attn_desc, .inv_freq = m->inv_freq};
+  int replayed = 0;
+  if (be->begin && (st = be->begin(ctx, &io, &replayed))) {
+    unreserve(b, b->n_seqs);
+    return st;
+  }
+  m->n_forwards++;
+  if (replayed) goto done;
+
   be->embed(ctx, s->x, m->embed, b->tokens, n, D);
   for (int l = 0; l < c->n_layers; l++) {
     const cn_layer *w = &m->layers[l];
     norm_matmul(m, s->qkv, s->x, w->attn_norm, w->wqkv, w->bqkv, n, D, qkv_dim);
     qkv_rope(m, b->pos, n);
-    for (int q = 0; q < b->n_seqs; q++) {
-      const cn_seq_batch *sb = &b->seqs[q];
-      int len = cn_kv_seq_len(sb->kv);
-      size_t off_kv = (size_t)sb->first * kv_dim * sizeof(float);
-      be->kv_write(ctx, m->kv, sb->kv, l, len + sb->tree_prev, (char *)s->k + off_kv, (char *)s->v + off_kv, sb->n,
-                   kv_dim);
-      m->attn_desc[q] = (cn_attn_desc){.pool = m->kv, .seq = sb->kv, .layer = l, .ctx_len = len,
-                                       .q_offset = sb->tree_prev, .n = sb->n,
-                                       .pos = sb->tree_prev ? sb->tree_pos : b->pos + sb->first,
-                                       .tree_mask = sb->tree_mask, .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads,
-                                       .head_dim = d, .sliding_window = c->sliding_window, .scale = scale};
+    for (int q = 0; q < b->n_seqs; q++)
+      m->attn_desc[q].layer = l;
+    if (be->kv_write_batch) {
+      be->kv_write_batch(ctx, m->attn_desc, b->n_seqs, s->k, s->v, kv_dim);
+    } else {
+      for (int q = 0; q < b->n_seqs; q++) {
+        const cn_attn_desc *a = &m->attn_desc[q];
+        size_t off_kv = (size_t)b->seqs[q].first * kv_dim * sizeof(float);
+        be->kv_write(ctx, m->kv, a->seq, l, a->ctx_len + a->q_offset, (char *)s->k + off_kv, (char *)s->v + off_kv,
+                     a->n, kv_dim);
+      }
     }
     be->attention_batch(ctx, s->attn, s->q, m->attn_desc, b->n_seqs);
     be->matmul(ctx, s->proj, s->attn, w->wo, w->bo, n, q_dim, D);
@@ -150,6 +163,7 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
     if (b->top) be->argmax_rows(ctx, b->top + r, s->logits, rows, c->vocab_size);
     else be->to_host(ctx, logits + (size_t)r * c->vocab_size, s->logits, (size_t)rows * c->vocab_size);
   }
+done:
   if (be->end && (st = be->end(ctx))) unreserve(b, b->n_seqs);
   return st;
 }

@@ -14,7 +14,7 @@
 
 canopy_model_params canopy_model_default_params(void) {
   return (canopy_model_params){.n_threads = 0, .max_context = 0, .kv_block_size = 16, .kv_blocks = 0, .prefix_cache = 1,
-                               .device = CANOPY_DEVICE_CPU};
+                               .device = CANOPY_DEVICE_CPU, .cuda_graphs = 64};
 }
 
 typedef struct loader {
@@ -156,6 +156,7 @@ static int load_all(canopy_model *m, const canopy_model_params *p) {
   else st = cn_error(CANOPY_ERR_INVALID_ARG, "%s: unknown device %d (CANOPY_DEVICE_CPU or CANOPY_DEVICE_CUDA)", m->dir,
                      p->device);
   if (st) return st;
+  if (p->device == CANOPY_DEVICE_CUDA) cn_backend_cuda_set_graphs(m->be, m->be_ctx, p->cuda_graphs);
 
   loader ld = {.m = m, .seed = p->random_seed};
   st = p->random_weights ? CANOPY_OK : cn_st_open(m->dir, &ld.st);
