@@ -16,8 +16,12 @@
  *
  * With --unfused, the decode and verification steps are timed a second time with the backend's
  * fused ops (norm_matmul, swiglu_matmul_add, qkv_rope) switched off, side by side in the same run.
+ * Forwards replay CUDA graphs (the default: the first warm-up runs the ops, the second captures);
+ * --no-graphs launches every op instead, and --compare-graphs times each step both ways, one
+ * right after the other, and adds the no-graph time and the ratio.
  *
- * usage: bench_step --config FILE.json [--config ...] [--ctx L] [--nodes 16,64,128] [--reps N] [--unfused] */
+ * usage: bench_step --config FILE.json [--config ...] [--ctx L] [--nodes 16,64,128] [--reps N] [--unfused]
+ *                   [--no-graphs | --compare-graphs] */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -69,6 +73,9 @@ typedef struct step_time {
 
 enum { LAST_ROW, ALL_LOGITS, TOP_IDS };
 
+/* 0: graphs as the model was loaded (on unless --no-graphs); 1: every step also without. */
+static int compare_graphs;
+
 /* Median time of a forward over tree t at the sequence's current length: the logits of the last
  * node, of every node, or every node's top token (argmax on the device, ids to the host). */
 static step_time time_forward(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, cn_kv_seq *kv, const cn_tree *t,
@@ -113,6 +120,24 @@ static void random_tree(cn_tree *t, int n, int vocab, uint32_t *x) {
 }
 
 /* The rows of one table: decode, then verification of each tree size (all logits, one row). */
+/* The forward's time, and with --compare-graphs its time without graphs (no_graph_ms, else 0). */
+static step_time time_both(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, cn_kv_seq *kv, const cn_tree *t,
+                           int mode, float *logits, int reps, double *no_graph_ms) {
+  step_time st = time_forward(m, cu, tm, kv, t, mode, logits, reps);
+  *no_graph_ms = 0;
+  if (compare_graphs) {
+    cn_backend_cuda_set_graphs(m->be, m->be_ctx, 0);
+    *no_graph_ms = time_forward(m, cu, tm, kv, t, mode, logits, reps).event_ms;
+    cn_backend_cuda_set_graphs(m->be, m->be_ctx, 64);
+  }
+  return st;
+}
+
+static void print_compare(double ms, double no_graph_ms) {
+  if (compare_graphs) printf(" %11.3f %8.2fx", no_graph_ms, no_graph_ms / ms);
+  printf("\n");
+}
+
 static void bench_steps(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, cn_kv_seq *kv, const int *nodes,
                         int n_nodes, int reps, double floor_ms, const char *tag) {
   const cn_config *c = &m->cfg;
@@ -120,34 +145,39 @@ static void bench_steps(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, cn_
   uint32_t x = 777; /* the same trees for every tag */
   cn_tree one;
   cn_tree_reset(&one, 42 % c->vocab_size);
-  step_time dec = time_forward(m, cu, tm, kv, &one, LAST_ROW, logits, reps);
+  double ng;
+  step_time dec = time_both(m, cu, tm, kv, &one, LAST_ROW, logits, reps, &ng);
   char name[64];
   snprintf(name, sizeof name, "decode%s", tag);
-  printf("%-30s %6d %11.3f %11.3f %9.2f %10.1f%%\n", name, 1, dec.event_ms, dec.wall_ms, 1.0,
+  printf("%-30s %6d %11.3f %11.3f %9.2f %10.1f%%", name, 1, dec.event_ms, dec.wall_ms, 1.0,
          100.0 * floor_ms / dec.event_ms);
+  print_compare(dec.event_ms, ng);
   for (int k = 0; k < n_nodes; k++) {
     cn_tree t;
     random_tree(&t, nodes[k], c->vocab_size, &x);
     const int modes[] = {ALL_LOGITS, TOP_IDS, LAST_ROW};
     for (int i = 0; i < 3; i++) {
       int mode = modes[i];
-      step_time v = time_forward(m, cu, tm, kv, &t, mode, logits, reps);
+      step_time v = time_both(m, cu, tm, kv, &t, mode, logits, reps, &ng);
       snprintf(name, sizeof name, "verify, %s%s",
                mode == ALL_LOGITS ? "all logits" : mode == TOP_IDS ? "top ids" : "1 logit row", tag);
-      printf("%-30s %6d %11.3f %11.3f %9.2f %10s\n", name, t.n, v.event_ms, v.wall_ms, v.event_ms / dec.event_ms, "");
+      printf("%-30s %6d %11.3f %11.3f %9.2f %11s", name, t.n, v.event_ms, v.wall_ms, v.event_ms / dec.event_ms, "");
+      print_compare(v.event_ms, ng);
     }
   }
   fflush(stdout);
   free(logits);
 }
 
-static void bench_config(const char *path, int L, const int *nodes, int n_nodes, int reps, double bw, int unfused) {
+static void bench_config(const char *path, int L, const int *nodes, int n_nodes, int reps, double bw, int unfused,
+                         int no_graphs) {
   canopy_model_params mp = canopy_model_default_params();
   mp.device = CANOPY_DEVICE_CUDA;
   mp.random_weights = path;
   mp.prefix_cache = 0;
   mp.max_context = L + 256;
   mp.kv_blocks = (L + 256) / 16 + 4;
+  if (no_graphs) mp.cuda_graphs = 0;
   canopy_model *m;
   double t0 = bench_now_s();
   if (canopy_model_load(NULL, &mp, &m)) die(path);
@@ -181,7 +211,9 @@ static void bench_config(const char *path, int L, const int *nodes, int n_nodes,
          c->vocab_size, m->weight_bytes / 1e9, load_s);
   printf("context L = %d: decode reads %.3f GB of weights + %.3f GB of K/V; floor at %.0f GB/s = %.3f ms\n", L,
          weight_read / 1e9, kv_read / 1e9, bw / 1e9, floor_ms);
-  printf("%-30s %6s %11s %11s %9s %11s\n", "step", "nodes", "event ms", "wall ms", "x decode", "% of floor");
+  printf("%-30s %6s %11s %11s %9s %11s", "step", "nodes", "event ms", "wall ms", "x decode", "% of floor");
+  if (compare_graphs) printf(" %11s %9s", "no-graph ms", "speedup");
+  printf("\n");
   bench_steps(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, "");
   if (unfused) {
     /* The same model through a copy of its backend table without the fused ops. */
@@ -189,8 +221,10 @@ static void bench_config(const char *path, int L, const int *nodes, int n_nodes,
     const cn_backend *fused = m->be;
     plain.norm_matmul = NULL, plain.swiglu_matmul_add = NULL, plain.qkv_rope = NULL;
     m->be = &plain;
+    cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64); /* captured with the fused ops */
     bench_steps(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, " (unfused)");
     m->be = fused;
+    cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64);
   }
   cn_kv_seq_free(kv);
   cn_cuda_timer_free(tm);
@@ -212,17 +246,20 @@ static int parse_list(const char *s, int *out, int cap) {
 
 int main(int argc, char **argv) {
   const char *configs[MAX_CONFIGS];
-  int n_configs = 0, L = 4096, reps = 20, nodes[MAX_NODES] = {16, 64, 128}, n_nodes = 3, unfused = 0;
+  int n_configs = 0, L = 4096, reps = 20, nodes[MAX_NODES] = {16, 64, 128}, n_nodes = 3, unfused = 0,
+      no_graphs = 0;
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--config") && i + 1 < argc && n_configs < MAX_CONFIGS) configs[n_configs++] = argv[++i];
     else if (!strcmp(argv[i], "--ctx") && i + 1 < argc) L = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--nodes") && i + 1 < argc) n_nodes = parse_list(argv[++i], nodes, MAX_NODES);
     else if (!strcmp(argv[i], "--unfused")) unfused = 1;
+    else if (!strcmp(argv[i], "--no-graphs")) no_graphs = 1;
+    else if (!strcmp(argv[i], "--compare-graphs")) compare_graphs = 1;
     else n_configs = -1;
     if (n_configs < 0 || n_nodes < 0 || L < 1 || reps < 1) {
       fprintf(stderr, "usage: bench_step --config FILE.json [--config ...] [--ctx L] [--nodes 16,64,128] "
-                      "[--reps N] [--unfused]\n");
+                      "[--reps N] [--unfused] [--no-graphs | --compare-graphs]\n");
       return 2;
     }
   }
@@ -242,7 +279,7 @@ int main(int argc, char **argv) {
   cn_cuda_ctx_free(cu);
   printf("device-to-device copy bandwidth (1 GiB, read + write, median of 10): %.0f GB/s\n", bw / 1e9);
   for (int i = 0; i < n_configs; i++)
-    bench_config(configs[i], L, nodes, n_nodes, reps, bw, unfused);
+    bench_config(configs[i], L, nodes, n_nodes, reps, bw, unfused, no_graphs);
   return 0;
 }
 #endif
