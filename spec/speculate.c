@@ -386,11 +386,15 @@ int cn_spec_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_
   double t0 = now_s();
   cn_seq_batch sb;
   int n = cn_spec_batch(s, target_kv, 0, s->tbuf_tokens, s->tpos, s->trows, &sb);
+  /* Greedy acceptance needs each node's top token only: n ids cross to the host, not n rows of
+   * logits (on CUDA the argmax runs on the device, and the forward stays one captured graph). */
+  int32_t top[CN_TREE_MAX_NODES];
   cn_batch b = {.n_tokens = n, .tokens = s->tbuf_tokens, .pos = s->tpos, .n_seqs = 1, .seqs = &sb,
-                .n_logits = n, .logit_rows = s->trows};
-  st = cn_forward(s->target, &b, s->tlogits);
+                .n_logits = n, .logit_rows = s->trows, .top = s->stochastic ? NULL : top};
+  st = cn_forward(s->target, &b, s->stochastic ? s->tlogits : NULL);
   if (st) return st;
   stats->forward_passes++;
   stats->verify_s += now_s() - t0;
+  if (!s->stochastic) return cn_spec_accept_top(s, target_kv, top, out, n_out, stats);
   return cn_spec_accept(s, target_kv, s->tlogits, sampler, out, n_out, stats);
 }
