@@ -246,7 +246,9 @@ static void test_rmsnorm_matches_cpu(void **state) {
 
 static void test_matmul_matches_cpu(void **state) {
   mismatches = 0;
-  const int shapes[][3] = {{1, 7, 5}, {3, 64, 33}, {17, 129, 65}, {64, 200, 250}, {129, 576, 1537}}; /* n, in, out */
+  /* n <= 8 takes the few-row kernel (gemv.cu: vector and scalar paths), more rows cuBLAS. */
+  const int shapes[][3] = {{1, 7, 5},     {3, 64, 33},      {2, 1000, 77},    {5, 576, 1537}, {7, 203, 19},
+                           {8, 1536, 576}, {9, 128, 40},     {17, 129, 65},    {64, 200, 250}, {129, 576, 1537}}; /* n, in, out */
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
     int n = shapes[s][0], in = shapes[s][1], out = shapes[s][2];
     /* The device rounds an fp32 x to bf16 before the GEMM, so the reference uses bf16 x always. */
@@ -584,6 +586,39 @@ static void test_argmax_is_exact_and_takes_first_of_ties(void **state) {
   END_TEST();
 }
 
+/* A row's product must not depend on the rows batched with it where the few-row kernel runs:
+ * decode (1 row) and a short chain's verification (up to 8) then round alike, so greedy
+ * speculation stays token-for-token the target's own decode. */
+static void test_matmul_rows_do_not_depend_on_the_batch(void **state) {
+  mismatches = 0;
+  const int shapes[][2] = {{576, 1537}, {203, 19}, {4096, 100}}; /* in, out */
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+    int in = shapes[s][0], out = shapes[s][1], n = 8, differ = 0;
+    float *x = rand_bf16_buf((size_t)n * in, 1.0f), *w = rand_bf16_buf((size_t)out * in, 1.0f);
+    void *d_w = dev_upload(w, (size_t)out * in, CN_CUDA_BF16), *d_x = dev_upload(x, (size_t)n * in, CN_CUDA_BF16);
+    void *d_all = dev_poisoned((size_t)n * out, CN_CUDA_F32), *d_one = dev_poisoned((size_t)out, CN_CUDA_F32);
+    for (int rows = 1; rows <= n; rows++) {
+      CK(cn_cuda_matmul(ctx, d_all, CN_CUDA_F32, d_x, CN_CUDA_BF16, d_w, NULL, rows, in, out));
+      float *all = dev_download(d_all, (size_t)rows * out, CN_CUDA_F32);
+      for (int r = 0; r < rows; r++) {
+        CK(cn_cuda_matmul(ctx, d_one, CN_CUDA_F32, (const cn_bf16 *)d_x + (size_t)r * in, CN_CUDA_BF16, d_w, NULL, 1,
+                          in, out));
+        float *one = dev_download(d_one, (size_t)out, CN_CUDA_F32);
+        differ += memcmp(one, all + (size_t)r * out, sizeof(float) * (size_t)out) != 0;
+        free(one);
+      }
+      free(all);
+    }
+    if (differ) {
+      print_error("matmul %dx%d: %d rows differ from the same row computed alone\n", in, out, differ);
+      mismatches++;
+    }
+    cn_cuda_free(ctx, d_w), cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_all), cn_cuda_free(ctx, d_one);
+    free(x), free(w);
+  }
+  END_TEST();
+}
+
 /* The fused forms against the CPU twins run one after the other. The device rounds the normed
  * (or SwiGLU) rows to bf16 before its GEMM where the CPU keeps fp32: within the bf16 tolerance. */
 static void test_norm_matmul_matches_cpu(void **state) {
@@ -741,6 +776,7 @@ int main(void) {
       cmocka_unit_test(test_embed_copies_table_rows),
       cmocka_unit_test(test_rmsnorm_matches_cpu),
       cmocka_unit_test(test_matmul_matches_cpu),
+      cmocka_unit_test(test_matmul_rows_do_not_depend_on_the_batch),
       cmocka_unit_test(test_rope_matches_cpu),
       cmocka_unit_test(test_swiglu_matches_cpu),
       cmocka_unit_test(test_add_matches_cpu),

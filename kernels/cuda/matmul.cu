@@ -1,9 +1,10 @@
-/* y = x W^T (+ bias) through cuBLAS: bf16 operands, fp32 accumulation, bf16 or fp32 output.
+/* y = x W^T (+ bias) through cuBLAS (or, for a few rows, gemv.cu): bf16 operands, fp32 accumulation, bf16 or fp32 output.
  *
  * Row-major y [n][out] = x [n][in] W^T with W [out][in] is, read column-major, the product
  * y^T (out x n) = W^T' x^T where W's storage is an (in x out) column-major matrix; so one
  * GEMM with op(A) = T on W and op(B) = N on x, and no transposed copy of any weight. */
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/gemv.cuh"
 
 /* Fills y's rows with the bias, so the GEMM adds onto it with beta = 1 (no second pass). */
 template <typename T> __global__ void bias_rows_kernel(T *y, const cn_bf16_t *bias, int n, int out) {
@@ -36,6 +37,8 @@ static int gemm_bf16(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const void *
     if (st) return st;
     beta = 1.0f;
   }
+  if (n <= CN_GEMV_MAX_ROWS)
+    return cn_gemv_bf16(ctx, y, y_dt, (const cn_bf16_t *)xb, (const cn_bf16_t *)w, n, in, out, beta != 0.0f);
   cudaDataType_t yt = y_dt == CN_CUDA_F32 ? CUDA_R_32F : CUDA_R_16BF;
   CN_CUBLAS_CHECK(cublasGemmEx(ctx->blas, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &alpha, w, CUDA_R_16BF, in, xb,
                                CUDA_R_16BF, in, &beta, y, yt, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
