@@ -77,9 +77,11 @@ typedef struct cn_backend {
                    int n_kv_heads, int head_dim, const float *inv_freq);
   /* Copies n floats of a backend buffer to the host. */
   void (*to_host)(void *ctx, float *dst, const void *src, size_t n);
-  /* Host top[r] = index of the largest of rows r < rows of a [rows][vocab] logits buffer (the
-   * first on ties), at most 64 rows per call; only the indices cross to the host. */
-  void (*argmax_rows)(void *ctx, int32_t *top, const void *logits, int rows, int vocab);
+  /* For rows r < rows of a [rows][vocab] logits buffer: host ids [rows][k] = the k largest of
+   * the row in descending order (cn_cpu_top_k's order; k = 1 is the argmax, the first on ties)
+   * and, when logp is not NULL, host logp [rows][k] their log-softmax. At most 64 rows and
+   * k <= 32 per call; only these cross to the host. */
+  void (*top_rows)(void *ctx, int32_t *ids, float *logp, const void *logits, int rows, int vocab, int k);
 } cn_backend;
 
 /* The fp32 CPU backend with `n_threads` workers (0 = all online cores). */

@@ -139,9 +139,10 @@ static void cpu_to_host(void *ctx, float *dst, const void *src, size_t n) {
   if (dst != src) memcpy(dst, src, sizeof(float) * n);
 }
 
-static void cpu_argmax_rows(void *ctx, int32_t *top, const void *logits, int rows, int vocab) {
+static void cpu_top_rows(void *ctx, int32_t *ids, float *logp, const void *logits, int rows, int vocab, int k) {
   for (int r = 0; r < rows; r++)
-    top[r] = cn_cpu_argmax((const float *)logits + (size_t)r * vocab, vocab);
+    cn_cpu_top_k((const float *)logits + (size_t)r * vocab, vocab, k, ids + (size_t)r * k,
+                 logp ? logp + (size_t)r * k : NULL);
 }
 
 static const cn_backend cpu_backend = {
@@ -164,7 +165,7 @@ static const cn_backend cpu_backend = {
     .kv_write = cpu_kv_write,
     .attention_batch = cpu_attention_batch,
     .to_host = cpu_to_host,
-    .argmax_rows = cpu_argmax_rows,
+    .top_rows = cpu_top_rows,
 };
 
 int cn_backend_cpu_create(int n_threads, const cn_backend **be, void **ctx) {

@@ -34,7 +34,8 @@ int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx) {
 #define ARENA_MIN (256u << 10) /* bytes; grown on demand */
 #endif
 #define MAX_RETIRED 8
-#define TOP_ROWS 64 /* rows per argmax_rows call (the forward's LM-head chunk) */
+#define TOP_ROWS 64 /* rows per top_rows call (the forward's LM-head chunk) */
+#define TOP_K 32     /* most picks per row */
 
 /* One staged host array of the current forward. */
 typedef struct staged {
@@ -60,7 +61,8 @@ typedef struct cuda_ctx {
   size_t map_cap, map_used;
   unsigned gen;
   void *copy_tmp; /* device staging of KV span copies, copy_tmp_bytes long */
-  int32_t *top_dev; /* [TOP_ROWS] argmax_rows' device result */
+  int32_t *top_dev; /* [TOP_ROWS][TOP_K] top_rows' device ids */
+  float *top_logp_dev; /* [TOP_ROWS][TOP_K] and their log-softmax */
   size_t copy_tmp_bytes;
   /* Tree attention: the device arrays of the last staged batch (descriptors, block tables,
    * positions, masks), reused by the later layers of the same forward, and the split workspace. */
@@ -194,6 +196,7 @@ static void cuda_destroy(void *ctx) {
   cn_cuda_free(c->cu, c->copy_tmp);
   cn_cuda_free(c->cu, c->ta_ws);
   cn_cuda_free(c->cu, c->top_dev);
+  cn_cuda_free(c->cu, c->top_logp_dev);
   cn_cuda_ctx_free(c->cu);
   free(c->ta_host);
   free(c->map);
@@ -523,12 +526,17 @@ static void cuda_attention_batch(void *ctx, void *out, const void *q, const cn_a
   keep(c, cn_cuda_tree_attention(c->cu, &a));
 }
 
-static void cuda_argmax_rows(void *ctx, int32_t *top, const void *logits, int rows, int vocab) {
+static void cuda_top_rows(void *ctx, int32_t *ids, float *logp, const void *logits, int rows, int vocab, int k) {
   cuda_ctx *c = ctx;
-  if (!c->status && rows > TOP_ROWS)
-    keep(c, cn_error(CANOPY_ERR_INVALID_ARG, "cuda argmax_rows: %d rows (at most %d a call)", rows, TOP_ROWS));
-  if (!c->status) keep(c, cn_cuda_argmax(c->cu, c->top_dev, logits, CN_CUDA_F32, rows, vocab));
-  if (!c->status) keep(c, cn_cuda_memcpy_d2h(c->cu, top, c->top_dev, sizeof *top * (size_t)rows));
+  if (!c->status && (rows > TOP_ROWS || k < 1 || k > TOP_K))
+    keep(c, cn_error(CANOPY_ERR_INVALID_ARG, "cuda top_rows: %d rows, k = %d (at most %d rows and k = %d a call)",
+                     rows, k, TOP_ROWS, TOP_K));
+  if (c->status) return;
+  size_t n = (size_t)rows * k;
+  if (k == 1 && !logp) keep(c, cn_cuda_argmax(c->cu, c->top_dev, logits, CN_CUDA_F32, rows, vocab));
+  else keep(c, cn_cuda_top_k(c->cu, c->top_dev, logp ? c->top_logp_dev : NULL, logits, CN_CUDA_F32, rows, vocab, k));
+  if (!c->status) keep(c, cn_cuda_memcpy_d2h(c->cu, ids, c->top_dev, sizeof *ids * n));
+  if (!c->status && logp) keep(c, cn_cuda_memcpy_d2h(c->cu, logp, c->top_logp_dev, sizeof *logp * n));
 }
 
 static void cuda_norm_matmul(void *ctx, void *y, const void *x, const void *norm_w, float eps, const void *w,
@@ -579,7 +587,7 @@ static const cn_backend cuda_backend = {
     .kv_write = cuda_kv_write,
     .attention_batch = cuda_attention_batch,
     .to_host = cuda_to_host,
-    .argmax_rows = cuda_argmax_rows,
+    .top_rows = cuda_top_rows,
     .norm_matmul = cuda_norm_matmul,
     .swiglu_matmul_add = cuda_swiglu_matmul_add,
     .qkv_rope = cuda_qkv_rope,
@@ -599,7 +607,8 @@ int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx) {
   int st = cn_cuda_ctx_create(device, &c->cu);
   if (!st) st = map_grow(c);
   if (!st) st = arena_grow(c, ARENA_MIN / 2);
-  if (!st) st = cn_cuda_malloc(c->cu, (void **)&c->top_dev, sizeof *c->top_dev * TOP_ROWS);
+  if (!st) st = cn_cuda_malloc(c->cu, (void **)&c->top_dev, sizeof *c->top_dev * TOP_ROWS * TOP_K);
+  if (!st) st = cn_cuda_malloc(c->cu, (void **)&c->top_logp_dev, sizeof *c->top_logp_dev * TOP_ROWS * TOP_K);
   if (st) {
     cuda_destroy(c);
     return st;

@@ -34,6 +34,9 @@ static int check_batch(canopy_model *m, const cn_batch *b) {
   }
   if (covered != b->n_tokens)
     return cn_error(CANOPY_ERR_INVALID_ARG, "forward: sequences cover %d of %d tokens", covered, b->n_tokens);
+  if (b->top && (b->top_k < 0 || b->top_k > 32 || b->top_k > c->vocab_size))
+    return cn_error(CANOPY_ERR_INVALID_ARG, "forward: top_k %d (0..%d allowed)", b->top_k,
+                    c->vocab_size < 32 ? c->vocab_size : 32);
   for (int i = 0; i < b->n_logits; i++)
     if (b->logit_rows[i] < 0 || b->logit_rows[i] >= b->n_tokens)
       return cn_error(CANOPY_ERR_INVALID_ARG, "forward: logit row %d is outside the batch", b->logit_rows[i]);
@@ -147,7 +150,10 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
     int rows = b->n_logits - r < LOGIT_CHUNK ? b->n_logits - r : LOGIT_CHUNK;
     be->gather_rows(ctx, s->xn, s->x, b->logit_rows + r, rows, D);
     norm_matmul(m, s->logits, s->xn, m->final_norm, m->lm_head, NULL, rows, D, c->vocab_size);
-    if (b->top) be->argmax_rows(ctx, b->top + r, s->logits, rows, c->vocab_size);
+    int k = b->top_k > 0 ? b->top_k : 1;
+    if (b->top)
+      be->top_rows(ctx, b->top + (size_t)r * k, b->top_logp ? b->top_logp + (size_t)r * k : NULL, s->logits, rows,
+                   c->vocab_size, k);
     else be->to_host(ctx, logits + (size_t)r * c->vocab_size, s->logits, (size_t)rows * c->vocab_size);
   }
   if (be->end && (st = be->end(ctx))) unreserve(b, b->n_seqs);

@@ -236,9 +236,13 @@ static int finished(const canopy_session *s) {
   return (s->p.max_tokens > 0 && s->stats.n_generated >= s->p.max_tokens) || s->n_tokens >= s->m->max_context;
 }
 
+#define TOP_MAX 32 /* most best ids a draft row hands back (cn_batch.top_k) */
+
 /* Grows a model's step scratch to `sessions` parts and `rows` rows of logits. */
 static int step_scratch(canopy_model *m, int sessions, int rows) {
-  if (!m->step_idx && !(m->step_idx = malloc(sizeof *m->step_idx * 4 * (size_t)m->max_batch)))
+  if (!m->step_idx && !(m->step_idx = malloc(sizeof *m->step_idx * (4 + TOP_MAX) * (size_t)m->max_batch)))
+    return cn_error(CANOPY_ERR_NO_MEMORY, "batched step: out of memory");
+  if (!m->step_top_logp && !(m->step_top_logp = malloc(sizeof *m->step_top_logp * TOP_MAX * (size_t)m->max_batch)))
     return cn_error(CANOPY_ERR_NO_MEMORY, "batched step: out of memory");
   if (sessions > m->step_cap) {
     cn_seq_batch *seqs = realloc(m->step_seqs, sizeof *seqs * (size_t)sessions);
@@ -284,13 +288,28 @@ static int draft_together(canopy_model *d, step_part *parts, int k) {
                       d->max_batch);
       return st;
     }
+    /* Greedy trees need only each row's best few ids: when every piece here is such, that is all
+     * the forward hands back (the widest any of them needs). */
+    int top_k = 0;
+    for (int j = 0; j < k; j++)
+      if (parts[j].row_first >= 0) {
+        int kj = cn_spec_draft_top_k(parts[j].s->spec);
+        top_k = kj <= 0 || top_k < 0 ? -1 : kj > top_k ? kj : top_k;
+      }
+    int32_t *top = rows + d->max_batch;
     cn_batch b = {.n_tokens = total, .tokens = tokens, .pos = pos, .n_seqs = n_seqs, .seqs = d->step_seqs,
                   .n_logits = n_rows, .logit_rows = rows};
-    if (!(st = step_scratch(d, k, n_rows)) && (st = cn_forward(d, &b, d->step_logits)))
+    if (top_k > 0) b.top = top, b.top_k = top_k, b.top_logp = d->step_top_logp;
+    if (!(st = step_scratch(d, k, top_k > 0 ? 0 : n_rows)) && (st = cn_forward(d, &b, top_k > 0 ? NULL : d->step_logits)))
       st = cn_error_wrap(st, "draft");
     for (int j = 0; !st && j < k; j++)
-      if (parts[j].row_first >= 0)
-        st = cn_spec_draft_take(parts[j].s->spec, d->step_logits + (size_t)parts[j].row_first * d->cfg.vocab_size);
+      if (parts[j].row_first >= 0) {
+        size_t r0 = (size_t)parts[j].row_first;
+        cn_draft_out o = top_k > 0 ? (cn_draft_out){.ids = top + r0 * top_k, .logp = d->step_top_logp + r0 * top_k,
+                                                    .k = top_k}
+                                   : (cn_draft_out){.logits = d->step_logits + r0 * d->cfg.vocab_size};
+        st = cn_spec_draft_take(parts[j].s->spec, &o);
+      }
   }
 }
 

@@ -82,6 +82,11 @@ size_t cn_cpu_attention_scratch_floats(int n_heads, int n_kv_heads, int head_dim
 /* Index of the largest element (the first on ties, as torch.argmax). */
 int cn_cpu_argmax(const float *x, int n);
 
+/* The k largest elements of x [n] in descending order (equal values: the lower index first, so
+ * ids[0] is cn_cpu_argmax), 1 <= k <= n: ids[k], and when logp is not NULL their log-softmax
+ * x[i] - log(sum_j exp(x[j])) in logp[k]. A draft level needs no more than its top children. */
+void cn_cpu_top_k(const float *x, int n, int k, int32_t *ids, float *logp);
+
 /* dst[i] = element i of a random weight tensor (kernels/random_init.h): mean + scale * u with u
  * uniform on [-1, 1), rounded to bf16 and widened back, so it equals the device's bf16 copy. */
 void cn_cpu_random_weights(float *dst, size_t n, uint64_t stream, float scale, float mean);

@@ -274,6 +274,12 @@ int cn_cuda_gather_rows(cn_cuda_ctx *ctx, void *dst, const void *src, cn_cuda_dt
  * rows r < rows; x of dtype dt, idx [rows] int32. One block per row, CUB block reduction. */
 int cn_cuda_argmax(cn_cuda_ctx *ctx, int32_t *idx, const void *x, cn_cuda_dtype dt, int rows, int n);
 
+/* ids [rows][k] = the k largest of each row x[r][0 .. n) in descending order (equal values: the
+ * lower index first; cn_cpu_top_k's order), and when logp is not NULL, logp [rows][k] = their
+ * log-softmax (fp32 log-sum-exp of the row). 1 <= k <= n. Device pointers. */
+int cn_cuda_top_k(cn_cuda_ctx *ctx, int32_t *ids, float *logp, const void *x, cn_cuda_dtype dt, int rows, int n,
+                  int k);
+
 /* dst[i] = element i of a random weight tensor of the given stream (kernels/random_init.h):
  * bf16(mean + scale * u), u uniform on [-1, 1); bit-equal to cn_cpu_random_weights. */
 int cn_cuda_random_bf16(cn_cuda_ctx *ctx, cn_bf16 *dst, size_t n, uint64_t stream, float scale, float mean);
