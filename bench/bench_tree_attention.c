@@ -10,7 +10,8 @@
  * launches. The compute floor is the shape's matrix FLOPs (QK^T and PV: 4 rows L head_dim per KV
  * head) over the dense bf16 rate of a cuBLAS GEMM measured in the same run. Both tree kernels
  * (mma.sync; wgmma on sm_90) run side by side, and each one's output is checked against the naive
- * kernel's on every shape. A split-count sweep at batch 1 follows the table.
+ * kernel's on every shape; wg64 is the wgmma kernel with 64-row tiles where it takes 128, wg-ov the
+ * overlapped wgmma kernel (64-row tiles). A split-count sweep at batch 1 (n = 64, 128) follows.
  *
  *   bench_tree_attention [--quick]     (--quick: batch 1, L 4k only, no sweep) */
 #include <math.h>
@@ -228,13 +229,27 @@ static int fits(const bench_bufs *bb, const shape_job *j) {
   return cn_cuda_tree_attn_workspace(j->batch, j->n, j->a.n_splits, HQ, HKV, HD) <= bb->ws_bytes;
 }
 
-/* Times one kernel on a shape (NAN where the kernel cannot run here). */
-static double time_impl(shape_job *j, cn_cuda_tree_attn_impl impl) {
+/* Times one kernel on a shape (NAN where the kernel cannot run here); row_tile as in the args. */
+static double time_impl(shape_job *j, cn_cuda_tree_attn_impl impl, int row_tile) {
   j->a.impl = impl;
+  j->a.row_tile = row_tile;
   j->a.block_tables = j->tables[0];
   if (cn_cuda_tree_attention(ctx, &j->a) == CANOPY_ERR_UNSUPPORTED) return NAN;
   CK(cn_cuda_sync(ctx));
-  return time_us(run_tree, j, 10);
+  double t = time_us(run_tree, j, 10);
+  j->a.row_tile = 0;
+  return t;
+}
+
+/* rel L2 of one kernel's output against the naive kernel's (already in naive_out), same set. */
+static double check_impl(const bench_bufs *bb, shape_job *j, cn_cuda_tree_attn_impl impl, int row_tile) {
+  j->a.impl = impl;
+  j->a.row_tile = row_tile;
+  CK(cn_cuda_memset(ctx, bb->out, 0xFF, sizeof(uint16_t) * (size_t)j->batch * j->n * HQ * HD)); /* NaN: unwritten fails */
+  run_tree(j, 0);
+  CK(cn_cuda_sync(ctx));
+  j->a.row_tile = 0;
+  return rel_diff(bb->out, bb->naive_out, (size_t)j->batch * j->n * HQ * HD, bb->scratch);
 }
 
 /* The dense bf16 matrix rate of this device, from a cuBLAS GEMM (8192^3, median of 5): the
@@ -293,9 +308,9 @@ int main(int argc, char **argv) {
 
   printf("\nLlama-3-8B heads (32 q / 8 kv, d 128), bf16, paged K/V (block 16). bw floor = prefix K/V bytes / copy\n"
          "bandwidth; mma floor = 4 n (32/8) L 128 8 batch FLOPs / the GEMM rate; %% floor = max(floors) / best time\n");
-  printf("%5s %4s %6s %6s | %9s %9s %7s | %8s %8s %7s %7s | %10s %8s | %8s %8s\n", "batch", "n", "L", "splits",
-         "sync us", "wgmma us", "wg/syn", "bw fl us", "mma fl", "% bw", "% floor", "naive us", "x naive", "diff s",
-         "diff wg");
+  printf("%5s %4s %6s %6s | %9s %9s %9s %9s %7s | %8s %8s %7s %7s | %10s %8s | %8s %8s\n", "batch", "n", "L", "splits",
+         "sync us", "wgmma us", "wg64 us", "wg-ov us", "syn/best", "bw fl us", "mma fl", "% bw", "% floor", "naive us", "x naive",
+         "diff s", "diff wg");
   static const int batches[] = {1, 8}, ns[] = {1, 16, 64, 128}, Ls[] = {1024, 4096, 16384, 32768};
   for (int bi = 0; bi < 2; bi++)
     for (int ni = 0; ni < 4; ni++)
@@ -307,56 +322,61 @@ int main(int argc, char **argv) {
           fprintf(stderr, "workspace too small\n");
           return 1;
         }
-        double t_sync = time_impl(&j, CN_CUDA_TA_MMA_SYNC), t_wg = time_impl(&j, CN_CUDA_TA_WGMMA);
+        double t_sync = time_impl(&j, CN_CUDA_TA_MMA_SYNC, 0), t_wg = time_impl(&j, CN_CUDA_TA_WGMMA, 0);
+        /* 64-row tiles where the kernel takes 128 (n >= 32 here), at the same split count. */
+        double t_wg64 = n * HQ / HKV >= 128 ? time_impl(&j, CN_CUDA_TA_WGMMA, 64) : NAN;
+        double t_ov = time_impl(&j, CN_CUDA_TA_WGMMA_OVERLAP, 0);
         /* The naive kernel is slow at large n: fewer launches per group. */
         double t_naive = time_us(run_naive, &j, n * (double)L * batch > 4e6 ? 1 : 4);
         /* All on the same set, then compare. */
         run_naive(&j, 0);
-        j.a.impl = CN_CUDA_TA_MMA_SYNC;
-        run_tree(&j, 0);
-        CK(cn_cuda_sync(ctx));
-        size_t elems = (size_t)batch * n * HQ * HD;
-        double diff_s = rel_diff(bb.out, bb.naive_out, elems, bb.scratch), diff_w = NAN;
-        if (t_wg == t_wg) {
-          j.a.impl = CN_CUDA_TA_WGMMA;
-          run_tree(&j, 0);
-          CK(cn_cuda_sync(ctx));
-          diff_w = rel_diff(bb.out, bb.naive_out, elems, bb.scratch);
+        double diff_s = check_impl(&bb, &j, CN_CUDA_TA_MMA_SYNC, 0), diff_w = NAN;
+        if (t_wg == t_wg) { /* the worst of the wgmma kernels */
+          diff_w = check_impl(&bb, &j, CN_CUDA_TA_WGMMA, 0);
+          double d64 = check_impl(&bb, &j, CN_CUDA_TA_WGMMA, 64), dov = check_impl(&bb, &j, CN_CUDA_TA_WGMMA_OVERLAP, 0);
+          diff_w = d64 > diff_w ? d64 : diff_w;
+          diff_w = dov > diff_w ? dov : diff_w;
         }
         double best = t_wg == t_wg && t_wg < t_sync ? t_wg : t_sync;
+        if (t_wg64 == t_wg64 && t_wg64 < best) best = t_wg64;
+        if (t_ov == t_ov && t_ov < best) best = t_ov;
         double kv_bytes = (double)batch * L * KV_DIM * 2 * sizeof(uint16_t);
         double bw_us = kv_bytes / (copy_gbs * 1e9) * 1e6;
         double mma_us = 4.0 * n * (HQ / HKV) * (double)L * HD * HKV * batch / (tflops * 1e12) * 1e6;
         double floor_us = bw_us > mma_us ? bw_us : mma_us;
-        printf("%5d %4d %6d %6d | %9.1f %9.1f %6.2fx | %8.1f %8.1f %6.1f%% %6.1f%% | %10.1f %7.1fx | %8.2e %8.2e\n",
-               batch, n, L, j.a.n_splits, t_sync, t_wg, t_sync / t_wg, bw_us, mma_us, 100.0 * bw_us / best,
+        printf("%5d %4d %6d %6d | %9.1f %9.1f %9.1f %9.1f %6.2fx | %8.1f %8.1f %6.1f%% %6.1f%% | %10.1f %7.1fx | %8.2e %8.2e\n",
+               batch, n, L, j.a.n_splits, t_sync, t_wg, t_wg64, t_ov, t_sync / best, bw_us, mma_us, 100.0 * bw_us / best,
                100.0 * floor_us / best, t_naive, t_naive / best, diff_s, diff_w);
         fflush(stdout);
         free_shape(&j);
       }
 
-  /* The split count at batch 1, around the automatic one (marked *), for the kernel AUTO picks. */
-  printf("\nbatch 1, split sweep (us, AUTO kernel)\n%4s %6s |", "n", "L");
-  static const int sweep[] = {4, 8, 16, 24, 33, 48, 66, 99, 132};
+  /* The split count at batch 1 for trees of 64 and 128 nodes, wgmma with its own tiles (128
+   * rows), with 64-row tiles, and overlapped (64-row tiles); the automatic count marked *. */
+  printf("\nbatch 1, wgmma, split sweep (us)\n%4s %6s %4s |", "n", "L", "tile");
+  static const int sweep[] = {2, 4, 6, 8, 12, 16, 24, 33, 48};
   for (int k = 0; k < 9; k++) printf(" %7d", sweep[k]);
   printf("\n");
-  for (int ni = 0; ni < 4 && !quick; ni++)
-    for (int li = 1; li < 4; li += 1) {
-      shape_job j = make_shape(&bb, 1, ns[ni], Ls[li]);
-      int auto_splits = j.a.n_splits;
-      printf("%4d %6d |", ns[ni], Ls[li]);
-      for (int k = 0; k < 9; k++) {
-        j.a.n_splits = sweep[k];
-        if (!fits(&bb, &j)) {
-          printf(" %7s", "-");
-          continue;
+  for (int ni = 2; ni < 4 && !quick; ni++)
+    for (int li = 1; li < 4; li++)
+      for (int v = 0; v < 3; v++) { /* 128-row tiles, 64-row tiles, overlapped (64) */
+        static const char *names[3] = {"128", "64", "64ov"};
+        shape_job j = make_shape(&bb, 1, ns[ni], Ls[li]);
+        int auto_splits = j.a.n_splits;
+        printf("%4d %6d %4s |", ns[ni], Ls[li], names[v]);
+        for (int k = 0; k < 9; k++) {
+          j.a.n_splits = sweep[k];
+          if (!fits(&bb, &j)) {
+            printf(" %7s", "-");
+            continue;
+          }
+          double t = v == 2 ? time_impl(&j, CN_CUDA_TA_WGMMA_OVERLAP, 0) : time_impl(&j, CN_CUDA_TA_WGMMA, v ? 64 : 0);
+          printf(" %6.1f%s", t, sweep[k] == auto_splits ? "*" : " ");
         }
-        printf(" %6.1f%s", time_impl(&j, CN_CUDA_TA_AUTO), sweep[k] == auto_splits ? "*" : " ");
+        printf("  (auto %d)\n", auto_splits);
+        fflush(stdout);
+        free_shape(&j);
       }
-      printf("  (auto %d)\n", auto_splits);
-      fflush(stdout);
-      free_shape(&j);
-    }
   cn_cuda_timer_free(timer);
   cn_cuda_ctx_free(ctx);
   return 0;

@@ -4,7 +4,8 @@
  * chunks and random trees (each node's parent a random earlier node) side by side, awkward query
  * counts and prefix lengths, q_offset > 0, GQA ratios 1, 4 and 8, head_dim 64 and 128, a sliding
  * window, randomly permuted cache blocks, and each batch at one split, the automatic split count
- * and a forced odd one, through both kernels (mma.sync, and wgmma where the device is sm_90). The output is poisoned with NaN first, so an unwritten element fails; a
+ * and a forced odd one, through every kernel (mma.sync, and where the device is sm_90 wgmma, wgmma
+ * with 64-row tiles forced, and the overlapped wgmma kernel). The output is poisoned with NaN first, so an unwritten element fails; a
  * query that sees no key must give exact zeros, as the CPU twin does.
  *
  * CANOPY_TEST_QUICK=1 shrinks the shapes (for compute-sanitizer). Skips (exit 77) when canopy was
@@ -270,9 +271,13 @@ static int run_case(const batch_case *c) {
 
   int auto_splits = cn_cuda_tree_attn_splits(ctx, ns, max_n, max_keys, c->n_heads, c->n_kv_heads, d);
   int splits[3] = {1, auto_splits, 7};
-  static const cn_cuda_tree_attn_impl impls[2] = {CN_CUDA_TA_MMA_SYNC, CN_CUDA_TA_WGMMA};
-  static const char *impl_names[2] = {"mma.sync", "wgmma"};
-  for (int iv = 0; iv < 6; iv++) {
+  /* The kernels: mma.sync, wgmma, wgmma with 64-row tiles where it would take 128, and the
+   * overlapped wgmma kernel. */
+  static const cn_cuda_tree_attn_impl impls[4] = {CN_CUDA_TA_MMA_SYNC, CN_CUDA_TA_WGMMA, CN_CUDA_TA_WGMMA,
+                                                  CN_CUDA_TA_WGMMA_OVERLAP};
+  static const int row_tiles[4] = {0, 0, 64, 0};
+  static const char *impl_names[4] = {"mma.sync", "wgmma", "wgmma64", "wgmma-ov"};
+  for (int iv = 0; iv < 12; iv++) {
     int v = iv % 3, im = iv / 3;
     size_t ws = cn_cuda_tree_attn_workspace(ns, max_n, splits[v], c->n_heads, c->n_kv_heads, d);
     if (ws) CK(cn_cuda_malloc(ctx, &d_ws, ws));
@@ -282,9 +287,10 @@ static int run_case(const batch_case *c) {
                                 .tree_mask = total_mask ? d_mask : NULL, .seqs = d_desc, .n_seqs = ns,
                                 .max_n = max_n, .n_splits = splits[v], .n_heads = c->n_heads,
                                 .n_kv_heads = c->n_kv_heads, .head_dim = d, .sliding_window = c->window,
-                                .scale = 1.0f / sqrtf((float)d), .workspace = d_ws, .impl = impls[im]};
+                                .scale = 1.0f / sqrtf((float)d), .workspace = d_ws, .impl = impls[im],
+                                .row_tile = row_tiles[im]};
     int st = cn_cuda_tree_attention(ctx, &a);
-    if (st == CANOPY_ERR_UNSUPPORTED && impls[im] == CN_CUDA_TA_WGMMA) { /* not an sm_90 device */
+    if (st == CANOPY_ERR_UNSUPPORTED && impls[im] != CN_CUDA_TA_MMA_SYNC) { /* not an sm_90 device */
       if (d_ws) cn_cuda_free(ctx, d_ws), d_ws = NULL;
       continue;
     }
@@ -371,7 +377,10 @@ static void test_tree_attention_rejects_bad_args(void **state) {
   a.n_splits = 257; /* more than the merge takes */
   assert_int_equal(cn_cuda_tree_attention(ctx, &a), CANOPY_ERR_INVALID_ARG);
   a.n_splits = 1;
-  a.impl = (cn_cuda_tree_attn_impl)3;
+  a.impl = (cn_cuda_tree_attn_impl)4;
+  assert_int_equal(cn_cuda_tree_attention(ctx, &a), CANOPY_ERR_INVALID_ARG);
+  a.impl = CN_CUDA_TA_AUTO;
+  a.row_tile = 128; /* only 0 or 64 */
   assert_int_equal(cn_cuda_tree_attention(ctx, &a), CANOPY_ERR_INVALID_ARG);
 }
 

@@ -220,11 +220,13 @@ typedef struct cn_cuda_tree_seq {
 } cn_cuda_tree_seq;
 
 /* Which kernel runs: AUTO takes the warpgroup-MMA (wgmma) kernel on sm_90 devices (H100, H200)
- * and the mma.sync kernel elsewhere; the others force one (forcing WGMMA off sm_90 is an error). */
+ * and the mma.sync kernel elsewhere; the others force one (forcing a wgmma kernel off sm_90 is an
+ * error). */
 typedef enum cn_cuda_tree_attn_impl {
   CN_CUDA_TA_AUTO = 0,
   CN_CUDA_TA_MMA_SYNC = 1,
   CN_CUDA_TA_WGMMA = 2,
+  CN_CUDA_TA_WGMMA_OVERLAP = 3, /* wgmma, 64-row tiles, the next tile's Q K^T overlapping the softmax */
 } cn_cuda_tree_attn_impl;
 
 typedef struct cn_cuda_tree_attn_args {
@@ -245,6 +247,8 @@ typedef struct cn_cuda_tree_attn_args {
   float scale;
   float *workspace;             /* cn_cuda_tree_attn_workspace() bytes (device), when n_splits > 1 */
   cn_cuda_tree_attn_impl impl;  /* AUTO (0) unless a test or benchmark picks a kernel */
+  int row_tile;                 /* 0: 128 query rows a block once a KV head has 128+, else 64; 64 forces
+                                   64 (a tuning knob for tests and benchmarks; the workspace fits both) */
 } cn_cuda_tree_attn_args;
 
 /* Whether the tree kernel handles this head_dim (64 and 128); others take cn_cuda_attention. */

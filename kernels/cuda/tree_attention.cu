@@ -51,11 +51,9 @@ static inline bool wide_rows(int max_n, int group) { return max_n * group >= 128
 /* Keys per shared-memory tile of a variant. */
 template <int D, int RW> constexpr int kt_of() { return RW == 1 ? 64 : D == 128 ? CN_TA_WIDE_KT : 32; }
 
-/* Rows of the workspace per (sequence, KV head): the grid's row tiles. */
-static inline int rows_cap(int max_n, int group) {
-  int t = wide_rows(max_n, group) ? 128 : 64;
-  return (max_n * group + t - 1) / t * t;
-}
+/* Rows of the workspace per (sequence, KV head): the grid's row tiles of `tile` rows. */
+static inline int rows_cap(int max_n, int group, int tile) { return (max_n * group + tile - 1) / tile * tile; }
+static inline int rows_cap(int max_n, int group) { return rows_cap(max_n, group, wide_rows(max_n, group) ? 128 : 64); }
 
 /* ---- the main kernel ------------------------------------------------------------------------- */
 
@@ -113,22 +111,10 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
   };
 
   const float sl2 = a.scale * TA_LOG2E;
-  float o[RW][DN][4];
-#pragma unroll
-  for (int rb = 0; rb < RW; rb++)
-#pragma unroll
-    for (int dn = 0; dn < DN; dn++) o[rb][dn][0] = o[rb][dn][1] = o[rb][dn][2] = o[rb][dn][3] = 0.0f;
-  float m[RW][2], l[RW][2];
-#pragma unroll
-  for (int rb = 0; rb < RW; rb++) m[rb][0] = m[rb][1] = -INFINITY, l[rb][0] = l[rb][1] = 0.0f;
+  float o[RW][DN][4], m[RW][2], l[RW][2];
+  ta_state_init(o, m, l);
 
-  /* Every iteration commits one group (empty past the last tile), so waiting for all but the
-   * newest TA_STAGES - 1 groups always means this iteration's tile has landed. */
-#pragma unroll
-  for (int st = 0; st < TA_STAGES - 1; st++) {
-    if (st < n_tiles) load_tile(b.k_begin + st * KT, st);
-    cp_async_commit();
-  }
+  ta_prologue<TA_STAGES, KT>(b, n_tiles, load_tile);
   for (int it = 0; it < n_tiles; it++) {
     const int kt = b.k_begin + it * KT, ahead = it + TA_STAGES - 1;
     if (ahead < n_tiles) load_tile(b.k_begin + ahead * KT, ahead % TA_STAGES);
@@ -157,24 +143,18 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
       ta_mask<RW, NT>(a, b, base, kt, s);
       ta_softmax<RW, NT, DN>(s, m, l, o, sl2);
       /* O += P V: P's C fragments are the A fragments of the next MMA, 16 keys per k-step. */
+      uint32_t pa[RW][KT / 16][4];
+      ta_pack_p<RW, NT>(s, pa);
 #pragma unroll
       for (int kk = 0; kk < KT / 16; kk++) {
-        uint32_t pa[RW][4];
-#pragma unroll
-        for (int rb = 0; rb < RW; rb++) {
-          pa[rb][0] = pack_bf16(s[rb][2 * kk][0], s[rb][2 * kk][1]);
-          pa[rb][1] = pack_bf16(s[rb][2 * kk][2], s[rb][2 * kk][3]);
-          pa[rb][2] = pack_bf16(s[rb][2 * kk + 1][0], s[rb][2 * kk + 1][1]);
-          pa[rb][3] = pack_bf16(s[rb][2 * kk + 1][2], s[rb][2 * kk + 1][3]);
-        }
 #pragma unroll
         for (int dn = 0; dn < DN; dn += 2) {
           uint32_t bf[4];
           ldmatrix_x4_trans(bf, vst + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dn * 8 + (lane >> 4) * 8);
 #pragma unroll
           for (int rb = 0; rb < RW; rb++) {
-            mma_bf16(o[rb][dn], pa[rb], bf[0], bf[1]);
-            mma_bf16(o[rb][dn + 1], pa[rb], bf[2], bf[3]);
+            mma_bf16(o[rb][dn], pa[rb][kk], bf[0], bf[1]);
+            mma_bf16(o[rb][dn + 1], pa[rb][kk], bf[2], bf[3]);
           }
         }
       }
@@ -203,6 +183,7 @@ template <typename T, int D> __global__ void __launch_bounds__(32 * MERGE_ROWS) 
   if (r >= sq.n * G) return;
   const int used = split_of(sq, a.n_splits).n_used;
   const size_t base = ((size_t)blockIdx.y * cap + r) * a.n_splits;
+  pdl_wait(); /* launched early: the partial states are complete from here on */
   const float *ml = a.workspace + 2 * base;
   float mx = -INFINITY;
   for (int s = lane; s < used; s += 32) mx = fmaxf(mx, ml[2 * s]);
@@ -255,7 +236,7 @@ template <typename T, int D, int RW> static int prepare(int *per_sm) {
 }
 
 static bool use_wgmma(const cn_cuda_ctx *ctx, cn_cuda_tree_attn_impl impl) {
-  return impl == CN_CUDA_TA_WGMMA || (impl == CN_CUDA_TA_AUTO && ctx->cc == 90);
+  return impl == CN_CUDA_TA_WGMMA || impl == CN_CUDA_TA_WGMMA_OVERLAP || (impl == CN_CUDA_TA_AUTO && ctx->cc == 90);
 }
 
 int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int max_keys, int n_heads, int n_kv_heads,
@@ -271,8 +252,10 @@ int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int 
   long base = (long)n_seqs * n_kv_heads * (rows_cap(max_n, group) / (wide ? 128 : 64));
   /* As many splits as fill every resident block slot once: one wave, no tail (measured on the
    * H100: 50 splits of 8 blocks, 1.5 waves, ran a 32k decode at 53% of the copy bandwidth). Each
-   * split keeps at least 128 keys, so that the partial states stay small beside them. */
-  long want = (long)per_sm * ctx->n_sm / base, most = max_keys / 128;
+   * split keeps at least 128 keys, and 512 with 128-row tiles, so that the partial states (a
+   * kilobyte a row, written and read again) stay small beside the split's K/V (the H100 sweep of
+   * bench_tree_attention: n = 64 at 4k ran 45 us at 16 splits of 256 keys, 39 us at 8). */
+  long want = (long)per_sm * ctx->n_sm / base, most = max_keys / (wide ? 512 : 128);
   if (want > most) want = most;
   if (want > MERGE_MAX_SPLITS) want = MERGE_MAX_SPLITS;
   return want < 1 ? 1 : (int)want;
@@ -285,7 +268,7 @@ size_t cn_cuda_tree_attn_workspace(int n_seqs, int max_n, int n_splits, int n_he
 }
 
 template <typename T, int D, int RW> static int launch(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a) {
-  int group = a->n_heads / a->n_kv_heads, cap = rows_cap(a->max_n, group);
+  int group = a->n_heads / a->n_kv_heads, cap = rows_cap(a->max_n, group, 64 * RW);
   if (use_wgmma(ctx, a->impl)) {
     int st = cn_ta_launch_wgmma(ctx, a, RW, cap);
     if (st) return st;
@@ -298,8 +281,16 @@ template <typename T, int D, int RW> static int launch(cn_cuda_ctx *ctx, const c
     CN_CUDA_CHECK_LAUNCH();
   }
   if (a->n_splits > 1) {
-    dim3 grid((cap + MERGE_ROWS - 1) / MERGE_ROWS, a->n_seqs * a->n_kv_heads);
-    merge_kernel<T, D><<<grid, 32 * MERGE_ROWS, 0, ctx->stream>>>(*a, cap);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((cap + MERGE_ROWS - 1) / MERGE_ROWS, a->n_seqs * a->n_kv_heads);
+    cfg.blockDim = dim3(32 * MERGE_ROWS);
+    cfg.stream = ctx->stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = ctx->cc >= 90;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    CN_CUDA_CHECK(cudaLaunchKernelEx(&cfg, merge_kernel<T, D>, *a, cap));
     CN_CUDA_CHECK_LAUNCH();
   }
   return CANOPY_OK;
@@ -310,14 +301,14 @@ int cn_cuda_tree_attention(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a) {
   if (!a) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_tree_attention: NULL args");
   if (a->n_seqs < 0 || a->max_n < 0 || a->n_splits < 1 || a->n_heads <= 0 || a->n_kv_heads <= 0 ||
       a->n_heads % a->n_kv_heads || a->block_size <= 0 || a->n_seqs * a->n_kv_heads > 65535 || a->n_splits > MERGE_MAX_SPLITS ||
-      (unsigned)a->impl > CN_CUDA_TA_WGMMA)
+      (unsigned)a->impl > CN_CUDA_TA_WGMMA_OVERLAP || (a->row_tile != 0 && a->row_tile != 64))
     return cn_error(CANOPY_ERR_INVALID_ARG,
                     "cn_cuda_tree_attention: n_seqs=%d max_n=%d n_splits=%d n_heads=%d n_kv_heads=%d block_size=%d",
                     a->n_seqs, a->max_n, a->n_splits, a->n_heads, a->n_kv_heads, a->block_size);
   if (!cn_cuda_tree_attn_supported(a->head_dim))
     return cn_error(CANOPY_ERR_UNSUPPORTED, "cn_cuda_tree_attention: head_dim %d (64 or 128)", a->head_dim);
   if (!cn_dtype_ok(a->dt)) return cn_error(CANOPY_ERR_DTYPE, "cn_cuda_tree_attention: unknown dtype %d", (int)a->dt);
-  if (a->impl == CN_CUDA_TA_WGMMA && ctx->cc != 90)
+  if ((a->impl == CN_CUDA_TA_WGMMA || a->impl == CN_CUDA_TA_WGMMA_OVERLAP) && ctx->cc != 90)
     return cn_error(CANOPY_ERR_UNSUPPORTED, "cn_cuda_tree_attention: the wgmma kernel needs sm_90 (device is sm_%d)", ctx->cc);
   if (!a->n_seqs || !a->max_n) return CANOPY_OK;
   if (!a->seqs || !a->q || !a->out || !a->k || !a->v || !a->block_tables || !a->pos || (a->n_splits > 1 && !a->workspace))
@@ -326,7 +317,8 @@ int cn_cuda_tree_attention(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a) {
                     a->n_splits);
   return cn_dispatch(a->dt, [&](auto t) {
     using T = decltype(t);
-    bool wide = wide_rows(a->max_n, a->n_heads / a->n_kv_heads);
+    bool wide = wide_rows(a->max_n, a->n_heads / a->n_kv_heads) && a->row_tile != 64 &&
+                a->impl != CN_CUDA_TA_WGMMA_OVERLAP;
     if (a->head_dim == 64) return wide ? launch<T, 64, 2>(ctx, a) : launch<T, 64, 1>(ctx, a);
     return wide ? launch<T, 128, 2>(ctx, a) : launch<T, 128, 1>(ctx, a);
   });

@@ -50,6 +50,20 @@ __device__ __forceinline__ void store_pair(cn_bf16_t *p, float x, float y) {
   *reinterpret_cast<__nv_bfloat162 *>(p) = __floats2bfloat162_rn(x, y);
 }
 
+/* Programmatic dependent launch (sm_90): a main kernel's block lets the merge kernel launch once
+ * its partial state is written, and the merge waits for the whole main grid to finish and its
+ * writes to be visible, so the merge's launch latency overlaps the main kernel's tail. */
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 /* ---- the split of a sequence's keys ---------------------------------------------------------- */
 
 struct key_split {
@@ -138,6 +152,29 @@ __device__ __forceinline__ bool ta_visible(const cn_cuda_tree_attn_args &a, cons
   return a.sliding_window <= 0 || key_pos > b.pos[b.sq.q_offset + t] - a.sliding_window;
 }
 
+/* An empty online-softmax state: no row has seen a key yet. */
+template <int RW, int DN>
+__device__ __forceinline__ void ta_state_init(float (&o)[RW][DN][4], float (&m)[RW][2], float (&l)[RW][2]) {
+#pragma unroll
+  for (int rb = 0; rb < RW; rb++) {
+#pragma unroll
+    for (int dn = 0; dn < DN; dn++) o[rb][dn][0] = o[rb][dn][1] = o[rb][dn][2] = o[rb][dn][3] = 0.0f;
+    m[rb][0] = m[rb][1] = -INFINITY, l[rb][0] = l[rb][1] = 0.0f;
+  }
+}
+
+/* The pipeline's start: the first STAGES - 1 tiles of KT keys requested, one cp.async group each.
+ * Every later iteration commits one group too (empty past the last tile), so waiting for all but
+ * the newest STAGES - 1 groups always means that iteration's tile has landed. */
+template <int STAGES, int KT, typename F>
+__device__ __forceinline__ void ta_prologue(const ta_block &b, int n_tiles, F &&load_tile) {
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; st++) {
+    if (st < n_tiles) load_tile(b.k_begin + st * KT, st);
+    cp_async_commit();
+  }
+}
+
 /* Masks are applied only on tiles that reach the new slots (tree or causal), the end of the
  * range, or with a sliding window; prefix tiles are all visible. base[rb] is the first row of
  * this warp's 16-row block rb. */
@@ -159,12 +196,13 @@ __device__ __forceinline__ void ta_mask(const cn_cuda_tree_attn_args &a, const t
 
 /* Online softmax per row (base 2, the scale folded into sl2) over one tile's scores, which become
  * P = 2^(s sl2 - m) in place; l holds this lane's part of each row sum (the quad is summed at the
- * end). The accumulators are rescaled only when some row of the warp saw a new maximum: past the
- * first tiles that is rare, and the multiplications cost as many issue slots as the MMAs of a
- * narrow tile. */
-template <int RW, int NT, int DN>
-__device__ __forceinline__ void ta_softmax(float (&s)[RW][NT][4], float (&m)[RW][2], float (&l)[RW][2],
-                                           float (&o)[RW][DN][4], float sl2) {
+ * end). corr is the factor the row's accumulators must be scaled by; the return value says
+ * whether any row of the warp needs it (saw a new maximum): past the first tiles that is rare, and
+ * the multiplications cost as many issue slots as the MMAs of a narrow tile. */
+template <int RW, int NT>
+__device__ __forceinline__ bool ta_softmax_p(float (&s)[RW][NT][4], float (&m)[RW][2], float (&l)[RW][2],
+                                             float (&corr)[RW][2], float sl2) {
+  bool grew = false;
 #pragma unroll
   for (int rb = 0; rb < RW; rb++)
 #pragma unroll
@@ -185,18 +223,44 @@ __device__ __forceinline__ void ta_softmax(float (&s)[RW][NT][4], float (&m)[RW]
         s[rb][nn][2 * j + 1] = p1;
         rs += p0 + p1;
       }
-      /* m_new == m_old: corr would be exactly 1 (or the row is still empty, its sums 0). */
-      if (__any_sync(0xffffffffu, m_new > m_old)) {
-        const float corr = fast_exp2(m_old - mu);
-        l[rb][j] = l[rb][j] * corr + rs;
+      /* m_new == m_old: the factor is exactly 1 (or the row is still empty, its sums 0). */
+      corr[rb][j] = m_new > m_old ? fast_exp2(m_old - mu) : 1.0f;
+      l[rb][j] = l[rb][j] * corr[rb][j] + rs;
+      grew |= m_new > m_old;
+    }
+  return __any_sync(0xffffffffu, grew);
+}
+
+template <int RW, int DN>
+__device__ __forceinline__ void ta_rescale(float (&o)[RW][DN][4], const float (&corr)[RW][2]) {
 #pragma unroll
-        for (int dn = 0; dn < DN; dn++) {
-          o[rb][dn][2 * j] *= corr;
-          o[rb][dn][2 * j + 1] *= corr;
-        }
-      } else {
-        l[rb][j] += rs;
-      }
+  for (int rb = 0; rb < RW; rb++)
+#pragma unroll
+    for (int dn = 0; dn < DN; dn++) {
+      o[rb][dn][0] *= corr[rb][0], o[rb][dn][1] *= corr[rb][0];
+      o[rb][dn][2] *= corr[rb][1], o[rb][dn][3] *= corr[rb][1];
+    }
+}
+
+template <int RW, int NT, int DN>
+__device__ __forceinline__ void ta_softmax(float (&s)[RW][NT][4], float (&m)[RW][2], float (&l)[RW][2],
+                                           float (&o)[RW][DN][4], float sl2) {
+  float corr[RW][2];
+  if (ta_softmax_p<RW, NT>(s, m, l, corr, sl2)) ta_rescale<RW, DN>(o, corr);
+}
+
+/* P (the scores after ta_softmax_p) as bf16 A fragments of the P V product, 16 keys per k-step:
+ * the m16n8 accumulator layout of two adjacent 8-key blocks is the m16k16 operand layout. */
+template <int RW, int NT>
+__device__ __forceinline__ void ta_pack_p(const float (&s)[RW][NT][4], uint32_t (&pa)[RW][NT / 2][4]) {
+#pragma unroll
+  for (int rb = 0; rb < RW; rb++)
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; kk++) {
+      pa[rb][kk][0] = pack_bf16(s[rb][2 * kk][0], s[rb][2 * kk][1]);
+      pa[rb][kk][1] = pack_bf16(s[rb][2 * kk][2], s[rb][2 * kk][3]);
+      pa[rb][kk][2] = pack_bf16(s[rb][2 * kk + 1][0], s[rb][2 * kk + 1][1]);
+      pa[rb][kk][3] = pack_bf16(s[rb][2 * kk + 1][2], s[rb][2 * kk + 1][3]);
     }
 }
 
@@ -231,6 +295,7 @@ __device__ __forceinline__ void ta_finish(const cn_cuda_tree_attn_args &a, const
         for (int dn = 0; dn < DN; dn++) store_pair(acc + dn * 8, o[rb][dn][2 * j], o[rb][dn][2 * j + 1]);
       }
     }
+  pdl_trigger();
 }
 
 /* The wgmma kernel's launch (tree_attention_wgmma.cu); rw row blocks of 64 per block. */

@@ -109,7 +109,8 @@ __device__ __forceinline__ void load_q(const cn_cuda_tree_attn_args &a, const ta
     uint4 v = make_uint4(0, 0, 0, 0);
     if (r < b.rows) {
       const T *src = (const T *)a.q + ((size_t)(b.sq.row0 + ta_tok(b, r)) * a.n_heads + ta_head(b, r)) * D + piece * 8;
-      v.x = load_pair(src), v.y = load_pair(src + 2), v.z = load_pair(src + 4), v.w = load_pair(src + 6);
+      if constexpr (sizeof(T) == 2) v = *reinterpret_cast<const uint4 *>(src);
+      else v.x = load_pair(src), v.y = load_pair(src + 2), v.z = load_pair(src + 4), v.w = load_pair(src + 6);
     }
     /* Instruction rb's 64 rows form their own tile of D / 64 panels. */
     uint32_t at = qs + (rl / 64) * 64 * D * 2 + sw128_at<64>(rl % 64, piece);
@@ -117,8 +118,12 @@ __device__ __forceinline__ void load_q(const cn_cuda_tree_attn_args &a, const ta
   }
 }
 
-template <typename T, int D, int RW>
+/* OVL (64-row tiles only): S of the next tile is issued before the softmax of this one, so the
+ * tensor cores work on it while the warps compute exponentials (FlashAttention-3's intra-warpgroup
+ * overlap); it costs a second set of score registers. */
+template <typename T, int D, int RW, bool OVL>
 __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {
+  static_assert(!OVL || RW == 1, "the overlap holds two score tiles: one row block only");
   constexpr int KT = WG_KT, DN = D / 8, NT = KT / 8, ROWS = 64 * RW, STAGES = wg_stages<RW>();
   constexpr int TILE = KT * D * 2; /* bytes of one K or V tile */
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -146,32 +151,12 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
       cp_async16(vs(st) + at, (const cn_bf16_t *)a.v + off, bytes);
     }
   };
-
-  load_q<T, D, ROWS>(a, b, qs);
-  const float sl2 = a.scale * TA_LOG2E;
-  float o[RW][DN][4];
-#pragma unroll
-  for (int rb = 0; rb < RW; rb++)
-#pragma unroll
-    for (int dn = 0; dn < DN; dn++) o[rb][dn][0] = o[rb][dn][1] = o[rb][dn][2] = o[rb][dn][3] = 0.0f;
-  float m[RW][2], l[RW][2];
-#pragma unroll
-  for (int rb = 0; rb < RW; rb++) m[rb][0] = m[rb][1] = -INFINITY, l[rb][0] = l[rb][1] = 0.0f;
-
-#pragma unroll
-  for (int st = 0; st < STAGES - 1; st++) {
-    if (st < n_tiles) load_tile(b.k_begin + st * KT, st);
-    cp_async_commit();
-  }
-  for (int it = 0; it < n_tiles; it++) {
-    const int kt = b.k_begin + it * KT, ahead = it + STAGES - 1, st = it % STAGES;
-    if (ahead < n_tiles) load_tile(b.k_begin + ahead * KT, ahead % STAGES);
-    cp_async_commit();
-    cp_async_wait<STAGES - 1>();
+  /* Tile `st` in shared memory, made visible to the tensor cores; then S = Q K^T issued (async). */
+  auto tile_ready = [&]() {
     fence_proxy_async(); /* this thread's cp.async (and Q) writes, seen by the tensor cores */
     __syncthreads();
-
-    float s[RW][NT][4];
+  };
+  auto issue_s = [&](int st, float(&s)[RW][NT][4]) {
     wgmma_fence();
 #pragma unroll
     for (int rb = 0; rb < RW; rb++)
@@ -182,23 +167,13 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
                     sw128_desc(ks(st) + (kk / 4) * KT * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
       }
     wgmma_commit();
-    wgmma_wait_all();
-#pragma unroll
-    for (int rb = 0; rb < RW; rb++) pin(s[rb]);
+  };
 
-    ta_mask<RW, NT>(a, b, base, kt, s);
-    ta_softmax<RW, NT, DN>(s, m, l, o, sl2);
-
-    uint32_t pa[RW][KT / 16][4];
-#pragma unroll
-    for (int rb = 0; rb < RW; rb++)
-#pragma unroll
-      for (int kk = 0; kk < KT / 16; kk++) {
-        pa[rb][kk][0] = pack_bf16(s[rb][2 * kk][0], s[rb][2 * kk][1]);
-        pa[rb][kk][1] = pack_bf16(s[rb][2 * kk][2], s[rb][2 * kk][3]);
-        pa[rb][kk][2] = pack_bf16(s[rb][2 * kk + 1][0], s[rb][2 * kk + 1][1]);
-        pa[rb][kk][3] = pack_bf16(s[rb][2 * kk + 1][2], s[rb][2 * kk + 1][3]);
-      }
+  const float sl2 = a.scale * TA_LOG2E;
+  float o[RW][DN][4], m[RW][2], l[RW][2];
+  ta_state_init(o, m, l);
+  /* O += P V from stage st, issued (async). */
+  auto issue_o = [&](int st, const uint32_t(&pa)[RW][KT / 16][4]) {
 #pragma unroll
     for (int rb = 0; rb < RW; rb++) pin(o[rb]);
     wgmma_fence();
@@ -208,7 +183,71 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
       for (int rb = 0; rb < RW; rb++)
         wgmma_o<D>(o[rb], pa[rb][kk], sw128_desc(vs(st) + kk * 16 * 128, KT * 128, 1024));
     wgmma_commit();
-    wgmma_wait_all();
+  };
+
+  ta_prologue<STAGES, KT>(b, n_tiles, load_tile);
+  load_q<T, D, ROWS>(a, b, qs); /* while the first tiles are on their way */
+  float s[RW][NT][4];
+  if constexpr (OVL) {
+    if (n_tiles > 0) {
+      cp_async_wait<STAGES - 2>();
+      tile_ready();
+      issue_s(0, s);
+    }
+  }
+  for (int it = 0; it < n_tiles; it++) {
+    const int kt = b.k_begin + it * KT, ahead = it + STAGES - 1, st = it % STAGES;
+    if (ahead < n_tiles) load_tile(b.k_begin + ahead * KT, ahead % STAGES);
+    cp_async_commit();
+    if constexpr (!OVL) {
+      cp_async_wait<STAGES - 1>();
+      tile_ready();
+      issue_s(st, s);
+      wgmma_wait_all();
+#pragma unroll
+      for (int rb = 0; rb < RW; rb++) pin(s[rb]);
+      ta_mask<RW, NT>(a, b, base, kt, s);
+      ta_softmax<RW, NT, DN>(s, m, l, o, sl2);
+      uint32_t pa[RW][KT / 16][4];
+      ta_pack_p<RW, NT>(s, pa);
+      issue_o(st, pa);
+      wgmma_wait_all();
+    } else {
+      wgmma_wait_all(); /* S of this tile */
+      pin(s[0]);
+      /* The softmax works on a copy: registers a wgmma accumulates into must not be written
+       * while another wgmma is in flight (ptxas would serialise them). */
+      float p[RW][NT][4];
+#pragma unroll
+      for (int nn = 0; nn < NT; nn++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) p[0][nn][e] = s[0][nn][e];
+      float sn[RW][NT][4];
+      const bool more = it + 1 < n_tiles;
+      if (more) { /* the next tile: every group but the newest STAGES - 2 has landed */
+        cp_async_wait<STAGES - 2>();
+        tile_ready();
+        issue_s((it + 1) % STAGES, sn);
+      }
+      /* Only P's registers are written while the next S is in flight; the accumulators are
+       * rescaled after it lands. */
+      ta_mask<RW, NT>(a, b, base, kt, p);
+      float corr[RW][2];
+      const bool grew = ta_softmax_p<RW, NT>(p, m, l, corr, sl2);
+      uint32_t pa[RW][KT / 16][4];
+      ta_pack_p<RW, NT>(p, pa);
+      wgmma_wait_all(); /* S of the next tile */
+      if (more) {
+        pin(sn[0]);
+#pragma unroll
+        for (int nn = 0; nn < NT; nn++)
+#pragma unroll
+          for (int e = 0; e < 4; e++) s[0][nn][e] = sn[0][nn][e];
+      }
+      if (grew) ta_rescale<RW, DN>(o, corr);
+      issue_o(st, pa);
+      wgmma_wait_all();
+    }
 #pragma unroll
     for (int rb = 0; rb < RW; rb++) pin(o[rb]);
     __syncthreads(); /* a later iteration's loads overwrite this stage */
@@ -219,12 +258,13 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
 
 #else
 
-template <typename T, int D, int RW> __global__ void tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {}
+template <typename T, int D, int RW, bool OVL> __global__ void tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {}
 
 #endif
 
-template <typename T, int D, int RW> static int launch_kernel(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int cap) {
-  auto kernel = tree_attn_wgmma_kernel<T, D, RW>;
+template <typename T, int D, int RW, bool OVL = false>
+static int launch_kernel(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int cap) {
+  auto kernel = tree_attn_wgmma_kernel<T, D, RW, OVL>;
   CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, wg_smem<D, RW>()));
   dim3 grid(cap / (64 * RW), a->n_splits, a->n_seqs * a->n_kv_heads);
   kernel<<<grid, TA_THREADS, wg_smem<D, RW>(), ctx->stream>>>(*a);
@@ -235,13 +275,15 @@ template <typename T, int D, int RW> static int launch_kernel(cn_cuda_ctx *ctx, 
 int cn_ta_launch_wgmma(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw, int cap) {
   return cn_dispatch(a->dt, [&](auto t) {
     using T = decltype(t);
+    if (a->impl == CN_CUDA_TA_WGMMA_OVERLAP) /* 64-row tiles: the caller's rw is 1 */
+      return a->head_dim == 64 ? launch_kernel<T, 64, 1, true>(ctx, a, cap) : launch_kernel<T, 128, 1, true>(ctx, a, cap);
     if (a->head_dim == 64) return rw == 2 ? launch_kernel<T, 64, 2>(ctx, a, cap) : launch_kernel<T, 64, 1>(ctx, a, cap);
     return rw == 2 ? launch_kernel<T, 128, 2>(ctx, a, cap) : launch_kernel<T, 128, 1>(ctx, a, cap);
   });
 }
 
 template <int D, int RW> static int per_sm_of(int *per_sm) {
-  auto kernel = tree_attn_wgmma_kernel<cn_bf16_t, D, RW>;
+  auto kernel = tree_attn_wgmma_kernel<cn_bf16_t, D, RW, false>;
   CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, wg_smem<D, RW>()));
   CN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, TA_THREADS, wg_smem<D, RW>()));
   return CANOPY_OK;
