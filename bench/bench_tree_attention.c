@@ -10,8 +10,8 @@
  * launches. The compute floor is the shape's matrix FLOPs (QK^T and PV: 4 rows L head_dim per KV
  * head) over the dense bf16 rate of a cuBLAS GEMM measured in the same run. Both tree kernels
  * (mma.sync; wgmma on sm_90) run side by side, and each one's output is checked against the naive
- * kernel's on every shape; wg64 is the wgmma kernel with 64-row tiles where it takes 128, wg-ov the
- * overlapped wgmma kernel (64-row tiles). A split-count sweep at batch 1 (n = 64, 128) follows.
+ * kernel's on every shape; wg128 and wg64 are the wgmma kernel with 128-row and 64-row tiles (the
+ * same below 128 rows a KV head), auto what AUTO runs. A split sweep at batch 1 (n = 64, 128) follows.
  *
  *   bench_tree_attention [--quick]     (--quick: batch 1, L 4k only, no sweep) */
 #include <math.h>
@@ -307,9 +307,9 @@ int main(int argc, char **argv) {
   fill_random_bf16(bb.q, qe);
 
   printf("\nLlama-3-8B heads (32 q / 8 kv, d 128), bf16, paged K/V (block 16). bw floor = prefix K/V bytes / copy\n"
-         "bandwidth; mma floor = 4 n (32/8) L 128 8 batch FLOPs / the GEMM rate; %% floor = max(floors) / best time\n");
+         "bandwidth; mma floor = 4 n (32/8) L 128 8 batch FLOPs / the GEMM rate; %% = floor / auto time\n");
   printf("%5s %4s %6s %6s | %9s %9s %9s %9s %7s | %8s %8s %7s %7s | %10s %8s | %8s %8s\n", "batch", "n", "L", "splits",
-         "sync us", "wgmma us", "wg64 us", "wg-ov us", "syn/best", "bw fl us", "mma fl", "% bw", "% floor", "naive us", "x naive",
+         "sync us", "wg128 us", "wg64 us", "auto us", "syn/auto", "bw fl us", "mma fl", "% bw", "% floor", "naive us", "x naive",
          "diff s", "diff wg");
   static const int batches[] = {1, 8}, ns[] = {1, 16, 64, 128}, Ls[] = {1024, 4096, 16384, 32768};
   for (int bi = 0; bi < 2; bi++)
@@ -322,45 +322,44 @@ int main(int argc, char **argv) {
           fprintf(stderr, "workspace too small\n");
           return 1;
         }
-        double t_sync = time_impl(&j, CN_CUDA_TA_MMA_SYNC, 0), t_wg = time_impl(&j, CN_CUDA_TA_WGMMA, 0);
-        /* 64-row tiles where the kernel takes 128 (n >= 32 here), at the same split count. */
-        double t_wg64 = n * HQ / HKV >= 128 ? time_impl(&j, CN_CUDA_TA_WGMMA, 64) : NAN;
-        double t_ov = time_impl(&j, CN_CUDA_TA_WGMMA_OVERLAP, 0);
+        /* wgmma with 128-row tiles (64 below 128 rows a KV head) and with 64-row tiles where that
+         * differs (n >= 32 here), at the automatic split count. */
+        double t_sync = time_impl(&j, CN_CUDA_TA_MMA_SYNC, 0), t_wg = time_impl(&j, CN_CUDA_TA_WGMMA, 128);
+        int wide = n * HQ / HKV >= 128;
+        double t_wg64 = wide ? time_impl(&j, CN_CUDA_TA_WGMMA, 64) : NAN;
         /* The naive kernel is slow at large n: fewer launches per group. */
         double t_naive = time_us(run_naive, &j, n * (double)L * batch > 4e6 ? 1 : 4);
         /* All on the same set, then compare. */
         run_naive(&j, 0);
         double diff_s = check_impl(&bb, &j, CN_CUDA_TA_MMA_SYNC, 0), diff_w = NAN;
         if (t_wg == t_wg) { /* the worst of the wgmma kernels */
-          diff_w = check_impl(&bb, &j, CN_CUDA_TA_WGMMA, 0);
-          double d64 = check_impl(&bb, &j, CN_CUDA_TA_WGMMA, 64), dov = check_impl(&bb, &j, CN_CUDA_TA_WGMMA_OVERLAP, 0);
+          diff_w = check_impl(&bb, &j, CN_CUDA_TA_WGMMA, 128);
+          double d64 = check_impl(&bb, &j, CN_CUDA_TA_WGMMA, 64);
           diff_w = d64 > diff_w ? d64 : diff_w;
-          diff_w = dov > diff_w ? dov : diff_w;
         }
-        double best = t_wg == t_wg && t_wg < t_sync ? t_wg : t_sync;
-        if (t_wg64 == t_wg64 && t_wg64 < best) best = t_wg64;
-        if (t_ov == t_ov && t_ov < best) best = t_ov;
+        /* What AUTO runs here (the AUTO count picked the tile too). */
+        double t_auto = time_impl(&j, CN_CUDA_TA_AUTO, 0);
         double kv_bytes = (double)batch * L * KV_DIM * 2 * sizeof(uint16_t);
         double bw_us = kv_bytes / (copy_gbs * 1e9) * 1e6;
         double mma_us = 4.0 * n * (HQ / HKV) * (double)L * HD * HKV * batch / (tflops * 1e12) * 1e6;
         double floor_us = bw_us > mma_us ? bw_us : mma_us;
         printf("%5d %4d %6d %6d | %9.1f %9.1f %9.1f %9.1f %6.2fx | %8.1f %8.1f %6.1f%% %6.1f%% | %10.1f %7.1fx | %8.2e %8.2e\n",
-               batch, n, L, j.a.n_splits, t_sync, t_wg, t_wg64, t_ov, t_sync / best, bw_us, mma_us, 100.0 * bw_us / best,
-               100.0 * floor_us / best, t_naive, t_naive / best, diff_s, diff_w);
+               batch, n, L, j.a.n_splits, t_sync, t_wg, t_wg64, t_auto, t_sync / t_auto, bw_us, mma_us, 100.0 * bw_us / t_auto,
+               100.0 * floor_us / t_auto, t_naive, t_naive / t_auto, diff_s, diff_w);
         fflush(stdout);
         free_shape(&j);
       }
 
-  /* The split count at batch 1 for trees of 64 and 128 nodes, wgmma with its own tiles (128
-   * rows), with 64-row tiles, and overlapped (64-row tiles); the automatic count marked *. */
+  /* The split count at batch 1 for trees of 64 and 128 nodes, wgmma with 128-row and with 64-row
+   * tiles; the automatic count marked *. */
   printf("\nbatch 1, wgmma, split sweep (us)\n%4s %6s %4s |", "n", "L", "tile");
   static const int sweep[] = {2, 4, 6, 8, 12, 16, 24, 33, 48};
   for (int k = 0; k < 9; k++) printf(" %7d", sweep[k]);
   printf("\n");
   for (int ni = 2; ni < 4 && !quick; ni++)
     for (int li = 1; li < 4; li++)
-      for (int v = 0; v < 3; v++) { /* 128-row tiles, 64-row tiles, overlapped (64) */
-        static const char *names[3] = {"128", "64", "64ov"};
+      for (int v = 0; v < 2; v++) { /* 128-row tiles, 64-row tiles */
+        static const char *names[2] = {"128", "64"};
         shape_job j = make_shape(&bb, 1, ns[ni], Ls[li]);
         int auto_splits = j.a.n_splits;
         printf("%4d %6d %4s |", ns[ni], Ls[li], names[v]);
@@ -370,8 +369,7 @@ int main(int argc, char **argv) {
             printf(" %7s", "-");
             continue;
           }
-          double t = v == 2 ? time_impl(&j, CN_CUDA_TA_WGMMA_OVERLAP, 0) : time_impl(&j, CN_CUDA_TA_WGMMA, v ? 64 : 0);
-          printf(" %6.1f%s", t, sweep[k] == auto_splits ? "*" : " ");
+          printf(" %6.1f%s", time_impl(&j, CN_CUDA_TA_WGMMA, v ? 64 : 128), sweep[k] == auto_splits ? "*" : " ");
         }
         printf("  (auto %d)\n", auto_splits);
         fflush(stdout);

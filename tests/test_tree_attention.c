@@ -4,8 +4,8 @@
  * chunks and random trees (each node's parent a random earlier node) side by side, awkward query
  * counts and prefix lengths, q_offset > 0, GQA ratios 1, 4 and 8, head_dim 64 and 128, a sliding
  * window, randomly permuted cache blocks, and each batch at one split, the automatic split count
- * and a forced odd one, through every kernel (mma.sync, and where the device is sm_90 wgmma, wgmma
- * with 64-row tiles forced, and the overlapped wgmma kernel). The output is poisoned with NaN first, so an unwritten element fails; a
+ * and a forced odd one, through every kernel (mma.sync, and where the device is sm_90 wgmma with
+ * 128-row and with 64-row tiles). The output is poisoned with NaN first, so an unwritten element fails; a
  * query that sees no key must give exact zeros, as the CPU twin does.
  *
  * CANOPY_TEST_QUICK=1 shrinks the shapes (for compute-sanitizer). Skips (exit 77) when canopy was
@@ -271,13 +271,12 @@ static int run_case(const batch_case *c) {
 
   int auto_splits = cn_cuda_tree_attn_splits(ctx, ns, max_n, max_keys, c->n_heads, c->n_kv_heads, d);
   int splits[3] = {1, auto_splits, 7};
-  /* The kernels: mma.sync, wgmma, wgmma with 64-row tiles where it would take 128, and the
-   * overlapped wgmma kernel. */
-  static const cn_cuda_tree_attn_impl impls[4] = {CN_CUDA_TA_MMA_SYNC, CN_CUDA_TA_WGMMA, CN_CUDA_TA_WGMMA,
-                                                  CN_CUDA_TA_WGMMA_OVERLAP};
-  static const int row_tiles[4] = {0, 0, 64, 0};
-  static const char *impl_names[4] = {"mma.sync", "wgmma", "wgmma64", "wgmma-ov"};
-  for (int iv = 0; iv < 12; iv++) {
+  /* The kernels: mma.sync, and wgmma with 128-row tiles (where a KV head has 128+ rows) and with
+   * 64-row tiles. */
+  static const cn_cuda_tree_attn_impl impls[3] = {CN_CUDA_TA_MMA_SYNC, CN_CUDA_TA_WGMMA, CN_CUDA_TA_WGMMA};
+  static const int row_tiles[3] = {0, 128, 64};
+  static const char *impl_names[3] = {"mma.sync", "wgmma128", "wgmma64"};
+  for (int iv = 0; iv < 9; iv++) {
     int v = iv % 3, im = iv / 3;
     size_t ws = cn_cuda_tree_attn_workspace(ns, max_n, splits[v], c->n_heads, c->n_kv_heads, d);
     if (ws) CK(cn_cuda_malloc(ctx, &d_ws, ws));
@@ -377,10 +376,10 @@ static void test_tree_attention_rejects_bad_args(void **state) {
   a.n_splits = 257; /* more than the merge takes */
   assert_int_equal(cn_cuda_tree_attention(ctx, &a), CANOPY_ERR_INVALID_ARG);
   a.n_splits = 1;
-  a.impl = (cn_cuda_tree_attn_impl)4;
+  a.impl = (cn_cuda_tree_attn_impl)3;
   assert_int_equal(cn_cuda_tree_attention(ctx, &a), CANOPY_ERR_INVALID_ARG);
   a.impl = CN_CUDA_TA_AUTO;
-  a.row_tile = 128; /* only 0 or 64 */
+  a.row_tile = 32; /* 0, 64 or 128 */
   assert_int_equal(cn_cuda_tree_attention(ctx, &a), CANOPY_ERR_INVALID_ARG);
 }
 

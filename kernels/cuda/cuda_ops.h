@@ -220,13 +220,11 @@ typedef struct cn_cuda_tree_seq {
 } cn_cuda_tree_seq;
 
 /* Which kernel runs: AUTO takes the warpgroup-MMA (wgmma) kernel on sm_90 devices (H100, H200)
- * and the mma.sync kernel elsewhere; the others force one (forcing a wgmma kernel off sm_90 is an
- * error). */
+ * and the mma.sync kernel elsewhere; the others force one (forcing WGMMA off sm_90 is an error). */
 typedef enum cn_cuda_tree_attn_impl {
   CN_CUDA_TA_AUTO = 0,
   CN_CUDA_TA_MMA_SYNC = 1,
   CN_CUDA_TA_WGMMA = 2,
-  CN_CUDA_TA_WGMMA_OVERLAP = 3, /* wgmma, 64-row tiles, the next tile's Q K^T overlapping the softmax */
 } cn_cuda_tree_attn_impl;
 
 typedef struct cn_cuda_tree_attn_args {
@@ -247,8 +245,8 @@ typedef struct cn_cuda_tree_attn_args {
   float scale;
   float *workspace;             /* cn_cuda_tree_attn_workspace() bytes (device), when n_splits > 1 */
   cn_cuda_tree_attn_impl impl;  /* AUTO (0) unless a test or benchmark picks a kernel */
-  int row_tile;                 /* 0: 128 query rows a block once a KV head has 128+, else 64; 64 forces
-                                   64 (a tuning knob for tests and benchmarks; the workspace fits both) */
+  int row_tile;                 /* query rows a block: 0 lets the kernel pick (below); 64 or 128 force
+                                   one (tests, benchmarks); 128 takes effect only with 128+ rows */
 } cn_cuda_tree_attn_args;
 
 /* Whether the tree kernel handles this head_dim (64 and 128); others take cn_cuda_attention. */
@@ -257,7 +255,10 @@ int cn_cuda_tree_attn_supported(int head_dim);
 /* A split count that fills every resident block slot of the device once for a batch of n_seqs
  * sequences of at most max_n queries and max_keys keys (ctx_len + q_offset + n), for the kernel
  * AUTO picks; a caller that captures graphs passes bucketed values so that the count stays fixed.
- * At most 256. */
+ * At most 256. Row tiles: a KV head's rows (max_n n_heads / n_kv_heads) go 64 to a block, or 128
+ * once there are 128+ of them and (wgmma kernel) the 128-row blocks of n_splits splits fill at
+ * least three quarters of the device's two blocks a multiprocessor; so this count also picks the
+ * tile. */
 int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int max_keys, int n_heads, int n_kv_heads,
                              int head_dim);
 

@@ -236,29 +236,54 @@ template <typename T, int D, int RW> static int prepare(int *per_sm) {
 }
 
 static bool use_wgmma(const cn_cuda_ctx *ctx, cn_cuda_tree_attn_impl impl) {
-  return impl == CN_CUDA_TA_WGMMA || impl == CN_CUDA_TA_WGMMA_OVERLAP || (impl == CN_CUDA_TA_AUTO && ctx->cc == 90);
+  return impl == CN_CUDA_TA_WGMMA || (impl == CN_CUDA_TA_AUTO && ctx->cc == 90);
+}
+
+/* Whether a launch takes 128-row tiles (cuda_ops.h, cn_cuda_tree_attn_splits). With few blocks
+ * (batch 1, short prefixes: the 512-key minimum split caps the splits) 64-row tiles make twice as
+ * many: the H100 ran n = 64 at 4k in 30 us so (8 splits) against 37 us with 128-row tiles, while
+ * at 16k, where 128-row tiles fill the device, they ran 72 us against 89 (bench/RESULTS.md). */
+static bool wide_tiles(const cn_cuda_ctx *ctx, bool wgmma, int n_seqs, int max_n, int group, int n_kv, int n_splits) {
+  if (!wide_rows(max_n, group)) return false;
+  if (!wgmma) return true;
+  long blocks = (long)n_seqs * n_kv * (rows_cap(max_n, group, 128) / 128) * n_splits;
+  return 4 * blocks >= 3L * 2 * ctx->n_sm;
+}
+
+/* Splits that fill every resident block slot once with tiles of `tile` rows (per_sm blocks a
+ * multiprocessor). */
+static long splits_for(const cn_cuda_ctx *ctx, int per_sm, int n_seqs, int max_n, int group, int n_kv, int tile,
+                       int max_keys) {
+  long base = (long)n_seqs * n_kv * (rows_cap(max_n, group, tile) / tile);
+  /* As many splits as fill every resident block slot once: one wave, no tail (measured on the
+   * H100: 50 splits of 8 blocks, 1.5 waves, ran a 32k decode at 53% of the copy bandwidth). Each
+   * split keeps at least 128 keys, and 512 once a KV head has 128+ rows, so that the partial
+   * states (a kilobyte a row, written and read again) stay small beside the split's K/V (the H100
+   * sweep of bench_tree_attention: n = 64 at 4k ran 45 us at 16 splits of 256 keys, 39 us at 8). */
+  long want = (long)per_sm * ctx->n_sm / base, most = max_keys / (wide_rows(max_n, group) ? 512 : 128);
+  if (want > most) want = most;
+  if (want > MERGE_MAX_SPLITS) want = MERGE_MAX_SPLITS;
+  return want < 1 ? 1 : want;
 }
 
 int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int max_keys, int n_heads, int n_kv_heads,
                              int head_dim) {
   if (!ctx || n_seqs <= 0 || max_n <= 0 || n_kv_heads <= 0 || n_heads < n_kv_heads) return 1;
-  int per_sm = 0;
   int group = n_heads / n_kv_heads;
-  bool wide = wide_rows(max_n, group);
-  int st = use_wgmma(ctx, CN_CUDA_TA_AUTO) ? cn_ta_wgmma_per_sm(head_dim, wide ? 2 : 1, &per_sm)
+  bool wg = use_wgmma(ctx, CN_CUDA_TA_AUTO), wide = wide_rows(max_n, group);
+  int per_sm = 0;
+  int st = wg ? cn_ta_wgmma_per_sm(head_dim, wide ? 2 : 1, &per_sm)
            : head_dim == 64 ? (wide ? prepare<cn_bf16_t, 64, 2>(&per_sm) : prepare<cn_bf16_t, 64, 1>(&per_sm))
                             : (wide ? prepare<cn_bf16_t, 128, 2>(&per_sm) : prepare<cn_bf16_t, 128, 1>(&per_sm));
   if (st || per_sm < 1) per_sm = 1;
-  long base = (long)n_seqs * n_kv_heads * (rows_cap(max_n, group) / (wide ? 128 : 64));
-  /* As many splits as fill every resident block slot once: one wave, no tail (measured on the
-   * H100: 50 splits of 8 blocks, 1.5 waves, ran a 32k decode at 53% of the copy bandwidth). Each
-   * split keeps at least 128 keys, and 512 with 128-row tiles, so that the partial states (a
-   * kilobyte a row, written and read again) stay small beside the split's K/V (the H100 sweep of
-   * bench_tree_attention: n = 64 at 4k ran 45 us at 16 splits of 256 keys, 39 us at 8). */
-  long want = (long)per_sm * ctx->n_sm / base, most = max_keys / (wide ? 512 : 128);
-  if (want > most) want = most;
-  if (want > MERGE_MAX_SPLITS) want = MERGE_MAX_SPLITS;
-  return want < 1 ? 1 : (int)want;
+  long want = splits_for(ctx, per_sm, n_seqs, max_n, group, n_kv_heads, wide ? 128 : 64, max_keys);
+  if (wide && !wide_tiles(ctx, wg, n_seqs, max_n, group, n_kv_heads, (int)want)) {
+    /* 64-row tiles then (fewer splits never make 128-row tiles fill the device, so the launch
+     * picks 64 too). */
+    if (cn_ta_wgmma_per_sm(head_dim, 1, &per_sm) || per_sm < 1) per_sm = 1;
+    want = splits_for(ctx, per_sm, n_seqs, max_n, group, n_kv_heads, 64, max_keys);
+  }
+  return (int)want;
 }
 
 size_t cn_cuda_tree_attn_workspace(int n_seqs, int max_n, int n_splits, int n_heads, int n_kv_heads, int head_dim) {
@@ -301,14 +326,17 @@ int cn_cuda_tree_attention(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a) {
   if (!a) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_tree_attention: NULL args");
   if (a->n_seqs < 0 || a->max_n < 0 || a->n_splits < 1 || a->n_heads <= 0 || a->n_kv_heads <= 0 ||
       a->n_heads % a->n_kv_heads || a->block_size <= 0 || a->n_seqs * a->n_kv_heads > 65535 || a->n_splits > MERGE_MAX_SPLITS ||
-      (unsigned)a->impl > CN_CUDA_TA_WGMMA_OVERLAP || (a->row_tile != 0 && a->row_tile != 64))
+      (unsigned)a->impl > CN_CUDA_TA_WGMMA ||
+      (a->row_tile != 0 && a->row_tile != 64 && a->row_tile != 128))
     return cn_error(CANOPY_ERR_INVALID_ARG,
-                    "cn_cuda_tree_attention: n_seqs=%d max_n=%d n_splits=%d n_heads=%d n_kv_heads=%d block_size=%d",
-                    a->n_seqs, a->max_n, a->n_splits, a->n_heads, a->n_kv_heads, a->block_size);
+                    "cn_cuda_tree_attention: n_seqs=%d max_n=%d n_splits=%d (1..%d) n_heads=%d n_kv_heads=%d "
+                    "block_size=%d impl=%d row_tile=%d",
+                    a->n_seqs, a->max_n, a->n_splits, MERGE_MAX_SPLITS, a->n_heads, a->n_kv_heads, a->block_size,
+                    (int)a->impl, a->row_tile);
   if (!cn_cuda_tree_attn_supported(a->head_dim))
     return cn_error(CANOPY_ERR_UNSUPPORTED, "cn_cuda_tree_attention: head_dim %d (64 or 128)", a->head_dim);
   if (!cn_dtype_ok(a->dt)) return cn_error(CANOPY_ERR_DTYPE, "cn_cuda_tree_attention: unknown dtype %d", (int)a->dt);
-  if ((a->impl == CN_CUDA_TA_WGMMA || a->impl == CN_CUDA_TA_WGMMA_OVERLAP) && ctx->cc != 90)
+  if (a->impl == CN_CUDA_TA_WGMMA && ctx->cc != 90)
     return cn_error(CANOPY_ERR_UNSUPPORTED, "cn_cuda_tree_attention: the wgmma kernel needs sm_90 (device is sm_%d)", ctx->cc);
   if (!a->n_seqs || !a->max_n) return CANOPY_OK;
   if (!a->seqs || !a->q || !a->out || !a->k || !a->v || !a->block_tables || !a->pos || (a->n_splits > 1 && !a->workspace))
@@ -317,8 +345,11 @@ int cn_cuda_tree_attention(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a) {
                     a->n_splits);
   return cn_dispatch(a->dt, [&](auto t) {
     using T = decltype(t);
-    bool wide = wide_rows(a->max_n, a->n_heads / a->n_kv_heads) && a->row_tile != 64 &&
-                a->impl != CN_CUDA_TA_WGMMA_OVERLAP;
+    const int group = a->n_heads / a->n_kv_heads;
+    bool wide = a->row_tile == 128  ? wide_rows(a->max_n, group)
+                : a->row_tile == 64 ? false
+                                    : wide_tiles(ctx, use_wgmma(ctx, a->impl), a->n_seqs, a->max_n, group,
+                                                 a->n_kv_heads, a->n_splits);
     if (a->head_dim == 64) return wide ? launch<T, 64, 2>(ctx, a) : launch<T, 64, 1>(ctx, a);
     return wide ? launch<T, 128, 2>(ctx, a) : launch<T, 128, 1>(ctx, a);
   });

@@ -45,7 +45,9 @@ __device__ __forceinline__ uint32_t load_pair(const float *p) {
   return pack_bf16(v.x, v.y);
 }
 __device__ __forceinline__ uint32_t load_pair(const cn_bf16_t *p) { return *reinterpret_cast<const uint32_t *>(p); }
-__device__ __forceinline__ void store_pair(float *p, float x, float y) { *reinterpret_cast<float2 *>(p) = make_float2(x, y); }
+__device__ __forceinline__ void store_pair(float *p, float x, float y) {
+  *reinterpret_cast<float2 *>(p) = make_float2(x, y);
+}
 __device__ __forceinline__ void store_pair(cn_bf16_t *p, float x, float y) {
   *reinterpret_cast<__nv_bfloat162 *>(p) = __floats2bfloat162_rn(x, y);
 }
@@ -97,8 +99,7 @@ __device__ __forceinline__ int ta_head(const ta_block &b, int r) { return b.g * 
 
 /* Fills b for this block; false when the block has nothing to do (a tile past the rows, or a
  * split past the keys of a short sequence). */
-template <int ROWS>
-__device__ __forceinline__ bool ta_block_init(const cn_cuda_tree_attn_args &a, ta_block &b) {
+template <int ROWS> __device__ __forceinline__ bool ta_block_init(const cn_cuda_tree_attn_args &a, ta_block &b) {
   const int tile = blockIdx.x, split = blockIdx.y;
   b.g = blockIdx.z % a.n_kv_heads;
   b.sq = a.seqs[blockIdx.z / a.n_kv_heads];
@@ -118,7 +119,8 @@ __device__ __forceinline__ bool ta_block_init(const cn_cuda_tree_attn_args &a, t
   if (a.sliding_window > 0) {
     /* Prefix slot s has position s: slots below every row's window are skipped. */
     int mn = INT_MAX;
-    for (int t = tok_lo; t <= tok_hi; t++) mn = min(mn, b.pos[b.sq.q_offset + t]);
+    for (int t = tok_lo; t <= tok_hi; t++)
+      mn = min(mn, b.pos[b.sq.q_offset + t]);
     b.k_begin = max(b.k_begin, min(b.sq.ctx_len, max(0, mn - a.sliding_window + 1)));
   }
   return true;
@@ -158,7 +160,8 @@ __device__ __forceinline__ void ta_state_init(float (&o)[RW][DN][4], float (&m)[
 #pragma unroll
   for (int rb = 0; rb < RW; rb++) {
 #pragma unroll
-    for (int dn = 0; dn < DN; dn++) o[rb][dn][0] = o[rb][dn][1] = o[rb][dn][2] = o[rb][dn][3] = 0.0f;
+    for (int dn = 0; dn < DN; dn++)
+      o[rb][dn][0] = o[rb][dn][1] = o[rb][dn][2] = o[rb][dn][3] = 0.0f;
     m[rb][0] = m[rb][1] = -INFINITY, l[rb][0] = l[rb][1] = 0.0f;
   }
 }
@@ -209,7 +212,8 @@ __device__ __forceinline__ bool ta_softmax_p(float (&s)[RW][NT][4], float (&m)[R
     for (int j = 0; j < 2; j++) {
       float mx = -INFINITY;
 #pragma unroll
-      for (int nn = 0; nn < NT; nn++) mx = fmaxf(mx, fmaxf(s[rb][nn][2 * j], s[rb][nn][2 * j + 1]));
+      for (int nn = 0; nn < NT; nn++)
+        mx = fmaxf(mx, fmaxf(s[rb][nn][2 * j], s[rb][nn][2 * j + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_old = m[rb][j], m_new = fmaxf(m_old, mx * sl2);
@@ -285,14 +289,16 @@ __device__ __forceinline__ void ta_finish(const cn_cuda_tree_attn_args &a, const
         float inv = lj > 0.0f ? 1.0f / lj : 0.0f; /* a query that sees nothing gets zeros */
         T *out = (T *)a.out + ((size_t)(b.sq.row0 + ta_tok(b, r)) * a.n_heads + ta_head(b, r)) * D + qlane * 2;
 #pragma unroll
-        for (int dn = 0; dn < DN; dn++) store_pair(out + dn * 8, o[rb][dn][2 * j] * inv, o[rb][dn][2 * j + 1] * inv);
+        for (int dn = 0; dn < DN; dn++)
+          store_pair(out + dn * 8, o[rb][dn][2 * j] * inv, o[rb][dn][2 * j + 1] * inv);
       } else {
         size_t prow = ((size_t)blockIdx.z * cap + r) * a.n_splits + blockIdx.y;
         float *ml = a.workspace + 2 * prow;
         float *acc = a.workspace + 2 * (size_t)gridDim.z * cap * a.n_splits + prow * D + qlane * 2;
         if (qlane == 0) ml[0] = m[rb][j], ml[1] = lj;
 #pragma unroll
-        for (int dn = 0; dn < DN; dn++) store_pair(acc + dn * 8, o[rb][dn][2 * j], o[rb][dn][2 * j + 1]);
+        for (int dn = 0; dn < DN; dn++)
+          store_pair(acc + dn * 8, o[rb][dn][2 * j], o[rb][dn][2 * j + 1]);
       }
     }
   pdl_trigger();

@@ -28,42 +28,57 @@
 #define TA_HAVE_WGMMA 0
 #endif
 
-#define WG_KT 64 /* keys per tile */
+#define WG_KT 64 /* keys per tile (wgmma_ss_n64) */
 
-template <int RW> constexpr int wg_stages() { return RW == 1 ? 3 : 2; } /* Q + stages within 2 blocks a multiprocessor */
+template <int RW> constexpr int wg_stages() {
+  return RW == 1 ? 3 : 2;
+} /* Q + stages within 2 blocks a multiprocessor */
 
 /* Bytes of shared memory: Q (RW 64 rows), then per stage K and V (WG_KT rows), all D / 64 panels
  * of 128-byte rows; plus up to 1 KB to align the start to the swizzle's 1024-byte period. */
 template <int D, int RW> constexpr int wg_smem() { return (RW * 64 + wg_stages<RW>() * 2 * WG_KT) * D * 2 + 1024; }
 
 #if TA_HAVE_WGMMA
-/* The generated operand lists of the four wgmma shapes the kernel uses (d holds the m16n8
+/* The generated operand lists of the three wgmma shapes the kernel uses (d holds the m16n8
  * accumulator fragments of this warp's 16 rows, n / 8 of them):
- *  - wgmma_ss_nN: d (+)= A B, m64nNk16, A and B from shared memory (descriptors), d = A B when !acc;
+ *  - wgmma_ss_n64: d (+)= A B, m64n64k16 (64 keys a tile), A and B from shared memory
+ *    (descriptors), d = A B when !acc;
  *  - wgmma_rs_nN_tb: d += A B, m64nNk16, A (this warp's 16 rows) from registers, B from shared
  *    memory stored MN-major (transposed: the V tile is key-major with N = head_dim contiguous). */
+/* The accumulator operands of 8 n8 blocks (32 registers) starting at block b. */
+#define WG_ACC8(d, b)                                                                                                  \
+  "+f"(d[b][0]), "+f"(d[b][1]), "+f"(d[b][2]), "+f"(d[b][3]), "+f"(d[b + 1][0]), "+f"(d[b + 1][1]), "+f"(d[b + 1][2]), \
+      "+f"(d[b + 1][3]), "+f"(d[b + 2][0]), "+f"(d[b + 2][1]), "+f"(d[b + 2][2]), "+f"(d[b + 2][3]),                   \
+      "+f"(d[b + 3][0]), "+f"(d[b + 3][1]), "+f"(d[b + 3][2]), "+f"(d[b + 3][3]), "+f"(d[b + 4][0]),                   \
+      "+f"(d[b + 4][1]), "+f"(d[b + 4][2]), "+f"(d[b + 4][3]), "+f"(d[b + 5][0]), "+f"(d[b + 5][1]),                   \
+      "+f"(d[b + 5][2]), "+f"(d[b + 5][3]), "+f"(d[b + 6][0]), "+f"(d[b + 6][1]), "+f"(d[b + 6][2]),                   \
+      "+f"(d[b + 6][3]), "+f"(d[b + 7][0]), "+f"(d[b + 7][1]), "+f"(d[b + 7][2]), "+f"(d[b + 7][3])
+#define WG_REGS32                                                                                                      \
+  "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30," \
+  "%31"
+#define WG_REGS64                                                                                                      \
+  WG_REGS32                                                                                                            \
+      ",%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,"      \
+      "%58,%59,%60,%61,%62,%63"
+
 __device__ __forceinline__ void wgmma_ss_n64(float (&d)[8][4], uint64_t da, uint64_t db, int acc) {
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-               : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" WG_REGS32 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+               : WG_ACC8(d, 0)
                : "l"(da), "l"(db), "r"(acc));
-}
-__device__ __forceinline__ void wgmma_ss_n32(float (&d)[4][4], uint64_t da, uint64_t db, int acc) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
-               : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
-               : "l"(da), "l"(db), "r"(acc));
-}
-__device__ __forceinline__ void wgmma_rs_n128_tb(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
-               : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
 }
 __device__ __forceinline__ void wgmma_rs_n64_tb(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db) {
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
-               : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" WG_REGS32
+               "}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
+               : WG_ACC8(d, 0)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+__device__ __forceinline__ void wgmma_rs_n128_tb(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" WG_REGS64
+               "}, {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
+               : WG_ACC8(d, 0), WG_ACC8(d, 8)
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
 }
 
@@ -77,7 +92,8 @@ template <int N> __device__ __forceinline__ void pin(float (&d)[N][4]) {
 #pragma unroll
   for (int i = 0; i < N; i++)
 #pragma unroll
-    for (int e = 0; e < 4; e++) asm volatile("" : "+f"(d[i][e])::"memory");
+    for (int e = 0; e < 4; e++)
+      asm volatile("" : "+f"(d[i][e])::"memory");
 }
 
 /* A shared-memory matrix descriptor, 128-byte swizzle: start, leading and stride byte offsets. */
@@ -91,13 +107,11 @@ template <int R> __device__ __forceinline__ uint32_t sw128_at(int r, int c) {
   return (uint32_t)((c / 8) * R * 128 + r * 128 + (((c % 8) ^ (r % 8)) << 4));
 }
 
-template <int KT> __device__ __forceinline__ void wgmma_s(float (&d)[KT / 8][4], uint64_t da, uint64_t db, int acc) {
-  if constexpr (KT == 64) wgmma_ss_n64(d, da, db, acc);
-  else wgmma_ss_n32(d, da, db, acc);
-}
 template <int D> __device__ __forceinline__ void wgmma_o(float (&d)[D / 8][4], const uint32_t (&a)[4], uint64_t db) {
-  if constexpr (D == 128) wgmma_rs_n128_tb(d, a, db);
-  else wgmma_rs_n64_tb(d, a, db);
+  if constexpr (D == 128)
+    wgmma_rs_n128_tb(d, a, db);
+  else
+    wgmma_rs_n64_tb(d, a, db);
 }
 
 /* Q rows of the tile as bf16 into the swizzled Q tile; padding rows are zeros. */
@@ -109,8 +123,10 @@ __device__ __forceinline__ void load_q(const cn_cuda_tree_attn_args &a, const ta
     uint4 v = make_uint4(0, 0, 0, 0);
     if (r < b.rows) {
       const T *src = (const T *)a.q + ((size_t)(b.sq.row0 + ta_tok(b, r)) * a.n_heads + ta_head(b, r)) * D + piece * 8;
-      if constexpr (sizeof(T) == 2) v = *reinterpret_cast<const uint4 *>(src);
-      else v.x = load_pair(src), v.y = load_pair(src + 2), v.z = load_pair(src + 4), v.w = load_pair(src + 6);
+      if constexpr (sizeof(T) == 2)
+        v = *reinterpret_cast<const uint4 *>(src);
+      else
+        v.x = load_pair(src), v.y = load_pair(src + 2), v.z = load_pair(src + 4), v.w = load_pair(src + 6);
     }
     /* Instruction rb's 64 rows form their own tile of D / 64 panels. */
     uint32_t at = qs + (rl / 64) * 64 * D * 2 + sw128_at<64>(rl % 64, piece);
@@ -118,12 +134,8 @@ __device__ __forceinline__ void load_q(const cn_cuda_tree_attn_args &a, const ta
   }
 }
 
-/* OVL (64-row tiles only): S of the next tile is issued before the softmax of this one, so the
- * tensor cores work on it while the warps compute exponentials (FlashAttention-3's intra-warpgroup
- * overlap); it costs a second set of score registers. */
-template <typename T, int D, int RW, bool OVL>
+template <typename T, int D, int RW>
 __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {
-  static_assert(!OVL || RW == 1, "the overlap holds two score tiles: one row block only");
   constexpr int KT = WG_KT, DN = D / 8, NT = KT / 8, ROWS = 64 * RW, STAGES = wg_stages<RW>();
   constexpr int TILE = KT * D * 2; /* bytes of one K or V tile */
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -136,7 +148,8 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
   const int warp = threadIdx.x / 32;
   int base[RW];
 #pragma unroll
-  for (int rb = 0; rb < RW; rb++) base[rb] = b.row0 + rb * 64 + warp * 16;
+  for (int rb = 0; rb < RW; rb++)
+    base[rb] = b.row0 + rb * 64 + warp * 16;
   const int n_tiles = b.k_end > b.k_begin ? (b.k_end - b.k_begin + KT - 1) / KT : 0;
 
   auto load_tile = [&](int kt, int st) {
@@ -151,11 +164,12 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
       cp_async16(vs(st) + at, (const cn_bf16_t *)a.v + off, bytes);
     }
   };
-  /* Tile `st` in shared memory, made visible to the tensor cores; then S = Q K^T issued (async). */
+  /* The tile this thread waited for, made visible to the tensor cores and to the other threads. */
   auto tile_ready = [&]() {
     fence_proxy_async(); /* this thread's cp.async (and Q) writes, seen by the tensor cores */
     __syncthreads();
   };
+  /* S = Q K^T from stage st, issued (async). */
   auto issue_s = [&](int st, float(&s)[RW][NT][4]) {
     wgmma_fence();
 #pragma unroll
@@ -163,8 +177,8 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
 #pragma unroll
       for (int kk = 0; kk < D / 16; kk++) {
         const uint32_t panel = (kk / 4) * 8192u + (kk % 4) * 32u; /* 64 rows x 128 bytes a Q panel */
-        wgmma_s<KT>(s[rb], sw128_desc(qs + rb * 64 * D * 2 + panel, 16, 1024),
-                    sw128_desc(ks(st) + (kk / 4) * KT * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
+        wgmma_ss_n64(s[rb], sw128_desc(qs + rb * 64 * D * 2 + panel, 16, 1024),
+                     sw128_desc(ks(st) + (kk / 4) * KT * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
       }
     wgmma_commit();
   };
@@ -175,7 +189,8 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
   /* O += P V from stage st, issued (async). */
   auto issue_o = [&](int st, const uint32_t(&pa)[RW][KT / 16][4]) {
 #pragma unroll
-    for (int rb = 0; rb < RW; rb++) pin(o[rb]);
+    for (int rb = 0; rb < RW; rb++)
+      pin(o[rb]);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < KT / 16; kk++)
@@ -187,69 +202,27 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
 
   ta_prologue<STAGES, KT>(b, n_tiles, load_tile);
   load_q<T, D, ROWS>(a, b, qs); /* while the first tiles are on their way */
-  float s[RW][NT][4];
-  if constexpr (OVL) {
-    if (n_tiles > 0) {
-      cp_async_wait<STAGES - 2>();
-      tile_ready();
-      issue_s(0, s);
-    }
-  }
   for (int it = 0; it < n_tiles; it++) {
     const int kt = b.k_begin + it * KT, ahead = it + STAGES - 1, st = it % STAGES;
     if (ahead < n_tiles) load_tile(b.k_begin + ahead * KT, ahead % STAGES);
     cp_async_commit();
-    if constexpr (!OVL) {
-      cp_async_wait<STAGES - 1>();
-      tile_ready();
-      issue_s(st, s);
-      wgmma_wait_all();
+    cp_async_wait<STAGES - 1>();
+    tile_ready();
+    float s[RW][NT][4];
+    issue_s(st, s);
+    wgmma_wait_all();
 #pragma unroll
-      for (int rb = 0; rb < RW; rb++) pin(s[rb]);
-      ta_mask<RW, NT>(a, b, base, kt, s);
-      ta_softmax<RW, NT, DN>(s, m, l, o, sl2);
-      uint32_t pa[RW][KT / 16][4];
-      ta_pack_p<RW, NT>(s, pa);
-      issue_o(st, pa);
-      wgmma_wait_all();
-    } else {
-      wgmma_wait_all(); /* S of this tile */
-      pin(s[0]);
-      /* The softmax works on a copy: registers a wgmma accumulates into must not be written
-       * while another wgmma is in flight (ptxas would serialise them). */
-      float p[RW][NT][4];
+    for (int rb = 0; rb < RW; rb++)
+      pin(s[rb]);
+    ta_mask<RW, NT>(a, b, base, kt, s);
+    ta_softmax<RW, NT, DN>(s, m, l, o, sl2);
+    uint32_t pa[RW][KT / 16][4];
+    ta_pack_p<RW, NT>(s, pa);
+    issue_o(st, pa);
+    wgmma_wait_all();
 #pragma unroll
-      for (int nn = 0; nn < NT; nn++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) p[0][nn][e] = s[0][nn][e];
-      float sn[RW][NT][4];
-      const bool more = it + 1 < n_tiles;
-      if (more) { /* the next tile: every group but the newest STAGES - 2 has landed */
-        cp_async_wait<STAGES - 2>();
-        tile_ready();
-        issue_s((it + 1) % STAGES, sn);
-      }
-      /* Only P's registers are written while the next S is in flight; the accumulators are
-       * rescaled after it lands. */
-      ta_mask<RW, NT>(a, b, base, kt, p);
-      float corr[RW][2];
-      const bool grew = ta_softmax_p<RW, NT>(p, m, l, corr, sl2);
-      uint32_t pa[RW][KT / 16][4];
-      ta_pack_p<RW, NT>(p, pa);
-      wgmma_wait_all(); /* S of the next tile */
-      if (more) {
-        pin(sn[0]);
-#pragma unroll
-        for (int nn = 0; nn < NT; nn++)
-#pragma unroll
-          for (int e = 0; e < 4; e++) s[0][nn][e] = sn[0][nn][e];
-      }
-      if (grew) ta_rescale<RW, DN>(o, corr);
-      issue_o(st, pa);
-      wgmma_wait_all();
-    }
-#pragma unroll
-    for (int rb = 0; rb < RW; rb++) pin(o[rb]);
+    for (int rb = 0; rb < RW; rb++)
+      pin(o[rb]);
     __syncthreads(); /* a later iteration's loads overwrite this stage */
   }
   cp_async_wait<0>();
@@ -258,13 +231,13 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
 
 #else
 
-template <typename T, int D, int RW, bool OVL> __global__ void tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {}
+template <typename T, int D, int RW> __global__ void tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {}
 
 #endif
 
-template <typename T, int D, int RW, bool OVL = false>
+template <typename T, int D, int RW>
 static int launch_kernel(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int cap) {
-  auto kernel = tree_attn_wgmma_kernel<T, D, RW, OVL>;
+  auto kernel = tree_attn_wgmma_kernel<T, D, RW>;
   CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, wg_smem<D, RW>()));
   dim3 grid(cap / (64 * RW), a->n_splits, a->n_seqs * a->n_kv_heads);
   kernel<<<grid, TA_THREADS, wg_smem<D, RW>(), ctx->stream>>>(*a);
@@ -275,15 +248,13 @@ static int launch_kernel(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int 
 int cn_ta_launch_wgmma(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw, int cap) {
   return cn_dispatch(a->dt, [&](auto t) {
     using T = decltype(t);
-    if (a->impl == CN_CUDA_TA_WGMMA_OVERLAP) /* 64-row tiles: the caller's rw is 1 */
-      return a->head_dim == 64 ? launch_kernel<T, 64, 1, true>(ctx, a, cap) : launch_kernel<T, 128, 1, true>(ctx, a, cap);
     if (a->head_dim == 64) return rw == 2 ? launch_kernel<T, 64, 2>(ctx, a, cap) : launch_kernel<T, 64, 1>(ctx, a, cap);
     return rw == 2 ? launch_kernel<T, 128, 2>(ctx, a, cap) : launch_kernel<T, 128, 1>(ctx, a, cap);
   });
 }
 
 template <int D, int RW> static int per_sm_of(int *per_sm) {
-  auto kernel = tree_attn_wgmma_kernel<cn_bf16_t, D, RW, false>;
+  auto kernel = tree_attn_wgmma_kernel<cn_bf16_t, D, RW>;
   CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, wg_smem<D, RW>()));
   CN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, TA_THREADS, wg_smem<D, RW>()));
   return CANOPY_OK;
