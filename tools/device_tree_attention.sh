@@ -59,10 +59,13 @@ if [[ $steps == *kt16* ]]; then
   echo "kt16 done at ${SECONDS}s"
 fi
 if [[ $steps == *ncu* ]]; then
-  # Where the wide wgmma kernel's time goes at batch 1, n = 64, L = 4k (its first launch in
-  # --quick): throughput against the ceilings, occupancy, and what its warps wait on.
+  # Where the 128-row wgmma kernel's time goes at batch 1, n = 64, L = 4k (its first launch in
+  # --quick): throughput against the ceilings, occupancy, and what its warps wait on. (-k matches
+  # the plain function name unless told to use the demangled one: a mangled-name regex found
+  # nothing on 2026-11-23.)
   timeout 60 ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
-    -k 'regex:tree_attn_wgmma_kernel.*Li128ELi2E' -c 1 $b/bench_tree_attention --quick > "$out/ncu.txt" 2>&1
+    --kernel-name-base demangled -k 'regex:tree_attn_wgmma_kernel<__nv_bfloat16, 128, 2>' -c 1 \
+    $b/bench_tree_attention --quick > "$out/ncu.txt" 2>&1
   grep -E "Duration|Throughput|Achieved Occupancy|Stall|Registers|Warp Cycles|Issued|Eligible" "$out/ncu.txt" | head -30
   echo "ncu done at ${SECONDS}s"
 fi
