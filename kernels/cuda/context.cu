@@ -23,6 +23,10 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
   c->device = device;
   CN_CUDA_CHECK(cudaSetDevice(device));
   CN_CUDA_CHECK(cudaDeviceGetAttribute(&c->n_sm, cudaDevAttrMultiProcessorCount, device));
+  int major = 0, minor = 0;
+  CN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  CN_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  c->cc = 10 * major + minor;
   CN_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
   CN_CUBLAS_CHECK(cublasCreate(&c->blas));
   CN_CUBLAS_CHECK(cublasSetStream(c->blas, c->stream));

@@ -12,6 +12,7 @@
 struct cn_cuda_ctx {
   int device;
   int n_sm;            /* multiprocessors, to size grid-stride launches */
+  int cc;              /* compute capability, 10 major + minor: 90 runs the sm_90a (wgmma) kernels */
   cudaStream_t stream; /* every op of this context runs on it, in order */
   cublasHandle_t blas; /* bound to `stream` */
   void *scratch;       /* bf16 copy of an fp32 GEMM input; scratch_bytes long */

@@ -219,6 +219,14 @@ typedef struct cn_cuda_tree_seq {
   int32_t table0;     /* slot s lives in block block_tables[table0 + s / block_size] */
 } cn_cuda_tree_seq;
 
+/* Which kernel runs: AUTO takes the warpgroup-MMA (wgmma) kernel on sm_90 devices (H100, H200)
+ * and the mma.sync kernel elsewhere; the others force one (forcing WGMMA off sm_90 is an error). */
+typedef enum cn_cuda_tree_attn_impl {
+  CN_CUDA_TA_AUTO = 0,
+  CN_CUDA_TA_MMA_SYNC = 1,
+  CN_CUDA_TA_WGMMA = 2,
+} cn_cuda_tree_attn_impl;
+
 typedef struct cn_cuda_tree_attn_args {
   void *out;                    /* [rows][n_heads][head_dim] of dt */
   const void *q;                /* [rows][n_heads][head_dim] of dt */
@@ -231,19 +239,26 @@ typedef struct cn_cuda_tree_attn_args {
   const uint64_t *tree_mask;    /* concatenated mask rows (device), or NULL if every sequence is causal */
   const cn_cuda_tree_seq *seqs; /* [n_seqs] (device) */
   int n_seqs, max_n;            /* grid bucket: sequences, and the most queries any of them has */
-  int n_splits;                 /* key-range splits, >= 1 (cn_cuda_tree_attn_splits) */
+  int n_splits;                 /* key-range splits, 1 .. 256 (cn_cuda_tree_attn_splits) */
   int n_heads, n_kv_heads, head_dim; /* head_dim 64 or 128 */
   int sliding_window;
   float scale;
   float *workspace;             /* cn_cuda_tree_attn_workspace() bytes (device), when n_splits > 1 */
+  cn_cuda_tree_attn_impl impl;  /* AUTO (0) unless a test or benchmark picks a kernel */
+  int row_tile;                 /* query rows a block: 0 lets the kernel pick (below); 64 or 128 force
+                                   one (tests, benchmarks); 128 takes effect only with 128+ rows */
 } cn_cuda_tree_attn_args;
 
 /* Whether the tree kernel handles this head_dim (64 and 128); others take cn_cuda_attention. */
 int cn_cuda_tree_attn_supported(int head_dim);
 
 /* A split count that fills every resident block slot of the device once for a batch of n_seqs
- * sequences of at most max_n queries and max_keys keys (ctx_len + q_offset + n); a caller that
- * captures graphs passes bucketed values so that the count stays fixed. */
+ * sequences of at most max_n queries and max_keys keys (ctx_len + q_offset + n), for the kernel
+ * AUTO picks; a caller that captures graphs passes bucketed values so that the count stays fixed.
+ * At most 256. Row tiles: a KV head's rows (max_n n_heads / n_kv_heads) go 64 to a block, or 128
+ * once there are 128+ of them and (wgmma kernel) the 128-row blocks of n_splits splits fill at
+ * least three quarters of the device's two blocks a multiprocessor; so this count also picks the
+ * tile. */
 int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int max_keys, int n_heads, int n_kv_heads,
                              int head_dim);
 
