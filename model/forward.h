@@ -35,6 +35,11 @@ typedef struct cn_batch {
    * first on ties, as cn_cpu_argmax), computed where the logits are; the logits themselves are
    * then not copied out and cn_forward's `logits` may be NULL. Greedy verification needs no more. */
   int32_t *top;
+  /* Optional, with top: top[i] is instead the token `sample`'s rule draws from row i with the
+   * uniform u[i] (host [n_logits]), drawn where the logits are (the backend's sample_rows):
+   * sampled decoding without speculation needs only the ids. */
+  const cn_sample_rule *sample;
+  const double *u;
 } cn_batch;
 
 /* Runs the model over the batch and writes logits [n_logits][vocab] (host fp32), or their argmax
