@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "cache/kv_cache.h"
+#include "kernels/cpu/ops.h"
 #include "model/safetensors.h"
 
 /* One sequence's attention in one layer (the semantics of cn_cpu_attention in kernels/cpu/ops.h):
@@ -82,13 +83,23 @@ typedef struct cn_backend {
    * and, when logp is not NULL, host logp [rows][k] their log-softmax. At most 64 rows and
    * k <= 32 per call; only these cross to the host. */
   void (*top_rows)(void *ctx, int32_t *ids, float *logp, const void *logits, int rows, int vocab, int k);
+  /* Host ids[r] = the token cn_cpu_sample's rule draws from row r < rows with the uniform u[r]
+   * (host [rows]), at most 64 rows per call; only the ids cross to the host (the CUDA backend sorts
+   * and draws on the device, kernels/cuda/sample.cu; the CPU backend runs cn_cpu_sample itself).
+   * Returns a status (a device backend also keeps it for `end`). */
+  int (*sample_rows)(void *ctx, int32_t *ids, const void *logits, int rows, int vocab, const cn_sample_rule *rule,
+                     const double *u);
 } cn_backend;
 
 /* The fp32 CPU backend with `n_threads` workers (0 = all online cores). */
 int cn_backend_cpu_create(int n_threads, const cn_backend **be, void **ctx);
 
 /* The CUDA backend on device `device`: bf16 weights and KV, fp32 activations. CANOPY_ERR_DEVICE
- * when no such device is visible or canopy was built without CUDA. */
+ * when no such device is visible or canopy was built without CUDA. With the environment variable
+ * CANOPY_CUDA_BATCH_INVARIANT=1 at creation, GEMMs run padded to a fixed row bucket
+ * (cn_cuda_set_batch_invariant) and tree attention with one key split, so that a token's logits
+ * depend less on how many rows its forward holds (a diagnostic and a losslessness aid for greedy
+ * speculation; it costs speed). */
 int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx);
 
 /* The cn_cuda_ctx (kernels/cuda/cuda_ops.h) a CUDA backend context runs on, for benchmarks that

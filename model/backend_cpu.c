@@ -14,6 +14,9 @@ typedef struct cpu_ctx {
   int max_blocks;
   float *attn_scratch; /* [threads][cn_cpu_attention_scratch_floats] fp32, grown on first use */
   size_t attn_scratch_floats;
+  int32_t *sample_idx; /* [sample_cap] cn_cpu_sample's scratch, grown on first use */
+  float *sample_prob, *sample_dist;
+  int sample_cap;
 } cpu_ctx;
 
 static void cpu_destroy(void *ctx) {
@@ -22,6 +25,9 @@ static void cpu_destroy(void *ctx) {
   free(c->k_ptrs);
   free(c->v_ptrs);
   free(c->attn_scratch);
+  free(c->sample_idx);
+  free(c->sample_prob);
+  free(c->sample_dist);
   free(c);
 }
 
@@ -145,6 +151,25 @@ static void cpu_top_rows(void *ctx, int32_t *ids, float *logp, const void *logit
                  logp ? logp + (size_t)r * k : NULL);
 }
 
+static int cpu_sample_rows(void *ctx, int32_t *ids, const void *logits, int rows, int vocab, const cn_sample_rule *r,
+                           const double *u) {
+  cpu_ctx *c = ctx;
+  if (vocab > c->sample_cap) {
+    free(c->sample_idx);
+    free(c->sample_prob);
+    free(c->sample_dist);
+    c->sample_idx = malloc(sizeof *c->sample_idx * (size_t)vocab);
+    c->sample_prob = malloc(sizeof *c->sample_prob * (size_t)vocab);
+    c->sample_dist = malloc(sizeof *c->sample_dist * (size_t)vocab);
+    c->sample_cap = c->sample_idx && c->sample_prob && c->sample_dist ? vocab : 0;
+    if (!c->sample_cap) return cn_error(CANOPY_ERR_NO_MEMORY, "cpu backend: no memory to sample a vocab of %d", vocab);
+  }
+  for (int i = 0; i < rows; i++)
+    ids[i] = cn_cpu_sample(r, (const float *)logits + (size_t)i * vocab, vocab, u[i], c->sample_idx, c->sample_prob,
+                           c->sample_dist);
+  return CANOPY_OK;
+}
+
 static const cn_backend cpu_backend = {
     .name = "cpu",
     .weight_elem_bytes = sizeof(float),
@@ -166,6 +191,7 @@ static const cn_backend cpu_backend = {
     .attention_batch = cpu_attention_batch,
     .to_host = cpu_to_host,
     .top_rows = cpu_top_rows,
+    .sample_rows = cpu_sample_rows,
 };
 
 int cn_backend_cpu_create(int n_threads, const cn_backend **be, void **ctx) {

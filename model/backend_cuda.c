@@ -63,6 +63,10 @@ typedef struct cuda_ctx {
   void *copy_tmp; /* device staging of KV span copies, copy_tmp_bytes long */
   int32_t *top_dev; /* [TOP_ROWS][TOP_K] top_rows' device ids */
   float *top_logp_dev; /* [TOP_ROWS][TOP_K] and their log-softmax */
+  void *sample_ws;  /* cn_cuda_sample's workspace for TOP_ROWS rows of sample_vocab, grown on first use */
+  size_t sample_ws_bytes;
+  int sample_vocab;
+  int batch_invariant; /* $CANOPY_CUDA_BATCH_INVARIANT=1 at creation: see cn_backend_cuda_create */
   size_t copy_tmp_bytes;
   /* Tree attention: the device arrays of the last staged batch (descriptors, block tables,
    * positions, masks), reused by the later layers of the same forward, and the split workspace. */
@@ -197,6 +201,7 @@ static void cuda_destroy(void *ctx) {
   cn_cuda_free(c->cu, c->ta_ws);
   cn_cuda_free(c->cu, c->top_dev);
   cn_cuda_free(c->cu, c->top_logp_dev);
+  cn_cuda_free(c->cu, c->sample_ws);
   cn_cuda_ctx_free(c->cu);
   free(c->ta_host);
   free(c->map);
@@ -491,7 +496,9 @@ static void cuda_attention_batch(void *ctx, void *out, const void *q, const cn_a
   /* Powers of two, so that the launch shape (and a captured graph's) changes only at doublings. */
   int keys_bucket = 64;
   while (keys_bucket < max_keys) keys_bucket *= 2;
-  int splits = cn_cuda_tree_attn_splits(c->cu, n_seqs, max_n, keys_bucket, n_heads, n_kv, hd);
+  /* Batch-invariant mode keeps one split: the split boundaries follow from the key count and the
+   * split count, both of which change with the node count, and so would a row's rounding. */
+  int splits = c->batch_invariant ? 1 : cn_cuda_tree_attn_splits(c->cu, n_seqs, max_n, keys_bucket, n_heads, n_kv, hd);
   size_t ws = cn_cuda_tree_attn_workspace(n_seqs, max_n, splits, n_heads, n_kv, hd);
   if (ws > c->ta_ws_bytes) {
     /* Launches queued earlier may still use the old workspace. */
@@ -537,6 +544,35 @@ static void cuda_top_rows(void *ctx, int32_t *ids, float *logp, const void *logi
   else keep(c, cn_cuda_top_k(c->cu, c->top_dev, logp ? c->top_logp_dev : NULL, logits, CN_CUDA_F32, rows, vocab, k));
   if (!c->status) keep(c, cn_cuda_memcpy_d2h(c->cu, ids, c->top_dev, sizeof *ids * n));
   if (!c->status && logp) keep(c, cn_cuda_memcpy_d2h(c->cu, logp, c->top_logp_dev, sizeof *logp * n));
+}
+
+/* The sampler's sort buffers are sized for the largest vocab seen, once (not in the decode loop). */
+static int sample_ws_for(cuda_ctx *c, int vocab) {
+  if (vocab <= c->sample_vocab) return CANOPY_OK;
+  size_t bytes;
+  int st = cn_cuda_sample_workspace(c->cu, TOP_ROWS, vocab, &bytes);
+  if (!st) st = cn_cuda_sync(c->cu); /* launches queued earlier may still use the old buffer */
+  if (st) return st;
+  cn_cuda_free(c->cu, c->sample_ws);
+  c->sample_ws = NULL;
+  c->sample_vocab = 0;
+  if ((st = cn_cuda_malloc(c->cu, &c->sample_ws, bytes))) return st;
+  c->sample_ws_bytes = bytes;
+  c->sample_vocab = vocab;
+  return CANOPY_OK;
+}
+
+static int cuda_sample_rows(void *ctx, int32_t *ids, const void *logits, int rows, int vocab, const cn_sample_rule *r,
+                            const double *u) {
+  cuda_ctx *c = ctx;
+  if (!c->status && rows > TOP_ROWS)
+    keep(c, cn_error(CANOPY_ERR_INVALID_ARG, "cuda sample_rows: %d rows (at most %d a call)", rows, TOP_ROWS));
+  const double *u_dev = c->status ? NULL : dev_of(c, u, sizeof *u * (size_t)rows);
+  if (u_dev && !keep(c, sample_ws_for(c, vocab)))
+    keep(c, cn_cuda_sample(c->cu, c->top_dev, logits, rows, vocab, r->temperature, r->top_k, r->top_p, u_dev,
+                           c->sample_ws, c->sample_ws_bytes));
+  if (!c->status) keep(c, cn_cuda_memcpy_d2h(c->cu, ids, c->top_dev, sizeof *ids * (size_t)rows));
+  return c->status;
 }
 
 static void cuda_norm_matmul(void *ctx, void *y, const void *x, const void *norm_w, float eps, const void *w,
@@ -588,6 +624,7 @@ static const cn_backend cuda_backend = {
     .attention_batch = cuda_attention_batch,
     .to_host = cuda_to_host,
     .top_rows = cuda_top_rows,
+    .sample_rows = cuda_sample_rows,
     .norm_matmul = cuda_norm_matmul,
     .swiglu_matmul_add = cuda_swiglu_matmul_add,
     .qkv_rope = cuda_qkv_rope,
@@ -609,6 +646,9 @@ int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx) {
   if (!st) st = arena_grow(c, ARENA_MIN / 2);
   if (!st) st = cn_cuda_malloc(c->cu, (void **)&c->top_dev, sizeof *c->top_dev * TOP_ROWS * TOP_K);
   if (!st) st = cn_cuda_malloc(c->cu, (void **)&c->top_logp_dev, sizeof *c->top_logp_dev * TOP_ROWS * TOP_K);
+  const char *inv = getenv("CANOPY_CUDA_BATCH_INVARIANT");
+  c->batch_invariant = inv && !strcmp(inv, "1");
+  if (!st) st = cn_cuda_set_batch_invariant(c->cu, c->batch_invariant);
   if (st) {
     cuda_destroy(c);
     return st;

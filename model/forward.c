@@ -40,6 +40,8 @@ static int check_batch(canopy_model *m, const cn_batch *b) {
   for (int i = 0; i < b->n_logits; i++)
     if (b->logit_rows[i] < 0 || b->logit_rows[i] >= b->n_tokens)
       return cn_error(CANOPY_ERR_INVALID_ARG, "forward: logit row %d is outside the batch", b->logit_rows[i]);
+  if (b->sample && (!b->top || !b->u))
+    return cn_error(CANOPY_ERR_INVALID_ARG, "forward: sampling in the forward needs top and u");
   return CANOPY_OK;
 }
 
@@ -151,11 +153,17 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
     be->gather_rows(ctx, s->xn, s->x, b->logit_rows + r, rows, D);
     norm_matmul(m, s->logits, s->xn, m->final_norm, m->lm_head, NULL, rows, D, c->vocab_size);
     int k = b->top_k > 0 ? b->top_k : 1;
-    if (b->top)
+    if (b->top && b->sample) {
+      if ((st = be->sample_rows(ctx, b->top + r, s->logits, rows, c->vocab_size, b->sample, b->u + r))) break;
+    } else if (b->top)
       be->top_rows(ctx, b->top + (size_t)r * k, b->top_logp ? b->top_logp + (size_t)r * k : NULL, s->logits, rows,
                    c->vocab_size, k);
     else be->to_host(ctx, logits + (size_t)r * c->vocab_size, s->logits, (size_t)rows * c->vocab_size);
   }
-  if (be->end && (st = be->end(ctx))) unreserve(b, b->n_seqs);
+  if (be->end) {
+    int end_st = be->end(ctx);
+    if (!st) st = end_st;
+  }
+  if (st) unreserve(b, b->n_seqs);
   return st;
 }

@@ -39,6 +39,11 @@ typedef struct cn_batch {
   int32_t *top;
   int top_k;
   float *top_logp;
+  /* Optional, with top: top[i] is instead the token `sample`'s rule draws from row i with the
+   * uniform u[i] (host [n_logits]), drawn where the logits are (the backend's sample_rows):
+   * sampled decoding without speculation needs only the ids. */
+  const cn_sample_rule *sample;
+  const double *u;
 } cn_batch;
 
 /* Runs the model over the batch and writes logits [n_logits][vocab] (host fp32), or their top

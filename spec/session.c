@@ -101,6 +101,25 @@ static int feed(canopy_session *s, int from, int to) {
   return CANOPY_OK;
 }
 
+/* Feeds the pending token and chooses the next one where the logits are (the backend's
+ * top_rows (k = 1), or sample_rows with the sampler's next u: the random stream cn_sampler_sample
+ * would consume), so only the id crosses to the host. The logits stay behind: has_logits = 0. */
+static int feed_choose(canopy_session *s, int32_t *t) {
+  int last = 0, at = s->n_tokens - 1;
+  s->pos[0] = at;
+  cn_sample_rule rule = cn_sampler_rule(&s->sampler);
+  double u = rule.temperature > 0 ? cn_rng_uniform(&s->sampler.rng) : 0;
+  cn_seq_batch sb = {.kv = s->kv, .first = 0, .n = 1};
+  cn_batch b = {.n_tokens = 1, .tokens = s->tokens + at, .pos = s->pos, .n_seqs = 1, .seqs = &sb, .n_logits = 1,
+                .logit_rows = &last, .top = t, .sample = rule.temperature > 0 ? &rule : NULL, .u = &u};
+  s->has_logits = 0;
+  int st = cn_forward(s->m, &b, NULL);
+  if (st) return st;
+  cn_kv_seq_commit(s->kv, s->tokens + at, 1);
+  s->stats.forward_passes++;
+  return CANOPY_OK;
+}
+
 static void cut(canopy_session *s, int keep);
 
 int canopy_session_append(canopy_session *s, const int32_t *ids, int n) {
@@ -194,11 +213,12 @@ int canopy_session_next(canopy_session *s, int32_t *token) {
     t = s->queue[s->q_at++];
   } else {
     if (s->pending) {
-      int st = feed(s, s->n_tokens - 1, s->n_tokens);
+      int st = feed_choose(s, &t);
       if (st) return st;
       s->pending = 0;
+    } else {
+      t = cn_sampler_sample(&s->sampler, s->logits);
     }
-    t = cn_sampler_sample(&s->sampler, s->logits);
     at = s->n_tokens;
     s->tokens[s->n_tokens++] = t;
     s->pending = 1;

@@ -59,6 +59,7 @@ void cn_cuda_ctx_free(cn_cuda_ctx *c) {
     (void)cudaStreamSynchronize(c->stream);
   }
   if (c->scratch) (void)cudaFree(c->scratch);
+  if (c->pad_y) (void)cudaFree(c->pad_y);
   if (c->blas) (void)cublasDestroy(c->blas);
   if (c->stream) (void)cudaStreamDestroy(c->stream);
   (void)cudaGetLastError();
@@ -95,6 +96,12 @@ void cn_cuda_free(cn_cuda_ctx *ctx, void *p) {
   if (ctx) (void)cudaSetDevice(ctx->device);
   (void)cudaFree(p);
   (void)cudaGetLastError();
+}
+
+int cn_cuda_set_batch_invariant(cn_cuda_ctx *ctx, int on) {
+  if (!ctx) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_batch_invariant: NULL cuda context");
+  ctx->batch_invariant = on != 0;
+  return CANOPY_OK;
 }
 
 int cn_cuda_reserve_scratch(cn_cuda_ctx *ctx, size_t elems) {

@@ -17,6 +17,9 @@ struct cn_cuda_ctx {
   cublasHandle_t blas; /* bound to `stream` */
   void *scratch;       /* bf16 copy of an fp32 GEMM input; scratch_bytes long */
   size_t scratch_bytes;
+  int batch_invariant; /* GEMMs padded to a fixed row bucket (cn_cuda_set_batch_invariant) */
+  void *pad_y;         /* the padded GEMM's output rows; pad_y_bytes long */
+  size_t pad_y_bytes;
 };
 
 typedef __nv_bfloat16 cn_bf16_t;

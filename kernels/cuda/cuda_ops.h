@@ -50,6 +50,14 @@ void cn_cuda_ctx_free(cn_cuda_ctx *ctx);
 /* Waits for all work queued on the context's stream; reports any fault it raised. */
 int cn_cuda_sync(cn_cuda_ctx *ctx);
 
+/* Batch-invariant GEMMs (off by default): cuBLAS picks its kernel, tile shape and split-K by the
+ * row count, so a row's result depends on how many rows share the call (a decode step's 1 row
+ * rounds differently from the same token among a verification's 64). With this on, every
+ * matmul runs with its rows padded up to a fixed bucket (64, then powers of two), so calls of up
+ * to 64 rows run the same kernel on the same shape and each row comes out bit-identical whatever
+ * the batch. Costs the padded rows' work and a copy of the output. */
+int cn_cuda_set_batch_invariant(cn_cuda_ctx *ctx, int on);
+
 /* Preallocates the matmul scratch for fp32 inputs of up to `elems` elements, so that no
  * allocation happens later in a decode loop (it would otherwise grow on first use). */
 int cn_cuda_reserve_scratch(cn_cuda_ctx *ctx, size_t elems);
@@ -294,6 +302,17 @@ int cn_cuda_argmax(cn_cuda_ctx *ctx, int32_t *idx, const void *x, cn_cuda_dtype 
  * log-softmax (fp32 log-sum-exp of the row). 1 <= k <= n. Device pointers. */
 int cn_cuda_top_k(cn_cuda_ctx *ctx, int32_t *ids, float *logp, const void *x, cn_cuda_dtype dt, int rows, int n,
                   int k);
+
+/* ids[r] = the token the sampling rule of cn_cpu_sample (kernels/cpu/ops.h: logits / T, top_k
+ * (0: all), top_p, renormalise; argmax when temperature == 0) draws from logits [rows][V] fp32 with
+ * the uniform u[r] in [0, 1), for r < rows; ids [rows] int32 and u [rows] double on the device.
+ * With the same u the CPU twin picks the same token unless u lies within rounding of a step of the
+ * CDF (accumulated in id order) or the top-p mass within rounding of a prefix sum. The workspace
+ * (device, cn_cuda_sample_workspace bytes for at least these rows and V) holds the sorted rows;
+ * it is only touched when top_k or top_p cut something. */
+int cn_cuda_sample(cn_cuda_ctx *ctx, int32_t *ids, const float *logits, int rows, int V, float temperature, int top_k,
+                   float top_p, const double *u, void *workspace, size_t workspace_bytes);
+int cn_cuda_sample_workspace(cn_cuda_ctx *ctx, int rows, int V, size_t *bytes);
 
 /* dst[i] = element i of a random weight tensor of the given stream (kernels/random_init.h):
  * bf16(mean + scale * u), u uniform on [-1, 1); bit-equal to cn_cpu_random_weights. */
