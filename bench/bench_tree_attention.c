@@ -7,9 +7,13 @@
  * device-to-device copy of 1 GiB, read plus written bytes over the median time). Every launch
  * reads a different set of K/V blocks (sets rotate until 256 MiB, five times the 50 MB L2, lie
  * between two uses of one set). Times are device-event medians over groups of back-to-back
- * launches. The tree kernel's output is checked against the naive kernel's on every shape.
+ * launches. The compute floor is the shape's matrix FLOPs (QK^T and PV: 4 rows L head_dim per KV
+ * head) over the dense bf16 rate of a cuBLAS GEMM measured in the same run. Both tree kernels
+ * (mma.sync; wgmma on sm_90) run side by side, and each one's output is checked against the naive
+ * kernel's on every shape; wg128 and wg64 are the wgmma kernel with 128-row and 64-row tiles (the
+ * same below 128 rows a KV head), auto what AUTO runs. A split sweep at batch 1 (n = 64, 128) follows.
  *
- *   bench_tree_attention [--quick]     (--quick: batch 1, L 4k only) */
+ *   bench_tree_attention [--quick]     (--quick: batch 1, L 4k only, no sweep) */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -117,6 +121,7 @@ typedef struct shape_job {
   int batch, n, L;
   int32_t *d_pos;        /* [batch][n] */
   uint64_t *d_mask;      /* [batch][n] one word each (n <= 64) or more */
+  void *d_desc;          /* [batch] cn_cuda_tree_seq */
   int words;
   void *naive_out;
 } shape_job;
@@ -161,6 +166,114 @@ static double rel_diff(const void *x, const void *y, size_t n, float *scratch_de
   return den > 0 ? sqrt(num / den) : sqrt(num);
 }
 
+/* Shared device buffers of the run. */
+typedef struct bench_bufs {
+  uint16_t *pool;
+  size_t pool_blocks;
+  float *ws, *scratch;
+  size_t ws_bytes;
+  void *q, *out, *out2, *naive_out;
+} bench_bufs;
+
+/* Builds one benchmarked shape: n_sets block-table sets over disjoint K/V blocks, random trees
+ * (positions L + depth, ancestor masks), device descriptors, the automatic split count. */
+static shape_job make_shape(const bench_bufs *bb, int batch, int n, int L) {
+  int bps = (L + n + BS - 1) / BS, words = (n + 63) / 64;
+  size_t set_blocks = (size_t)batch * bps, set_bytes = set_blocks * BLOCK_ELEMS * sizeof(uint16_t);
+  int n_sets = (int)((ROTATE_BYTES + set_bytes - 1) / set_bytes);
+  if (n_sets < 2) n_sets = 2;
+  if ((size_t)n_sets * set_blocks > bb->pool_blocks) n_sets = (int)(bb->pool_blocks / set_blocks);
+
+  shape_job j = {.n_sets = n_sets, .batch = batch, .n = n, .L = L, .words = words, .naive_out = bb->naive_out};
+  j.tables = malloc(sizeof(int32_t *) * (size_t)n_sets);
+  int32_t *ht = malloc(sizeof(int32_t) * set_blocks);
+  for (int s = 0; s < n_sets; s++) {
+    for (size_t b = 0; b < set_blocks; b++) ht[b] = (int32_t)((size_t)s * set_blocks + b);
+    j.tables[s] = dupload(ht, sizeof(int32_t) * set_blocks);
+  }
+  int32_t *pos = malloc(sizeof(int32_t) * (size_t)batch * n);
+  uint64_t *mask = calloc((size_t)batch * n * words, sizeof(uint64_t));
+  cn_cuda_tree_seq *desc = malloc(sizeof *desc * (size_t)batch);
+  for (int s = 0; s < batch; s++) {
+    int32_t *p = pos + (size_t)s * n;
+    uint64_t *m = mask + (size_t)s * n * words;
+    for (int i = 0; i < n; i++) {
+      int parent = i ? (int)(next_rand() % (uint64_t)i) : -1;
+      p[i] = i ? p[parent] + 1 : L;
+      if (i) memcpy(m + (size_t)i * words, m + (size_t)parent * words, sizeof(uint64_t) * words);
+      m[(size_t)i * words + i / 64] |= 1ull << (i % 64);
+    }
+    desc[s] = (cn_cuda_tree_seq){.ctx_len = L, .q_offset = 0, .n = n, .row0 = s * n, .pos0 = s * n,
+                                 .mask0 = n > 1 ? s * n * words : -1, .mask_words = words, .table0 = s * bps};
+  }
+  j.d_pos = dupload(pos, sizeof(int32_t) * (size_t)batch * n);
+  j.d_mask = dupload(mask, sizeof(uint64_t) * (size_t)batch * n * words);
+  j.d_desc = dupload(desc, sizeof *desc * (size_t)batch);
+  int splits = cn_cuda_tree_attn_splits(ctx, batch, n, L + n, HQ, HKV, HD);
+  j.a = (cn_cuda_tree_attn_args){.out = bb->out, .q = bb->q, .dt = CN_CUDA_BF16, .k = bb->pool,
+                                 .v = bb->pool + BS * KV_DIM, .block_stride = BLOCK_ELEMS, .block_size = BS,
+                                 .pos = j.d_pos, .tree_mask = j.d_mask, .seqs = j.d_desc, .n_seqs = batch, .max_n = n,
+                                 .n_splits = splits, .n_heads = HQ, .n_kv_heads = HKV, .head_dim = HD,
+                                 .scale = 1.0f / sqrtf((float)HD), .workspace = bb->ws};
+  free(ht), free(pos), free(mask), free(desc);
+  return j;
+}
+
+static void free_shape(shape_job *j) {
+  for (int s = 0; s < j->n_sets; s++) cn_cuda_free(ctx, j->tables[s]);
+  cn_cuda_free(ctx, j->d_pos), cn_cuda_free(ctx, j->d_mask), cn_cuda_free(ctx, j->d_desc);
+  free(j->tables);
+}
+
+static int fits(const bench_bufs *bb, const shape_job *j) {
+  return cn_cuda_tree_attn_workspace(j->batch, j->n, j->a.n_splits, HQ, HKV, HD) <= bb->ws_bytes;
+}
+
+/* Times one kernel on a shape (NAN where the kernel cannot run here); row_tile as in the args. */
+static double time_impl(shape_job *j, cn_cuda_tree_attn_impl impl, int row_tile) {
+  j->a.impl = impl;
+  j->a.row_tile = row_tile;
+  j->a.block_tables = j->tables[0];
+  if (cn_cuda_tree_attention(ctx, &j->a) == CANOPY_ERR_UNSUPPORTED) return NAN;
+  CK(cn_cuda_sync(ctx));
+  double t = time_us(run_tree, j, 10);
+  j->a.row_tile = 0;
+  return t;
+}
+
+/* rel L2 of one kernel's output against the naive kernel's (already in naive_out), same set. */
+static double check_impl(const bench_bufs *bb, shape_job *j, cn_cuda_tree_attn_impl impl, int row_tile) {
+  j->a.impl = impl;
+  j->a.row_tile = row_tile;
+  CK(cn_cuda_memset(ctx, bb->out, 0xFF, sizeof(uint16_t) * (size_t)j->batch * j->n * HQ * HD)); /* NaN: unwritten fails */
+  run_tree(j, 0);
+  CK(cn_cuda_sync(ctx));
+  j->a.row_tile = 0;
+  return rel_diff(bb->out, bb->naive_out, (size_t)j->batch * j->n * HQ * HD, bb->scratch);
+}
+
+/* The dense bf16 matrix rate of this device, from a cuBLAS GEMM (8192^3, median of 5): the
+ * compute ceiling the tree kernel's products are compared with. */
+static double gemm_tflops(void) {
+  const int N = 8192;
+  uint16_t *x = dmalloc(sizeof(uint16_t) * (size_t)N * N), *w = dmalloc(sizeof(uint16_t) * (size_t)N * N),
+           *y = dmalloc(sizeof(uint16_t) * (size_t)N * N);
+  fill_random_bf16(x, (size_t)N * N);
+  fill_random_bf16(w, (size_t)N * N);
+  CK(cn_cuda_matmul(ctx, y, CN_CUDA_BF16, x, CN_CUDA_BF16, w, NULL, N, N, N)); /* warm-up */
+  CK(cn_cuda_sync(ctx));
+  double t[5];
+  for (int i = 0; i < 5; i++) {
+    float ms;
+    CK(cn_cuda_timer_start(timer));
+    CK(cn_cuda_matmul(ctx, y, CN_CUDA_BF16, x, CN_CUDA_BF16, w, NULL, N, N, N));
+    CK(cn_cuda_timer_stop(timer, &ms));
+    t[i] = ms;
+  }
+  cn_cuda_free(ctx, x), cn_cuda_free(ctx, w), cn_cuda_free(ctx, y);
+  return 2.0 * N * (double)N * N / (bench_median(t, 5) * 1e-3) / 1e12;
+}
+
 int main(int argc, char **argv) {
   int quick = argc > 1 && !strcmp(argv[1], "--quick");
   if (cn_cuda_device_count() == 0) {
@@ -170,7 +283,7 @@ int main(int argc, char **argv) {
   CK(cn_cuda_ctx_create(0, &ctx));
   CK(cn_cuda_timer_create(ctx, &timer));
 
-  /* The ceiling: a large device-to-device copy, read + written bytes over time. */
+  /* The ceilings: a large device-to-device copy (read + written bytes over time), and a GEMM. */
   copy_job cj = {.bytes = 1ull << 30};
   cj.src = dmalloc(cj.bytes);
   cj.dst = dmalloc(cj.bytes);
@@ -179,86 +292,88 @@ int main(int argc, char **argv) {
   double copy_gbs = 2.0 * (double)cj.bytes / (copy_us * 1e-6) / 1e9;
   cn_cuda_free(ctx, cj.src);
   cn_cuda_free(ctx, cj.dst);
+  double tflops = gemm_tflops();
   printf("copy bandwidth (1 GiB device-to-device, read + write): %.0f GB/s\n", copy_gbs);
+  printf("dense bf16 matrix rate (cuBLAS 8192^3 GEMM, random data): %.0f TFLOP/s\n", tflops);
 
-  size_t pool_blocks = POOL_BYTES / (sizeof(uint16_t) * BLOCK_ELEMS);
-  uint16_t *pool = dmalloc(pool_blocks * BLOCK_ELEMS * sizeof(uint16_t));
-  fill_random_bf16(pool, pool_blocks * BLOCK_ELEMS);
-  size_t ws_bytes = 256u << 20;
-  float *ws = dmalloc(ws_bytes);
-  size_t max_rows = 8 * 128;
-  void *q = dmalloc(sizeof(uint16_t) * max_rows * HQ * HD), *out = dmalloc(sizeof(uint16_t) * max_rows * HQ * HD),
-       *naive_out = dmalloc(sizeof(uint16_t) * max_rows * HQ * HD);
-  float *scratch = dmalloc(sizeof(float) * max_rows * HQ * HD);
-  fill_random_bf16(q, max_rows * HQ * HD);
+  bench_bufs bb = {.pool_blocks = POOL_BYTES / (sizeof(uint16_t) * BLOCK_ELEMS), .ws_bytes = 256u << 20};
+  bb.pool = dmalloc(bb.pool_blocks * BLOCK_ELEMS * sizeof(uint16_t));
+  fill_random_bf16(bb.pool, bb.pool_blocks * BLOCK_ELEMS);
+  bb.ws = dmalloc(bb.ws_bytes);
+  size_t max_rows = 8 * 128, qe = max_rows * HQ * HD;
+  bb.q = dmalloc(sizeof(uint16_t) * qe), bb.out = dmalloc(sizeof(uint16_t) * qe);
+  bb.out2 = dmalloc(sizeof(uint16_t) * qe), bb.naive_out = dmalloc(sizeof(uint16_t) * qe);
+  bb.scratch = dmalloc(sizeof(float) * qe);
+  fill_random_bf16(bb.q, qe);
 
-  printf("\nLlama-3-8B heads (32 q / 8 kv, d 128), bf16, paged K/V (block 16); limit = prefix K/V bytes / copy bandwidth\n");
-  printf("%5s %4s %6s %6s | %10s %9s %8s | %10s %8s | %9s\n", "batch", "n", "L", "splits", "tree us", "KV GB/s",
-         "% limit", "naive us", "x naive", "rel diff");
+  printf("\nLlama-3-8B heads (32 q / 8 kv, d 128), bf16, paged K/V (block 16). bw floor = prefix K/V bytes / copy\n"
+         "bandwidth; mma floor = 4 n (32/8) L 128 8 batch FLOPs / the GEMM rate; %% = floor / auto time\n");
+  printf("%5s %4s %6s %6s | %9s %9s %9s %9s %7s | %8s %8s %7s %7s | %10s %8s | %8s %8s\n", "batch", "n", "L", "splits",
+         "sync us", "wg128 us", "wg64 us", "auto us", "syn/auto", "bw fl us", "mma fl", "% bw", "% floor", "naive us", "x naive",
+         "diff s", "diff wg");
   static const int batches[] = {1, 8}, ns[] = {1, 16, 64, 128}, Ls[] = {1024, 4096, 16384, 32768};
   for (int bi = 0; bi < 2; bi++)
     for (int ni = 0; ni < 4; ni++)
       for (int li = 0; li < 4; li++) {
         int batch = batches[bi], n = ns[ni], L = Ls[li];
         if (quick && (batch != 1 || L != 4096)) continue;
-        int bps = (L + n + BS - 1) / BS, words = (n + 63) / 64;
-        size_t set_blocks = (size_t)batch * bps, set_bytes = set_blocks * BLOCK_ELEMS * sizeof(uint16_t);
-        int n_sets = (int)((ROTATE_BYTES + set_bytes - 1) / set_bytes);
-        if (n_sets < 2) n_sets = 2;
-        if ((size_t)n_sets * set_blocks > pool_blocks) n_sets = (int)(pool_blocks / set_blocks);
-
-        shape_job j = {.n_sets = n_sets, .batch = batch, .n = n, .L = L, .words = words, .naive_out = naive_out};
-        j.tables = malloc(sizeof(int32_t *) * (size_t)n_sets);
-        int32_t *ht = malloc(sizeof(int32_t) * set_blocks);
-        for (int s = 0; s < n_sets; s++) {
-          for (size_t b = 0; b < set_blocks; b++) ht[b] = (int32_t)((size_t)s * set_blocks + b);
-          j.tables[s] = dupload(ht, sizeof(int32_t) * set_blocks);
-        }
-        /* Random trees: positions L + depth, ancestor masks. */
-        int32_t *pos = malloc(sizeof(int32_t) * (size_t)batch * n);
-        uint64_t *mask = calloc((size_t)batch * n * words, sizeof(uint64_t));
-        cn_cuda_tree_seq *desc = malloc(sizeof *desc * (size_t)batch);
-        for (int s = 0; s < batch; s++) {
-          int32_t *p = pos + (size_t)s * n;
-          uint64_t *m = mask + (size_t)s * n * words;
-          for (int i = 0; i < n; i++) {
-            int parent = i ? (int)(next_rand() % (uint64_t)i) : -1;
-            p[i] = i ? p[parent] + 1 : L;
-            if (i) memcpy(m + (size_t)i * words, m + (size_t)parent * words, sizeof(uint64_t) * words);
-            m[(size_t)i * words + i / 64] |= 1ull << (i % 64);
-          }
-          desc[s] = (cn_cuda_tree_seq){.ctx_len = L, .q_offset = 0, .n = n, .row0 = s * n, .pos0 = s * n,
-                                       .mask0 = n > 1 ? s * n * words : -1, .mask_words = words, .table0 = s * bps};
-        }
-        j.d_pos = dupload(pos, sizeof(int32_t) * (size_t)batch * n);
-        j.d_mask = dupload(mask, sizeof(uint64_t) * (size_t)batch * n * words);
-        void *d_desc = dupload(desc, sizeof *desc * (size_t)batch);
-        int splits = cn_cuda_tree_attn_splits(ctx, batch, n, L + n, HQ, HKV, HD);
-        if (cn_cuda_tree_attn_workspace(batch, n, splits, HQ, HKV, HD) > ws_bytes) {
+        shape_job j = make_shape(&bb, batch, n, L);
+        if (!fits(&bb, &j)) {
           fprintf(stderr, "workspace too small\n");
           return 1;
         }
-        j.a = (cn_cuda_tree_attn_args){.out = out, .q = q, .dt = CN_CUDA_BF16, .k = pool, .v = pool + BS * KV_DIM,
-                                       .block_stride = BLOCK_ELEMS, .block_size = BS, .pos = j.d_pos,
-                                       .tree_mask = j.d_mask, .seqs = d_desc, .n_seqs = batch, .max_n = n,
-                                       .n_splits = splits, .n_heads = HQ, .n_kv_heads = HKV, .head_dim = HD,
-                                       .scale = 1.0f / sqrtf((float)HD), .workspace = ws};
-        double t_tree = time_us(run_tree, &j, 10);
+        /* wgmma with 128-row tiles (64 below 128 rows a KV head) and with 64-row tiles where that
+         * differs (n >= 32 here), at the automatic split count. */
+        double t_sync = time_impl(&j, CN_CUDA_TA_MMA_SYNC, 0), t_wg = time_impl(&j, CN_CUDA_TA_WGMMA, 128);
+        int wide = n * HQ / HKV >= 128;
+        double t_wg64 = wide ? time_impl(&j, CN_CUDA_TA_WGMMA, 64) : NAN;
         /* The naive kernel is slow at large n: fewer launches per group. */
         double t_naive = time_us(run_naive, &j, n * (double)L * batch > 4e6 ? 1 : 4);
-        /* Both on the same set, then compare. */
-        run_tree(&j, 0);
+        /* All on the same set, then compare. */
         run_naive(&j, 0);
-        CK(cn_cuda_sync(ctx));
-        double diff = rel_diff(out, naive_out, (size_t)batch * n * HQ * HD, scratch);
+        double diff_s = check_impl(&bb, &j, CN_CUDA_TA_MMA_SYNC, 0), diff_w = NAN;
+        if (t_wg == t_wg) { /* the worst of the wgmma kernels */
+          diff_w = check_impl(&bb, &j, CN_CUDA_TA_WGMMA, 128);
+          double d64 = check_impl(&bb, &j, CN_CUDA_TA_WGMMA, 64);
+          diff_w = d64 > diff_w ? d64 : diff_w;
+        }
+        /* What AUTO runs here (the AUTO count picked the tile too). */
+        double t_auto = time_impl(&j, CN_CUDA_TA_AUTO, 0);
         double kv_bytes = (double)batch * L * KV_DIM * 2 * sizeof(uint16_t);
-        double limit_us = kv_bytes / (copy_gbs * 1e9) * 1e6;
-        printf("%5d %4d %6d %6d | %10.1f %9.0f %7.1f%% | %10.1f %7.1fx | %9.2e\n", batch, n, L, splits, t_tree,
-               kv_bytes / (t_tree * 1e-6) / 1e9, 100.0 * limit_us / t_tree, t_naive, t_naive / t_tree, diff);
+        double bw_us = kv_bytes / (copy_gbs * 1e9) * 1e6;
+        double mma_us = 4.0 * n * (HQ / HKV) * (double)L * HD * HKV * batch / (tflops * 1e12) * 1e6;
+        double floor_us = bw_us > mma_us ? bw_us : mma_us;
+        printf("%5d %4d %6d %6d | %9.1f %9.1f %9.1f %9.1f %6.2fx | %8.1f %8.1f %6.1f%% %6.1f%% | %10.1f %7.1fx | %8.2e %8.2e\n",
+               batch, n, L, j.a.n_splits, t_sync, t_wg, t_wg64, t_auto, t_sync / t_auto, bw_us, mma_us, 100.0 * bw_us / t_auto,
+               100.0 * floor_us / t_auto, t_naive, t_naive / t_auto, diff_s, diff_w);
         fflush(stdout);
-        for (int s = 0; s < n_sets; s++) cn_cuda_free(ctx, j.tables[s]);
-        cn_cuda_free(ctx, j.d_pos), cn_cuda_free(ctx, j.d_mask), cn_cuda_free(ctx, d_desc);
-        free(j.tables), free(ht), free(pos), free(mask), free(desc);
+        free_shape(&j);
+      }
+
+  /* The split count at batch 1 for trees of 64 and 128 nodes, wgmma with 128-row and with 64-row
+   * tiles; the automatic count marked *. */
+  printf("\nbatch 1, wgmma, split sweep (us)\n%4s %6s %4s |", "n", "L", "tile");
+  static const int sweep[] = {2, 4, 6, 8, 12, 16, 24, 33, 48};
+  for (int k = 0; k < 9; k++) printf(" %7d", sweep[k]);
+  printf("\n");
+  for (int ni = 2; ni < 4 && !quick; ni++)
+    for (int li = 1; li < 4; li++)
+      for (int v = 0; v < 2; v++) { /* 128-row tiles, 64-row tiles */
+        static const char *names[2] = {"128", "64"};
+        shape_job j = make_shape(&bb, 1, ns[ni], Ls[li]);
+        int auto_splits = j.a.n_splits;
+        printf("%4d %6d %4s |", ns[ni], Ls[li], names[v]);
+        for (int k = 0; k < 9; k++) {
+          j.a.n_splits = sweep[k];
+          if (!fits(&bb, &j)) {
+            printf(" %7s", "-");
+            continue;
+          }
+          printf(" %6.1f%s", time_impl(&j, CN_CUDA_TA_WGMMA, v ? 64 : 128), sweep[k] == auto_splits ? "*" : " ");
+        }
+        printf("  (auto %d)\n", auto_splits);
+        fflush(stdout);
+        free_shape(&j);
       }
   cn_cuda_timer_free(timer);
   cn_cuda_ctx_free(ctx);

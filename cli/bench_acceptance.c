@@ -14,6 +14,7 @@
 
 #include "canopy.h"
 #include "cli/cli.h"
+#include "cli/divergence.h"
 
 #define MAX_TREES 32
 
@@ -154,6 +155,18 @@ static cJSON *agg_json(const agg *a, const char *tree, const agg *base) {
     cJSON_AddNumberToObject(o, "runs_identical_to_target_only", (double)a->identical_runs);
   }
   return o;
+}
+
+/* A greedy run's first difference from the target alone (cli/divergence.h). */
+static void add_divergence_json(cJSON *o, const cli_divergence *d) {
+  cJSON *j = cJSON_AddObjectToObject(o, "first_difference");
+  cJSON_AddNumberToObject(j, "position", d->position);
+  cJSON_AddNumberToObject(j, "target_only_token", d->base_token);
+  cJSON_AddNumberToObject(j, "spec_token", d->other_token);
+  cJSON_AddNumberToObject(j, "target_only_top2_gap", d->gap);
+  cJSON_AddNumberToObject(j, "target_only_top2_rel_gap", d->rel_gap);
+  cJSON_AddNumberToObject(j, "target_only_runner_up", d->runner_up);
+  cJSON_AddBoolToObject(j, "spec_took_runner_up", d->runner_up == d->other_token);
 }
 
 static int parse(int argc, char **argv, bench_args *a) {
@@ -394,9 +407,12 @@ static int bench_acceptance(int argc, char **argv) {
   char *rendered = NULL;
   int nc = a.n_trees + 1; /* config 0: the target alone */
   agg *total = calloc((size_t)nc, sizeof *total);
+  /* [prompt][config]: greedy runs' first difference from the target alone (position -1: none) */
+  cli_divergence *divs = n_ps > 0 ? malloc(sizeof *divs * (size_t)n_ps * nc) : NULL;
+  for (size_t i = 0; divs && i < (size_t)n_ps * nc; i++) divs[i].position = -1;
   cJSON *root = cJSON_CreateObject(), *per_prompt = NULL;
   rc = 1;
-  if (!total || !root || !base || !gen) goto done;
+  if (!total || !root || !base || !gen || (n_ps > 0 && !divs)) goto done;
 
   if (canopy_tokenizer_load(dir, &tok)) { cli_fail("loading the tokenizer"); goto done; }
   canopy_model_params mp = canopy_model_default_params();
@@ -454,7 +470,12 @@ static int bench_acceptance(int argc, char **argv) {
 #endif
       "target_forwards counts every target forward (prefill "
       "chunks included). speedup = tokens_per_s / the target alone's tokens_per_s in this run. "
-      "Runs stop at eos: n_generated may be below max_new_tokens.");
+      "Runs stop at eos: n_generated may be below max_new_tokens. "
+      "first_difference (greedy runs not identical to the target alone): the first differing token; "
+      "target_only_top2_gap = top minus runner-up logit there, the target fed one token per forward as the "
+      "target-only run was (its own logits), rel_gap = that over |top|; the speculative run's logits are not "
+      "observable (greedy verification brings only each node's top id to the host). A gap within bf16's "
+      "rounding (rel <= 2^-7) with spec_took_runner_up is a near-tie.");
   cJSON *trees = cJSON_AddArrayToObject(root, "trees");
   for (int t = 0; t < a.n_trees; t++) cJSON_AddItemToArray(trees, cJSON_CreateString(a.trees[t]));
   per_prompt = cJSON_CreateArray();
@@ -488,7 +509,10 @@ static int bench_acceptance(int argc, char **argv) {
       agg_add(&one[c], &s);
       if (!c) n_base = n_o;
       if (c && a.temp == 0) { /* greedy speculation must reproduce the target alone */
-        int same = n_o == n_base && !memcmp(o, base, sizeof *o * (size_t)n_o);
+        cli_divergence *dv = &divs[(size_t)i * nc + c];
+        int same = cli_find_divergence(model, ids, n_ids, base, n_base, o, n_o, dv);
+        if (same < 0) { cli_fail("replaying the target where a speculative run differs"); goto done; }
+        if (same) dv->position = -1;
         one[c].greedy_runs = 1, one[c].identical_runs = same;
         total[c].greedy_runs++, total[c].identical_runs += same;
       }
@@ -499,7 +523,11 @@ static int bench_acceptance(int argc, char **argv) {
     cJSON_AddNumberToObject(pj, "n_prompt_tokens", n_ids);
     cJSON_AddItemToObject(pj, "target_only", agg_json(&one[0], NULL, NULL));
     cJSON *pt = cJSON_AddArrayToObject(pj, "trees");
-    for (int c = 1; c < nc; c++) cJSON_AddItemToArray(pt, agg_json(&one[c], a.trees[c - 1], &one[0]));
+    for (int c = 1; c < nc; c++) {
+      cJSON *tj = agg_json(&one[c], a.trees[c - 1], &one[0]);
+      if (a.temp == 0 && divs[(size_t)i * nc + c].position >= 0) add_divergence_json(tj, &divs[(size_t)i * nc + c]);
+      cJSON_AddItemToArray(pt, tj);
+    }
     cJSON_AddItemToArray(per_prompt, pj);
     progress(i + 1, n_ps);
   }
@@ -570,6 +598,15 @@ static int bench_acceptance(int argc, char **argv) {
   for (int c = 1; c < nc && a.temp == 0; c++)
     printf("%-24s greedy output identical to the target alone in %ld of %ld prompts\n", a.trees[c - 1],
            total[c].identical_runs, total[c].greedy_runs);
+  for (int i = 0; i < n_ps && a.temp == 0; i++)
+    for (int c = 1; c < nc; c++) {
+      const cli_divergence *d = &divs[(size_t)i * nc + c];
+      if (d->position < 0) continue;
+      printf("  %s, %s: first differs at token %d (target alone %d, speculative %d); target top-2 gap %.4g "
+             "(%.2e of the top logit), runner-up %d%s\n",
+             ps[i].id, a.trees[c - 1], d->position, d->base_token, d->other_token, d->gap, d->rel_gap, d->runner_up,
+             d->runner_up == d->other_token ? ", which the speculative run took" : "");
+    }
   printf("results: %s/results.json\n", a.out);
   rc = 0;
 done:
@@ -583,6 +620,7 @@ done:
   free(gen);
   free(rendered);
   free(total);
+  free(divs);
   for (int i = 0; i < n_ps; i++) free(ps[i].id), free(ps[i].text);
   free(ps);
   return rc;

@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "cache/kv_cache.h"
+#include "kernels/cpu/ops.h"
 #include "model/safetensors.h"
 
 /* One sequence's attention in one layer (the semantics of cn_cpu_attention in kernels/cpu/ops.h):
@@ -38,7 +39,10 @@ typedef struct cn_fwd_io {
   const int32_t *tokens, *pos; /* [n_tokens] */
   int n_logits;
   const int32_t *logit_rows;   /* [n_logits] */
-  int32_t *top;                /* [n_logits] host: argmax ids wanted (then logits is NULL) */
+  int32_t *top;                /* [n_logits][top_k] host: top ids wanted (then logits is NULL) */
+  int top_k;                   /* >= 1 */
+  float *top_logp;             /* [n_logits][top_k] host, or NULL: their log-softmax */
+  int sample;                  /* top receives sampled ids (sample_rows): never captured */
   float *logits;               /* [n_logits][vocab] host, when top is NULL */
   int vocab;
   int n_seqs;
@@ -104,16 +108,28 @@ typedef struct cn_backend {
                    int n_kv_heads, int head_dim, const float *inv_freq);
   /* Copies n floats of a backend buffer to the host. */
   void (*to_host)(void *ctx, float *dst, const void *src, size_t n);
-  /* Host top[r] = index of the largest of rows r < rows of a [rows][vocab] logits buffer (the
-   * first on ties), at most 64 rows per call; only the indices cross to the host. */
-  void (*argmax_rows)(void *ctx, int32_t *top, const void *logits, int rows, int vocab);
+  /* For rows r < rows of a [rows][vocab] logits buffer: host ids [rows][k] = the k largest of
+   * the row in descending order (cn_cpu_top_k's order; k = 1 is the argmax, the first on ties)
+   * and, when logp is not NULL, host logp [rows][k] their log-softmax. At most 64 rows and
+   * k <= 32 per call; only these cross to the host. */
+  void (*top_rows)(void *ctx, int32_t *ids, float *logp, const void *logits, int rows, int vocab, int k);
+  /* Host ids[r] = the token cn_cpu_sample's rule draws from row r < rows with the uniform u[r]
+   * (host [rows]), at most 64 rows per call; only the ids cross to the host (the CUDA backend sorts
+   * and draws on the device, kernels/cuda/sample.cu; the CPU backend runs cn_cpu_sample itself).
+   * Returns a status (a device backend also keeps it for `end`). */
+  int (*sample_rows)(void *ctx, int32_t *ids, const void *logits, int rows, int vocab, const cn_sample_rule *rule,
+                     const double *u);
 } cn_backend;
 
 /* The fp32 CPU backend with `n_threads` workers (0 = all online cores). */
 int cn_backend_cpu_create(int n_threads, const cn_backend **be, void **ctx);
 
 /* The CUDA backend on device `device`: bf16 weights and KV, fp32 activations. CANOPY_ERR_DEVICE
- * when no such device is visible or canopy was built without CUDA. */
+ * when no such device is visible or canopy was built without CUDA. With the environment variable
+ * CANOPY_CUDA_BATCH_INVARIANT=1 at creation, GEMMs run padded to a fixed row bucket
+ * (cn_cuda_set_batch_invariant) and tree attention with one key split, so that a token's logits
+ * depend less on how many rows its forward holds (a diagnostic and a losslessness aid for greedy
+ * speculation; it costs speed). */
 int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx);
 
 /* CUDA graphs of a CUDA backend context: up to max_graphs forwards kept captured (least recently

@@ -14,6 +14,9 @@ typedef struct cpu_ctx {
   int max_blocks;
   float *attn_scratch; /* [threads][cn_cpu_attention_scratch_floats] fp32, grown on first use */
   size_t attn_scratch_floats;
+  int32_t *sample_idx; /* [sample_cap] cn_cpu_sample's scratch, grown on first use */
+  float *sample_prob, *sample_dist;
+  int sample_cap;
 } cpu_ctx;
 
 static void cpu_destroy(void *ctx) {
@@ -22,6 +25,9 @@ static void cpu_destroy(void *ctx) {
   free(c->k_ptrs);
   free(c->v_ptrs);
   free(c->attn_scratch);
+  free(c->sample_idx);
+  free(c->sample_prob);
+  free(c->sample_dist);
   free(c);
 }
 
@@ -139,9 +145,29 @@ static void cpu_to_host(void *ctx, float *dst, const void *src, size_t n) {
   if (dst != src) memcpy(dst, src, sizeof(float) * n);
 }
 
-static void cpu_argmax_rows(void *ctx, int32_t *top, const void *logits, int rows, int vocab) {
+static void cpu_top_rows(void *ctx, int32_t *ids, float *logp, const void *logits, int rows, int vocab, int k) {
   for (int r = 0; r < rows; r++)
-    top[r] = cn_cpu_argmax((const float *)logits + (size_t)r * vocab, vocab);
+    cn_cpu_top_k((const float *)logits + (size_t)r * vocab, vocab, k, ids + (size_t)r * k,
+                 logp ? logp + (size_t)r * k : NULL);
+}
+
+static int cpu_sample_rows(void *ctx, int32_t *ids, const void *logits, int rows, int vocab, const cn_sample_rule *r,
+                           const double *u) {
+  cpu_ctx *c = ctx;
+  if (vocab > c->sample_cap) {
+    free(c->sample_idx);
+    free(c->sample_prob);
+    free(c->sample_dist);
+    c->sample_idx = malloc(sizeof *c->sample_idx * (size_t)vocab);
+    c->sample_prob = malloc(sizeof *c->sample_prob * (size_t)vocab);
+    c->sample_dist = malloc(sizeof *c->sample_dist * (size_t)vocab);
+    c->sample_cap = c->sample_idx && c->sample_prob && c->sample_dist ? vocab : 0;
+    if (!c->sample_cap) return cn_error(CANOPY_ERR_NO_MEMORY, "cpu backend: no memory to sample a vocab of %d", vocab);
+  }
+  for (int i = 0; i < rows; i++)
+    ids[i] = cn_cpu_sample(r, (const float *)logits + (size_t)i * vocab, vocab, u[i], c->sample_idx, c->sample_prob,
+                           c->sample_dist);
+  return CANOPY_OK;
 }
 
 static const cn_backend cpu_backend = {
@@ -164,7 +190,8 @@ static const cn_backend cpu_backend = {
     .kv_write = cpu_kv_write,
     .attention_batch = cpu_attention_batch,
     .to_host = cpu_to_host,
-    .argmax_rows = cpu_argmax_rows,
+    .top_rows = cpu_top_rows,
+    .sample_rows = cpu_sample_rows,
 };
 
 int cn_backend_cpu_create(int n_threads, const cn_backend **be, void **ctx) {

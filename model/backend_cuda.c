@@ -51,7 +51,8 @@ int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx) {
 #define ARENA_MIN (256u << 10) /* bytes; grown on demand */
 #endif
 #define MAX_RETIRED 8
-#define TOP_ROWS CN_LOGIT_CHUNK /* rows per argmax_rows call (the forward's LM-head chunk) */
+#define TOP_ROWS CN_LOGIT_CHUNK /* rows per top_rows call (the forward's LM-head chunk) */
+#define TOP_K 32                /* most picks per row */
 #define MAX_GRAPHS 64
 #define MIN_SPANS 256
 
@@ -95,8 +96,13 @@ typedef struct cuda_ctx {
   size_t map_cap, map_used;
   unsigned gen;
   void *copy_tmp; /* device staging of KV span copies, copy_tmp_bytes long */
-  int32_t *top_dev; /* [top_cap] argmax_rows' device result, a forward's rows one after the other */
-  int top_cap, top_used;
+  int32_t *top_dev;    /* [top_cap] top_rows' device ids, a forward's rows one after the other */
+  float *top_logp_dev; /* [top_cap] and their log-softmax */
+  int top_cap, top_used; /* elements (rows x k) */
+  void *sample_ws;  /* cn_cuda_sample's workspace for TOP_ROWS rows of sample_vocab, grown on first use */
+  size_t sample_ws_bytes;
+  int sample_vocab;
+  int batch_invariant; /* $CANOPY_CUDA_BATCH_INVARIANT=1 at creation: see cn_backend_cuda_create */
   size_t copy_tmp_bytes;
   float *ta_ws; /* tree attention's split workspace */
   size_t ta_ws_bytes;
@@ -223,6 +229,8 @@ static void cuda_destroy(void *ctx) {
   cn_cuda_free(c->cu, c->copy_tmp);
   cn_cuda_free(c->cu, c->ta_ws);
   cn_cuda_free(c->cu, c->top_dev);
+  cn_cuda_free(c->cu, c->top_logp_dev);
+  cn_cuda_free(c->cu, c->sample_ws);
   cn_cuda_host_free(c->cu, c->span_h);
   cn_cuda_free(c->cu, c->span_d);
   cn_graph_cache_free(&c->graphs);
@@ -459,14 +467,14 @@ static size_t align16(size_t n) { return (n + 15) & ~(size_t)15; }
 static int graph_key(const cuda_ctx *c, const cn_fwd_io *io, int n_pos, int n_mask, cn_graph_key *key) {
   const cn_attn_desc *d = io->desc;
   if (!io->n_seqs || !cn_cuda_tree_attn_supported(d[0].head_dim) || !c->max_blocks) return 0;
-  if (!io->top && io->n_logits > CN_LOGIT_CHUNK) return 0;
+  if ((!io->top && io->n_logits > CN_LOGIT_CHUNK) || io->sample) return 0;
   for (int s = 0; s < io->n_seqs; s++) {
     int nb;
     cn_kv_seq_blocks(d[s].seq, &nb);
     if (nb > c->max_blocks) return 0;
   }
   *key = (cn_graph_key){{io->n_tokens, io->n_seqs, io->n_logits, io->top != NULL, c->keys_bucket, c->any_tree,
-                         c->max_n, n_pos, n_mask, 0}};
+                         c->max_n, n_pos, n_mask, io->top_k + (io->top_logp ? 1000 : 0)}};
   return 1;
 }
 
@@ -567,12 +575,15 @@ static int cuda_begin(void *ctx, const cn_fwd_io *io, int *replayed) {
   c->cap_logits = NULL;
   c->io = *io;
   c->top_used = 0;
-  if (io->top && io->n_logits > c->top_cap) {
+  int top_n = io->n_logits * io->top_k;
+  if (io->top && !io->sample && top_n > c->top_cap) {
     cn_cuda_free(c->cu, c->top_dev);
-    c->top_dev = NULL, c->top_cap = 0;
-    int st = cn_cuda_malloc(c->cu, (void **)&c->top_dev, sizeof *c->top_dev * (size_t)io->n_logits);
+    cn_cuda_free(c->cu, c->top_logp_dev);
+    c->top_dev = NULL, c->top_logp_dev = NULL, c->top_cap = 0;
+    int st = cn_cuda_malloc(c->cu, (void **)&c->top_dev, sizeof *c->top_dev * (size_t)top_n);
+    if (!st) st = cn_cuda_malloc(c->cu, (void **)&c->top_logp_dev, sizeof *c->top_logp_dev * (size_t)top_n);
     if (st) return st;
-    c->top_cap = io->n_logits;
+    c->top_cap = top_n;
     cn_graph_cache_clear(&c->graphs);
   }
   cn_graph_key key;
@@ -619,8 +630,10 @@ static int cuda_end(void *ctx) {
     }
   }
   const cn_fwd_io *io = &c->io;
-  if (!st && io->n_logits && io->top) {
-    st = cn_cuda_memcpy_d2h(c->cu, io->top, c->top_dev, sizeof(int32_t) * (size_t)io->n_logits);
+  size_t top_n = (size_t)io->n_logits * io->top_k;
+  if (!st && io->n_logits && io->top && !io->sample) {
+    st = cn_cuda_memcpy_d2h(c->cu, io->top, c->top_dev, sizeof(int32_t) * top_n);
+    if (!st && io->top_logp) st = cn_cuda_memcpy_d2h(c->cu, io->top_logp, c->top_logp_dev, sizeof(float) * top_n);
   } else if (!st && io->n_logits && c->mode != EAGER) {
     const float *src = c->mode == REPLAY ? c->cur->aux : c->cap_logits;
     st = cn_cuda_memcpy_d2h(c->cu, io->logits, src, sizeof(float) * (size_t)io->n_logits * io->vocab);
@@ -647,7 +660,10 @@ static void cuda_attention_batch(void *ctx, void *out, const void *q, const cn_a
     }
     return;
   }
-  int splits = cn_cuda_tree_attn_splits(c->cu, n_seqs, c->max_n, c->keys_bucket, n_heads, n_kv, hd);
+  /* Batch-invariant mode keeps one split: the split boundaries follow from the key count and the
+   * split count, both of which change with the node count, and so would a row's rounding. */
+  int splits =
+      c->batch_invariant ? 1 : cn_cuda_tree_attn_splits(c->cu, n_seqs, c->max_n, c->keys_bucket, n_heads, n_kv, hd);
   size_t ws = cn_cuda_tree_attn_workspace(n_seqs, c->max_n, splits, n_heads, n_kv, hd);
   if (ws > c->ta_ws_bytes) {
     /* Launches queued earlier, and captured graphs, may still use the old workspace. Never
@@ -693,15 +709,55 @@ static void cuda_kv_write_batch(void *ctx, const cn_attn_desc *d, int n_seqs, co
   keep(c, cn_cuda_kv_write_slots(c->cu, &kv, c->slots, k, v, CN_CUDA_F32, c->io.n_tokens, kv_dim));
 }
 
-/* Into the forward's run of device ids; `end` brings all of them over in one copy. */
-static void cuda_argmax_rows(void *ctx, int32_t *top, const void *logits, int rows, int vocab) {
+/* Into the forward's run of device ids (and log-probabilities); `end` brings all of them over in
+ * one copy each. */
+static void cuda_top_rows(void *ctx, int32_t *ids, float *logp, const void *logits, int rows, int vocab, int k) {
   cuda_ctx *c = ctx;
-  if (!c->status && (rows > TOP_ROWS || top != c->io.top + c->top_used || c->top_used + rows > c->top_cap))
+  size_t n = (size_t)rows * k, at = (size_t)c->top_used;
+  if (!c->status && (rows > TOP_ROWS || k < 1 || k > TOP_K || k != c->io.top_k || ids != c->io.top + at ||
+                     (logp && logp != c->io.top_logp + at) || at + n > (size_t)c->top_cap))
     keep(c, cn_error(CANOPY_ERR_INVALID_ARG,
-                     "cuda argmax_rows: %d rows at row %d (at most %d a call, in order, %d in all begin announced)",
-                     rows, c->top_used, TOP_ROWS, c->top_cap));
-  if (!c->status) keep(c, cn_cuda_argmax(c->cu, c->top_dev + c->top_used, logits, CN_CUDA_F32, rows, vocab));
-  c->top_used += rows;
+                     "cuda top_rows: %d rows, k = %d at element %zu (at most %d rows and k = %d a call, in order, "
+                     "k and %d elements as begin announced)",
+                     rows, k, at, TOP_ROWS, TOP_K, c->top_cap));
+  if (c->status) return;
+  if (k == 1 && !logp) keep(c, cn_cuda_argmax(c->cu, c->top_dev + at, logits, CN_CUDA_F32, rows, vocab));
+  else
+    keep(c, cn_cuda_top_k(c->cu, c->top_dev + at, logp ? c->top_logp_dev + at : NULL, logits, CN_CUDA_F32, rows,
+                          vocab, k));
+  c->top_used += (int)n;
+}
+
+/* The sampler's sort buffers are sized for the largest vocab seen, once (not in the decode loop). */
+static int sample_ws_for(cuda_ctx *c, int vocab) {
+  if (vocab <= c->sample_vocab) return CANOPY_OK;
+  size_t bytes;
+  int st = cn_cuda_sample_workspace(c->cu, TOP_ROWS, vocab, &bytes);
+  if (!st) st = cn_cuda_sync(c->cu); /* launches queued earlier may still use the old buffer */
+  if (st) return st;
+  cn_cuda_free(c->cu, c->sample_ws);
+  c->sample_ws = NULL;
+  c->sample_vocab = 0;
+  if ((st = cn_cuda_malloc(c->cu, &c->sample_ws, bytes))) return st;
+  c->sample_ws_bytes = bytes;
+  c->sample_vocab = vocab;
+  return CANOPY_OK;
+}
+
+/* Sampled forwards are never captured (the rule's numbers are kernel arguments): the ids come
+ * over here, and `end` leaves them alone. */
+static int cuda_sample_rows(void *ctx, int32_t *ids, const void *logits, int rows, int vocab, const cn_sample_rule *r,
+                            const double *u) {
+  cuda_ctx *c = ctx;
+  if (!c->status && (rows > TOP_ROWS || c->mode != EAGER))
+    keep(c, cn_error(CANOPY_ERR_INVALID_ARG, "cuda sample_rows: %d rows (at most %d a call, never captured)", rows,
+                     TOP_ROWS));
+  const double *u_dev = c->status ? NULL : dev_of(c, u, sizeof *u * (size_t)rows);
+  if (u_dev && !keep(c, sample_ws_for(c, vocab)))
+    keep(c, cn_cuda_sample(c->cu, c->top_dev, logits, rows, vocab, r->temperature, r->top_k, r->top_p, u_dev,
+                           c->sample_ws, c->sample_ws_bytes));
+  if (!c->status) keep(c, cn_cuda_memcpy_d2h(c->cu, ids, c->top_dev, sizeof *ids * (size_t)rows));
+  return c->status;
 }
 
 static void cuda_norm_matmul(void *ctx, void *y, const void *x, const void *norm_w, float eps, const void *w,
@@ -756,7 +812,8 @@ static const cn_backend cuda_backend = {
     .kv_write_batch = cuda_kv_write_batch,
     .attention_batch = cuda_attention_batch,
     .to_host = cuda_to_host,
-    .argmax_rows = cuda_argmax_rows,
+    .top_rows = cuda_top_rows,
+    .sample_rows = cuda_sample_rows,
     .norm_matmul = cuda_norm_matmul,
     .swiglu_matmul_add = cuda_swiglu_matmul_add,
     .qkv_rope = cuda_qkv_rope,
@@ -792,9 +849,13 @@ int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx) {
   int st = cn_cuda_ctx_create(device, &c->cu);
   if (!st) st = map_grow(c);
   if (!st) st = arena_grow(c, ARENA_MIN / 2);
-  if (!st) st = cn_cuda_malloc(c->cu, (void **)&c->top_dev, sizeof *c->top_dev * TOP_ROWS);
-  if (!st) c->top_cap = TOP_ROWS;
+  if (!st) st = cn_cuda_malloc(c->cu, (void **)&c->top_dev, sizeof *c->top_dev * TOP_ROWS * TOP_K);
+  if (!st) st = cn_cuda_malloc(c->cu, (void **)&c->top_logp_dev, sizeof *c->top_logp_dev * TOP_ROWS * TOP_K);
+  if (!st) c->top_cap = TOP_ROWS * TOP_K;
   if (!st) st = cn_graph_cache_init(&c->graphs, MAX_GRAPHS, free_graph);
+  const char *inv = getenv("CANOPY_CUDA_BATCH_INVARIANT");
+  c->batch_invariant = inv && !strcmp(inv, "1");
+  if (!st) st = cn_cuda_set_batch_invariant(c->cu, c->batch_invariant);
   if (st) {
     cuda_destroy(c);
     return st;

@@ -33,9 +33,14 @@ static int check_batch(canopy_model *m, const cn_batch *b) {
   }
   if (covered != b->n_tokens)
     return cn_error(CANOPY_ERR_INVALID_ARG, "forward: sequences cover %d of %d tokens", covered, b->n_tokens);
+  if (b->top && (b->top_k < 0 || b->top_k > 32 || b->top_k > c->vocab_size))
+    return cn_error(CANOPY_ERR_INVALID_ARG, "forward: top_k %d (0..%d allowed)", b->top_k,
+                    c->vocab_size < 32 ? c->vocab_size : 32);
   for (int i = 0; i < b->n_logits; i++)
     if (b->logit_rows[i] < 0 || b->logit_rows[i] >= b->n_tokens)
       return cn_error(CANOPY_ERR_INVALID_ARG, "forward: logit row %d is outside the batch", b->logit_rows[i]);
+  if (b->sample && (!b->top || !b->u))
+    return cn_error(CANOPY_ERR_INVALID_ARG, "forward: sampling in the forward needs top and u");
   return CANOPY_OK;
 }
 
@@ -120,7 +125,8 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
                                      .head_dim = d, .sliding_window = c->sliding_window, .scale = scale};
   }
   cn_fwd_io io = {.n_tokens = n, .tokens = b->tokens, .pos = b->pos, .n_logits = b->n_logits,
-                  .logit_rows = b->logit_rows, .top = b->top, .logits = b->top ? NULL : logits,
+                  .logit_rows = b->logit_rows, .top = b->top, .top_k = b->top_k > 0 ? b->top_k : 1,
+                  .top_logp = b->top_logp, .sample = b->top && b->sample, .logits = b->top ? NULL : logits,
                   .vocab = c->vocab_size, .n_seqs = b->n_seqs, .desc = m->attn_desc, .inv_freq = m->inv_freq};
   int replayed = 0;
   if (be->begin && (st = be->begin(ctx, &io, &replayed))) {
@@ -160,10 +166,19 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
     int rows = b->n_logits - r < LOGIT_CHUNK ? b->n_logits - r : LOGIT_CHUNK;
     be->gather_rows(ctx, s->xn, s->x, b->logit_rows + r, rows, D);
     norm_matmul(m, s->logits, s->xn, m->final_norm, m->lm_head, NULL, rows, D, c->vocab_size);
-    if (b->top) be->argmax_rows(ctx, b->top + r, s->logits, rows, c->vocab_size);
+    int k = b->top_k > 0 ? b->top_k : 1;
+    if (b->top && b->sample) {
+      if ((st = be->sample_rows(ctx, b->top + r, s->logits, rows, c->vocab_size, b->sample, b->u + r))) break;
+    } else if (b->top)
+      be->top_rows(ctx, b->top + (size_t)r * k, b->top_logp ? b->top_logp + (size_t)r * k : NULL, s->logits, rows,
+                   c->vocab_size, k);
     else be->to_host(ctx, logits + (size_t)r * c->vocab_size, s->logits, (size_t)rows * c->vocab_size);
   }
 done:
-  if (be->end && (st = be->end(ctx))) unreserve(b, b->n_seqs);
+  if (be->end) {
+    int end_st = be->end(ctx);
+    if (!st) st = end_st;
+  }
+  if (st) unreserve(b, b->n_seqs);
   return st;
 }

@@ -31,15 +31,23 @@ typedef struct cn_batch {
   const cn_seq_batch *seqs;  /* [n_seqs], tokens of one sequence contiguous */
   int n_logits;
   const int32_t *logit_rows; /* [n_logits] token indices whose logits are wanted */
-  /* Optional: [n_logits] receives the index of the largest logit of each requested row (the
-   * first on ties, as cn_cpu_argmax), computed where the logits are; the logits themselves are
-   * then not copied out and cn_forward's `logits` may be NULL. Greedy verification needs no more. */
+  /* Optional: top [n_logits][top_k] receives the top_k largest logits' indices of each requested
+   * row in descending order (top_k 0 means 1: the argmax, the first on ties, as cn_cpu_argmax),
+   * and top_logp, if not NULL, their log-softmax; computed where the logits are, so the logits
+   * themselves are not copied out and cn_forward's `logits` may be NULL. Greedy verification
+   * needs the argmax, a greedy draft level its top children (top_k <= 32). */
   int32_t *top;
+  int top_k;
+  float *top_logp;
+  /* Optional, with top: top[i] is instead the token `sample`'s rule draws from row i with the
+   * uniform u[i] (host [n_logits]), drawn where the logits are (the backend's sample_rows):
+   * sampled decoding without speculation needs only the ids. */
+  const cn_sample_rule *sample;
+  const double *u;
 } cn_batch;
 
-/* Runs the model over the batch and writes logits [n_logits][vocab] (host fp32), or their argmax
- * to b->top. n_tokens must
- * not exceed the model's max_batch. Errors: CANOPY_ERR_KV_EXHAUSTED, CANOPY_ERR_CONTEXT,
+/* Runs the model over the batch and writes logits [n_logits][vocab] (host fp32), or their top
+ * tokens to b->top. n_tokens must not exceed the model's max_batch. Errors: CANOPY_ERR_KV_EXHAUSTED, CANOPY_ERR_CONTEXT,
  * CANOPY_ERR_INVALID_ARG (bad token ids or counts), each with a message. */
 int cn_forward(canopy_model *m, const cn_batch *b, float *logits);
 

@@ -52,7 +52,9 @@ struct canopy_model {
    * steady-state step allocates nothing. */
   float *step_logits;  /* [step_rows][V] */
   int step_rows;
-  int32_t *step_idx;   /* [4 * max_batch]: a forward's tokens, positions, logit rows and top tokens */
+  int32_t *step_idx;   /* [(4 + 32) * max_batch]: a forward's tokens, positions, logit rows, top
+                        * tokens, and a draft level's best ids (up to 32 a row) */
+  float *step_top_logp; /* [32 * max_batch]: their log-probabilities */
   struct cn_attn_desc *attn_desc; /* [max_batch] one layer's attention batch (model/forward.c) */
   struct cn_seq_batch *step_seqs; /* [step_cap] */
   struct cn_step_part *step_parts; /* [step_cap] */

@@ -234,6 +234,7 @@ void canopy_model_free(canopy_model *m) {
   if (m->be) m->be->destroy(m->be_ctx);
   free(m->step_logits);
   free(m->step_idx);
+  free(m->step_top_logp);
   free(m->attn_desc);
   free(m->step_seqs);
   free(m->step_parts);

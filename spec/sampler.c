@@ -65,75 +65,17 @@ void cn_sampler_free(cn_sampler *s) {
   s->dist = NULL;
 }
 
-/* Descending by logit, ties by lower id (a total order, so the kept set is deterministic). */
-static int by_logit_desc(const void *a, const void *b, void *keys) {
-  int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
-  float x = ((const float *)keys)[i], y = ((const float *)keys)[j];
-  return x > y ? -1 : x < y ? 1 : (i > j) - (i < j);
-}
-
-/* Moves the k largest logits' ids to idx[0..k) (unordered), by quickselect: O(vocab). */
-static void select_top(int32_t *idx, int n, int k, const float *logits) {
-  int lo = 0, hi = n - 1;
-  while (lo < hi) {
-    float pivot = logits[idx[(lo + hi) / 2]];
-    int i = lo, j = hi;
-    while (i <= j) {
-      while (logits[idx[i]] > pivot) i++;
-      while (logits[idx[j]] < pivot) j--;
-      if (i <= j) {
-        int32_t t = idx[i];
-        idx[i++] = idx[j];
-        idx[j--] = t;
-      }
-    }
-    if (k - 1 <= j) hi = j;
-    else if (k - 1 >= i) lo = i;
-    else break;
-  }
+cn_sample_rule cn_sampler_rule(const cn_sampler *s) {
+  return (cn_sample_rule){.temperature = s->p.temperature, .top_k = s->p.top_k, .top_p = s->p.top_p};
 }
 
 void cn_sampler_probs(cn_sampler *s, const float *logits, float *probs) {
-  int V = s->vocab;
-  memset(probs, 0, sizeof *probs * (size_t)V);
-  if (s->p.temperature == 0) {
-    probs[cn_cpu_argmax(logits, V)] = 1.0f;
-    return;
-  }
-  int n = V;
-  for (int i = 0; i < V; i++) s->idx[i] = i;
-  if (s->p.top_k > 0 && s->p.top_k < V) {
-    select_top(s->idx, V, s->p.top_k, logits);
-    n = s->p.top_k;
-  }
-  /* Sorting is only needed to find the top-p prefix; top-k alone needs no order. */
-  if (s->p.top_p < 1) qsort_r(s->idx, (size_t)n, sizeof *s->idx, by_logit_desc, (void *)logits);
-  float inv_t = 1.0f / s->p.temperature, mx = -INFINITY;
-  for (int i = 0; i < n; i++) mx = fmaxf(mx, logits[s->idx[i]] * inv_t);
-  double sum = 0;
-  for (int i = 0; i < n; i++) sum += s->prob[i] = expf(logits[s->idx[i]] * inv_t - mx);
-  if (s->p.top_p < 1) {
-    /* HF's TopPLogitsWarper keeps tokens whose cumulative mass *before* them is < top_p
-     * (at least one), i.e. the smallest prefix reaching top_p. */
-    double cum = 0;
-    int keep = 0;
-    while (keep < n && (keep == 0 || cum < s->p.top_p * sum)) cum += s->prob[keep++];
-    n = keep;
-    sum = cum;
-  }
-  for (int i = 0; i < n; i++) probs[s->idx[i]] = (float)(s->prob[i] / sum);
+  cn_sample_rule r = cn_sampler_rule(s);
+  cn_cpu_sample_probs(&r, logits, s->vocab, s->idx, s->prob, probs);
 }
 
 int32_t cn_sampler_sample(cn_sampler *s, const float *logits) {
   if (s->p.temperature == 0) return cn_cpu_argmax(logits, s->vocab);
-  cn_sampler_probs(s, logits, s->dist);
-  double u = cn_rng_uniform(&s->rng), cum = 0;
-  int last = 0;
-  for (int i = 0; i < s->vocab; i++) {
-    if (s->dist[i] <= 0) continue;
-    cum += s->dist[i];
-    last = i;
-    if (u < cum) return i;
-  }
-  return last; /* rounding left u above the total mass */
+  cn_sample_rule r = cn_sampler_rule(s);
+  return cn_cpu_sample(&r, logits, s->vocab, cn_rng_uniform(&s->rng), s->idx, s->prob, s->dist);
 }

@@ -5,6 +5,7 @@
 #include <stdint.h>
 
 #include "canopy.h"
+#include "kernels/cpu/ops.h"
 
 typedef struct cn_rng {
   uint64_t s[4]; /* xoshiro256** state */
@@ -33,8 +34,12 @@ void cn_sampler_free(cn_sampler *s);
  * temperature 0 it is one-hot on the argmax. */
 void cn_sampler_probs(cn_sampler *s, const float *logits, float *probs);
 
+/* The sampler's rule, for the backends' sample_rows (the same rule on the device). */
+cn_sample_rule cn_sampler_rule(const cn_sampler *s);
+
 /* Chooses a token from logits: argmax when temperature == 0, else a draw from
- * cn_sampler_probs's distribution. */
+ * cn_sampler_probs's distribution with u = cn_rng_uniform(&s->rng) (cn_cpu_sample), so a caller
+ * that draws u itself and samples elsewhere (on the device) consumes the same random stream. */
 int32_t cn_sampler_sample(cn_sampler *s, const float *logits);
 
 #endif

@@ -101,6 +101,25 @@ static int feed(canopy_session *s, int from, int to) {
   return CANOPY_OK;
 }
 
+/* Feeds the pending token and chooses the next one where the logits are (the backend's
+ * top_rows (k = 1), or sample_rows with the sampler's next u: the random stream cn_sampler_sample
+ * would consume), so only the id crosses to the host. The logits stay behind: has_logits = 0. */
+static int feed_choose(canopy_session *s, int32_t *t) {
+  int last = 0, at = s->n_tokens - 1;
+  s->pos[0] = at;
+  cn_sample_rule rule = cn_sampler_rule(&s->sampler);
+  double u = rule.temperature > 0 ? cn_rng_uniform(&s->sampler.rng) : 0;
+  cn_seq_batch sb = {.kv = s->kv, .first = 0, .n = 1};
+  cn_batch b = {.n_tokens = 1, .tokens = s->tokens + at, .pos = s->pos, .n_seqs = 1, .seqs = &sb, .n_logits = 1,
+                .logit_rows = &last, .top = t, .sample = rule.temperature > 0 ? &rule : NULL, .u = &u};
+  s->has_logits = 0;
+  int st = cn_forward(s->m, &b, NULL);
+  if (st) return st;
+  cn_kv_seq_commit(s->kv, s->tokens + at, 1);
+  s->stats.forward_passes++;
+  return CANOPY_OK;
+}
+
 static void cut(canopy_session *s, int keep);
 
 int canopy_session_append(canopy_session *s, const int32_t *ids, int n) {
@@ -194,11 +213,12 @@ int canopy_session_next(canopy_session *s, int32_t *token) {
     t = s->queue[s->q_at++];
   } else {
     if (s->pending) {
-      int st = feed(s, s->n_tokens - 1, s->n_tokens);
+      int st = feed_choose(s, &t);
       if (st) return st;
       s->pending = 0;
+    } else {
+      t = cn_sampler_sample(&s->sampler, s->logits);
     }
-    t = cn_sampler_sample(&s->sampler, s->logits);
     at = s->n_tokens;
     s->tokens[s->n_tokens++] = t;
     s->pending = 1;
@@ -236,9 +256,13 @@ static int finished(const canopy_session *s) {
   return (s->p.max_tokens > 0 && s->stats.n_generated >= s->p.max_tokens) || s->n_tokens >= s->m->max_context;
 }
 
+#define TOP_MAX 32 /* most best ids a draft row hands back (cn_batch.top_k) */
+
 /* Grows a model's step scratch to `sessions` parts and `rows` rows of logits. */
 static int step_scratch(canopy_model *m, int sessions, int rows) {
-  if (!m->step_idx && !(m->step_idx = malloc(sizeof *m->step_idx * 4 * (size_t)m->max_batch)))
+  if (!m->step_idx && !(m->step_idx = malloc(sizeof *m->step_idx * (4 + TOP_MAX) * (size_t)m->max_batch)))
+    return cn_error(CANOPY_ERR_NO_MEMORY, "batched step: out of memory");
+  if (!m->step_top_logp && !(m->step_top_logp = malloc(sizeof *m->step_top_logp * TOP_MAX * (size_t)m->max_batch)))
     return cn_error(CANOPY_ERR_NO_MEMORY, "batched step: out of memory");
   if (sessions > m->step_cap) {
     cn_seq_batch *seqs = realloc(m->step_seqs, sizeof *seqs * (size_t)sessions);
@@ -284,13 +308,28 @@ static int draft_together(canopy_model *d, step_part *parts, int k) {
                       d->max_batch);
       return st;
     }
+    /* Greedy trees need only each row's best few ids: when every piece here is such, that is all
+     * the forward hands back (the widest any of them needs). */
+    int top_k = 0;
+    for (int j = 0; j < k; j++)
+      if (parts[j].row_first >= 0) {
+        int kj = cn_spec_draft_top_k(parts[j].s->spec);
+        top_k = kj <= 0 || top_k < 0 ? -1 : kj > top_k ? kj : top_k;
+      }
+    int32_t *top = rows + d->max_batch;
     cn_batch b = {.n_tokens = total, .tokens = tokens, .pos = pos, .n_seqs = n_seqs, .seqs = d->step_seqs,
                   .n_logits = n_rows, .logit_rows = rows};
-    if (!(st = step_scratch(d, k, n_rows)) && (st = cn_forward(d, &b, d->step_logits)))
+    if (top_k > 0) b.top = top, b.top_k = top_k, b.top_logp = d->step_top_logp;
+    if (!(st = step_scratch(d, k, top_k > 0 ? 0 : n_rows)) && (st = cn_forward(d, &b, top_k > 0 ? NULL : d->step_logits)))
       st = cn_error_wrap(st, "draft");
     for (int j = 0; !st && j < k; j++)
-      if (parts[j].row_first >= 0)
-        st = cn_spec_draft_take(parts[j].s->spec, d->step_logits + (size_t)parts[j].row_first * d->cfg.vocab_size);
+      if (parts[j].row_first >= 0) {
+        size_t r0 = (size_t)parts[j].row_first;
+        cn_draft_out o = top_k > 0 ? (cn_draft_out){.ids = top + r0 * top_k, .logp = d->step_top_logp + r0 * top_k,
+                                                    .k = top_k}
+                                   : (cn_draft_out){.logits = d->step_logits + r0 * d->cfg.vocab_size};
+        st = cn_spec_draft_take(parts[j].s->spec, &o);
+      }
   }
 }
 

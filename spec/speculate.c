@@ -41,6 +41,9 @@ struct cn_spec {
   int32_t *dtok, *dpos, *drows; /* [dbatch] */
   int dbatch;                /* max(max_frontier, the draft's max_batch) */
   float *dlogits;            /* [max_frontier][V] */
+  int top_k;                 /* cn_spec_draft_top_k */
+  int32_t *dtop;             /* [max_frontier][top_k] a level's best ids, when top_k > 0 */
+  float *dtop_logp;          /* [max_frontier][top_k] */
   float *dprobs;             /* [oracle_nodes][V]: q of every oracle-tree node that got children */
   const float *probs_out[CN_TREE_MAX_NODES];
   canopy_stats *stats;
@@ -58,6 +61,16 @@ static double now_s(void) {
   struct timespec t;
   clock_gettime(CLOCK_MONOTONIC, &t);
   return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* Greedy trees pick children by rank among the draft's best, so a level needs each row's top k
+ * only (k = the widest rank any node takes); sampled trees draw from the whole distribution. */
+static int spec_top_k(const cn_tree_spec *sp, int stochastic, int vocab) {
+  if (stochastic) return 0;
+  int k = sp->kind == CN_TREE_DYNAMIC ? sp->topk : 1;
+  if (sp->kind == CN_TREE_STATIC)
+    for (int u = 1; u <= sp->n_nodes; u++) k = sp->rank[u] + 1 > k ? sp->rank[u] + 1 : k;
+  return k <= 32 && k <= vocab ? k : 0;
 }
 
 int cn_spec_create(canopy_model *target, canopy_model *draft, const char *tree, const canopy_sampling_params *sp,
@@ -90,6 +103,7 @@ int cn_spec_create(canopy_model *target, canopy_model *draft, const char *tree, 
     return st;
   }
   s->bounds = cn_tree_spec_get_bounds(&s->spec);
+  s->top_k = spec_top_k(&s->spec, s->stochastic, s->vocab);
   size_t V = (size_t)s->vocab, on = (size_t)s->bounds.oracle_nodes, fr = (size_t)s->bounds.max_frontier;
   size_t nn = (size_t)s->bounds.n_nodes + 1, batch = fr > (size_t)draft->max_batch ? fr : (size_t)draft->max_batch;
   s->dbatch = (int)batch;
@@ -104,8 +118,11 @@ int cn_spec_create(canopy_model *target, canopy_model *draft, const char *tree, 
   s->tlogits = malloc(sizeof *s->tlogits * nn * V);
   s->tprobs = s->stochastic ? malloc(sizeof *s->tprobs * nn * V) : NULL;
   s->scratch = malloc(sizeof *s->scratch * 2 * V);
+  size_t ntop = fr * (size_t)(s->top_k > 0 ? s->top_k : 1);
+  s->dtop = malloc(sizeof *s->dtop * ntop);
+  s->dtop_logp = malloc(sizeof *s->dtop_logp * ntop);
   if (!s->dmask || !s->dtok || !s->dpos || !s->drows || !s->dlogits || !s->dprobs || !s->tmask || !s->tlogits ||
-      (s->stochastic && !s->tprobs) || !s->scratch) {
+      (s->stochastic && !s->tprobs) || !s->scratch || !s->dtop || !s->dtop_logp) {
     cn_spec_free(s);
     return cn_error(CANOPY_ERR_NO_MEMORY, "speculation: no memory for a %d-node tree over %zu tokens",
                     s->bounds.n_nodes, V);
@@ -119,7 +136,7 @@ void cn_spec_free(cn_spec *s) {
   cn_kv_seq_free(s->dkv);
   cn_sampler_free(&s->dist);
   free(s->dmask), free(s->dtok), free(s->dpos), free(s->drows), free(s->dlogits), free(s->dprobs);
-  free(s->tmask), free(s->tlogits), free(s->tprobs), free(s->scratch);
+  free(s->tmask), free(s->tlogits), free(s->tprobs), free(s->scratch), free(s->dtop), free(s->dtop_logp);
   free(s);
 }
 
@@ -209,32 +226,48 @@ int cn_spec_draft_rows(const cn_spec *s) {
 
 /* Hands the level's distributions to the grower; the root's comes from the catch-up, and a
  * level with nothing to feed (the root again) is answered without a forward. */
-static int give_level(cn_spec *s, const float *logits) {
+/* q = the draft's distribution of output row `row`: from its logits, or (greedy trees) zero but
+ * for the row's top k, which is all the picker looks at. */
+static void draft_probs(cn_spec *s, const cn_draft_out *o, int row, float *q) {
+  if (o->logits) {
+    cn_sampler_probs(&s->dist, o->logits + (size_t)row * s->vocab, q);
+    return;
+  }
+  memset(q, 0, sizeof *q * (size_t)s->vocab);
+  for (int j = 0; j < o->k; j++) q[o->ids[(size_t)row * o->k + j]] = expf(o->logp[(size_t)row * o->k + j]);
+}
+
+static int give_level(cn_spec *s, const cn_draft_out *o) {
   const cn_tree *t;
   const int32_t *frontier;
   int n = cn_tree_grower_frontier(&s->grower, &t, &frontier);
   for (int i = 0; i < n; i++) {
     float *q = s->dprobs + (size_t)frontier[i] * s->vocab;
-    if (logits) cn_sampler_probs(&s->dist, logits + (size_t)i * s->vocab, q);
+    if (o) draft_probs(s, o, i, q);
     s->probs_out[i] = q;
   }
   return cn_tree_grower_give(&s->grower, s->probs_out);
 }
 
-int cn_spec_draft_take(cn_spec *s, const float *logits) {
+int cn_spec_draft_top_k(const cn_spec *s) { return s->top_k; }
+
+int cn_spec_draft_take(cn_spec *s, const cn_draft_out *o) {
   int n = s->piece_n;
   if (!n) return CANOPY_OK;
+  if (!o->logits && (s->top_k <= 0 || o->k < s->top_k || !o->ids || !o->logp))
+    return cn_error(CANOPY_ERR_INVALID_ARG, "draft: %d best ids a row given, this tree needs %s", o->k,
+                    s->top_k > 0 ? "more" : "the logits");
   s->piece_n = 0;
   s->stats->draft_forwards++;
   if (s->catch_from < s->seq_len) {
     cn_kv_seq_commit(s->dkv, s->seq + s->catch_from, n);
     s->catch_from += n;
     if (!s->piece_last) return CANOPY_OK;
-    cn_sampler_probs(&s->dist, logits, s->dprobs); /* the root is node 0 of every tree */
+    draft_probs(s, o, 0, s->dprobs); /* the root is node 0 of every tree */
     return give_level(s, NULL);
   }
   s->n_fed += n;
-  return give_level(s, logits);
+  return give_level(s, o);
 }
 
 int cn_spec_draft_end(cn_spec *s) {
@@ -257,9 +290,14 @@ int cn_spec_draft(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n
     }
     cn_batch b = {.n_tokens = n, .tokens = s->dtok, .pos = s->dpos, .n_seqs = 1, .seqs = &sb,
                   .n_logits = cn_spec_draft_rows(s), .logit_rows = s->drows};
-    st = cn_forward(s->draft, &b, s->dlogits);
+    cn_draft_out o = {.logits = s->dlogits};
+    if (s->top_k > 0) {
+      b.top = s->dtop, b.top_k = s->top_k, b.top_logp = s->dtop_logp;
+      o = (cn_draft_out){.ids = s->dtop, .logp = s->dtop_logp, .k = s->top_k};
+    }
+    st = cn_forward(s->draft, &b, s->top_k > 0 ? NULL : s->dlogits);
     if (st) st = cn_error_wrap(st, "draft");
-    else st = cn_spec_draft_take(s, s->dlogits);
+    else st = cn_spec_draft_take(s, &o);
   }
   if (!st) return cn_spec_draft_end(s);
   s->stats->draft_s += now_s() - s->draft_t0;

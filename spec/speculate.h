@@ -58,7 +58,7 @@ int cn_spec_accept_top(cn_spec *s, cn_kv_seq *target_kv, const int32_t *top, int
  *     n = cn_spec_draft_piece(s, first, room, tokens, pos, rows, row_first, &sb);  // 0: no room
  *     ... one draft forward over the batch; this piece's logits are cn_spec_draft_rows(s) rows
  *         starting at row_first of the forward's output ...
- *     cn_spec_draft_take(s, its logits);
+ *     cn_spec_draft_take(s, its logits or top ids, see cn_draft_out);
  *   }
  *   cn_spec_draft_end(s);
  *
@@ -70,7 +70,20 @@ int cn_spec_drafting(const cn_spec *s);
 int cn_spec_draft_piece(cn_spec *s, int first, int room, int32_t *tokens, int32_t *pos, int32_t *rows, int row_first,
                         struct cn_seq_batch *sb);
 int cn_spec_draft_rows(const cn_spec *s);
-int cn_spec_draft_take(cn_spec *s, const float *logits);
+/* What a draft forward hands back for a piece's rows: full logits [rows][V], or (greedy trees,
+ * when cn_spec_draft_top_k > 0) each row's k >= cn_spec_draft_top_k best ids [rows][k] with
+ * their log-softmax [rows][k], computed where the logits are. */
+typedef struct cn_draft_out {
+  const float *logits;
+  const int32_t *ids;
+  const float *logp;
+  int k;
+} cn_draft_out;
+/* The most children any node of this spec's greedy trees takes (ranks 0 .. k-1), so a draft
+ * level needs only each row's top k; 0 when the full distribution is needed (sampled trees, or
+ * a static rank beyond 32). */
+int cn_spec_draft_top_k(const cn_spec *s);
+int cn_spec_draft_take(cn_spec *s, const cn_draft_out *out);
 int cn_spec_draft_end(cn_spec *s);
 
 /* The draft model (sessions with the same one share draft forwards). */

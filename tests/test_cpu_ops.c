@@ -245,6 +245,35 @@ static void test_threadpool_runs_every_item_exactly_once(void **state) {
   }
 }
 
+/* Top-k against a full ranking: every element counted by how many come before it in the order
+ * (value desc, index asc); the k picks are ranks 0..k-1 in order, their log-softmax against a
+ * double-precision log-sum-exp. Values drawn from a few levels so ties are common. */
+static void test_top_k_matches_a_full_ranking(void **state) {
+  const int sizes[] = {1, 2, 7, 33, 1000};
+  for (size_t si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
+    int n = sizes[si];
+    float *x = rand_buf((size_t)n);
+    for (int i = 0; i < n; i++) x[i] = floorf(x[i] * 6.0f);
+    if (n > 3) x[n / 2] = -INFINITY;
+    double mx = -INFINITY, sum = 0;
+    for (int i = 0; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    for (int i = 0; i < n; i++) sum += exp((double)x[i] - mx);
+    for (int k = 1; k <= n && k <= 32; k += k < 4 ? 1 : 7) {
+      int32_t ids[32];
+      float lp[32];
+      cn_cpu_top_k(x, n, k, ids, lp);
+      assert_int_equal(ids[0], cn_cpu_argmax(x, n));
+      for (int j = 0; j < k; j++) {
+        int before = 0;
+        for (int i = 0; i < n; i++) before += x[i] > x[ids[j]] || (x[i] == x[ids[j]] && i < ids[j]);
+        assert_int_equal(before, j);
+        assert_true(fabs(lp[j] - (x[ids[j]] - mx - log(sum))) < 1e-5);
+      }
+    }
+    free(x);
+  }
+}
+
 int main(void) {
   rng = cn_test_seed("test_cpu_ops");
   const struct CMUnitTest tests[] = {
@@ -253,6 +282,7 @@ int main(void) {
       cmocka_unit_test(test_rope_rotates_half_pairs_by_position),
       cmocka_unit_test(test_paged_attention_matches_naive_causal_tree_window_gqa),
       cmocka_unit_test(test_threadpool_runs_every_item_exactly_once),
+      cmocka_unit_test(test_top_k_matches_a_full_ranking),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

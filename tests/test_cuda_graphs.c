@@ -3,7 +3,7 @@
  * the same kernels with the same arguments and only the staged inputs change. Two copies of one
  * random-weights model (head_dim 64, so the tree-attention path that graphs cover) run the same
  * steps in lockstep, one with graphs and one without: prefill, decodes at moving positions, tree
- * verifications (logits and top ids), ragged two-sequence batches with a mask on one side, a draft
+ * verifications (logits, top ids, top 4 with log-probabilities), ragged two-sequence batches with a mask on one side, a draft
  * tree's second level, with the key count crossing powers of two. Then a cache of two graphs must
  * evict and recapture and still agree, and speculative generation through the sessions API must
  * give the same tokens with and without graphs. The graph cache's LRU runs everywhere; the CUDA
@@ -120,13 +120,17 @@ typedef struct part {
   const uint64_t *mask;
 } part;
 
-/* Runs one batch on both models; logits of every row (or their top ids) must be bit-identical. */
+/* Runs one batch on both models; logits of every row (top = 0), or each row's top ids (top = k:
+ * the k largest, with their log-softmax when k > 1) must be bit-identical. */
 static void forward_twin(twin *t, const int32_t *tokens, const int32_t *pos, int n, const part *parts, int n_parts,
                          int top, const char *what) {
   int V = t->m[0]->cfg.vocab_size;
   assert_true(n <= 64 && V <= 1000);
   static float logits[2][64 * 1000];
-  int32_t ids[2][64], rows[64];
+  static int32_t ids[2][64 * 4];
+  static float logp[2][64 * 4];
+  int32_t rows[64];
+  int k = top > 1 ? top : 1;
   for (int i = 0; i < n; i++)
     rows[i] = i;
   for (int d = 0; d < 2; d++) {
@@ -136,15 +140,18 @@ static void forward_twin(twin *t, const int32_t *tokens, const int32_t *pos, int
                              .tree_prev = parts[i].tree_prev, .tree_pos = parts[i].tree_pos,
                              .tree_mask = parts[i].mask};
     cn_batch b = {.n_tokens = n, .tokens = tokens, .pos = pos, .n_seqs = n_parts, .seqs = sb, .n_logits = n,
-                  .logit_rows = rows, .top = top ? ids[d] : NULL};
+                  .logit_rows = rows, .top = top ? ids[d] : NULL, .top_k = k, .top_logp = top > 1 ? logp[d] : NULL};
     memset(logits[d], 0xff, sizeof(float) * (size_t)n * V); /* NaN: a row not written differs */
-    memset(ids[d], 0xff, sizeof(int32_t) * (size_t)n);
+    memset(ids[d], 0xff, sizeof ids[d]);
+    memset(logp[d], 0xff, sizeof logp[d]);
     int st = cn_forward(t->m[d], &b, top ? NULL : logits[d]);
     if (st) print_error("%s (%s): %s\n", what, d == GRAPHS ? "graphs" : "no graphs", canopy_last_error());
     assert_int_equal(st, CANOPY_OK);
   }
-  int same = top ? !memcmp(ids[0], ids[1], sizeof(int32_t) * (size_t)n)
+  int same = top ? !memcmp(ids[0], ids[1], sizeof(int32_t) * (size_t)n * k) &&
+                       !memcmp(logp[0], logp[1], sizeof(float) * (size_t)n * k)
                  : !memcmp(logits[0], logits[1], sizeof(float) * (size_t)n * V);
+  if (top) assert_true(ids[0][n * k - 1] >= 0 && ids[0][n * k - 1] < V); /* written */
   if (!same) print_error("forward %d (%s): graph replay differs from the op-by-op forward\n", t->n_forwards, what);
   assert_true(same);
   if (!top) assert_true(logits[0][0] == logits[0][0]); /* written */
@@ -215,6 +222,8 @@ static void run_steps(twin *t, int rounds) {
         forward_twin(t, tok, pos, 9, &p, 1, 0, "verify 9, logits");
         drop(t, 0);
         forward_twin(t, tok, pos, 9, &p, 1, 1, "verify 9, top ids");
+        drop(t, 0);
+        forward_twin(t, tok, pos, 9, &p, 1, 4, "verify 9, top 4 with log-probabilities");
         commit_path(t, 0, tok);
       } else if (kind == 2) { /* ragged: a decode beside a 5-node tree */
         pos[0] = a;

@@ -246,7 +246,9 @@ static void test_rmsnorm_matches_cpu(void **state) {
 
 static void test_matmul_matches_cpu(void **state) {
   mismatches = 0;
-  const int shapes[][3] = {{1, 7, 5}, {3, 64, 33}, {17, 129, 65}, {64, 200, 250}, {129, 576, 1537}}; /* n, in, out */
+  /* n <= 8 takes the few-row kernel (gemv.cu: vector and scalar paths), more rows cuBLAS. */
+  const int shapes[][3] = {{1, 7, 5},     {3, 64, 33},      {2, 1000, 77},    {5, 576, 1537}, {7, 203, 19},
+                           {8, 1536, 576}, {9, 128, 40},     {17, 129, 65},    {64, 200, 250}, {129, 576, 1537}}; /* n, in, out */
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
     int n = shapes[s][0], in = shapes[s][1], out = shapes[s][2];
     /* The device rounds an fp32 x to bf16 before the GEMM, so the reference uses bf16 x always. */
@@ -559,42 +561,94 @@ static void test_attention_matches_cpu(void **state) {
   END_TEST();
 }
 
-static void test_argmax_is_exact_and_takes_first_of_ties(void **state) {
+/* Rows of random values, with row 1's maximum repeated at scattered places and row 2 all equal,
+ * so that the order of ties is exercised. */
+static float *rows_with_ties(int rows, int n, cn_cuda_dtype dt) {
+  size_t len = (size_t)rows * n;
+  float *x = rand_buf(len, 10.0f);
+  if (rows > 1 && n > 1)
+    for (int r = 0; r < 4; r++)
+      x[(size_t)n + rand_int(0, n - 1)] = 11.0f;
+  if (rows > 2)
+    for (int j = 0; j < n; j++)
+      x[2 * (size_t)n + j] = -2.5f;
+  round_if_bf16(x, len, dt);
+  return x;
+}
+
+/* argmax (k = 0 below) and top-k against the CPU twins: both sides compare the very same values,
+ * so even exact ties must come out in the same order; top-k's log-softmax within 1e-5. */
+static void test_argmax_and_top_k_are_exact_and_order_ties_by_index(void **state) {
   mismatches = 0;
   const int shapes[][2] = {{1, 1}, {3, 3}, {17, 17}, {64, 1000}, {129, 49153}}; /* rows, n */
+  const int ks[] = {0, 1, 3, 8, 32};
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
-    for (int t = 0; t < 2; t++) {
-      int rows = shapes[s][0], n = shapes[s][1];
-      size_t len = (size_t)rows * n;
-      float *x = rand_buf(len, 10.0f);
-      /* Row 1: the maximum repeated at scattered places; row 2: all equal. Both -> first index. */
-      if (rows > 1 && n > 1)
-        for (int r = 0; r < 4; r++)
-          x[(size_t)n + rand_int(0, n - 1)] = 11.0f;
-      if (rows > 2)
-        for (int j = 0; j < n; j++)
-          x[2 * (size_t)n + j] = -2.5f;
-      round_if_bf16(x, len, dtypes[t]);
-      void *d_x = dev_upload(x, len, dtypes[t]);
-      int32_t *d_idx = dev_alloc(sizeof(int32_t) * rows), *idx = malloc(sizeof *idx * rows);
-      CK(cn_cuda_memset(ctx, d_idx, 0xFF, sizeof(int32_t) * rows));
-      CK(cn_cuda_argmax(ctx, d_idx, d_x, dtypes[t], rows, n));
-      CK(cn_cuda_sync(ctx));
-      CK(cn_cuda_memcpy_d2h(ctx, idx, d_idx, sizeof(int32_t) * rows));
-      /* Both sides compare the very same values, so even exact ties must agree. */
-      for (int r = 0; r < rows; r++) {
-        int want = cn_cpu_argmax(x + (size_t)r * n, n);
-        if (idx[r] != want) {
-          printf("  argmax row %d of %dx%d (%s): %d, expected %d  MISMATCH\n", r, rows, n, dt_name(dtypes[t]), idx[r],
-                 want);
-          mismatches++;
+    for (int t = 0; t < 2; t++)
+      for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++) {
+        int rows = shapes[s][0], n = shapes[s][1], k = ks[ki] < n ? ks[ki] : n, kk = k ? k : 1;
+        if (ks[ki] > n && ks[ki - 1] >= n) continue; /* the same k as the last round */
+        float *x = rows_with_ties(rows, n, dtypes[t]);
+        void *d_x = dev_upload(x, (size_t)rows * n, dtypes[t]);
+        size_t out = (size_t)rows * kk;
+        int32_t *d_idx = dev_alloc(sizeof(int32_t) * out), *idx = malloc(sizeof *idx * out), want[32];
+        float *d_lp = dev_alloc(sizeof(float) * out), *lp = malloc(sizeof *lp * out), want_lp[32];
+        CK(cn_cuda_memset(ctx, d_idx, 0xFF, sizeof(int32_t) * out));
+        if (k) CK(cn_cuda_top_k(ctx, d_idx, d_lp, d_x, dtypes[t], rows, n, k));
+        else CK(cn_cuda_argmax(ctx, d_idx, d_x, dtypes[t], rows, n));
+        CK(cn_cuda_sync(ctx));
+        CK(cn_cuda_memcpy_d2h(ctx, idx, d_idx, sizeof(int32_t) * out));
+        CK(cn_cuda_memcpy_d2h(ctx, lp, d_lp, sizeof(float) * out));
+        for (int r = 0; r < rows; r++) {
+          cn_cpu_top_k(x + (size_t)r * n, n, kk, want, want_lp);
+          for (int j = 0; j < kk; j++) {
+            int bad_lp = k && fabsf(lp[(size_t)r * kk + j] - want_lp[j]) > 1e-5f;
+            if (idx[(size_t)r * kk + j] != want[j] || bad_lp) {
+              printf("  %s row %d pick %d of %dx%d (%s): %d (logp %g), expected %d (%g)  MISMATCH\n",
+                     k ? "top-k" : "argmax", r, j, rows, n, dt_name(dtypes[t]), idx[(size_t)r * kk + j],
+                     k ? lp[(size_t)r * kk + j] : 0.0, want[j], k ? want_lp[j] : 0.0);
+              mismatches++;
+            }
+          }
         }
+        checked[OP_ARGMAX][dtypes[t]]++;
+        printf("  %-6s k=%-2d %-4s in  rows=%d n=%d: rows checked\n", k ? "top-k" : "argmax", kk, dt_name(dtypes[t]),
+               rows, n);
+        cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_idx), cn_cuda_free(ctx, d_lp);
+        free(x), free(idx), free(lp);
       }
-      checked[OP_ARGMAX][dtypes[t]]++;
-      printf("  argmax    %-4s in  rows=%d n=%d: rows checked\n", dt_name(dtypes[t]), rows, n);
-      cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_idx);
-      free(x), free(idx);
+  END_TEST();
+}
+
+/* A row's product must not depend on the rows batched with it where the few-row kernel runs:
+ * decode (1 row) and a short chain's verification (up to 8) then round alike, so greedy
+ * speculation stays token-for-token the target's own decode. */
+static void test_matmul_rows_do_not_depend_on_the_batch(void **state) {
+  mismatches = 0;
+  const int shapes[][2] = {{576, 1537}, {203, 19}, {4096, 100}}; /* in, out */
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+    int in = shapes[s][0], out = shapes[s][1], n = 8, differ = 0;
+    float *x = rand_bf16_buf((size_t)n * in, 1.0f), *w = rand_bf16_buf((size_t)out * in, 1.0f);
+    void *d_w = dev_upload(w, (size_t)out * in, CN_CUDA_BF16), *d_x = dev_upload(x, (size_t)n * in, CN_CUDA_BF16);
+    void *d_all = dev_poisoned((size_t)n * out, CN_CUDA_F32), *d_one = dev_poisoned((size_t)out, CN_CUDA_F32);
+    for (int rows = 1; rows <= n; rows++) {
+      CK(cn_cuda_matmul(ctx, d_all, CN_CUDA_F32, d_x, CN_CUDA_BF16, d_w, NULL, rows, in, out));
+      float *all = dev_download(d_all, (size_t)rows * out, CN_CUDA_F32);
+      for (int r = 0; r < rows; r++) {
+        CK(cn_cuda_matmul(ctx, d_one, CN_CUDA_F32, (const cn_bf16 *)d_x + (size_t)r * in, CN_CUDA_BF16, d_w, NULL, 1,
+                          in, out));
+        float *one = dev_download(d_one, (size_t)out, CN_CUDA_F32);
+        differ += memcmp(one, all + (size_t)r * out, sizeof(float) * (size_t)out) != 0;
+        free(one);
+      }
+      free(all);
     }
+    if (differ) {
+      print_error("matmul %dx%d: %d rows differ from the same row computed alone\n", in, out, differ);
+      mismatches++;
+    }
+    cn_cuda_free(ctx, d_w), cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_all), cn_cuda_free(ctx, d_one);
+    free(x), free(w);
+  }
   END_TEST();
 }
 
@@ -755,12 +809,13 @@ int main(void) {
       cmocka_unit_test(test_embed_copies_table_rows),
       cmocka_unit_test(test_rmsnorm_matches_cpu),
       cmocka_unit_test(test_matmul_matches_cpu),
+      cmocka_unit_test(test_matmul_rows_do_not_depend_on_the_batch),
       cmocka_unit_test(test_rope_matches_cpu),
       cmocka_unit_test(test_swiglu_matches_cpu),
       cmocka_unit_test(test_add_matches_cpu),
       cmocka_unit_test(test_kv_write_fills_exactly_its_slots),
       cmocka_unit_test(test_attention_matches_cpu),
-      cmocka_unit_test(test_argmax_is_exact_and_takes_first_of_ties),
+      cmocka_unit_test(test_argmax_and_top_k_are_exact_and_order_ties_by_index),
       cmocka_unit_test(test_norm_matmul_matches_cpu),
       cmocka_unit_test(test_swiglu_matmul_add_matches_cpu),
       cmocka_unit_test(test_qkv_rope_matches_cpu),

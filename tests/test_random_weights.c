@@ -60,40 +60,49 @@ static canopy_model *load_random(int device, uint64_t seed) {
   return m;
 }
 
-/* Prefill of n tokens: logits of every row into out [n][vocab], or (top != NULL) only their
- * argmax into top [n]. */
-static void prefill_top(canopy_model *m, const int32_t *tokens, int n, float *out, int32_t *top) {
+/* Prefill of n tokens: logits of every row into out [n][vocab], or (top != NULL) only each row's
+ * best k ids into top [n][k] (k = 0: the argmax) and their log-softmax into logp. */
+static void prefill_top(canopy_model *m, const int32_t *tokens, int n, float *out, int32_t *top, int k, float *logp) {
   int32_t pos[64], rows[64];
   for (int i = 0; i < n; i++)
     pos[i] = rows[i] = i;
-  cn_kv_seq *kv = NULL;
+  cn_kv_seq *kv;
   assert_int_equal(cn_kv_seq_create(m->kv, &kv), CANOPY_OK);
   cn_seq_batch sb = {.kv = kv, .first = 0, .n = n};
   cn_batch b = {.n_tokens = n, .tokens = tokens, .pos = pos, .n_seqs = 1, .seqs = &sb, .n_logits = n,
-                .logit_rows = rows, .top = top};
+                .logit_rows = rows, .top = top, .top_k = k, .top_logp = logp};
   int st = cn_forward(m, &b, out);
   if (st) print_error("%s\n", canopy_last_error());
   assert_int_equal(st, CANOPY_OK);
   cn_kv_seq_free(kv);
 }
 
-static void prefill(canopy_model *m, const int32_t *tokens, int n, float *out) { prefill_top(m, tokens, n, out, NULL); }
+static void prefill(canopy_model *m, const int32_t *tokens, int n, float *out) {
+  prefill_top(m, tokens, n, out, NULL, 0, NULL);
+}
 
-/* The forward's top tokens (computed by the backend where the logits are) are the argmax of the
- * logits the same forward copies out; NULL logits are fine then. */
+/* The forward's top tokens (computed by the backend where the logits are) are the argmax, and
+ * its best 5 the top 5 with their log-softmax, of the logits the same forward copies out; NULL
+ * logits are fine then. */
 static void check_top_matches_logits(canopy_model *m, const char *device) {
+  enum { K = 5 };
   int V = m->cfg.vocab_size;
-  float *l = malloc(sizeof(float) * N_TOK * V);
-  int32_t top[N_TOK];
+  float *l = malloc(sizeof(float) * N_TOK * V), logp[N_TOK * K], want_lp[K];
+  int32_t top[N_TOK], best[N_TOK * K], want[K];
   memset(top, 0xff, sizeof top);
   prefill(m, TOKENS, N_TOK, l);
-  prefill_top(m, TOKENS, N_TOK, NULL, top);
+  prefill_top(m, TOKENS, N_TOK, NULL, top, 0, NULL);
+  prefill_top(m, TOKENS, N_TOK, NULL, best, K, logp);
   for (int r = 0; r < N_TOK; r++) {
-    int want = cn_cpu_argmax(l + (size_t)r * V, V);
-    if (top[r] != want) printf("  %s row %d: top %d, argmax of the logits %d\n", device, r, top[r], want);
-    assert_int_equal(top[r], want);
+    cn_cpu_top_k(l + (size_t)r * V, V, K, want, want_lp);
+    if (top[r] != want[0]) printf("  %s row %d: top %d, argmax of the logits %d\n", device, r, top[r], want[0]);
+    assert_int_equal(top[r], want[0]);
+    for (int j = 0; j < K; j++) {
+      assert_int_equal(best[r * K + j], want[j]);
+      assert_true(fabsf(logp[r * K + j] - want_lp[j]) < 1e-4f);
+    }
   }
-  printf("  %s: top tokens of %d rows equal the argmax of the logits\n", device, N_TOK);
+  printf("  %s: top tokens and best %d of %d rows equal those of the logits\n", device, K, N_TOK);
   free(l);
 }
 

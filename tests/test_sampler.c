@@ -128,12 +128,37 @@ static void test_bad_parameters_are_errors(void **state) {
   }
 }
 
+/* Logits tied at the k-th place: top-k keeps the lower ids (the order the device's stable sort
+ * gives), whatever the quickselect's pivots; with top-p the same total order decides. */
+static void test_top_k_ties_keep_the_lower_ids(void **state) {
+  enum { V = 300 };
+  float logits[V], probs[V];
+  for (int rep = 0; rep < 20; rep++) {
+    int k = 1 + (int)(cn_test_rand(&rng) % 40);
+    for (int i = 0; i < V; i++) logits[i] = (float)(cn_test_rand(&rng) % 3); /* 100-odd ties per value */
+    canopy_sampling_params sp = {1.0f, k, rep % 2 ? 1.0f : 0.999f, 1};
+    cn_sampler s;
+    assert_int_equal(cn_sampler_init(&s, &sp, V), 0);
+    cn_sampler_probs(&s, logits, probs);
+    /* Expected: walk values from the top, ids ascending within a value, take k. */
+    int taken = 0;
+    for (int v = 2; v >= 0; v--)
+      for (int i = 0; i < V; i++) {
+        if (logits[i] != (float)v) continue;
+        int want = taken < k;
+        taken += want;
+        if (want != (probs[i] > 0)) fail_msg("k=%d: id %d (logit %d) %s", k, i, v, want ? "dropped" : "kept");
+      }
+    cn_sampler_free(&s);
+  }
+}
+
 int main(void) {
   rng = cn_test_seed("test_sampler");
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_probs_match_hf_definitions), cmocka_unit_test(test_greedy_is_the_first_argmax),
       cmocka_unit_test(test_draws_follow_the_distribution), cmocka_unit_test(test_same_seed_same_draws),
-      cmocka_unit_test(test_bad_parameters_are_errors),
+      cmocka_unit_test(test_bad_parameters_are_errors), cmocka_unit_test(test_top_k_ties_keep_the_lower_ids),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -19,6 +19,10 @@
 /* fp32 sums in a different order (OpenBLAS vs PyTorch) move logits by ~1e-4; a gap below this
  * is a tie that either side may break differently. */
 #define NEAR_TIE 0.01
+/* The CUDA forward rounds every GEMM input to bf16 (8 significant bits): its logits sit ~3e-3
+ * (relative L2) from fp32's, a few hundredths absolute at SmolLM2's logit scale, so a gap below
+ * this is a tie the bf16 forward may break the other way. */
+#define NEAR_TIE_BF16 0.15
 
 static char model_dir[1024];
 static cJSON *fixture;
@@ -59,13 +63,21 @@ static void test_chat_template_and_prompt_ids_match_transformers(void **state) {
   canopy_tokenizer_free(tok);
 }
 
-static void test_greedy_generation_matches_transformers_up_to_near_ties(void **state) {
+/* Greedy decoding of every fixture prompt on `device` against the reference tokens; false when
+ * the device is not there (a build without CUDA, or no GPU). */
+static int greedy_matches_reference(int device, double near_tie) {
   canopy_model_params mp = canopy_model_default_params();
   mp.max_context = 2048;
+  mp.device = device;
   canopy_model *m;
   int st = canopy_model_load(model_dir, &mp, &m);
+  if (st == CANOPY_ERR_DEVICE && device != CANOPY_DEVICE_CPU) {
+    printf("[ greedy   ] no CUDA device: %s\n", canopy_last_error());
+    return 0;
+  }
   if (st) print_error("%s\n", canopy_last_error());
   assert_int_equal(st, 0);
+  const char *dev = device == CANOPY_DEVICE_CPU ? "cpu" : "cuda";
   cJSON *prompts = cJSON_GetObjectItem(fixture, "prompts");
   int n = n_prompts(), identical = 0, near_ties = 0;
   for (int p = 0; p < n; p++) {
@@ -91,17 +103,28 @@ static void test_greedy_generation_matches_transformers_up_to_near_ties(void **s
     const char *id = cJSON_GetObjectItem(item, "id")->valuestring;
     if (first == n_new) {
       identical++;
-      printf("[ greedy   ] %s: %d/%d tokens identical\n", id, n_new, n_new);
+      printf("[ greedy   ] %s %s: %d/%d tokens identical\n", dev, id, n_new, n_new);
     } else {
-      printf("[ greedy   ] %s: first difference at step %d (ours %d, reference %d), reference top-2 gap %.5f\n", id,
-             first, got[first], want[first], gaps[first]);
-      assert_true(gaps[first] < NEAR_TIE);
+      printf("[ greedy   ] %s %s: first difference at step %d (ours %d, reference %d), reference top-2 gap %.5f\n",
+             dev, id, first, got[first], want[first], gaps[first]);
+      assert_true(gaps[first] < near_tie);
       near_ties++;
     }
   }
-  printf("[ greedy   ] %d prompts: %d identical, %d diverge at a near-tie (gap < %g)\n", n, identical, near_ties,
-         NEAR_TIE);
+  printf("[ greedy   ] %s, %d prompts: %d identical, %d diverge at a near-tie (gap < %g)\n", dev, n, identical,
+         near_ties, near_tie);
   canopy_model_free(m);
+  return 1;
+}
+
+static void test_greedy_generation_matches_transformers_up_to_near_ties(void **state) {
+  greedy_matches_reference(CANOPY_DEVICE_CPU, NEAR_TIE);
+}
+
+/* The same prompts with the bf16 CUDA forward (issue 5: CUDA greedy equals the fp32 greedy except
+ * at documented near-ties). */
+static void test_cuda_greedy_generation_matches_transformers_up_to_near_ties(void **state) {
+  if (!greedy_matches_reference(CANOPY_DEVICE_CUDA, NEAR_TIE_BF16)) skip();
 }
 
 int main(void) {
@@ -118,6 +141,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_chat_template_and_prompt_ids_match_transformers),
       cmocka_unit_test(test_greedy_generation_matches_transformers_up_to_near_ties),
+      cmocka_unit_test(test_cuda_greedy_generation_matches_transformers_up_to_near_ties),
   };
   int rc = cmocka_run_group_tests(tests, NULL, NULL);
   cJSON_Delete(fixture);

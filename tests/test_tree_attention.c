@@ -4,7 +4,8 @@
  * chunks and random trees (each node's parent a random earlier node) side by side, awkward query
  * counts and prefix lengths, q_offset > 0, GQA ratios 1, 4 and 8, head_dim 64 and 128, a sliding
  * window, randomly permuted cache blocks, and each batch at one split, the automatic split count
- * and a forced odd one. The output is poisoned with NaN first, so an unwritten element fails; a
+ * and a forced odd one, through every kernel (mma.sync, and where the device is sm_90 wgmma with
+ * 128-row and with 64-row tiles). The output is poisoned with NaN first, so an unwritten element fails; a
  * query that sees no key must give exact zeros, as the CPU twin does.
  *
  * CANOPY_TEST_QUICK=1 shrinks the shapes (for compute-sanitizer). Skips (exit 77) when canopy was
@@ -270,7 +271,13 @@ static int run_case(const batch_case *c) {
 
   int auto_splits = cn_cuda_tree_attn_splits(ctx, ns, max_n, max_keys, c->n_heads, c->n_kv_heads, d);
   int splits[3] = {1, auto_splits, 7};
-  for (int v = 0; v < 3; v++) {
+  /* The kernels: mma.sync, and wgmma with 128-row tiles (where a KV head has 128+ rows) and with
+   * 64-row tiles. */
+  static const cn_cuda_tree_attn_impl impls[3] = {CN_CUDA_TA_MMA_SYNC, CN_CUDA_TA_WGMMA, CN_CUDA_TA_WGMMA};
+  static const int row_tiles[3] = {0, 128, 64};
+  static const char *impl_names[3] = {"mma.sync", "wgmma128", "wgmma64"};
+  for (int iv = 0; iv < 9; iv++) {
+    int v = iv % 3, im = iv / 3;
     size_t ws = cn_cuda_tree_attn_workspace(ns, max_n, splits[v], c->n_heads, c->n_kv_heads, d);
     if (ws) CK(cn_cuda_malloc(ctx, &d_ws, ws));
     CK(cn_cuda_memset(ctx, d_out, 0xFF, et * q_elems));
@@ -279,8 +286,14 @@ static int run_case(const batch_case *c) {
                                 .tree_mask = total_mask ? d_mask : NULL, .seqs = d_desc, .n_seqs = ns,
                                 .max_n = max_n, .n_splits = splits[v], .n_heads = c->n_heads,
                                 .n_kv_heads = c->n_kv_heads, .head_dim = d, .sliding_window = c->window,
-                                .scale = 1.0f / sqrtf((float)d), .workspace = d_ws};
-    CK(cn_cuda_tree_attention(ctx, &a));
+                                .scale = 1.0f / sqrtf((float)d), .workspace = d_ws, .impl = impls[im],
+                                .row_tile = row_tiles[im]};
+    int st = cn_cuda_tree_attention(ctx, &a);
+    if (st == CANOPY_ERR_UNSUPPORTED && impls[im] != CN_CUDA_TA_MMA_SYNC) { /* not an sm_90 device */
+      if (d_ws) cn_cuda_free(ctx, d_ws), d_ws = NULL;
+      continue;
+    }
+    CK(st);
     if (c->dt == CN_CUDA_BF16) {
       CK(cn_cuda_bf16_to_f32(ctx, d_qf, d_out, q_elems));
       CK(cn_cuda_memcpy_d2h(ctx, got, d_qf, sizeof(float) * q_elems));
@@ -302,7 +315,7 @@ static int run_case(const batch_case *c) {
     double e_cpu = rel_l2(got, ref_cpu, q_elems), e_f64 = rel_l2(got, ref_f64, q_elems),
            e_twin = rel_l2(ref_cpu, ref_f64, q_elems);
     int fail = unwritten || blind_bad || !(e_cpu <= CPU_TOL) || !(e_f64 <= F64_TOL);
-    printf("  %-34s splits %3d: rel L2 vs cpu %.2e, vs f64 %.2e (cpu vs f64 %.2e)%s%s%s\n", c->name, splits[v], e_cpu,
+    printf("  %-34s %-8s splits %3d: rel L2 vs cpu %.2e, vs f64 %.2e (cpu vs f64 %.2e)%s%s%s\n", c->name, impl_names[im], splits[v], e_cpu,
            e_f64, e_twin, unwritten ? "  UNWRITTEN" : "", blind_bad ? "  BLIND-NOT-ZERO" : "", fail ? "  MISMATCH" : "");
     bad += fail;
   }
@@ -359,6 +372,14 @@ static void test_tree_attention_rejects_bad_args(void **state) {
   a.n_kv_heads = 4;
   assert_int_equal(cn_cuda_tree_attention(ctx, &a), CANOPY_ERR_INVALID_ARG); /* NULL arrays */
   a.n_splits = 0;
+  assert_int_equal(cn_cuda_tree_attention(ctx, &a), CANOPY_ERR_INVALID_ARG);
+  a.n_splits = 257; /* more than the merge takes */
+  assert_int_equal(cn_cuda_tree_attention(ctx, &a), CANOPY_ERR_INVALID_ARG);
+  a.n_splits = 1;
+  a.impl = (cn_cuda_tree_attn_impl)3;
+  assert_int_equal(cn_cuda_tree_attention(ctx, &a), CANOPY_ERR_INVALID_ARG);
+  a.impl = CN_CUDA_TA_AUTO;
+  a.row_tile = 32; /* 0, 64 or 128 */
   assert_int_equal(cn_cuda_tree_attention(ctx, &a), CANOPY_ERR_INVALID_ARG);
 }
 

@@ -131,6 +131,9 @@ def main():
             if t_flex is None:
                 print(f"  flex b={b} n={n} L={L} failed: {err}", file=sys.stderr)
         results[(b, n, L)] = (kv_bytes, t_flex, forced, t_sdpa)
+        # As measured, so that a run cut short by a time limit still reports what it did.
+        print(f"  measured b={b} n={n} L={L}: flex {t_flex if t_flex else float('nan'):.1f} us, sdpa {t_sdpa:.1f} us",
+              flush=True)
         del q, ks, vs, tree, dense, ref
         torch.cuda.empty_cache()
 

@@ -3,7 +3,7 @@
 # benchmark (plus the CUDA op and forward tests, which now go through the batched attention),
 # runs them, compute-sanitizer memcheck and racecheck on the tree-attention test with small shapes,
 # benchmark 6a (bench_tree_attention) and its torch side (tools/bench_attention_torch.py). Logs in
-# $OUT. STEPS picks parts: test, sanitize, bench, torch (default all).
+# $OUT. STEPS picks parts: test, sanitize, bench, ncu, torch (default all but ncu).
 #   device run, carry [".devdeps"]: bash tools/device_tree_attention.sh
 set -uo pipefail
 out="${OUT:-/tmp/out}"
@@ -28,13 +28,13 @@ if [[ $steps == *test* ]]; then
   # device_test.sh (head_dim 64, 9 / 3 heads) puts the forward test through the tree kernel.
   awk '/<<.PY./ {f = 1; next} /^PY$/ {f = 0} f' tools/device_test.sh > /tmp/make_big.py
   python3 /tmp/make_big.py /tmp/smollm2-shape > "$out/bigmodel.log" 2>&1 && export CANOPY_TEST_BIG_MODEL=/tmp/smollm2-shape
-  (cd $b && ctest -R "test_tree_attention|test_cuda_ops|test_cuda_forward" --output-on-failure > "$out/ctest.log" 2>&1) || rc=1
-  $b/test_cuda_forward > "$out/cuda_forward.log" 2>&1
+  (cd $b && ctest -R "test_cuda_ops|test_cuda_forward" -V > "$out/ctest.log" 2>&1) || rc=1
   unset CANOPY_TEST_BIG_MODEL
-  grep -E "^\[ (cuda|spec|speed) " "$out/cuda_forward.log" | grep -E "SmolLM2|speed" | head -12
+  grep -E "\[ (cuda|spec|speed) " "$out/ctest.log" | grep -E "SmolLM2|speed" | head -12
   grep -E "tests passed|Passed|Failed|\*\*\*" "$out/ctest.log"
   $b/test_tree_attention > "$out/tree_test.log" 2>&1 || rc=1
-  grep -E "splits|PASSED|FAILED|seed" "$out/tree_test.log" | tail -40
+  grep -E "MISMATCH|UNWRITTEN|BLIND|PASSED|FAILED|seed" "$out/tree_test.log" | tail -20
+  echo "tree attention variants checked: $(grep -c "splits" "$out/tree_test.log") (wgmma: $(grep -c " wgmma" "$out/tree_test.log"))"
   echo "tests done at ${SECONDS}s"
 fi
 if [[ $steps == *sanitize* ]]; then
@@ -57,6 +57,17 @@ if [[ $steps == *kt16* ]]; then
   $b-kt16/bench_tree_attention > "$out/bench_kt16.log" 2>&1 || rc=1
   grep -E "^ +[18] +(64|128) " "$out/bench_kt16.log"
   echo "kt16 done at ${SECONDS}s"
+fi
+if [[ $steps == *ncu* ]]; then
+  # Where the 128-row wgmma kernel's time goes at batch 1, n = 64, L = 4k (its first launch in
+  # --quick): throughput against the ceilings, occupancy, and what its warps wait on. (-k matches
+  # the plain function name unless told to use the demangled one: a mangled-name regex found
+  # nothing on 2026-11-23.)
+  timeout 60 ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+    --kernel-name-base demangled -k 'regex:tree_attn_wgmma_kernel<__nv_bfloat16, 128, 2>' -c 1 \
+    $b/bench_tree_attention --quick > "$out/ncu.txt" 2>&1
+  grep -E "Duration|Throughput|Achieved Occupancy|Stall|Registers|Warp Cycles|Issued|Eligible" "$out/ncu.txt" | head -30
+  echo "ncu done at ${SECONDS}s"
 fi
 if [[ $steps == *torch* ]]; then
   PYTHONUNBUFFERED=1 timeout "${TORCH_TIMEOUT:-330}" python3 tools/bench_attention_torch.py --budget "${FLEX_BUDGET:-200}" \

@@ -55,3 +55,26 @@ int cn_cpu_argmax(const float *x, int n) {
     if (x[i] > x[best]) best = i;
   return best;
 }
+
+/* a comes before b in the order the top-k lists: larger value, then lower index. */
+static int top_before(float va, int a, float vb, int b) { return va > vb || (va == vb && a < b); }
+
+void cn_cpu_top_k(const float *x, int n, int k, int32_t *ids, float *logp) {
+  /* Insertion into a sorted list of k: k is a tree's branching (at most 32), n a vocabulary. */
+  int have = 0;
+  for (int i = 0; i < n; i++) {
+    if (have == k && !top_before(x[i], i, x[ids[k - 1]], ids[k - 1])) continue;
+    int at = have < k ? have++ : k - 1;
+    while (at > 0 && top_before(x[i], i, x[ids[at - 1]], ids[at - 1])) {
+      ids[at] = ids[at - 1];
+      at--;
+    }
+    ids[at] = i;
+  }
+  if (!logp) return;
+  float mx = x[ids[0]];
+  double sum = 0;
+  for (int i = 0; i < n; i++) sum += exp((double)x[i] - mx);
+  float lse = mx + (float)log(sum);
+  for (int j = 0; j < k; j++) logp[j] = x[ids[j]] - lse;
+}

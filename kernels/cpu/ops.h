@@ -82,6 +82,35 @@ size_t cn_cpu_attention_scratch_floats(int n_heads, int n_kv_heads, int head_dim
 /* Index of the largest element (the first on ties, as torch.argmax). */
 int cn_cpu_argmax(const float *x, int n);
 
+/* The k largest elements of x [n] in descending order (equal values: the lower index first, so
+ * ids[0] is cn_cpu_argmax), 1 <= k <= n: ids[k], and when logp is not NULL their log-softmax
+ * x[i] - log(sum_j exp(x[j])) in logp[k]. A draft level needs no more than its top children. */
+void cn_cpu_top_k(const float *x, int n, int k, int32_t *ids, float *logp);
+
+/* The sampling rule of HF's logits processors: logits / T, keep the top_k largest (0: all), keep
+ * the smallest prefix (by descending logit, ties to the lower id) whose mass reaches top_p,
+ * renormalise. temperature 0 means argmax. */
+typedef struct cn_sample_rule {
+  float temperature;
+  int top_k;
+  float top_p;
+} cn_sample_rule;
+
+/* probs [V] = the rule's distribution over logits [V] (zeros outside the kept set); idx [V] and
+ * prob [V] are scratch. */
+void cn_cpu_sample_probs(const cn_sample_rule *r, const float *logits, int V, int32_t *idx, float *prob,
+                         float *probs);
+
+/* The token a uniform u in [0, 1) picks from dist [V]: the first id (in id order) whose running
+ * sum of dist exceeds u, the running sum in double; the last kept id if rounding leaves u above
+ * the total. */
+int32_t cn_cpu_sample_draw(const float *dist, int V, double u);
+
+/* Both: argmax when temperature == 0, else draw(probs(logits), u). dist [V] receives the
+ * distribution; idx, prob [V] are scratch. */
+int32_t cn_cpu_sample(const cn_sample_rule *r, const float *logits, int V, double u, int32_t *idx, float *prob,
+                      float *dist);
+
 /* dst[i] = element i of a random weight tensor (kernels/random_init.h): mean + scale * u with u
  * uniform on [-1, 1), rounded to bf16 and widened back, so it equals the device's bf16 copy. */
 void cn_cpu_random_weights(float *dst, size_t n, uint64_t stream, float scale, float mean);

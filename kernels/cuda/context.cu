@@ -25,6 +25,10 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
   c->device = device;
   CN_CUDA_CHECK(cudaSetDevice(device));
   CN_CUDA_CHECK(cudaDeviceGetAttribute(&c->n_sm, cudaDevAttrMultiProcessorCount, device));
+  int major = 0, minor = 0;
+  CN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  CN_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  c->cc = 10 * major + minor;
   CN_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
   CN_CUBLAS_CHECK(cublasCreate(&c->blas));
   CN_CUBLAS_CHECK(cublasSetStream(c->blas, c->stream));
@@ -61,6 +65,7 @@ void cn_cuda_ctx_free(cn_cuda_ctx *c) {
     (void)cudaStreamSynchronize(c->stream);
   }
   if (c->scratch) (void)cudaFree(c->scratch);
+  if (c->pad_y) (void)cudaFree(c->pad_y);
   if (c->blas) (void)cublasDestroy(c->blas);
   if (c->blas_ws) (void)cudaFree(c->blas_ws);
   if (c->stream) (void)cudaStreamDestroy(c->stream);
@@ -98,6 +103,12 @@ void cn_cuda_free(cn_cuda_ctx *ctx, void *p) {
   if (ctx) (void)cudaSetDevice(ctx->device);
   (void)cudaFree(p);
   (void)cudaGetLastError();
+}
+
+int cn_cuda_set_batch_invariant(cn_cuda_ctx *ctx, int on) {
+  if (!ctx) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_batch_invariant: NULL cuda context");
+  ctx->batch_invariant = on != 0;
+  return CANOPY_OK;
 }
 
 int cn_cuda_reserve_scratch(cn_cuda_ctx *ctx, size_t elems) {

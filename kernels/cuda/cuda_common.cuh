@@ -12,12 +12,16 @@
 struct cn_cuda_ctx {
   int device;
   int n_sm;            /* multiprocessors, to size grid-stride launches */
+  int cc;              /* compute capability, 10 major + minor: 90 runs the sm_90a (wgmma) kernels */
   cudaStream_t stream; /* every op of this context runs on it, in order */
   cublasHandle_t blas; /* bound to `stream` */
   void *scratch;       /* bf16 copy of an fp32 GEMM input; scratch_bytes long */
   size_t scratch_bytes;
-  unsigned scratch_gen; /* bumped when scratch moves: captured graphs that read it are stale */
+  unsigned scratch_gen; /* bumped when scratch or pad_y moves: captured graphs that read them are stale */
   void *blas_ws;       /* cuBLAS workspace of our own, so captured GEMMs allocate nothing */
+  int batch_invariant; /* GEMMs padded to a fixed row bucket (cn_cuda_set_batch_invariant) */
+  void *pad_y;         /* the padded GEMM's output rows; pad_y_bytes long */
+  size_t pad_y_bytes;
 };
 
 typedef __nv_bfloat16 cn_bf16_t;

@@ -50,6 +50,14 @@ void cn_cuda_ctx_free(cn_cuda_ctx *ctx);
 /* Waits for all work queued on the context's stream; reports any fault it raised. */
 int cn_cuda_sync(cn_cuda_ctx *ctx);
 
+/* Batch-invariant GEMMs (off by default): cuBLAS picks its kernel, tile shape and split-K by the
+ * row count, so a row's result depends on how many rows share the call (a decode step's 1 row
+ * rounds differently from the same token among a verification's 64). With this on, every
+ * matmul runs with its rows padded up to a fixed bucket (64, then powers of two), so calls of up
+ * to 64 rows run the same kernel on the same shape and each row comes out bit-identical whatever
+ * the batch. Costs the padded rows' work and a copy of the output. */
+int cn_cuda_set_batch_invariant(cn_cuda_ctx *ctx, int on);
+
 /* Preallocates the matmul scratch for fp32 inputs of up to `elems` elements, so that no
  * allocation happens later in a decode loop (it would otherwise grow on first use). */
 int cn_cuda_reserve_scratch(cn_cuda_ctx *ctx, size_t elems);
@@ -65,8 +73,8 @@ int cn_cuda_capture_begin(cn_cuda_ctx *ctx);
 int cn_cuda_capture_end(cn_cuda_ctx *ctx, cn_cuda_graph **out);
 int cn_cuda_graph_launch(cn_cuda_ctx *ctx, const cn_cuda_graph *g);
 void cn_cuda_graph_free(cn_cuda_graph *g);
-/* Changes whenever the matmul scratch is reallocated: graphs captured before then read freed
- * memory and must be dropped. */
+/* Changes whenever the matmul scratch or the padded GEMM output is reallocated: graphs captured
+ * before then read freed memory and must be dropped. */
 unsigned cn_cuda_scratch_gen(const cn_cuda_ctx *ctx);
 
 /* cudaMalloc / cudaFree on the context's device. Out of memory is CANOPY_ERR_NO_MEMORY with the
@@ -239,6 +247,14 @@ typedef struct cn_cuda_tree_seq {
   int32_t table0;     /* slot s lives in block block_tables[table0 + s / block_size] */
 } cn_cuda_tree_seq;
 
+/* Which kernel runs: AUTO takes the warpgroup-MMA (wgmma) kernel on sm_90 devices (H100, H200)
+ * and the mma.sync kernel elsewhere; the others force one (forcing WGMMA off sm_90 is an error). */
+typedef enum cn_cuda_tree_attn_impl {
+  CN_CUDA_TA_AUTO = 0,
+  CN_CUDA_TA_MMA_SYNC = 1,
+  CN_CUDA_TA_WGMMA = 2,
+} cn_cuda_tree_attn_impl;
+
 typedef struct cn_cuda_tree_attn_args {
   void *out;                    /* [rows][n_heads][head_dim] of dt */
   const void *q;                /* [rows][n_heads][head_dim] of dt */
@@ -251,19 +267,26 @@ typedef struct cn_cuda_tree_attn_args {
   const uint64_t *tree_mask;    /* concatenated mask rows (device), or NULL if every sequence is causal */
   const cn_cuda_tree_seq *seqs; /* [n_seqs] (device) */
   int n_seqs, max_n;            /* grid bucket: sequences, and the most queries any of them has */
-  int n_splits;                 /* key-range splits, >= 1 (cn_cuda_tree_attn_splits) */
+  int n_splits;                 /* key-range splits, 1 .. 256 (cn_cuda_tree_attn_splits) */
   int n_heads, n_kv_heads, head_dim; /* head_dim 64 or 128 */
   int sliding_window;
   float scale;
   float *workspace;             /* cn_cuda_tree_attn_workspace() bytes (device), when n_splits > 1 */
+  cn_cuda_tree_attn_impl impl;  /* AUTO (0) unless a test or benchmark picks a kernel */
+  int row_tile;                 /* query rows a block: 0 lets the kernel pick (below); 64 or 128 force
+                                   one (tests, benchmarks); 128 takes effect only with 128+ rows */
 } cn_cuda_tree_attn_args;
 
 /* Whether the tree kernel handles this head_dim (64 and 128); others take cn_cuda_attention. */
 int cn_cuda_tree_attn_supported(int head_dim);
 
 /* A split count that fills every resident block slot of the device once for a batch of n_seqs
- * sequences of at most max_n queries and max_keys keys (ctx_len + q_offset + n); a caller that
- * captures graphs passes bucketed values so that the count stays fixed. */
+ * sequences of at most max_n queries and max_keys keys (ctx_len + q_offset + n), for the kernel
+ * AUTO picks; a caller that captures graphs passes bucketed values so that the count stays fixed.
+ * At most 256. Row tiles: a KV head's rows (max_n n_heads / n_kv_heads) go 64 to a block, or 128
+ * once there are 128+ of them and (wgmma kernel) the 128-row blocks of n_splits splits fill at
+ * least three quarters of the device's two blocks a multiprocessor; so this count also picks the
+ * tile. */
 int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int max_keys, int n_heads, int n_kv_heads,
                              int head_dim);
 
@@ -293,6 +316,23 @@ int cn_cuda_gather_rows(cn_cuda_ctx *ctx, void *dst, const void *src, cn_cuda_dt
 /* idx[r] = index of the largest of x[r][0 .. n) (the first on ties, as torch.argmax), for
  * rows r < rows; x of dtype dt, idx [rows] int32. One block per row, CUB block reduction. */
 int cn_cuda_argmax(cn_cuda_ctx *ctx, int32_t *idx, const void *x, cn_cuda_dtype dt, int rows, int n);
+
+/* ids [rows][k] = the k largest of each row x[r][0 .. n) in descending order (equal values: the
+ * lower index first; cn_cpu_top_k's order), and when logp is not NULL, logp [rows][k] = their
+ * log-softmax (fp32 log-sum-exp of the row). 1 <= k <= n. Device pointers. */
+int cn_cuda_top_k(cn_cuda_ctx *ctx, int32_t *ids, float *logp, const void *x, cn_cuda_dtype dt, int rows, int n,
+                  int k);
+
+/* ids[r] = the token the sampling rule of cn_cpu_sample (kernels/cpu/ops.h: logits / T, top_k
+ * (0: all), top_p, renormalise; argmax when temperature == 0) draws from logits [rows][V] fp32 with
+ * the uniform u[r] in [0, 1), for r < rows; ids [rows] int32 and u [rows] double on the device.
+ * With the same u the CPU twin picks the same token unless u lies within rounding of a step of the
+ * CDF (accumulated in id order) or the top-p mass within rounding of a prefix sum. The workspace
+ * (device, cn_cuda_sample_workspace bytes for at least these rows and V) holds the sorted rows;
+ * it is only touched when top_k or top_p cut something. */
+int cn_cuda_sample(cn_cuda_ctx *ctx, int32_t *ids, const float *logits, int rows, int V, float temperature, int top_k,
+                   float top_p, const double *u, void *workspace, size_t workspace_bytes);
+int cn_cuda_sample_workspace(cn_cuda_ctx *ctx, int rows, int V, size_t *bytes);
 
 /* dst[i] = element i of a random weight tensor of the given stream (kernels/random_init.h):
  * bf16(mean + scale * u), u uniform on [-1, 1); bit-equal to cn_cpu_random_weights. */

@@ -1,9 +1,10 @@
-/* y = x W^T (+ bias) through cuBLAS: bf16 operands, fp32 accumulation, bf16 or fp32 output.
+/* y = x W^T (+ bias) through cuBLAS (or, for a few rows, gemv.cu): bf16 operands, fp32 accumulation, bf16 or fp32 output.
  *
  * Row-major y [n][out] = x [n][in] W^T with W [out][in] is, read column-major, the product
  * y^T (out x n) = W^T' x^T where W's storage is an (in x out) column-major matrix; so one
  * GEMM with op(A) = T on W and op(B) = N on x, and no transposed copy of any weight. */
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/gemv.cuh"
 
 /* Fills y's rows with the bias, so the GEMM adds onto it with beta = 1 (no second pass). */
 template <typename T> __global__ void bias_rows_kernel(T *y, const cn_bf16_t *bias, int n, int out) {
@@ -19,9 +20,37 @@ __global__ void add_bias_rows_kernel(float *y, const cn_bf16_t *bias, int n, int
     y[e] += cn_ld(bias + e % out);
 }
 
-/* The GEMM proper on a bf16 x: y = (accumulate ? y : 0) + x W^T + bias. */
-static int gemm_bf16(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const void *xb, const cn_bf16 *w,
-                     const cn_bf16 *bias, int n, int in, int out, bool accumulate) {
+/* Rows the GEMM runs with: n, or in batch-invariant mode the bucket above it (64, then powers of
+ * two), so that every call of up to 64 rows is the same cuBLAS problem (cuda_ops.h). The input
+ * buffer must hold that many rows; the rows past n are never read back. */
+static int gemm_rows(const cn_cuda_ctx *ctx, int n) {
+  if (!ctx->batch_invariant) return n;
+  int m = 64;
+  while (m < n) m *= 2;
+  return m;
+}
+
+/* The GEMM proper on a bf16 x (gemm_rows(n) rows readable): y = (accumulate ? y : 0) + x W^T + bias.
+ * Padded, it runs into pad_y and copies the n real rows to y. */
+static int gemm_bf16(cn_cuda_ctx *ctx, void *y_out, cn_cuda_dtype y_dt, const void *xb, const cn_bf16 *w,
+                     const cn_bf16 *bias, int n_real, int in, int out, bool accumulate) {
+  int n = gemm_rows(ctx, n_real);
+  size_t row_bytes = (size_t)out * (y_dt == CN_CUDA_F32 ? sizeof(float) : sizeof(cn_bf16));
+  void *y = y_out;
+  if (n != n_real) {
+    if ((size_t)n * row_bytes > ctx->pad_y_bytes) {
+      void *p = NULL;
+      int st = cn_cuda_malloc(ctx, &p, (size_t)n * row_bytes);
+      if (st) return st;
+      if (ctx->pad_y) CN_CUDA_CHECK(cudaFree(ctx->pad_y)); /* waits for the GEMMs that used it */
+      ctx->pad_y = p;
+      ctx->pad_y_bytes = (size_t)n * row_bytes;
+      ctx->scratch_gen++;
+    }
+    y = ctx->pad_y;
+    if (accumulate)
+      CN_CUDA_CHECK(cudaMemcpyAsync(y, y_out, (size_t)n_real * row_bytes, cudaMemcpyDeviceToDevice, ctx->stream));
+  }
   float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   if (bias) {
     int st = cn_dispatch(y_dt, [&](auto t) {
@@ -36,9 +65,13 @@ static int gemm_bf16(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const void *
     if (st) return st;
     beta = 1.0f;
   }
+  if (n <= CN_GEMV_MAX_ROWS)
+    return cn_gemv_bf16(ctx, y, y_dt, (const cn_bf16_t *)xb, (const cn_bf16_t *)w, n, in, out, beta != 0.0f);
   cudaDataType_t yt = y_dt == CN_CUDA_F32 ? CUDA_R_32F : CUDA_R_16BF;
   CN_CUBLAS_CHECK(cublasGemmEx(ctx->blas, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &alpha, w, CUDA_R_16BF, in, xb,
                                CUDA_R_16BF, in, &beta, y, yt, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  if (y != y_out)
+    CN_CUDA_CHECK(cudaMemcpyAsync(y_out, y, (size_t)n_real * row_bytes, cudaMemcpyDeviceToDevice, ctx->stream));
   return CANOPY_OK;
 }
 
@@ -53,13 +86,15 @@ int cn_cuda_matmul(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const void *x,
   if (!n) return CANOPY_OK;
 
   const void *xb = x;
-  if (x_dt == CN_CUDA_F32) {
-    /* cuBLAS wants A and B of one type: round the (small) activation, never the weight. */
-    size_t elems = (size_t)n * in;
-    int st = cn_cuda_reserve_scratch(ctx, elems);
+  size_t elems = (size_t)n * in;
+  if (x_dt == CN_CUDA_F32 || gemm_rows(ctx, n) != n) {
+    /* cuBLAS wants A and B of one type: round the (small) activation, never the weight. A padded
+     * GEMM reads past n rows: those come from the scratch buffer too. */
+    int st = cn_cuda_reserve_scratch(ctx, (size_t)gemm_rows(ctx, n) * in);
+    if (!st && x_dt == CN_CUDA_F32) st = cn_cuda_f32_to_bf16(ctx, (cn_bf16 *)ctx->scratch, (const float *)x, elems);
     if (st) return st;
-    st = cn_cuda_f32_to_bf16(ctx, (cn_bf16 *)ctx->scratch, (const float *)x, elems);
-    if (st) return st;
+    if (x_dt != CN_CUDA_F32)
+      CN_CUDA_CHECK(cudaMemcpyAsync(ctx->scratch, x, elems * sizeof(cn_bf16), cudaMemcpyDeviceToDevice, ctx->stream));
     xb = ctx->scratch;
   }
   return gemm_bf16(ctx, y, y_dt, xb, w, bias, n, in, out, false);
@@ -76,7 +111,7 @@ int cn_cuda_norm_matmul(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const flo
     return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_norm_matmul: n=%d in=%d out=%d", n, in, out);
   if (!cn_dtype_ok(y_dt)) return cn_error(CANOPY_ERR_DTYPE, "cn_cuda_norm_matmul: y dtype %d", (int)y_dt);
   if (!n) return CANOPY_OK;
-  int st = cn_cuda_reserve_scratch(ctx, (size_t)n * in);
+  int st = cn_cuda_reserve_scratch(ctx, (size_t)gemm_rows(ctx, n) * in);
   if (!st) st = cn_cuda_rmsnorm(ctx, ctx->scratch, CN_CUDA_BF16, x, CN_CUDA_F32, norm_w, n, in, eps);
   return st ? st : gemm_bf16(ctx, y, y_dt, ctx->scratch, w, bias, n, in, out, false);
 }
@@ -87,7 +122,7 @@ int cn_cuda_swiglu_matmul_add(cn_cuda_ctx *ctx, float *y, const float *gate_up, 
   if (n < 0 || d <= 0 || out <= 0)
     return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_swiglu_matmul_add: n=%d d=%d out=%d", n, d, out);
   if (!n) return CANOPY_OK;
-  int st = cn_cuda_reserve_scratch(ctx, (size_t)n * d);
+  int st = cn_cuda_reserve_scratch(ctx, (size_t)gemm_rows(ctx, n) * d);
   if (!st) st = cn_cuda_swiglu_to_bf16(ctx, (cn_bf16 *)ctx->scratch, gate_up, n, d);
   return st ? st : gemm_bf16(ctx, y, CN_CUDA_F32, ctx->scratch, w, bias, n, d, out, true);
 }

@@ -17,29 +17,13 @@
  * Masks are applied only on tiles that reach the new slots (tree or causal), the end of the
  * range, or with a sliding window; prefix tiles are all visible. Keys past the range are zero
  * filled, so masked products stay finite. */
-#include <math.h>
+#include "kernels/cuda/tree_attention.cuh"
 
-#include "kernels/cuda/cuda_common.cuh"
-
-#define TA_KEYS 64  /* keys per split unit (splits hold whole multiples) */
-#define TA_THREADS 128
 #define TA_PAD 8    /* bf16 of padding per shared row: 16 bytes, so ldmatrix rows hit distinct banks */
 #define TA_STAGES 3 /* key tiles in shared memory: two in flight while one is used */
 #ifndef CN_TA_WIDE_KT
 #define CN_TA_WIDE_KT 32 /* keys per tile of the two-row-block variant at head_dim 128 (a tuning knob) */
 #endif
-#define TA_LOG2E 1.4426950408889634f
-
-/* ---- PTX wrappers --------------------------------------------------------------------------- */
-
-__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-/* 16 bytes global -> shared; bytes = 0 writes zeros without reading. */
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void *p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -60,44 +44,6 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-/* 2^x by the special-function unit (2^-inf = 0); its relative error (~2^-22) is far below the
- * bf16 rounding of P that follows. */
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-/* Two floats as bf16x2, the first in the low half (the lower k or column index). */
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t *>(&v);
-}
-__device__ __forceinline__ uint32_t load_pair(const float *p) {
-  float2 v = *reinterpret_cast<const float2 *>(p);
-  return pack_bf16(v.x, v.y);
-}
-__device__ __forceinline__ uint32_t load_pair(const cn_bf16_t *p) { return *reinterpret_cast<const uint32_t *>(p); }
-__device__ __forceinline__ void store_pair(float *p, float x, float y) { *reinterpret_cast<float2 *>(p) = make_float2(x, y); }
-__device__ __forceinline__ void store_pair(cn_bf16_t *p, float x, float y) {
-  *reinterpret_cast<__nv_bfloat162 *>(p) = __floats2bfloat162_rn(x, y);
-}
-
-/* ---- the split of a sequence's keys ---------------------------------------------------------- */
-
-struct key_split {
-  int total, chunk, n_used; /* keys; keys per split (whole tiles); splits that hold any */
-};
-
-__device__ __forceinline__ key_split split_of(const cn_cuda_tree_seq &s, int n_splits) {
-  key_split k;
-  k.total = s.ctx_len + s.q_offset + s.n;
-  int per = (k.total + n_splits - 1) / n_splits;
-  k.chunk = (per + TA_KEYS - 1) / TA_KEYS * TA_KEYS;
-  k.n_used = k.chunk ? (k.total + k.chunk - 1) / k.chunk : 0;
-  return k;
-}
-
 /* The variant: two row blocks per warp (128 rows a block, 32-key tiles) once a (sequence, KV head)
  * has 128 query rows or more, else one (64 rows, 64-key tiles). */
 static inline bool wide_rows(int max_n, int group) { return max_n * group >= 128; }
@@ -105,11 +51,9 @@ static inline bool wide_rows(int max_n, int group) { return max_n * group >= 128
 /* Keys per shared-memory tile of a variant. */
 template <int D, int RW> constexpr int kt_of() { return RW == 1 ? 64 : D == 128 ? CN_TA_WIDE_KT : 32; }
 
-/* Rows of the workspace per (sequence, KV head): the grid's row tiles. */
-static inline int rows_cap(int max_n, int group) {
-  int t = wide_rows(max_n, group) ? 128 : 64;
-  return (max_n * group + t - 1) / t * t;
-}
+/* Rows of the workspace per (sequence, KV head): the grid's row tiles of `tile` rows. */
+static inline int rows_cap(int max_n, int group, int tile) { return (max_n * group + tile - 1) / tile * tile; }
+static inline int rows_cap(int max_n, int group) { return rows_cap(max_n, group, wide_rows(max_n, group) ? 128 : 64); }
 
 /* ---- the main kernel ------------------------------------------------------------------------- */
 
@@ -125,46 +69,24 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
   cn_bf16_t *ks = reinterpret_cast<cn_bf16_t *>(smem_raw); /* [TA_STAGES][KT][LD] */
   cn_bf16_t *vs = ks + TA_STAGES * KT * LD;                /* [TA_STAGES][KT][LD] */
 
-  const int tile = blockIdx.x, split = blockIdx.y;
-  const int g = blockIdx.z % a.n_kv_heads;
-  const cn_cuda_tree_seq sq = a.seqs[blockIdx.z / a.n_kv_heads];
-  const int G = a.n_heads / a.n_kv_heads, rows = sq.n * G;
-  if (tile * ROWS >= rows) return;
-  const key_split ksp = split_of(sq, a.n_splits);
-  if (split >= ksp.n_used) return;
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane / 4, qlane = lane % 4;
-  const bool causal = sq.mask0 < 0;
-  const int32_t *pos = a.pos + sq.pos0;
-
-  /* The rows this thread holds in the MMA fragments: quad and quad + 8 of each of its warp's
-   * row blocks. Recomputed where needed rather than held: registers are the scarce resource. */
-  auto row_of = [&](int rb, int j) { return tile * ROWS + (warp * RW + rb) * 16 + quad + 8 * j; };
-  auto tok_of = [&](int rb, int j) { return min(row_of(rb, j), rows - 1) / G; }; /* padding rows: a real row, unwritten */
-  auto head_of = [&](int rb, int j) { return g * G + min(row_of(rb, j), rows - 1) % G; };
-  const bool warp_active = tile * ROWS + warp * RW * 16 < rows;
-
-  /* This block's keys: its split, cut at the last key any of its rows may see. */
-  const int tok_lo = tile * ROWS / G, tok_hi = (min(rows, (tile + 1) * ROWS) - 1) / G;
-  int k_begin = split * ksp.chunk;
-  int k_end = min(ksp.total, k_begin + ksp.chunk);
-  if (causal) k_end = min(k_end, sq.ctx_len + sq.q_offset + tok_hi + 1);
-  if (a.sliding_window > 0) {
-    /* Prefix slot s has position s: slots below every row's window are skipped. */
-    int mn = INT_MAX;
-    for (int t = tok_lo; t <= tok_hi; t++)
-      mn = min(mn, pos[sq.q_offset + t]);
-    k_begin = max(k_begin, min(sq.ctx_len, max(0, mn - a.sliding_window + 1)));
-  }
-  const int n_tiles = k_end > k_begin ? (k_end - k_begin + KT - 1) / KT : 0;
+  ta_block b;
+  if (!ta_block_init<ROWS>(a, b)) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, qlane = lane % 4;
+  /* Warp w holds row blocks w RW .. w RW + RW - 1 of 16 rows. */
+  int base[RW];
+#pragma unroll
+  for (int rb = 0; rb < RW; rb++) base[rb] = b.row0 + (warp * RW + rb) * 16;
+  const bool warp_active = base[0] < b.rows;
+  const int n_tiles = b.k_end > b.k_begin ? (b.k_end - b.k_begin + KT - 1) / KT : 0;
 
   /* Q fragments (A operand, row-major 16 x 16 per k-step), rounded to bf16. */
   uint32_t qa[RW][KSTEPS][4];
 #pragma unroll
   for (int rb = 0; rb < RW; rb++) {
-    const T *q0 = (const T *)a.q + ((size_t)(sq.row0 + tok_of(rb, 0)) * a.n_heads + head_of(rb, 0)) * D;
-    const T *q1 = (const T *)a.q + ((size_t)(sq.row0 + tok_of(rb, 1)) * a.n_heads + head_of(rb, 1)) * D;
-    const bool valid0 = row_of(rb, 0) < rows, valid1 = row_of(rb, 1) < rows;
+    const int r0 = base[rb] + lane / 4, r1 = r0 + 8;
+    const T *q0 = (const T *)a.q + ((size_t)(b.sq.row0 + ta_tok(b, r0)) * a.n_heads + ta_head(b, r0)) * D;
+    const T *q1 = (const T *)a.q + ((size_t)(b.sq.row0 + ta_tok(b, r1)) * a.n_heads + ta_head(b, r1)) * D;
+    const bool valid0 = r0 < b.rows, valid1 = r1 < b.rows;
 #pragma unroll
     for (int kk = 0; kk < KSTEPS; kk++) {
       int c = kk * 16 + qlane * 2;
@@ -175,71 +97,27 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
     }
   }
 
-  const int kv_dim = a.n_kv_heads * D;
-  const int32_t *table = a.block_tables + sq.table0;
-  /* Block sizes are powers of two in practice: a shift and a mask instead of a division per
-   * 16-byte piece (the address arithmetic competes with the MMAs for issue slots). */
-  const int bs = a.block_size, bs_shift = __ffs(bs) - 1;
-  const bool bs_pow2 = (bs & (bs - 1)) == 0;
   auto load_tile = [&](int kt, int st) {
     constexpr int CH = D / 8; /* 16-byte pieces per key row */
     cn_bf16_t *kd = ks + st * KT * LD, *vd = vs + st * KT * LD;
 #pragma unroll
     for (int it = 0; it < KT * CH / TA_THREADS; it++) {
       int c = threadIdx.x + it * TA_THREADS, key = c / CH, col = (c % CH) * 8, slot = kt + key;
-      const cn_bf16_t *ksrc = (const cn_bf16_t *)a.k, *vsrc = (const cn_bf16_t *)a.v;
-      int bytes = 0;
-      if (slot < k_end) {
-        int blk = bs_pow2 ? slot >> bs_shift : slot / bs, in = bs_pow2 ? slot & (bs - 1) : slot % bs;
-        size_t off = (size_t)table[blk] * a.block_stride + (size_t)(in * kv_dim + g * D + col);
-        ksrc += off;
-        vsrc += off;
-        bytes = 16;
-      }
-      cp_async16(kd + key * LD + col, ksrc, bytes);
-      cp_async16(vd + key * LD + col, vsrc, bytes);
+      size_t off = slot < b.k_end ? ta_kv_offset(a, b, slot, col, D) : 0;
+      int bytes = slot < b.k_end ? 16 : 0;
+      cp_async16(smem_addr(kd + key * LD + col), (const cn_bf16_t *)a.k + off, bytes);
+      cp_async16(smem_addr(vd + key * LD + col), (const cn_bf16_t *)a.v + off, bytes);
     }
-  };
-
-  /* Whether row (rb, j) of this thread sees key `key` (k_begin <= key); the prefix part is the
-   * same test as key_visible() in kernels/cpu/attention.c. */
-  auto visible = [&](int rb, int j, int key) -> bool {
-    if (key >= k_end) return false;
-    int key_pos = key, t = tok_of(rb, j);
-    if (key >= sq.ctx_len) {
-      int s = key - sq.ctx_len;
-      if (causal) {
-        if (s > sq.q_offset + t) return false;
-      } else if (!((a.tree_mask[sq.mask0 + (size_t)t * sq.mask_words + s / 64] >> (s % 64)) & 1)) {
-        return false;
-      }
-      key_pos = pos[s];
-    }
-    return a.sliding_window <= 0 || key_pos > pos[sq.q_offset + t] - a.sliding_window;
   };
 
   const float sl2 = a.scale * TA_LOG2E;
-  float o[RW][DN][4];
-#pragma unroll
-  for (int rb = 0; rb < RW; rb++)
-#pragma unroll
-    for (int dn = 0; dn < DN; dn++)
-      o[rb][dn][0] = o[rb][dn][1] = o[rb][dn][2] = o[rb][dn][3] = 0.0f;
-  float m[RW][2], l[RW][2];
-#pragma unroll
-  for (int rb = 0; rb < RW; rb++)
-    m[rb][0] = m[rb][1] = -INFINITY, l[rb][0] = l[rb][1] = 0.0f;
+  float o[RW][DN][4], m[RW][2], l[RW][2];
+  ta_state_init(o, m, l);
 
-  /* Every iteration commits one group (empty past the last tile), so waiting for all but the
-   * newest TA_STAGES - 1 groups always means this iteration's tile has landed. */
-#pragma unroll
-  for (int st = 0; st < TA_STAGES - 1; st++) {
-    if (st < n_tiles) load_tile(k_begin + st * KT, st);
-    cp_async_commit();
-  }
+  ta_prologue<TA_STAGES, KT>(b, n_tiles, load_tile);
   for (int it = 0; it < n_tiles; it++) {
-    const int kt = k_begin + it * KT, ahead = it + TA_STAGES - 1;
-    if (ahead < n_tiles) load_tile(k_begin + ahead * KT, ahead % TA_STAGES);
+    const int kt = b.k_begin + it * KT, ahead = it + TA_STAGES - 1;
+    if (ahead < n_tiles) load_tile(b.k_begin + ahead * KT, ahead % TA_STAGES);
     cp_async_commit();
     cp_async_wait<TA_STAGES - 1>();
     __syncthreads();
@@ -250,77 +128,33 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
 #pragma unroll
       for (int nn = 0; nn < NT; nn++) {
 #pragma unroll
-        for (int rb = 0; rb < RW; rb++)
-          s[rb][nn][0] = s[rb][nn][1] = s[rb][nn][2] = s[rb][nn][3] = 0.0f;
+        for (int rb = 0; rb < RW; rb++) s[rb][nn][0] = s[rb][nn][1] = s[rb][nn][2] = s[rb][nn][3] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < KSTEPS; kk += 2) {
-          uint32_t b[4];
-          ldmatrix_x4(b, kst + (nn * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8);
+          uint32_t bf[4];
+          ldmatrix_x4(bf, kst + (nn * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8);
 #pragma unroll
           for (int rb = 0; rb < RW; rb++) {
-            mma_bf16(s[rb][nn], qa[rb][kk], b[0], b[1]);
-            mma_bf16(s[rb][nn], qa[rb][kk + 1], b[2], b[3]);
+            mma_bf16(s[rb][nn], qa[rb][kk], bf[0], bf[1]);
+            mma_bf16(s[rb][nn], qa[rb][kk + 1], bf[2], bf[3]);
           }
         }
       }
-      if (kt + KT > sq.ctx_len || kt + KT > k_end || a.sliding_window > 0) {
-#pragma unroll
-        for (int rb = 0; rb < RW; rb++)
-#pragma unroll
-          for (int nn = 0; nn < NT; nn++)
-#pragma unroll
-            for (int e = 0; e < 4; e++)
-              if (!visible(rb, e / 2, kt + nn * 8 + qlane * 2 + (e & 1))) s[rb][nn][e] = -INFINITY;
-      }
-      /* Online softmax per row; the four lanes of a quad hold one row's KT scores. */
-#pragma unroll
-      for (int rb = 0; rb < RW; rb++)
-#pragma unroll
-        for (int j = 0; j < 2; j++) {
-          float mx = -INFINITY;
-#pragma unroll
-          for (int nn = 0; nn < NT; nn++)
-            mx = fmaxf(mx, fmaxf(s[rb][nn][2 * j], s[rb][nn][2 * j + 1]));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          float m_new = fmaxf(m[rb][j], mx * sl2);
-          float mu = m_new == -INFINITY ? 0.0f : m_new; /* a row that saw nothing yet: exp2(-inf) = 0 */
-          float corr = fast_exp2(m[rb][j] - mu);
-          m[rb][j] = m_new;
-          float rs = 0.0f;
-#pragma unroll
-          for (int nn = 0; nn < NT; nn++) {
-            float p0 = fast_exp2(fmaf(s[rb][nn][2 * j], sl2, -mu)), p1 = fast_exp2(fmaf(s[rb][nn][2 * j + 1], sl2, -mu));
-            s[rb][nn][2 * j] = p0;
-            s[rb][nn][2 * j + 1] = p1;
-            rs += p0 + p1;
-          }
-          l[rb][j] = l[rb][j] * corr + rs; /* this lane's part of the row sum; the quad is summed at the end */
-#pragma unroll
-          for (int dn = 0; dn < DN; dn++) {
-            o[rb][dn][2 * j] *= corr;
-            o[rb][dn][2 * j + 1] *= corr;
-          }
-        }
+      ta_mask<RW, NT>(a, b, base, kt, s);
+      ta_softmax<RW, NT, DN>(s, m, l, o, sl2);
       /* O += P V: P's C fragments are the A fragments of the next MMA, 16 keys per k-step. */
+      uint32_t pa[RW][KT / 16][4];
+      ta_pack_p<RW, NT>(s, pa);
 #pragma unroll
       for (int kk = 0; kk < KT / 16; kk++) {
-        uint32_t pa[RW][4];
-#pragma unroll
-        for (int rb = 0; rb < RW; rb++) {
-          pa[rb][0] = pack_bf16(s[rb][2 * kk][0], s[rb][2 * kk][1]);
-          pa[rb][1] = pack_bf16(s[rb][2 * kk][2], s[rb][2 * kk][3]);
-          pa[rb][2] = pack_bf16(s[rb][2 * kk + 1][0], s[rb][2 * kk + 1][1]);
-          pa[rb][3] = pack_bf16(s[rb][2 * kk + 1][2], s[rb][2 * kk + 1][3]);
-        }
 #pragma unroll
         for (int dn = 0; dn < DN; dn += 2) {
-          uint32_t b[4];
-          ldmatrix_x4_trans(b, vst + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dn * 8 + (lane >> 4) * 8);
+          uint32_t bf[4];
+          ldmatrix_x4_trans(bf, vst + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dn * 8 + (lane >> 4) * 8);
 #pragma unroll
           for (int rb = 0; rb < RW; rb++) {
-            mma_bf16(o[rb][dn], pa[rb], b[0], b[1]);
-            mma_bf16(o[rb][dn + 1], pa[rb], b[2], b[3]);
+            mma_bf16(o[rb][dn], pa[rb][kk], bf[0], bf[1]);
+            mma_bf16(o[rb][dn + 1], pa[rb][kk], bf[2], bf[3]);
           }
         }
       }
@@ -328,61 +162,60 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
     __syncthreads(); /* a later iteration's loads overwrite this stage */
   }
   cp_async_wait<0>(); /* no copy may still be writing when the block exits */
-
-  const int cap = gridDim.x * ROWS;
-#pragma unroll
-  for (int rb = 0; rb < RW; rb++)
-#pragma unroll
-    for (int j = 0; j < 2; j++) {
-      float lj = l[rb][j];
-      lj += __shfl_xor_sync(0xffffffffu, lj, 1);
-      lj += __shfl_xor_sync(0xffffffffu, lj, 2);
-      if (row_of(rb, j) >= rows) continue;
-      if (a.n_splits == 1) {
-        float inv = lj > 0.0f ? 1.0f / lj : 0.0f; /* a query that sees nothing gets zeros */
-        T *out = (T *)a.out + ((size_t)(sq.row0 + tok_of(rb, j)) * a.n_heads + head_of(rb, j)) * D + qlane * 2;
-#pragma unroll
-        for (int dn = 0; dn < DN; dn++)
-          store_pair(out + dn * 8, o[rb][dn][2 * j] * inv, o[rb][dn][2 * j + 1] * inv);
-      } else {
-        size_t prow = ((size_t)blockIdx.z * cap + row_of(rb, j)) * a.n_splits + split;
-        float *ml = a.workspace + 2 * prow;
-        float *acc = a.workspace + 2 * (size_t)gridDim.z * cap * a.n_splits + prow * D + qlane * 2;
-        if (qlane == 0) ml[0] = m[rb][j], ml[1] = lj;
-#pragma unroll
-        for (int dn = 0; dn < DN; dn++)
-          store_pair(acc + dn * 8, o[rb][dn][2 * j], o[rb][dn][2 * j + 1]);
-      }
-    }
+  ta_finish<T, RW, DN>(a, b, base, gridDim.x * ROWS, o, m, l);
 }
 
 /* ---- the exact merge of the splits' partial states ------------------------------------------- */
 
-/* Block (row, sequence x KV head), D / 2 threads of two columns each. */
-template <typename T, int D> __global__ void merge_kernel(cn_cuda_tree_attn_args a, int cap) {
-  const int r = blockIdx.x, g = blockIdx.y % a.n_kv_heads;
+/* A warp per row (MERGE_ROWS rows a block, grid y = sequence x KV head), D / 32 columns a lane.
+ * The splits' maxima and weights are computed by all lanes at once and kept in shared memory, so
+ * that the accumulator loads that follow are independent of each other and overlap: a serial
+ * chain of dependent loads per split was the merge's cost at batch 1 with many splits. */
+#define MERGE_ROWS 4
+#define MERGE_MAX_SPLITS 256
+template <typename T, int D> __global__ void __launch_bounds__(32 * MERGE_ROWS) merge_kernel(cn_cuda_tree_attn_args a, int cap) {
+  constexpr int C = D / 32; /* columns per lane: 4 or 2 */
+  __shared__ float wsh[MERGE_ROWS][MERGE_MAX_SPLITS];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int r = blockIdx.x * MERGE_ROWS + warp, g = blockIdx.y % a.n_kv_heads;
   const cn_cuda_tree_seq sq = a.seqs[blockIdx.y / a.n_kv_heads];
   const int G = a.n_heads / a.n_kv_heads;
   if (r >= sq.n * G) return;
   const int used = split_of(sq, a.n_splits).n_used;
   const size_t base = ((size_t)blockIdx.y * cap + r) * a.n_splits;
+  pdl_wait(); /* launched early: the partial states are complete from here on */
   const float *ml = a.workspace + 2 * base;
-  const float *acc = a.workspace + 2 * (size_t)gridDim.y * cap * a.n_splits + base * D + threadIdx.x * 2;
   float mx = -INFINITY;
-  for (int s = 0; s < used; s++)
-    mx = fmaxf(mx, ml[2 * s]);
-  float den = 0.0f, x = 0.0f, y = 0.0f;
-  for (int s = 0; s < used; s++) {
-    if (ml[2 * s] == -INFINITY) continue; /* saw nothing: its accumulator is zeros, its weight 0 */
-    float w = exp2f(ml[2 * s] - mx);
+  for (int s = lane; s < used; s += 32) mx = fmaxf(mx, ml[2 * s]);
+#pragma unroll
+  for (int o = 16; o; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  float den = 0.0f;
+  for (int s = lane; s < used; s += 32) {
+    float ms = ml[2 * s];
+    float w = ms == -INFINITY ? 0.0f : exp2f(ms - mx); /* saw nothing: its accumulator is zeros */
+    wsh[warp][s] = w;
     den += w * ml[2 * s + 1];
-    float2 v = *reinterpret_cast<const float2 *>(acc + (size_t)s * D);
-    x += w * v.x;
-    y += w * v.y;
   }
-  float inv = den > 0.0f ? 1.0f / den : 0.0f;
-  T *out = (T *)a.out + ((size_t)(sq.row0 + r / G) * a.n_heads + g * G + r % G) * D + threadIdx.x * 2;
-  store_pair(out, x * inv, y * inv);
+#pragma unroll
+  for (int o = 16; o; o /= 2) den += __shfl_xor_sync(0xffffffffu, den, o);
+  __syncwarp();
+  const float *acc = a.workspace + 2 * (size_t)gridDim.y * cap * a.n_splits + base * D + lane * C;
+  float x[C] = {};
+#pragma unroll 4
+  for (int s = 0; s < used; s++) {
+    const float w = wsh[warp][s];
+    if (C == 4) {
+      float4 v = *reinterpret_cast<const float4 *>(acc + (size_t)s * D);
+      x[0] += w * v.x, x[1] += w * v.y, x[C - 2] += w * v.z, x[C - 1] += w * v.w;
+    } else {
+      float2 v = *reinterpret_cast<const float2 *>(acc + (size_t)s * D);
+      x[0] += w * v.x, x[C - 1] += w * v.y;
+    }
+  }
+  const float inv = den > 0.0f ? 1.0f / den : 0.0f;
+  T *out = (T *)a.out + ((size_t)(sq.row0 + r / G) * a.n_heads + g * G + r % G) * D + lane * C;
+#pragma unroll
+  for (int c = 0; c < C; c += 2) store_pair(out + c, x[c] * inv, x[c + 1] * inv);
 }
 
 /* ---- launchers ------------------------------------------------------------------------------- */
@@ -402,23 +235,55 @@ template <typename T, int D, int RW> static int prepare(int *per_sm) {
   return CANOPY_OK;
 }
 
+static bool use_wgmma(const cn_cuda_ctx *ctx, cn_cuda_tree_attn_impl impl) {
+  return impl == CN_CUDA_TA_WGMMA || (impl == CN_CUDA_TA_AUTO && ctx->cc == 90);
+}
+
+/* Whether a launch takes 128-row tiles (cuda_ops.h, cn_cuda_tree_attn_splits). With few blocks
+ * (batch 1, short prefixes: the 512-key minimum split caps the splits) 64-row tiles make twice as
+ * many: the H100 ran n = 64 at 4k in 30 us so (8 splits) against 37 us with 128-row tiles, while
+ * at 16k, where 128-row tiles fill the device, they ran 72 us against 89 (bench/RESULTS.md). */
+static bool wide_tiles(const cn_cuda_ctx *ctx, bool wgmma, int n_seqs, int max_n, int group, int n_kv, int n_splits) {
+  if (!wide_rows(max_n, group)) return false;
+  if (!wgmma) return true;
+  long blocks = (long)n_seqs * n_kv * (rows_cap(max_n, group, 128) / 128) * n_splits;
+  return 4 * blocks >= 3L * 2 * ctx->n_sm;
+}
+
+/* Splits that fill every resident block slot once with tiles of `tile` rows (per_sm blocks a
+ * multiprocessor). */
+static long splits_for(const cn_cuda_ctx *ctx, int per_sm, int n_seqs, int max_n, int group, int n_kv, int tile,
+                       int max_keys) {
+  long base = (long)n_seqs * n_kv * (rows_cap(max_n, group, tile) / tile);
+  /* As many splits as fill every resident block slot once: one wave, no tail (measured on the
+   * H100: 50 splits of 8 blocks, 1.5 waves, ran a 32k decode at 53% of the copy bandwidth). Each
+   * split keeps at least 128 keys, and 512 once a KV head has 128+ rows, so that the partial
+   * states (a kilobyte a row, written and read again) stay small beside the split's K/V (the H100
+   * sweep of bench_tree_attention: n = 64 at 4k ran 45 us at 16 splits of 256 keys, 39 us at 8). */
+  long want = (long)per_sm * ctx->n_sm / base, most = max_keys / (wide_rows(max_n, group) ? 512 : 128);
+  if (want > most) want = most;
+  if (want > MERGE_MAX_SPLITS) want = MERGE_MAX_SPLITS;
+  return want < 1 ? 1 : want;
+}
+
 int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int max_keys, int n_heads, int n_kv_heads,
                              int head_dim) {
   if (!ctx || n_seqs <= 0 || max_n <= 0 || n_kv_heads <= 0 || n_heads < n_kv_heads) return 1;
-  int per_sm = 0;
   int group = n_heads / n_kv_heads;
-  bool wide = wide_rows(max_n, group);
-  int st = head_dim == 64 ? (wide ? prepare<cn_bf16_t, 64, 2>(&per_sm) : prepare<cn_bf16_t, 64, 1>(&per_sm))
-                          : (wide ? prepare<cn_bf16_t, 128, 2>(&per_sm) : prepare<cn_bf16_t, 128, 1>(&per_sm));
+  bool wg = use_wgmma(ctx, CN_CUDA_TA_AUTO), wide = wide_rows(max_n, group);
+  int per_sm = 0;
+  int st = wg ? cn_ta_wgmma_per_sm(head_dim, wide ? 2 : 1, &per_sm)
+           : head_dim == 64 ? (wide ? prepare<cn_bf16_t, 64, 2>(&per_sm) : prepare<cn_bf16_t, 64, 1>(&per_sm))
+                            : (wide ? prepare<cn_bf16_t, 128, 2>(&per_sm) : prepare<cn_bf16_t, 128, 1>(&per_sm));
   if (st || per_sm < 1) per_sm = 1;
-  long base = (long)n_seqs * n_kv_heads * (rows_cap(max_n, group) / (wide ? 128 : 64));
-  /* As many splits as fill every resident block slot once: one wave, no tail (measured on the
-   * H100: 50 splits of 8 blocks, 1.5 waves, ran a 32k decode at 53% of the copy bandwidth). Each
-   * split keeps at least 128 keys, so that the partial states stay small beside them. */
-  long want = (long)per_sm * ctx->n_sm / base, most = max_keys / 128;
-  if (want > most) want = most;
-  if (want > 256) want = 256;
-  return want < 1 ? 1 : (int)want;
+  long want = splits_for(ctx, per_sm, n_seqs, max_n, group, n_kv_heads, wide ? 128 : 64, max_keys);
+  if (wide && !wide_tiles(ctx, wg, n_seqs, max_n, group, n_kv_heads, (int)want)) {
+    /* 64-row tiles then (fewer splits never make 128-row tiles fill the device, so the launch
+     * picks 64 too). */
+    if (cn_ta_wgmma_per_sm(head_dim, 1, &per_sm) || per_sm < 1) per_sm = 1;
+    want = splits_for(ctx, per_sm, n_seqs, max_n, group, n_kv_heads, 64, max_keys);
+  }
+  return (int)want;
 }
 
 size_t cn_cuda_tree_attn_workspace(int n_seqs, int max_n, int n_splits, int n_heads, int n_kv_heads, int head_dim) {
@@ -428,15 +293,29 @@ size_t cn_cuda_tree_attn_workspace(int n_seqs, int max_n, int n_splits, int n_he
 }
 
 template <typename T, int D, int RW> static int launch(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a) {
-  int group = a->n_heads / a->n_kv_heads, cap = rows_cap(a->max_n, group);
-  size_t smem = smem_bytes<D, RW>();
-  int st = prepare<T, D, RW>(NULL);
-  if (st) return st;
-  dim3 grid(cap / (64 * RW), a->n_splits, a->n_seqs * a->n_kv_heads);
-  tree_attn_kernel<T, D, RW, kt_of<D, RW>()><<<grid, TA_THREADS, smem, ctx->stream>>>(*a);
-  CN_CUDA_CHECK_LAUNCH();
+  int group = a->n_heads / a->n_kv_heads, cap = rows_cap(a->max_n, group, 64 * RW);
+  if (use_wgmma(ctx, a->impl)) {
+    int st = cn_ta_launch_wgmma(ctx, a, RW, cap);
+    if (st) return st;
+  } else {
+    size_t smem = smem_bytes<D, RW>();
+    int st = prepare<T, D, RW>(NULL);
+    if (st) return st;
+    dim3 grid(cap / (64 * RW), a->n_splits, a->n_seqs * a->n_kv_heads);
+    tree_attn_kernel<T, D, RW, kt_of<D, RW>()><<<grid, TA_THREADS, smem, ctx->stream>>>(*a);
+    CN_CUDA_CHECK_LAUNCH();
+  }
   if (a->n_splits > 1) {
-    merge_kernel<T, D><<<dim3(cap, a->n_seqs * a->n_kv_heads), D / 2, 0, ctx->stream>>>(*a, cap);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((cap + MERGE_ROWS - 1) / MERGE_ROWS, a->n_seqs * a->n_kv_heads);
+    cfg.blockDim = dim3(32 * MERGE_ROWS);
+    cfg.stream = ctx->stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = ctx->cc >= 90;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    CN_CUDA_CHECK(cudaLaunchKernelEx(&cfg, merge_kernel<T, D>, *a, cap));
     CN_CUDA_CHECK_LAUNCH();
   }
   return CANOPY_OK;
@@ -446,13 +325,19 @@ int cn_cuda_tree_attention(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a) {
   CN_CUDA_ENTER(ctx);
   if (!a) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_tree_attention: NULL args");
   if (a->n_seqs < 0 || a->max_n < 0 || a->n_splits < 1 || a->n_heads <= 0 || a->n_kv_heads <= 0 ||
-      a->n_heads % a->n_kv_heads || a->block_size <= 0 || a->n_seqs * a->n_kv_heads > 65535 || a->n_splits > 65535)
+      a->n_heads % a->n_kv_heads || a->block_size <= 0 || a->n_seqs * a->n_kv_heads > 65535 || a->n_splits > MERGE_MAX_SPLITS ||
+      (unsigned)a->impl > CN_CUDA_TA_WGMMA ||
+      (a->row_tile != 0 && a->row_tile != 64 && a->row_tile != 128))
     return cn_error(CANOPY_ERR_INVALID_ARG,
-                    "cn_cuda_tree_attention: n_seqs=%d max_n=%d n_splits=%d n_heads=%d n_kv_heads=%d block_size=%d",
-                    a->n_seqs, a->max_n, a->n_splits, a->n_heads, a->n_kv_heads, a->block_size);
+                    "cn_cuda_tree_attention: n_seqs=%d max_n=%d n_splits=%d (1..%d) n_heads=%d n_kv_heads=%d "
+                    "block_size=%d impl=%d row_tile=%d",
+                    a->n_seqs, a->max_n, a->n_splits, MERGE_MAX_SPLITS, a->n_heads, a->n_kv_heads, a->block_size,
+                    (int)a->impl, a->row_tile);
   if (!cn_cuda_tree_attn_supported(a->head_dim))
     return cn_error(CANOPY_ERR_UNSUPPORTED, "cn_cuda_tree_attention: head_dim %d (64 or 128)", a->head_dim);
   if (!cn_dtype_ok(a->dt)) return cn_error(CANOPY_ERR_DTYPE, "cn_cuda_tree_attention: unknown dtype %d", (int)a->dt);
+  if (a->impl == CN_CUDA_TA_WGMMA && ctx->cc != 90)
+    return cn_error(CANOPY_ERR_UNSUPPORTED, "cn_cuda_tree_attention: the wgmma kernel needs sm_90 (device is sm_%d)", ctx->cc);
   if (!a->n_seqs || !a->max_n) return CANOPY_OK;
   if (!a->seqs || !a->q || !a->out || !a->k || !a->v || !a->block_tables || !a->pos || (a->n_splits > 1 && !a->workspace))
     return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_tree_attention: a NULL device array (seqs, q, out, k, v, "
@@ -460,7 +345,11 @@ int cn_cuda_tree_attention(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a) {
                     a->n_splits);
   return cn_dispatch(a->dt, [&](auto t) {
     using T = decltype(t);
-    bool wide = wide_rows(a->max_n, a->n_heads / a->n_kv_heads);
+    const int group = a->n_heads / a->n_kv_heads;
+    bool wide = a->row_tile == 128  ? wide_rows(a->max_n, group)
+                : a->row_tile == 64 ? false
+                                    : wide_tiles(ctx, use_wgmma(ctx, a->impl), a->n_seqs, a->max_n, group,
+                                                 a->n_kv_heads, a->n_splits);
     if (a->head_dim == 64) return wide ? launch<T, 64, 2>(ctx, a) : launch<T, 64, 1>(ctx, a);
     return wide ? launch<T, 128, 2>(ctx, a) : launch<T, 128, 1>(ctx, a);
   });

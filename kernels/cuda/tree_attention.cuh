@@ -1,0 +1,312 @@
+/* What the two shared-prefix tree-attention kernels share (tree_attention.cu: mma.sync, any
+ * sm_80+; tree_attention_wgmma.cu: Hopper warpgroup MMA): the key split, which keys a block
+ * streams, paged addressing, the mask, the online softmax and the output or partial state. Both
+ * kernels hold a row's scores and accumulators in the m16n8 accumulator layout (thread lane holds
+ * rows lane / 4 and lane / 4 + 8 of a 16-row block, columns 2 (lane % 4) + {0, 1} of every 8), so
+ * everything after the matrix products is written once here. C++ only. */
+#ifndef CANOPY_KERNELS_CUDA_TREE_ATTENTION_CUH
+#define CANOPY_KERNELS_CUDA_TREE_ATTENTION_CUH
+
+#include <limits.h>
+#include <math.h>
+
+#include "kernels/cuda/cuda_common.cuh"
+
+#define TA_KEYS 64 /* keys per split unit (splits hold whole multiples) */
+#define TA_THREADS 128
+#define TA_LOG2E 1.4426950408889634f
+
+/* ---- PTX wrappers --------------------------------------------------------------------------- */
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+/* 16 bytes global -> shared; bytes = 0 writes zeros without reading. */
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+/* 2^x by the special-function unit (2^-inf = 0); its relative error (~2^-22) is far below the
+ * bf16 rounding of P that follows. */
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+/* Two floats as bf16x2, the first in the low half (the lower k or column index). */
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t *>(&v);
+}
+__device__ __forceinline__ uint32_t load_pair(const float *p) {
+  float2 v = *reinterpret_cast<const float2 *>(p);
+  return pack_bf16(v.x, v.y);
+}
+__device__ __forceinline__ uint32_t load_pair(const cn_bf16_t *p) { return *reinterpret_cast<const uint32_t *>(p); }
+__device__ __forceinline__ void store_pair(float *p, float x, float y) {
+  *reinterpret_cast<float2 *>(p) = make_float2(x, y);
+}
+__device__ __forceinline__ void store_pair(cn_bf16_t *p, float x, float y) {
+  *reinterpret_cast<__nv_bfloat162 *>(p) = __floats2bfloat162_rn(x, y);
+}
+
+/* Programmatic dependent launch (sm_90): a main kernel's block lets the merge kernel launch once
+ * its partial state is written, and the merge waits for the whole main grid to finish and its
+ * writes to be visible, so the merge's launch latency overlaps the main kernel's tail. */
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+/* ---- the split of a sequence's keys ---------------------------------------------------------- */
+
+struct key_split {
+  int total, chunk, n_used; /* keys; keys per split (whole units); splits that hold any */
+};
+
+__device__ __forceinline__ key_split split_of(const cn_cuda_tree_seq &s, int n_splits) {
+  key_split k;
+  k.total = s.ctx_len + s.q_offset + s.n;
+  int per = (k.total + n_splits - 1) / n_splits;
+  k.chunk = (per + TA_KEYS - 1) / TA_KEYS * TA_KEYS;
+  k.n_used = k.chunk ? (k.total + k.chunk - 1) / k.chunk : 0;
+  return k;
+}
+
+/* ---- one block's share: grid (row tile, split, sequence x KV head) ---------------------------- */
+
+struct ta_block {
+  cn_cuda_tree_seq sq;
+  const int32_t *pos; /* the sequence's new-slot positions */
+  int g, G, rows;     /* KV head; query heads per KV head; query rows (n G) of this KV head */
+  int row0;           /* the tile's first row */
+  int k_begin, k_end; /* the keys this block streams */
+  bool causal;
+};
+
+/* Row r of a KV head is token r / G, head g G + r % G; padding rows (r >= rows) read a real row
+ * and are never written. */
+__device__ __forceinline__ int ta_tok(const ta_block &b, int r) { return min(r, b.rows - 1) / b.G; }
+__device__ __forceinline__ int ta_head(const ta_block &b, int r) { return b.g * b.G + min(r, b.rows - 1) % b.G; }
+
+/* Fills b for this block; false when the block has nothing to do (a tile past the rows, or a
+ * split past the keys of a short sequence). */
+template <int ROWS> __device__ __forceinline__ bool ta_block_init(const cn_cuda_tree_attn_args &a, ta_block &b) {
+  const int tile = blockIdx.x, split = blockIdx.y;
+  b.g = blockIdx.z % a.n_kv_heads;
+  b.sq = a.seqs[blockIdx.z / a.n_kv_heads];
+  b.G = a.n_heads / a.n_kv_heads;
+  b.rows = b.sq.n * b.G;
+  b.row0 = tile * ROWS;
+  if (b.row0 >= b.rows) return false;
+  const key_split ksp = split_of(b.sq, a.n_splits);
+  if (split >= ksp.n_used) return false;
+  b.causal = b.sq.mask0 < 0;
+  b.pos = a.pos + b.sq.pos0;
+  /* This block's keys: its split, cut at the last key any of its rows may see. */
+  const int tok_lo = b.row0 / b.G, tok_hi = (min(b.rows, b.row0 + ROWS) - 1) / b.G;
+  b.k_begin = split * ksp.chunk;
+  b.k_end = min(ksp.total, b.k_begin + ksp.chunk);
+  if (b.causal) b.k_end = min(b.k_end, b.sq.ctx_len + b.sq.q_offset + tok_hi + 1);
+  if (a.sliding_window > 0) {
+    /* Prefix slot s has position s: slots below every row's window are skipped. */
+    int mn = INT_MAX;
+    for (int t = tok_lo; t <= tok_hi; t++)
+      mn = min(mn, b.pos[b.sq.q_offset + t]);
+    b.k_begin = max(b.k_begin, min(b.sq.ctx_len, max(0, mn - a.sliding_window + 1)));
+  }
+  return true;
+}
+
+/* Element offset of (slot, column col of KV head g) in the paged cache: K and V alike. Block sizes
+ * are powers of two in practice: a shift and a mask instead of a division per 16-byte piece (the
+ * address arithmetic competes with the MMAs for issue slots). */
+__device__ __forceinline__ size_t ta_kv_offset(const cn_cuda_tree_attn_args &a, const ta_block &b, int slot, int col,
+                                               int D) {
+  const int bs = a.block_size, shift = __ffs(bs) - 1;
+  const bool pow2 = (bs & (bs - 1)) == 0;
+  int blk = pow2 ? slot >> shift : slot / bs, in = pow2 ? slot & (bs - 1) : slot % bs;
+  return (size_t)a.block_tables[b.sq.table0 + blk] * a.block_stride + (size_t)(in * a.n_kv_heads * D + b.g * D + col);
+}
+
+/* Whether token t of the block sees key `key` (k_begin <= key); the prefix part is the same test
+ * as key_visible() in kernels/cpu/attention.c. */
+__device__ __forceinline__ bool ta_visible(const cn_cuda_tree_attn_args &a, const ta_block &b, int t, int key) {
+  if (key >= b.k_end) return false;
+  int key_pos = key;
+  if (key >= b.sq.ctx_len) {
+    int s = key - b.sq.ctx_len;
+    if (b.causal) {
+      if (s > b.sq.q_offset + t) return false;
+    } else if (!((a.tree_mask[b.sq.mask0 + (size_t)t * b.sq.mask_words + s / 64] >> (s % 64)) & 1)) {
+      return false;
+    }
+    key_pos = b.pos[s];
+  }
+  return a.sliding_window <= 0 || key_pos > b.pos[b.sq.q_offset + t] - a.sliding_window;
+}
+
+/* An empty online-softmax state: no row has seen a key yet. */
+template <int RW, int DN>
+__device__ __forceinline__ void ta_state_init(float (&o)[RW][DN][4], float (&m)[RW][2], float (&l)[RW][2]) {
+#pragma unroll
+  for (int rb = 0; rb < RW; rb++) {
+#pragma unroll
+    for (int dn = 0; dn < DN; dn++)
+      o[rb][dn][0] = o[rb][dn][1] = o[rb][dn][2] = o[rb][dn][3] = 0.0f;
+    m[rb][0] = m[rb][1] = -INFINITY, l[rb][0] = l[rb][1] = 0.0f;
+  }
+}
+
+/* The pipeline's start: the first STAGES - 1 tiles of KT keys requested, one cp.async group each.
+ * Every later iteration commits one group too (empty past the last tile), so waiting for all but
+ * the newest STAGES - 1 groups always means that iteration's tile has landed. */
+template <int STAGES, int KT, typename F>
+__device__ __forceinline__ void ta_prologue(const ta_block &b, int n_tiles, F &&load_tile) {
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; st++) {
+    if (st < n_tiles) load_tile(b.k_begin + st * KT, st);
+    cp_async_commit();
+  }
+}
+
+/* Masks are applied only on tiles that reach the new slots (tree or causal), the end of the
+ * range, or with a sliding window; prefix tiles are all visible. base[rb] is the first row of
+ * this warp's 16-row block rb. */
+template <int RW, int NT>
+__device__ __forceinline__ void ta_mask(const cn_cuda_tree_attn_args &a, const ta_block &b, const int (&base)[RW],
+                                        int kt, float (&s)[RW][NT][4]) {
+  const int kt_end = kt + NT * 8;
+  if (kt_end <= b.sq.ctx_len && kt_end <= b.k_end && a.sliding_window <= 0) return;
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int rb = 0; rb < RW; rb++)
+#pragma unroll
+    for (int nn = 0; nn < NT; nn++)
+#pragma unroll
+      for (int e = 0; e < 4; e++)
+        if (!ta_visible(a, b, ta_tok(b, base[rb] + lane / 4 + 8 * (e / 2)), kt + nn * 8 + (lane % 4) * 2 + (e & 1)))
+          s[rb][nn][e] = -INFINITY;
+}
+
+/* Online softmax per row (base 2, the scale folded into sl2) over one tile's scores, which become
+ * P = 2^(s sl2 - m) in place; l holds this lane's part of each row sum (the quad is summed at the
+ * end). corr is the factor the row's accumulators must be scaled by; the return value says
+ * whether any row of the warp needs it (saw a new maximum): past the first tiles that is rare, and
+ * the multiplications cost as many issue slots as the MMAs of a narrow tile. */
+template <int RW, int NT>
+__device__ __forceinline__ bool ta_softmax_p(float (&s)[RW][NT][4], float (&m)[RW][2], float (&l)[RW][2],
+                                             float (&corr)[RW][2], float sl2) {
+  bool grew = false;
+#pragma unroll
+  for (int rb = 0; rb < RW; rb++)
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nn = 0; nn < NT; nn++)
+        mx = fmaxf(mx, fmaxf(s[rb][nn][2 * j], s[rb][nn][2 * j + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_old = m[rb][j], m_new = fmaxf(m_old, mx * sl2);
+      const float mu = m_new == -INFINITY ? 0.0f : m_new; /* a row that saw nothing yet: exp2(-inf) = 0 */
+      m[rb][j] = m_new;
+      float rs = 0.0f;
+#pragma unroll
+      for (int nn = 0; nn < NT; nn++) {
+        float p0 = fast_exp2(fmaf(s[rb][nn][2 * j], sl2, -mu)), p1 = fast_exp2(fmaf(s[rb][nn][2 * j + 1], sl2, -mu));
+        s[rb][nn][2 * j] = p0;
+        s[rb][nn][2 * j + 1] = p1;
+        rs += p0 + p1;
+      }
+      /* m_new == m_old: the factor is exactly 1 (or the row is still empty, its sums 0). */
+      corr[rb][j] = m_new > m_old ? fast_exp2(m_old - mu) : 1.0f;
+      l[rb][j] = l[rb][j] * corr[rb][j] + rs;
+      grew |= m_new > m_old;
+    }
+  return __any_sync(0xffffffffu, grew);
+}
+
+template <int RW, int DN>
+__device__ __forceinline__ void ta_rescale(float (&o)[RW][DN][4], const float (&corr)[RW][2]) {
+#pragma unroll
+  for (int rb = 0; rb < RW; rb++)
+#pragma unroll
+    for (int dn = 0; dn < DN; dn++) {
+      o[rb][dn][0] *= corr[rb][0], o[rb][dn][1] *= corr[rb][0];
+      o[rb][dn][2] *= corr[rb][1], o[rb][dn][3] *= corr[rb][1];
+    }
+}
+
+template <int RW, int NT, int DN>
+__device__ __forceinline__ void ta_softmax(float (&s)[RW][NT][4], float (&m)[RW][2], float (&l)[RW][2],
+                                           float (&o)[RW][DN][4], float sl2) {
+  float corr[RW][2];
+  if (ta_softmax_p<RW, NT>(s, m, l, corr, sl2)) ta_rescale<RW, DN>(o, corr);
+}
+
+/* P (the scores after ta_softmax_p) as bf16 A fragments of the P V product, 16 keys per k-step:
+ * the m16n8 accumulator layout of two adjacent 8-key blocks is the m16k16 operand layout. */
+template <int RW, int NT>
+__device__ __forceinline__ void ta_pack_p(const float (&s)[RW][NT][4], uint32_t (&pa)[RW][NT / 2][4]) {
+#pragma unroll
+  for (int rb = 0; rb < RW; rb++)
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; kk++) {
+      pa[rb][kk][0] = pack_bf16(s[rb][2 * kk][0], s[rb][2 * kk][1]);
+      pa[rb][kk][1] = pack_bf16(s[rb][2 * kk][2], s[rb][2 * kk][3]);
+      pa[rb][kk][2] = pack_bf16(s[rb][2 * kk + 1][0], s[rb][2 * kk + 1][1]);
+      pa[rb][kk][3] = pack_bf16(s[rb][2 * kk + 1][2], s[rb][2 * kk + 1][3]);
+    }
+}
+
+/* The end of a block: with one split the normalised output, else the unnormalised (max, sum,
+ * accumulator) per row in the workspace for merge_kernel. cap = workspace rows per (sequence,
+ * KV head). */
+template <typename T, int RW, int DN>
+__device__ __forceinline__ void ta_finish(const cn_cuda_tree_attn_args &a, const ta_block &b, const int (&base)[RW],
+                                          int cap, const float (&o)[RW][DN][4], const float (&m)[RW][2],
+                                          const float (&l)[RW][2]) {
+  const int lane = threadIdx.x % 32, quad = lane / 4, qlane = lane % 4, D = DN * 8;
+#pragma unroll
+  for (int rb = 0; rb < RW; rb++)
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+      float lj = l[rb][j];
+      lj += __shfl_xor_sync(0xffffffffu, lj, 1);
+      lj += __shfl_xor_sync(0xffffffffu, lj, 2);
+      const int r = base[rb] + quad + 8 * j;
+      if (r >= b.rows) continue;
+      if (a.n_splits == 1) {
+        float inv = lj > 0.0f ? 1.0f / lj : 0.0f; /* a query that sees nothing gets zeros */
+        T *out = (T *)a.out + ((size_t)(b.sq.row0 + ta_tok(b, r)) * a.n_heads + ta_head(b, r)) * D + qlane * 2;
+#pragma unroll
+        for (int dn = 0; dn < DN; dn++)
+          store_pair(out + dn * 8, o[rb][dn][2 * j] * inv, o[rb][dn][2 * j + 1] * inv);
+      } else {
+        size_t prow = ((size_t)blockIdx.z * cap + r) * a.n_splits + blockIdx.y;
+        float *ml = a.workspace + 2 * prow;
+        float *acc = a.workspace + 2 * (size_t)gridDim.z * cap * a.n_splits + prow * D + qlane * 2;
+        if (qlane == 0) ml[0] = m[rb][j], ml[1] = lj;
+#pragma unroll
+        for (int dn = 0; dn < DN; dn++)
+          store_pair(acc + dn * 8, o[rb][dn][2 * j], o[rb][dn][2 * j + 1]);
+      }
+    }
+  pdl_trigger();
+}
+
+/* The wgmma kernel's launch (tree_attention_wgmma.cu); rw row blocks of 64 per block. */
+int cn_ta_launch_wgmma(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw, int cap);
+/* Its resident blocks per multiprocessor (after raising its shared-memory limit). */
+int cn_ta_wgmma_per_sm(int head_dim, int rw, int *per_sm);
+
+#endif

@@ -1,0 +1,266 @@
+/* Shared-prefix tree attention with Hopper warpgroup MMA (sm_90a): the same contract, grid, key
+ * split, mask, softmax and merge as tree_attention.cu (which runs on any sm_80+ device and is
+ * the fallback), with the two products issued as wgmma instead of mma.sync.
+ *
+ * Why: once a KV head has 64+ query rows (trees of 16+ nodes at GQA 4), the mma.sync kernel is
+ * bound by its instruction stream, not by memory: every 16-row block re-reads each K and V
+ * fragment from shared memory through ldmatrix into registers, and the tensor pipe of mma.sync
+ * runs at a fraction of Hopper's. wgmma m64 reads B straight from shared memory once for 64 rows,
+ * at the full tensor rate. Measured on the H100 (bench/RESULTS.md, 2026-11-23).
+ *
+ * Block = one warpgroup (4 warps), RW x 64 query rows; instruction rb covers rows rb 64 .. rb 64 +
+ * 63 of the tile, warp w of it rows 16 w .. 16 w + 15 (so a thread holds rows of the same m16n8
+ * layout as the mma.sync kernel and the shared softmax and epilogue apply unchanged).
+ *  - S = Q K^T: m64nKTk16 over head_dim / 16 steps, Q and K both from shared memory, K-major;
+ *  - O += P V: m64nDk16 over KT / 16 steps, P from registers (the S accumulators rounded to bf16
+ *    are exactly wgmma's A fragments), V from shared memory MN-major (the tile as stored).
+ * Shared tiles use the 128-byte swizzle: each tile is head_dim / 64 panels of [rows][64] bf16,
+ * 128 bytes a row, the 16-byte piece c of row r stored at piece c ^ (r % 8). The cp.async writes
+ * and Q's plain stores are made visible to the tensor cores' async proxy by fence.proxy.async
+ * before the barrier that precedes the MMAs. */
+#include "kernels/cuda/tree_attention.cuh"
+
+/* The 128-byte-swizzle layout and wgmma exist on sm_90a only; the portable PTX pass compiles the
+ * kernel as a stub the host never launches there (it runs the mma.sync kernel off sm_90). */
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define TA_HAVE_WGMMA 1
+#else
+#define TA_HAVE_WGMMA 0
+#endif
+
+#define WG_KT 64 /* keys per tile (wgmma_ss_n64) */
+
+template <int RW> constexpr int wg_stages() {
+  return RW == 1 ? 3 : 2;
+} /* Q + stages within 2 blocks a multiprocessor */
+
+/* Bytes of shared memory: Q (RW 64 rows), then per stage K and V (WG_KT rows), all D / 64 panels
+ * of 128-byte rows; plus up to 1 KB to align the start to the swizzle's 1024-byte period. */
+template <int D, int RW> constexpr int wg_smem() { return (RW * 64 + wg_stages<RW>() * 2 * WG_KT) * D * 2 + 1024; }
+
+#if TA_HAVE_WGMMA
+/* The generated operand lists of the three wgmma shapes the kernel uses (d holds the m16n8
+ * accumulator fragments of this warp's 16 rows, n / 8 of them):
+ *  - wgmma_ss_n64: d (+)= A B, m64n64k16 (64 keys a tile), A and B from shared memory
+ *    (descriptors), d = A B when !acc;
+ *  - wgmma_rs_nN_tb: d += A B, m64nNk16, A (this warp's 16 rows) from registers, B from shared
+ *    memory stored MN-major (transposed: the V tile is key-major with N = head_dim contiguous). */
+/* The accumulator operands of 8 n8 blocks (32 registers) starting at block b. */
+#define WG_ACC8(d, b)                                                                                                  \
+  "+f"(d[b][0]), "+f"(d[b][1]), "+f"(d[b][2]), "+f"(d[b][3]), "+f"(d[b + 1][0]), "+f"(d[b + 1][1]), "+f"(d[b + 1][2]), \
+      "+f"(d[b + 1][3]), "+f"(d[b + 2][0]), "+f"(d[b + 2][1]), "+f"(d[b + 2][2]), "+f"(d[b + 2][3]),                   \
+      "+f"(d[b + 3][0]), "+f"(d[b + 3][1]), "+f"(d[b + 3][2]), "+f"(d[b + 3][3]), "+f"(d[b + 4][0]),                   \
+      "+f"(d[b + 4][1]), "+f"(d[b + 4][2]), "+f"(d[b + 4][3]), "+f"(d[b + 5][0]), "+f"(d[b + 5][1]),                   \
+      "+f"(d[b + 5][2]), "+f"(d[b + 5][3]), "+f"(d[b + 6][0]), "+f"(d[b + 6][1]), "+f"(d[b + 6][2]),                   \
+      "+f"(d[b + 6][3]), "+f"(d[b + 7][0]), "+f"(d[b + 7][1]), "+f"(d[b + 7][2]), "+f"(d[b + 7][3])
+#define WG_REGS32                                                                                                      \
+  "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30," \
+  "%31"
+#define WG_REGS64                                                                                                      \
+  WG_REGS32                                                                                                            \
+      ",%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,"      \
+      "%58,%59,%60,%61,%62,%63"
+
+__device__ __forceinline__ void wgmma_ss_n64(float (&d)[8][4], uint64_t da, uint64_t db, int acc) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" WG_REGS32 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+               : WG_ACC8(d, 0)
+               : "l"(da), "l"(db), "r"(acc));
+}
+__device__ __forceinline__ void wgmma_rs_n64_tb(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" WG_REGS32
+               "}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
+               : WG_ACC8(d, 0)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+__device__ __forceinline__ void wgmma_rs_n128_tb(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" WG_REGS64
+               "}, {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
+               : WG_ACC8(d, 0), WG_ACC8(d, 8)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+/* Pins accumulator registers after a wait: uses of them cannot be scheduled before it. */
+template <int N> __device__ __forceinline__ void pin(float (&d)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; i++)
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+      asm volatile("" : "+f"(d[i][e])::"memory");
+}
+
+/* A shared-memory matrix descriptor, 128-byte swizzle: start, leading and stride byte offsets. */
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | (uint64_t)((lbo & 0x3FFFF) >> 4) << 16 |
+         (uint64_t)((sbo & 0x3FFFF) >> 4) << 32 | 1ull << 62;
+}
+
+/* Byte offset of 16-byte piece c (8 columns) of row r in a swizzled tile of R rows. */
+template <int R> __device__ __forceinline__ uint32_t sw128_at(int r, int c) {
+  return (uint32_t)((c / 8) * R * 128 + r * 128 + (((c % 8) ^ (r % 8)) << 4));
+}
+
+template <int D> __device__ __forceinline__ void wgmma_o(float (&d)[D / 8][4], const uint32_t (&a)[4], uint64_t db) {
+  if constexpr (D == 128)
+    wgmma_rs_n128_tb(d, a, db);
+  else
+    wgmma_rs_n64_tb(d, a, db);
+}
+
+/* Q rows of the tile as bf16 into the swizzled Q tile; padding rows are zeros. */
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void load_q(const cn_cuda_tree_attn_args &a, const ta_block &b, uint32_t qs) {
+  constexpr int CH = D / 8;
+  for (int c = threadIdx.x; c < ROWS * CH; c += TA_THREADS) {
+    const int rl = c / CH, piece = c % CH, r = b.row0 + rl;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r < b.rows) {
+      const T *src = (const T *)a.q + ((size_t)(b.sq.row0 + ta_tok(b, r)) * a.n_heads + ta_head(b, r)) * D + piece * 8;
+      if constexpr (sizeof(T) == 2)
+        v = *reinterpret_cast<const uint4 *>(src);
+      else
+        v.x = load_pair(src), v.y = load_pair(src + 2), v.z = load_pair(src + 4), v.w = load_pair(src + 6);
+    }
+    /* Instruction rb's 64 rows form their own tile of D / 64 panels. */
+    uint32_t at = qs + (rl / 64) * 64 * D * 2 + sw128_at<64>(rl % 64, piece);
+    asm volatile("st.shared.v4.b32 [%0], {%1,%2,%3,%4};\n" ::"r"(at), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+  }
+}
+
+template <typename T, int D, int RW>
+__global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {
+  constexpr int KT = WG_KT, DN = D / 8, NT = KT / 8, ROWS = 64 * RW, STAGES = wg_stages<RW>();
+  constexpr int TILE = KT * D * 2; /* bytes of one K or V tile */
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t raw = smem_addr(smem_raw), qs = (raw + 1023) & ~1023u; /* Q, then [STAGES][K, V] */
+  auto ks = [&](int st) { return qs + ROWS * D * 2 + st * 2 * TILE; };
+  auto vs = [&](int st) { return ks(st) + TILE; };
+
+  ta_block b;
+  if (!ta_block_init<ROWS>(a, b)) return;
+  const int warp = threadIdx.x / 32;
+  int base[RW];
+#pragma unroll
+  for (int rb = 0; rb < RW; rb++)
+    base[rb] = b.row0 + rb * 64 + warp * 16;
+  const int n_tiles = b.k_end > b.k_begin ? (b.k_end - b.k_begin + KT - 1) / KT : 0;
+
+  auto load_tile = [&](int kt, int st) {
+    constexpr int CH = D / 8;
+#pragma unroll
+    for (int it = 0; it < KT * CH / TA_THREADS; it++) {
+      int c = threadIdx.x + it * TA_THREADS, key = c / CH, piece = c % CH, slot = kt + key;
+      size_t off = slot < b.k_end ? ta_kv_offset(a, b, slot, piece * 8, D) : 0;
+      int bytes = slot < b.k_end ? 16 : 0;
+      uint32_t at = sw128_at<KT>(key, piece);
+      cp_async16(ks(st) + at, (const cn_bf16_t *)a.k + off, bytes);
+      cp_async16(vs(st) + at, (const cn_bf16_t *)a.v + off, bytes);
+    }
+  };
+  /* The tile this thread waited for, made visible to the tensor cores and to the other threads. */
+  auto tile_ready = [&]() {
+    fence_proxy_async(); /* this thread's cp.async (and Q) writes, seen by the tensor cores */
+    __syncthreads();
+  };
+  /* S = Q K^T from stage st, issued (async). */
+  auto issue_s = [&](int st, float(&s)[RW][NT][4]) {
+    wgmma_fence();
+#pragma unroll
+    for (int rb = 0; rb < RW; rb++)
+#pragma unroll
+      for (int kk = 0; kk < D / 16; kk++) {
+        const uint32_t panel = (kk / 4) * 8192u + (kk % 4) * 32u; /* 64 rows x 128 bytes a Q panel */
+        wgmma_ss_n64(s[rb], sw128_desc(qs + rb * 64 * D * 2 + panel, 16, 1024),
+                     sw128_desc(ks(st) + (kk / 4) * KT * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
+      }
+    wgmma_commit();
+  };
+
+  const float sl2 = a.scale * TA_LOG2E;
+  float o[RW][DN][4], m[RW][2], l[RW][2];
+  ta_state_init(o, m, l);
+  /* O += P V from stage st, issued (async). */
+  auto issue_o = [&](int st, const uint32_t(&pa)[RW][KT / 16][4]) {
+#pragma unroll
+    for (int rb = 0; rb < RW; rb++)
+      pin(o[rb]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KT / 16; kk++)
+#pragma unroll
+      for (int rb = 0; rb < RW; rb++)
+        wgmma_o<D>(o[rb], pa[rb][kk], sw128_desc(vs(st) + kk * 16 * 128, KT * 128, 1024));
+    wgmma_commit();
+  };
+
+  ta_prologue<STAGES, KT>(b, n_tiles, load_tile);
+  load_q<T, D, ROWS>(a, b, qs); /* while the first tiles are on their way */
+  for (int it = 0; it < n_tiles; it++) {
+    const int kt = b.k_begin + it * KT, ahead = it + STAGES - 1, st = it % STAGES;
+    if (ahead < n_tiles) load_tile(b.k_begin + ahead * KT, ahead % STAGES);
+    cp_async_commit();
+    cp_async_wait<STAGES - 1>();
+    tile_ready();
+    float s[RW][NT][4];
+    issue_s(st, s);
+    wgmma_wait_all();
+#pragma unroll
+    for (int rb = 0; rb < RW; rb++)
+      pin(s[rb]);
+    ta_mask<RW, NT>(a, b, base, kt, s);
+    ta_softmax<RW, NT, DN>(s, m, l, o, sl2);
+    uint32_t pa[RW][KT / 16][4];
+    ta_pack_p<RW, NT>(s, pa);
+    issue_o(st, pa);
+    wgmma_wait_all();
+#pragma unroll
+    for (int rb = 0; rb < RW; rb++)
+      pin(o[rb]);
+    __syncthreads(); /* a later iteration's loads overwrite this stage */
+  }
+  cp_async_wait<0>();
+  ta_finish<T, RW, DN>(a, b, base, gridDim.x * ROWS, o, m, l);
+}
+
+#else
+
+template <typename T, int D, int RW> __global__ void tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {}
+
+#endif
+
+template <typename T, int D, int RW>
+static int launch_kernel(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int cap) {
+  auto kernel = tree_attn_wgmma_kernel<T, D, RW>;
+  CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, wg_smem<D, RW>()));
+  dim3 grid(cap / (64 * RW), a->n_splits, a->n_seqs * a->n_kv_heads);
+  kernel<<<grid, TA_THREADS, wg_smem<D, RW>(), ctx->stream>>>(*a);
+  CN_CUDA_CHECK_LAUNCH();
+  return CANOPY_OK;
+}
+
+int cn_ta_launch_wgmma(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw, int cap) {
+  return cn_dispatch(a->dt, [&](auto t) {
+    using T = decltype(t);
+    if (a->head_dim == 64) return rw == 2 ? launch_kernel<T, 64, 2>(ctx, a, cap) : launch_kernel<T, 64, 1>(ctx, a, cap);
+    return rw == 2 ? launch_kernel<T, 128, 2>(ctx, a, cap) : launch_kernel<T, 128, 1>(ctx, a, cap);
+  });
+}
+
+template <int D, int RW> static int per_sm_of(int *per_sm) {
+  auto kernel = tree_attn_wgmma_kernel<cn_bf16_t, D, RW>;
+  CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, wg_smem<D, RW>()));
+  CN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, TA_THREADS, wg_smem<D, RW>()));
+  return CANOPY_OK;
+}
+
+int cn_ta_wgmma_per_sm(int head_dim, int rw, int *per_sm) {
+  if (head_dim == 64) return rw == 2 ? per_sm_of<64, 2>(per_sm) : per_sm_of<64, 1>(per_sm);
+  return rw == 2 ? per_sm_of<128, 2>(per_sm) : per_sm_of<128, 1>(per_sm);
+}
