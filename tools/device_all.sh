@@ -47,10 +47,9 @@ fi
 if [ -f $model/model.safetensors ]; then mkdir -p models && ln -sfn $model models/SmolLM2-135M-Instruct; fi
 
 if [[ $steps == *test* ]]; then
-  # The random model of SmolLM2's shape (device_test.sh writes it) puts the CUDA forward test
-  # through the tree kernel at a real size.
-  awk '/<<.PY./ {f = 1; next} /^PY$/ {f = 0} f' tools/device_test.sh > /tmp/make_big.py
-  python3 /tmp/make_big.py /tmp/smollm2-shape > "$out/bigmodel.log" 2>&1 && export CANOPY_TEST_BIG_MODEL=/tmp/smollm2-shape
+  # The random model of SmolLM2's shape puts the CUDA forward test through the tree kernel at a
+  # real size.
+  python3 tools/write_smollm2_shape.py /tmp/smollm2-shape > "$out/bigmodel.log" 2>&1 && export CANOPY_TEST_BIG_MODEL=/tmp/smollm2-shape
   (cd $b && ctest -j8 --output-on-failure > "$out/ctest.log" 2>&1) || rc=1
   tail -12 "$out/ctest.log"
   grep -E "Skipped|Failed" "$out/ctest.log" | head
@@ -67,7 +66,7 @@ if [[ $steps == *sanitize* ]]; then
   for t in test_cuda_forward test_cuda_ops test_tree_attention; do
     for tool in memcheck racecheck; do
       [[ $t == test_cuda_forward && $tool == racecheck ]] && continue
-      CANOPY_TEST_QUICK=1 timeout 120 compute-sanitizer --tool $tool --report-api-errors no $b/$t > "$out/$tool-$t.log" 2>&1
+      CANOPY_TEST_QUICK=1 timeout ${SAN_TIMEOUT:-80} compute-sanitizer --tool $tool --report-api-errors no $b/$t > "$out/$tool-$t.log" 2>&1
       echo "$tool $t (rc $?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/$tool-$t.log" | tr '\n' ' ')"
     done
   done
