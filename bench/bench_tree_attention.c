@@ -209,11 +209,12 @@ static shape_job make_shape(const bench_bufs *bb, int batch, int n, int L) {
   j.d_pos = dupload(pos, sizeof(int32_t) * (size_t)batch * n);
   j.d_mask = dupload(mask, sizeof(uint64_t) * (size_t)batch * n * words);
   j.d_desc = dupload(desc, sizeof *desc * (size_t)batch);
-  int splits = cn_cuda_tree_attn_splits(ctx, batch, n, L + n, HQ, HKV, HD);
+  int splits, split_keys; /* the engine's plan (model/backend_cuda.c) */
+  cn_cuda_tree_attn_plan(ctx, batch, n, L + n, HQ, HKV, HD, 0, &splits, &split_keys);
   j.a = (cn_cuda_tree_attn_args){.out = bb->out, .q = bb->q, .dt = CN_CUDA_BF16, .k = bb->pool,
                                  .v = bb->pool + BS * KV_DIM, .block_stride = BLOCK_ELEMS, .block_size = BS,
                                  .pos = j.d_pos, .tree_mask = j.d_mask, .seqs = j.d_desc, .n_seqs = batch, .max_n = n,
-                                 .n_splits = splits, .n_heads = HQ, .n_kv_heads = HKV, .head_dim = HD,
+                                 .n_splits = splits, .split_keys = split_keys, .n_heads = HQ, .n_kv_heads = HKV, .head_dim = HD,
                                  .scale = 1.0f / sqrtf((float)HD), .workspace = bb->ws};
   free(ht), free(pos), free(mask), free(desc);
   return j;
@@ -362,6 +363,7 @@ int main(int argc, char **argv) {
         static const char *names[2] = {"128", "64"};
         shape_job j = make_shape(&bb, 1, ns[ni], Ls[li]);
         int auto_splits = j.a.n_splits;
+        j.a.split_keys = 0; /* the swept counts divide the keys evenly */
         printf("%4d %6d %4s |", ns[ni], Ls[li], names[v]);
         for (int k = 0; k < 9; k++) {
           j.a.n_splits = sweep[k];

@@ -660,10 +660,11 @@ static void cuda_attention_batch(void *ctx, void *out, const void *q, const cn_a
     }
     return;
   }
-  /* Batch-invariant mode keeps one split: the split boundaries follow from the key count and the
-   * split count, both of which change with the node count, and so would a row's rounding. */
-  int splits =
-      c->batch_invariant ? 1 : cn_cuda_tree_attn_splits(c->cu, n_seqs, c->max_n, c->keys_bucket, n_heads, n_kv, hd);
+  /* Split boundaries at fixed key positions (a plan from the key bucket, or fixed in batch-invariant
+   * mode): a token's keys are cut alike in its decode step and in a verified chain. */
+  int splits, split_keys;
+  cn_cuda_tree_attn_plan(c->cu, n_seqs, c->max_n, c->keys_bucket, n_heads, n_kv, hd, c->batch_invariant, &splits,
+                         &split_keys);
   size_t ws = cn_cuda_tree_attn_workspace(n_seqs, c->max_n, splits, n_heads, n_kv, hd);
   if (ws > c->ta_ws_bytes) {
     /* Launches queued earlier, and captured graphs, may still use the old workspace. Never
@@ -691,6 +692,7 @@ static void cuda_attention_batch(void *ctx, void *out, const void *q, const cn_a
                               .n_seqs = n_seqs,
                               .max_n = c->max_n,
                               .n_splits = splits,
+                              .split_keys = split_keys,
                               .n_heads = n_heads,
                               .n_kv_heads = n_kv,
                               .head_dim = hd,

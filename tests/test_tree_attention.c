@@ -5,7 +5,8 @@
  * counts and prefix lengths, q_offset > 0, GQA ratios 1, 4 and 8, head_dim 64 and 128, a sliding
  * window, randomly permuted cache blocks, and each batch at one split, the automatic split count
  * and a forced odd one, through every kernel (mma.sync, and where the device is sm_90 wgmma with
- * 128-row and with 64-row tiles). The output is poisoned with NaN first, so an unwritten element fails; a
+ * 128-row and with 64-row tiles). A token verified as the last node of a chain gets the same bits
+ * as its decode step (the split plan's fixed boundaries). The output is poisoned with NaN first, so an unwritten element fails; a
  * query that sees no key must give exact zeros, as the CPU twin does.
  *
  * CANOPY_TEST_QUICK=1 shrinks the shapes (for compute-sanitizer). Skips (exit 77) when canopy was
@@ -269,8 +270,11 @@ static int run_case(const batch_case *c) {
   CK(cn_cuda_malloc(ctx, &d_desc, sizeof *desc * (size_t)ns));
   CK(cn_cuda_memcpy_h2d(ctx, d_desc, desc, sizeof *desc * (size_t)ns));
 
-  int auto_splits = cn_cuda_tree_attn_splits(ctx, ns, max_n, max_keys, c->n_heads, c->n_kv_heads, d);
-  int splits[3] = {1, auto_splits, 7};
+  /* The engine's plan (boundaries at multiples of plan_keys) in the middle, an even division into
+   * an odd count last. */
+  int plan_splits, plan_keys;
+  cn_cuda_tree_attn_plan(ctx, ns, max_n, max_keys, c->n_heads, c->n_kv_heads, d, 0, &plan_splits, &plan_keys);
+  int splits[3] = {1, plan_splits, 7}, split_keys[3] = {0, plan_keys, 0};
   /* The kernels: mma.sync, and wgmma with 128-row tiles (where a KV head has 128+ rows) and with
    * 64-row tiles. */
   static const cn_cuda_tree_attn_impl impls[3] = {CN_CUDA_TA_MMA_SYNC, CN_CUDA_TA_WGMMA, CN_CUDA_TA_WGMMA};
@@ -284,7 +288,8 @@ static int run_case(const batch_case *c) {
     cn_cuda_tree_attn_args a = {.out = d_out, .q = d_q, .dt = c->dt, .k = d_pool, .v = (uint16_t *)d_pool + half,
                                 .block_stride = 2 * half, .block_size = bs, .block_tables = d_tables, .pos = d_pos,
                                 .tree_mask = total_mask ? d_mask : NULL, .seqs = d_desc, .n_seqs = ns,
-                                .max_n = max_n, .n_splits = splits[v], .n_heads = c->n_heads,
+                                .max_n = max_n, .n_splits = splits[v], .split_keys = split_keys[v],
+                                .n_heads = c->n_heads,
                                 .n_kv_heads = c->n_kv_heads, .head_dim = d, .sliding_window = c->window,
                                 .scale = 1.0f / sqrtf((float)d), .workspace = d_ws, .impl = impls[im],
                                 .row_tile = row_tiles[im]};
@@ -381,6 +386,127 @@ static void test_tree_attention_rejects_bad_args(void **state) {
   a.impl = CN_CUDA_TA_AUTO;
   a.row_tile = 32; /* 0, 64 or 128 */
   assert_int_equal(cn_cuda_tree_attention(ctx, &a), CANOPY_ERR_INVALID_ARG);
+  a.row_tile = 0;
+  a.split_keys = 100; /* whole 64-key units */
+  assert_int_equal(cn_cuda_tree_attention(ctx, &a), CANOPY_ERR_INVALID_ARG);
+}
+
+/* ---- a token's output does not depend on the launch it is in ---------------------------------- */
+
+static int pow2_at_least(int x) {
+  int p = 64;
+  while (p < x) p *= 2;
+  return p;
+}
+
+/* Launches one sequence whose queries are the slots ctx_len .. ctx_len + n - 1 of a chain (each
+ * query sees the prefix, the chain's earlier slots and itself, as a verified chain does), with the
+ * split plan of a caller that buckets the key count (model/backend_cuda.c), or with the keys
+ * divided evenly (fixed = 0); writes the n x q_dim outputs to got. 0 when the kernel asked for
+ * cannot run on this device (wgmma off sm_90). */
+static int launch_chain(const batch_case *c, void *d_pool, void *d_q_all, void *d_out, void *d_tables, int ctx_len,
+                         int n, int fixed, int invariant, cn_cuda_tree_attn_impl impl, float *got) {
+  int d = c->head_dim, q_dim = c->n_heads * d, words = (n + 63) / 64;
+  size_t half = (size_t)c->block_size * c->n_kv_heads * d;
+  int32_t *pos = malloc(sizeof(int32_t) * (size_t)n);
+  uint64_t *mask = calloc((size_t)n * words, sizeof(uint64_t));
+  for (int i = 0; i < n; i++) {
+    pos[i] = ctx_len + i;
+    for (int j = 0; j <= i; j++) mask[(size_t)i * words + j / 64] |= 1ull << (j % 64);
+  }
+  cn_cuda_tree_seq desc = {.ctx_len = ctx_len, .n = n, .mask0 = n > 1 ? 0 : -1, .mask_words = words};
+  void *d_pos, *d_mask, *d_desc, *d_ws = NULL;
+  CK(cn_cuda_malloc(ctx, &d_pos, sizeof(int32_t) * (size_t)n));
+  CK(cn_cuda_memcpy_h2d(ctx, d_pos, pos, sizeof(int32_t) * (size_t)n));
+  CK(cn_cuda_malloc(ctx, &d_mask, sizeof(uint64_t) * (size_t)n * words));
+  CK(cn_cuda_memcpy_h2d(ctx, d_mask, mask, sizeof(uint64_t) * (size_t)n * words));
+  CK(cn_cuda_malloc(ctx, &d_desc, sizeof desc));
+  CK(cn_cuda_memcpy_h2d(ctx, d_desc, &desc, sizeof desc));
+  int splits, keys;
+  cn_cuda_tree_attn_plan(ctx, 1, n, pow2_at_least(ctx_len + n), c->n_heads, c->n_kv_heads, d, invariant, &splits, &keys);
+  if (!fixed) keys = 0;
+  size_t ws = cn_cuda_tree_attn_workspace(1, n, splits, c->n_heads, c->n_kv_heads, d);
+  if (ws) CK(cn_cuda_malloc(ctx, &d_ws, ws));
+  cn_cuda_tree_attn_args a = {.out = d_out, .q = (float *)d_q_all + (size_t)ctx_len * q_dim, .dt = CN_CUDA_F32,
+                              .k = d_pool, .v = (uint16_t *)d_pool + half, .block_stride = 2 * half,
+                              .block_size = c->block_size, .block_tables = d_tables, .pos = d_pos,
+                              .tree_mask = n > 1 ? d_mask : NULL, .seqs = d_desc, .n_seqs = 1, .max_n = n,
+                              .n_splits = splits, .split_keys = keys, .n_heads = c->n_heads,
+                              .n_kv_heads = c->n_kv_heads, .head_dim = d, .scale = 1.0f / sqrtf((float)d),
+                              .workspace = d_ws, .impl = impl};
+  int st = cn_cuda_tree_attention(ctx, &a), ran = st != CANOPY_ERR_UNSUPPORTED;
+  if (ran) {
+    CK(st);
+    CK(cn_cuda_memcpy_d2h(ctx, got, d_out, sizeof(float) * (size_t)n * q_dim));
+  }
+  CK(cn_cuda_sync(ctx));
+  if (d_ws) cn_cuda_free(ctx, d_ws);
+  cn_cuda_free(ctx, d_pos), cn_cuda_free(ctx, d_mask), cn_cuda_free(ctx, d_desc);
+  free(pos), free(mask);
+  return ran;
+}
+
+/* Greedy speculation is lossless against target-only decoding only if a verified token's logits
+ * are the bits its decode step would give. In attention that needs the token's keys cut into the
+ * same splits and tiles: the last query of a verified chain (ctx_len L, n nodes) against the same
+ * token decoded alone (ctx_len L + n - 1, n = 1), bit for bit, with the engine's plan (chains of a
+ * few nodes) and with the batch-invariant plan (a chain of 40 nodes too). The count of differing
+ * tokens when the keys are divided evenly instead is printed, not checked: it shows the cause. */
+static void test_decode_and_verified_chain_give_the_same_bits(void **state) {
+  static const batch_case shapes[2] = {{"llama3-8b heads", 32, 8, 128, 16, 0, CN_CUDA_F32, 1, {{0}}},
+                                       {"smollm2 heads", 9, 3, 64, 16, 0, CN_CUDA_F32, 1, {{0}}}};
+  static const int lens[] = {700, 1500, 3000, 6000}; /* a chain's keys stay in one pow2 bucket */
+  static const int chains[][2] = {{2, 0}, {5, 0}, {8, 0}, {40, 1}}; /* nodes, batch-invariant plan */
+  /* mma.sync takes 32-key tiles once a KV head has 128+ rows, so it is held to narrow chains. */
+  static const cn_cuda_tree_attn_impl impls[2] = {CN_CUDA_TA_WGMMA, CN_CUDA_TA_MMA_SYNC};
+  int differ = 0, checked = 0, even_differ = 0;
+  for (int sh = 0; sh < 2; sh++) {
+    const batch_case *c = &shapes[sh];
+    int d = c->head_dim, kv_dim = c->n_kv_heads * d, q_dim = c->n_heads * d, bs = c->block_size;
+    int max_len = lens[quick ? 1 : 3] + 64, n_blocks = (max_len + bs - 1) / bs;
+    size_t half = (size_t)bs * kv_dim, pool_elems = (size_t)n_blocks * 2 * half, q_elems = (size_t)max_len * q_dim;
+    uint16_t *pool16 = malloc(sizeof(uint16_t) * pool_elems);
+    float *q = malloc(sizeof(float) * q_elems), *a = malloc(sizeof(float) * 64 * q_dim),
+          *b = malloc(sizeof(float) * q_dim);
+    for (size_t e = 0; e < pool_elems; e++) pool16[e] = bf16_bits(bf16_round(cn_test_randf(&rng) * 2.0f));
+    for (size_t e = 0; e < q_elems; e++) q[e] = cn_test_randf(&rng) * 2.0f;
+    int32_t *tables = malloc(sizeof(int32_t) * (size_t)n_blocks);
+    for (int i = 0; i < n_blocks; i++) tables[i] = n_blocks - 1 - i; /* any order */
+    void *d_pool, *d_q, *d_out, *d_tables;
+    CK(cn_cuda_malloc(ctx, &d_pool, sizeof(uint16_t) * pool_elems));
+    CK(cn_cuda_memcpy_h2d(ctx, d_pool, pool16, sizeof(uint16_t) * pool_elems));
+    CK(cn_cuda_malloc(ctx, &d_q, sizeof(float) * q_elems));
+    CK(cn_cuda_memcpy_h2d(ctx, d_q, q, sizeof(float) * q_elems));
+    CK(cn_cuda_malloc(ctx, &d_out, sizeof(float) * 64 * q_dim));
+    CK(cn_cuda_malloc(ctx, &d_tables, sizeof(int32_t) * (size_t)n_blocks));
+    CK(cn_cuda_memcpy_h2d(ctx, d_tables, tables, sizeof(int32_t) * (size_t)n_blocks));
+    for (int li = 0; li < (quick ? 2 : 4); li++)
+      for (int ci = 0; ci < 4; ci++)
+        for (int im = 0; im < 2; im++) {
+          int L = lens[li], n = chains[ci][0], inv = chains[ci][1];
+          if (impls[im] == CN_CUDA_TA_MMA_SYNC && n * (c->n_heads / c->n_kv_heads) >= 128) continue;
+          for (int fixed = 1; fixed >= 0; fixed--) {
+            if (!launch_chain(c, d_pool, d_q, d_out, d_tables, L, n, fixed, inv, impls[im], a)) break;
+            launch_chain(c, d_pool, d_q, d_out, d_tables, L + n - 1, 1, fixed, inv, impls[im], b);
+            int same = !memcmp(a + (size_t)(n - 1) * q_dim, b, sizeof(float) * q_dim);
+            if (fixed) {
+              checked++;
+              differ += !same;
+              if (!same)
+                printf("  %s L %d chain %d%s %s: the verified token's attention differs from its decode step\n",
+                       c->name, L, n, inv ? " (batch-invariant plan)" : "", im ? "mma.sync" : "wgmma");
+            } else {
+              even_differ += !same;
+            }
+          }
+        }
+    cn_cuda_free(ctx, d_pool), cn_cuda_free(ctx, d_q), cn_cuda_free(ctx, d_out), cn_cuda_free(ctx, d_tables);
+    free(pool16), free(q), free(a), free(b), free(tables);
+  }
+  printf("  decode against verified chain: %d of %d cases differ with the plan's fixed boundaries, %d with keys "
+         "divided evenly\n",
+         differ, checked, even_differ);
+  assert_int_equal(differ, 0);
 }
 
 static int setup(void **state) {
@@ -405,6 +531,7 @@ int main(void) {
       cmocka_unit_test(test_tree_attention_matches_cpu_and_f64),
       cmocka_unit_test(test_tree_attention_random_batches),
       cmocka_unit_test(test_tree_attention_rejects_bad_args),
+      cmocka_unit_test(test_decode_and_verified_chain_give_the_same_bits),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -267,7 +267,13 @@ typedef struct cn_cuda_tree_attn_args {
   const uint64_t *tree_mask;    /* concatenated mask rows (device), or NULL if every sequence is causal */
   const cn_cuda_tree_seq *seqs; /* [n_seqs] (device) */
   int n_seqs, max_n;            /* grid bucket: sequences, and the most queries any of them has */
-  int n_splits;                 /* key-range splits, 1 .. 256 (cn_cuda_tree_attn_splits) */
+  int n_splits;                 /* key-range splits, 1 .. 256 (cn_cuda_tree_attn_plan) */
+  int split_keys;               /* 0: each sequence's keys divided evenly among n_splits; else keys
+                                   per split (a multiple of 64): split j holds keys [j split_keys,
+                                   (j + 1) split_keys) of every sequence, so that how a query's
+                                   keys are cut and merged, and so its rounding, does not depend on
+                                   the other queries of the launch. A sequence with more keys than
+                                   n_splits such splits hold falls back to the even division. */
   int n_heads, n_kv_heads, head_dim; /* head_dim 64 or 128 */
   int sliding_window;
   float scale;
@@ -289,6 +295,17 @@ int cn_cuda_tree_attn_supported(int head_dim);
  * tile. */
 int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int max_keys, int n_heads, int n_kv_heads,
                              int head_dim);
+
+/* The split plan the engine launches with: the count cn_cuda_tree_attn_splits picks for max_keys
+ * keys, then split_keys = max_keys / that count rounded up to whole 64-key units, and n_splits =
+ * the splits max_keys keys then need. The count is taken as if a KV head's rows fit one 64-row
+ * tile whenever they are fewer than 128, so launches with the same n_seqs and max_keys (a caller
+ * passes a bucket) cut a token's keys at the same positions whether it is decoded alone or
+ * verified in a tree of a few nodes: greedy speculation then matches target-only decoding bit for
+ * bit in attention. With `invariant` the plan ignores the launch: split_keys is 256 (at most 256
+ * splits, so up to 64k keys). */
+void cn_cuda_tree_attn_plan(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int max_keys, int n_heads, int n_kv_heads,
+                            int head_dim, int invariant, int *n_splits, int *split_keys);
 
 /* Bytes of workspace the partial softmax states of one launch take (0 when n_splits == 1). */
 size_t cn_cuda_tree_attn_workspace(int n_seqs, int max_n, int n_splits, int n_heads, int n_kv_heads, int head_dim);

@@ -181,7 +181,7 @@ template <typename T, int D> __global__ void __launch_bounds__(32 * MERGE_ROWS) 
   const cn_cuda_tree_seq sq = a.seqs[blockIdx.y / a.n_kv_heads];
   const int G = a.n_heads / a.n_kv_heads;
   if (r >= sq.n * G) return;
-  const int used = split_of(sq, a.n_splits).n_used;
+  const int used = split_of(sq, a).n_used;
   const size_t base = ((size_t)blockIdx.y * cap + r) * a.n_splits;
   pdl_wait(); /* launched early: the partial states are complete from here on */
   const float *ml = a.workspace + 2 * base;
@@ -286,6 +286,28 @@ int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int 
   return (int)want;
 }
 
+void cn_cuda_tree_attn_plan(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int max_keys, int n_heads, int n_kv_heads,
+                            int head_dim, int invariant, int *n_splits, int *split_keys) {
+  int splits = 1, keys = 0;
+  if (max_keys > 0 && n_kv_heads > 0 && n_heads >= n_kv_heads) {
+    const int group = n_heads / n_kv_heads;
+    if (invariant) {
+      keys = 256;
+    } else {
+      /* Fewer than 128 rows: planned as one 64-row tile, so that a decode step (n = 1) and a small
+       * tree get the same cut (two tiles then may run in two waves). */
+      int plan_n = wide_rows(max_n, group) ? max_n : (64 / group > 0 ? 64 / group : 1);
+      int want = cn_cuda_tree_attn_splits(ctx, n_seqs, plan_n, max_keys, n_heads, n_kv_heads, head_dim);
+      keys = ((max_keys + want - 1) / want + TA_KEYS - 1) / TA_KEYS * TA_KEYS;
+    }
+    splits = (max_keys + keys - 1) / keys;
+    if (splits > MERGE_MAX_SPLITS) splits = MERGE_MAX_SPLITS;
+    if (splits == 1) keys = 0;
+  }
+  *n_splits = splits;
+  *split_keys = keys;
+}
+
 size_t cn_cuda_tree_attn_workspace(int n_seqs, int max_n, int n_splits, int n_heads, int n_kv_heads, int head_dim) {
   if (n_splits <= 1 || n_seqs <= 0 || max_n <= 0 || n_kv_heads <= 0) return 0;
   return sizeof(float) * (size_t)n_seqs * n_kv_heads * rows_cap(max_n, n_heads / n_kv_heads) * n_splits *
@@ -326,13 +348,14 @@ int cn_cuda_tree_attention(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a) {
   if (!a) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_tree_attention: NULL args");
   if (a->n_seqs < 0 || a->max_n < 0 || a->n_splits < 1 || a->n_heads <= 0 || a->n_kv_heads <= 0 ||
       a->n_heads % a->n_kv_heads || a->block_size <= 0 || a->n_seqs * a->n_kv_heads > 65535 || a->n_splits > MERGE_MAX_SPLITS ||
+      a->split_keys < 0 || a->split_keys % TA_KEYS ||
       (unsigned)a->impl > CN_CUDA_TA_WGMMA ||
       (a->row_tile != 0 && a->row_tile != 64 && a->row_tile != 128))
     return cn_error(CANOPY_ERR_INVALID_ARG,
                     "cn_cuda_tree_attention: n_seqs=%d max_n=%d n_splits=%d (1..%d) n_heads=%d n_kv_heads=%d "
-                    "block_size=%d impl=%d row_tile=%d",
+                    "block_size=%d impl=%d row_tile=%d split_keys=%d (a multiple of %d)",
                     a->n_seqs, a->max_n, a->n_splits, MERGE_MAX_SPLITS, a->n_heads, a->n_kv_heads, a->block_size,
-                    (int)a->impl, a->row_tile);
+                    (int)a->impl, a->row_tile, a->split_keys, TA_KEYS);
   if (!cn_cuda_tree_attn_supported(a->head_dim))
     return cn_error(CANOPY_ERR_UNSUPPORTED, "cn_cuda_tree_attention: head_dim %d (64 or 128)", a->head_dim);
   if (!cn_dtype_ok(a->dt)) return cn_error(CANOPY_ERR_DTYPE, "cn_cuda_tree_attention: unknown dtype %d", (int)a->dt);

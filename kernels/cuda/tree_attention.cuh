@@ -72,11 +72,13 @@ struct key_split {
   int total, chunk, n_used; /* keys; keys per split (whole units); splits that hold any */
 };
 
-__device__ __forceinline__ key_split split_of(const cn_cuda_tree_seq &s, int n_splits) {
+__device__ __forceinline__ key_split split_of(const cn_cuda_tree_seq &s, const cn_cuda_tree_attn_args &a) {
   key_split k;
   k.total = s.ctx_len + s.q_offset + s.n;
-  int per = (k.total + n_splits - 1) / n_splits;
+  int per = (k.total + a.n_splits - 1) / a.n_splits;
   k.chunk = (per + TA_KEYS - 1) / TA_KEYS * TA_KEYS;
+  /* Fixed boundaries (cuda_ops.h, split_keys) unless this sequence has more keys than they hold. */
+  if (a.split_keys > k.chunk) k.chunk = a.split_keys;
   k.n_used = k.chunk ? (k.total + k.chunk - 1) / k.chunk : 0;
   return k;
 }
@@ -107,7 +109,7 @@ template <int ROWS> __device__ __forceinline__ bool ta_block_init(const cn_cuda_
   b.rows = b.sq.n * b.G;
   b.row0 = tile * ROWS;
   if (b.row0 >= b.rows) return false;
-  const key_split ksp = split_of(b.sq, a.n_splits);
+  const key_split ksp = split_of(b.sq, a);
   if (split >= ksp.n_used) return false;
   b.causal = b.sq.mask0 < 0;
   b.pos = a.pos + b.sq.pos0;
