@@ -12,7 +12,8 @@
 #   step      bench_step: Llama-3-8B and SmolLM2-135M shapes, decode and verification against
 #             the bandwidth floor (benchmark 6b)
 #   attn      bench_tree_attention (canopy's kernel and the naive one; benchmark 6a's C side)
-#   e2e       canopy bench acceptance --device cuda on the dev prompts (benchmark 6c, canopy side)
+#   e2e       canopy bench acceptance --device cuda on the dev prompts (benchmark 6c, canopy side);
+#             E2E_ARGS adds options (--no-prefix-cache), E2E_TAG names the logs
 #   hf        tools/bench_hf_generate.py: transformers default, static+compile, assisted (6c)
 # Usage (device run, carry [".devdeps", ".dev-final"]):
 #   STEPS="build convert test" WHEELS=/root/devbig-C EXTRA=.dev-final bash tools/device_all.sh
@@ -93,9 +94,9 @@ draft=drafts/SmolLM2-135M-draft
 if [[ $steps == *e2e* ]]; then
   trees="--tree chain:2 --tree chain:3 --tree chain:4 --tree dynamic:16 --tree dynamic:64 --tree $draft/tree.json"
   timeout 400 $b/canopy bench acceptance -m $model -d $draft --prompts "$prompts" --chat -n 128 --device cuda \
-    --max-prompts ${CANOPY_PROMPTS:-30} $trees --out /tmp/acc > "$out/canopy_e2e.txt" 2>&1 || rc=1
-  grep -v "^\s*$" "$out/canopy_e2e.txt" | tail -16
-  cp /tmp/acc/results.json "$out/canopy_e2e.json" 2>/dev/null
+    --max-prompts ${CANOPY_PROMPTS:-30} $trees ${E2E_ARGS:-} --out /tmp/acc > "$out/canopy_e2e${E2E_TAG:-}.txt" 2>&1 || rc=1
+  grep -v "^\s*$" "$out/canopy_e2e${E2E_TAG:-}.txt" | grep -v "first differs" | tail -16
+  cp /tmp/acc/results.json "$out/canopy_e2e${E2E_TAG:-}.json" 2>/dev/null
   note e2e
 fi
 
