@@ -46,8 +46,11 @@ static const char *usage =
     "      --threads N       CPU threads (default: all cores)\n"
     "      --device D        cpu (default) or cuda, for target and draft\n"
     "      --no-graphs       cuda: launch every op of every forward (no CUDA graphs)\n"
-    "      --no-prefix-cache every run prefills its whole prompt (no KV blocks reused across runs,\n"
-    "                        so target-alone and speculative runs start from the same bits)\n"
+    "      --prefix-cache    let runs reuse the KV blocks of earlier runs' identical prompt prefixes.\n"
+    "                        Off by default (--no-prefix-cache): every run prefills its whole prompt,\n"
+    "                        so the target alone and each tree start from the same bits (on CUDA a\n"
+    "                        reused block was computed by a prefill of another length, and its last\n"
+    "                        bits can differ, which moves greedy near-ties)\n"
     "  -o, --out DIR         output folder (created if missing)\n"
     "  -h, --help            show this help\n"
     "\n"
@@ -59,7 +62,7 @@ static const char *usage =
 typedef struct bench_args {
   const char *model, *draft, *prompts, *out;
   const char *trees[MAX_TREES];
-  int n_trees, draft_layers, chat, max_tokens, max_prompts, threads, device, no_graphs, no_prefix_cache;
+  int n_trees, draft_layers, chat, max_tokens, max_prompts, threads, device, no_graphs, prefix_cache;
   float temp;
   uint64_t seed;
 } bench_args;
@@ -172,7 +175,7 @@ static void add_divergence_json(cJSON *o, const cli_divergence *d) {
 }
 
 static int parse(int argc, char **argv, bench_args *a) {
-  enum { O_LAYERS = 256, O_PROMPTS, O_CHAT, O_TREE, O_TEMP, O_SEED, O_MAXP, O_THREADS, O_DEVICE, O_NO_GRAPHS, O_NO_PREFIX };
+  enum { O_LAYERS = 256, O_PROMPTS, O_CHAT, O_TREE, O_TEMP, O_SEED, O_MAXP, O_THREADS, O_DEVICE, O_NO_GRAPHS, O_NO_PREFIX, O_PREFIX };
   struct option opts[] = {{"model", required_argument, 0, 'm'},      {"draft", required_argument, 0, 'd'},
                           {"draft-layers", required_argument, 0, O_LAYERS},
                           {"prompts", required_argument, 0, O_PROMPTS}, {"chat", no_argument, 0, O_CHAT},
@@ -183,6 +186,7 @@ static int parse(int argc, char **argv, bench_args *a) {
                           {"device", required_argument, 0, O_DEVICE},
                           {"no-graphs", no_argument, 0, O_NO_GRAPHS},
                           {"no-prefix-cache", no_argument, 0, O_NO_PREFIX},
+                          {"prefix-cache", no_argument, 0, O_PREFIX},
                           {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
   *a = (bench_args){.max_tokens = 128, .seed = 42};
   int c, rc = 0;
@@ -210,7 +214,8 @@ static int parse(int argc, char **argv, bench_args *a) {
     case O_THREADS: rc = cli_parse_int("bench acceptance", "--threads", optarg, 1, &a->threads); break;
     case O_DEVICE: rc = cli_parse_device("bench acceptance", optarg, &a->device); break;
     case O_NO_GRAPHS: a->no_graphs = 1; break;
-    case O_NO_PREFIX: a->no_prefix_cache = 1; break;
+    case O_NO_PREFIX: a->prefix_cache = 0; break;
+    case O_PREFIX: a->prefix_cache = 1; break;
     case 'o': a->out = optarg; break;
     case 'h': fputs(usage, stdout); return -1;
     default: fputs(usage, stderr); return 2;
@@ -423,7 +428,7 @@ static int bench_acceptance(int argc, char **argv) {
   mp.n_threads = a.threads;
   mp.device = a.device;
   if (a.no_graphs) mp.cuda_graphs = 0;
-  if (a.no_prefix_cache) mp.prefix_cache = 0;
+  mp.prefix_cache = a.prefix_cache;
   if (canopy_model_load(dir, &mp, &model)) { cli_fail("loading the model"); goto done; }
   canopy_model_params dp = mp;
   dp.n_layers = a.draft_layers;
@@ -454,7 +459,7 @@ static int bench_acceptance(int argc, char **argv) {
   cJSON_AddNumberToObject(meta, "draft_params", (double)di.n_params);
   cJSON_AddStringToObject(meta, "device", a.device == CANOPY_DEVICE_CUDA ? "cuda" : "cpu");
   cJSON_AddBoolToObject(meta, "cuda_graphs", a.device == CANOPY_DEVICE_CUDA && !a.no_graphs);
-  cJSON_AddBoolToObject(meta, "prefix_cache", !a.no_prefix_cache);
+  cJSON_AddBoolToObject(meta, "prefix_cache", a.prefix_cache);
   cJSON_AddStringToObject(meta, "prompts_file", a.prompts);
   cJSON_AddNumberToObject(meta, "n_prompts", n_ps);
   cJSON_AddNumberToObject(meta, "max_new_tokens", a.max_tokens);
