@@ -3,6 +3,7 @@
 #include "kernels/cuda/cuda_common.cuh"
 
 template <typename TX, typename TY> __global__ void add_kernel(TX *x, const TY *y, size_t n) {
+  cn_pdl_enter();
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
     cn_st(x + i, cn_ld(x + i) + cn_ld(y + i));
 }
@@ -14,7 +15,7 @@ int cn_cuda_add(cn_cuda_ctx *ctx, void *x, cn_cuda_dtype x_dt, const void *y, cn
     using TX = decltype(tx);
     using TY = decltype(ty);
     const int threads = 256;
-    add_kernel<<<cn_grid_for(ctx, n, threads), threads, 0, ctx->stream>>>((TX *)x, (const TY *)y, n);
+    CN_CUDA_CHECK(cn_launch(ctx, add_kernel<TX, TY>, cn_grid_for(ctx, n, threads), threads, 0, (TX *)x, (const TY *)y, n));
     CN_CUDA_CHECK_LAUNCH();
     return (int)CANOPY_OK;
   });

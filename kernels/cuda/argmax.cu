@@ -22,6 +22,7 @@ struct argmax_op {
 };
 
 template <typename T> __global__ void __launch_bounds__(ARGMAX_THREADS) argmax_kernel(int32_t *idx, const T *x, int n) {
+  cn_pdl_enter();
   typedef cub::BlockReduce<argmax_pair, ARGMAX_THREADS> Reduce;
   __shared__ typename Reduce::TempStorage tmp;
   const T *row = x + (size_t)blockIdx.x * n;
@@ -42,7 +43,7 @@ int cn_cuda_argmax(cn_cuda_ctx *ctx, int32_t *idx, const void *x, cn_cuda_dtype 
   if (!rows) return CANOPY_OK;
   return cn_dispatch(dt, [&](auto t) {
     using T = decltype(t);
-    argmax_kernel<<<rows, ARGMAX_THREADS, 0, ctx->stream>>>(idx, (const T *)x, n);
+    CN_CUDA_CHECK(cn_launch(ctx, argmax_kernel<T>, rows, ARGMAX_THREADS, 0, idx, (const T *)x, n));
     CN_CUDA_CHECK_LAUNCH();
     return (int)CANOPY_OK;
   });

@@ -33,6 +33,7 @@ __device__ __forceinline__ bool visible(const cn_cuda_attn_args &a, int i, int p
 }
 
 template <typename T> __global__ void __launch_bounds__(ATTN_WARPS * 32) attention_kernel(cn_cuda_attn_args a) {
+  cn_pdl_enter();
   __shared__ float m_w[ATTN_WARPS], l_w[ATTN_WARPS];
   __shared__ float acc_w[ATTN_WARPS][CN_CUDA_MAX_HEAD_DIM];
   int i = blockIdx.x / a.n_heads, h = blockIdx.x % a.n_heads;
@@ -129,7 +130,7 @@ int cn_cuda_attention(cn_cuda_ctx *ctx, const cn_cuda_attn_args *a) {
   if (!a->n) return CANOPY_OK;
   return cn_dispatch(a->dt, [&](auto t) {
     using T = decltype(t);
-    attention_kernel<T><<<(unsigned)a->n *(unsigned)a->n_heads, ATTN_WARPS * 32, 0, ctx->stream>>>(*a);
+    CN_CUDA_CHECK(cn_launch(ctx, attention_kernel<T>, (unsigned)a->n * (unsigned)a->n_heads, ATTN_WARPS * 32, 0, *a));
     CN_CUDA_CHECK_LAUNCH();
     return (int)CANOPY_OK;
   });

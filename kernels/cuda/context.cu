@@ -1,6 +1,7 @@
 /* Devices, contexts and memory: the stream and cuBLAS handle every op runs on, allocation with
  * out-of-memory reported in bytes, and the host copies the tests and loaders use. */
 #include <stdlib.h>
+#include <string.h>
 
 #include "kernels/cuda/cuda_common.cuh"
 
@@ -29,6 +30,9 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
   CN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   CN_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
   c->cc = 10 * major + minor;
+  /* CANOPY_CUDA_NO_PDL=1: plain launches, to measure what programmatic dependent launch saves. */
+  const char *no_pdl = getenv("CANOPY_CUDA_NO_PDL");
+  c->pdl = c->cc >= 90 && !(no_pdl && !strcmp(no_pdl, "1"));
   CN_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
   CN_CUBLAS_CHECK(cublasCreate(&c->blas));
   CN_CUBLAS_CHECK(cublasSetStream(c->blas, c->stream));

@@ -2,6 +2,7 @@
 #include "kernels/cuda/cuda_common.cuh"
 
 template <typename To, typename From> __global__ void convert_kernel(To *dst, const From *src, size_t n) {
+  cn_pdl_enter();
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
     cn_st(dst + i, cn_ld(src + i));
 }
@@ -10,7 +11,7 @@ template <typename To, typename From> static int convert(cn_cuda_ctx *ctx, To *d
   CN_CUDA_ENTER(ctx);
   if (!n) return CANOPY_OK;
   const int threads = 256;
-  convert_kernel<<<cn_grid_for(ctx, n, threads), threads, 0, ctx->stream>>>(dst, src, n);
+  CN_CUDA_CHECK(cn_launch(ctx, convert_kernel<To, From>, cn_grid_for(ctx, n, threads), threads, 0, dst, src, n));
   CN_CUDA_CHECK_LAUNCH();
   return CANOPY_OK;
 }

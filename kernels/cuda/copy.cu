@@ -6,6 +6,7 @@
  * one stream order every read before every write, which a single launch could not promise when
  * one span's destination is another's source. */
 template <typename T> __global__ void copy_spans_kernel(T *base, const cn_cuda_span *spans, T *tmp, int phase) {
+  cn_pdl_enter();
   cn_cuda_span s = spans[blockIdx.x];
   const T *from = phase == 0 ? base + s.src : tmp + s.tmp;
   T *to = phase == 0 ? tmp + s.tmp : base + s.dst;
@@ -21,15 +22,16 @@ int cn_cuda_copy_spans(cn_cuda_ctx *ctx, void *base, size_t elem_bytes, const cn
   if (!n_spans) return CANOPY_OK;
   for (int phase = 0; phase < 2; phase++) {
     if (elem_bytes == 2)
-      copy_spans_kernel<<<n_spans, 128, 0, ctx->stream>>>((uint16_t *)base, spans, (uint16_t *)tmp, phase);
+      CN_CUDA_CHECK(cn_launch(ctx, copy_spans_kernel<uint16_t>, n_spans, 128, 0, (uint16_t *)base, spans, (uint16_t *)tmp, phase));
     else
-      copy_spans_kernel<<<n_spans, 128, 0, ctx->stream>>>((uint32_t *)base, spans, (uint32_t *)tmp, phase);
+      CN_CUDA_CHECK(cn_launch(ctx, copy_spans_kernel<uint32_t>, n_spans, 128, 0, (uint32_t *)base, spans, (uint32_t *)tmp, phase));
     CN_CUDA_CHECK_LAUNCH();
   }
   return CANOPY_OK;
 }
 
 template <typename T> __global__ void gather_rows_kernel(T *dst, const T *src, const int32_t *rows, int n, int dim) {
+  cn_pdl_enter();
   size_t total = (size_t)n * dim;
   for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
     size_t i = e / dim, j = e % dim;
@@ -45,8 +47,8 @@ int cn_cuda_gather_rows(cn_cuda_ctx *ctx, void *dst, const void *src, cn_cuda_dt
   return cn_dispatch(dt, [&](auto t) {
     using T = decltype(t);
     const int threads = 256;
-    gather_rows_kernel<<<cn_grid_for(ctx, (size_t)n * dim, threads), threads, 0, ctx->stream>>>(
-        (T *)dst, (const T *)src, rows, n, dim);
+    CN_CUDA_CHECK(cn_launch(ctx, gather_rows_kernel<T>, cn_grid_for(ctx, (size_t)n * dim, threads), threads, 0, 
+        (T *)dst, (const T *)src, rows, n, dim));
     CN_CUDA_CHECK_LAUNCH();
     return (int)CANOPY_OK;
   });

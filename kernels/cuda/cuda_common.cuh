@@ -13,6 +13,7 @@ struct cn_cuda_ctx {
   int device;
   int n_sm;            /* multiprocessors, to size grid-stride launches */
   int cc;              /* compute capability, 10 major + minor: 90 runs the sm_90a (wgmma) kernels */
+  int pdl;             /* cn_launch uses programmatic dependent launch (sm_90, unless CANOPY_CUDA_NO_PDL=1) */
   cudaStream_t stream; /* every op of this context runs on it, in order */
   cublasHandle_t blas; /* bound to `stream` */
   void *scratch;       /* bf16 copy of an fp32 GEMM input; scratch_bytes long */
@@ -47,6 +48,47 @@ template <typename F> static int cn_dispatch(cn_cuda_dtype dt, F &&f) {
 /* The same over two dtypes: f(A(), B()). */
 template <typename F> static int cn_dispatch2(cn_cuda_dtype a, cn_cuda_dtype b, F &&f) {
   return cn_dispatch(a, [&](auto ta) { return cn_dispatch(b, [&](auto tb) { return f(ta, tb); }); });
+}
+
+/* Programmatic dependent launch (sm_90). Kernels go out through cn_launch, which lets each one be
+ * scheduled while the kernel before it on the stream is still running; every kernel begins with
+ * cn_pdl_enter: it waits there until that kernel has finished and its writes are visible (so
+ * nothing is read or written early, and the order is the stream's), then lets the next kernel be
+ * scheduled. What overlaps is the launch and block scheduling of a kernel with the tail of the one
+ * before: in a decode step of hundreds of small kernels, that gap is most of the time. Off sm_90
+ * (or with CANOPY_CUDA_NO_PDL=1 when the context is made) cn_launch is a plain launch, and the
+ * device functions are no-ops off sm_90 and return at once for a plainly launched kernel. */
+__device__ __forceinline__ void cn_pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cn_pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cn_pdl_enter() {
+  cn_pdl_wait();
+  cn_pdl_trigger();
+}
+
+/* kernel<<<grid, block, smem, ctx->stream>>>(args...), as a programmatic dependent launch on sm_90.
+ * The kernel must call cn_pdl_enter (or cn_pdl_wait) before it touches global memory. */
+template <typename... P, typename... A>
+static inline cudaError_t cn_launch(const cn_cuda_ctx *ctx, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
+                                    A &&...args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = ctx->stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = ctx->pdl;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<A &&>(args)...);
 }
 
 /* Validates the context and makes its device current for the launches that follow. */

@@ -3,6 +3,7 @@
 
 template <typename T>
 __global__ void embed_kernel(T *x, const cn_bf16_t *table, const int32_t *tokens, int n, int dim) {
+  cn_pdl_enter();
   size_t total = (size_t)n * dim;
   for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
     size_t i = e / dim, j = e % dim;
@@ -18,8 +19,8 @@ int cn_cuda_embed(cn_cuda_ctx *ctx, void *x, cn_cuda_dtype x_dt, const cn_bf16 *
   return cn_dispatch(x_dt, [&](auto t) {
     using T = decltype(t);
     const int threads = 256;
-    embed_kernel<<<cn_grid_for(ctx, (size_t)n * dim, threads), threads, 0, ctx->stream>>>(
-        (T *)x, (const cn_bf16_t *)table, tokens, n, dim);
+    CN_CUDA_CHECK(cn_launch(ctx, embed_kernel<T>, cn_grid_for(ctx, (size_t)n * dim, threads), threads, 0, 
+        (T *)x, (const cn_bf16_t *)table, tokens, n, dim));
     CN_CUDA_CHECK_LAUNCH();
     return (int)CANOPY_OK;
   });

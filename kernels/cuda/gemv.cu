@@ -22,6 +22,7 @@ template <int N, typename Y>
 __global__ void __launch_bounds__(WARPS * 32)
     gemv_kernel(Y *y, const cn_bf16_t *__restrict__ x, const cn_bf16_t *__restrict__ w, int in, int out,
                 bool accumulate, bool vec) {
+  cn_pdl_enter();
   int o = blockIdx.x * WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (o >= out) return;
   const cn_bf16_t *wr = w + (size_t)o * in;
@@ -68,7 +69,7 @@ template <int N> static int launch(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt
   unsigned grid = (unsigned)((out + WARPS - 1) / WARPS);
   return cn_dispatch(y_dt, [&](auto t) {
     using Y = decltype(t);
-    gemv_kernel<N, Y><<<grid, WARPS * 32, 0, ctx->stream>>>((Y *)y, x, w, in, out, accumulate, vec);
+    CN_CUDA_CHECK(cn_launch(ctx, gemv_kernel<N, Y>, grid, WARPS * 32, 0, (Y *)y, x, w, in, out, accumulate, vec));
     CN_CUDA_CHECK_LAUNCH();
     return (int)CANOPY_OK;
   });

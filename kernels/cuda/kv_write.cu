@@ -4,6 +4,7 @@
 template <typename T>
 __global__ void kv_write_kernel(cn_cuda_paged_kv kv, int first_slot, const int32_t *slots, const T *k, const T *v,
                                 int n, int kv_dim) {
+  cn_pdl_enter();
   size_t total = (size_t)n * kv_dim;
   for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
     int i = (int)(e / kv_dim), j = (int)(e % kv_dim);
@@ -26,8 +27,8 @@ static int kv_write(cn_cuda_ctx *ctx, const cn_cuda_paged_kv *kv, int first_slot
   return cn_dispatch(dt, [&](auto t) {
     using T = decltype(t);
     const int threads = 256;
-    kv_write_kernel<<<cn_grid_for(ctx, (size_t)n * kv_dim, threads), threads, 0, ctx->stream>>>(
-        *kv, first_slot, slots, (const T *)k, (const T *)v, n, kv_dim);
+    CN_CUDA_CHECK(cn_launch(ctx, kv_write_kernel<T>, cn_grid_for(ctx, (size_t)n * kv_dim, threads), threads, 0, 
+        *kv, first_slot, slots, (const T *)k, (const T *)v, n, kv_dim));
     CN_CUDA_CHECK_LAUNCH();
     return (int)CANOPY_OK;
   });

@@ -8,6 +8,7 @@
 
 /* Fills y's rows with the bias, so the GEMM adds onto it with beta = 1 (no second pass). */
 template <typename T> __global__ void bias_rows_kernel(T *y, const cn_bf16_t *bias, int n, int out) {
+  cn_pdl_enter();
   size_t total = (size_t)n * out;
   for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x)
     cn_st(y + e, cn_ld(bias + e % out));
@@ -15,6 +16,7 @@ template <typename T> __global__ void bias_rows_kernel(T *y, const cn_bf16_t *bi
 
 /* y += bias row by row, before a GEMM that accumulates into y (beta = 1). */
 __global__ void add_bias_rows_kernel(float *y, const cn_bf16_t *bias, int n, int out) {
+  cn_pdl_enter();
   size_t total = (size_t)n * out;
   for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x)
     y[e] += cn_ld(bias + e % out);
@@ -57,8 +59,8 @@ static int gemm_bf16(cn_cuda_ctx *ctx, void *y_out, cn_cuda_dtype y_dt, const vo
       using T = decltype(t);
       const int threads = 256;
       unsigned grid = cn_grid_for(ctx, (size_t)n * out, threads);
-      if (accumulate) add_bias_rows_kernel<<<grid, threads, 0, ctx->stream>>>((float *)y, (const cn_bf16_t *)bias, n, out);
-      else bias_rows_kernel<<<grid, threads, 0, ctx->stream>>>((T *)y, (const cn_bf16_t *)bias, n, out);
+      if (accumulate) CN_CUDA_CHECK(cn_launch(ctx, add_bias_rows_kernel, grid, threads, 0, (float *)y, (const cn_bf16_t *)bias, n, out));
+      else CN_CUDA_CHECK(cn_launch(ctx, bias_rows_kernel<T>, grid, threads, 0, (T *)y, (const cn_bf16_t *)bias, n, out));
       CN_CUDA_CHECK_LAUNCH();
       return (int)CANOPY_OK;
     });

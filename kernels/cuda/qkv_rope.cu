@@ -5,6 +5,7 @@
 
 __global__ void qkv_rope_kernel(float *q, float *k, float *v, const float *qkv, const int32_t *pos, int n, int n_heads,
                                 int n_kv_heads, int head_dim, const float *inv_freq) {
+  cn_pdl_enter();
   int half = head_dim / 2, heads = n_heads + n_kv_heads;
   size_t q_dim = (size_t)n_heads * head_dim, kv_dim = (size_t)n_kv_heads * head_dim, row = q_dim + 2 * kv_dim;
   size_t pairs = (size_t)n * heads * half, total = pairs + (size_t)n * kv_dim;
@@ -39,8 +40,8 @@ int cn_cuda_qkv_rope(cn_cuda_ctx *ctx, float *q, float *k, float *v, const float
   if (!n) return CANOPY_OK;
   const int threads = 256;
   size_t total = (size_t)n * (n_heads + n_kv_heads) * (head_dim / 2) + (size_t)n * n_kv_heads * head_dim;
-  qkv_rope_kernel<<<cn_grid_for(ctx, total, threads), threads, 0, ctx->stream>>>(q, k, v, qkv, pos, n, n_heads,
-                                                                                 n_kv_heads, head_dim, inv_freq);
+  CN_CUDA_CHECK(cn_launch(ctx, qkv_rope_kernel, cn_grid_for(ctx, total, threads), threads, 0, q, k, v, qkv, pos, n, n_heads,
+                                                                                 n_kv_heads, head_dim, inv_freq));
   CN_CUDA_CHECK_LAUNCH();
   return CANOPY_OK;
 }

@@ -4,6 +4,7 @@
 #include "kernels/random_init.h"
 
 __global__ void random_bf16_kernel(uint16_t *dst, size_t n, uint64_t stream, float scale, float mean) {
+  cn_pdl_enter();
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
     dst[i] = cn_random_weight_bf16(stream, i, scale, mean);
 }
@@ -14,7 +15,7 @@ int cn_cuda_random_bf16(cn_cuda_ctx *ctx, cn_bf16 *dst, size_t n, uint64_t strea
     return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_random_bf16: scale %g, mean %g", scale, mean);
   if (!n) return CANOPY_OK;
   const int threads = 256;
-  random_bf16_kernel<<<cn_grid_for(ctx, n, threads), threads, 0, ctx->stream>>>(dst, n, stream, scale, mean);
+  CN_CUDA_CHECK(cn_launch(ctx, random_bf16_kernel, cn_grid_for(ctx, n, threads), threads, 0, dst, n, stream, scale, mean));
   CN_CUDA_CHECK_LAUNCH();
   return CANOPY_OK;
 }

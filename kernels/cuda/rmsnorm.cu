@@ -9,6 +9,7 @@
 template <typename TO, typename TI>
 __global__ void __launch_bounds__(RMSNORM_THREADS)
     rmsnorm_kernel(TO *out, const TI *x, const cn_bf16_t *w, int dim, float eps) {
+  cn_pdl_enter();
   typedef cub::BlockReduce<float, RMSNORM_THREADS> Reduce;
   __shared__ typename Reduce::TempStorage tmp;
   __shared__ float r_shared;
@@ -38,7 +39,7 @@ int cn_cuda_rmsnorm(cn_cuda_ctx *ctx, void *out, cn_cuda_dtype out_dt, const voi
   return cn_dispatch2(out_dt, x_dt, [&](auto to, auto ti) {
     using TO = decltype(to);
     using TI = decltype(ti);
-    rmsnorm_kernel<<<n, RMSNORM_THREADS, 0, ctx->stream>>>((TO *)out, (const TI *)x, (const cn_bf16_t *)w, dim, eps);
+    CN_CUDA_CHECK(cn_launch(ctx, rmsnorm_kernel<TO, TI>, n, RMSNORM_THREADS, 0, (TO *)out, (const TI *)x, (const cn_bf16_t *)w, dim, eps));
     CN_CUDA_CHECK_LAUNCH();
     return (int)CANOPY_OK;
   });

@@ -4,6 +4,7 @@
 
 template <typename T>
 __global__ void rope_kernel(T *x, const int32_t *pos, int n, int n_heads, int head_dim, const float *inv_freq) {
+  cn_pdl_enter();
   int half = head_dim / 2;
   size_t total = (size_t)n * n_heads * half;
   for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
@@ -33,8 +34,8 @@ int cn_cuda_rope(cn_cuda_ctx *ctx, void *x, cn_cuda_dtype dt, const int32_t *pos
     using T = decltype(t);
     const int threads = 256;
     size_t total = (size_t)n * n_heads * (head_dim / 2);
-    rope_kernel<<<cn_grid_for(ctx, total, threads), threads, 0, ctx->stream>>>((T *)x, pos, n, n_heads, head_dim,
-                                                                               inv_freq);
+    CN_CUDA_CHECK(cn_launch(ctx, rope_kernel<T>, cn_grid_for(ctx, total, threads), threads, 0, (T *)x, pos, n, n_heads, head_dim,
+                                                                               inv_freq));
     CN_CUDA_CHECK_LAUNCH();
     return (int)CANOPY_OK;
   });

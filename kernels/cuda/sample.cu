@@ -38,6 +38,7 @@ static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
 
 /* Keys with -0 made +0 (the radix order separates them, the CPU comparator does not) and ids. */
 __global__ void sample_prep_kernel(float *keys, int *vals, int *offsets, const float *logits, int rows, int V) {
+  cn_pdl_enter();
   size_t total = (size_t)rows * V;
   for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
     keys[e] = logits[e] + 0.0f;
@@ -52,6 +53,7 @@ __global__ void sample_prep_kernel(float *keys, int *vals, int *offsets, const f
  * times the total, accumulated in double as the CPU does). */
 __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_cut_kernel(sample_cut *cut, const float *keys, const int *vals, int V, int n, float inv_t, float top_p) {
+  cn_pdl_enter();
   typedef cub::BlockReduce<double, SAMPLE_THREADS> Sum;
   typedef cub::BlockScan<double, SAMPLE_THREADS> Scan;
   typedef cub::BlockReduce<int, SAMPLE_THREADS> Max;
@@ -96,6 +98,7 @@ __device__ __forceinline__ bool kept(float l, int i, sample_cut c) {
  * chunk) until it passes u. */
 __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_draw_kernel(int32_t *ids, const float *logits, const sample_cut *cuts, const double *u, int V, float inv_t) {
+  cn_pdl_enter();
   typedef cub::BlockReduce<float, SAMPLE_THREADS> FMax;
   typedef cub::BlockReduce<double, SAMPLE_THREADS> Sum;
   typedef cub::BlockScan<double, SAMPLE_THREADS> Scan;
@@ -206,18 +209,18 @@ int cn_cuda_sample(cn_cuda_ctx *ctx, int32_t *ids, const float *logits, int rows
       return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_sample: workspace of %zu bytes, %d x %d rows need %zu",
                       workspace_bytes, rows, V, w.total);
     size_t items = (size_t)rows * V;
-    sample_prep_kernel<<<cn_grid_for(ctx, items, 256), 256, 0, ctx->stream>>>(w.keys_in, w.vals_in, w.offsets, logits,
-                                                                              rows, V);
+    CN_CUDA_CHECK(cn_launch(ctx, sample_prep_kernel, cn_grid_for(ctx, items, 256), 256, 0, w.keys_in, w.vals_in, w.offsets, logits,
+                                                                              rows, V));
     CN_CUDA_CHECK_LAUNCH();
     CN_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
         w.temp, w.temp_bytes, w.keys_in, w.keys_out, w.vals_in, w.vals_out, (int)items, rows, w.offsets, w.offsets + 1,
         0, (int)(8 * sizeof(float)), ctx->stream));
     int n = top_k > 0 && top_k < V ? top_k : V;
-    sample_cut_kernel<<<rows, SAMPLE_THREADS, 0, ctx->stream>>>(w.cut, w.keys_out, w.vals_out, V, n, inv_t, top_p);
+    CN_CUDA_CHECK(cn_launch(ctx, sample_cut_kernel, rows, SAMPLE_THREADS, 0, w.cut, w.keys_out, w.vals_out, V, n, inv_t, top_p));
     CN_CUDA_CHECK_LAUNCH();
     cuts = w.cut;
   }
-  sample_draw_kernel<<<rows, SAMPLE_THREADS, 0, ctx->stream>>>(ids, logits, cuts, u, V, inv_t);
+  CN_CUDA_CHECK(cn_launch(ctx, sample_draw_kernel, rows, SAMPLE_THREADS, 0, ids, logits, cuts, u, V, inv_t));
   CN_CUDA_CHECK_LAUNCH();
   return CANOPY_OK;
 }

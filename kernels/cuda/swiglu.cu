@@ -2,6 +2,7 @@
 #include "kernels/cuda/cuda_common.cuh"
 
 template <typename TO, typename T> __global__ void swiglu_kernel(TO *out, const T *gate_up, int n, int d) {
+  cn_pdl_enter();
   size_t total = (size_t)n * d;
   for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
     size_t i = e / d, j = e % d;
@@ -18,8 +19,8 @@ int cn_cuda_swiglu(cn_cuda_ctx *ctx, void *out, const void *gate_up, cn_cuda_dty
   return cn_dispatch(dt, [&](auto t) {
     using T = decltype(t);
     const int threads = 256;
-    swiglu_kernel<<<cn_grid_for(ctx, (size_t)n * d, threads), threads, 0, ctx->stream>>>((T *)out, (const T *)gate_up,
-                                                                                         n, d);
+    CN_CUDA_CHECK(cn_launch(ctx, swiglu_kernel<T, T>, cn_grid_for(ctx, (size_t)n * d, threads), threads, 0, (T *)out, (const T *)gate_up,
+                                                                                         n, d));
     CN_CUDA_CHECK_LAUNCH();
     return (int)CANOPY_OK;
   });
@@ -30,7 +31,7 @@ int cn_cuda_swiglu_to_bf16(cn_cuda_ctx *ctx, cn_bf16 *out, const float *gate_up,
   if (n < 0 || d <= 0) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_swiglu_to_bf16: n=%d d=%d", n, d);
   if (!n) return CANOPY_OK;
   const int threads = 256;
-  swiglu_kernel<<<cn_grid_for(ctx, (size_t)n * d, threads), threads, 0, ctx->stream>>>((cn_bf16_t *)out, gate_up, n, d);
+  CN_CUDA_CHECK(cn_launch(ctx, swiglu_kernel<cn_bf16_t, float>, cn_grid_for(ctx, (size_t)n * d, threads), threads, 0, (cn_bf16_t *)out, gate_up, n, d));
   CN_CUDA_CHECK_LAUNCH();
   return CANOPY_OK;
 }

@@ -32,6 +32,7 @@ struct top_op {
 template <typename T>
 __global__ void __launch_bounds__(TOPK_THREADS)
     top_k_kernel(int32_t *ids, float *logp, const T *x, int n, int k) {
+  cn_pdl_enter();
   typedef cub::BlockReduce<float, TOPK_THREADS> FloatReduce;
   typedef cub::BlockReduce<top_pair, TOPK_THREADS> PairReduce;
   __shared__ union {
@@ -84,7 +85,7 @@ int cn_cuda_top_k(cn_cuda_ctx *ctx, int32_t *ids, float *logp, const void *x, cn
   if (!rows) return CANOPY_OK;
   return cn_dispatch(dt, [&](auto t) {
     using T = decltype(t);
-    top_k_kernel<<<rows, TOPK_THREADS, 0, ctx->stream>>>(ids, logp, (const T *)x, n, k);
+    CN_CUDA_CHECK(cn_launch(ctx, top_k_kernel<T>, rows, TOPK_THREADS, 0, ids, logp, (const T *)x, n, k));
     CN_CUDA_CHECK_LAUNCH();
     return (int)CANOPY_OK;
   });

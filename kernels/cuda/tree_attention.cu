@@ -64,6 +64,7 @@ static inline int rows_cap(int max_n, int group) { return rows_cap(max_n, group,
  * within budget. */
 template <typename T, int D, int RW, int KT>
 __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_attn_args a) {
+  cn_pdl_wait(); /* launched early (cn_launch): what came before is complete from here on */
   constexpr int LD = D + TA_PAD, KSTEPS = D / 16, DN = D / 8, NT = KT / 8, ROWS = 64 * RW;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   cn_bf16_t *ks = reinterpret_cast<cn_bf16_t *>(smem_raw); /* [TA_STAGES][KT][LD] */
@@ -183,7 +184,7 @@ template <typename T, int D> __global__ void __launch_bounds__(32 * MERGE_ROWS) 
   if (r >= sq.n * G) return;
   const int used = split_of(sq, a).n_used;
   const size_t base = ((size_t)blockIdx.y * cap + r) * a.n_splits;
-  pdl_wait(); /* launched early: the partial states are complete from here on */
+  cn_pdl_enter(); /* launched early: the partial states are complete from here on */
   const float *ml = a.workspace + 2 * base;
   float mx = -INFINITY;
   for (int s = lane; s < used; s += 32) mx = fmaxf(mx, ml[2 * s]);
@@ -324,7 +325,7 @@ template <typename T, int D, int RW> static int launch(cn_cuda_ctx *ctx, const c
     int st = prepare<T, D, RW>(NULL);
     if (st) return st;
     dim3 grid(cap / (64 * RW), a->n_splits, a->n_seqs * a->n_kv_heads);
-    tree_attn_kernel<T, D, RW, kt_of<D, RW>()><<<grid, TA_THREADS, smem, ctx->stream>>>(*a);
+    CN_CUDA_CHECK(cn_launch(ctx, tree_attn_kernel<T, D, RW, kt_of<D, RW>()>, grid, TA_THREADS, smem, *a));
     CN_CUDA_CHECK_LAUNCH();
   }
   if (a->n_splits > 1) {
@@ -334,7 +335,7 @@ template <typename T, int D, int RW> static int launch(cn_cuda_ctx *ctx, const c
     cfg.stream = ctx->stream;
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = ctx->cc >= 90;
+    attr[0].val.programmaticStreamSerializationAllowed = ctx->pdl;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     CN_CUDA_CHECK(cudaLaunchKernelEx(&cfg, merge_kernel<T, D>, *a, cap));

@@ -52,19 +52,10 @@ __device__ __forceinline__ void store_pair(cn_bf16_t *p, float x, float y) {
   *reinterpret_cast<__nv_bfloat162 *>(p) = __floats2bfloat162_rn(x, y);
 }
 
-/* Programmatic dependent launch (sm_90): a main kernel's block lets the merge kernel launch once
- * its partial state is written, and the merge waits for the whole main grid to finish and its
- * writes to be visible, so the merge's launch latency overlaps the main kernel's tail. */
-__device__ __forceinline__ void pdl_trigger() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
+/* Programmatic dependent launch (cuda_common.cuh): a main kernel's block lets the merge kernel
+ * launch once its partial state is written (cn_pdl_trigger), and the merge waits for the whole main
+ * grid to finish and its writes to be visible, so the merge's launch latency overlaps the main
+ * kernel's tail. */
 
 /* ---- the split of a sequence's keys ---------------------------------------------------------- */
 
@@ -303,7 +294,7 @@ __device__ __forceinline__ void ta_finish(const cn_cuda_tree_attn_args &a, const
           store_pair(acc + dn * 8, o[rb][dn][2 * j], o[rb][dn][2 * j + 1]);
       }
     }
-  pdl_trigger();
+  cn_pdl_trigger();
 }
 
 /* The wgmma kernel's launch (tree_attention_wgmma.cu); rw row blocks of 64 per block. */

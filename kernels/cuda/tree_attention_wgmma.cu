@@ -136,6 +136,7 @@ __device__ __forceinline__ void load_q(const cn_cuda_tree_attn_args &a, const ta
 
 template <typename T, int D, int RW>
 __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {
+  cn_pdl_wait(); /* launched early (cn_launch): what came before is complete from here on */
   constexpr int KT = WG_KT, DN = D / 8, NT = KT / 8, ROWS = 64 * RW, STAGES = wg_stages<RW>();
   constexpr int TILE = KT * D * 2; /* bytes of one K or V tile */
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -240,7 +241,7 @@ static int launch_kernel(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int 
   auto kernel = tree_attn_wgmma_kernel<T, D, RW>;
   CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, wg_smem<D, RW>()));
   dim3 grid(cap / (64 * RW), a->n_splits, a->n_seqs * a->n_kv_heads);
-  kernel<<<grid, TA_THREADS, wg_smem<D, RW>(), ctx->stream>>>(*a);
+  CN_CUDA_CHECK(cn_launch(ctx, kernel, grid, TA_THREADS, wg_smem<D, RW>(), *a));
   CN_CUDA_CHECK_LAUNCH();
   return CANOPY_OK;
 }
