@@ -105,7 +105,7 @@ if [[ $steps == *hf* ]]; then
     --max-new-tokens 128 --max-prompts ${HF_PROMPTS:-8} --json "$out/hf.json" 2>&1 | tee "$out/hf.txt" | grep -v Warning
   # canopy on the same prompts, in the same call, for the like-for-like ratio.
   timeout 120 $b/canopy bench acceptance -m $model -d $draft --prompts "$prompts" --chat -n 128 --device cuda \
-    --max-prompts ${HF_PROMPTS:-8} --tree chain:3 --tree dynamic:64 --out /tmp/acc8 > "$out/canopy_8.txt" 2>&1 || rc=1
+    --max-prompts ${HF_PROMPTS:-8} --tree chain:2 --tree chain:3 --tree dynamic:64 --out /tmp/acc8 > "$out/canopy_8.txt" 2>&1 || rc=1
   grep -v "^\s*$" "$out/canopy_8.txt" | tail -8
   cp /tmp/acc8/results.json "$out/canopy_8.json" 2>/dev/null
   note hf
