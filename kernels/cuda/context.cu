@@ -33,8 +33,6 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
   /* CANOPY_CUDA_NO_PDL=1: plain launches, to measure what programmatic dependent launch saves. */
   const char *no_pdl = getenv("CANOPY_CUDA_NO_PDL");
   c->pdl = c->cc >= 90 && !(no_pdl && !strcmp(no_pdl, "1"));
-  const char *no_prefetch = getenv("CANOPY_CUDA_NO_PREFETCH");
-  c->gemv_prefetch = !(no_prefetch && !strcmp(no_prefetch, "1"));
   CN_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
   CN_CUBLAS_CHECK(cublasCreate(&c->blas));
   CN_CUBLAS_CHECK(cublasSetStream(c->blas, c->stream));

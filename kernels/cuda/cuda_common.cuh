@@ -14,8 +14,6 @@ struct cn_cuda_ctx {
   int n_sm;            /* multiprocessors, to size grid-stride launches */
   int cc;              /* compute capability, 10 major + minor: 90 runs the sm_90a (wgmma) kernels */
   int pdl;             /* cn_launch uses programmatic dependent launch (sm_90, unless CANOPY_CUDA_NO_PDL=1) */
-  int gemv_prefetch;   /* the GEMV prefetches its weight rows to L2 before it waits (unless
-                          CANOPY_CUDA_NO_PREFETCH=1) */
   cudaStream_t stream; /* every op of this context runs on it, in order */
   cublasHandle_t blas; /* bound to `stream` */
   void *scratch;       /* bf16 copy of an fp32 GEMM input; scratch_bytes long */

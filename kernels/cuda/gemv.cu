@@ -21,18 +21,11 @@ __device__ __forceinline__ void bf16x8_to_f32(uint4 v, float *f) {
 template <int N, typename Y>
 __global__ void __launch_bounds__(WARPS * 32)
     gemv_kernel(Y *y, const cn_bf16_t *__restrict__ x, const cn_bf16_t *__restrict__ w, int in, int out,
-                bool accumulate, bool vec, bool prefetch) {
-  int o = blockIdx.x * WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-  const cn_bf16_t *wr = w + (size_t)o * in;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  /* The weights do not depend on the kernel before: a block scheduled early (cn_launch) starts
-   * pulling its rows into L2 while that kernel finishes, and streams them from there after the
-   * wait. One bulk prefetch per row (16-byte aligned, a multiple of 16 bytes: `vec`). */
-  if (prefetch && vec && o < out && lane == 0)
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(wr), "r"((unsigned)in * 2u) : "memory");
-#endif
+                bool accumulate, bool vec) {
   cn_pdl_enter();
+  int o = blockIdx.x * WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (o >= out) return;
+  const cn_bf16_t *wr = w + (size_t)o * in;
   float acc[N];
 #pragma unroll
   for (int r = 0; r < N; r++) acc[r] = 0.0f;
@@ -76,8 +69,7 @@ template <int N> static int launch(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt
   unsigned grid = (unsigned)((out + WARPS - 1) / WARPS);
   return cn_dispatch(y_dt, [&](auto t) {
     using Y = decltype(t);
-    CN_CUDA_CHECK(cn_launch(ctx, gemv_kernel<N, Y>, grid, WARPS * 32, 0, (Y *)y, x, w, in, out, accumulate, vec,
-                                  ctx->gemv_prefetch != 0));
+    CN_CUDA_CHECK(cn_launch(ctx, gemv_kernel<N, Y>, grid, WARPS * 32, 0, (Y *)y, x, w, in, out, accumulate, vec));
     CN_CUDA_CHECK_LAUNCH();
     return (int)CANOPY_OK;
   });
