@@ -69,7 +69,7 @@ typedef struct bench_args {
 
 /* Sums of canopy_stats over runs. */
 typedef struct agg {
-  long n_generated, forward_passes, spec_steps, spec_tokens, draft_forwards, tree_nodes, n_prompt;
+  long n_generated, forward_passes, spec_steps, spec_tokens, draft_forwards, tree_nodes, n_prompt, n_reused;
   double decode_s, draft_s, verify_s;
   long accept_depth[CANOPY_STATS_MAX_DEPTH], offered_depth[CANOPY_STATS_MAX_DEPTH];
   long accept_rank[CANOPY_STATS_MAX_DEPTH], offered_rank[CANOPY_STATS_MAX_DEPTH];
@@ -84,6 +84,7 @@ static void agg_add(agg *a, const canopy_stats *s) {
   a->draft_forwards += s->draft_forwards;
   a->tree_nodes += s->tree_nodes;
   a->n_prompt += s->n_prompt;
+  a->n_reused += s->n_reused;
   a->decode_s += s->decode_s;
   a->draft_s += s->draft_s;
   a->verify_s += s->verify_s;
@@ -136,6 +137,8 @@ static cJSON *agg_json(const agg *a, const char *tree, const agg *base) {
   cJSON_AddNumberToObject(o, "decode_s", a->decode_s);
   cJSON_AddNumberToObject(o, "tokens_per_s", tps(a));
   cJSON_AddNumberToObject(o, "target_forwards", (double)a->forward_passes);
+  /* Prompt tokens served from earlier runs' KV blocks (0 unless --prefix-cache). */
+  cJSON_AddNumberToObject(o, "prompt_tokens_reused", (double)a->n_reused);
   if (!tree) return o;
   cJSON_AddNumberToObject(o, "speedup", tps(base) > 0 ? tps(a) / tps(base) : 0);
   cJSON_AddNumberToObject(o, "mean_accepted_len", mean_len(a));

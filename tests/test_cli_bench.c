@@ -1,0 +1,99 @@
+/* `canopy bench acceptance` through the program: by default every run prefills its whole prompt
+ * (no prompt token served from an earlier run's KV blocks), so the target alone and each tree start
+ * from the same state; --prefix-cache lets the speculative run reuse the blocks the target-alone
+ * run of the same prompt left. Checked in results.json, together with greedy speculation matching
+ * the target alone. Uses the converted SmolLM2 folder (./test.sh makes it), on the CPU, with the
+ * target's first two layers as the draft. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cJSON.h>
+#include <cmocka.h>
+
+#include "tests/testing.h"
+
+static char model[1024], tmp[64];
+
+/* Runs the bench into tmp/NAME with `extra` options; returns its parsed results.json. */
+static cJSON *run_bench(const char *name, const char *extra) {
+  char cmd[4096], path[256];
+  snprintf(cmd, sizeof cmd,
+           "%s bench acceptance -m %s -d %s --draft-layers 2 --prompts %s/prompts.jsonl --chat -n 6 --tree chain:2 "
+           "--threads 2 %s --out %s/%s > %s/%s.log 2>&1",
+           CANOPY_CLI, model, model, tmp, extra, tmp, name, tmp, name);
+  int st = system(cmd);
+  assert_int_equal(st, 0);
+  snprintf(path, sizeof path, "%s/%s/results.json", tmp, name);
+  char *text = cn_test_read_file(path, NULL);
+  assert_non_null(text);
+  cJSON *root = cJSON_Parse(text);
+  free(text);
+  assert_non_null(root);
+  return root;
+}
+
+static double num(const cJSON *o, const char *key) {
+  const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+  assert_true(cJSON_IsNumber(v));
+  return v->valuedouble;
+}
+
+static void check(cJSON *root, int prefix_cache) {
+  const cJSON *meta = cJSON_GetObjectItemCaseSensitive(root, "metadata");
+  assert_true(cJSON_IsBool(cJSON_GetObjectItemCaseSensitive(meta, "prefix_cache")));
+  assert_int_equal(cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(meta, "prefix_cache")), prefix_cache);
+  const cJSON *overall = cJSON_GetObjectItemCaseSensitive(root, "overall");
+  const cJSON *alone = cJSON_GetObjectItemCaseSensitive(overall, "target_only");
+  const cJSON *tree = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(overall, "trees"), 0);
+  assert_non_null(alone);
+  assert_non_null(tree);
+  double reused_alone = num(alone, "prompt_tokens_reused"), reused_tree = num(tree, "prompt_tokens_reused");
+  printf("[ bench    ] prefix cache %s: prompt tokens reused, target alone %.0f, chain:2 %.0f; greedy identical %.0f "
+         "of %.0f\n",
+         prefix_cache ? "on" : "off", reused_alone, reused_tree, num(tree, "runs_identical_to_target_only"),
+         num(tree, "runs_compared_with_target_only"));
+  if (prefix_cache) {
+    /* The chain:2 run of each prompt finds the full blocks its target-alone run left. */
+    assert_true(reused_tree > 0);
+  } else {
+    assert_true(reused_alone == 0);
+    assert_true(reused_tree == 0);
+  }
+  assert_true(num(tree, "runs_compared_with_target_only") == 2);
+  assert_true(num(tree, "runs_identical_to_target_only") == 2);
+}
+
+static void test_runs_prefill_alike_unless_asked(void **state) {
+  cJSON *off = run_bench("off", ""), *on = run_bench("on", "--prefix-cache");
+  check(off, 0);
+  check(on, 1);
+  cJSON_Delete(off);
+  cJSON_Delete(on);
+}
+
+int main(void) {
+  if (cn_test_smollm2_dir(model, sizeof model)) return CN_TEST_SKIP;
+  strcpy(tmp, "/tmp/canopy-bench-XXXXXX");
+  if (!mkdtemp(tmp)) return 1;
+  /* Two prompts whose chat renderings fill more than one 16-token block. */
+  char path[128];
+  snprintf(path, sizeof path, "%s/prompts.jsonl", tmp);
+  FILE *f = fopen(path, "w");
+  if (!f) return 1;
+  fputs("{\"id\": \"a\", \"prompt\": \"Explain in two sentences why the sky is blue during the day.\"}\n"
+        "{\"id\": \"b\", \"prompt\": \"Write a short list of three fruits that are red.\"}\n",
+        f);
+  fclose(f);
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_runs_prefill_alike_unless_asked),
+  };
+  int rc = cmocka_run_group_tests(tests, NULL, NULL);
+  char cmd[128];
+  snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
+  if (system(cmd)) {}
+  return rc;
+}
