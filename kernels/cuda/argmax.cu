@@ -44,7 +44,6 @@ int cn_cuda_argmax(cn_cuda_ctx *ctx, int32_t *idx, const void *x, cn_cuda_dtype 
   return cn_dispatch(dt, [&](auto t) {
     using T = decltype(t);
     CN_CUDA_CHECK(cn_launch(ctx, argmax_kernel<T>, rows, ARGMAX_THREADS, 0, idx, (const T *)x, n));
-    CN_CUDA_CHECK_LAUNCH();
     return (int)CANOPY_OK;
   });
 }

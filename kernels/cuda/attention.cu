@@ -131,7 +131,6 @@ int cn_cuda_attention(cn_cuda_ctx *ctx, const cn_cuda_attn_args *a) {
   return cn_dispatch(a->dt, [&](auto t) {
     using T = decltype(t);
     CN_CUDA_CHECK(cn_launch(ctx, attention_kernel<T>, (unsigned)a->n * (unsigned)a->n_heads, ATTN_WARPS * 32, 0, *a));
-    CN_CUDA_CHECK_LAUNCH();
     return (int)CANOPY_OK;
   });
 }

@@ -12,7 +12,6 @@ template <typename To, typename From> static int convert(cn_cuda_ctx *ctx, To *d
   if (!n) return CANOPY_OK;
   const int threads = 256;
   CN_CUDA_CHECK(cn_launch(ctx, convert_kernel<To, From>, cn_grid_for(ctx, n, threads), threads, 0, dst, src, n));
-  CN_CUDA_CHECK_LAUNCH();
   return CANOPY_OK;
 }
 

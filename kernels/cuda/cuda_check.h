@@ -41,8 +41,4 @@ static inline int cn_cublas_fail(cublasStatus_t s, const char *file, int line, c
     if (cn_s_ != CUBLAS_STATUS_SUCCESS) return cn_cublas_fail(cn_s_, __FILE__, __LINE__, #call);                       \
   } while (0)
 
-/* After each <<<...>>>: reports a bad launch configuration at once (faults inside the kernel
- * surface at the next synchronising call). */
-#define CN_CUDA_CHECK_LAUNCH() CN_CUDA_CHECK(cudaGetLastError())
-
 #endif

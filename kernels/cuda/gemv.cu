@@ -70,7 +70,6 @@ template <int N> static int launch(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt
   return cn_dispatch(y_dt, [&](auto t) {
     using Y = decltype(t);
     CN_CUDA_CHECK(cn_launch(ctx, gemv_kernel<N, Y>, grid, WARPS * 32, 0, (Y *)y, x, w, in, out, accumulate, vec));
-    CN_CUDA_CHECK_LAUNCH();
     return (int)CANOPY_OK;
   });
 }

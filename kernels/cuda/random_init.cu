@@ -16,6 +16,5 @@ int cn_cuda_random_bf16(cn_cuda_ctx *ctx, cn_bf16 *dst, size_t n, uint64_t strea
   if (!n) return CANOPY_OK;
   const int threads = 256;
   CN_CUDA_CHECK(cn_launch(ctx, random_bf16_kernel, cn_grid_for(ctx, n, threads), threads, 0, dst, n, stream, scale, mean));
-  CN_CUDA_CHECK_LAUNCH();
   return CANOPY_OK;
 }

@@ -21,7 +21,6 @@ int cn_cuda_swiglu(cn_cuda_ctx *ctx, void *out, const void *gate_up, cn_cuda_dty
     const int threads = 256;
     CN_CUDA_CHECK(cn_launch(ctx, swiglu_kernel<T, T>, cn_grid_for(ctx, (size_t)n * d, threads), threads, 0, (T *)out, (const T *)gate_up,
                                                                                          n, d));
-    CN_CUDA_CHECK_LAUNCH();
     return (int)CANOPY_OK;
   });
 }
@@ -32,6 +31,5 @@ int cn_cuda_swiglu_to_bf16(cn_cuda_ctx *ctx, cn_bf16 *out, const float *gate_up,
   if (!n) return CANOPY_OK;
   const int threads = 256;
   CN_CUDA_CHECK(cn_launch(ctx, swiglu_kernel<cn_bf16_t, float>, cn_grid_for(ctx, (size_t)n * d, threads), threads, 0, (cn_bf16_t *)out, gate_up, n, d));
-  CN_CUDA_CHECK_LAUNCH();
   return CANOPY_OK;
 }

@@ -86,7 +86,6 @@ int cn_cuda_top_k(cn_cuda_ctx *ctx, int32_t *ids, float *logp, const void *x, cn
   return cn_dispatch(dt, [&](auto t) {
     using T = decltype(t);
     CN_CUDA_CHECK(cn_launch(ctx, top_k_kernel<T>, rows, TOPK_THREADS, 0, ids, logp, (const T *)x, n, k));
-    CN_CUDA_CHECK_LAUNCH();
     return (int)CANOPY_OK;
   });
 }

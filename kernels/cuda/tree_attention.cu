@@ -326,21 +326,10 @@ template <typename T, int D, int RW> static int launch(cn_cuda_ctx *ctx, const c
     if (st) return st;
     dim3 grid(cap / (64 * RW), a->n_splits, a->n_seqs * a->n_kv_heads);
     CN_CUDA_CHECK(cn_launch(ctx, tree_attn_kernel<T, D, RW, kt_of<D, RW>()>, grid, TA_THREADS, smem, *a));
-    CN_CUDA_CHECK_LAUNCH();
   }
-  if (a->n_splits > 1) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((cap + MERGE_ROWS - 1) / MERGE_ROWS, a->n_seqs * a->n_kv_heads);
-    cfg.blockDim = dim3(32 * MERGE_ROWS);
-    cfg.stream = ctx->stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = ctx->pdl;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    CN_CUDA_CHECK(cudaLaunchKernelEx(&cfg, merge_kernel<T, D>, *a, cap));
-    CN_CUDA_CHECK_LAUNCH();
-  }
+  if (a->n_splits > 1)
+    CN_CUDA_CHECK(cn_launch(ctx, merge_kernel<T, D>, dim3((cap + MERGE_ROWS - 1) / MERGE_ROWS, a->n_seqs * a->n_kv_heads),
+                            32 * MERGE_ROWS, 0, *a, cap));
   return CANOPY_OK;
 }
 

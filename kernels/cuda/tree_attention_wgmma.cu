@@ -242,7 +242,6 @@ static int launch_kernel(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int 
   CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, wg_smem<D, RW>()));
   dim3 grid(cap / (64 * RW), a->n_splits, a->n_seqs * a->n_kv_heads);
   CN_CUDA_CHECK(cn_launch(ctx, kernel, grid, TA_THREADS, wg_smem<D, RW>(), *a));
-  CN_CUDA_CHECK_LAUNCH();
   return CANOPY_OK;
 }
 
