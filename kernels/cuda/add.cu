@@ -15,7 +15,8 @@ int cn_cuda_add(cn_cuda_ctx *ctx, void *x, cn_cuda_dtype x_dt, const void *y, cn
     using TX = decltype(tx);
     using TY = decltype(ty);
     const int threads = 256;
-    CN_CUDA_CHECK(cn_launch(ctx, add_kernel<TX, TY>, cn_grid_for(ctx, n, threads), threads, 0, (TX *)x, (const TY *)y, n));
+    CN_CUDA_CHECK(
+        cn_launch(ctx, add_kernel<TX, TY>, cn_grid_for(ctx, n, threads), threads, 0, (TX *)x, (const TY *)y, n));
     return (int)CANOPY_OK;
   });
 }

@@ -22,9 +22,11 @@ int cn_cuda_copy_spans(cn_cuda_ctx *ctx, void *base, size_t elem_bytes, const cn
   if (!n_spans) return CANOPY_OK;
   for (int phase = 0; phase < 2; phase++) {
     if (elem_bytes == 2)
-      CN_CUDA_CHECK(cn_launch(ctx, copy_spans_kernel<uint16_t>, n_spans, 128, 0, (uint16_t *)base, spans, (uint16_t *)tmp, phase));
+      CN_CUDA_CHECK(cn_launch(ctx, copy_spans_kernel<uint16_t>, n_spans, 128, 0, (uint16_t *)base, spans,
+                              (uint16_t *)tmp, phase));
     else
-      CN_CUDA_CHECK(cn_launch(ctx, copy_spans_kernel<uint32_t>, n_spans, 128, 0, (uint32_t *)base, spans, (uint32_t *)tmp, phase));
+      CN_CUDA_CHECK(cn_launch(ctx, copy_spans_kernel<uint32_t>, n_spans, 128, 0, (uint32_t *)base, spans,
+                              (uint32_t *)tmp, phase));
   }
   return CANOPY_OK;
 }
@@ -46,8 +48,8 @@ int cn_cuda_gather_rows(cn_cuda_ctx *ctx, void *dst, const void *src, cn_cuda_dt
   return cn_dispatch(dt, [&](auto t) {
     using T = decltype(t);
     const int threads = 256;
-    CN_CUDA_CHECK(cn_launch(ctx, gather_rows_kernel<T>, cn_grid_for(ctx, (size_t)n * dim, threads), threads, 0, 
-        (T *)dst, (const T *)src, rows, n, dim));
+    CN_CUDA_CHECK(cn_launch(ctx, gather_rows_kernel<T>, cn_grid_for(ctx, (size_t)n * dim, threads), threads, 0,
+                            (T *)dst, (const T *)src, rows, n, dim));
     return (int)CANOPY_OK;
   });
 }

@@ -19,8 +19,8 @@ int cn_cuda_embed(cn_cuda_ctx *ctx, void *x, cn_cuda_dtype x_dt, const cn_bf16 *
   return cn_dispatch(x_dt, [&](auto t) {
     using T = decltype(t);
     const int threads = 256;
-    CN_CUDA_CHECK(cn_launch(ctx, embed_kernel<T>, cn_grid_for(ctx, (size_t)n * dim, threads), threads, 0, 
-        (T *)x, (const cn_bf16_t *)table, tokens, n, dim));
+    CN_CUDA_CHECK(cn_launch(ctx, embed_kernel<T>, cn_grid_for(ctx, (size_t)n * dim, threads), threads, 0, (T *)x,
+                            (const cn_bf16_t *)table, tokens, n, dim));
     return (int)CANOPY_OK;
   });
 }

@@ -27,8 +27,8 @@ static int kv_write(cn_cuda_ctx *ctx, const cn_cuda_paged_kv *kv, int first_slot
   return cn_dispatch(dt, [&](auto t) {
     using T = decltype(t);
     const int threads = 256;
-    CN_CUDA_CHECK(cn_launch(ctx, kv_write_kernel<T>, cn_grid_for(ctx, (size_t)n * kv_dim, threads), threads, 0, 
-        *kv, first_slot, slots, (const T *)k, (const T *)v, n, kv_dim));
+    CN_CUDA_CHECK(cn_launch(ctx, kv_write_kernel<T>, cn_grid_for(ctx, (size_t)n * kv_dim, threads), threads, 0, *kv,
+                            first_slot, slots, (const T *)k, (const T *)v, n, kv_dim));
     return (int)CANOPY_OK;
   });
 }

@@ -59,8 +59,11 @@ static int gemm_bf16(cn_cuda_ctx *ctx, void *y_out, cn_cuda_dtype y_dt, const vo
       using T = decltype(t);
       const int threads = 256;
       unsigned grid = cn_grid_for(ctx, (size_t)n * out, threads);
-      if (accumulate) CN_CUDA_CHECK(cn_launch(ctx, add_bias_rows_kernel, grid, threads, 0, (float *)y, (const cn_bf16_t *)bias, n, out));
-      else CN_CUDA_CHECK(cn_launch(ctx, bias_rows_kernel<T>, grid, threads, 0, (T *)y, (const cn_bf16_t *)bias, n, out));
+      if (accumulate)
+        CN_CUDA_CHECK(
+            cn_launch(ctx, add_bias_rows_kernel, grid, threads, 0, (float *)y, (const cn_bf16_t *)bias, n, out));
+      else
+        CN_CUDA_CHECK(cn_launch(ctx, bias_rows_kernel<T>, grid, threads, 0, (T *)y, (const cn_bf16_t *)bias, n, out));
       return (int)CANOPY_OK;
     });
     if (st) return st;

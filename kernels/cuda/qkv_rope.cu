@@ -40,7 +40,7 @@ int cn_cuda_qkv_rope(cn_cuda_ctx *ctx, float *q, float *k, float *v, const float
   if (!n) return CANOPY_OK;
   const int threads = 256;
   size_t total = (size_t)n * (n_heads + n_kv_heads) * (head_dim / 2) + (size_t)n * n_kv_heads * head_dim;
-  CN_CUDA_CHECK(cn_launch(ctx, qkv_rope_kernel, cn_grid_for(ctx, total, threads), threads, 0, q, k, v, qkv, pos, n, n_heads,
-                                                                                 n_kv_heads, head_dim, inv_freq));
+  CN_CUDA_CHECK(cn_launch(ctx, qkv_rope_kernel, cn_grid_for(ctx, total, threads), threads, 0, q, k, v, qkv, pos, n,
+                          n_heads, n_kv_heads, head_dim, inv_freq));
   return CANOPY_OK;
 }

@@ -15,6 +15,7 @@ int cn_cuda_random_bf16(cn_cuda_ctx *ctx, cn_bf16 *dst, size_t n, uint64_t strea
     return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_random_bf16: scale %g, mean %g", scale, mean);
   if (!n) return CANOPY_OK;
   const int threads = 256;
-  CN_CUDA_CHECK(cn_launch(ctx, random_bf16_kernel, cn_grid_for(ctx, n, threads), threads, 0, dst, n, stream, scale, mean));
+  CN_CUDA_CHECK(
+      cn_launch(ctx, random_bf16_kernel, cn_grid_for(ctx, n, threads), threads, 0, dst, n, stream, scale, mean));
   return CANOPY_OK;
 }

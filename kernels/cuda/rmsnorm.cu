@@ -39,7 +39,8 @@ int cn_cuda_rmsnorm(cn_cuda_ctx *ctx, void *out, cn_cuda_dtype out_dt, const voi
   return cn_dispatch2(out_dt, x_dt, [&](auto to, auto ti) {
     using TO = decltype(to);
     using TI = decltype(ti);
-    CN_CUDA_CHECK(cn_launch(ctx, rmsnorm_kernel<TO, TI>, n, RMSNORM_THREADS, 0, (TO *)out, (const TI *)x, (const cn_bf16_t *)w, dim, eps));
+    CN_CUDA_CHECK(cn_launch(ctx, rmsnorm_kernel<TO, TI>, n, RMSNORM_THREADS, 0, (TO *)out, (const TI *)x,
+                            (const cn_bf16_t *)w, dim, eps));
     return (int)CANOPY_OK;
   });
 }

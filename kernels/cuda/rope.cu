@@ -34,8 +34,8 @@ int cn_cuda_rope(cn_cuda_ctx *ctx, void *x, cn_cuda_dtype dt, const int32_t *pos
     using T = decltype(t);
     const int threads = 256;
     size_t total = (size_t)n * n_heads * (head_dim / 2);
-    CN_CUDA_CHECK(cn_launch(ctx, rope_kernel<T>, cn_grid_for(ctx, total, threads), threads, 0, (T *)x, pos, n, n_heads, head_dim,
-                                                                               inv_freq));
+    CN_CUDA_CHECK(cn_launch(ctx, rope_kernel<T>, cn_grid_for(ctx, total, threads), threads, 0, (T *)x, pos, n, n_heads,
+                            head_dim, inv_freq));
     return (int)CANOPY_OK;
   });
 }

@@ -209,13 +209,14 @@ int cn_cuda_sample(cn_cuda_ctx *ctx, int32_t *ids, const float *logits, int rows
       return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_sample: workspace of %zu bytes, %d x %d rows need %zu",
                       workspace_bytes, rows, V, w.total);
     size_t items = (size_t)rows * V;
-    CN_CUDA_CHECK(cn_launch(ctx, sample_prep_kernel, cn_grid_for(ctx, items, 256), 256, 0, w.keys_in, w.vals_in, w.offsets, logits,
-                                                                              rows, V));
+    CN_CUDA_CHECK(cn_launch(ctx, sample_prep_kernel, cn_grid_for(ctx, items, 256), 256, 0, w.keys_in, w.vals_in,
+                            w.offsets, logits, rows, V));
     CN_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
         w.temp, w.temp_bytes, w.keys_in, w.keys_out, w.vals_in, w.vals_out, (int)items, rows, w.offsets, w.offsets + 1,
         0, (int)(8 * sizeof(float)), ctx->stream));
     int n = top_k > 0 && top_k < V ? top_k : V;
-    CN_CUDA_CHECK(cn_launch(ctx, sample_cut_kernel, rows, SAMPLE_THREADS, 0, w.cut, w.keys_out, w.vals_out, V, n, inv_t, top_p));
+    CN_CUDA_CHECK(
+        cn_launch(ctx, sample_cut_kernel, rows, SAMPLE_THREADS, 0, w.cut, w.keys_out, w.vals_out, V, n, inv_t, top_p));
     cuts = w.cut;
   }
   CN_CUDA_CHECK(cn_launch(ctx, sample_draw_kernel, rows, SAMPLE_THREADS, 0, ids, logits, cuts, u, V, inv_t));

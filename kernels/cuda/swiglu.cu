@@ -19,8 +19,8 @@ int cn_cuda_swiglu(cn_cuda_ctx *ctx, void *out, const void *gate_up, cn_cuda_dty
   return cn_dispatch(dt, [&](auto t) {
     using T = decltype(t);
     const int threads = 256;
-    CN_CUDA_CHECK(cn_launch(ctx, swiglu_kernel<T, T>, cn_grid_for(ctx, (size_t)n * d, threads), threads, 0, (T *)out, (const T *)gate_up,
-                                                                                         n, d));
+    CN_CUDA_CHECK(cn_launch(ctx, swiglu_kernel<T, T>, cn_grid_for(ctx, (size_t)n * d, threads), threads, 0, (T *)out,
+                            (const T *)gate_up, n, d));
     return (int)CANOPY_OK;
   });
 }
@@ -30,6 +30,7 @@ int cn_cuda_swiglu_to_bf16(cn_cuda_ctx *ctx, cn_bf16 *out, const float *gate_up,
   if (n < 0 || d <= 0) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_swiglu_to_bf16: n=%d d=%d", n, d);
   if (!n) return CANOPY_OK;
   const int threads = 256;
-  CN_CUDA_CHECK(cn_launch(ctx, swiglu_kernel<cn_bf16_t, float>, cn_grid_for(ctx, (size_t)n * d, threads), threads, 0, (cn_bf16_t *)out, gate_up, n, d));
+  CN_CUDA_CHECK(cn_launch(ctx, swiglu_kernel<cn_bf16_t, float>, cn_grid_for(ctx, (size_t)n * d, threads), threads, 0,
+                          (cn_bf16_t *)out, gate_up, n, d));
   return CANOPY_OK;
 }

@@ -328,8 +328,9 @@ template <typename T, int D, int RW> static int launch(cn_cuda_ctx *ctx, const c
     CN_CUDA_CHECK(cn_launch(ctx, tree_attn_kernel<T, D, RW, kt_of<D, RW>()>, grid, TA_THREADS, smem, *a));
   }
   if (a->n_splits > 1)
-    CN_CUDA_CHECK(cn_launch(ctx, merge_kernel<T, D>, dim3((cap + MERGE_ROWS - 1) / MERGE_ROWS, a->n_seqs * a->n_kv_heads),
-                            32 * MERGE_ROWS, 0, *a, cap));
+    CN_CUDA_CHECK(cn_launch(ctx, merge_kernel<T, D>,
+                            dim3((cap + MERGE_ROWS - 1) / MERGE_ROWS, a->n_seqs * a->n_kv_heads), 32 * MERGE_ROWS, 0,
+                            *a, cap));
   return CANOPY_OK;
 }
 
@@ -337,10 +338,9 @@ int cn_cuda_tree_attention(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a) {
   CN_CUDA_ENTER(ctx);
   if (!a) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_tree_attention: NULL args");
   if (a->n_seqs < 0 || a->max_n < 0 || a->n_splits < 1 || a->n_heads <= 0 || a->n_kv_heads <= 0 ||
-      a->n_heads % a->n_kv_heads || a->block_size <= 0 || a->n_seqs * a->n_kv_heads > 65535 || a->n_splits > MERGE_MAX_SPLITS ||
-      a->split_keys < 0 || a->split_keys % TA_KEYS ||
-      (unsigned)a->impl > CN_CUDA_TA_WGMMA ||
-      (a->row_tile != 0 && a->row_tile != 64 && a->row_tile != 128))
+      a->n_heads % a->n_kv_heads || a->block_size <= 0 || a->n_seqs * a->n_kv_heads > 65535 ||
+      a->n_splits > MERGE_MAX_SPLITS || a->split_keys < 0 || a->split_keys % TA_KEYS ||
+      (unsigned)a->impl > CN_CUDA_TA_WGMMA || (a->row_tile != 0 && a->row_tile != 64 && a->row_tile != 128))
     return cn_error(CANOPY_ERR_INVALID_ARG,
                     "cn_cuda_tree_attention: n_seqs=%d max_n=%d n_splits=%d (1..%d) n_heads=%d n_kv_heads=%d "
                     "block_size=%d impl=%d row_tile=%d split_keys=%d (a multiple of %d)",
