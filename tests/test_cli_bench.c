@@ -92,8 +92,6 @@ int main(void) {
       cmocka_unit_test(test_runs_prefill_alike_unless_asked),
   };
   int rc = cmocka_run_group_tests(tests, NULL, NULL);
-  char cmd[128];
-  snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
-  if (system(cmd)) {}
+  cn_test_remove_tree(tmp);
   return rc;
 }

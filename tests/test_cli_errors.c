@@ -117,8 +117,6 @@ int main(void) {
       cmocka_unit_test(test_usage_errors_exit_with_2),
   };
   int rc = cmocka_run_group_tests(tests, NULL, NULL);
-  char cmd[128];
-  snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
-  if (system(cmd)) {}
+  cn_test_remove_tree(tmp);
   return rc;
 }

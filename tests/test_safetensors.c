@@ -579,9 +579,7 @@ static int setup(void **state) {
 }
 
 static int teardown(void **state) {
-  char cmd[128];
-  snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmp);
-  return system(cmd) == 0 ? 0 : -1;
+  return cn_test_remove_tree(tmp);
 }
 
 int main(void) {

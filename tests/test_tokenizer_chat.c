@@ -24,9 +24,7 @@ static int group_setup(void **state) {
 }
 
 static int group_teardown(void **state) {
-  char cmd[128];
-  snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-  return system(cmd) == 0 ? 0 : -1;
+  return cn_test_remove_tree(tmpdir);
 }
 
 /* A folder with SmolLM2's tokenizer.json and a tokenizer_config.json holding `config`. */

@@ -48,6 +48,12 @@ int cn_test_exists(const char *path) {
   return stat(path, &st) == 0;
 }
 
+int cn_test_remove_tree(const char *dir) {
+  char cmd[1100];
+  snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+  return system(cmd) == 0 ? 0 : -1;
+}
+
 char *cn_test_read_file(const char *path, size_t *len) {
   FILE *f = fopen(path, "rb");
   if (!f) return NULL;

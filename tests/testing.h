@@ -24,6 +24,9 @@ struct canopy_tokenizer *cn_test_tokenizer(const char *style);
 /* Whether a path exists. */
 int cn_test_exists(const char *path);
 
+/* Removes a scratch folder and everything in it (rm -rf); 0 on success. */
+int cn_test_remove_tree(const char *dir);
+
 /* Reads a whole file (NUL-terminated, *len bytes); NULL on failure. Caller frees. */
 char *cn_test_read_file(const char *path, size_t *len);
 
