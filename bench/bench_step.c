@@ -15,13 +15,15 @@
  * synchronised, so this is the step's whole latency, launches included).
  *
  * With --unfused, the decode and verification steps are timed a second time with the backend's
- * fused ops (norm_matmul, swiglu_matmul_add, qkv_rope) switched off, side by side in the same run.
+ * fused ops (norm_matmul, matmul_add, ffn, qkv_rope) switched off, side by side in the same run.
+ * With --compare-fusion, also with the few-row GEMM fusions off (cn_cuda_set_gemv_fusion) and
+ * without matmul_add: the kernels a step ran before those fusions, side by side.
  * Forwards replay CUDA graphs (the default: the first warm-up runs the ops, the second captures);
  * --no-graphs launches every op instead, and --compare-graphs times each step both ways, one
  * right after the other, and adds the no-graph time and the ratio.
  *
  * usage: bench_step --config FILE.json [--config ...] [--ctx L] [--nodes 16,64,128] [--reps N] [--unfused]
- *                   [--no-graphs | --compare-graphs] */
+ *                   [--compare-fusion] [--no-graphs | --compare-graphs] */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -169,7 +171,27 @@ static void bench_steps(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, cn_
   free(logits);
 }
 
-static void bench_config(const char *path, int L, const int *nodes, int n_nodes, int reps, double bw, int unfused,
+enum { UNFUSED = 1, BEFORE_FUSION = 2 };
+
+/* The steps again through a copy of the model's backend table with fused ops taken out (and the
+ * few-row GEMM fusions off for BEFORE_FUSION); graphs are dropped before and after, since they
+ * were captured with the other ops. */
+static void bench_variant(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, cn_kv_seq *kv, const int *nodes,
+                          int n_nodes, int reps, double floor_ms, int variant, int no_graphs) {
+  cn_backend plain = *m->be;
+  const cn_backend *fused = m->be;
+  plain.matmul_add = NULL;
+  if (variant == UNFUSED) plain.norm_matmul = NULL, plain.ffn = NULL, plain.qkv_rope = NULL;
+  else if (cn_cuda_set_gemv_fusion(cu, 0)) die("gemv fusion");
+  m->be = &plain;
+  cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64);
+  bench_steps(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, variant == UNFUSED ? " (unfused)" : " (before fusion)");
+  m->be = fused;
+  if (cn_cuda_set_gemv_fusion(cu, 1)) die("gemv fusion");
+  cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64);
+}
+
+static void bench_config(const char *path, int L, const int *nodes, int n_nodes, int reps, double bw, int variants,
                          int no_graphs) {
   canopy_model_params mp = canopy_model_default_params();
   mp.device = CANOPY_DEVICE_CUDA;
@@ -215,17 +237,8 @@ static void bench_config(const char *path, int L, const int *nodes, int n_nodes,
   if (compare_graphs) printf(" %11s %9s", "no-graph ms", "speedup");
   printf("\n");
   bench_steps(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, "");
-  if (unfused) {
-    /* The same model through a copy of its backend table without the fused ops. */
-    cn_backend plain = *m->be;
-    const cn_backend *fused = m->be;
-    plain.norm_matmul = NULL, plain.swiglu_matmul_add = NULL, plain.qkv_rope = NULL;
-    m->be = &plain;
-    cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64); /* captured with the fused ops */
-    bench_steps(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, " (unfused)");
-    m->be = fused;
-    cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64);
-  }
+  if (variants & BEFORE_FUSION) bench_variant(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, BEFORE_FUSION, no_graphs);
+  if (variants & UNFUSED) bench_variant(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, UNFUSED, no_graphs);
   cn_kv_seq_free(kv);
   cn_cuda_timer_free(tm);
   canopy_model_free(m);
@@ -246,20 +259,21 @@ static int parse_list(const char *s, int *out, int cap) {
 
 int main(int argc, char **argv) {
   const char *configs[MAX_CONFIGS];
-  int n_configs = 0, L = 4096, reps = 20, nodes[MAX_NODES] = {16, 64, 128}, n_nodes = 3, unfused = 0,
+  int n_configs = 0, L = 4096, reps = 20, nodes[MAX_NODES] = {16, 64, 128}, n_nodes = 3, variants = 0,
       no_graphs = 0;
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--config") && i + 1 < argc && n_configs < MAX_CONFIGS) configs[n_configs++] = argv[++i];
     else if (!strcmp(argv[i], "--ctx") && i + 1 < argc) L = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--nodes") && i + 1 < argc) n_nodes = parse_list(argv[++i], nodes, MAX_NODES);
-    else if (!strcmp(argv[i], "--unfused")) unfused = 1;
+    else if (!strcmp(argv[i], "--unfused")) variants |= UNFUSED;
+    else if (!strcmp(argv[i], "--compare-fusion")) variants |= BEFORE_FUSION;
     else if (!strcmp(argv[i], "--no-graphs")) no_graphs = 1;
     else if (!strcmp(argv[i], "--compare-graphs")) compare_graphs = 1;
     else n_configs = -1;
     if (n_configs < 0 || n_nodes < 0 || L < 1 || reps < 1) {
       fprintf(stderr, "usage: bench_step --config FILE.json [--config ...] [--ctx L] [--nodes 16,64,128] "
-                      "[--reps N] [--unfused] [--no-graphs | --compare-graphs]\n");
+                      "[--reps N] [--unfused] [--compare-fusion] [--no-graphs | --compare-graphs]\n");
       return 2;
     }
   }
@@ -279,7 +293,7 @@ int main(int argc, char **argv) {
   cn_cuda_ctx_free(cu);
   printf("device-to-device copy bandwidth (1 GiB, read + write, median of 10): %.0f GB/s\n", bw / 1e9);
   for (int i = 0; i < n_configs; i++)
-    bench_config(configs[i], L, nodes, n_nodes, reps, bw, unfused, no_graphs);
+    bench_config(configs[i], L, nodes, n_nodes, reps, bw, variants, no_graphs);
   return 0;
 }
 #endif

@@ -97,13 +97,17 @@ typedef struct cn_backend {
   void (*attention_batch)(void *ctx, void *out, const void *q, const struct cn_attn_desc *d, int n_seqs);
   /* Optional fused forms (NULL: the forward runs the separate ops above; a device backend fills
    * them to save launches and passes over the activations). Same results up to rounding:
-   *   norm_matmul:       y = rmsnorm(x, norm_w) W^T + bias
-   *   swiglu_matmul_add: x += swiglu(gate_up) W^T + bias   (x [n][out] the residual stream)
-   *   qkv_rope:          split_qkv, then rope on q and on k */
+   *   norm_matmul: y = rmsnorm(x, norm_w) W^T + bias
+   *   matmul_add:  x += a W^T + bias                     (x [n][out] the residual stream)
+   *   ffn:         x += swiglu(rmsnorm(x, norm_w) W_gu^T + b_gu) W_down^T + b_down, the whole
+   *                feed-forward block (W_gu [2 d][dim] = [gate | up]); gate_up [n][2 d] is
+   *                workspace the backend may use
+   *   qkv_rope:    split_qkv, then rope on q and on k */
   void (*norm_matmul)(void *ctx, void *y, const void *x, const void *norm_w, float eps, const void *w, const void *bias,
                       int n, int in, int out);
-  void (*swiglu_matmul_add)(void *ctx, void *x, const void *gate_up, const void *w, const void *bias, int n, int d,
-                            int out);
+  void (*matmul_add)(void *ctx, void *x, const void *a, const void *w, const void *bias, int n, int in, int out);
+  void (*ffn)(void *ctx, void *x, void *gate_up, const void *norm_w, float eps, const void *w_gu, const void *b_gu,
+              const void *w_down, const void *b_down, int n, int dim, int d);
   void (*qkv_rope)(void *ctx, void *q, void *k, void *v, const void *qkv, const int32_t *pos, int n, int n_heads,
                    int n_kv_heads, int head_dim, const float *inv_freq);
   /* Copies n floats of a backend buffer to the host. */

@@ -768,10 +768,16 @@ static void cuda_norm_matmul(void *ctx, void *y, const void *x, const void *norm
   if (!c->status) keep(c, cn_cuda_norm_matmul(c->cu, y, CN_CUDA_F32, x, norm_w, eps, w, bias, n, in, out));
 }
 
-static void cuda_swiglu_matmul_add(void *ctx, void *x, const void *gate_up, const void *w, const void *bias, int n,
-                                   int d, int out) {
+static void cuda_matmul_add(void *ctx, void *x, const void *a, const void *w, const void *bias, int n, int in,
+                            int out) {
   cuda_ctx *c = ctx;
-  if (!c->status) keep(c, cn_cuda_swiglu_matmul_add(c->cu, x, gate_up, w, bias, n, d, out));
+  if (!c->status) keep(c, cn_cuda_matmul_add(c->cu, x, a, CN_CUDA_F32, w, bias, n, in, out));
+}
+
+static void cuda_ffn(void *ctx, void *x, void *gate_up, const void *norm_w, float eps, const void *w_gu,
+                     const void *b_gu, const void *w_down, const void *b_down, int n, int dim, int d) {
+  cuda_ctx *c = ctx;
+  if (!c->status) keep(c, cn_cuda_ffn(c->cu, x, gate_up, norm_w, eps, w_gu, b_gu, w_down, b_down, n, dim, d));
 }
 
 static void cuda_qkv_rope(void *ctx, void *q, void *k, void *v, const void *qkv, const int32_t *pos, int n,
@@ -817,7 +823,8 @@ static const cn_backend cuda_backend = {
     .top_rows = cuda_top_rows,
     .sample_rows = cuda_sample_rows,
     .norm_matmul = cuda_norm_matmul,
-    .swiglu_matmul_add = cuda_swiglu_matmul_add,
+    .matmul_add = cuda_matmul_add,
+    .ffn = cuda_ffn,
     .qkv_rope = cuda_qkv_rope,
 };
 

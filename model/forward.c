@@ -76,17 +76,32 @@ static void norm_matmul(canopy_model *m, void *y, const void *x, const void *nor
   be->matmul(m->be_ctx, y, m->s.xn, w, bias, n, in, out);
 }
 
-/* x += swiglu(gate_up) W^T + bias (through s->ffn and s->proj when unfused). */
-static void swiglu_matmul_add(canopy_model *m, void *x, const void *gate_up, const void *w, const void *bias, int n,
-                              int d, int out) {
+/* x += a W^T + bias (through s->proj when unfused). */
+static void matmul_add(canopy_model *m, void *x, const void *a, const void *w, const void *bias, int n, int in,
+                       int out) {
   const cn_backend *be = m->be;
-  if (be->swiglu_matmul_add) {
-    be->swiglu_matmul_add(m->be_ctx, x, gate_up, w, bias, n, d, out);
+  if (be->matmul_add) {
+    be->matmul_add(m->be_ctx, x, a, w, bias, n, in, out);
     return;
   }
-  be->swiglu(m->be_ctx, m->s.ffn, gate_up, n, d);
-  be->matmul(m->be_ctx, m->s.proj, m->s.ffn, w, bias, n, d, out);
+  be->matmul(m->be_ctx, m->s.proj, a, w, bias, n, in, out);
   be->add(m->be_ctx, x, m->s.proj, (size_t)n * out);
+}
+
+/* The feed-forward block: x += swiglu(rmsnorm(x) W_gu^T + b_gu) W_down^T + b_down (through
+ * s->gate_up, s->ffn and s->proj when unfused). */
+static void ffn(canopy_model *m, const cn_layer *w, int n) {
+  const cn_backend *be = m->be;
+  const cn_scratch *s = &m->s;
+  int D = m->cfg.hidden_size, F = m->cfg.intermediate_size;
+  if (be->ffn) {
+    be->ffn(m->be_ctx, s->x, s->gate_up, w->ffn_norm, m->cfg.rms_norm_eps, w->w_gate_up, w->b_gate_up, w->w_down,
+            w->b_down, n, D, F);
+    return;
+  }
+  norm_matmul(m, s->gate_up, s->x, w->ffn_norm, w->w_gate_up, w->b_gate_up, n, D, 2 * F);
+  be->swiglu(m->be_ctx, s->ffn, s->gate_up, n, F);
+  matmul_add(m, s->x, s->ffn, w->w_down, w->b_down, n, F, D);
 }
 
 /* s->q, s->k, s->v from s->qkv, q and k rotated to their positions. */
@@ -111,7 +126,7 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
   void *ctx = m->be_ctx;
   const cn_config *c = &m->cfg;
   const cn_scratch *s = &m->s;
-  int n = b->n_tokens, D = c->hidden_size, d = c->head_dim, F = c->intermediate_size;
+  int n = b->n_tokens, D = c->hidden_size, d = c->head_dim;
   int q_dim = c->n_heads * d, kv_dim = c->n_kv_heads * d, qkv_dim = q_dim + 2 * kv_dim;
   float scale = 1.0f / sqrtf((float)d);
 
@@ -154,10 +169,8 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
       }
     }
     be->attention_batch(ctx, s->attn, s->q, m->attn_desc, b->n_seqs);
-    be->matmul(ctx, s->proj, s->attn, w->wo, w->bo, n, q_dim, D);
-    be->add(ctx, s->x, s->proj, (size_t)n * D);
-    norm_matmul(m, s->gate_up, s->x, w->ffn_norm, w->w_gate_up, w->b_gate_up, n, D, 2 * F);
-    swiglu_matmul_add(m, s->x, s->gate_up, w->w_down, w->b_down, n, F, D);
+    matmul_add(m, s->x, s->attn, w->wo, w->bo, n, q_dim, D);
+    ffn(m, w, n);
   }
 
   /* Only the requested rows go through the final norm and the LM head: at prefill that is one

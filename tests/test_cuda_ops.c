@@ -30,11 +30,11 @@ static cn_threadpool *tp;
 
 enum {
   OP_EMBED, OP_RMSNORM, OP_MATMUL, OP_ROPE, OP_SWIGLU, OP_ADD, OP_KV_WRITE, OP_ATTENTION, OP_ARGMAX,
-  OP_NORM_MATMUL, OP_SWIGLU_MM_ADD, OP_QKV_ROPE, N_OPS
+  OP_NORM_MATMUL, OP_SWIGLU_MM_ADD, OP_QKV_ROPE, OP_MATMUL_ADD, OP_FFN, N_OPS
 };
 static const char *op_names[N_OPS] = {"embed",  "rmsnorm",     "matmul", "rope",   "swiglu",
                                       "add",    "kv_write",    "attention", "argmax", "norm_mm",
-                                      "swiglu_mm+", "qkv_rope"};
+                                      "swiglu_mm+", "qkv_rope", "matmul+", "ffn"};
 static double worst[N_OPS][2]; /* [op][output dtype] */
 static int checked[N_OPS][2];
 /* Mismatches of the running test: each is printed and counted, so one run shows every failing
@@ -713,6 +713,136 @@ static void test_swiglu_matmul_add_matches_cpu(void **state) {
   END_TEST();
 }
 
+/* x += a W^T + bias, fp32 and bf16 a, few rows (the fused kernel) and many (cuBLAS). */
+static void test_matmul_add_matches_cpu(void **state) {
+  mismatches = 0;
+  const int shapes[][3] = {{1, 7, 5}, {3, 64, 33}, {8, 576, 250}, {6, 4096, 77}, {9, 203, 19}, {64, 1536, 576}};
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+    for (int xt = 0; xt < 2; xt++)
+      for (int use_bias = 0; use_bias < 2; use_bias++) {
+        int n = shapes[s][0], in = shapes[s][1], out = shapes[s][2];
+        size_t ny = (size_t)n * out;
+        /* The device rounds an fp32 a to bf16 first, so the reference takes bf16 values. */
+        float *a = rand_bf16_buf((size_t)n * in, 2.0f), *w = rand_bf16_buf((size_t)out * in, 1.0f);
+        float *b = rand_bf16_buf((size_t)out, 1.0f), *x = rand_buf(ny, 4.0f), *ref = malloc(sizeof *ref * ny);
+        cn_cpu_matmul(NULL, ref, a, w, use_bias ? b : NULL, n, in, out);
+        void *d_a = dev_upload(a, (size_t)n * in, dtypes[xt]), *d_w = dev_upload(w, (size_t)out * in, CN_CUDA_BF16);
+        void *d_b = dev_upload(b, (size_t)out, CN_CUDA_BF16), *d_x = dev_upload(x, ny, CN_CUDA_F32);
+        CK(cn_cuda_matmul_add(ctx, d_x, d_a, dtypes[xt], d_w, use_bias ? d_b : NULL, n, in, out));
+        float *y = dev_download(d_x, ny, CN_CUDA_F32);
+        check_all_finite(y, ny, "matmul_add");
+        for (size_t i = 0; i < ny; i++) y[i] -= x[i]; /* the product alone: the residual would hide it */
+        char what[64];
+        snprintf(what, sizeof what, "%dx%dx%d a %s%s", n, in, out, dt_name(dtypes[xt]), use_bias ? " +bias" : "");
+        check_close(OP_MATMUL_ADD, CN_CUDA_BF16, y, ref, ny, what);
+        cn_cuda_free(ctx, d_a), cn_cuda_free(ctx, d_w), cn_cuda_free(ctx, d_b), cn_cuda_free(ctx, d_x);
+        free(a), free(w), free(b), free(x), free(ref), free(y);
+      }
+  END_TEST();
+}
+
+/* The whole feed-forward block against the CPU ops one after the other, on the fused path (up to
+ * 8 rows whose normed input fits the kernel's shared memory), and past it (4096 x 8 rows, 9+ rows). */
+static void test_ffn_matches_cpu(void **state) {
+  mismatches = 0;
+  const int shapes[][3] = {{1, 7, 5}, {2, 64, 33}, {5, 576, 1536}, {8, 576, 344}, {8, 4096, 64}, {9, 129, 65},
+                           {33, 200, 96}}; /* n, dim, d */
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+    for (int use_bias = 0; use_bias < 2; use_bias++) {
+      int n = shapes[s][0], dim = shapes[s][1], d = shapes[s][2];
+      size_t nx = (size_t)n * dim;
+      float *x = rand_buf(nx, 3.0f), *g = rand_bf16_buf((size_t)dim, 1.0f);
+      float *wgu = rand_bf16_buf((size_t)2 * d * dim, 0.5f), *bgu = rand_bf16_buf((size_t)2 * d, 1.0f);
+      float *wd = rand_bf16_buf((size_t)dim * d, 0.5f), *bd = rand_bf16_buf((size_t)dim, 1.0f);
+      float *xn = malloc(sizeof *xn * nx), *gu = malloc(sizeof *gu * (size_t)n * 2 * d);
+      float *act = malloc(sizeof *act * (size_t)n * d), *ref = malloc(sizeof *ref * nx);
+      cn_cpu_rmsnorm(xn, x, g, n, dim, 1e-5f);
+      cn_cpu_matmul(NULL, gu, xn, wgu, use_bias ? bgu : NULL, n, dim, 2 * d);
+      cn_cpu_swiglu(act, gu, n, d);
+      cn_cpu_matmul(NULL, ref, act, wd, use_bias ? bd : NULL, n, d, dim);
+      void *d_x = dev_upload(x, nx, CN_CUDA_F32), *d_g = dev_upload(g, (size_t)dim, CN_CUDA_BF16);
+      void *d_wgu = dev_upload(wgu, (size_t)2 * d * dim, CN_CUDA_BF16);
+      void *d_bgu = dev_upload(bgu, (size_t)2 * d, CN_CUDA_BF16);
+      void *d_wd = dev_upload(wd, (size_t)dim * d, CN_CUDA_BF16), *d_bd = dev_upload(bd, (size_t)dim, CN_CUDA_BF16);
+      void *d_gu = dev_poisoned((size_t)n * 2 * d, CN_CUDA_F32);
+      CK(cn_cuda_ffn(ctx, d_x, d_gu, d_g, 1e-5f, d_wgu, use_bias ? d_bgu : NULL, d_wd, use_bias ? d_bd : NULL, n, dim,
+                     d));
+      float *y = dev_download(d_x, nx, CN_CUDA_F32);
+      check_all_finite(y, nx, "ffn");
+      for (size_t i = 0; i < nx; i++) y[i] -= x[i];
+      char what[64];
+      snprintf(what, sizeof what, "n=%d dim=%d d=%d%s", n, dim, d, use_bias ? " +bias" : "");
+      check_close(OP_FFN, CN_CUDA_BF16, y, ref, nx, what);
+      cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_g), cn_cuda_free(ctx, d_wgu), cn_cuda_free(ctx, d_bgu);
+      cn_cuda_free(ctx, d_wd), cn_cuda_free(ctx, d_bd), cn_cuda_free(ctx, d_gu);
+      free(x), free(g), free(wgu), free(bgu), free(wd), free(bd), free(xn), free(gu), free(act), free(ref), free(y);
+    }
+  END_TEST();
+}
+
+/* The few-row kernel's fusions (RMSNorm or fp32 rounding into shared memory, SwiGLU in the
+ * epilogue) against the separate kernels they replace: the same bits, for every row count the
+ * kernel takes, scalar (in % 8 != 0) and vector paths, and the largest staged input that fits. */
+enum { F_NORM_MM_F32, F_NORM_MM_BF16, F_MATMUL_F32X, F_MATMUL_ADD, F_FFN, N_FUSED };
+
+static float *run_fused(int op, int fusion, const float *x, const void *d_g, const void *d_w, const void *d_b,
+                        const void *d_w2, int n, int in, int out, size_t *len) {
+  CK(cn_cuda_set_gemv_fusion(ctx, fusion));
+  void *d_x = dev_upload(x, (size_t)n * in, CN_CUDA_F32);
+  cn_cuda_dtype yt = op == F_NORM_MM_BF16 ? CN_CUDA_BF16 : CN_CUDA_F32;
+  *len = op == F_FFN ? (size_t)n * in : (size_t)n * out;
+  void *d_y = op == F_MATMUL_ADD ? dev_upload(x, *len, CN_CUDA_F32) : dev_poisoned(*len, yt);
+  void *d_gu = dev_poisoned((size_t)n * 2 * out, CN_CUDA_F32);
+  switch (op) {
+  case F_NORM_MM_F32:
+  case F_NORM_MM_BF16: CK(cn_cuda_norm_matmul(ctx, d_y, yt, d_x, d_g, 1e-5f, d_w, d_b, n, in, out)); break;
+  case F_MATMUL_F32X: CK(cn_cuda_matmul(ctx, d_y, yt, d_x, CN_CUDA_F32, d_w, d_b, n, in, out)); break;
+  case F_MATMUL_ADD: CK(cn_cuda_matmul_add(ctx, d_y, d_x, CN_CUDA_F32, d_w, d_b, n, in, out)); break;
+  case F_FFN: CK(cn_cuda_ffn(ctx, d_x, d_gu, d_g, 1e-5f, d_w, d_b, d_w2, NULL, n, in, out)); break;
+  }
+  float *y = dev_download(op == F_FFN ? d_x : d_y, *len, yt);
+  CK(cn_cuda_set_gemv_fusion(ctx, 1));
+  cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_y), cn_cuda_free(ctx, d_gu);
+  return y;
+}
+
+static void test_gemv_fusions_are_bit_exact(void **state) {
+  mismatches = 0;
+  static const char *names[N_FUSED] = {"norm_matmul f32", "norm_matmul bf16", "matmul f32 x", "matmul_add", "ffn"};
+  const int shapes[][2] = {{7, 5}, {203, 37}, {576, 250}, {3000, 19}}; /* in, out (ffn: dim, d) */
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+    int in = shapes[s][0], out = shapes[s][1];
+    float *g = rand_bf16_buf((size_t)in, 1.0f), *w = rand_bf16_buf((size_t)2 * out * in, 0.5f);
+    float *b = rand_bf16_buf((size_t)2 * out, 1.0f), *w2 = rand_bf16_buf((size_t)in * out, 0.5f);
+    void *d_g = dev_upload(g, (size_t)in, CN_CUDA_BF16), *d_w = dev_upload(w, (size_t)2 * out * in, CN_CUDA_BF16);
+    void *d_b = dev_upload(b, (size_t)2 * out, CN_CUDA_BF16), *d_w2 = dev_upload(w2, (size_t)in * out, CN_CUDA_BF16);
+    for (int n = 1; n <= 8; n++) {
+      float *x = rand_buf((size_t)n * in, 3.0f);
+      for (int op = 0; op < N_FUSED; op++)
+        for (int use_bias = 0; use_bias < 2; use_bias++) {
+          size_t len, len2;
+          const void *bias = use_bias ? d_b : NULL;
+          float *on = run_fused(op, 1, x, d_g, d_w, bias, d_w2, n, in, out, &len);
+          float *off = run_fused(op, 0, x, d_g, d_w, bias, d_w2, n, in, out, &len2);
+          check_all_finite(on, len, names[op]);
+          size_t differ = 0;
+          for (size_t i = 0; i < len; i++) differ += memcmp(&on[i], &off[i], sizeof(float)) != 0;
+          if (differ) {
+            printf("  %s n=%d in=%d out=%d%s: %zu of %zu values differ from the unfused kernels  MISMATCH\n",
+                   names[op], n, in, out, use_bias ? " +bias" : "", differ, len);
+            mismatches++;
+          }
+          free(on), free(off);
+        }
+      free(x);
+    }
+    printf("  gemv fusions in=%d out=%d: n = 1..8 compared\n", in, out);
+    cn_cuda_free(ctx, d_g), cn_cuda_free(ctx, d_w), cn_cuda_free(ctx, d_b), cn_cuda_free(ctx, d_w2);
+    free(g), free(w), free(b), free(w2);
+  }
+  END_TEST();
+}
+
 static void test_qkv_rope_matches_cpu(void **state) {
   mismatches = 0;
   const int shapes[][4] = {{1, 1, 1, 2}, {3, 4, 1, 64}, {17, 9, 3, 64}, {64, 32, 8, 128}, {129, 6, 2, 34}};
@@ -818,6 +948,9 @@ int main(void) {
       cmocka_unit_test(test_argmax_and_top_k_are_exact_and_order_ties_by_index),
       cmocka_unit_test(test_norm_matmul_matches_cpu),
       cmocka_unit_test(test_swiglu_matmul_add_matches_cpu),
+      cmocka_unit_test(test_matmul_add_matches_cpu),
+      cmocka_unit_test(test_ffn_matches_cpu),
+      cmocka_unit_test(test_gemv_fusions_are_bit_exact),
       cmocka_unit_test(test_qkv_rope_matches_cpu),
       cmocka_unit_test(test_cuda_failures_become_status_codes),
   };

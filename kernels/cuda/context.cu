@@ -33,6 +33,8 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
   /* CANOPY_CUDA_NO_PDL=1: plain launches, to measure what programmatic dependent launch saves. */
   const char *no_pdl = getenv("CANOPY_CUDA_NO_PDL");
   c->pdl = c->cc >= 90 && !(no_pdl && !strcmp(no_pdl, "1"));
+  const char *no_fusion = getenv("CANOPY_CUDA_NO_GEMV_FUSION");
+  c->gemv_fusion = !(no_fusion && !strcmp(no_fusion, "1"));
   CN_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
   CN_CUBLAS_CHECK(cublasCreate(&c->blas));
   CN_CUBLAS_CHECK(cublasSetStream(c->blas, c->stream));
@@ -112,6 +114,12 @@ void cn_cuda_free(cn_cuda_ctx *ctx, void *p) {
 int cn_cuda_set_batch_invariant(cn_cuda_ctx *ctx, int on) {
   if (!ctx) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_batch_invariant: NULL cuda context");
   ctx->batch_invariant = on != 0;
+  return CANOPY_OK;
+}
+
+int cn_cuda_set_gemv_fusion(cn_cuda_ctx *ctx, int on) {
+  if (!ctx) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_gemv_fusion: NULL cuda context");
+  ctx->gemv_fusion = on != 0;
   return CANOPY_OK;
 }
 

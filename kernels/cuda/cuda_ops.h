@@ -58,6 +58,13 @@ int cn_cuda_sync(cn_cuda_ctx *ctx);
  * the batch. Costs the padded rows' work and a copy of the output. */
 int cn_cuda_set_batch_invariant(cn_cuda_ctx *ctx, int on);
 
+/* Few-row GEMM fusions (on by default; off with CANOPY_CUDA_NO_GEMV_FUSION=1 at creation): at
+ * up to 8 rows, outside batch-invariant mode, the GEMM kernel makes its own bf16 input (the
+ * RMSNorm of norm_matmul and ffn, the rounding of an fp32 x) and applies ffn's SwiGLU in its
+ * epilogue, instead of separate kernels before and after it (bias and residual add are always
+ * the few-row kernel's epilogue). The results are the same bits either way; off is for measuring what it saves. */
+int cn_cuda_set_gemv_fusion(cn_cuda_ctx *ctx, int on);
+
 /* Preallocates the matmul scratch for fp32 inputs of up to `elems` elements, so that no
  * allocation happens later in a decode loop (it would otherwise grow on first use). */
 int cn_cuda_reserve_scratch(cn_cuda_ctx *ctx, size_t elems);
@@ -150,6 +157,19 @@ int cn_cuda_add(cn_cuda_ctx *ctx, void *x, cn_cuda_dtype x_dt, const void *y, cn
  * scratch buffer in bf16 and straight into the GEMM. Twin: cn_cpu_rmsnorm, then cn_cpu_matmul. */
 int cn_cuda_norm_matmul(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const float *x, const cn_bf16 *norm_w, float eps,
                         const cn_bf16 *w, const cn_bf16 *bias, int n, int in, int out);
+
+/* y += x W^T (+ bias): x [n][in] of x_dt, y [n][out] fp32 (the residual stream). Twin:
+ * cn_cpu_matmul, then cn_cpu_add. */
+int cn_cuda_matmul_add(cn_cuda_ctx *ctx, float *y, const void *x, cn_cuda_dtype x_dt, const cn_bf16 *w,
+                       const cn_bf16 *bias, int n, int in, int out);
+
+/* A whole feed-forward block on the residual stream x [n][dim] fp32:
+ *   x += swiglu(rmsnorm(x, norm_w) W_gu^T + b_gu) W_down^T + b_down
+ * with W_gu [2 d][dim] = [gate | up], W_down [dim][d], biases bf16 or NULL. gate_up [n][2 d] fp32
+ * is workspace for the unfused path (more than 8 rows). Twin: cn_cpu_rmsnorm, cn_cpu_matmul,
+ * cn_cpu_swiglu, cn_cpu_matmul, cn_cpu_add. */
+int cn_cuda_ffn(cn_cuda_ctx *ctx, float *x, float *gate_up, const cn_bf16 *norm_w, float eps, const cn_bf16 *w_gu,
+                const cn_bf16 *b_gu, const cn_bf16 *w_down, const cn_bf16 *b_down, int n, int dim, int d);
 
 /* y += silu(gate) * up W^T (+ bias): gate_up [n][2d] fp32, W [out][d], y [n][out] fp32 (the
  * residual stream: the GEMM accumulates into it). Twin: cn_cpu_swiglu, cn_cpu_matmul, cn_cpu_add. */

@@ -1,12 +1,30 @@
-/* Few-row GEMM, one warp per output feature: the weight row is streamed once with 16-byte loads
- * that bypass L1 (it is read exactly once), the n input rows come through L1 (every warp reads
- * them), and the n dot products are reduced across the warp at the end. A decode step is the
- * weight bytes over the bandwidth; this keeps enough loads in flight per SM to reach it. */
-#include "kernels/cuda/gemv.cuh"
+/* Few-row GEMM, one warp per output feature (two for SwiGLU: its gate and up rows): the weight
+ * rows are streamed once with 16-byte loads that bypass L1 (they are read exactly once), the n
+ * input rows come through L1 or shared memory (every warp reads them), and the n dot products are
+ * reduced across the warp at the end. A decode step is the weight bytes over the bandwidth; this
+ * keeps enough loads in flight per SM to reach it.
+ *
+ * Staged inputs (fp32 x, or x to be RMSNormed) are made bf16 by each block into shared memory
+ * before the warps start: every block recomputes them, which costs L2 reads of n x in fp32 values
+ * per block, small against the 8 weight rows of in bf16 values each block streams from memory. */
+#include <cub/block/block_reduce.cuh>
 
 #include <stdint.h>
 
+#include "kernels/cuda/gemv.cuh"
+
 #define WARPS 8 /* per block: 8 output features */
+#define THREADS (WARPS * 32)
+
+struct gemv_params {
+  void *y;
+  const void *x;
+  const cn_bf16_t *norm_w;
+  float eps;
+  const cn_bf16_t *w, *bias;
+  int in, out;
+  bool vec; /* in % 8 == 0 and 16-byte aligned rows: the uint4 path */
+};
 
 __device__ __forceinline__ void bf16x8_to_f32(uint4 v, float *f) {
   const __nv_bfloat162 *h = (const __nv_bfloat162 *)&v;
@@ -18,73 +36,219 @@ __device__ __forceinline__ void bf16x8_to_f32(uint4 v, float *f) {
   }
 }
 
-template <int N, typename Y>
-__global__ void __launch_bounds__(WARPS * 32)
-    gemv_kernel(Y *y, const cn_bf16_t *__restrict__ x, const cn_bf16_t *__restrict__ w, int in, int out,
-                bool accumulate, bool vec) {
-  cn_pdl_enter();
-  int o = blockIdx.x * WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-  if (o >= out) return;
-  const cn_bf16_t *wr = w + (size_t)o * in;
-  float acc[N];
+/* Writes the block's bf16 copy of the n fp32 input rows into xs [N][in]. The RMSNorm is
+ * rmsnorm.cu's, step for step (the same strided sum of squares and CUB block reduction over the
+ * same 256 threads, the same scaling expression), so each value is the bit the unfused op
+ * writes. */
+template <int N, int XK> __device__ __forceinline__ void stage(cn_bf16_t *xs, const gemv_params &p) {
+  const float *x = (const float *)p.x;
+  const int in = p.in;
+  if constexpr (XK == CN_GEMV_X_NORM) {
+    typedef cub::BlockReduce<float, THREADS> Reduce;
+    __shared__ typename Reduce::TempStorage tmp;
+    __shared__ float scale[N];
+#pragma unroll 1
+    for (int r = 0; r < N; r++) {
+      const float *xr = x + (size_t)r * in;
+      float ss = 0.0f;
+      for (int j = threadIdx.x; j < in; j += THREADS) {
+        float v = xr[j];
+        ss += v * v;
+      }
+      ss = Reduce(tmp).Sum(ss);
+      if (threadIdx.x == 0) scale[r] = rsqrtf(ss / in + p.eps);
+      __syncthreads(); /* tmp is reused by the next row */
+    }
+#pragma unroll 1
+    for (int r = 0; r < N; r++) {
+      const float *xr = x + (size_t)r * in;
+      float s = scale[r];
+      for (int j = threadIdx.x; j < in; j += THREADS)
+        cn_st(xs + (size_t)r * in + j, xr[j] * s * cn_ld(p.norm_w + j));
+    }
+  } else {
+    for (int e = threadIdx.x; e < N * in; e += THREADS)
+      cn_st(xs + e, x[e]);
+  }
+  __syncthreads();
+}
+
+/* Loads per lane and weight row in one batch of the vector path: the warp keeps two batches
+ * (2 x 4 x 16 bytes per lane and row) in flight. */
+#define BATCH 4
+
+template <int R>
+__device__ __forceinline__ void load_batch(uint4 (&dst)[R][BATCH], const uint4 *const (&w8)[R], int base, int n8,
+                                           bool valid) {
 #pragma unroll
-  for (int r = 0; r < N; r++) acc[r] = 0.0f;
-  int k0 = 0;
-  if (vec) {
-    const uint4 *w8 = (const uint4 *)wr;
-    int n8 = in / 8;
-#pragma unroll 4
-    for (int k = lane; k < n8; k += 32) {
-      float wf[8], xf[8];
-      bf16x8_to_f32(__ldcs(w8 + k), wf);
+  for (int u = 0; u < BATCH; u++) {
+    int k = base + 32 * u;
+#pragma unroll
+    for (int i = 0; i < R; i++)
+      dst[i][u] = valid && k < n8 ? __ldcs(w8[i] + k) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+template <int N, int XK, int HOW, typename Y> __global__ void __launch_bounds__(THREADS) gemv_kernel(gemv_params p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  constexpr bool staged = XK != CN_GEMV_X_BF16;
+  constexpr int R = HOW == CN_GEMV_SWIGLU ? 2 : 1; /* weight rows per warp */
+  const int in = p.in, o = blockIdx.x * WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  const bool valid = o < p.out;
+  const int n8 = p.vec ? in / 8 : 0;
+  const cn_bf16_t *wr[R];
+  const uint4 *w8[R];
+#pragma unroll
+  for (int i = 0; i < R; i++) {
+    wr[i] = p.w + (size_t)((valid ? o : 0) + i * p.out) * in;
+    w8[i] = (const uint4 *)wr[i];
+  }
+  /* The first batch of weights is requested before waiting for the kernel before this one: no
+   * kernel of a forward writes weights, and the loads then overlap that kernel's tail and this
+   * block's input staging instead of following them. */
+  uint4 cur[R][BATCH];
+  load_batch<R>(cur, w8, lane, n8, valid);
+  cn_pdl_enter();
+  const cn_bf16_t *x = (const cn_bf16_t *)p.x;
+  if constexpr (staged) {
+    stage<N, XK>((cn_bf16_t *)smem, p);
+    x = (const cn_bf16_t *)smem;
+  }
+  if (!valid) return;
+  float acc[R][N];
+#pragma unroll
+  for (int i = 0; i < R; i++)
+#pragma unroll
+    for (int r = 0; r < N; r++)
+      acc[i][r] = 0.0f;
+  /* k ascending per lane, the row order of fmaf chains of a plain k loop: a row's sum does not
+   * depend on the batching. */
+  for (int base = lane; base < n8; base += 32 * BATCH) {
+    uint4 nxt[R][BATCH];
+    load_batch<R>(nxt, w8, base + 32 * BATCH, n8, true);
+#pragma unroll
+    for (int u = 0; u < BATCH; u++) {
+      int k = base + 32 * u;
+      if (k >= n8) break;
+      float wf[R][8], xf[8];
+#pragma unroll
+      for (int i = 0; i < R; i++)
+        bf16x8_to_f32(cur[i][u], wf[i]);
 #pragma unroll
       for (int r = 0; r < N; r++) {
-        bf16x8_to_f32(__ldg((const uint4 *)(x + (size_t)r * in) + k), xf);
+        const uint4 *xr = (const uint4 *)(x + (size_t)r * in) + k;
+        bf16x8_to_f32(staged ? *xr : __ldg(xr), xf);
 #pragma unroll
-        for (int i = 0; i < 8; i++) acc[r] = fmaf(wf[i], xf[i], acc[r]);
+        for (int i = 0; i < R; i++)
+#pragma unroll
+          for (int e = 0; e < 8; e++)
+            acc[i][r] = fmaf(wf[i][e], xf[e], acc[i][r]);
       }
     }
-    k0 = n8 * 8;
-  }
-  for (int k = k0 + lane; k < in; k += 32) {
-    float wk = __bfloat162float(wr[k]);
 #pragma unroll
-    for (int r = 0; r < N; r++) acc[r] = fmaf(wk, __bfloat162float(x[(size_t)r * in + k]), acc[r]);
+    for (int i = 0; i < R; i++)
+#pragma unroll
+      for (int u = 0; u < BATCH; u++)
+        cur[i][u] = nxt[i][u];
+  }
+  const int k0 = n8 * 8;
+  for (int k = k0 + lane; k < in; k += 32) {
+    float wk[R];
+#pragma unroll
+    for (int i = 0; i < R; i++)
+      wk[i] = __bfloat162float(wr[i][k]);
+#pragma unroll
+    for (int r = 0; r < N; r++) {
+      float xk = __bfloat162float(x[(size_t)r * in + k]);
+#pragma unroll
+      for (int i = 0; i < R; i++)
+        acc[i][r] = fmaf(wk[i], xk, acc[i][r]);
+    }
   }
 #pragma unroll
   for (int r = 0; r < N; r++) {
-    float v = acc[r];
+    float v[R];
 #pragma unroll
-    for (int s = 16; s > 0; s >>= 1) v += __shfl_xor_sync(0xffffffffu, v, s);
-    if (lane == 0) {
-      Y *p = y + (size_t)r * out + o;
-      cn_st(p, accumulate ? cn_ld(p) + v : v);
+    for (int i = 0; i < R; i++) {
+      v[i] = acc[i][r];
+#pragma unroll
+      for (int s = 16; s > 0; s >>= 1)
+        v[i] += __shfl_xor_sync(0xffffffffu, v[i], s);
+      if (p.bias) v[i] += cn_ld(p.bias + o + i * p.out); /* the bias pass wrote it first: bias + v */
     }
+    if (lane) continue;
+    Y *y = (Y *)p.y + (size_t)r * p.out + o;
+    if constexpr (HOW == CN_GEMV_SWIGLU)
+      cn_st(y, v[0] / (1.0f + expf(-v[0])) * v[R - 1]);
+    else if constexpr (HOW == CN_GEMV_ADD)
+      cn_st(y, cn_ld(y) + v[0]);
+    else
+      cn_st(y, v[0]);
   }
 }
 
-template <int N> static int launch(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const cn_bf16_t *x,
-                                   const cn_bf16_t *w, int in, int out, bool accumulate) {
-  bool vec = in % 8 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)w % 16 == 0;
-  unsigned grid = (unsigned)((out + WARPS - 1) / WARPS);
-  return cn_dispatch(y_dt, [&](auto t) {
-    using Y = decltype(t);
-    CN_CUDA_CHECK(cn_launch(ctx, gemv_kernel<N, Y>, grid, WARPS * 32, 0, (Y *)y, x, w, in, out, accumulate, vec));
-    return (int)CANOPY_OK;
-  });
+bool cn_gemv_fits(int n, int in, cn_gemv_x kind) {
+  if (n < 1 || n > CN_GEMV_MAX_ROWS || in < 1) return false;
+  return kind == CN_GEMV_X_BF16 || (size_t)n * in * sizeof(cn_bf16_t) <= CN_GEMV_STAGE_BYTES;
 }
 
-int cn_gemv_bf16(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const cn_bf16_t *x, const cn_bf16_t *w, int n, int in,
-                 int out, bool accumulate) {
+template <int N, int XK, int HOW, typename Y>
+static int go(cn_cuda_ctx *ctx, const gemv_params &p, unsigned grid, size_t smem) {
+  CN_CUDA_CHECK(cn_launch(ctx, gemv_kernel<N, XK, HOW, Y>, grid, THREADS, smem, p));
+  return CANOPY_OK;
+}
+
+template <int XK, int HOW, typename Y>
+static int by_rows(cn_cuda_ctx *ctx, const gemv_params &p, int n, unsigned grid, size_t smem) {
   switch (n) {
-  case 1: return launch<1>(ctx, y, y_dt, x, w, in, out, accumulate);
-  case 2: return launch<2>(ctx, y, y_dt, x, w, in, out, accumulate);
-  case 3: return launch<3>(ctx, y, y_dt, x, w, in, out, accumulate);
-  case 4: return launch<4>(ctx, y, y_dt, x, w, in, out, accumulate);
-  case 5: return launch<5>(ctx, y, y_dt, x, w, in, out, accumulate);
-  case 6: return launch<6>(ctx, y, y_dt, x, w, in, out, accumulate);
-  case 7: return launch<7>(ctx, y, y_dt, x, w, in, out, accumulate);
-  case 8: return launch<8>(ctx, y, y_dt, x, w, in, out, accumulate);
+  case 1: return go<1, XK, HOW, Y>(ctx, p, grid, smem);
+  case 2: return go<2, XK, HOW, Y>(ctx, p, grid, smem);
+  case 3: return go<3, XK, HOW, Y>(ctx, p, grid, smem);
+  case 4: return go<4, XK, HOW, Y>(ctx, p, grid, smem);
+  case 5: return go<5, XK, HOW, Y>(ctx, p, grid, smem);
+  case 6: return go<6, XK, HOW, Y>(ctx, p, grid, smem);
+  case 7: return go<7, XK, HOW, Y>(ctx, p, grid, smem);
+  case 8: return go<8, XK, HOW, Y>(ctx, p, grid, smem);
   }
-  return cn_error(CANOPY_ERR_INVALID_ARG, "cn_gemv_bf16: %d rows (1..%d)", n, CN_GEMV_MAX_ROWS);
+  return cn_error(CANOPY_ERR_INVALID_ARG, "cn_gemv_run: %d rows (1..%d)", n, CN_GEMV_MAX_ROWS);
+}
+
+/* The output handling of each input kind: only the pairs the forward uses are instantiated. */
+template <int XK>
+static int by_out(cn_cuda_ctx *ctx, const cn_gemv *g, const gemv_params &p, unsigned grid, size_t smem) {
+  bool f32 = g->y_dt == CN_CUDA_F32;
+  switch (g->how) {
+  case CN_GEMV_STORE:
+    return f32 ? by_rows<XK, CN_GEMV_STORE, float>(ctx, p, g->n, grid, smem)
+               : by_rows<XK, CN_GEMV_STORE, cn_bf16_t>(ctx, p, g->n, grid, smem);
+  case CN_GEMV_ADD:
+    if constexpr (XK != CN_GEMV_X_NORM)
+      if (f32) return by_rows<XK, CN_GEMV_ADD, float>(ctx, p, g->n, grid, smem);
+    break;
+  case CN_GEMV_SWIGLU:
+    if constexpr (XK == CN_GEMV_X_NORM)
+      if (!f32) return by_rows<XK, CN_GEMV_SWIGLU, cn_bf16_t>(ctx, p, g->n, grid, smem);
+    break;
+  }
+  return cn_error(CANOPY_ERR_INVALID_ARG, "cn_gemv_run: output %d to %s after input kind %d not provided", (int)g->how,
+                  f32 ? "fp32" : "bf16", XK);
+}
+
+int cn_gemv_run(cn_cuda_ctx *ctx, const cn_gemv *g) {
+  if (!cn_gemv_fits(g->n, g->in, g->x_kind) || g->out < 1 || !cn_dtype_ok(g->y_dt))
+    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_gemv_run: n=%d in=%d out=%d input kind %d", g->n, g->in, g->out,
+                    (int)g->x_kind);
+  if (g->x_kind == CN_GEMV_X_NORM && !g->norm_w)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_gemv_run: RMSNorm input without its weight");
+  gemv_params p = {g->y, g->x, g->norm_w, g->eps, g->w, g->bias, g->in, g->out, false};
+  /* Staged rows start at multiples of in in shared memory: 16-byte aligned when in % 8 == 0. */
+  p.vec = g->in % 8 == 0 && (uintptr_t)g->w % 16 == 0 && (g->x_kind != CN_GEMV_X_BF16 || (uintptr_t)g->x % 16 == 0);
+  unsigned grid = (unsigned)((g->out + WARPS - 1) / WARPS);
+  size_t smem = g->x_kind == CN_GEMV_X_BF16 ? 0 : (size_t)g->n * g->in * sizeof(cn_bf16_t);
+  switch (g->x_kind) {
+  case CN_GEMV_X_BF16: return by_out<CN_GEMV_X_BF16>(ctx, g, p, grid, smem);
+  case CN_GEMV_X_F32: return by_out<CN_GEMV_X_F32>(ctx, g, p, grid, smem);
+  case CN_GEMV_X_NORM: return by_out<CN_GEMV_X_NORM>(ctx, g, p, grid, smem);
+  }
+  return cn_error(CANOPY_ERR_INVALID_ARG, "cn_gemv_run: input kind %d", (int)g->x_kind);
 }

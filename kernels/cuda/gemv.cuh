@@ -1,17 +1,55 @@
-/* The GEMM of a few rows (decode, short chains), where cuBLAS's kernels leave bandwidth unused.
- * C++ only; used by matmul.cu. */
+/* The GEMM of a few rows (decode, short chains), where cuBLAS's kernels leave bandwidth unused,
+ * with the small ops around it folded in: a decode step of a large model is hundreds of kernels,
+ * and at that size each kernel boundary costs about what a small op does. C++ only; used by
+ * matmul.cu.
+ *
+ * The input rows come as bf16 (read from global memory), or as fp32 rounded to bf16 into shared
+ * memory by each block, or as fp32 RMSNormed into bf16 in shared memory; the output is stored,
+ * added to an fp32 residual stream, or (over a fused [gate | up] weight) turned into the SwiGLU
+ * activation. Every variant rounds exactly as the separate ops it replaces (cn_cuda_rmsnorm to
+ * bf16, cn_cuda_f32_to_bf16, cn_cuda_swiglu_to_bf16, the bias pass and cn_cuda_add), so fused
+ * and unfused forwards produce the same bits. */
 #ifndef CANOPY_KERNELS_CUDA_GEMV_CUH
 #define CANOPY_KERNELS_CUDA_GEMV_CUH
 
 #include "kernels/cuda/cuda_common.cuh"
 
-/* Rows up to which cn_gemv_bf16 is used instead of cuBLAS. */
+/* Rows up to which the few-row kernel is used instead of cuBLAS. */
 #define CN_GEMV_MAX_ROWS 8
 
-/* y [n][out] = (accumulate ? y : 0) + x [n][in] W^T with x and W [out][in] in bf16, fp32
- * accumulation, y fp32 or bf16; 1 <= n <= CN_GEMV_MAX_ROWS. Every row is computed in the same
- * order whatever n is, so a row's result does not depend on the rows batched with it. */
-int cn_gemv_bf16(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const cn_bf16_t *x, const cn_bf16_t *w, int n, int in,
-                 int out, bool accumulate);
+/* Shared memory a block may use for staged input rows (the default limit, no opt-in). */
+#define CN_GEMV_STAGE_BYTES (48 * 1024)
+
+typedef enum cn_gemv_x {
+  CN_GEMV_X_BF16, /* x [n][in] bf16 */
+  CN_GEMV_X_F32,  /* x [n][in] fp32, rounded to bf16 */
+  CN_GEMV_X_NORM, /* x [n][in] fp32, rmsnorm(x) * norm_w rounded to bf16 */
+} cn_gemv_x;
+
+typedef enum cn_gemv_out {
+  CN_GEMV_STORE,  /* y [n][out] = x W^T + bias (y fp32 or bf16) */
+  CN_GEMV_ADD,    /* y [n][out] += x W^T + bias (y fp32) */
+  CN_GEMV_SWIGLU, /* W [2 out][in] = [gate | up], bias [2 out]: y [n][out] bf16 = silu(g) * u */
+} cn_gemv_out;
+
+typedef struct cn_gemv {
+  void *y;
+  cn_cuda_dtype y_dt;
+  const void *x;
+  cn_gemv_x x_kind;
+  const cn_bf16_t *norm_w; /* [in], CN_GEMV_X_NORM only */
+  float eps;
+  const cn_bf16_t *w, *bias; /* bias may be NULL */
+  int n, in, out;
+  cn_gemv_out how;
+} cn_gemv;
+
+/* Whether n rows of `in` fit the kernel: 1 <= n <= CN_GEMV_MAX_ROWS, and the staged kinds (fp32
+ * inputs) within CN_GEMV_STAGE_BYTES. */
+bool cn_gemv_fits(int n, int in, cn_gemv_x kind);
+
+/* Runs g (cn_gemv_fits must hold). Every row is computed in the same order whatever n is, so a
+ * row's result does not depend on the rows batched with it. */
+int cn_gemv_run(cn_cuda_ctx *ctx, const cn_gemv *g);
 
 #endif

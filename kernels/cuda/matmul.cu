@@ -32,11 +32,27 @@ static int gemm_rows(const cn_cuda_ctx *ctx, int n) {
   return m;
 }
 
+/* Whether the few-row kernel runs n rows with its fusions (gemv.cuh): not in batch-invariant
+ * mode, where every call must be the same padded cuBLAS problem. */
+static bool fused(const cn_cuda_ctx *ctx, int n, int in, cn_gemv_x kind) {
+  return ctx->gemv_fusion && !ctx->batch_invariant && cn_gemv_fits(n, in, kind);
+}
+
+static int gemv(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const void *x, cn_gemv_x kind, const cn_bf16 *norm_w,
+                float eps, const cn_bf16 *w, const cn_bf16 *bias, int n, int in, int out, cn_gemv_out how) {
+  cn_gemv g = {y,  y_dt, x,  kind, (const cn_bf16_t *)norm_w, eps, (const cn_bf16_t *)w, (const cn_bf16_t *)bias,
+               n,  in,   out, how};
+  return cn_gemv_run(ctx, &g);
+}
+
 /* The GEMM proper on a bf16 x (gemm_rows(n) rows readable): y = (accumulate ? y : 0) + x W^T + bias.
  * Padded, it runs into pad_y and copies the n real rows to y. */
 static int gemm_bf16(cn_cuda_ctx *ctx, void *y_out, cn_cuda_dtype y_dt, const void *xb, const cn_bf16 *w,
                      const cn_bf16 *bias, int n_real, int in, int out, bool accumulate) {
   int n = gemm_rows(ctx, n_real);
+  if (n <= CN_GEMV_MAX_ROWS) /* bias and accumulation in the kernel's epilogue */
+    return gemv(ctx, y_out, y_dt, xb, CN_GEMV_X_BF16, NULL, 0.0f, w, bias, n, in, out,
+                accumulate ? CN_GEMV_ADD : CN_GEMV_STORE);
   size_t row_bytes = (size_t)out * (y_dt == CN_CUDA_F32 ? sizeof(float) : sizeof(cn_bf16));
   void *y = y_out;
   if (n != n_real) {
@@ -69,8 +85,6 @@ static int gemm_bf16(cn_cuda_ctx *ctx, void *y_out, cn_cuda_dtype y_dt, const vo
     if (st) return st;
     beta = 1.0f;
   }
-  if (n <= CN_GEMV_MAX_ROWS)
-    return cn_gemv_bf16(ctx, y, y_dt, (const cn_bf16_t *)xb, (const cn_bf16_t *)w, n, in, out, beta != 0.0f);
   cudaDataType_t yt = y_dt == CN_CUDA_F32 ? CUDA_R_32F : CUDA_R_16BF;
   CN_CUBLAS_CHECK(cublasGemmEx(ctx->blas, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &alpha, w, CUDA_R_16BF, in, xb,
                                CUDA_R_16BF, in, &beta, y, yt, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
@@ -79,43 +93,73 @@ static int gemm_bf16(cn_cuda_ctx *ctx, void *y_out, cn_cuda_dtype y_dt, const vo
   return CANOPY_OK;
 }
 
+/* x as the bf16 operand the GEMM reads (gemm_rows(n) rows): x itself, or its rounding (fp32) or
+ * padding copy (batch-invariant) in the scratch buffer. */
+static int gemm_input(cn_cuda_ctx *ctx, const void *x, cn_cuda_dtype x_dt, int n, int in, const void **xb) {
+  *xb = x;
+  size_t elems = (size_t)n * in;
+  if (x_dt != CN_CUDA_F32 && gemm_rows(ctx, n) == n) return CANOPY_OK;
+  /* cuBLAS wants A and B of one type: round the (small) activation, never the weight. A padded
+   * GEMM reads past n rows: those come from the scratch buffer too. */
+  int st = cn_cuda_reserve_scratch(ctx, (size_t)gemm_rows(ctx, n) * in);
+  if (!st && x_dt == CN_CUDA_F32) st = cn_cuda_f32_to_bf16(ctx, (cn_bf16 *)ctx->scratch, (const float *)x, elems);
+  if (st) return st;
+  if (x_dt != CN_CUDA_F32)
+    CN_CUDA_CHECK(cudaMemcpyAsync(ctx->scratch, x, elems * sizeof(cn_bf16), cudaMemcpyDeviceToDevice, ctx->stream));
+  *xb = ctx->scratch;
+  return CANOPY_OK;
+}
+
+static int check_dims(const char *who, int n, int in, int out) {
+  if (n < 0 || in <= 0 || out <= 0) return cn_error(CANOPY_ERR_INVALID_ARG, "%s: n=%d in=%d out=%d", who, n, in, out);
+  return CANOPY_OK;
+}
+
 int cn_cuda_matmul(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const void *x, cn_cuda_dtype x_dt, const cn_bf16 *w,
                    const cn_bf16 *bias, int n, int in, int out) {
   CN_CUDA_ENTER(ctx);
-  if (n < 0 || in <= 0 || out <= 0)
-    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_matmul: n=%d in=%d out=%d", n, in, out);
+  int st = check_dims(__func__, n, in, out);
+  if (st) return st;
   if (!cn_dtype_ok(y_dt) || !cn_dtype_ok(x_dt))
     return cn_error(CANOPY_ERR_DTYPE, "cn_cuda_matmul: dtypes y=%d x=%d", (int)y_dt, (int)x_dt);
   if (y == x) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_matmul: y must not alias x");
   if (!n) return CANOPY_OK;
-
-  const void *xb = x;
-  size_t elems = (size_t)n * in;
-  if (x_dt == CN_CUDA_F32 || gemm_rows(ctx, n) != n) {
-    /* cuBLAS wants A and B of one type: round the (small) activation, never the weight. A padded
-     * GEMM reads past n rows: those come from the scratch buffer too. */
-    int st = cn_cuda_reserve_scratch(ctx, (size_t)gemm_rows(ctx, n) * in);
-    if (!st && x_dt == CN_CUDA_F32) st = cn_cuda_f32_to_bf16(ctx, (cn_bf16 *)ctx->scratch, (const float *)x, elems);
-    if (st) return st;
-    if (x_dt != CN_CUDA_F32)
-      CN_CUDA_CHECK(cudaMemcpyAsync(ctx->scratch, x, elems * sizeof(cn_bf16), cudaMemcpyDeviceToDevice, ctx->stream));
-    xb = ctx->scratch;
-  }
-  return gemm_bf16(ctx, y, y_dt, xb, w, bias, n, in, out, false);
+  if (x_dt == CN_CUDA_F32 && fused(ctx, n, in, CN_GEMV_X_F32))
+    return gemv(ctx, y, y_dt, x, CN_GEMV_X_F32, NULL, 0.0f, w, bias, n, in, out, CN_GEMV_STORE);
+  const void *xb;
+  st = gemm_input(ctx, x, x_dt, n, in, &xb);
+  return st ? st : gemm_bf16(ctx, y, y_dt, xb, w, bias, n, in, out, false);
 }
 
-/* The fused forms: the GEMM's input is produced in bf16 straight into the scratch buffer by the
- * op before it (RMSNorm, SwiGLU), so no fp32 activation is written, read back and rounded in a
- * pass of its own. */
+int cn_cuda_matmul_add(cn_cuda_ctx *ctx, float *y, const void *x, cn_cuda_dtype x_dt, const cn_bf16 *w,
+                       const cn_bf16 *bias, int n, int in, int out) {
+  CN_CUDA_ENTER(ctx);
+  int st = check_dims(__func__, n, in, out);
+  if (st) return st;
+  if (!cn_dtype_ok(x_dt)) return cn_error(CANOPY_ERR_DTYPE, "cn_cuda_matmul_add: x dtype %d", (int)x_dt);
+  if ((const void *)y == x) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_matmul_add: y must not alias x");
+  if (!n) return CANOPY_OK;
+  if (x_dt == CN_CUDA_F32 && fused(ctx, n, in, CN_GEMV_X_F32))
+    return gemv(ctx, y, CN_CUDA_F32, x, CN_GEMV_X_F32, NULL, 0.0f, w, bias, n, in, out, CN_GEMV_ADD);
+  const void *xb;
+  st = gemm_input(ctx, x, x_dt, n, in, &xb);
+  return st ? st : gemm_bf16(ctx, y, CN_CUDA_F32, xb, w, bias, n, in, out, true);
+}
+
+/* The fused forms: the GEMM's input is produced in bf16 (by the few-row kernel itself, or by the
+ * op before it straight into the scratch buffer: RMSNorm, SwiGLU), so no fp32 activation is
+ * written, read back and rounded in a pass of its own. */
 
 int cn_cuda_norm_matmul(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const float *x, const cn_bf16 *norm_w, float eps,
                         const cn_bf16 *w, const cn_bf16 *bias, int n, int in, int out) {
   CN_CUDA_ENTER(ctx);
-  if (n < 0 || in <= 0 || out <= 0)
-    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_norm_matmul: n=%d in=%d out=%d", n, in, out);
+  int st = check_dims(__func__, n, in, out);
+  if (st) return st;
   if (!cn_dtype_ok(y_dt)) return cn_error(CANOPY_ERR_DTYPE, "cn_cuda_norm_matmul: y dtype %d", (int)y_dt);
   if (!n) return CANOPY_OK;
-  int st = cn_cuda_reserve_scratch(ctx, (size_t)gemm_rows(ctx, n) * in);
+  if (fused(ctx, n, in, CN_GEMV_X_NORM))
+    return gemv(ctx, y, y_dt, x, CN_GEMV_X_NORM, norm_w, eps, w, bias, n, in, out, CN_GEMV_STORE);
+  st = cn_cuda_reserve_scratch(ctx, (size_t)gemm_rows(ctx, n) * in);
   if (!st) st = cn_cuda_rmsnorm(ctx, ctx->scratch, CN_CUDA_BF16, x, CN_CUDA_F32, norm_w, n, in, eps);
   return st ? st : gemm_bf16(ctx, y, y_dt, ctx->scratch, w, bias, n, in, out, false);
 }
@@ -123,10 +167,29 @@ int cn_cuda_norm_matmul(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const flo
 int cn_cuda_swiglu_matmul_add(cn_cuda_ctx *ctx, float *y, const float *gate_up, const cn_bf16 *w, const cn_bf16 *bias,
                               int n, int d, int out) {
   CN_CUDA_ENTER(ctx);
-  if (n < 0 || d <= 0 || out <= 0)
-    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_swiglu_matmul_add: n=%d d=%d out=%d", n, d, out);
+  int st = check_dims(__func__, n, d, out);
+  if (st) return st;
   if (!n) return CANOPY_OK;
-  int st = cn_cuda_reserve_scratch(ctx, (size_t)gemm_rows(ctx, n) * d);
+  st = cn_cuda_reserve_scratch(ctx, (size_t)gemm_rows(ctx, n) * d);
   if (!st) st = cn_cuda_swiglu_to_bf16(ctx, (cn_bf16 *)ctx->scratch, gate_up, n, d);
   return st ? st : gemm_bf16(ctx, y, CN_CUDA_F32, ctx->scratch, w, bias, n, d, out, true);
+}
+
+/* Fused: one kernel makes the SwiGLU activation (RMSNorm, gate and up rows, silu(g) * u) into the
+ * scratch buffer, a second adds its down projection to x. */
+int cn_cuda_ffn(cn_cuda_ctx *ctx, float *x, float *gate_up, const cn_bf16 *norm_w, float eps, const cn_bf16 *w_gu,
+                const cn_bf16 *b_gu, const cn_bf16 *w_down, const cn_bf16 *b_down, int n, int dim, int d) {
+  CN_CUDA_ENTER(ctx);
+  int st = check_dims(__func__, n, dim, d);
+  if (st) return st;
+  if (!n) return CANOPY_OK;
+  if (!fused(ctx, n, dim, CN_GEMV_X_NORM)) {
+    st = cn_cuda_norm_matmul(ctx, gate_up, CN_CUDA_F32, x, norm_w, eps, w_gu, b_gu, n, dim, 2 * d);
+    return st ? st : cn_cuda_swiglu_matmul_add(ctx, x, gate_up, w_down, b_down, n, d, dim);
+  }
+  st = cn_cuda_reserve_scratch(ctx, (size_t)n * d);
+  if (!st)
+    st = gemv(ctx, ctx->scratch, CN_CUDA_BF16, x, CN_GEMV_X_NORM, norm_w, eps, w_gu, b_gu, n, dim, d, CN_GEMV_SWIGLU);
+  return st ? st : gemv(ctx, x, CN_CUDA_F32, ctx->scratch, CN_GEMV_X_BF16, NULL, 0.0f, w_down, b_down, n, d, dim,
+                        CN_GEMV_ADD);
 }
