@@ -102,7 +102,9 @@ typedef struct cn_backend {
    *   ffn:         x += swiglu(rmsnorm(x, norm_w) W_gu^T + b_gu) W_down^T + b_down, the whole
    *                feed-forward block (W_gu [2 d][dim] = [gate | up]); gate_up [n][2 d] is
    *                workspace the backend may use
-   *   qkv_rope:    split_qkv, then rope on q and on k */
+   *   qkv_rope:    split_qkv, then rope on q and on k
+   *   qkv_rope_kv: qkv_rope, then kv_write_batch of k and v (d, n_seqs as it takes them): k and
+   *                v go to the cache only */
   void (*norm_matmul)(void *ctx, void *y, const void *x, const void *norm_w, float eps, const void *w, const void *bias,
                       int n, int in, int out);
   void (*matmul_add)(void *ctx, void *x, const void *a, const void *w, const void *bias, int n, int in, int out);
@@ -110,6 +112,8 @@ typedef struct cn_backend {
               const void *w_down, const void *b_down, int n, int dim, int d);
   void (*qkv_rope)(void *ctx, void *q, void *k, void *v, const void *qkv, const int32_t *pos, int n, int n_heads,
                    int n_kv_heads, int head_dim, const float *inv_freq);
+  void (*qkv_rope_kv)(void *ctx, void *q, const void *qkv, const int32_t *pos, const struct cn_attn_desc *d,
+                      int n_seqs, int n, int n_heads, int n_kv_heads, int head_dim, const float *inv_freq);
   /* Copies n floats of a backend buffer to the host. */
   void (*to_host)(void *ctx, float *dst, const void *src, size_t n);
   /* For rows r < rows of a [rows][vocab] logits buffer: host ids [rows][k] = the k largest of

@@ -118,6 +118,23 @@ static void qkv_rope(canopy_model *m, const int32_t *pos, int n) {
   be->rope(m->be_ctx, s->k, pos, n, c->n_kv_heads, c->head_dim, m->inv_freq);
 }
 
+/* The new tokens' k and v of layer l into their cache slots. */
+static void write_kv(canopy_model *m, const cn_batch *b, int l) {
+  const cn_backend *be = m->be;
+  const cn_scratch *s = &m->s;
+  int kv_dim = m->cfg.n_kv_heads * m->cfg.head_dim;
+  if (be->kv_write_batch) {
+    be->kv_write_batch(m->be_ctx, m->attn_desc, b->n_seqs, s->k, s->v, kv_dim);
+    return;
+  }
+  for (int q = 0; q < b->n_seqs; q++) {
+    const cn_attn_desc *a = &m->attn_desc[q];
+    size_t off_kv = (size_t)b->seqs[q].first * kv_dim * sizeof(float);
+    be->kv_write(m->be_ctx, m->kv, a->seq, l, a->ctx_len + a->q_offset, (char *)s->k + off_kv, (char *)s->v + off_kv,
+                 a->n, kv_dim);
+  }
+}
+
 int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
   int st = check_batch(m, b);
   if (st == CANOPY_OK) st = reserve_all(b);
@@ -155,18 +172,14 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
   for (int l = 0; l < c->n_layers; l++) {
     const cn_layer *w = &m->layers[l];
     norm_matmul(m, s->qkv, s->x, w->attn_norm, w->wqkv, w->bqkv, n, D, qkv_dim);
-    qkv_rope(m, b->pos, n);
     for (int q = 0; q < b->n_seqs; q++)
       m->attn_desc[q].layer = l;
-    if (be->kv_write_batch) {
-      be->kv_write_batch(ctx, m->attn_desc, b->n_seqs, s->k, s->v, kv_dim);
+    if (be->qkv_rope_kv && be->kv_write_batch) {
+      be->qkv_rope_kv(ctx, s->q, s->qkv, b->pos, m->attn_desc, b->n_seqs, n, c->n_heads, c->n_kv_heads, d,
+                      m->inv_freq);
     } else {
-      for (int q = 0; q < b->n_seqs; q++) {
-        const cn_attn_desc *a = &m->attn_desc[q];
-        size_t off_kv = (size_t)b->seqs[q].first * kv_dim * sizeof(float);
-        be->kv_write(ctx, m->kv, a->seq, l, a->ctx_len + a->q_offset, (char *)s->k + off_kv, (char *)s->v + off_kv,
-                     a->n, kv_dim);
-      }
+      qkv_rope(m, b->pos, n);
+      write_kv(m, b, l);
     }
     be->attention_batch(ctx, s->attn, s->q, m->attn_desc, b->n_seqs);
     matmul_add(m, s->x, s->attn, w->wo, w->bo, n, q_dim, D);

@@ -880,6 +880,61 @@ static void test_qkv_rope_matches_cpu(void **state) {
   END_TEST();
 }
 
+/* qkv_rope with k and v written into the cache against qkv_rope and kv_write_slots one after the
+ * other: q and the whole pool (written slots and untouched ones) the same bits. */
+static void test_qkv_rope_kv_matches_the_two_ops(void **state) {
+  mismatches = 0;
+  const int shapes[][5] = {{1, 4, 1, 64, 16}, {3, 9, 3, 64, 16}, {5, 32, 8, 128, 16}, {17, 6, 2, 34, 5}}; /* +bs */
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+    int n = shapes[s][0], hq = shapes[s][1], hkv = shapes[s][2], d = shapes[s][3], bs = shapes[s][4], layer = 1;
+    size_t qd = (size_t)hq * d, kd = (size_t)hkv * d, row = qd + 2 * kd;
+    float *qkv = rand_buf((size_t)n * row, 2.0f), *inv = malloc(sizeof *inv * (size_t)(d / 2));
+    for (int k = 0; k < d / 2; k++)
+      inv[k] = powf(10000.0f, -2.0f * k / d);
+    int32_t *pos = malloc(sizeof *pos * n), *phys = malloc(sizeof *phys * n);
+    int first = rand_int(0, 40);
+    test_pool p[2];
+    pool_init(&p[0], first + n, bs, (int)kd, layer, 0);
+    p[1] = p[0]; /* the same block table, a second pool */
+    p[1].d_pool = dev_poisoned(p[0].elems, CN_CUDA_BF16);
+    for (int i = 0; i < n; i++) {
+      pos[i] = first + i;
+      phys[i] = p[0].table[(first + i) / bs] * bs + (first + i) % bs;
+    }
+    void *d_qkv = dev_upload(qkv, (size_t)n * row, CN_CUDA_F32), *d_pos = dev_upload_bytes(pos, sizeof *pos * n);
+    void *d_phys = dev_upload_bytes(phys, sizeof *phys * n), *d_inv = dev_upload(inv, (size_t)(d / 2), CN_CUDA_F32);
+    float *d_o = dev_poisoned((size_t)n * row, CN_CUDA_F32), *d_q = dev_poisoned((size_t)n * qd, CN_CUDA_F32);
+    cn_cuda_paged_kv v0 = pool_view(&p[0], layer), v1 = pool_view(&p[1], layer);
+    CK(cn_cuda_qkv_rope(ctx, d_o, d_o + (size_t)n * qd, d_o + (size_t)n * (qd + kd), d_qkv, d_pos, n, hq, hkv, d, d_inv));
+    CK(cn_cuda_kv_write_slots(ctx, &v0, d_phys, d_o + (size_t)n * qd, d_o + (size_t)n * (qd + kd), CN_CUDA_F32, n,
+                              (int)kd));
+    CK(cn_cuda_qkv_rope_kv(ctx, d_q, d_qkv, d_pos, n, hq, hkv, d, d_inv, &v1, d_phys));
+    float *q0 = dev_download(d_o, (size_t)n * qd, CN_CUDA_F32), *q1 = dev_download(d_q, (size_t)n * qd, CN_CUDA_F32);
+    float *pool0 = dev_download(p[0].d_pool, p[0].elems, CN_CUDA_BF16);
+    float *pool1 = dev_download(p[1].d_pool, p[1].elems, CN_CUDA_BF16);
+    size_t differ = 0, written = 0;
+    for (size_t e = 0; e < (size_t)n * qd; e++)
+      differ += memcmp(&q0[e], &q1[e], sizeof(float)) != 0;
+    for (size_t e = 0; e < p[0].elems; e++) {
+      differ += memcmp(&pool0[e], &pool1[e], sizeof(float)) != 0;
+      written += !isnan(pool1[e]);
+    }
+    printf("  qkv_rope_kv n=%d heads=%d/%d head_dim=%d block %d: %zu cache values written, %zu differ\n", n, hq, hkv,
+           d, bs, written, differ);
+    if (differ || written != 2 * (size_t)n * kd) {
+      printf("  qkv_rope_kv: expected %zu written and 0 differing  MISMATCH\n", 2 * (size_t)n * kd);
+      mismatches++;
+    }
+    cn_cuda_free(ctx, p[1].d_pool);
+    p[1].d_pool = NULL;
+    pool_free(&p[0]);
+    cn_cuda_free(ctx, d_qkv), cn_cuda_free(ctx, d_pos), cn_cuda_free(ctx, d_phys), cn_cuda_free(ctx, d_inv);
+    cn_cuda_free(ctx, d_o), cn_cuda_free(ctx, d_q);
+    free(qkv), free(inv), free(pos), free(phys), free(q0), free(q1), free(pool0), free(pool1);
+  }
+  END_TEST();
+}
+
 static void test_cuda_failures_become_status_codes(void **state) {
   void *p = (void *)1;
   int st = cn_cuda_malloc(ctx, &p, (size_t)1 << 52); /* 4 PiB */
@@ -952,6 +1007,7 @@ int main(void) {
       cmocka_unit_test(test_ffn_matches_cpu),
       cmocka_unit_test(test_gemv_fusions_are_bit_exact),
       cmocka_unit_test(test_qkv_rope_matches_cpu),
+      cmocka_unit_test(test_qkv_rope_kv_matches_the_two_ops),
       cmocka_unit_test(test_cuda_failures_become_status_codes),
   };
   return cmocka_run_group_tests(tests, setup, teardown);

@@ -208,6 +208,12 @@ int cn_cuda_kv_write(cn_cuda_ctx *ctx, const cn_cuda_paged_kv *kv, int first_slo
 int cn_cuda_kv_write_slots(cn_cuda_ctx *ctx, const cn_cuda_paged_kv *kv, const int32_t *slots, const void *k,
                            const void *v, cn_cuda_dtype dt, int n, int kv_dim);
 
+/* cn_cuda_qkv_rope, with k and v written to the cache as cn_cuda_kv_write_slots would write them
+ * (the same bf16 bits) instead of to buffers: one launch for both. */
+int cn_cuda_qkv_rope_kv(cn_cuda_ctx *ctx, float *q, const float *qkv, const int32_t *pos, int n, int n_heads,
+                        int n_kv_heads, int head_dim, const float *inv_freq, const cn_cuda_paged_kv *kv,
+                        const int32_t *slots);
+
 /* Attention for one sequence, with the semantics of cn_cpu_attention: q [n][n_heads][head_dim]
  * and out the same shape, both of dtype dt. Past the ctx_len committed slots lie q_offset + n new
  * slots (q_offset written by earlier forwards of the step: a draft tree's upper levels); new slot

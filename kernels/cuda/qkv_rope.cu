@@ -1,9 +1,27 @@
 /* The fused QKV projection's output split into q, k, v with RoPE applied to q and k on the way:
  * one launch where the forward had three strided copies and two rotations. One thread per rotary
- * pair of a q or k head, or per v element. Twin: split, then cn_cpu_rope on q and on k. */
+ * pair of a q or k head, or per v element. Twin: split, then cn_cpu_rope on q and on k. With a
+ * cache view and slots, k and v go straight into their paged cache rows (bf16), rounded as
+ * kv_write.cu rounds them: the kv_write launch after it is gone. */
 #include "kernels/cuda/cuda_common.cuh"
 
-__global__ void qkv_rope_kernel(float *q, float *k, float *v, const float *qkv, const int32_t *pos, int n, int n_heads,
+/* Where element j of token i's k (or v) row goes: the buffer row, or its cache slot. */
+struct kv_dst {
+  float *k, *v;               /* [n][kv_dim], when slots is NULL */
+  cn_cuda_paged_kv kv;        /* the layer's cache view, when slots is not NULL */
+  const int32_t *slots;       /* [n] physical slots (block * block_size + row) */
+  __device__ __forceinline__ void put(bool is_v, size_t i, size_t j, size_t kv_dim, float x) const {
+    if (!slots) {
+      (is_v ? v : k)[i * kv_dim + j] = x;
+      return;
+    }
+    const int slot = slots[i];
+    const size_t at = (size_t)(slot / kv.block_size) * kv.block_stride + (size_t)(slot % kv.block_size) * kv_dim + j;
+    cn_st((cn_bf16_t *)(is_v ? kv.v : kv.k) + at, x);
+  }
+};
+
+__global__ void qkv_rope_kernel(float *q, kv_dst out, const float *qkv, const int32_t *pos, int n, int n_heads,
                                 int n_kv_heads, int head_dim, const float *inv_freq) {
   cn_pdl_enter();
   int half = head_dim / 2, heads = n_heads + n_kv_heads;
@@ -12,7 +30,7 @@ __global__ void qkv_rope_kernel(float *q, float *k, float *v, const float *qkv, 
   for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
     if (e >= pairs) { /* v: a plain copy */
       size_t f = e - pairs, i = f / kv_dim, j = f % kv_dim;
-      v[f] = qkv[i * row + q_dim + kv_dim + j];
+      out.put(true, i, j, kv_dim, qkv[i * row + q_dim + kv_dim + j]);
       continue;
     }
     int kk = (int)(e % half);
@@ -21,18 +39,25 @@ __global__ void qkv_rope_kernel(float *q, float *k, float *v, const float *qkv, 
     size_t i = hr / heads;
     /* Heads [0, n_heads) are q's, the rest k's; both sit contiguously in the qkv row. */
     const float *src = qkv + i * row + (size_t)h * head_dim;
-    float *dst = h < n_heads ? q + i * q_dim + (size_t)h * head_dim : k + i * kv_dim + (size_t)(h - n_heads) * head_dim;
     float ang = (float)pos[i] * inv_freq[kk]; /* fp32 angle and full-accuracy sincosf, as rope.cu */
     float s, c;
     sincosf(ang, &s, &c);
     float a = src[kk], b = src[kk + half];
-    dst[kk] = a * c - b * s;
-    dst[kk + half] = b * c + a * s;
+    float x0 = a * c - b * s, x1 = b * c + a * s;
+    if (h < n_heads) {
+      float *dst = q + i * q_dim + (size_t)h * head_dim;
+      dst[kk] = x0;
+      dst[kk + half] = x1;
+    } else {
+      size_t j = (size_t)(h - n_heads) * head_dim + kk;
+      out.put(false, i, j, kv_dim, x0);
+      out.put(false, i, j + half, kv_dim, x1);
+    }
   }
 }
 
-int cn_cuda_qkv_rope(cn_cuda_ctx *ctx, float *q, float *k, float *v, const float *qkv, const int32_t *pos, int n,
-                     int n_heads, int n_kv_heads, int head_dim, const float *inv_freq) {
+static int launch(cn_cuda_ctx *ctx, float *q, const kv_dst &out, const float *qkv, const int32_t *pos, int n, int n_heads,
+                  int n_kv_heads, int head_dim, const float *inv_freq) {
   CN_CUDA_ENTER(ctx);
   if (n < 0 || n_heads <= 0 || n_kv_heads <= 0 || head_dim <= 0 || head_dim % 2)
     return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_qkv_rope: n=%d n_heads=%d n_kv_heads=%d head_dim=%d (even)", n,
@@ -40,7 +65,25 @@ int cn_cuda_qkv_rope(cn_cuda_ctx *ctx, float *q, float *k, float *v, const float
   if (!n) return CANOPY_OK;
   const int threads = 256;
   size_t total = (size_t)n * (n_heads + n_kv_heads) * (head_dim / 2) + (size_t)n * n_kv_heads * head_dim;
-  CN_CUDA_CHECK(cn_launch(ctx, qkv_rope_kernel, cn_grid_for(ctx, total, threads), threads, 0, q, k, v, qkv, pos, n,
+  CN_CUDA_CHECK(cn_launch(ctx, qkv_rope_kernel, cn_grid_for(ctx, total, threads), threads, 0, q, out, qkv, pos, n,
                           n_heads, n_kv_heads, head_dim, inv_freq));
   return CANOPY_OK;
+}
+
+int cn_cuda_qkv_rope(cn_cuda_ctx *ctx, float *q, float *k, float *v, const float *qkv, const int32_t *pos, int n,
+                     int n_heads, int n_kv_heads, int head_dim, const float *inv_freq) {
+  kv_dst out = {};
+  out.k = k, out.v = v;
+  return launch(ctx, q, out, qkv, pos, n, n_heads, n_kv_heads, head_dim, inv_freq);
+}
+
+int cn_cuda_qkv_rope_kv(cn_cuda_ctx *ctx, float *q, const float *qkv, const int32_t *pos, int n, int n_heads,
+                        int n_kv_heads, int head_dim, const float *inv_freq, const cn_cuda_paged_kv *kv,
+                        const int32_t *slots) {
+  if (n > 0 && (!kv || !slots || kv->block_size <= 0))
+    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_qkv_rope_kv: a cache view and slots are needed");
+  kv_dst out = {};
+  if (kv) out.kv = *kv;
+  out.slots = slots;
+  return launch(ctx, q, out, qkv, pos, n, n_heads, n_kv_heads, head_dim, inv_freq);
 }
