@@ -183,12 +183,13 @@ static void bench_variant(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, c
   const cn_backend *fused = m->be;
   plain.matmul_add = NULL, plain.qkv_rope_kv = NULL;
   if (variant == UNFUSED) plain.norm_matmul = NULL, plain.ffn = NULL, plain.qkv_rope = NULL;
-  else if (cn_cuda_set_gemv_fusion(cu, 0)) die("gemv fusion");
+  int fusion_rows = cn_cuda_gemv_fusion(cu);
+  if (variant != UNFUSED && cn_cuda_set_gemv_fusion(cu, 0)) die("gemv fusion");
   m->be = &plain;
   cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64);
   bench_steps(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, variant == UNFUSED ? " (unfused)" : " (before fusion)");
   m->be = fused;
-  if (cn_cuda_set_gemv_fusion(cu, 1)) die("gemv fusion");
+  if (cn_cuda_set_gemv_fusion(cu, fusion_rows)) die("gemv fusion");
   cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64);
 }
 

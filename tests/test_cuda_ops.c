@@ -783,11 +783,13 @@ static void test_ffn_matches_cpu(void **state) {
 /* The few-row kernel's fusions (RMSNorm or fp32 rounding into shared memory, SwiGLU in the
  * epilogue) against the separate kernels they replace: the same bits, for every row count the
  * kernel takes, scalar (in % 8 != 0) and vector paths, and the largest staged input that fits. */
+#define CN_GEMV_MAX_ROWS_FOR_TEST 8 /* every row count the few-row kernel takes */
 enum { F_NORM_MM_F32, F_NORM_MM_BF16, F_MATMUL_F32X, F_MATMUL_ADD, F_FFN, N_FUSED };
 
 static float *run_fused(int op, int fusion, const float *x, const void *d_g, const void *d_w, const void *d_b,
                         const void *d_w2, int n, int in, int out, size_t *len) {
-  CK(cn_cuda_set_gemv_fusion(ctx, fusion));
+  int rows = cn_cuda_gemv_fusion(ctx);
+  CK(cn_cuda_set_gemv_fusion(ctx, fusion ? CN_GEMV_MAX_ROWS_FOR_TEST : 0));
   void *d_x = dev_upload(x, (size_t)n * in, CN_CUDA_F32);
   cn_cuda_dtype yt = op == F_NORM_MM_BF16 ? CN_CUDA_BF16 : CN_CUDA_F32;
   *len = op == F_FFN ? (size_t)n * in : (size_t)n * out;
@@ -801,7 +803,7 @@ static float *run_fused(int op, int fusion, const float *x, const void *d_g, con
   case F_FFN: CK(cn_cuda_ffn(ctx, d_x, d_gu, d_g, 1e-5f, d_w, d_b, d_w2, NULL, n, in, out)); break;
   }
   float *y = dev_download(op == F_FFN ? d_x : d_y, *len, yt);
-  CK(cn_cuda_set_gemv_fusion(ctx, 1));
+  CK(cn_cuda_set_gemv_fusion(ctx, rows));
   cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_y), cn_cuda_free(ctx, d_gu);
   return y;
 }

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/gemv.cuh"
 
 #define BLAS_WS_BYTES ((size_t)32 << 20)
 
@@ -33,8 +34,9 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
   /* CANOPY_CUDA_NO_PDL=1: plain launches, to measure what programmatic dependent launch saves. */
   const char *no_pdl = getenv("CANOPY_CUDA_NO_PDL");
   c->pdl = c->cc >= 90 && !(no_pdl && !strcmp(no_pdl, "1"));
-  const char *no_fusion = getenv("CANOPY_CUDA_NO_GEMV_FUSION");
-  c->gemv_fusion = !(no_fusion && !strcmp(no_fusion, "1"));
+  /* CANOPY_CUDA_GEMV_FUSION_ROWS=k: the few-row GEMM fusions up to k rows (0: off). */
+  const char *fusion = getenv("CANOPY_CUDA_GEMV_FUSION_ROWS");
+  c->gemv_fusion = fusion && *fusion ? atoi(fusion) : CN_GEMV_FUSE_ROWS;
   CN_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
   CN_CUBLAS_CHECK(cublasCreate(&c->blas));
   CN_CUBLAS_CHECK(cublasSetStream(c->blas, c->stream));
@@ -117,11 +119,13 @@ int cn_cuda_set_batch_invariant(cn_cuda_ctx *ctx, int on) {
   return CANOPY_OK;
 }
 
-int cn_cuda_set_gemv_fusion(cn_cuda_ctx *ctx, int on) {
+int cn_cuda_set_gemv_fusion(cn_cuda_ctx *ctx, int max_rows) {
   if (!ctx) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_gemv_fusion: NULL cuda context");
-  ctx->gemv_fusion = on != 0;
+  ctx->gemv_fusion = max_rows < 0 ? CN_GEMV_FUSE_ROWS : max_rows;
   return CANOPY_OK;
 }
+
+int cn_cuda_gemv_fusion(const cn_cuda_ctx *ctx) { return ctx ? ctx->gemv_fusion : 0; }
 
 int cn_cuda_reserve_scratch(cn_cuda_ctx *ctx, size_t elems) {
   CN_CUDA_ENTER(ctx);

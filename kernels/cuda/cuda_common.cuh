@@ -21,7 +21,7 @@ struct cn_cuda_ctx {
   unsigned scratch_gen; /* bumped when scratch or pad_y moves: captured graphs that read them are stale */
   void *blas_ws;       /* cuBLAS workspace of our own, so captured GEMMs allocate nothing */
   int batch_invariant; /* GEMMs padded to a fixed row bucket (cn_cuda_set_batch_invariant) */
-  int gemv_fusion;     /* few-row GEMMs take in the ops around them (cn_cuda_set_gemv_fusion) */
+  int gemv_fusion;     /* rows up to which few-row GEMMs take in the ops around them (cn_cuda_set_gemv_fusion) */
   void *pad_y;         /* the padded GEMM's output rows; pad_y_bytes long */
   size_t pad_y_bytes;
 };

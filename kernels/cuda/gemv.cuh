@@ -17,6 +17,9 @@
 /* Rows up to which the few-row kernel is used instead of cuBLAS. */
 #define CN_GEMV_MAX_ROWS 8
 
+/* Rows up to which the fusions run by default (cn_cuda_set_gemv_fusion). */
+#define CN_GEMV_FUSE_ROWS 2
+
 /* Shared memory a block may use for staged input rows (the default limit, no opt-in). */
 #define CN_GEMV_STAGE_BYTES (48 * 1024)
 

@@ -35,7 +35,7 @@ static int gemm_rows(const cn_cuda_ctx *ctx, int n) {
 /* Whether the few-row kernel runs n rows with its fusions (gemv.cuh): not in batch-invariant
  * mode, where every call must be the same padded cuBLAS problem. */
 static bool fused(const cn_cuda_ctx *ctx, int n, int in, cn_gemv_x kind) {
-  return ctx->gemv_fusion && !ctx->batch_invariant && cn_gemv_fits(n, in, kind);
+  return n <= ctx->gemv_fusion && !ctx->batch_invariant && cn_gemv_fits(n, in, kind);
 }
 
 static int gemv(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const void *x, cn_gemv_x kind, const cn_bf16 *norm_w,
