@@ -58,13 +58,13 @@ int cn_cuda_sync(cn_cuda_ctx *ctx);
  * the batch. Costs the padded rows' work and a copy of the output. */
 int cn_cuda_set_batch_invariant(cn_cuda_ctx *ctx, int on);
 
-/* Few-row GEMM fusions for calls of up to max_rows rows (0: off; < 0: the default, 2, which
+/* Few-row GEMM fusions for calls of up to max_rows rows (0: off; < 0: the default, 4, which
  * CANOPY_CUDA_GEMV_FUSION_ROWS=k at creation overrides), outside batch-invariant mode: the
  * few-row GEMM kernel makes its own bf16 input (the RMSNorm of norm_matmul and ffn, the rounding
  * of an fp32 x) and applies ffn's SwiGLU in its epilogue, instead of separate kernels before and
  * after it (bias and residual add are always the few-row kernel's epilogue). The results are the
  * same bits either way, so the limit is a matter of speed: each block restages its input rows,
- * which pays at decode and costs at 4 rows (bench/RESULTS.md). */
+ * which pays up to 3 rows and is even at 4 (bench/RESULTS.md). */
 int cn_cuda_set_gemv_fusion(cn_cuda_ctx *ctx, int max_rows);
 int cn_cuda_gemv_fusion(const cn_cuda_ctx *ctx);
 

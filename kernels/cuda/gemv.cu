@@ -7,14 +7,14 @@
  * Staged inputs (fp32 x, or x to be RMSNormed) are made bf16 by each block into shared memory
  * before the warps start: every block recomputes them, which costs L2 reads of n x in fp32 values
  * per block, small against the 8 weight rows of in bf16 values each block streams from memory. */
-#include <cub/block/block_reduce.cuh>
-
 #include <stdint.h>
 
 #include "kernels/cuda/gemv.cuh"
+#include "kernels/cuda/rms_scale.cuh"
 
 #define WARPS 8 /* per block: 8 output features */
 #define THREADS (WARPS * 32)
+static_assert(THREADS == CN_RMS_THREADS, "the staged RMSNorm reduces over rmsnorm.cu's block size");
 
 struct gemv_params {
   void *y;
@@ -37,28 +37,14 @@ __device__ __forceinline__ void bf16x8_to_f32(uint4 v, float *f) {
 }
 
 /* Writes the block's bf16 copy of the n fp32 input rows into xs [N][in]. The RMSNorm is
- * rmsnorm.cu's, step for step (the same strided sum of squares and CUB block reduction over the
- * same 256 threads, the same scaling expression), so each value is the bit the unfused op
- * writes. */
+ * rmsnorm.cu's, step for step (the same scales from rms_scale.cuh over the same 256 threads, the
+ * same scaling expression), so each value is the bit the unfused op writes. */
 template <int N, int XK> __device__ __forceinline__ void stage(cn_bf16_t *xs, const gemv_params &p) {
   const float *x = (const float *)p.x;
   const int in = p.in;
   if constexpr (XK == CN_GEMV_X_NORM) {
-    typedef cub::BlockReduce<float, THREADS> Reduce;
-    __shared__ typename Reduce::TempStorage tmp;
     __shared__ float scale[N];
-#pragma unroll 1
-    for (int r = 0; r < N; r++) {
-      const float *xr = x + (size_t)r * in;
-      float ss = 0.0f;
-      for (int j = threadIdx.x; j < in; j += THREADS) {
-        float v = xr[j];
-        ss += v * v;
-      }
-      ss = Reduce(tmp).Sum(ss);
-      if (threadIdx.x == 0) scale[r] = rsqrtf(ss / in + p.eps);
-      __syncthreads(); /* tmp is reused by the next row */
-    }
+    cn_rms_scales<N>(x, in, p.eps, scale);
 #pragma unroll 1
     for (int r = 0; r < N; r++) {
       const float *xr = x + (size_t)r * in;

@@ -18,7 +18,7 @@
 #define CN_GEMV_MAX_ROWS 8
 
 /* Rows up to which the fusions run by default (cn_cuda_set_gemv_fusion). */
-#define CN_GEMV_FUSE_ROWS 2
+#define CN_GEMV_FUSE_ROWS 4
 
 /* Shared memory a block may use for staged input rows (the default limit, no opt-in). */
 #define CN_GEMV_STAGE_BYTES (48 * 1024)

@@ -1,28 +1,17 @@
-/* RMSNorm, one block per row: an fp32 sum of squares through a CUB block reduction, then one
- * pass that scales and writes. */
-#include <cub/block/block_reduce.cuh>
+/* RMSNorm, one block per row: an fp32 sum of squares reduced across the block (rms_scale.cuh,
+ * shared with the few-row GEMM that fuses it), then one pass that scales and writes. */
+#include "kernels/cuda/rms_scale.cuh"
 
-#include "kernels/cuda/cuda_common.cuh"
-
-#define RMSNORM_THREADS 256
+#define RMSNORM_THREADS CN_RMS_THREADS
 
 template <typename TO, typename TI>
 __global__ void __launch_bounds__(RMSNORM_THREADS)
     rmsnorm_kernel(TO *out, const TI *x, const cn_bf16_t *w, int dim, float eps) {
   cn_pdl_enter();
-  typedef cub::BlockReduce<float, RMSNORM_THREADS> Reduce;
-  __shared__ typename Reduce::TempStorage tmp;
   __shared__ float r_shared;
   const TI *xr = x + (size_t)blockIdx.x * dim;
   TO *outr = out + (size_t)blockIdx.x * dim;
-  float ss = 0.0f;
-  for (int j = threadIdx.x; j < dim; j += RMSNORM_THREADS) {
-    float v = cn_ld(xr + j);
-    ss += v * v;
-  }
-  ss = Reduce(tmp).Sum(ss);
-  if (threadIdx.x == 0) r_shared = rsqrtf(ss / dim + eps);
-  __syncthreads();
+  cn_rms_scales<1>(xr, dim, eps, &r_shared);
   float r = r_shared;
   /* Each thread rewrites only the elements it read, so out may alias x. */
   for (int j = threadIdx.x; j < dim; j += RMSNORM_THREADS)
