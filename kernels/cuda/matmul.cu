@@ -115,35 +115,31 @@ static int check_dims(const char *who, int n, int in, int out) {
   return CANOPY_OK;
 }
 
-int cn_cuda_matmul(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const void *x, cn_cuda_dtype x_dt, const cn_bf16 *w,
-                   const cn_bf16 *bias, int n, int in, int out) {
+/* y = (add ? y : 0) + x W^T + bias: cn_cuda_matmul and cn_cuda_matmul_add (who names the caller). */
+static int matmul(cn_cuda_ctx *ctx, const char *who, void *y, cn_cuda_dtype y_dt, const void *x, cn_cuda_dtype x_dt,
+                  const cn_bf16 *w, const cn_bf16 *bias, int n, int in, int out, bool add) {
   CN_CUDA_ENTER(ctx);
-  int st = check_dims(__func__, n, in, out);
+  int st = check_dims(who, n, in, out);
   if (st) return st;
   if (!cn_dtype_ok(y_dt) || !cn_dtype_ok(x_dt))
-    return cn_error(CANOPY_ERR_DTYPE, "cn_cuda_matmul: dtypes y=%d x=%d", (int)y_dt, (int)x_dt);
-  if (y == x) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_matmul: y must not alias x");
+    return cn_error(CANOPY_ERR_DTYPE, "%s: dtypes y=%d x=%d", who, (int)y_dt, (int)x_dt);
+  if (y == x) return cn_error(CANOPY_ERR_INVALID_ARG, "%s: y must not alias x", who);
   if (!n) return CANOPY_OK;
   if (x_dt == CN_CUDA_F32 && fused(ctx, n, in, CN_GEMV_X_F32))
-    return gemv(ctx, y, y_dt, x, CN_GEMV_X_F32, NULL, 0.0f, w, bias, n, in, out, CN_GEMV_STORE);
+    return gemv(ctx, y, y_dt, x, CN_GEMV_X_F32, NULL, 0.0f, w, bias, n, in, out, add ? CN_GEMV_ADD : CN_GEMV_STORE);
   const void *xb;
   st = gemm_input(ctx, x, x_dt, n, in, &xb);
-  return st ? st : gemm_bf16(ctx, y, y_dt, xb, w, bias, n, in, out, false);
+  return st ? st : gemm_bf16(ctx, y, y_dt, xb, w, bias, n, in, out, add);
+}
+
+int cn_cuda_matmul(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const void *x, cn_cuda_dtype x_dt, const cn_bf16 *w,
+                   const cn_bf16 *bias, int n, int in, int out) {
+  return matmul(ctx, __func__, y, y_dt, x, x_dt, w, bias, n, in, out, false);
 }
 
 int cn_cuda_matmul_add(cn_cuda_ctx *ctx, float *y, const void *x, cn_cuda_dtype x_dt, const cn_bf16 *w,
                        const cn_bf16 *bias, int n, int in, int out) {
-  CN_CUDA_ENTER(ctx);
-  int st = check_dims(__func__, n, in, out);
-  if (st) return st;
-  if (!cn_dtype_ok(x_dt)) return cn_error(CANOPY_ERR_DTYPE, "cn_cuda_matmul_add: x dtype %d", (int)x_dt);
-  if ((const void *)y == x) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_matmul_add: y must not alias x");
-  if (!n) return CANOPY_OK;
-  if (x_dt == CN_CUDA_F32 && fused(ctx, n, in, CN_GEMV_X_F32))
-    return gemv(ctx, y, CN_CUDA_F32, x, CN_GEMV_X_F32, NULL, 0.0f, w, bias, n, in, out, CN_GEMV_ADD);
-  const void *xb;
-  st = gemm_input(ctx, x, x_dt, n, in, &xb);
-  return st ? st : gemm_bf16(ctx, y, CN_CUDA_F32, xb, w, bias, n, in, out, true);
+  return matmul(ctx, __func__, y, CN_CUDA_F32, x, x_dt, w, bias, n, in, out, true);
 }
 
 /* The fused forms: the GEMM's input is produced in bf16 (by the few-row kernel itself, or by the
