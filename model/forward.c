@@ -118,11 +118,19 @@ static void qkv_rope(canopy_model *m, const int32_t *pos, int n) {
   be->rope(m->be_ctx, s->k, pos, n, c->n_kv_heads, c->head_dim, m->inv_freq);
 }
 
-/* The new tokens' k and v of layer l into their cache slots. */
-static void write_kv(canopy_model *m, const cn_batch *b, int l) {
+/* s->q rotated, and the new tokens' k (rotated) and v of layer l in their cache slots: through s->k
+ * and s->v unless the backend writes the cache as it rotates. */
+static void qkv_rope_write_kv(canopy_model *m, const cn_batch *b, int l) {
   const cn_backend *be = m->be;
+  const cn_config *c = &m->cfg;
   const cn_scratch *s = &m->s;
-  int kv_dim = m->cfg.n_kv_heads * m->cfg.head_dim;
+  int kv_dim = c->n_kv_heads * c->head_dim;
+  if (be->qkv_rope_kv) {
+    be->qkv_rope_kv(m->be_ctx, s->q, s->qkv, b->pos, m->attn_desc, b->n_seqs, b->n_tokens, c->n_heads, c->n_kv_heads,
+                    c->head_dim, m->inv_freq);
+    return;
+  }
+  qkv_rope(m, b->pos, b->n_tokens);
   if (be->kv_write_batch) {
     be->kv_write_batch(m->be_ctx, m->attn_desc, b->n_seqs, s->k, s->v, kv_dim);
     return;
@@ -174,13 +182,7 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
     norm_matmul(m, s->qkv, s->x, w->attn_norm, w->wqkv, w->bqkv, n, D, qkv_dim);
     for (int q = 0; q < b->n_seqs; q++)
       m->attn_desc[q].layer = l;
-    if (be->qkv_rope_kv && be->kv_write_batch) {
-      be->qkv_rope_kv(ctx, s->q, s->qkv, b->pos, m->attn_desc, b->n_seqs, n, c->n_heads, c->n_kv_heads, d,
-                      m->inv_freq);
-    } else {
-      qkv_rope(m, b->pos, n);
-      write_kv(m, b, l);
-    }
+    qkv_rope_write_kv(m, b, l);
     be->attention_batch(ctx, s->attn, s->q, m->attn_desc, b->n_seqs);
     matmul_add(m, s->x, s->attn, w->wo, w->bo, n, q_dim, D);
     ffn(m, w, n);
