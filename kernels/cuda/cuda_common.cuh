@@ -75,7 +75,8 @@ __device__ __forceinline__ void cn_pdl_enter() {
 }
 
 /* kernel<<<grid, block, smem, ctx->stream>>>(args...), as a programmatic dependent launch on sm_90.
- * The kernel must call cn_pdl_enter (or cn_pdl_wait) before it touches global memory. Returns a bad
+ * The kernel must call cn_pdl_enter (or cn_pdl_wait) before it touches global memory that a kernel
+ * of the stream may write (only weights are read before it: gemv.cu's first batch). Returns a bad
  * launch configuration at once (faults inside the kernel surface at the next synchronising call). */
 template <typename... P, typename... A>
 static inline cudaError_t cn_launch(const cn_cuda_ctx *ctx, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,

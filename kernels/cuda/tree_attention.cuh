@@ -52,11 +52,6 @@ __device__ __forceinline__ void store_pair(cn_bf16_t *p, float x, float y) {
   *reinterpret_cast<__nv_bfloat162 *>(p) = __floats2bfloat162_rn(x, y);
 }
 
-/* Programmatic dependent launch (cuda_common.cuh): a main kernel's block lets the merge kernel
- * launch once its partial state is written (cn_pdl_trigger), and the merge waits for the whole main
- * grid to finish and its writes to be visible, so the merge's launch latency overlaps the main
- * kernel's tail. */
-
 /* ---- the split of a sequence's keys ---------------------------------------------------------- */
 
 struct key_split {
@@ -263,7 +258,8 @@ __device__ __forceinline__ void ta_pack_p(const float (&s)[RW][NT][4], uint32_t 
 
 /* The end of a block: with one split the normalised output, else the unnormalised (max, sum,
  * accumulator) per row in the workspace for merge_kernel. cap = workspace rows per (sequence,
- * KV head). */
+ * KV head). Then it lets the next kernel launch (cn_pdl_trigger, cuda_common.cuh): the merge waits
+ * for the whole main grid and its writes, so its launch latency overlaps the main kernel's tail. */
 template <typename T, int RW, int DN>
 __device__ __forceinline__ void ta_finish(const cn_cuda_tree_attn_args &a, const ta_block &b, const int (&base)[RW],
                                           int cap, const float (&o)[RW][DN][4], const float (&m)[RW][2],
