@@ -5,6 +5,7 @@
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/gemv.cuh"
+#include "kernels/cuda/tree_attention.cuh"
 
 #define BLAS_WS_BYTES ((size_t)32 << 20)
 
@@ -37,6 +38,10 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
   /* CANOPY_CUDA_GEMV_FUSION_ROWS=k: the few-row GEMM fusions up to k rows (0: off). */
   const char *fusion = getenv("CANOPY_CUDA_GEMV_FUSION_ROWS");
   c->gemv_fusion = fusion && *fusion ? atoi(fusion) : CN_GEMV_FUSE_ROWS;
+  /* CANOPY_CUDA_TA_SPLIT_MIN_KEYS=k (a multiple of 64): the tree-attention plan's fewest keys a
+   * split, to measure where splitting a short context stops paying for its merge. */
+  const char *split_min = getenv("CANOPY_CUDA_TA_SPLIT_MIN_KEYS");
+  c->ta_split_min = split_min && atoi(split_min) >= TA_KEYS ? atoi(split_min) / TA_KEYS * TA_KEYS : CN_TA_SPLIT_MIN_KEYS;
   CN_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
   CN_CUBLAS_CHECK(cublasCreate(&c->blas));
   CN_CUBLAS_CHECK(cublasSetStream(c->blas, c->stream));

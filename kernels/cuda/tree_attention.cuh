@@ -14,6 +14,11 @@
 
 #define TA_KEYS 64 /* keys per split unit (splits hold whole multiples) */
 #define TA_THREADS 128
+/* Fewest keys a split holds when a KV head has fewer than 128 query rows (decode, small trees):
+ * each split adds a partial state to write and merge (cuda_ops.h, cn_cuda_tree_attn_plan). */
+#ifndef CN_TA_SPLIT_MIN_KEYS
+#define CN_TA_SPLIT_MIN_KEYS 128
+#endif
 #define TA_LOG2E 1.4426950408889634f
 
 /* ---- PTX wrappers --------------------------------------------------------------------------- */
@@ -152,6 +157,16 @@ __device__ __forceinline__ void ta_state_init(float (&o)[RW][DN][4], float (&m)[
       o[rb][dn][0] = o[rb][dn][1] = o[rb][dn][2] = o[rb][dn][3] = 0.0f;
     m[rb][0] = m[rb][1] = -INFINITY, l[rb][0] = l[rb][1] = 0.0f;
   }
+}
+
+/* Whether the pipeline's first tiles lie in the committed prefix (keys below ctx_len). No kernel
+ * of a forward writes those slots: its new K/V go to slots ctx_len and up, and the sequence
+ * records, block tables and positions are copied in before its first kernel. So a block may
+ * request them before cn_pdl_wait, and their latency overlaps the tail of the kernel before
+ * (q/k/v RoPE in a forward) instead of following it. Safe because every kernel of ours waits
+ * before it lets the next one launch: this one running means all but the last are complete. */
+template <int STAGES, int KT> __device__ __forceinline__ bool ta_prologue_early(const ta_block &b, int n_tiles) {
+  return b.k_begin + min(n_tiles, STAGES - 1) * KT <= b.sq.ctx_len;
 }
 
 /* The pipeline's start: the first STAGES - 1 tiles of KT keys requested, one cp.async group each.
