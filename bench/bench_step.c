@@ -15,9 +15,9 @@
  * synchronised, so this is the step's whole latency, launches included).
  *
  * With --unfused, the decode and verification steps are timed a second time with the backend's
- * fused ops (norm_matmul, matmul_add, ffn, qkv_rope, qkv_rope_kv) switched off, side by side in
+ * fused ops (norm_matmul, matmul_add, ffn, qkv_rope, qkv_rope_kv, norm_qkv_rope_kv) switched off, side by side in
  * the same run. With --compare-fusion, also with the few-row GEMM fusions off
- * (cn_cuda_set_gemv_fusion) and without matmul_add and qkv_rope_kv: the kernels a step ran before
+ * (cn_cuda_set_gemv_fusion) and without matmul_add, qkv_rope_kv and norm_qkv_rope_kv: the kernels a step ran before
  * those fusions, side by side.
  * Forwards replay CUDA graphs (the default: the first warm-up runs the ops, the second captures);
  * --no-graphs launches every op instead, and --compare-graphs times each step both ways, one
@@ -181,7 +181,7 @@ static void bench_variant(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, c
                           int n_nodes, int reps, double floor_ms, int variant, int no_graphs) {
   cn_backend plain = *m->be;
   const cn_backend *fused = m->be;
-  plain.matmul_add = NULL, plain.qkv_rope_kv = NULL;
+  plain.matmul_add = NULL, plain.qkv_rope_kv = NULL, plain.norm_qkv_rope_kv = NULL;
   if (variant == UNFUSED) plain.norm_matmul = NULL, plain.ffn = NULL, plain.qkv_rope = NULL;
   int fusion_rows = cn_cuda_gemv_fusion(cu);
   if (variant != UNFUSED && cn_cuda_set_gemv_fusion(cu, 0)) die("gemv fusion");

@@ -104,7 +104,9 @@ typedef struct cn_backend {
    *                workspace the backend may use
    *   qkv_rope:    split_qkv, then rope on q and on k
    *   qkv_rope_kv: qkv_rope, then kv_write_batch of k and v (d, n_seqs as it takes them): k and
-   *                v go to the cache only */
+   *                v go to the cache only
+   *   norm_qkv_rope_kv: norm_matmul into qkv (workspace the backend may use), then qkv_rope_kv:
+   *                the attention's inputs from the residual stream x */
   void (*norm_matmul)(void *ctx, void *y, const void *x, const void *norm_w, float eps, const void *w, const void *bias,
                       int n, int in, int out);
   void (*matmul_add)(void *ctx, void *x, const void *a, const void *w, const void *bias, int n, int in, int out);
@@ -114,6 +116,9 @@ typedef struct cn_backend {
                    int n_kv_heads, int head_dim, const float *inv_freq);
   void (*qkv_rope_kv)(void *ctx, void *q, const void *qkv, const int32_t *pos, const struct cn_attn_desc *d,
                       int n_seqs, int n, int n_heads, int n_kv_heads, int head_dim, const float *inv_freq);
+  void (*norm_qkv_rope_kv)(void *ctx, void *q, void *qkv, const void *x, const void *norm_w, float eps, const void *w,
+                           const void *bias, int in, const int32_t *pos, const struct cn_attn_desc *d, int n_seqs,
+                           int n, int n_heads, int n_kv_heads, int head_dim, const float *inv_freq);
   /* Copies n floats of a backend buffer to the host. */
   void (*to_host)(void *ctx, float *dst, const void *src, size_t n);
   /* For rows r < rows of a [rows][vocab] logits buffer: host ids [rows][k] = the k largest of

@@ -800,6 +800,19 @@ static void cuda_qkv_rope_kv(void *ctx, void *q, const void *qkv, const int32_t 
     keep(c, cn_cuda_qkv_rope_kv(c->cu, q, qkv, p, n, n_heads, n_kv_heads, head_dim, f, &kv, c->slots));
 }
 
+static void cuda_norm_qkv_rope_kv(void *ctx, void *q, void *qkv, const void *x, const void *norm_w, float eps,
+                                  const void *w, const void *bias, int in, const int32_t *pos, const cn_attn_desc *d,
+                                  int n_seqs, int n, int n_heads, int n_kv_heads, int head_dim, const float *inv_freq) {
+  cuda_ctx *c = ctx;
+  if (c->status || n_seqs <= 0) return;
+  const int32_t *p = dev_of(c, pos, sizeof *pos * (size_t)n);
+  const float *f = dev_of(c, inv_freq, sizeof *inv_freq * (size_t)(head_dim / 2));
+  cn_cuda_paged_kv kv = layer_view(d[0].pool, d[0].layer);
+  if (p && f)
+    keep(c, cn_cuda_norm_qkv_rope_kv(c->cu, q, qkv, x, norm_w, eps, w, bias, n, in, p, n_heads, n_kv_heads, head_dim, f,
+                                     &kv, c->slots));
+}
+
 /* While capturing, the copy is left to `end` (after the graph's launch): a graph captures one
  * LM-head chunk at most, so src still holds it then. */
 static void cuda_to_host(void *ctx, float *dst, const void *src, size_t n) {
@@ -839,6 +852,7 @@ static const cn_backend cuda_backend = {
     .ffn = cuda_ffn,
     .qkv_rope = cuda_qkv_rope,
     .qkv_rope_kv = cuda_qkv_rope_kv,
+    .norm_qkv_rope_kv = cuda_norm_qkv_rope_kv,
 };
 
 /* Tables copied from the CUDA one (bench_step's unfused variant) share its destroy. */

@@ -143,6 +143,24 @@ static void qkv_rope_write_kv(canopy_model *m, const cn_batch *b, int l) {
   }
 }
 
+/* The attention's inputs of layer l from the residual stream s->x (RMSNorm, the q/k/v projection,
+ * RoPE): s->q, and the new tokens' k and v in their cache slots. */
+static void attn_input(canopy_model *m, const cn_layer *w, const cn_batch *b, int l) {
+  const cn_backend *be = m->be;
+  const cn_config *c = &m->cfg;
+  const cn_scratch *s = &m->s;
+  int D = c->hidden_size, qkv_dim = (c->n_heads + 2 * c->n_kv_heads) * c->head_dim;
+  for (int q = 0; q < b->n_seqs; q++)
+    m->attn_desc[q].layer = l;
+  if (be->norm_qkv_rope_kv) {
+    be->norm_qkv_rope_kv(m->be_ctx, s->q, s->qkv, s->x, w->attn_norm, c->rms_norm_eps, w->wqkv, w->bqkv, D, b->pos,
+                         m->attn_desc, b->n_seqs, b->n_tokens, c->n_heads, c->n_kv_heads, c->head_dim, m->inv_freq);
+    return;
+  }
+  norm_matmul(m, s->qkv, s->x, w->attn_norm, w->wqkv, w->bqkv, b->n_tokens, D, qkv_dim);
+  qkv_rope_write_kv(m, b, l);
+}
+
 int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
   int st = check_batch(m, b);
   if (st == CANOPY_OK) st = reserve_all(b);
@@ -152,7 +170,7 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
   const cn_config *c = &m->cfg;
   const cn_scratch *s = &m->s;
   int n = b->n_tokens, D = c->hidden_size, d = c->head_dim;
-  int q_dim = c->n_heads * d, kv_dim = c->n_kv_heads * d, qkv_dim = q_dim + 2 * kv_dim;
+  int q_dim = c->n_heads * d;
   float scale = 1.0f / sqrtf((float)d);
 
   /* Each sequence's attention, the same in every layer but for .layer. */
@@ -179,10 +197,7 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
   be->embed(ctx, s->x, m->embed, b->tokens, n, D);
   for (int l = 0; l < c->n_layers; l++) {
     const cn_layer *w = &m->layers[l];
-    norm_matmul(m, s->qkv, s->x, w->attn_norm, w->wqkv, w->bqkv, n, D, qkv_dim);
-    for (int q = 0; q < b->n_seqs; q++)
-      m->attn_desc[q].layer = l;
-    qkv_rope_write_kv(m, b, l);
+    attn_input(m, w, b, l);
     be->attention_batch(ctx, s->attn, s->q, m->attn_desc, b->n_seqs);
     matmul_add(m, s->x, s->attn, w->wo, w->bo, n, q_dim, D);
     ffn(m, w, n);

@@ -937,6 +937,85 @@ static void test_qkv_rope_kv_matches_the_two_ops(void **state) {
   END_TEST();
 }
 
+/* RMSNorm, the q/k/v projection and RoPE into q and the cache in one few-row kernel against
+ * cn_cuda_norm_matmul then cn_cuda_qkv_rope_kv (the fusions off): the same bits in q and in the
+ * whole pool (the untouched slots included), for every row count the kernel takes, scalar and
+ * vector paths, with and without a bias. */
+static void run_norm_qkv(int fusion, const float *x, const void *d_g, const void *d_w, const void *d_b, int n, int in,
+                         int hq, int hkv, int d, const void *d_pos, const void *d_slots, const void *d_inv,
+                         test_pool *pool, int layer, float **q_out, float **pool_out) {
+  int rows = cn_cuda_gemv_fusion(ctx);
+  CK(cn_cuda_set_gemv_fusion(ctx, fusion ? CN_GEMV_MAX_ROWS_FOR_TEST : 0));
+  size_t qd = (size_t)hq * d, row = qd + 2 * (size_t)hkv * d;
+  void *d_x = dev_upload(x, (size_t)n * in, CN_CUDA_F32);
+  float *d_q = dev_poisoned((size_t)n * qd, CN_CUDA_F32), *d_qkv = dev_poisoned((size_t)n * row, CN_CUDA_F32);
+  cn_cuda_free(ctx, pool->d_pool);
+  pool->d_pool = dev_poisoned(pool->elems, CN_CUDA_BF16);
+  cn_cuda_paged_kv kv = pool_view(pool, layer);
+  CK(cn_cuda_norm_qkv_rope_kv(ctx, d_q, d_qkv, d_x, d_g, 1e-5f, d_w, d_b, n, in, d_pos, hq, hkv, d, d_inv, &kv,
+                              d_slots));
+  *q_out = dev_download(d_q, (size_t)n * qd, CN_CUDA_F32);
+  *pool_out = dev_download(pool->d_pool, pool->elems, CN_CUDA_BF16);
+  CK(cn_cuda_set_gemv_fusion(ctx, rows));
+  cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_q), cn_cuda_free(ctx, d_qkv);
+}
+
+static void test_norm_qkv_rope_kv_is_bit_exact(void **state) {
+  mismatches = 0;
+  const int shapes[][5] = {{64, 4, 1, 64, 16}, {576, 9, 3, 64, 16}, {203, 6, 2, 34, 5}, {1024, 16, 4, 128, 16}};
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+    int in = shapes[s][0], hq = shapes[s][1], hkv = shapes[s][2], d = shapes[s][3], bs = shapes[s][4], layer = 1;
+    int out = (hq + 2 * hkv) * d, kd = hkv * d;
+    float *g = rand_bf16_buf((size_t)in, 1.0f), *w = rand_bf16_buf((size_t)out * in, 0.5f);
+    float *b = rand_bf16_buf((size_t)out, 1.0f), *inv = malloc(sizeof *inv * (size_t)(d / 2));
+    for (int k = 0; k < d / 2; k++)
+      inv[k] = powf(10000.0f, -2.0f * k / d);
+    void *d_g = dev_upload(g, (size_t)in, CN_CUDA_BF16), *d_w = dev_upload(w, (size_t)out * in, CN_CUDA_BF16);
+    void *d_b = dev_upload(b, (size_t)out, CN_CUDA_BF16), *d_inv = dev_upload(inv, (size_t)(d / 2), CN_CUDA_F32);
+    for (int n = 1; n <= CN_GEMV_MAX_ROWS_FOR_TEST; n++) {
+      int first = rand_int(0, 40);
+      test_pool p;
+      pool_init(&p, first + n, bs, kd, layer, 0);
+      int32_t pos[CN_GEMV_MAX_ROWS_FOR_TEST], phys[CN_GEMV_MAX_ROWS_FOR_TEST];
+      for (int i = 0; i < n; i++) {
+        pos[i] = 1000 * (int)s + first + i; /* late positions: large angles */
+        phys[i] = p.table[(first + i) / bs] * bs + (first + i) % bs;
+      }
+      void *d_pos = dev_upload_bytes(pos, sizeof *pos * n), *d_phys = dev_upload_bytes(phys, sizeof *phys * n);
+      float *x = rand_buf((size_t)n * in, 3.0f);
+      for (int use_bias = 0; use_bias < 2; use_bias++) {
+        float *q_on, *q_off, *pool_on, *pool_off;
+        const void *bias = use_bias ? d_b : NULL;
+        run_norm_qkv(1, x, d_g, d_w, bias, n, in, hq, hkv, d, d_pos, d_phys, d_inv, &p, layer, &q_on, &pool_on);
+        run_norm_qkv(0, x, d_g, d_w, bias, n, in, hq, hkv, d, d_pos, d_phys, d_inv, &p, layer, &q_off, &pool_off);
+        check_all_finite(q_on, (size_t)n * hq * d, "norm_qkv_rope_kv q");
+        size_t differ = 0, written = 0;
+        for (size_t e = 0; e < (size_t)n * hq * d; e++)
+          differ += memcmp(&q_on[e], &q_off[e], sizeof(float)) != 0;
+        for (size_t e = 0; e < p.elems; e++) {
+          differ += memcmp(&pool_on[e], &pool_off[e], sizeof(float)) != 0;
+          written += !isnan(pool_on[e]);
+        }
+        if (differ || written != 2 * (size_t)n * kd) {
+          printf("  norm_qkv_rope_kv n=%d in=%d heads=%d/%d head_dim=%d%s: %zu values differ, %zu cache values "
+                 "written (expected %zu)  MISMATCH\n",
+                 n, in, hq, hkv, d, use_bias ? " +bias" : "", differ, written, 2 * (size_t)n * kd);
+          mismatches++;
+        }
+        free(q_on), free(q_off), free(pool_on), free(pool_off);
+      }
+      pool_free(&p);
+      cn_cuda_free(ctx, d_pos), cn_cuda_free(ctx, d_phys);
+      free(x);
+    }
+    printf("  norm_qkv_rope_kv in=%d heads=%d/%d head_dim=%d: n = 1..%d compared\n", in, hq, hkv, d,
+           CN_GEMV_MAX_ROWS_FOR_TEST);
+    cn_cuda_free(ctx, d_g), cn_cuda_free(ctx, d_w), cn_cuda_free(ctx, d_b), cn_cuda_free(ctx, d_inv);
+    free(g), free(w), free(b), free(inv);
+  }
+  END_TEST();
+}
+
 static void test_cuda_failures_become_status_codes(void **state) {
   void *p = (void *)1;
   int st = cn_cuda_malloc(ctx, &p, (size_t)1 << 52); /* 4 PiB */
@@ -1010,6 +1089,7 @@ int main(void) {
       cmocka_unit_test(test_gemv_fusions_are_bit_exact),
       cmocka_unit_test(test_qkv_rope_matches_cpu),
       cmocka_unit_test(test_qkv_rope_kv_matches_the_two_ops),
+      cmocka_unit_test(test_norm_qkv_rope_kv_is_bit_exact),
       cmocka_unit_test(test_cuda_failures_become_status_codes),
   };
   return cmocka_run_group_tests(tests, setup, teardown);

@@ -1,4 +1,5 @@
-/* Few-row GEMM, one warp per output feature (two for SwiGLU: its gate and up rows): the weight
+/* Few-row GEMM, one warp per output feature (two rows for SwiGLU: its gate and up rows; for RoPE
+ * a rotary pair): the weight
  * rows are streamed once with 16-byte loads that bypass L1 (they are read exactly once), the n
  * input rows come through L1 or shared memory (every warp reads them), and the n dot products are
  * reduced across the warp at the end. A decode step is the weight bytes over the bandwidth; this
@@ -11,6 +12,7 @@
 
 #include "kernels/cuda/gemv.cuh"
 #include "kernels/cuda/rms_scale.cuh"
+#include "kernels/cuda/rope.cuh"
 
 #define WARPS 8 /* per block: 8 output features */
 #define THREADS (WARPS * 32)
@@ -22,9 +24,46 @@ struct gemv_params {
   const cn_bf16_t *norm_w;
   float eps;
   const cn_bf16_t *w, *bias;
-  int in, out;
-  bool vec; /* in % 8 == 0 and 16-byte aligned rows: the uint4 path */
+  int in, out; /* out: output features, warps' units (CN_GEMV_ROPE: rotary pairs, half the weight rows) */
+  bool vec;     /* in % 8 == 0 and 16-byte aligned rows: the uint4 path */
+  cn_gemv_rope rope;
 };
+
+/* Weight row i (of R) of unit o: its gate and up rows for SwiGLU, a rotary pair (k, k + d / 2 of
+ * one head) for RoPE. */
+template <int HOW> __device__ __forceinline__ int weight_row(const gemv_params &p, int o, int i) {
+  if constexpr (HOW == CN_GEMV_SWIGLU) return o + i * p.out;
+  if constexpr (HOW == CN_GEMV_ROPE) {
+    const int half = p.rope.head_dim / 2;
+    return o / half * p.rope.head_dim + o % half + i * half;
+  }
+  return o;
+}
+
+/* Row r's pair (a, b) of unit o into q (rotated), or into the cache: k rotated, v as it is; the
+ * same arithmetic and rounding as qkv_rope.cu. */
+__device__ __forceinline__ void rope_out(const gemv_params &p, int r, int o, float a, float b) {
+  const cn_gemv_rope &q = p.rope;
+  const int d = q.head_dim, half = d / 2, h = o / half, k = o % half;
+  const size_t kv_dim = (size_t)q.n_kv_heads * d;
+  if (h >= q.n_heads + q.n_kv_heads) {
+    const size_t j = (size_t)(h - q.n_heads - q.n_kv_heads) * d + k;
+    cn_kv_put(q.kv, true, q.slots[r], j, kv_dim, a);
+    cn_kv_put(q.kv, true, q.slots[r], j + half, kv_dim, b);
+    return;
+  }
+  float x0, x1;
+  cn_rope_pair(a, b, q.pos[r], q.inv_freq[k], &x0, &x1);
+  if (h < q.n_heads) {
+    float *y = (float *)p.y + (size_t)r * q.n_heads * d + (size_t)h * d + k;
+    y[0] = x0;
+    y[half] = x1;
+  } else {
+    const size_t j = (size_t)(h - q.n_heads) * d + k;
+    cn_kv_put(q.kv, false, q.slots[r], j, kv_dim, x0);
+    cn_kv_put(q.kv, false, q.slots[r], j + half, kv_dim, x1);
+  }
+}
 
 __device__ __forceinline__ void bf16x8_to_f32(uint4 v, float *f) {
   const __nv_bfloat162 *h = (const __nv_bfloat162 *)&v;
@@ -78,15 +117,17 @@ __device__ __forceinline__ void load_batch(uint4 (&dst)[R][BATCH], const uint4 *
 template <int N, int XK, int HOW, typename Y> __global__ void __launch_bounds__(THREADS) gemv_kernel(gemv_params p) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr bool staged = XK != CN_GEMV_X_BF16;
-  constexpr int R = HOW == CN_GEMV_SWIGLU ? 2 : 1; /* weight rows per warp */
+  constexpr int R = HOW == CN_GEMV_SWIGLU || HOW == CN_GEMV_ROPE ? 2 : 1; /* weight rows per warp */
   const int in = p.in, o = blockIdx.x * WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   const bool valid = o < p.out;
   const int n8 = p.vec ? in / 8 : 0;
+  int row[R];
   const cn_bf16_t *wr[R];
   const uint4 *w8[R];
 #pragma unroll
   for (int i = 0; i < R; i++) {
-    wr[i] = p.w + (size_t)((valid ? o : 0) + i * p.out) * in;
+    row[i] = weight_row<HOW>(p, valid ? o : 0, i);
+    wr[i] = p.w + (size_t)row[i] * in;
     w8[i] = (const uint4 *)wr[i];
   }
   /* The first batch of weights is requested before waiting for the kernel before this one: no
@@ -160,11 +201,13 @@ template <int N, int XK, int HOW, typename Y> __global__ void __launch_bounds__(
 #pragma unroll
       for (int s = 16; s > 0; s >>= 1)
         v[i] += __shfl_xor_sync(0xffffffffu, v[i], s);
-      if (p.bias) v[i] += cn_ld(p.bias + o + i * p.out); /* the bias pass wrote it first: bias + v */
+      if (p.bias) v[i] += cn_ld(p.bias + row[i]); /* the bias pass wrote it first: bias + v */
     }
     if (lane) continue;
     Y *y = (Y *)p.y + (size_t)r * p.out + o;
-    if constexpr (HOW == CN_GEMV_SWIGLU)
+    if constexpr (HOW == CN_GEMV_ROPE)
+      rope_out(p, r, o, v[0], v[R - 1]);
+    else if constexpr (HOW == CN_GEMV_SWIGLU)
       cn_st(y, v[0] / (1.0f + expf(-v[0])) * v[R - 1]);
     else if constexpr (HOW == CN_GEMV_ADD)
       cn_st(y, cn_ld(y) + v[0]);
@@ -215,6 +258,10 @@ static int by_out(cn_cuda_ctx *ctx, const cn_gemv *g, const gemv_params &p, unsi
     if constexpr (XK == CN_GEMV_X_NORM)
       if (!f32) return by_rows<XK, CN_GEMV_SWIGLU, cn_bf16_t>(ctx, p, g->n, grid, smem);
     break;
+  case CN_GEMV_ROPE:
+    if constexpr (XK == CN_GEMV_X_NORM)
+      if (f32) return by_rows<XK, CN_GEMV_ROPE, float>(ctx, p, g->n, grid, smem);
+    break;
   }
   return cn_error(CANOPY_ERR_INVALID_ARG, "cn_gemv_run: output %d to %s after input kind %d not provided", (int)g->how,
                   f32 ? "fp32" : "bf16", XK);
@@ -226,10 +273,20 @@ int cn_gemv_run(cn_cuda_ctx *ctx, const cn_gemv *g) {
                     (int)g->x_kind);
   if (g->x_kind == CN_GEMV_X_NORM && !g->norm_w)
     return cn_error(CANOPY_ERR_INVALID_ARG, "cn_gemv_run: RMSNorm input without its weight");
-  gemv_params p = {g->y, g->x, g->norm_w, g->eps, g->w, g->bias, g->in, g->out, false};
+  const cn_gemv_rope *r = &g->rope;
+  if (g->how == CN_GEMV_ROPE &&
+      (r->head_dim <= 0 || r->head_dim % 2 || r->n_heads <= 0 || r->n_kv_heads <= 0 ||
+       g->out != (r->n_heads + 2 * r->n_kv_heads) * r->head_dim || !r->slots || !r->pos || !r->inv_freq ||
+       r->kv.block_size <= 0))
+    return cn_error(CANOPY_ERR_INVALID_ARG,
+                    "cn_gemv_run: RoPE epilogue with out=%d heads=%d/%d head_dim=%d (even, out = (H + 2 H_kv) d), "
+                    "block_size=%d, and slots, positions and frequencies",
+                    g->out, r->n_heads, r->n_kv_heads, r->head_dim, r->kv.block_size);
+  const int units = g->how == CN_GEMV_ROPE ? g->out / 2 : g->out;
+  gemv_params p = {g->y, g->x, g->norm_w, g->eps, g->w, g->bias, g->in, units, false, g->rope};
   /* Staged rows start at multiples of in in shared memory: 16-byte aligned when in % 8 == 0. */
   p.vec = g->in % 8 == 0 && (uintptr_t)g->w % 16 == 0 && (g->x_kind != CN_GEMV_X_BF16 || (uintptr_t)g->x % 16 == 0);
-  unsigned grid = (unsigned)((g->out + WARPS - 1) / WARPS);
+  unsigned grid = (unsigned)((units + WARPS - 1) / WARPS);
   size_t smem = g->x_kind == CN_GEMV_X_BF16 ? 0 : (size_t)g->n * g->in * sizeof(cn_bf16_t);
   switch (g->x_kind) {
   case CN_GEMV_X_BF16: return by_out<CN_GEMV_X_BF16>(ctx, g, p, grid, smem);

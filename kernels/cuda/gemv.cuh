@@ -5,9 +5,9 @@
  *
  * The input rows come as bf16 (read from global memory), or as fp32 rounded to bf16 into shared
  * memory by each block, or as fp32 RMSNormed into bf16 in shared memory; the output is stored,
- * added to an fp32 residual stream, or (over a fused [gate | up] weight) turned into the SwiGLU
- * activation. Every variant rounds exactly as the separate ops it replaces (cn_cuda_rmsnorm to
- * bf16, cn_cuda_f32_to_bf16, cn_cuda_swiglu_to_bf16, the bias pass and cn_cuda_add), so fused
+ * added to an fp32 residual stream, (over a fused [gate | up] weight) turned into the SwiGLU
+ * activation, or (over the fused q/k/v weight) rotated into q and the KV cache. Every variant rounds exactly as the separate ops it replaces (cn_cuda_rmsnorm to
+ * bf16, cn_cuda_f32_to_bf16, cn_cuda_swiglu_to_bf16, the bias pass, cn_cuda_add and cn_cuda_qkv_rope_kv), so fused
  * and unfused forwards produce the same bits. */
 #ifndef CANOPY_KERNELS_CUDA_GEMV_CUH
 #define CANOPY_KERNELS_CUDA_GEMV_CUH
@@ -33,7 +33,16 @@ typedef enum cn_gemv_out {
   CN_GEMV_STORE,  /* y [n][out] = x W^T + bias (y fp32 or bf16) */
   CN_GEMV_ADD,    /* y [n][out] += x W^T + bias (y fp32) */
   CN_GEMV_SWIGLU, /* W [2 out][in] = [gate | up], bias [2 out]: y [n][out] bf16 = silu(g) * u */
+  CN_GEMV_ROPE,   /* W [out][in] the fused q/k/v projection, out = (H + 2 H_kv) d: y [n][H d] fp32 = q rotated,
+                     k rotated and v into their cache slots (cn_gemv_rope), as cn_cuda_qkv_rope_kv */
 } cn_gemv_out;
+
+typedef struct cn_gemv_rope {
+  cn_cuda_paged_kv kv;         /* the layer's cache view (its block_table unused) */
+  const int32_t *slots, *pos;  /* [n] physical slot and position of each row */
+  const float *inv_freq;       /* [head_dim / 2] */
+  int n_heads, n_kv_heads, head_dim;
+} cn_gemv_rope;
 
 typedef struct cn_gemv {
   void *y;
@@ -45,6 +54,7 @@ typedef struct cn_gemv {
   const cn_bf16_t *w, *bias; /* bias may be NULL */
   int n, in, out;
   cn_gemv_out how;
+  cn_gemv_rope rope; /* CN_GEMV_ROPE only */
 } cn_gemv;
 
 /* Whether n rows of `in` fit the kernel: 1 <= n <= CN_GEMV_MAX_ROWS, and the staged kinds (fp32

@@ -3,7 +3,7 @@
  * pair of a q or k head, or per v element. Twin: split, then cn_cpu_rope on q and on k. With a
  * cache view and slots, k and v go straight into their paged cache rows (bf16), rounded as
  * kv_write.cu rounds them: the kv_write launch after it is gone. */
-#include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/rope.cuh"
 
 /* Where element j of token i's k (or v) row goes: the buffer row, or its cache slot. */
 struct kv_dst {
@@ -15,9 +15,7 @@ struct kv_dst {
       (is_v ? v : k)[i * kv_dim + j] = x;
       return;
     }
-    const int slot = slots[i];
-    const size_t at = (size_t)(slot / kv.block_size) * kv.block_stride + (size_t)(slot % kv.block_size) * kv_dim + j;
-    cn_st((cn_bf16_t *)(is_v ? kv.v : kv.k) + at, x);
+    cn_kv_put(kv, is_v, slots[i], j, kv_dim, x);
   }
 };
 
@@ -39,11 +37,8 @@ __global__ void qkv_rope_kernel(float *q, kv_dst out, const float *qkv, const in
     size_t i = hr / heads;
     /* Heads [0, n_heads) are q's, the rest k's; both sit contiguously in the qkv row. */
     const float *src = qkv + i * row + (size_t)h * head_dim;
-    float ang = (float)pos[i] * inv_freq[kk]; /* fp32 angle and full-accuracy sincosf, as rope.cu */
-    float s, c;
-    sincosf(ang, &s, &c);
-    float a = src[kk], b = src[kk + half];
-    float x0 = a * c - b * s, x1 = b * c + a * s;
+    float x0, x1;
+    cn_rope_pair(src[kk], src[kk + half], pos[i], inv_freq[kk], &x0, &x1);
     if (h < n_heads) {
       float *dst = q + i * q_dim + (size_t)h * head_dim;
       dst[kk] = x0;

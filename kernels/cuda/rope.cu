@@ -1,6 +1,6 @@
 /* Rotary position embedding in place, HF Llama's rotate_half pairing: one thread per
  * (token, head, pair). */
-#include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/rope.cuh"
 
 template <typename T>
 __global__ void rope_kernel(T *x, const int32_t *pos, int n, int n_heads, int head_dim, const float *inv_freq) {
@@ -11,15 +11,11 @@ __global__ void rope_kernel(T *x, const int32_t *pos, int n, int n_heads, int he
     int k = (int)(e % half);
     size_t row = e / half; /* token * n_heads + head */
     int i = (int)(row / n_heads);
-    /* The angle in fp32 as HF computes it; sincosf (not the __sincosf intrinsic) keeps full
-     * accuracy for the large angles of late positions. */
-    float ang = (float)pos[i] * inv_freq[k];
-    float s, c;
-    sincosf(ang, &s, &c);
     T *v = x + row * head_dim;
-    float a = cn_ld(v + k), b = cn_ld(v + k + half);
-    cn_st(v + k, a * c - b * s);
-    cn_st(v + k + half, b * c + a * s);
+    float x0, x1;
+    cn_rope_pair(cn_ld(v + k), cn_ld(v + k + half), pos[i], inv_freq[k], &x0, &x1);
+    cn_st(v + k, x0);
+    cn_st(v + k + half, x1);
   }
 }
 

@@ -79,13 +79,13 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
   const bool warp_active = base[0] < b.rows;
   const int n_tiles = b.k_end > b.k_begin ? (b.k_end - b.k_begin + KT - 1) / KT : 0;
 
-  auto load_tile = [&](int kt, int st) {
-    constexpr int CH = D / 8; /* 16-byte pieces per key row */
+  constexpr int CH = D / 8, PER = KT * CH / TA_THREADS; /* 16-byte pieces a key row; a thread's pieces a tile */
+  auto load_tile = [&](int kt, int st, const int(&blk)[PER]) {
     cn_bf16_t *kd = ks + st * KT * LD, *vd = vs + st * KT * LD;
 #pragma unroll
-    for (int it = 0; it < KT * CH / TA_THREADS; it++) {
+    for (int it = 0; it < PER; it++) {
       int c = threadIdx.x + it * TA_THREADS, key = c / CH, col = (c % CH) * 8, slot = kt + key;
-      size_t off = slot < b.k_end ? ta_kv_offset(a, b, slot, col, D) : 0;
+      size_t off = slot < b.k_end ? ta_kv_offset(a, b, blk[it], slot, col, D) : 0;
       int bytes = slot < b.k_end ? 16 : 0;
       cp_async16(smem_addr(kd + key * LD + col), (const cn_bf16_t *)a.k + off, bytes);
       cp_async16(smem_addr(vd + key * LD + col), (const cn_bf16_t *)a.v + off, bytes);
@@ -98,10 +98,11 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
 
   /* Launched early (cn_launch): what came before is complete after cn_pdl_wait; only prefix
    * tiles may be requested before it (ta_prologue_early). */
+  int blk[PER];
   const bool early = ta_prologue_early<TA_STAGES, KT>(b, n_tiles);
-  if (early) ta_prologue<TA_STAGES, KT>(b, n_tiles, load_tile);
+  if (early) ta_prologue<TA_STAGES, KT, PER, CH>(a, b, n_tiles, blk, load_tile);
   cn_pdl_wait();
-  if (!early) ta_prologue<TA_STAGES, KT>(b, n_tiles, load_tile);
+  if (!early) ta_prologue<TA_STAGES, KT, PER, CH>(a, b, n_tiles, blk, load_tile);
 
   /* Q fragments (A operand, row-major 16 x 16 per k-step), rounded to bf16. */
   uint32_t qa[RW][KSTEPS][4];
@@ -122,9 +123,8 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
   }
 
   for (int it = 0; it < n_tiles; it++) {
-    const int kt = b.k_begin + it * KT, ahead = it + TA_STAGES - 1;
-    if (ahead < n_tiles) load_tile(b.k_begin + ahead * KT, ahead % TA_STAGES);
-    cp_async_commit();
+    const int kt = b.k_begin + it * KT;
+    ta_next_tile<TA_STAGES, KT, PER, CH>(a, b, it, n_tiles, blk, load_tile);
     cp_async_wait<TA_STAGES - 1>();
     __syncthreads();
     if (warp_active) {

@@ -119,15 +119,37 @@ template <int ROWS> __device__ __forceinline__ bool ta_block_init(const cn_cuda_
   return true;
 }
 
-/* Element offset of (slot, column col of KV head g) in the paged cache: K and V alike. Block sizes
- * are powers of two in practice: a shift and a mask instead of a division per 16-byte piece (the
- * address arithmetic competes with the MMAs for issue slots). */
-__device__ __forceinline__ size_t ta_kv_offset(const cn_cuda_tree_attn_args &a, const ta_block &b, int slot, int col,
-                                               int D) {
-  const int bs = a.block_size, shift = __ffs(bs) - 1;
-  const bool pow2 = (bs & (bs - 1)) == 0;
-  int blk = pow2 ? slot >> shift : slot / bs, in = pow2 ? slot & (bs - 1) : slot % bs;
-  return (size_t)a.block_tables[b.sq.table0 + blk] * a.block_stride + (size_t)(in * a.n_kv_heads * D + b.g * D + col);
+/* A slot's block and row within it. Block sizes are powers of two in practice: a shift and a mask
+ * instead of a division per 16-byte piece (the address arithmetic competes with the MMAs for
+ * issue slots). */
+__device__ __forceinline__ int ta_blk(const cn_cuda_tree_attn_args &a, int slot) {
+  const int bs = a.block_size;
+  return (bs & (bs - 1)) == 0 ? slot >> (__ffs(bs) - 1) : slot / bs;
+}
+__device__ __forceinline__ int ta_row(const cn_cuda_tree_attn_args &a, int slot) {
+  const int bs = a.block_size;
+  return (bs & (bs - 1)) == 0 ? slot & (bs - 1) : slot % bs;
+}
+
+/* The physical block of every 16-byte piece this thread copies of the tile at key kt (pieces
+ * threadIdx.x + i TA_THREADS, CH a key row). Kernels read these a tile ahead of the copy: read
+ * when the copy is issued, each tile waited one dependent L2 round trip for its block table
+ * entries, and at short contexts that was most of the tile's time. */
+template <int PER, int CH>
+__device__ __forceinline__ void ta_fetch_blocks(const cn_cuda_tree_attn_args &a, const ta_block &b, int kt,
+                                                int (&blk)[PER]) {
+#pragma unroll
+  for (int i = 0; i < PER; i++) {
+    const int slot = kt + (threadIdx.x + i * TA_THREADS) / CH;
+    blk[i] = slot < b.k_end ? a.block_tables[b.sq.table0 + ta_blk(a, slot)] : 0;
+  }
+}
+
+/* Element offset of (slot, column col of KV head g) in the paged cache, K and V alike, given the
+ * slot's physical block. */
+__device__ __forceinline__ size_t ta_kv_offset(const cn_cuda_tree_attn_args &a, const ta_block &b, int block, int slot,
+                                               int col, int D) {
+  return (size_t)block * a.block_stride + (size_t)(ta_row(a, slot) * a.n_kv_heads * D + b.g * D + col);
 }
 
 /* Whether token t of the block sees key `key` (k_begin <= key); the prefix part is the same test
@@ -169,16 +191,36 @@ template <int STAGES, int KT> __device__ __forceinline__ bool ta_prologue_early(
   return b.k_begin + min(n_tiles, STAGES - 1) * KT <= b.sq.ctx_len;
 }
 
-/* The pipeline's start: the first STAGES - 1 tiles of KT keys requested, one cp.async group each.
- * Every later iteration commits one group too (empty past the last tile), so waiting for all but
- * the newest STAGES - 1 groups always means that iteration's tile has landed. */
-template <int STAGES, int KT, typename F>
-__device__ __forceinline__ void ta_prologue(const ta_block &b, int n_tiles, F &&load_tile) {
+/* The pipeline's start: the first STAGES - 1 tiles of KT keys requested, one cp.async group each
+ * (their block table entries read on the spot), and the entries of the tile after them read into
+ * blk for the loop. Every later iteration commits one group too (empty past the last tile), so
+ * waiting for all but the newest STAGES - 1 groups always means that iteration's tile has landed.
+ * load_tile(kt, stage, blk) issues one tile's copies. */
+template <int STAGES, int KT, int PER, int CH, typename F>
+__device__ __forceinline__ void ta_prologue(const cn_cuda_tree_attn_args &a, const ta_block &b, int n_tiles,
+                                            int (&blk)[PER], F &&load_tile) {
 #pragma unroll
   for (int st = 0; st < STAGES - 1; st++) {
-    if (st < n_tiles) load_tile(b.k_begin + st * KT, st);
+    if (st < n_tiles) {
+      ta_fetch_blocks<PER, CH>(a, b, b.k_begin + st * KT, blk);
+      load_tile(b.k_begin + st * KT, st, blk);
+    }
     cp_async_commit();
   }
+  if (STAGES - 1 < n_tiles) ta_fetch_blocks<PER, CH>(a, b, b.k_begin + (STAGES - 1) * KT, blk);
+}
+
+/* The loop's copy for iteration it: tile it + STAGES - 1 from the entries in blk, then the next
+ * tile's entries into blk (used an iteration later, so their latency hides behind this one). */
+template <int STAGES, int KT, int PER, int CH, typename F>
+__device__ __forceinline__ void ta_next_tile(const cn_cuda_tree_attn_args &a, const ta_block &b, int it, int n_tiles,
+                                             int (&blk)[PER], F &&load_tile) {
+  const int ahead = it + STAGES - 1;
+  if (ahead < n_tiles) {
+    load_tile(b.k_begin + ahead * KT, ahead % STAGES, blk);
+    if (ahead + 1 < n_tiles) ta_fetch_blocks<PER, CH>(a, b, b.k_begin + (ahead + 1) * KT, blk);
+  }
+  cp_async_commit();
 }
 
 /* Masks are applied only on tiles that reach the new slots (tree or causal), the end of the
