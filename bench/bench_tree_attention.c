@@ -301,7 +301,6 @@ int main(int argc, char **argv) {
   bb.pool = dmalloc(bb.pool_blocks * BLOCK_ELEMS * sizeof(uint16_t));
   fill_random_bf16(bb.pool, bb.pool_blocks * BLOCK_ELEMS);
   bb.ws = dmalloc(bb.ws_bytes);
-  CK(cn_cuda_memset(ctx, bb.ws, 0, bb.ws_bytes)); /* the in-kernel merge's counters start at zero */
   size_t max_rows = 8 * 128, qe = max_rows * HQ * HD;
   bb.q = dmalloc(sizeof(uint16_t) * qe), bb.out = dmalloc(sizeof(uint16_t) * qe);
   bb.out2 = dmalloc(sizeof(uint16_t) * qe), bb.naive_out = dmalloc(sizeof(uint16_t) * qe);

@@ -675,7 +675,6 @@ static void cuda_attention_batch(void *ctx, void *out, const void *q, const cn_a
     c->ta_ws = NULL;
     c->ta_ws_bytes = 0;
     if (keep(c, cn_cuda_malloc(c->cu, (void **)&c->ta_ws, 2 * ws))) return;
-    if (keep(c, cn_cuda_memset(c->cu, c->ta_ws, 0, 2 * ws))) return; /* its counters start at zero */
     c->ta_ws_bytes = 2 * ws;
   }
   cn_cuda_paged_kv kv = layer_view(d[0].pool, d[0].layer);

@@ -283,10 +283,7 @@ static int run_case(const batch_case *c) {
   for (int iv = 0; iv < 9; iv++) {
     int v = iv % 3, im = iv / 3;
     size_t ws = cn_cuda_tree_attn_workspace(ns, max_n, splits[v], c->n_heads, c->n_kv_heads, d);
-    if (ws) { /* zeroed: the in-kernel merge's counters */
-      CK(cn_cuda_malloc(ctx, &d_ws, ws));
-      CK(cn_cuda_memset(ctx, d_ws, 0, ws));
-    }
+    if (ws) CK(cn_cuda_malloc(ctx, &d_ws, ws));
     CK(cn_cuda_memset(ctx, d_out, 0xFF, et * q_elems));
     cn_cuda_tree_attn_args a = {.out = d_out, .q = d_q, .dt = c->dt, .k = d_pool, .v = (uint16_t *)d_pool + half,
                                 .block_stride = 2 * half, .block_size = bs, .block_tables = d_tables, .pos = d_pos,
@@ -429,10 +426,7 @@ static int launch_chain(const batch_case *c, void *d_pool, void *d_q_all, void *
   cn_cuda_tree_attn_plan(ctx, 1, n, pow2_at_least(ctx_len + n), c->n_heads, c->n_kv_heads, d, invariant, &splits, &keys);
   if (!fixed) keys = 0;
   size_t ws = cn_cuda_tree_attn_workspace(1, n, splits, c->n_heads, c->n_kv_heads, d);
-  if (ws) { /* zeroed: the in-kernel merge's counters */
-    CK(cn_cuda_malloc(ctx, &d_ws, ws));
-    CK(cn_cuda_memset(ctx, d_ws, 0, ws));
-  }
+  if (ws) CK(cn_cuda_malloc(ctx, &d_ws, ws));
   cn_cuda_tree_attn_args a = {.out = d_out, .q = (float *)d_q_all + (size_t)ctx_len * q_dim, .dt = CN_CUDA_F32,
                               .k = d_pool, .v = (uint16_t *)d_pool + half, .block_stride = 2 * half,
                               .block_size = c->block_size, .block_tables = d_tables, .pos = d_pos,

@@ -316,9 +316,7 @@ typedef struct cn_cuda_tree_attn_args {
   int n_heads, n_kv_heads, head_dim; /* head_dim 64 or 128 */
   int sliding_window;
   float scale;
-  float *workspace;             /* cn_cuda_tree_attn_workspace() bytes (device), when n_splits > 1,
-                                   zero-filled before its first use (every launch leaves its
-                                   counters zero again) */
+  float *workspace;             /* cn_cuda_tree_attn_workspace() bytes (device), when n_splits > 1 */
   cn_cuda_tree_attn_impl impl;  /* AUTO (0) unless a test or benchmark picks a kernel */
   int row_tile;                 /* query rows a block: 0 lets the kernel pick (below); 64 or 128 force
                                    one (tests, benchmarks); 128 takes effect only with 128+ rows */
@@ -348,9 +346,7 @@ int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int 
 void cn_cuda_tree_attn_plan(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int max_keys, int n_heads, int n_kv_heads,
                             int head_dim, int invariant, int *n_splits, int *split_keys);
 
-/* Bytes of workspace the partial softmax states of one launch take, with the counters by which
- * the last block of a row tile finds it may merge them (0 when n_splits == 1). Zero it once, when
- * it is allocated. */
+/* Bytes of workspace the partial softmax states of one launch take (0 when n_splits == 1). */
 size_t cn_cuda_tree_attn_workspace(int n_seqs, int max_n, int n_splits, int n_heads, int n_kv_heads, int head_dim);
 
 int cn_cuda_tree_attention(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a);

@@ -63,7 +63,7 @@ static inline int rows_cap(int max_n, int group) { return rows_cap(max_n, group,
  * take tensor cycles, which bounds trees of 64+ nodes. KT = 32 there keeps the score registers
  * within budget. */
 template <typename T, int D, int RW, int KT>
-__global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_attn_args a, bool merge_here) {
+__global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_attn_args a) {
   constexpr int LD = D + TA_PAD, KSTEPS = D / 16, DN = D / 8, NT = KT / 8, ROWS = 64 * RW;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   cn_bf16_t *ks = reinterpret_cast<cn_bf16_t *>(smem_raw); /* [TA_STAGES][KT][LD] */
@@ -168,22 +168,60 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
     __syncthreads(); /* a later iteration's loads overwrite this stage */
   }
   cp_async_wait<0>(); /* no copy may still be writing when the block exits */
-  ta_finish<T, RW, DN>(a, b, base, gridDim.x * ROWS, o, m, l, merge_here, reinterpret_cast<float *>(smem_raw));
+  ta_finish<T, RW, DN>(a, b, base, gridDim.x * ROWS, o, m, l);
 }
 
 /* ---- the exact merge of the splits' partial states ------------------------------------------- */
 
-/* A warp per row (MERGE_ROWS rows a block, grid y = sequence x KV head); used when a KV head's
- * rows are too many for the main kernel's last block to merge them (ta_finish). */
+/* A warp per row (MERGE_ROWS rows a block, grid y = sequence x KV head), D / 32 columns a lane.
+ * The splits' maxima and weights are computed by all lanes at once and kept in shared memory, so
+ * that the accumulator loads that follow are independent of each other and overlap: a serial
+ * chain of dependent loads per split was the merge's cost at batch 1 with many splits. */
 #define MERGE_ROWS 4
+#define MERGE_MAX_SPLITS 256
 template <typename T, int D> __global__ void __launch_bounds__(32 * MERGE_ROWS) merge_kernel(cn_cuda_tree_attn_args a, int cap) {
+  constexpr int C = D / 32; /* columns per lane: 4 or 2 */
   __shared__ float wsh[MERGE_ROWS][MERGE_MAX_SPLITS];
-  const int warp = threadIdx.x / 32;
-  const int r = blockIdx.x * MERGE_ROWS + warp;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int r = blockIdx.x * MERGE_ROWS + warp, g = blockIdx.y % a.n_kv_heads;
   const cn_cuda_tree_seq sq = a.seqs[blockIdx.y / a.n_kv_heads];
-  if (r >= sq.n * (a.n_heads / a.n_kv_heads)) return;
+  const int G = a.n_heads / a.n_kv_heads;
+  if (r >= sq.n * G) return;
+  const int used = split_of(sq, a).n_used;
+  const size_t base = ((size_t)blockIdx.y * cap + r) * a.n_splits;
   cn_pdl_enter(); /* launched early: the partial states are complete from here on */
-  ta_merge_row<T, D>(a, sq, blockIdx.y, gridDim.y, cap, r, wsh[warp]);
+  const float *ml = a.workspace + 2 * base;
+  float mx = -INFINITY;
+  for (int s = lane; s < used; s += 32) mx = fmaxf(mx, ml[2 * s]);
+#pragma unroll
+  for (int o = 16; o; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  float den = 0.0f;
+  for (int s = lane; s < used; s += 32) {
+    float ms = ml[2 * s];
+    float w = ms == -INFINITY ? 0.0f : exp2f(ms - mx); /* saw nothing: its accumulator is zeros */
+    wsh[warp][s] = w;
+    den += w * ml[2 * s + 1];
+  }
+#pragma unroll
+  for (int o = 16; o; o /= 2) den += __shfl_xor_sync(0xffffffffu, den, o);
+  __syncwarp();
+  const float *acc = a.workspace + 2 * (size_t)gridDim.y * cap * a.n_splits + base * D + lane * C;
+  float x[C] = {};
+#pragma unroll 4
+  for (int s = 0; s < used; s++) {
+    const float w = wsh[warp][s];
+    if (C == 4) {
+      float4 v = *reinterpret_cast<const float4 *>(acc + (size_t)s * D);
+      x[0] += w * v.x, x[1] += w * v.y, x[C - 2] += w * v.z, x[C - 1] += w * v.w;
+    } else {
+      float2 v = *reinterpret_cast<const float2 *>(acc + (size_t)s * D);
+      x[0] += w * v.x, x[C - 1] += w * v.y;
+    }
+  }
+  const float inv = den > 0.0f ? 1.0f / den : 0.0f;
+  T *out = (T *)a.out + ((size_t)(sq.row0 + r / G) * a.n_heads + g * G + r % G) * D + lane * C;
+#pragma unroll
+  for (int c = 0; c < C; c += 2) store_pair(out + c, x[c] * inv, x[c + 1] * inv);
 }
 
 /* ---- launchers ------------------------------------------------------------------------------- */
@@ -278,25 +316,23 @@ void cn_cuda_tree_attn_plan(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int m
 
 size_t cn_cuda_tree_attn_workspace(int n_seqs, int max_n, int n_splits, int n_heads, int n_kv_heads, int head_dim) {
   if (n_splits <= 1 || n_seqs <= 0 || max_n <= 0 || n_kv_heads <= 0) return 0;
-  const size_t z = (size_t)n_seqs * n_kv_heads, cap = (size_t)rows_cap(max_n, n_heads / n_kv_heads);
-  /* The partial states, then a counter per row tile (ta_merge_last). */
-  return sizeof(float) * z * cap * n_splits * (size_t)(head_dim + 2) + sizeof(int) * z * (cap / 64);
+  return sizeof(float) * (size_t)n_seqs * n_kv_heads * rows_cap(max_n, n_heads / n_kv_heads) * n_splits *
+         (size_t)(head_dim + 2);
 }
 
 template <typename T, int D, int RW> static int launch(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a) {
   int group = a->n_heads / a->n_kv_heads, cap = rows_cap(a->max_n, group, 64 * RW);
-  const bool here = a->n_splits > 1 && a->max_n * group <= TA_MERGE_HERE_ROWS;
   if (use_wgmma(ctx, a->impl)) {
-    int st = cn_ta_launch_wgmma(ctx, a, RW, cap, here);
+    int st = cn_ta_launch_wgmma(ctx, a, RW, cap);
     if (st) return st;
   } else {
     size_t smem = smem_bytes<D, RW>();
     int st = prepare<T, D, RW>(NULL);
     if (st) return st;
     dim3 grid(cap / (64 * RW), a->n_splits, a->n_seqs * a->n_kv_heads);
-    CN_CUDA_CHECK(cn_launch(ctx, tree_attn_kernel<T, D, RW, kt_of<D, RW>()>, grid, TA_THREADS, smem, *a, here));
+    CN_CUDA_CHECK(cn_launch(ctx, tree_attn_kernel<T, D, RW, kt_of<D, RW>()>, grid, TA_THREADS, smem, *a));
   }
-  if (a->n_splits > 1 && !here)
+  if (a->n_splits > 1)
     CN_CUDA_CHECK(cn_launch(ctx, merge_kernel<T, D>,
                             dim3((cap + MERGE_ROWS - 1) / MERGE_ROWS, a->n_seqs * a->n_kv_heads), 32 * MERGE_ROWS, 0,
                             *a, cap));

@@ -21,11 +21,6 @@
 #endif
 #define TA_LOG2E 1.4426950408889634f
 
-#define MERGE_MAX_SPLITS 256
-/* A KV head's query rows (max_n x G) up to which the main kernel's last block of a row tile merges
- * the splits itself (ta_merge_last), a warp a row: decode, and chains of two at GQA 4. */
-#define TA_MERGE_HERE_ROWS 8
-
 /* ---- PTX wrappers --------------------------------------------------------------------------- */
 
 __device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
@@ -318,92 +313,14 @@ __device__ __forceinline__ void ta_pack_p(const float (&s)[RW][NT][4], uint32_t 
     }
 }
 
-/* Row r of (sequence, KV head) z merged exactly from its splits' partial states into the output:
- * one warp. The splits' maxima and weights are computed by all lanes at once and kept in wsh
- * (MERGE_MAX_SPLITS floats of shared memory), so that the accumulator loads that follow are
- * independent of each other and overlap: a serial chain of dependent loads per split was the
- * merge's cost at batch 1 with many splits. zdim = sequences x KV heads, cap = workspace rows
- * per z. Loads bypass L1 (the states were written by other blocks of the same kernel when the
- * main kernel merges), and the sums are explicit fused multiply-adds, so both callers (merge_kernel
- * and ta_finish) give the same bits. */
-template <typename T, int D>
-__device__ __forceinline__ void ta_merge_row(const cn_cuda_tree_attn_args &a, const cn_cuda_tree_seq &sq, int z,
-                                             int zdim, int cap, int r, float *wsh) {
-  constexpr int C = D / 32; /* columns per lane: 4 or 2 */
-  const int lane = threadIdx.x % 32, G = a.n_heads / a.n_kv_heads, g = z % a.n_kv_heads;
-  const int used = split_of(sq, a).n_used;
-  const size_t base = ((size_t)z * cap + r) * a.n_splits;
-  const float *ml = a.workspace + 2 * base;
-  float mx = -INFINITY;
-  for (int s = lane; s < used; s += 32) mx = fmaxf(mx, __ldcg(ml + 2 * s));
-#pragma unroll
-  for (int o = 16; o; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  float den = 0.0f;
-  for (int s = lane; s < used; s += 32) {
-    float ms = __ldcg(ml + 2 * s);
-    float w = ms == -INFINITY ? 0.0f : exp2f(ms - mx); /* saw nothing: its accumulator is zeros */
-    wsh[s] = w;
-    den = fmaf(w, __ldcg(ml + 2 * s + 1), den);
-  }
-#pragma unroll
-  for (int o = 16; o; o /= 2) den += __shfl_xor_sync(0xffffffffu, den, o);
-  __syncwarp();
-  const float *acc = a.workspace + 2 * (size_t)zdim * cap * a.n_splits + base * D + lane * C;
-  float x[C] = {};
-#pragma unroll 4
-  for (int s = 0; s < used; s++) {
-    const float w = wsh[s];
-    if constexpr (C == 4) {
-      float4 v = __ldcg(reinterpret_cast<const float4 *>(acc + (size_t)s * D));
-      x[0] = fmaf(w, v.x, x[0]), x[1] = fmaf(w, v.y, x[1]), x[2] = fmaf(w, v.z, x[2]), x[3] = fmaf(w, v.w, x[3]);
-    } else {
-      float2 v = __ldcg(reinterpret_cast<const float2 *>(acc + (size_t)s * D));
-      x[0] = fmaf(w, v.x, x[0]), x[1] = fmaf(w, v.y, x[1]);
-    }
-  }
-  __syncwarp(); /* wsh is this warp's next row's too */
-  const float inv = den > 0.0f ? 1.0f / den : 0.0f;
-  T *out = (T *)a.out + ((size_t)(sq.row0 + r / G) * a.n_heads + g * G + r % G) * D + lane * C;
-#pragma unroll
-  for (int c = 0; c < C; c += 2) store_pair(out + c, x[c] * inv, x[c + 1] * inv);
-}
-
-/* After a block left its partial states: whether it is the last block of its (sequence x KV head,
- * row tile) to do so, by a counter per tile at the workspace's end; that block merges the tile's
- * rows itself, a warp a row, and zeroes the counter for the next launch. For few rows this saves
- * the merge kernel: its launch, and the wait for the whole main grid to finish and flush. wsh is
- * the kernel's dynamic shared memory, free by now: MERGE_MAX_SPLITS floats a warp, then the flag
- * (static shared memory would cost the 128-dim wgmma kernel its second block a multiprocessor,
- * whose dynamic share fills exactly half). */
-template <typename T, int D>
-__device__ __forceinline__ void ta_merge_last(const cn_cuda_tree_attn_args &a, const ta_block &b, int cap, int rows,
-                                              float *wsh) {
-  int &last = *reinterpret_cast<int *>(wsh + TA_THREADS / 32 * MERGE_MAX_SPLITS);
-  int *count = (int *)(a.workspace + (size_t)gridDim.z * cap * a.n_splits * (2 + D)) + blockIdx.z * gridDim.x +
-               blockIdx.x;
-  __threadfence(); /* this block's partial states, visible to every block before it counts itself */
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(count, 1) == split_of(b.sq, a).n_used - 1;
-    if (last) *count = 0;
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const int warp = threadIdx.x / 32;
-  for (int r = b.row0 + warp; r < min(b.rows, b.row0 + rows); r += TA_THREADS / 32)
-    ta_merge_row<T, D>(a, b.sq, blockIdx.z, gridDim.z, cap, r, wsh + warp * MERGE_MAX_SPLITS);
-}
-
 /* The end of a block: with one split the normalised output, else the unnormalised (max, sum,
- * accumulator) per row in the workspace, merged by the last block of the tile when merge_here
- * (ta_merge_last; wsh as it takes it), else by merge_kernel. cap = workspace rows per (sequence,
- * KV head). Then it lets the next kernel launch (cn_pdl_trigger, cuda_common.cuh): that kernel
- * waits for the whole main grid and its writes, so its launch latency overlaps this one's tail. */
+ * accumulator) per row in the workspace for merge_kernel. cap = workspace rows per (sequence,
+ * KV head). Then it lets the next kernel launch (cn_pdl_trigger, cuda_common.cuh): the merge waits
+ * for the whole main grid and its writes, so its launch latency overlaps the main kernel's tail. */
 template <typename T, int RW, int DN>
 __device__ __forceinline__ void ta_finish(const cn_cuda_tree_attn_args &a, const ta_block &b, const int (&base)[RW],
                                           int cap, const float (&o)[RW][DN][4], const float (&m)[RW][2],
-                                          const float (&l)[RW][2], bool merge_here, float *wsh) {
+                                          const float (&l)[RW][2]) {
   const int lane = threadIdx.x % 32, quad = lane / 4, qlane = lane % 4, D = DN * 8;
 #pragma unroll
   for (int rb = 0; rb < RW; rb++)
@@ -430,12 +347,11 @@ __device__ __forceinline__ void ta_finish(const cn_cuda_tree_attn_args &a, const
           store_pair(acc + dn * 8, o[rb][dn][2 * j], o[rb][dn][2 * j + 1]);
       }
     }
-  if (a.n_splits > 1 && merge_here) ta_merge_last<T, DN * 8>(a, b, cap, 64 * RW, wsh);
   cn_pdl_trigger();
 }
 
 /* The wgmma kernel's launch (tree_attention_wgmma.cu); rw row blocks of 64 per block. */
-int cn_ta_launch_wgmma(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw, int cap, bool merge_here);
+int cn_ta_launch_wgmma(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw, int cap);
 /* Its resident blocks per multiprocessor (after raising its shared-memory limit). */
 int cn_ta_wgmma_per_sm(int head_dim, int rw, int *per_sm);
 

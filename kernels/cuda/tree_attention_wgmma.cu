@@ -135,7 +135,7 @@ __device__ __forceinline__ void load_q(const cn_cuda_tree_attn_args &a, const ta
 }
 
 template <typename T, int D, int RW>
-__global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a, bool merge_here) {
+__global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {
   constexpr int KT = WG_KT, DN = D / 8, NT = KT / 8, ROWS = 64 * RW, STAGES = wg_stages<RW>();
   constexpr int TILE = KT * D * 2; /* bytes of one K or V tile */
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -231,30 +231,29 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
     __syncthreads(); /* a later iteration's loads overwrite this stage */
   }
   cp_async_wait<0>();
-  ta_finish<T, RW, DN>(a, b, base, gridDim.x * ROWS, o, m, l, merge_here, reinterpret_cast<float *>(smem_raw));
+  ta_finish<T, RW, DN>(a, b, base, gridDim.x * ROWS, o, m, l);
 }
 
 #else
 
-template <typename T, int D, int RW> __global__ void tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a, bool merge_here) {}
+template <typename T, int D, int RW> __global__ void tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {}
 
 #endif
 
 template <typename T, int D, int RW>
-static int launch_kernel(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int cap, bool merge_here) {
+static int launch_kernel(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int cap) {
   auto kernel = tree_attn_wgmma_kernel<T, D, RW>;
   CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, wg_smem<D, RW>()));
   dim3 grid(cap / (64 * RW), a->n_splits, a->n_seqs * a->n_kv_heads);
-  CN_CUDA_CHECK(cn_launch(ctx, kernel, grid, TA_THREADS, wg_smem<D, RW>(), *a, merge_here));
+  CN_CUDA_CHECK(cn_launch(ctx, kernel, grid, TA_THREADS, wg_smem<D, RW>(), *a));
   return CANOPY_OK;
 }
 
-int cn_ta_launch_wgmma(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw, int cap, bool merge_here) {
+int cn_ta_launch_wgmma(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw, int cap) {
   return cn_dispatch(a->dt, [&](auto t) {
     using T = decltype(t);
-    if (a->head_dim == 64)
-      return rw == 2 ? launch_kernel<T, 64, 2>(ctx, a, cap, merge_here) : launch_kernel<T, 64, 1>(ctx, a, cap, merge_here);
-    return rw == 2 ? launch_kernel<T, 128, 2>(ctx, a, cap, merge_here) : launch_kernel<T, 128, 1>(ctx, a, cap, merge_here);
+    if (a->head_dim == 64) return rw == 2 ? launch_kernel<T, 64, 2>(ctx, a, cap) : launch_kernel<T, 64, 1>(ctx, a, cap);
+    return rw == 2 ? launch_kernel<T, 128, 2>(ctx, a, cap) : launch_kernel<T, 128, 1>(ctx, a, cap);
   });
 }
 
