@@ -18,13 +18,14 @@
  * fused ops (norm_matmul, matmul_add, ffn, qkv_rope, qkv_rope_kv, norm_qkv_rope_kv) switched off, side by side in
  * the same run. With --compare-fusion, also with the few-row GEMM fusions off
  * (cn_cuda_set_gemv_fusion) and without matmul_add, qkv_rope_kv and norm_qkv_rope_kv: the kernels a step ran before
- * those fusions, side by side.
+ * those fusions, side by side. With --compare-qkv, also without norm_qkv_rope_kv only (the q/k/v
+ * projection, then RoPE and the cache write in a kernel of their own).
  * Forwards replay CUDA graphs (the default: the first warm-up runs the ops, the second captures);
  * --no-graphs launches every op instead, and --compare-graphs times each step both ways, one
  * right after the other, and adds the no-graph time and the ratio.
  *
  * usage: bench_step --config FILE.json [--config ...] [--ctx L] [--nodes 16,64,128] [--reps N] [--unfused]
- *                   [--compare-fusion] [--no-graphs | --compare-graphs] */
+ *                   [--compare-fusion] [--compare-qkv] [--no-graphs | --compare-graphs] */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -172,7 +173,7 @@ static void bench_steps(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, cn_
   free(logits);
 }
 
-enum { UNFUSED = 1, BEFORE_FUSION = 2 };
+enum { UNFUSED = 1, BEFORE_FUSION = 2, NO_QKV_FUSION = 4 };
 
 /* The steps again through a copy of the model's backend table with fused ops taken out (and the
  * few-row GEMM fusions off for BEFORE_FUSION); graphs are dropped before and after, since they
@@ -181,13 +182,15 @@ static void bench_variant(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, c
                           int n_nodes, int reps, double floor_ms, int variant, int no_graphs) {
   cn_backend plain = *m->be;
   const cn_backend *fused = m->be;
-  plain.matmul_add = NULL, plain.qkv_rope_kv = NULL, plain.norm_qkv_rope_kv = NULL;
+  plain.norm_qkv_rope_kv = NULL;
+  if (variant != NO_QKV_FUSION) plain.matmul_add = NULL, plain.qkv_rope_kv = NULL;
   if (variant == UNFUSED) plain.norm_matmul = NULL, plain.ffn = NULL, plain.qkv_rope = NULL;
   int fusion_rows = cn_cuda_gemv_fusion(cu);
-  if (variant != UNFUSED && cn_cuda_set_gemv_fusion(cu, 0)) die("gemv fusion");
+  if (variant == BEFORE_FUSION && cn_cuda_set_gemv_fusion(cu, 0)) die("gemv fusion");
   m->be = &plain;
   cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64);
-  bench_steps(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, variant == UNFUSED ? " (unfused)" : " (before fusion)");
+  bench_steps(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms,
+              variant == UNFUSED ? " (unfused)" : variant == NO_QKV_FUSION ? " (qkv unfused)" : " (before fusion)");
   m->be = fused;
   if (cn_cuda_set_gemv_fusion(cu, fusion_rows)) die("gemv fusion");
   cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64);
@@ -240,6 +243,7 @@ static void bench_config(const char *path, int L, const int *nodes, int n_nodes,
   printf("\n");
   bench_steps(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, "");
   if (variants & BEFORE_FUSION) bench_variant(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, BEFORE_FUSION, no_graphs);
+  if (variants & NO_QKV_FUSION) bench_variant(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, NO_QKV_FUSION, no_graphs);
   if (variants & UNFUSED) bench_variant(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, UNFUSED, no_graphs);
   cn_kv_seq_free(kv);
   cn_cuda_timer_free(tm);
@@ -270,12 +274,13 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--nodes") && i + 1 < argc) n_nodes = parse_list(argv[++i], nodes, MAX_NODES);
     else if (!strcmp(argv[i], "--unfused")) variants |= UNFUSED;
     else if (!strcmp(argv[i], "--compare-fusion")) variants |= BEFORE_FUSION;
+    else if (!strcmp(argv[i], "--compare-qkv")) variants |= NO_QKV_FUSION;
     else if (!strcmp(argv[i], "--no-graphs")) no_graphs = 1;
     else if (!strcmp(argv[i], "--compare-graphs")) compare_graphs = 1;
     else n_configs = -1;
     if (n_configs < 0 || n_nodes < 0 || L < 1 || reps < 1) {
       fprintf(stderr, "usage: bench_step --config FILE.json [--config ...] [--ctx L] [--nodes 16,64,128] "
-                      "[--reps N] [--unfused] [--compare-fusion] [--no-graphs | --compare-graphs]\n");
+                      "[--reps N] [--unfused] [--compare-fusion] [--compare-qkv] [--no-graphs | --compare-graphs]\n");
       return 2;
     }
   }
