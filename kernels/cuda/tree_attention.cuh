@@ -184,9 +184,9 @@ __device__ __forceinline__ void ta_state_init(float (&o)[RW][DN][4], float (&m)[
 /* Whether the pipeline's first tiles lie in the committed prefix (keys below ctx_len). No kernel
  * of a forward writes those slots: its new K/V go to slots ctx_len and up, and the sequence
  * records, block tables and positions are copied in before its first kernel. So a block may
- * request them before cn_pdl_wait, and their latency overlaps the tail of the kernel before
- * (q/k/v RoPE in a forward) instead of following it. Safe because every kernel of ours waits
- * before it lets the next one launch: this one running means all but the last are complete. */
+ * request them before cn_pdl_wait, and their latency overlaps the tail of the kernel before (the
+ * q/k/v projection in a forward) instead of following it. Safe because every kernel of ours
+ * waits before it lets the next one launch: this one running means all but the last are complete. */
 template <int STAGES, int KT> __device__ __forceinline__ bool ta_prologue_early(const ta_block &b, int n_tiles) {
   return b.k_begin + min(n_tiles, STAGES - 1) * KT <= b.sq.ctx_len;
 }
