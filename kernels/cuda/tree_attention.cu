@@ -64,6 +64,7 @@ static inline int rows_cap(int max_n, int group) { return rows_cap(max_n, group,
  * within budget. */
 template <typename T, int D, int RW, int KT>
 __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_attn_args a) {
+  cn_pdl_wait(); /* launched early (cn_launch): what came before is complete from here on */
   constexpr int LD = D + TA_PAD, KSTEPS = D / 16, DN = D / 8, NT = KT / 8, ROWS = 64 * RW;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   cn_bf16_t *ks = reinterpret_cast<cn_bf16_t *>(smem_raw); /* [TA_STAGES][KT][LD] */
@@ -78,31 +79,6 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
   for (int rb = 0; rb < RW; rb++) base[rb] = b.row0 + (warp * RW + rb) * 16;
   const bool warp_active = base[0] < b.rows;
   const int n_tiles = b.k_end > b.k_begin ? (b.k_end - b.k_begin + KT - 1) / KT : 0;
-
-  constexpr int CH = D / 8, PER = KT * CH / TA_THREADS; /* 16-byte pieces a key row; a thread's pieces a tile */
-  auto load_tile = [&](int kt, int st, const int(&blk)[PER]) {
-    cn_bf16_t *kd = ks + st * KT * LD, *vd = vs + st * KT * LD;
-#pragma unroll
-    for (int it = 0; it < PER; it++) {
-      int c = threadIdx.x + it * TA_THREADS, key = c / CH, col = (c % CH) * 8, slot = kt + key;
-      size_t off = slot < b.k_end ? ta_kv_offset(a, b, blk[it], slot, col, D) : 0;
-      int bytes = slot < b.k_end ? 16 : 0;
-      cp_async16(smem_addr(kd + key * LD + col), (const cn_bf16_t *)a.k + off, bytes);
-      cp_async16(smem_addr(vd + key * LD + col), (const cn_bf16_t *)a.v + off, bytes);
-    }
-  };
-
-  const float sl2 = a.scale * TA_LOG2E;
-  float o[RW][DN][4], m[RW][2], l[RW][2];
-  ta_state_init(o, m, l);
-
-  /* Launched early (cn_launch): what came before is complete after cn_pdl_wait; only prefix
-   * tiles may be requested before it (ta_prologue_early). */
-  int blk[PER];
-  const bool early = ta_prologue_early<TA_STAGES, KT>(b, n_tiles);
-  if (early) ta_prologue<TA_STAGES, KT, PER, CH>(a, b, n_tiles, blk, load_tile);
-  cn_pdl_wait();
-  if (!early) ta_prologue<TA_STAGES, KT, PER, CH>(a, b, n_tiles, blk, load_tile);
 
   /* Q fragments (A operand, row-major 16 x 16 per k-step), rounded to bf16. */
   uint32_t qa[RW][KSTEPS][4];
@@ -122,9 +98,28 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
     }
   }
 
+  auto load_tile = [&](int kt, int st) {
+    constexpr int CH = D / 8; /* 16-byte pieces per key row */
+    cn_bf16_t *kd = ks + st * KT * LD, *vd = vs + st * KT * LD;
+#pragma unroll
+    for (int it = 0; it < KT * CH / TA_THREADS; it++) {
+      int c = threadIdx.x + it * TA_THREADS, key = c / CH, col = (c % CH) * 8, slot = kt + key;
+      size_t off = slot < b.k_end ? ta_kv_offset(a, b, slot, col, D) : 0;
+      int bytes = slot < b.k_end ? 16 : 0;
+      cp_async16(smem_addr(kd + key * LD + col), (const cn_bf16_t *)a.k + off, bytes);
+      cp_async16(smem_addr(vd + key * LD + col), (const cn_bf16_t *)a.v + off, bytes);
+    }
+  };
+
+  const float sl2 = a.scale * TA_LOG2E;
+  float o[RW][DN][4], m[RW][2], l[RW][2];
+  ta_state_init(o, m, l);
+
+  ta_prologue<TA_STAGES, KT>(b, n_tiles, load_tile);
   for (int it = 0; it < n_tiles; it++) {
-    const int kt = b.k_begin + it * KT;
-    ta_next_tile<TA_STAGES, KT, PER, CH>(a, b, it, n_tiles, blk, load_tile);
+    const int kt = b.k_begin + it * KT, ahead = it + TA_STAGES - 1;
+    if (ahead < n_tiles) load_tile(b.k_begin + ahead * KT, ahead % TA_STAGES);
+    cp_async_commit();
     cp_async_wait<TA_STAGES - 1>();
     __syncthreads();
     if (warp_active) {
@@ -263,10 +258,12 @@ static long splits_for(const cn_cuda_ctx *ctx, int per_sm, int n_seqs, int max_n
   long base = (long)n_seqs * n_kv * (rows_cap(max_n, group, tile) / tile);
   /* As many splits as fill every resident block slot once: one wave, no tail (measured on the
    * H100: 50 splits of 8 blocks, 1.5 waves, ran a 32k decode at 53% of the copy bandwidth). Each
-   * split keeps at least 128 keys, and 512 once a KV head has 128+ rows, so that the partial
-   * states (a kilobyte a row, written and read again) stay small beside the split's K/V (the H100
-   * sweep of bench_tree_attention: n = 64 at 4k ran 45 us at 16 splits of 256 keys, 39 us at 8). */
-  long want = (long)per_sm * ctx->n_sm / base, most = max_keys / (wide_rows(max_n, group) ? 512 : ctx->ta_split_min);
+   * split keeps at least ctx->ta_split_min keys (CN_TA_SPLIT_MIN_KEYS, 128), and 512 once a KV
+   * head has 128+ rows, so that the partial states (a kilobyte a row, written and read again)
+   * stay small beside the split's K/V (the H100 sweep of bench_tree_attention: n = 64 at 4k ran
+   * 45 us at 16 splits of 256 keys, 39 us at 8). */
+  long want = (long)per_sm * ctx->n_sm / base;
+  long most = max_keys / (wide_rows(max_n, group) ? 512 : ctx->ta_split_min);
   if (want > most) want = most;
   if (want > MERGE_MAX_SPLITS) want = MERGE_MAX_SPLITS;
   return want < 1 ? 1 : want;

@@ -15,10 +15,10 @@
 #define TA_KEYS 64 /* keys per split unit (splits hold whole multiples) */
 #define TA_THREADS 128
 /* Fewest keys a split holds when a KV head has fewer than 128 query rows (decode, small trees):
- * each split adds a partial state to write and merge (cuda_ops.h, cn_cuda_tree_attn_plan). */
-#ifndef CN_TA_SPLIT_MIN_KEYS
+ * each split adds a partial state to write and merge (cuda_ops.h, cn_cuda_tree_attn_plan). 128
+ * measured best on the H200 at 256 and 4096 keys against 256 and 512 (bench/RESULTS.md);
+ * CANOPY_CUDA_TA_SPLIT_MIN_KEYS sets it per context. */
 #define CN_TA_SPLIT_MIN_KEYS 128
-#endif
 #define TA_LOG2E 1.4426950408889634f
 
 /* ---- PTX wrappers --------------------------------------------------------------------------- */
@@ -119,37 +119,15 @@ template <int ROWS> __device__ __forceinline__ bool ta_block_init(const cn_cuda_
   return true;
 }
 
-/* A slot's block and row within it. Block sizes are powers of two in practice: a shift and a mask
- * instead of a division per 16-byte piece (the address arithmetic competes with the MMAs for
- * issue slots). */
-__device__ __forceinline__ int ta_blk(const cn_cuda_tree_attn_args &a, int slot) {
-  const int bs = a.block_size;
-  return (bs & (bs - 1)) == 0 ? slot >> (__ffs(bs) - 1) : slot / bs;
-}
-__device__ __forceinline__ int ta_row(const cn_cuda_tree_attn_args &a, int slot) {
-  const int bs = a.block_size;
-  return (bs & (bs - 1)) == 0 ? slot & (bs - 1) : slot % bs;
-}
-
-/* The physical block of every 16-byte piece this thread copies of the tile at key kt (pieces
- * threadIdx.x + i TA_THREADS, CH a key row). Kernels read these a tile ahead of the copy: read
- * when the copy is issued, each tile waited one dependent L2 round trip for its block table
- * entries, and at short contexts that was most of the tile's time. */
-template <int PER, int CH>
-__device__ __forceinline__ void ta_fetch_blocks(const cn_cuda_tree_attn_args &a, const ta_block &b, int kt,
-                                                int (&blk)[PER]) {
-#pragma unroll
-  for (int i = 0; i < PER; i++) {
-    const int slot = kt + (threadIdx.x + i * TA_THREADS) / CH;
-    blk[i] = slot < b.k_end ? a.block_tables[b.sq.table0 + ta_blk(a, slot)] : 0;
-  }
-}
-
-/* Element offset of (slot, column col of KV head g) in the paged cache, K and V alike, given the
- * slot's physical block. */
-__device__ __forceinline__ size_t ta_kv_offset(const cn_cuda_tree_attn_args &a, const ta_block &b, int block, int slot,
-                                               int col, int D) {
-  return (size_t)block * a.block_stride + (size_t)(ta_row(a, slot) * a.n_kv_heads * D + b.g * D + col);
+/* Element offset of (slot, column col of KV head g) in the paged cache: K and V alike. Block sizes
+ * are powers of two in practice: a shift and a mask instead of a division per 16-byte piece (the
+ * address arithmetic competes with the MMAs for issue slots). */
+__device__ __forceinline__ size_t ta_kv_offset(const cn_cuda_tree_attn_args &a, const ta_block &b, int slot, int col,
+                                               int D) {
+  const int bs = a.block_size, shift = __ffs(bs) - 1;
+  const bool pow2 = (bs & (bs - 1)) == 0;
+  int blk = pow2 ? slot >> shift : slot / bs, in = pow2 ? slot & (bs - 1) : slot % bs;
+  return (size_t)a.block_tables[b.sq.table0 + blk] * a.block_stride + (size_t)(in * a.n_kv_heads * D + b.g * D + col);
 }
 
 /* Whether token t of the block sees key `key` (k_begin <= key); the prefix part is the same test
@@ -181,46 +159,16 @@ __device__ __forceinline__ void ta_state_init(float (&o)[RW][DN][4], float (&m)[
   }
 }
 
-/* Whether the pipeline's first tiles lie in the committed prefix (keys below ctx_len). No kernel
- * of a forward writes those slots: its new K/V go to slots ctx_len and up, and the sequence
- * records, block tables and positions are copied in before its first kernel. So a block may
- * request them before cn_pdl_wait, and their latency overlaps the tail of the kernel before (the
- * q/k/v projection in a forward) instead of following it. Safe because every kernel of ours
- * waits before it lets the next one launch: this one running means all but the last are complete. */
-template <int STAGES, int KT> __device__ __forceinline__ bool ta_prologue_early(const ta_block &b, int n_tiles) {
-  return b.k_begin + min(n_tiles, STAGES - 1) * KT <= b.sq.ctx_len;
-}
-
-/* The pipeline's start: the first STAGES - 1 tiles of KT keys requested, one cp.async group each
- * (their block table entries read on the spot), and the entries of the tile after them read into
- * blk for the loop. Every later iteration commits one group too (empty past the last tile), so
- * waiting for all but the newest STAGES - 1 groups always means that iteration's tile has landed.
- * load_tile(kt, stage, blk) issues one tile's copies. */
-template <int STAGES, int KT, int PER, int CH, typename F>
-__device__ __forceinline__ void ta_prologue(const cn_cuda_tree_attn_args &a, const ta_block &b, int n_tiles,
-                                            int (&blk)[PER], F &&load_tile) {
+/* The pipeline's start: the first STAGES - 1 tiles of KT keys requested, one cp.async group each.
+ * Every later iteration commits one group too (empty past the last tile), so waiting for all but
+ * the newest STAGES - 1 groups always means that iteration's tile has landed. */
+template <int STAGES, int KT, typename F>
+__device__ __forceinline__ void ta_prologue(const ta_block &b, int n_tiles, F &&load_tile) {
 #pragma unroll
   for (int st = 0; st < STAGES - 1; st++) {
-    if (st < n_tiles) {
-      ta_fetch_blocks<PER, CH>(a, b, b.k_begin + st * KT, blk);
-      load_tile(b.k_begin + st * KT, st, blk);
-    }
+    if (st < n_tiles) load_tile(b.k_begin + st * KT, st);
     cp_async_commit();
   }
-  if (STAGES - 1 < n_tiles) ta_fetch_blocks<PER, CH>(a, b, b.k_begin + (STAGES - 1) * KT, blk);
-}
-
-/* The loop's copy for iteration it: tile it + STAGES - 1 from the entries in blk, then the next
- * tile's entries into blk (used an iteration later, so their latency hides behind this one). */
-template <int STAGES, int KT, int PER, int CH, typename F>
-__device__ __forceinline__ void ta_next_tile(const cn_cuda_tree_attn_args &a, const ta_block &b, int it, int n_tiles,
-                                             int (&blk)[PER], F &&load_tile) {
-  const int ahead = it + STAGES - 1;
-  if (ahead < n_tiles) {
-    load_tile(b.k_begin + ahead * KT, ahead % STAGES, blk);
-    if (ahead + 1 < n_tiles) ta_fetch_blocks<PER, CH>(a, b, b.k_begin + (ahead + 1) * KT, blk);
-  }
-  cp_async_commit();
 }
 
 /* Masks are applied only on tiles that reach the new slots (tree or causal), the end of the

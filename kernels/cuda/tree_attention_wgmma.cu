@@ -136,6 +136,7 @@ __device__ __forceinline__ void load_q(const cn_cuda_tree_attn_args &a, const ta
 
 template <typename T, int D, int RW>
 __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {
+  cn_pdl_wait(); /* launched early (cn_launch): what came before is complete from here on */
   constexpr int KT = WG_KT, DN = D / 8, NT = KT / 8, ROWS = 64 * RW, STAGES = wg_stages<RW>();
   constexpr int TILE = KT * D * 2; /* bytes of one K or V tile */
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -152,12 +153,12 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
     base[rb] = b.row0 + rb * 64 + warp * 16;
   const int n_tiles = b.k_end > b.k_begin ? (b.k_end - b.k_begin + KT - 1) / KT : 0;
 
-  constexpr int CH = D / 8, PER = KT * CH / TA_THREADS; /* 16-byte pieces a key row; a thread's pieces a tile */
-  auto load_tile = [&](int kt, int st, const int(&blk)[PER]) {
+  auto load_tile = [&](int kt, int st) {
+    constexpr int CH = D / 8;
 #pragma unroll
-    for (int it = 0; it < PER; it++) {
+    for (int it = 0; it < KT * CH / TA_THREADS; it++) {
       int c = threadIdx.x + it * TA_THREADS, key = c / CH, piece = c % CH, slot = kt + key;
-      size_t off = slot < b.k_end ? ta_kv_offset(a, b, blk[it], slot, piece * 8, D) : 0;
+      size_t off = slot < b.k_end ? ta_kv_offset(a, b, slot, piece * 8, D) : 0;
       int bytes = slot < b.k_end ? 16 : 0;
       uint32_t at = sw128_at<KT>(key, piece);
       cp_async16(ks(st) + at, (const cn_bf16_t *)a.k + off, bytes);
@@ -200,17 +201,12 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
     wgmma_commit();
   };
 
-  /* Launched early (cn_launch): what came before is complete after cn_pdl_wait; only prefix
-   * tiles may be requested before it (ta_prologue_early). */
-  int blk[PER];
-  const bool early = ta_prologue_early<STAGES, KT>(b, n_tiles);
-  if (early) ta_prologue<STAGES, KT, PER, CH>(a, b, n_tiles, blk, load_tile);
-  cn_pdl_wait();
-  if (!early) ta_prologue<STAGES, KT, PER, CH>(a, b, n_tiles, blk, load_tile);
+  ta_prologue<STAGES, KT>(b, n_tiles, load_tile);
   load_q<T, D, ROWS>(a, b, qs); /* while the first tiles are on their way */
   for (int it = 0; it < n_tiles; it++) {
-    const int kt = b.k_begin + it * KT, st = it % STAGES;
-    ta_next_tile<STAGES, KT, PER, CH>(a, b, it, n_tiles, blk, load_tile);
+    const int kt = b.k_begin + it * KT, ahead = it + STAGES - 1, st = it % STAGES;
+    if (ahead < n_tiles) load_tile(b.k_begin + ahead * KT, ahead % STAGES);
+    cp_async_commit();
     cp_async_wait<STAGES - 1>();
     tile_ready();
     float s[RW][NT][4];
