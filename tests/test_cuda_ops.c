@@ -939,8 +939,9 @@ static void test_qkv_rope_kv_matches_the_two_ops(void **state) {
 
 /* RMSNorm, the q/k/v projection and RoPE into q and the cache in one few-row kernel against
  * cn_cuda_norm_matmul then cn_cuda_qkv_rope_kv (the fusions off): the same bits in q and in the
- * whole pool (the untouched slots included), for every row count the kernel takes, scalar and
- * vector paths, with and without a bias. */
+ * whole pool (the untouched slots included), for every row count the kernel takes (1 and 2,
+ * CN_GEMV_ROPE_ROWS), scalar and vector paths, with and without a bias. */
+#define CN_GEMV_ROPE_ROWS_FOR_TEST 2
 static void run_norm_qkv(int fusion, const float *x, const void *d_g, const void *d_w, const void *d_b, int n, int in,
                          int hq, int hkv, int d, const void *d_pos, const void *d_slots, const void *d_inv,
                          test_pool *pool, int layer, float **q_out, float **pool_out) {
@@ -972,11 +973,11 @@ static void test_norm_qkv_rope_kv_is_bit_exact(void **state) {
       inv[k] = powf(10000.0f, -2.0f * k / d);
     void *d_g = dev_upload(g, (size_t)in, CN_CUDA_BF16), *d_w = dev_upload(w, (size_t)out * in, CN_CUDA_BF16);
     void *d_b = dev_upload(b, (size_t)out, CN_CUDA_BF16), *d_inv = dev_upload(inv, (size_t)(d / 2), CN_CUDA_F32);
-    for (int n = 1; n <= CN_GEMV_MAX_ROWS_FOR_TEST; n++) {
+    for (int n = 1; n <= CN_GEMV_ROPE_ROWS_FOR_TEST; n++) {
       int first = rand_int(0, 40);
       test_pool p;
       pool_init(&p, first + n, bs, kd, layer, 0);
-      int32_t pos[CN_GEMV_MAX_ROWS_FOR_TEST], phys[CN_GEMV_MAX_ROWS_FOR_TEST];
+      int32_t pos[CN_GEMV_ROPE_ROWS_FOR_TEST], phys[CN_GEMV_ROPE_ROWS_FOR_TEST];
       for (int i = 0; i < n; i++) {
         pos[i] = 1000 * (int)s + first + i; /* late positions: large angles */
         phys[i] = p.table[(first + i) / bs] * bs + (first + i) % bs;
@@ -1009,7 +1010,7 @@ static void test_norm_qkv_rope_kv_is_bit_exact(void **state) {
       free(x);
     }
     printf("  norm_qkv_rope_kv in=%d heads=%d/%d head_dim=%d: n = 1..%d compared\n", in, hq, hkv, d,
-           CN_GEMV_MAX_ROWS_FOR_TEST);
+           CN_GEMV_ROPE_ROWS_FOR_TEST);
     cn_cuda_free(ctx, d_g), cn_cuda_free(ctx, d_w), cn_cuda_free(ctx, d_b), cn_cuda_free(ctx, d_inv);
     free(g), free(w), free(b), free(inv);
   }

@@ -258,9 +258,10 @@ static int by_out(cn_cuda_ctx *ctx, const cn_gemv *g, const gemv_params &p, unsi
     if constexpr (XK == CN_GEMV_X_NORM)
       if (!f32) return by_rows<XK, CN_GEMV_SWIGLU, cn_bf16_t>(ctx, p, g->n, grid, smem);
     break;
-  case CN_GEMV_ROPE:
+  case CN_GEMV_ROPE: /* up to CN_GEMV_ROPE_ROWS rows (cn_gemv_run checks) */
     if constexpr (XK == CN_GEMV_X_NORM)
-      if (f32) return by_rows<XK, CN_GEMV_ROPE, float>(ctx, p, g->n, grid, smem);
+      if (f32) return g->n == 1 ? go<1, XK, CN_GEMV_ROPE, float>(ctx, p, grid, smem)
+                                : go<2, XK, CN_GEMV_ROPE, float>(ctx, p, grid, smem);
     break;
   }
   return cn_error(CANOPY_ERR_INVALID_ARG, "cn_gemv_run: output %d to %s after input kind %d not provided", (int)g->how,
@@ -275,13 +276,13 @@ int cn_gemv_run(cn_cuda_ctx *ctx, const cn_gemv *g) {
     return cn_error(CANOPY_ERR_INVALID_ARG, "cn_gemv_run: RMSNorm input without its weight");
   const cn_gemv_rope *r = &g->rope;
   if (g->how == CN_GEMV_ROPE &&
-      (r->head_dim <= 0 || r->head_dim % 2 || r->n_heads <= 0 || r->n_kv_heads <= 0 ||
+      (g->n > CN_GEMV_ROPE_ROWS || r->head_dim <= 0 || r->head_dim % 2 || r->n_heads <= 0 || r->n_kv_heads <= 0 ||
        g->out != (r->n_heads + 2 * r->n_kv_heads) * r->head_dim || !r->slots || !r->pos || !r->inv_freq ||
        r->kv.block_size <= 0))
     return cn_error(CANOPY_ERR_INVALID_ARG,
-                    "cn_gemv_run: RoPE epilogue with out=%d heads=%d/%d head_dim=%d (even, out = (H + 2 H_kv) d), "
-                    "block_size=%d, and slots, positions and frequencies",
-                    g->out, r->n_heads, r->n_kv_heads, r->head_dim, r->kv.block_size);
+                    "cn_gemv_run: RoPE epilogue with n=%d (at most %d) out=%d heads=%d/%d head_dim=%d (even, out = "
+                    "(H + 2 H_kv) d), block_size=%d, and slots, positions and frequencies",
+                    g->n, CN_GEMV_ROPE_ROWS, g->out, r->n_heads, r->n_kv_heads, r->head_dim, r->kv.block_size);
   const int units = g->how == CN_GEMV_ROPE ? g->out / 2 : g->out;
   gemv_params p = {g->y, g->x, g->norm_w, g->eps, g->w, g->bias, g->in, units, false, g->rope};
   /* Staged rows start at multiples of in in shared memory: 16-byte aligned when in % 8 == 0. */

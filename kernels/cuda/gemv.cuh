@@ -20,6 +20,12 @@
 /* Rows up to which the fusions run by default (cn_cuda_set_gemv_fusion). */
 #define CN_GEMV_FUSE_ROWS 4
 
+/* Rows up to which the q/k/v projection takes RoPE into its epilogue (CN_GEMV_ROPE), within the
+ * fusion limit: its warps each carry two weight rows, half as many warps as the plain projection,
+ * and from 3 rows on, where the kernel is bound by instructions rather than memory, that lost to
+ * the projection plus a RoPE kernel (H200, bench_step --compare-qkv, bench/RESULTS.md). */
+#define CN_GEMV_ROPE_ROWS 2
+
 /* Shared memory a block may use for staged input rows (the default limit, no opt-in). */
 #define CN_GEMV_STAGE_BYTES (48 * 1024)
 
@@ -34,7 +40,8 @@ typedef enum cn_gemv_out {
   CN_GEMV_ADD,    /* y [n][out] += x W^T + bias (y fp32) */
   CN_GEMV_SWIGLU, /* W [2 out][in] = [gate | up], bias [2 out]: y [n][out] bf16 = silu(g) * u */
   CN_GEMV_ROPE,   /* W [out][in] the fused q/k/v projection, out = (H + 2 H_kv) d: y [n][H d] fp32 = q rotated,
-                     k rotated and v into their cache slots (cn_gemv_rope), as cn_cuda_qkv_rope_kv */
+                     k rotated and v into their cache slots (cn_gemv_rope), as cn_cuda_qkv_rope_kv; n up to
+                     CN_GEMV_ROPE_ROWS */
 } cn_gemv_out;
 
 typedef struct cn_gemv_rope {

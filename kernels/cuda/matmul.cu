@@ -190,9 +190,9 @@ int cn_cuda_ffn(cn_cuda_ctx *ctx, float *x, float *gate_up, const cn_bf16 *norm_
                         CN_GEMV_ADD);
 }
 
-/* Fused: the few-row kernel RMSNorms x, projects it and rotates each (k, k + d / 2) pair of the
- * q and k heads in its epilogue, so the projection's output never goes through memory; else the
- * projection into qkv, then cn_cuda_qkv_rope_kv. */
+/* Fused (up to CN_GEMV_ROPE_ROWS rows): the few-row kernel RMSNorms x, projects it and rotates
+ * each (k, k + d / 2) pair of the q and k heads in its epilogue, so the projection's output never
+ * goes through memory; else the projection into qkv, then cn_cuda_qkv_rope_kv. */
 int cn_cuda_norm_qkv_rope_kv(cn_cuda_ctx *ctx, float *q, float *qkv, const float *x, const cn_bf16 *norm_w, float eps,
                              const cn_bf16 *w, const cn_bf16 *bias, int n, int in, const int32_t *pos, int n_heads,
                              int n_kv_heads, int head_dim, const float *inv_freq, const cn_cuda_paged_kv *kv,
@@ -206,7 +206,7 @@ int cn_cuda_norm_qkv_rope_kv(cn_cuda_ctx *ctx, float *q, float *qkv, const float
                     "cn_cuda_norm_qkv_rope_kv: n_heads=%d n_kv_heads=%d head_dim=%d (even), and a cache view", n_heads,
                     n_kv_heads, head_dim);
   if (!n) return CANOPY_OK;
-  if (fused(ctx, n, in, CN_GEMV_X_NORM)) {
+  if (n <= CN_GEMV_ROPE_ROWS && fused(ctx, n, in, CN_GEMV_X_NORM)) {
     cn_gemv g = {q, CN_CUDA_F32, x, CN_GEMV_X_NORM, (const cn_bf16_t *)norm_w, eps, (const cn_bf16_t *)w,
                  (const cn_bf16_t *)bias, n, in, out, CN_GEMV_ROPE};
     g.rope = (cn_gemv_rope){*kv, slots, pos, inv_freq, n_heads, n_kv_heads, head_dim};
