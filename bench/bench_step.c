@@ -15,11 +15,12 @@
  * synchronised, so this is the step's whole latency, launches included).
  *
  * With --unfused, the decode and verification steps are timed a second time with the backend's
- * fused ops (norm_matmul, matmul_add, ffn, qkv_rope, qkv_rope_kv, norm_qkv_rope_kv) switched off, side by side in
- * the same run. With --compare-fusion, also with the few-row GEMM fusions off
- * (cn_cuda_set_gemv_fusion) and without matmul_add, qkv_rope_kv and norm_qkv_rope_kv: the kernels a step ran before
- * those fusions, side by side. With --compare-qkv, also without norm_qkv_rope_kv only (the q/k/v
- * projection, then RoPE and the cache write in a kernel of their own).
+ * fused ops (norm_matmul, matmul_add, ffn, qkv_rope, qkv_rope_kv, norm_qkv_rope_kv) switched off,
+ * side by side in the same run. With --compare-fusion, also with the few-row GEMM fusions off
+ * (cn_cuda_set_gemv_fusion) and without matmul_add, qkv_rope_kv and norm_qkv_rope_kv: the kernels
+ * a step ran before those fusions, side by side. With --compare-qkv, also without
+ * norm_qkv_rope_kv only (the q/k/v projection, then RoPE and the cache write in a kernel of their
+ * own).
  * Forwards replay CUDA graphs (the default: the first warm-up runs the ops, the second captures);
  * --no-graphs launches every op instead, and --compare-graphs times each step both ways, one
  * right after the other, and adds the no-graph time and the ratio.
@@ -190,7 +191,9 @@ static void bench_variant(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, c
   m->be = &plain;
   cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64);
   bench_steps(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms,
-              variant == UNFUSED ? " (unfused)" : variant == NO_QKV_FUSION ? " (qkv unfused)" : " (before fusion)");
+              variant == UNFUSED         ? " (unfused)"
+              : variant == NO_QKV_FUSION ? " (qkv unfused)"
+                                         : " (before fusion)");
   m->be = fused;
   if (cn_cuda_set_gemv_fusion(cu, fusion_rows)) die("gemv fusion");
   cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64);

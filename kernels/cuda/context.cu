@@ -41,7 +41,8 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
   /* CANOPY_CUDA_TA_SPLIT_MIN_KEYS=k (a multiple of 64): the tree-attention plan's fewest keys a
    * split, to measure where splitting a short context stops paying for its merge. */
   const char *split_min = getenv("CANOPY_CUDA_TA_SPLIT_MIN_KEYS");
-  c->ta_split_min = split_min && atoi(split_min) >= TA_KEYS ? atoi(split_min) / TA_KEYS * TA_KEYS : CN_TA_SPLIT_MIN_KEYS;
+  c->ta_split_min =
+      split_min && atoi(split_min) >= TA_KEYS ? atoi(split_min) / TA_KEYS * TA_KEYS : CN_TA_SPLIT_MIN_KEYS;
   CN_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
   CN_CUBLAS_CHECK(cublasCreate(&c->blas));
   CN_CUBLAS_CHECK(cublasSetStream(c->blas, c->stream));

@@ -218,10 +218,11 @@ int cn_cuda_qkv_rope_kv(cn_cuda_ctx *ctx, float *q, const float *qkv, const int3
                         const int32_t *slots);
 
 /* q/k/v of a layer's new tokens from the residual stream x [n][in] fp32: rmsnorm(x, norm_w), the
- * fused projection W [(n_heads + 2 n_kv_heads) head_dim][in] (+ bias), then as cn_cuda_qkv_rope_kv.
- * Up to 2 rows, within the fusion row limit (cn_cuda_set_gemv_fusion), one kernel does it all, giving the same bits
- * as cn_cuda_norm_matmul into qkv followed by cn_cuda_qkv_rope_kv, which run otherwise (qkv
- * [n][(n_heads + 2 n_kv_heads) head_dim] is their workspace). */
+ * fused projection W [(n_heads + 2 n_kv_heads) head_dim][in] (+ bias), then as
+ * cn_cuda_qkv_rope_kv. Up to 2 rows, within the fusion row limit (cn_cuda_set_gemv_fusion), one
+ * kernel does it all, giving the same bits as cn_cuda_norm_matmul into qkv followed by
+ * cn_cuda_qkv_rope_kv, which run otherwise (qkv [n][(n_heads + 2 n_kv_heads) head_dim] is their
+ * workspace). */
 int cn_cuda_norm_qkv_rope_kv(cn_cuda_ctx *ctx, float *q, float *qkv, const float *x, const cn_bf16 *norm_w, float eps,
                              const cn_bf16 *w, const cn_bf16 *bias, int n, int in, const int32_t *pos, int n_heads,
                              int n_kv_heads, int head_dim, const float *inv_freq, const cn_cuda_paged_kv *kv,

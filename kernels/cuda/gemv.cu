@@ -1,8 +1,7 @@
-/* Few-row GEMM, one warp per output feature (two rows for SwiGLU: its gate and up rows; for RoPE
- * a rotary pair): the weight
- * rows are streamed once with 16-byte loads that bypass L1 (they are read exactly once), the n
- * input rows come through L1 or shared memory (every warp reads them), and the n dot products are
- * reduced across the warp at the end. A decode step is the weight bytes over the bandwidth; this
+/* Few-row GEMM, one warp per output feature (two weight rows for SwiGLU, its gate and up rows, and
+ * for RoPE, a rotary pair): the weight rows are streamed once with 16-byte loads that bypass L1
+ * (they are read exactly once), the n input rows come through L1 or shared memory (every warp
+ * reads them), and the n dot products are reduced across the warp at the end. A decode step is the weight bytes over the bandwidth; this
  * keeps enough loads in flight per SM to reach it.
  *
  * Staged inputs (fp32 x, or x to be RMSNormed) are made bf16 by each block into shared memory
@@ -25,7 +24,7 @@ struct gemv_params {
   float eps;
   const cn_bf16_t *w, *bias;
   int in, out; /* out: output features, warps' units (CN_GEMV_ROPE: rotary pairs, half the weight rows) */
-  bool vec;     /* in % 8 == 0 and 16-byte aligned rows: the uint4 path */
+  bool vec;    /* in % 8 == 0 and 16-byte aligned rows: the uint4 path */
   cn_gemv_rope rope;
 };
 
@@ -260,8 +259,9 @@ static int by_out(cn_cuda_ctx *ctx, const cn_gemv *g, const gemv_params &p, unsi
     break;
   case CN_GEMV_ROPE: /* up to CN_GEMV_ROPE_ROWS rows (cn_gemv_run checks) */
     if constexpr (XK == CN_GEMV_X_NORM)
-      if (f32) return g->n == 1 ? go<1, XK, CN_GEMV_ROPE, float>(ctx, p, grid, smem)
-                                : go<2, XK, CN_GEMV_ROPE, float>(ctx, p, grid, smem);
+      if (f32)
+        return g->n == 1 ? go<1, XK, CN_GEMV_ROPE, float>(ctx, p, grid, smem)
+                         : go<2, XK, CN_GEMV_ROPE, float>(ctx, p, grid, smem);
     break;
   }
   return cn_error(CANOPY_ERR_INVALID_ARG, "cn_gemv_run: output %d to %s after input kind %d not provided", (int)g->how,
@@ -275,10 +275,9 @@ int cn_gemv_run(cn_cuda_ctx *ctx, const cn_gemv *g) {
   if (g->x_kind == CN_GEMV_X_NORM && !g->norm_w)
     return cn_error(CANOPY_ERR_INVALID_ARG, "cn_gemv_run: RMSNorm input without its weight");
   const cn_gemv_rope *r = &g->rope;
-  if (g->how == CN_GEMV_ROPE &&
-      (g->n > CN_GEMV_ROPE_ROWS || r->head_dim <= 0 || r->head_dim % 2 || r->n_heads <= 0 || r->n_kv_heads <= 0 ||
-       g->out != (r->n_heads + 2 * r->n_kv_heads) * r->head_dim || !r->slots || !r->pos || !r->inv_freq ||
-       r->kv.block_size <= 0))
+  if (g->how == CN_GEMV_ROPE && (g->n > CN_GEMV_ROPE_ROWS || r->head_dim <= 0 || r->head_dim % 2 || r->n_heads <= 0 ||
+                                 r->n_kv_heads <= 0 || g->out != (r->n_heads + 2 * r->n_kv_heads) * r->head_dim ||
+                                 !r->slots || !r->pos || !r->inv_freq || r->kv.block_size <= 0))
     return cn_error(CANOPY_ERR_INVALID_ARG,
                     "cn_gemv_run: RoPE epilogue with n=%d (at most %d) out=%d heads=%d/%d head_dim=%d (even, out = "
                     "(H + 2 H_kv) d), block_size=%d, and slots, positions and frequencies",

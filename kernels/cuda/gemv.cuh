@@ -6,9 +6,9 @@
  * The input rows come as bf16 (read from global memory), or as fp32 rounded to bf16 into shared
  * memory by each block, or as fp32 RMSNormed into bf16 in shared memory; the output is stored,
  * added to an fp32 residual stream, (over a fused [gate | up] weight) turned into the SwiGLU
- * activation, or (over the fused q/k/v weight) rotated into q and the KV cache. Every variant rounds exactly as the separate ops it replaces (cn_cuda_rmsnorm to
- * bf16, cn_cuda_f32_to_bf16, cn_cuda_swiglu_to_bf16, the bias pass, cn_cuda_add and cn_cuda_qkv_rope_kv), so fused
- * and unfused forwards produce the same bits. */
+ * activation, or (over the fused q/k/v weight) rotated into q and the KV cache. Every variant rounds exactly as the
+ * separate ops it replaces (cn_cuda_rmsnorm to bf16, cn_cuda_f32_to_bf16, cn_cuda_swiglu_to_bf16, the bias pass,
+ * cn_cuda_add and cn_cuda_qkv_rope_kv), so fused and unfused forwards produce the same bits. */
 #ifndef CANOPY_KERNELS_CUDA_GEMV_CUH
 #define CANOPY_KERNELS_CUDA_GEMV_CUH
 
@@ -45,9 +45,9 @@ typedef enum cn_gemv_out {
 } cn_gemv_out;
 
 typedef struct cn_gemv_rope {
-  cn_cuda_paged_kv kv;         /* the layer's cache view (its block_table unused) */
-  const int32_t *slots, *pos;  /* [n] physical slot and position of each row */
-  const float *inv_freq;       /* [head_dim / 2] */
+  cn_cuda_paged_kv kv;        /* the layer's cache view (its block_table unused) */
+  const int32_t *slots, *pos; /* [n] physical slot and position of each row */
+  const float *inv_freq;      /* [head_dim / 2] */
   int n_heads, n_kv_heads, head_dim;
 } cn_gemv_rope;
 
