@@ -780,37 +780,46 @@ static void cuda_ffn(void *ctx, void *x, void *gate_up, const void *norm_w, floa
   if (!c->status) keep(c, cn_cuda_ffn(c->cu, x, gate_up, norm_w, eps, w_gu, b_gu, w_down, b_down, n, dim, d));
 }
 
+/* The device copies of the n positions and the head_dim / 2 frequencies RoPE reads; false (the
+ * failure kept in c->status) when either cannot be had. */
+static bool rope_inputs(cuda_ctx *c, const int32_t *pos, int n, const float *inv_freq, int head_dim,
+                        const int32_t **p, const float **f) {
+  *p = dev_of(c, pos, sizeof *pos * (size_t)n);
+  *f = dev_of(c, inv_freq, sizeof *inv_freq * (size_t)(head_dim / 2));
+  return *p && *f;
+}
+
 static void cuda_qkv_rope(void *ctx, void *q, void *k, void *v, const void *qkv, const int32_t *pos, int n,
                           int n_heads, int n_kv_heads, int head_dim, const float *inv_freq) {
   cuda_ctx *c = ctx;
-  const int32_t *p = dev_of(c, pos, sizeof *pos * (size_t)n);
-  const float *f = dev_of(c, inv_freq, sizeof *inv_freq * (size_t)(head_dim / 2));
-  if (p && f) keep(c, cn_cuda_qkv_rope(c->cu, q, k, v, qkv, p, n, n_heads, n_kv_heads, head_dim, f));
+  const int32_t *p;
+  const float *f;
+  if (rope_inputs(c, pos, n, inv_freq, head_dim, &p, &f))
+    keep(c, cn_cuda_qkv_rope(c->cu, q, k, v, qkv, p, n, n_heads, n_kv_heads, head_dim, f));
 }
 
 /* k and v straight to the slots `begin` looked up, as cuda_kv_write_batch writes them. */
 static void cuda_qkv_rope_kv(void *ctx, void *q, const void *qkv, const int32_t *pos, const cn_attn_desc *d,
                              int n_seqs, int n, int n_heads, int n_kv_heads, int head_dim, const float *inv_freq) {
   cuda_ctx *c = ctx;
-  if (c->status || n_seqs <= 0) return;
-  const int32_t *p = dev_of(c, pos, sizeof *pos * (size_t)n);
-  const float *f = dev_of(c, inv_freq, sizeof *inv_freq * (size_t)(head_dim / 2));
+  const int32_t *p;
+  const float *f;
+  if (c->status || n_seqs <= 0 || !rope_inputs(c, pos, n, inv_freq, head_dim, &p, &f)) return;
   cn_cuda_paged_kv kv = layer_view(d[0].pool, d[0].layer);
-  if (p && f)
-    keep(c, cn_cuda_qkv_rope_kv(c->cu, q, qkv, p, n, n_heads, n_kv_heads, head_dim, f, &kv, c->slots));
+  keep(c, cn_cuda_qkv_rope_kv(c->cu, q, qkv, p, n, n_heads, n_kv_heads, head_dim, f, &kv, c->slots));
 }
 
+/* The same, with the RMSNorm and the q/k/v projection before it (one kernel at 1-2 rows). */
 static void cuda_norm_qkv_rope_kv(void *ctx, void *q, void *qkv, const void *x, const void *norm_w, float eps,
                                   const void *w, const void *bias, int in, const int32_t *pos, const cn_attn_desc *d,
                                   int n_seqs, int n, int n_heads, int n_kv_heads, int head_dim, const float *inv_freq) {
   cuda_ctx *c = ctx;
-  if (c->status || n_seqs <= 0) return;
-  const int32_t *p = dev_of(c, pos, sizeof *pos * (size_t)n);
-  const float *f = dev_of(c, inv_freq, sizeof *inv_freq * (size_t)(head_dim / 2));
+  const int32_t *p;
+  const float *f;
+  if (c->status || n_seqs <= 0 || !rope_inputs(c, pos, n, inv_freq, head_dim, &p, &f)) return;
   cn_cuda_paged_kv kv = layer_view(d[0].pool, d[0].layer);
-  if (p && f)
-    keep(c, cn_cuda_norm_qkv_rope_kv(c->cu, q, qkv, x, norm_w, eps, w, bias, n, in, p, n_heads, n_kv_heads, head_dim, f,
-                                     &kv, c->slots));
+  keep(c, cn_cuda_norm_qkv_rope_kv(c->cu, q, qkv, x, norm_w, eps, w, bias, n, in, p, n_heads, n_kv_heads, head_dim, f,
+                                   &kv, c->slots));
 }
 
 /* While capturing, the copy is left to `end` (after the graph's launch): a graph captures one
