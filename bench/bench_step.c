@@ -20,13 +20,15 @@
  * (cn_cuda_set_gemv_fusion) and without matmul_add, qkv_rope_kv and norm_qkv_rope_kv: the kernels
  * a step ran before those fusions, side by side. With --compare-qkv, also without
  * norm_qkv_rope_kv only (the q/k/v projection, then RoPE and the cache write in a kernel of their
- * own).
+ * own). With --compare-gemv, also with the few-row GEMM on CUDA cores at every row count and
+ * fusions up to 4 rows (the settings before the tensor-core form), and on tensor cores at every
+ * row count (cn_cuda_set_gemv_mma_rows).
  * Forwards replay CUDA graphs (the default: the first warm-up runs the ops, the second captures);
  * --no-graphs launches every op instead, and --compare-graphs times each step both ways, one
  * right after the other, and adds the no-graph time and the ratio.
  *
  * usage: bench_step --config FILE.json [--config ...] [--ctx L] [--nodes 16,64,128] [--reps N] [--unfused]
- *                   [--compare-fusion] [--compare-qkv] [--no-graphs | --compare-graphs] */
+ *                   [--compare-fusion] [--compare-qkv] [--compare-gemv] [--no-graphs | --compare-graphs] */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -174,7 +176,7 @@ static void bench_steps(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, cn_
   free(logits);
 }
 
-enum { UNFUSED = 1, BEFORE_FUSION = 2, NO_QKV_FUSION = 4 };
+enum { UNFUSED = 1, BEFORE_FUSION = 2, NO_QKV_FUSION = 4, CUDA_CORES = 8 };
 
 /* The steps again through a copy of the model's backend table with fused ops taken out (and the
  * few-row GEMM fusions off for BEFORE_FUSION); graphs are dropped before and after, since they
@@ -248,6 +250,21 @@ static void bench_config(const char *path, int L, const int *nodes, int n_nodes,
   if (variants & BEFORE_FUSION) bench_variant(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, BEFORE_FUSION, no_graphs);
   if (variants & NO_QKV_FUSION) bench_variant(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, NO_QKV_FUSION, no_graphs);
   if (variants & UNFUSED) bench_variant(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, UNFUSED, no_graphs);
+  if (variants & CUDA_CORES) {
+    /* The previous main's few-row GEMM (CUDA cores at every row count: 9 is past its 8 rows;
+     * fusions up to 4 rows), then tensor cores at every row count. */
+    int mma_rows = cn_cuda_gemv_mma_rows(cu), fusion_rows = cn_cuda_gemv_fusion(cu);
+    const struct { int mma_rows, fusion_rows; const char *label; } alt[] = {
+        {9, 4, " (gemv cuda cores)"}, {1, fusion_rows, " (gemv tensor cores)"}};
+    for (int i = 0; i < 2; i++) {
+      if (cn_cuda_set_gemv_mma_rows(cu, alt[i].mma_rows) || cn_cuda_set_gemv_fusion(cu, alt[i].fusion_rows))
+        die("gemv settings");
+      cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64); /* captured with the other kernels */
+      bench_steps(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, alt[i].label);
+    }
+    if (cn_cuda_set_gemv_mma_rows(cu, mma_rows) || cn_cuda_set_gemv_fusion(cu, fusion_rows)) die("gemv settings");
+    cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64);
+  }
   cn_kv_seq_free(kv);
   cn_cuda_timer_free(tm);
   canopy_model_free(m);
@@ -278,12 +295,13 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--unfused")) variants |= UNFUSED;
     else if (!strcmp(argv[i], "--compare-fusion")) variants |= BEFORE_FUSION;
     else if (!strcmp(argv[i], "--compare-qkv")) variants |= NO_QKV_FUSION;
+    else if (!strcmp(argv[i], "--compare-gemv")) variants |= CUDA_CORES;
     else if (!strcmp(argv[i], "--no-graphs")) no_graphs = 1;
     else if (!strcmp(argv[i], "--compare-graphs")) compare_graphs = 1;
     else n_configs = -1;
     if (n_configs < 0 || n_nodes < 0 || L < 1 || reps < 1) {
       fprintf(stderr, "usage: bench_step --config FILE.json [--config ...] [--ctx L] [--nodes 16,64,128] "
-                      "[--reps N] [--unfused] [--compare-fusion] [--compare-qkv] [--no-graphs | --compare-graphs]\n");
+                      "[--reps N] [--unfused] [--compare-fusion] [--compare-qkv] [--compare-gemv] [--no-graphs | --compare-graphs]\n");
       return 2;
     }
   }

@@ -619,33 +619,46 @@ static void test_argmax_and_top_k_are_exact_and_order_ties_by_index(void **state
   END_TEST();
 }
 
-/* A row's product must not depend on the rows batched with it where the few-row kernel runs:
- * decode (1 row) and a short chain's verification (up to 8) then round alike, so greedy
- * speculation stays token-for-token the target's own decode. */
+/* A row's product must not depend on the rows batched with it where the few-row kernel runs, within
+ * each of its two forms (CUDA cores, tensor cores from cn_cuda_gemv_mma_rows rows): with either form
+ * at every row count, decode (1 row) and a short chain's verification (up to 8) round alike, so
+ * greedy speculation stays token-for-token the target's own decode. With the default split a row
+ * of a call on tensor cores is compared with the same row computed first of the fewest rows that
+ * take them. */
 static void test_matmul_rows_do_not_depend_on_the_batch(void **state) {
   mismatches = 0;
   const int shapes[][2] = {{576, 1537}, {203, 19}, {4096, 100}}; /* in, out */
+  const int settings[] = {9, 1, -1}; /* CUDA cores always (9 is past the kernel's 8 rows), tensor cores
+                                        always, the default split */
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
-    int in = shapes[s][0], out = shapes[s][1], n = 8, differ = 0;
-    float *x = rand_bf16_buf((size_t)n * in, 1.0f), *w = rand_bf16_buf((size_t)out * in, 1.0f);
-    void *d_w = dev_upload(w, (size_t)out * in, CN_CUDA_BF16), *d_x = dev_upload(x, (size_t)n * in, CN_CUDA_BF16);
-    void *d_all = dev_poisoned((size_t)n * out, CN_CUDA_F32), *d_one = dev_poisoned((size_t)out, CN_CUDA_F32);
-    for (int rows = 1; rows <= n; rows++) {
-      CK(cn_cuda_matmul(ctx, d_all, CN_CUDA_F32, d_x, CN_CUDA_BF16, d_w, NULL, rows, in, out));
-      float *all = dev_download(d_all, (size_t)rows * out, CN_CUDA_F32);
-      for (int r = 0; r < rows; r++) {
-        CK(cn_cuda_matmul(ctx, d_one, CN_CUDA_F32, (const cn_bf16 *)d_x + (size_t)r * in, CN_CUDA_BF16, d_w, NULL, 1,
-                          in, out));
-        float *one = dev_download(d_one, (size_t)out, CN_CUDA_F32);
-        differ += memcmp(one, all + (size_t)r * out, sizeof(float) * (size_t)out) != 0;
-        free(one);
+    int in = shapes[s][0], out = shapes[s][1], n = 8, extra = 8;
+    float *x = rand_bf16_buf((size_t)(n + extra) * in, 1.0f), *w = rand_bf16_buf((size_t)out * in, 1.0f);
+    void *d_w = dev_upload(w, (size_t)out * in, CN_CUDA_BF16);
+    void *d_x = dev_upload(x, (size_t)(n + extra) * in, CN_CUDA_BF16);
+    void *d_all = dev_poisoned((size_t)n * out, CN_CUDA_F32), *d_one = dev_poisoned((size_t)extra * out, CN_CUDA_F32);
+    for (size_t k = 0; k < sizeof settings / sizeof settings[0]; k++) {
+      CK(cn_cuda_set_gemv_mma_rows(ctx, settings[k]));
+      int from = cn_cuda_gemv_mma_rows(ctx), differ = 0;
+      for (int rows = 1; rows <= n; rows++) {
+        CK(cn_cuda_matmul(ctx, d_all, CN_CUDA_F32, d_x, CN_CUDA_BF16, d_w, NULL, rows, in, out));
+        float *all = dev_download(d_all, (size_t)rows * out, CN_CUDA_F32);
+        int ref_rows = rows >= from && from > 1 ? from : 1;
+        for (int r = 0; r < rows; r++) {
+          CK(cn_cuda_matmul(ctx, d_one, CN_CUDA_F32, (const cn_bf16 *)d_x + (size_t)r * in, CN_CUDA_BF16, d_w, NULL,
+                            ref_rows, in, out));
+          float *one = dev_download(d_one, (size_t)out, CN_CUDA_F32);
+          differ += memcmp(one, all + (size_t)r * out, sizeof(float) * (size_t)out) != 0;
+          free(one);
+        }
+        free(all);
       }
-      free(all);
+      if (differ) {
+        print_error("matmul %dx%d, tensor cores from %d rows: %d rows differ from the same row computed in %s\n", in,
+                    out, from, differ, from > 1 ? "a call of the same form" : "a call of its own");
+        mismatches++;
+      }
     }
-    if (differ) {
-      print_error("matmul %dx%d: %d rows differ from the same row computed alone\n", in, out, differ);
-      mismatches++;
-    }
+    CK(cn_cuda_set_gemv_mma_rows(ctx, -1));
     cn_cuda_free(ctx, d_w), cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_all), cn_cuda_free(ctx, d_one);
     free(x), free(w);
   }

@@ -58,15 +58,25 @@ int cn_cuda_sync(cn_cuda_ctx *ctx);
  * the batch. Costs the padded rows' work and a copy of the output. */
 int cn_cuda_set_batch_invariant(cn_cuda_ctx *ctx, int on);
 
-/* Few-row GEMM fusions for calls of up to max_rows rows (0: off; < 0: the default, 4, which
+/* Few-row GEMM fusions for calls of up to max_rows rows (0: off; < 0: the default, 2, which
  * CANOPY_CUDA_GEMV_FUSION_ROWS=k at creation overrides), outside batch-invariant mode: the
  * few-row GEMM kernel makes its own bf16 input (the RMSNorm of norm_matmul and ffn, the rounding
  * of an fp32 x) and applies ffn's SwiGLU in its epilogue, instead of separate kernels before and
  * after it (bias and residual add are always the few-row kernel's epilogue). The results are the
  * same bits either way, so the limit is a matter of speed: each block restages its input rows,
- * which pays up to 3 rows and is even at 4 (bench/RESULTS.md). */
+ * which pays up to 2 rows (bench/RESULTS.md). */
 int cn_cuda_set_gemv_fusion(cn_cuda_ctx *ctx, int max_rows);
 int cn_cuda_gemv_fusion(const cn_cuda_ctx *ctx);
+
+/* The few-row GEMM runs its products on tensor cores (mma.sync) for calls of min_rows rows or more
+ * (< 0: the default, 3, which CANOPY_CUDA_GEMV_MMA_ROWS=k at creation overrides), on CUDA cores
+ * below; rows whose length is not a multiple of 8 always take the CUDA cores. The two forms round
+ * differently, each alike for every row count it serves: with 1 (tensor cores always) or 9 (never)
+ * a row's result is the same bits from 1 to 8 rows, so a greedy chain verified in up to 8 rows is
+ * token for token the target's own decode; with the default a decode step (1 row) and a chain of 3+
+ * rows may part at near-ties, for 1.2-2x faster 3-8 row steps (bench/RESULTS.md). */
+int cn_cuda_set_gemv_mma_rows(cn_cuda_ctx *ctx, int min_rows);
+int cn_cuda_gemv_mma_rows(const cn_cuda_ctx *ctx);
 
 /* Preallocates the matmul scratch for fp32 inputs of up to `elems` elements, so that no
  * allocation happens later in a decode loop (it would otherwise grow on first use). */

@@ -215,6 +215,166 @@ template <int N, int XK, int HOW, typename Y> __global__ void __launch_bounds__(
   }
 }
 
+/* ---- the tensor-core form ------------------------------------------------------------------
+ *
+ * From 3 rows on the kernel above is bound by instructions (per 16 weight bytes, n input loads and
+ * 8 n fused multiply-adds a lane): on Llama-3-8B a step of 3 rows cost 1.31x one row, 8 rows
+ * 2.12x. This form costs 1.01-1.06x from 3 to 8 rows, but at 1 and 2 rows it is 8-12% slower than
+ * the kernel above, whose warps each stream 512 contiguous bytes of one row per load where here
+ * four lanes share a row (64 bytes a row per load); so it runs from CN_GEMV_MMA_ROWS rows on
+ * (cn_cuda_set_gemv_mma_rows). Here the products are
+ * mma.sync m16n8k16: a block takes a 16-row tile of W (16 output features, or 8 SwiGLU or RoPE
+ * units whose two rows are tile rows u and u + 8) against up to 8 input rows (the MMA's 8
+ * columns, rows past n zero), and its 8 warps take the k range in turns of 32, each lane loading
+ * 16 bytes of two weight rows a turn straight into the A fragment. The dot product does not care
+ * in which order k goes through the MMA's slots, so lane (g, t) supplies, for both MMAs of a turn,
+ * the 8 consecutive k at 8 t of weight rows g and g + 8 and of input row g: A and B agree on the
+ * permutation, and every load is 16 bytes. The warps' partial tiles are added in warp order
+ * through shared memory: a row's result is the same bits whatever n is (other rows only fill
+ * other MMA columns). */
+
+#define MMA_LOADS 4 /* 16-byte weight loads a lane has in one batch: two batches in flight */
+
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* Slot `slot` (0 .. TILE - 1) of this block's TILE weight rows: its unit (output feature, or the
+ * SwiGLU / RoPE unit whose two rows are slots u and u + TILE / 2), *ok false past the last unit,
+ * and its weight row. */
+template <int HOW, int TILE> __device__ __forceinline__ int mma_unit(const gemv_params &p, int slot, bool *ok) {
+  constexpr bool pairs = HOW == CN_GEMV_SWIGLU || HOW == CN_GEMV_ROPE;
+  const int o = pairs ? blockIdx.x * (TILE / 2) + slot % (TILE / 2) : blockIdx.x * TILE + slot;
+  *ok = o < p.out;
+  return o;
+}
+template <int HOW, int TILE> __device__ __forceinline__ int mma_row(const gemv_params &p, int slot) {
+  bool ok;
+  const int o = mma_unit<HOW, TILE>(p, slot, &ok);
+  return weight_row<HOW>(p, ok ? o : 0, slot / (TILE / 2) * (HOW == CN_GEMV_SWIGLU || HOW == CN_GEMV_ROPE));
+}
+
+/* RT m16 tiles a warp (TILE = 16 RT weight rows a block); lane (g, t) loads rows g + 8 j. RT = 1
+ * runs: 2 tiles a warp (half the blocks, each staging its input once for twice the rows) measured
+ * 10-15% slower on Llama-3-8B, as did 3 blocks a multiprocessor instead of 2 (bench/RESULTS.md). */
+template <int N, int XK, int HOW, typename Y, int RT = 1>
+__global__ void __launch_bounds__(THREADS, 2) gemv_mma_kernel(gemv_params p) {
+  constexpr int TILE = 16 * RT, RR = 2 * RT, U = MMA_LOADS / RR > 0 ? MMA_LOADS / RR : 1;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float red[WARPS][TILE][8];
+  constexpr bool staged = XK != CN_GEMV_X_BF16;
+  constexpr bool pairs = HOW == CN_GEMV_SWIGLU || HOW == CN_GEMV_ROPE;
+  const int in = p.in, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int n8 = in / 8; /* 16-byte pieces a row; turn s covers pieces 4 s .. 4 s + 3 */
+  bool ok[RR];
+  const uint4 *wr[RR];
+#pragma unroll
+  for (int j = 0; j < RR; j++) {
+    mma_unit<HOW, TILE>(p, g + 8 * j, &ok[j]);
+    wr[j] = (const uint4 *)(p.w + (size_t)mma_row<HOW, TILE>(p, g + 8 * j) * in) + t;
+  }
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  auto load = [&](uint4(&d)[RR][U], int batch) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int k = 4 * (warp + WARPS * (batch * U + u));
+      const bool v = k + t < n8;
+#pragma unroll
+      for (int j = 0; j < RR; j++)
+        d[j][u] = v && ok[j] ? __ldcs(wr[j] + k) : zero;
+    }
+  };
+  /* As above: the first batch of weights before the wait. */
+  uint4 cur[RR][U];
+  load(cur, 0);
+  cn_pdl_enter();
+  const cn_bf16_t *x = (const cn_bf16_t *)p.x;
+  if constexpr (staged) {
+    stage<N, XK>((cn_bf16_t *)smem, p);
+    x = (const cn_bf16_t *)smem;
+  }
+  const bool has_x = g < N;
+  const uint4 *xr = (const uint4 *)(x + (size_t)(has_x ? g : 0) * in) + t;
+  float acc[RT][2][4] = {};
+  const int batches = (n8 + 4 * WARPS * U - 1) / (4 * WARPS * U);
+  for (int batch = 0; batch < batches; batch++) {
+    uint4 nxt[RR][U];
+    if (batch + 1 < batches) load(nxt, batch + 1);
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int k = 4 * (warp + WARPS * (batch * U + u));
+      if (k >= n8) break; /* the same for the whole warp: mma.sync needs every lane */
+      uint4 xv = zero;
+      if (has_x && k + t < n8) xv = staged ? xr[k] : __ldg(xr + k);
+#pragma unroll
+      for (int i = 0; i < RT; i++) {
+        const uint4 &lo = cur[2 * i][u], &hi = cur[2 * i + 1][u];
+        mma_bf16_16816(acc[i][0], lo.x, hi.x, lo.y, hi.y, xv.x, xv.y);
+        mma_bf16_16816(acc[i][1], lo.z, hi.z, lo.w, hi.w, xv.z, xv.w);
+      }
+    }
+    if (batch + 1 < batches)
+#pragma unroll
+      for (int u = 0; u < U; u++)
+#pragma unroll
+        for (int j = 0; j < RR; j++)
+          cur[j][u] = nxt[j][u];
+  }
+  /* C fragment of tile i: slots 16 i + g and 16 i + g + 8, columns (input rows) 2 t, 2 t + 1. */
+#pragma unroll
+  for (int i = 0; i < RT; i++) {
+    red[warp][16 * i + g][2 * t] = acc[i][0][0] + acc[i][1][0];
+    red[warp][16 * i + g][2 * t + 1] = acc[i][0][1] + acc[i][1][1];
+    red[warp][16 * i + g + 8][2 * t] = acc[i][0][2] + acc[i][1][2];
+    red[warp][16 * i + g + 8][2 * t + 1] = acc[i][0][3] + acc[i][1][3];
+  }
+  __syncthreads();
+  constexpr int SLOTS = pairs ? TILE / 2 : TILE;
+  for (int e = threadIdx.x; e < SLOTS * 8; e += THREADS) {
+    const int slot = e / 8, r = e % 8;
+    bool valid;
+    const int o = mma_unit<HOW, TILE>(p, slot, &valid);
+    if (!valid || r >= N) continue;
+    float v[2];
+#pragma unroll
+    for (int i = 0; i < 1 + pairs; i++) {
+      const int sl = slot + i * (TILE / 2);
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < WARPS; w++)
+        sum += red[w][sl][r];
+      if (p.bias) sum += cn_ld(p.bias + mma_row<HOW, TILE>(p, sl));
+      v[i] = sum;
+    }
+    Y *y = (Y *)p.y + (size_t)r * p.out + o;
+    if constexpr (HOW == CN_GEMV_ROPE)
+      rope_out(p, r, o, v[0], v[1]);
+    else if constexpr (HOW == CN_GEMV_SWIGLU)
+      cn_st(y, v[0] / (1.0f + expf(-v[0])) * v[1]);
+    else if constexpr (HOW == CN_GEMV_ADD)
+      cn_st(y, cn_ld(y) + v[0]);
+    else
+      cn_st(y, v[0]);
+  }
+}
+
+template <int N, int XK, int HOW, typename Y, int RT = 1>
+static int go_mma(cn_cuda_ctx *ctx, const gemv_params &p, size_t smem) {
+  constexpr int per_block = HOW == CN_GEMV_SWIGLU || HOW == CN_GEMV_ROPE ? 8 * RT : 16 * RT;
+  unsigned grid = (unsigned)((p.out + per_block - 1) / per_block);
+  auto kernel = gemv_mma_kernel<N, XK, HOW, Y, RT>;
+  /* The staged rows (up to CN_GEMV_STAGE_BYTES) and the reduction tile pass the 48 KB a block gets
+   * without asking. */
+  if (smem > CN_GEMV_STAGE_BYTES - sizeof(float) * WARPS * 16 * RT * 8)
+    CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  CN_CUDA_CHECK(cn_launch(ctx, kernel, grid, THREADS, smem, p));
+  return CANOPY_OK;
+}
+
 bool cn_gemv_fits(int n, int in, cn_gemv_x kind) {
   if (n < 1 || n > CN_GEMV_MAX_ROWS || in < 1) return false;
   return kind == CN_GEMV_X_BF16 || (size_t)n * in * sizeof(cn_bf16_t) <= CN_GEMV_STAGE_BYTES;
@@ -222,6 +382,7 @@ bool cn_gemv_fits(int n, int in, cn_gemv_x kind) {
 
 template <int N, int XK, int HOW, typename Y>
 static int go(cn_cuda_ctx *ctx, const gemv_params &p, unsigned grid, size_t smem) {
+  if (p.vec && N >= ctx->gemv_mma_rows) return go_mma<N, XK, HOW, Y>(ctx, p, smem);
   CN_CUDA_CHECK(cn_launch(ctx, gemv_kernel<N, XK, HOW, Y>, grid, THREADS, smem, p));
   return CANOPY_OK;
 }

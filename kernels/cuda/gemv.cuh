@@ -8,7 +8,9 @@
  * added to an fp32 residual stream, (over a fused [gate | up] weight) turned into the SwiGLU
  * activation, or (over the fused q/k/v weight) rotated into q and the KV cache. Every variant rounds exactly as the
  * separate ops it replaces (cn_cuda_rmsnorm to bf16, cn_cuda_f32_to_bf16, cn_cuda_swiglu_to_bf16, the bias pass,
- * cn_cuda_add and cn_cuda_qkv_rope_kv), so fused and unfused forwards produce the same bits. */
+ * cn_cuda_add and cn_cuda_qkv_rope_kv), so fused and unfused forwards produce the same bits.
+ * The products run on CUDA cores or, from CN_GEMV_MMA_ROWS rows, on tensor cores: the two round
+ * differently, each the same way for every row count it serves. */
 #ifndef CANOPY_KERNELS_CUDA_GEMV_CUH
 #define CANOPY_KERNELS_CUDA_GEMV_CUH
 
@@ -17,8 +19,13 @@
 /* Rows up to which the few-row kernel is used instead of cuBLAS. */
 #define CN_GEMV_MAX_ROWS 8
 
-/* Rows up to which the fusions run by default (cn_cuda_set_gemv_fusion). */
-#define CN_GEMV_FUSE_ROWS 4
+/* Rows up to which the fusions run by default (cn_cuda_set_gemv_fusion): each block restages its
+ * input rows, which from 3 rows on cost more than a separate RMSNorm kernel (with the tensor-core
+ * kernel there; bench/RESULTS.md). */
+#define CN_GEMV_FUSE_ROWS 2
+
+/* Rows from which the few-row GEMM runs on tensor cores by default (gemv.cu; cn_cuda_set_gemv_mma_rows). */
+#define CN_GEMV_MMA_ROWS 3
 
 /* Rows up to which the q/k/v projection takes RoPE into its epilogue (CN_GEMV_ROPE), within the
  * fusion limit: its warps each carry two weight rows, half as many warps as the plain projection,
