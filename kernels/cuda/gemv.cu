@@ -218,22 +218,25 @@ template <int N, int XK, int HOW, typename Y> __global__ void __launch_bounds__(
 /* ---- the tensor-core form ------------------------------------------------------------------
  *
  * From 3 rows on the kernel above is bound by instructions (per 16 weight bytes, n input loads and
- * 8 n fused multiply-adds a lane): on Llama-3-8B a step of 3 rows cost 1.31x one row, 8 rows
- * 2.12x. This form costs 1.01-1.06x from 3 to 8 rows, but at 1 and 2 rows it is 8-12% slower than
- * the kernel above, whose warps each stream 512 contiguous bytes of one row per load where here
- * four lanes share a row (64 bytes a row per load); so it runs from CN_GEMV_MMA_ROWS rows on
- * (cn_cuda_set_gemv_mma_rows). Here the products are
- * mma.sync m16n8k16: a block takes a 16-row tile of W (16 output features, or 8 SwiGLU or RoPE
- * units whose two rows are tile rows u and u + 8) against up to 8 input rows (the MMA's 8
- * columns, rows past n zero), and its 8 warps take the k range in turns of 32, each lane loading
- * 16 bytes of two weight rows a turn straight into the A fragment. The dot product does not care
- * in which order k goes through the MMA's slots, so lane (g, t) supplies, for both MMAs of a turn,
- * the 8 consecutive k at 8 t of weight rows g and g + 8 and of input row g: A and B agree on the
- * permutation, and every load is 16 bytes. The warps' partial tiles are added in warp order
- * through shared memory: a row's result is the same bits whatever n is (other rows only fill
- * other MMA columns). */
+ * 8 n fused multiply-adds a lane): on Llama-3-8B a step of 3 rows cost 1.29x one row, 8 rows
+ * 2.11x. Here the products are mma.sync m16n8k16: a block takes a 16-row tile of W (16 output
+ * features, or 8 SwiGLU or RoPE units whose two rows are tile rows u and u + 8) against up to 8
+ * input rows (the MMA's 8 columns, rows past n zero), and its 8 warps take the k range in turns,
+ * each lane loading 16-byte pieces of two weight rows straight into A fragments. The dot product
+ * does not care in which order k goes through the MMA's slots, so lane (g, t) supplies, for both
+ * MMAs of a piece, the 8 consecutive k of that piece of weight rows g and g + 8 and of input row g:
+ * A and B agree on the permutation, and every load is 16 bytes. The warps' partial tiles are added
+ * in warp order through shared memory: a row's result is the same bits whatever n is (other rows
+ * only fill other MMA columns). On the 8B this form costs 1.05x a decode step at 4 rows and 1.10x
+ * at 8, but at 1 and 2 rows it is 6% and 3% slower than the kernel above (whose warps stream 512
+ * contiguous bytes of one row per load, where here four lanes share a row), so it runs from
+ * CN_GEMV_MMA_ROWS rows (cn_cuda_set_gemv_mma_rows). */
 
-#define MMA_LOADS 4 /* 16-byte weight loads a lane has in one batch: two batches in flight */
+#define MMA_LOADS 4 /* 16-byte weight loads a lane has in one batch and row: two batches in flight */
+/* Contiguous 16-byte pieces of a row a lane loads a turn: 4 (256 contiguous bytes a row for the four
+ * lanes that share it) against 1 and 2 on Llama-3-8B, 4 rows: 5.02 ms a step against 5.97 and
+ * 5.15; 8 rows: 5.29 against 6.05 and 5.29 (bench/RESULTS.md). */
+#define MMA_PIECES 4
 
 __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                uint32_t b0, uint32_t b1) {
@@ -258,38 +261,44 @@ template <int HOW, int TILE> __device__ __forceinline__ int mma_row(const gemv_p
   return weight_row<HOW>(p, ok ? o : 0, slot / (TILE / 2) * (HOW == CN_GEMV_SWIGLU || HOW == CN_GEMV_ROPE));
 }
 
-/* RT m16 tiles a warp (TILE = 16 RT weight rows a block); lane (g, t) loads rows g + 8 j. RT = 1
- * runs: 2 tiles a warp (half the blocks, each staging its input once for twice the rows) measured
- * 10-15% slower on Llama-3-8B, as did 3 blocks a multiprocessor instead of 2 (bench/RESULTS.md). */
-template <int N, int XK, int HOW, typename Y, int RT = 1>
+/* One m16 tile a warp; lane (g, t) loads weight rows g and g + 8, P consecutive 16-byte pieces of
+ * each a turn (turn s covers pieces 4 P s .. 4 P s + 4 P - 1, lane t pieces 4 P s + P t ..), so its
+ * four lanes read 64 P contiguous bytes of a row. Two tiles a warp (half the blocks, each staging its
+ * input once for twice the rows) measured 10-15% slower on Llama-3-8B, as did 3 blocks a
+ * multiprocessor instead of 2 (bench/RESULTS.md). */
+template <int N, int XK, int HOW, typename Y, int P>
 __global__ void __launch_bounds__(THREADS, 2) gemv_mma_kernel(gemv_params p) {
-  constexpr int TILE = 16 * RT, RR = 2 * RT, U = MMA_LOADS / RR > 0 ? MMA_LOADS / RR : 1;
+  constexpr int TILE = 16, U = MMA_LOADS / P; /* turns a batch */
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float red[WARPS][TILE][8];
   constexpr bool staged = XK != CN_GEMV_X_BF16;
   constexpr bool pairs = HOW == CN_GEMV_SWIGLU || HOW == CN_GEMV_ROPE;
   const int in = p.in, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int n8 = in / 8; /* 16-byte pieces a row; turn s covers pieces 4 s .. 4 s + 3 */
-  bool ok[RR];
-  const uint4 *wr[RR];
+  const int n8 = in / 8; /* 16-byte pieces a row */
+  bool ok[2];
+  const uint4 *wr[2];
 #pragma unroll
-  for (int j = 0; j < RR; j++) {
+  for (int j = 0; j < 2; j++) {
     mma_unit<HOW, TILE>(p, g + 8 * j, &ok[j]);
-    wr[j] = (const uint4 *)(p.w + (size_t)mma_row<HOW, TILE>(p, g + 8 * j) * in) + t;
+    wr[j] = (const uint4 *)(p.w + (size_t)mma_row<HOW, TILE>(p, g + 8 * j) * in) + P * t;
   }
   const uint4 zero = make_uint4(0, 0, 0, 0);
-  auto load = [&](uint4(&d)[RR][U], int batch) {
+  auto turn_at = [&](int batch, int u) { return 4 * P * (warp + WARPS * (batch * U + u)); };
+  auto load = [&](uint4(&d)[2][MMA_LOADS], int batch) {
 #pragma unroll
     for (int u = 0; u < U; u++) {
-      const int k = 4 * (warp + WARPS * (batch * U + u));
-      const bool v = k + t < n8;
+      const int k = turn_at(batch, u);
 #pragma unroll
-      for (int j = 0; j < RR; j++)
-        d[j][u] = v && ok[j] ? __ldcs(wr[j] + k) : zero;
+      for (int q = 0; q < P; q++) {
+        const bool v = k + P * t + q < n8;
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+          d[j][u * P + q] = v && ok[j] ? __ldcs(wr[j] + k + q) : zero;
+      }
     }
   };
   /* As above: the first batch of weights before the wait. */
-  uint4 cur[RR][U];
+  uint4 cur[2][MMA_LOADS];
   load(cur, 0);
   cn_pdl_enter();
   const cn_bf16_t *x = (const cn_bf16_t *)p.x;
@@ -298,40 +307,35 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_mma_kernel(gemv_params p) {
     x = (const cn_bf16_t *)smem;
   }
   const bool has_x = g < N;
-  const uint4 *xr = (const uint4 *)(x + (size_t)(has_x ? g : 0) * in) + t;
-  float acc[RT][2][4] = {};
-  const int batches = (n8 + 4 * WARPS * U - 1) / (4 * WARPS * U);
+  const uint4 *xr = (const uint4 *)(x + (size_t)(has_x ? g : 0) * in) + P * t;
+  float acc[2][4] = {};
+  const int batches = (n8 + 4 * P * WARPS * U - 1) / (4 * P * WARPS * U);
   for (int batch = 0; batch < batches; batch++) {
-    uint4 nxt[RR][U];
+    uint4 nxt[2][MMA_LOADS];
     if (batch + 1 < batches) load(nxt, batch + 1);
 #pragma unroll
     for (int u = 0; u < U; u++) {
-      const int k = 4 * (warp + WARPS * (batch * U + u));
+      const int k = turn_at(batch, u);
       if (k >= n8) break; /* the same for the whole warp: mma.sync needs every lane */
-      uint4 xv = zero;
-      if (has_x && k + t < n8) xv = staged ? xr[k] : __ldg(xr + k);
 #pragma unroll
-      for (int i = 0; i < RT; i++) {
-        const uint4 &lo = cur[2 * i][u], &hi = cur[2 * i + 1][u];
-        mma_bf16_16816(acc[i][0], lo.x, hi.x, lo.y, hi.y, xv.x, xv.y);
-        mma_bf16_16816(acc[i][1], lo.z, hi.z, lo.w, hi.w, xv.z, xv.w);
+      for (int q = 0; q < P; q++) {
+        uint4 xv = zero;
+        if (has_x && k + P * t + q < n8) xv = staged ? xr[k + q] : __ldg(xr + k + q);
+        const uint4 &lo = cur[0][u * P + q], &hi = cur[1][u * P + q];
+        mma_bf16_16816(acc[0], lo.x, hi.x, lo.y, hi.y, xv.x, xv.y);
+        mma_bf16_16816(acc[1], lo.z, hi.z, lo.w, hi.w, xv.z, xv.w);
       }
     }
     if (batch + 1 < batches)
 #pragma unroll
-      for (int u = 0; u < U; u++)
-#pragma unroll
-        for (int j = 0; j < RR; j++)
-          cur[j][u] = nxt[j][u];
+      for (int i = 0; i < MMA_LOADS; i++)
+        cur[0][i] = nxt[0][i], cur[1][i] = nxt[1][i];
   }
-  /* C fragment of tile i: slots 16 i + g and 16 i + g + 8, columns (input rows) 2 t, 2 t + 1. */
-#pragma unroll
-  for (int i = 0; i < RT; i++) {
-    red[warp][16 * i + g][2 * t] = acc[i][0][0] + acc[i][1][0];
-    red[warp][16 * i + g][2 * t + 1] = acc[i][0][1] + acc[i][1][1];
-    red[warp][16 * i + g + 8][2 * t] = acc[i][0][2] + acc[i][1][2];
-    red[warp][16 * i + g + 8][2 * t + 1] = acc[i][0][3] + acc[i][1][3];
-  }
+  /* C fragment: slots g and g + 8, columns (input rows) 2 t, 2 t + 1. */
+  red[warp][g][2 * t] = acc[0][0] + acc[1][0];
+  red[warp][g][2 * t + 1] = acc[0][1] + acc[1][1];
+  red[warp][g + 8][2 * t] = acc[0][2] + acc[1][2];
+  red[warp][g + 8][2 * t + 1] = acc[0][3] + acc[1][3];
   __syncthreads();
   constexpr int SLOTS = pairs ? TILE / 2 : TILE;
   for (int e = threadIdx.x; e < SLOTS * 8; e += THREADS) {
@@ -362,14 +366,14 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_mma_kernel(gemv_params p) {
   }
 }
 
-template <int N, int XK, int HOW, typename Y, int RT = 1>
+template <int N, int XK, int HOW, typename Y, int P>
 static int go_mma(cn_cuda_ctx *ctx, const gemv_params &p, size_t smem) {
-  constexpr int per_block = HOW == CN_GEMV_SWIGLU || HOW == CN_GEMV_ROPE ? 8 * RT : 16 * RT;
+  constexpr int per_block = HOW == CN_GEMV_SWIGLU || HOW == CN_GEMV_ROPE ? 8 : 16;
   unsigned grid = (unsigned)((p.out + per_block - 1) / per_block);
-  auto kernel = gemv_mma_kernel<N, XK, HOW, Y, RT>;
+  auto kernel = gemv_mma_kernel<N, XK, HOW, Y, P>;
   /* The staged rows (up to CN_GEMV_STAGE_BYTES) and the reduction tile pass the 48 KB a block gets
    * without asking. */
-  if (smem > CN_GEMV_STAGE_BYTES - sizeof(float) * WARPS * 16 * RT * 8)
+  if (smem > CN_GEMV_STAGE_BYTES - sizeof(float) * WARPS * 16 * 8)
     CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   CN_CUDA_CHECK(cn_launch(ctx, kernel, grid, THREADS, smem, p));
   return CANOPY_OK;
@@ -382,7 +386,7 @@ bool cn_gemv_fits(int n, int in, cn_gemv_x kind) {
 
 template <int N, int XK, int HOW, typename Y>
 static int go(cn_cuda_ctx *ctx, const gemv_params &p, unsigned grid, size_t smem) {
-  if (p.vec && N >= ctx->gemv_mma_rows) return go_mma<N, XK, HOW, Y>(ctx, p, smem);
+  if (p.vec && N >= ctx->gemv_mma_rows) return go_mma<N, XK, HOW, Y, MMA_PIECES>(ctx, p, smem);
   CN_CUDA_CHECK(cn_launch(ctx, gemv_kernel<N, XK, HOW, Y>, grid, THREADS, smem, p));
   return CANOPY_OK;
 }
