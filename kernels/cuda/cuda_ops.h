@@ -74,7 +74,7 @@ int cn_cuda_gemv_fusion(const cn_cuda_ctx *ctx);
  * differently, each alike for every row count it serves: with 1 (tensor cores always) or 9 (never)
  * a row's result is the same bits from 1 to 8 rows, so a greedy chain verified in up to 8 rows is
  * token for token the target's own decode; with the default a decode step (1 row) and a chain of 3+
- * rows may part at near-ties, for 1.2-2x faster 3-8 row steps (bench/RESULTS.md). */
+ * rows may part at near-ties, for 1.2-1.9x faster 3-8 row steps on Llama-3-8B (bench/RESULTS.md). */
 int cn_cuda_set_gemv_mma_rows(cn_cuda_ctx *ctx, int min_rows);
 int cn_cuda_gemv_mma_rows(const cn_cuda_ctx *ctx);
 
