@@ -265,7 +265,7 @@ template <int HOW, int TILE> __device__ __forceinline__ int mma_row(const gemv_p
  * each a turn (turn s covers pieces 4 P s .. 4 P s + 4 P - 1, lane t pieces 4 P s + P t ..), so its
  * four lanes read 64 P contiguous bytes of a row. Two tiles a warp (half the blocks, each staging its
  * input once for twice the rows) measured 10-15% slower on Llama-3-8B, as did 3 blocks a
- * multiprocessor instead of 2 (bench/RESULTS.md). */
+ * multiprocessor instead of 2 (with one piece a turn; bench/RESULTS.md). */
 template <int N, int XK, int HOW, typename Y, int P>
 __global__ void __launch_bounds__(THREADS, 2) gemv_mma_kernel(gemv_params p) {
   constexpr int TILE = 16, U = MMA_LOADS / P; /* turns a batch */
