@@ -28,6 +28,9 @@ struct gemv_params {
   cn_gemv_rope rope;
 };
 
+/* Weight rows a unit: two for SwiGLU (gate and up) and RoPE (a rotary pair), else one. */
+template <int HOW> constexpr int rows_per_unit() { return HOW == CN_GEMV_SWIGLU || HOW == CN_GEMV_ROPE ? 2 : 1; }
+
 /* Weight row i (of R) of unit o: its gate and up rows for SwiGLU, a rotary pair (k, k + d / 2 of
  * one head) for RoPE. */
 template <int HOW> __device__ __forceinline__ int weight_row(const gemv_params &p, int o, int i) {
@@ -62,6 +65,21 @@ __device__ __forceinline__ void rope_out(const gemv_params &p, int r, int o, flo
     cn_kv_put(q.kv, false, q.slots[r], j, kv_dim, x0);
     cn_kv_put(q.kv, false, q.slots[r], j + half, kv_dim, x1);
   }
+}
+
+/* Output unit o of input row r from its (bias-added) dot products: a, and b the second row's for
+ * SwiGLU and RoPE (a again otherwise). Both forms of the kernel end here. */
+template <int HOW, typename Y>
+__device__ __forceinline__ void put_out(const gemv_params &p, int r, int o, float a, float b) {
+  Y *y = (Y *)p.y + (size_t)r * p.out + o;
+  if constexpr (HOW == CN_GEMV_ROPE)
+    rope_out(p, r, o, a, b);
+  else if constexpr (HOW == CN_GEMV_SWIGLU)
+    cn_st(y, a / (1.0f + expf(-a)) * b);
+  else if constexpr (HOW == CN_GEMV_ADD)
+    cn_st(y, cn_ld(y) + a);
+  else
+    cn_st(y, a);
 }
 
 __device__ __forceinline__ void bf16x8_to_f32(uint4 v, float *f) {
@@ -116,7 +134,7 @@ __device__ __forceinline__ void load_batch(uint4 (&dst)[R][BATCH], const uint4 *
 template <int N, int XK, int HOW, typename Y> __global__ void __launch_bounds__(THREADS) gemv_kernel(gemv_params p) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr bool staged = XK != CN_GEMV_X_BF16;
-  constexpr int R = HOW == CN_GEMV_SWIGLU || HOW == CN_GEMV_ROPE ? 2 : 1; /* weight rows per warp */
+  constexpr int R = rows_per_unit<HOW>(); /* weight rows per warp */
   const int in = p.in, o = blockIdx.x * WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   const bool valid = o < p.out;
   const int n8 = p.vec ? in / 8 : 0;
@@ -202,16 +220,7 @@ template <int N, int XK, int HOW, typename Y> __global__ void __launch_bounds__(
         v[i] += __shfl_xor_sync(0xffffffffu, v[i], s);
       if (p.bias) v[i] += cn_ld(p.bias + row[i]); /* the bias pass wrote it first: bias + v */
     }
-    if (lane) continue;
-    Y *y = (Y *)p.y + (size_t)r * p.out + o;
-    if constexpr (HOW == CN_GEMV_ROPE)
-      rope_out(p, r, o, v[0], v[R - 1]);
-    else if constexpr (HOW == CN_GEMV_SWIGLU)
-      cn_st(y, v[0] / (1.0f + expf(-v[0])) * v[R - 1]);
-    else if constexpr (HOW == CN_GEMV_ADD)
-      cn_st(y, cn_ld(y) + v[0]);
-    else
-      cn_st(y, v[0]);
+    if (!lane) put_out<HOW, Y>(p, r, o, v[0], v[R - 1]);
   }
 }
 
@@ -232,6 +241,7 @@ template <int N, int XK, int HOW, typename Y> __global__ void __launch_bounds__(
  * contiguous bytes of one row per load, where here four lanes share a row), so it runs from
  * CN_GEMV_MMA_ROWS rows (cn_cuda_set_gemv_mma_rows). */
 
+#define MMA_TILE 16 /* weight rows a block: one m16 tile */
 #define MMA_LOADS 4 /* 16-byte weight loads a lane has in one batch and row: two batches in flight */
 /* Contiguous 16-byte pieces of a row a lane loads a turn: 4 (256 contiguous bytes a row for the four
  * lanes that share it) against 1 and 2 on Llama-3-8B, 4 rows: 5.02 ms a step against 5.97 and
@@ -250,7 +260,7 @@ __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint3
  * SwiGLU / RoPE unit whose two rows are slots u and u + TILE / 2), *ok false past the last unit,
  * and its weight row. */
 template <int HOW, int TILE> __device__ __forceinline__ int mma_unit(const gemv_params &p, int slot, bool *ok) {
-  constexpr bool pairs = HOW == CN_GEMV_SWIGLU || HOW == CN_GEMV_ROPE;
+  constexpr bool pairs = rows_per_unit<HOW>() == 2;
   const int o = pairs ? blockIdx.x * (TILE / 2) + slot % (TILE / 2) : blockIdx.x * TILE + slot;
   *ok = o < p.out;
   return o;
@@ -258,7 +268,7 @@ template <int HOW, int TILE> __device__ __forceinline__ int mma_unit(const gemv_
 template <int HOW, int TILE> __device__ __forceinline__ int mma_row(const gemv_params &p, int slot) {
   bool ok;
   const int o = mma_unit<HOW, TILE>(p, slot, &ok);
-  return weight_row<HOW>(p, ok ? o : 0, slot / (TILE / 2) * (HOW == CN_GEMV_SWIGLU || HOW == CN_GEMV_ROPE));
+  return weight_row<HOW>(p, ok ? o : 0, slot / (TILE / 2) * (rows_per_unit<HOW>() - 1));
 }
 
 /* One m16 tile a warp; lane (g, t) loads weight rows g and g + 8, P consecutive 16-byte pieces of
@@ -266,13 +276,12 @@ template <int HOW, int TILE> __device__ __forceinline__ int mma_row(const gemv_p
  * four lanes read 64 P contiguous bytes of a row. Two tiles a warp (half the blocks, each staging its
  * input once for twice the rows) measured 10-15% slower on Llama-3-8B, as did 3 blocks a
  * multiprocessor instead of 2 (with one piece a turn; bench/RESULTS.md). */
-template <int N, int XK, int HOW, typename Y, int P>
+template <int N, int XK, int HOW, typename Y>
 __global__ void __launch_bounds__(THREADS, 2) gemv_mma_kernel(gemv_params p) {
-  constexpr int TILE = 16, U = MMA_LOADS / P; /* turns a batch */
+  constexpr int TILE = MMA_TILE, P = MMA_PIECES, U = MMA_LOADS / P; /* turns a batch */
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float red[WARPS][TILE][8];
   constexpr bool staged = XK != CN_GEMV_X_BF16;
-  constexpr bool pairs = HOW == CN_GEMV_SWIGLU || HOW == CN_GEMV_ROPE;
   const int in = p.in, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int n8 = in / 8; /* 16-byte pieces a row */
   bool ok[2];
@@ -337,7 +346,7 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_mma_kernel(gemv_params p) {
   red[warp][g + 8][2 * t] = acc[0][2] + acc[1][2];
   red[warp][g + 8][2 * t + 1] = acc[0][3] + acc[1][3];
   __syncthreads();
-  constexpr int SLOTS = pairs ? TILE / 2 : TILE;
+  constexpr int SLOTS = TILE / rows_per_unit<HOW>(); /* units a block */
   for (int e = threadIdx.x; e < SLOTS * 8; e += THREADS) {
     const int slot = e / 8, r = e % 8;
     bool valid;
@@ -345,7 +354,7 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_mma_kernel(gemv_params p) {
     if (!valid || r >= N) continue;
     float v[2];
 #pragma unroll
-    for (int i = 0; i < 1 + pairs; i++) {
+    for (int i = 0; i < rows_per_unit<HOW>(); i++) {
       const int sl = slot + i * (TILE / 2);
       float sum = 0.0f;
 #pragma unroll
@@ -354,26 +363,18 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_mma_kernel(gemv_params p) {
       if (p.bias) sum += cn_ld(p.bias + mma_row<HOW, TILE>(p, sl));
       v[i] = sum;
     }
-    Y *y = (Y *)p.y + (size_t)r * p.out + o;
-    if constexpr (HOW == CN_GEMV_ROPE)
-      rope_out(p, r, o, v[0], v[1]);
-    else if constexpr (HOW == CN_GEMV_SWIGLU)
-      cn_st(y, v[0] / (1.0f + expf(-v[0])) * v[1]);
-    else if constexpr (HOW == CN_GEMV_ADD)
-      cn_st(y, cn_ld(y) + v[0]);
-    else
-      cn_st(y, v[0]);
+    put_out<HOW, Y>(p, r, o, v[0], v[rows_per_unit<HOW>() - 1]);
   }
 }
 
-template <int N, int XK, int HOW, typename Y, int P>
+template <int N, int XK, int HOW, typename Y>
 static int go_mma(cn_cuda_ctx *ctx, const gemv_params &p, size_t smem) {
-  constexpr int per_block = HOW == CN_GEMV_SWIGLU || HOW == CN_GEMV_ROPE ? 8 : 16;
+  constexpr int per_block = MMA_TILE / rows_per_unit<HOW>();
   unsigned grid = (unsigned)((p.out + per_block - 1) / per_block);
-  auto kernel = gemv_mma_kernel<N, XK, HOW, Y, P>;
+  auto kernel = gemv_mma_kernel<N, XK, HOW, Y>;
   /* The staged rows (up to CN_GEMV_STAGE_BYTES) and the reduction tile pass the 48 KB a block gets
    * without asking. */
-  if (smem > CN_GEMV_STAGE_BYTES - sizeof(float) * WARPS * 16 * 8)
+  if (smem > CN_GEMV_STAGE_BYTES - sizeof(float) * WARPS * MMA_TILE * 8)
     CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   CN_CUDA_CHECK(cn_launch(ctx, kernel, grid, THREADS, smem, p));
   return CANOPY_OK;
@@ -386,7 +387,7 @@ bool cn_gemv_fits(int n, int in, cn_gemv_x kind) {
 
 template <int N, int XK, int HOW, typename Y>
 static int go(cn_cuda_ctx *ctx, const gemv_params &p, unsigned grid, size_t smem) {
-  if (p.vec && N >= ctx->gemv_mma_rows) return go_mma<N, XK, HOW, Y, MMA_PIECES>(ctx, p, smem);
+  if (p.vec && N >= ctx->gemv_mma_rows) return go_mma<N, XK, HOW, Y>(ctx, p, smem);
   CN_CUDA_CHECK(cn_launch(ctx, gemv_kernel<N, XK, HOW, Y>, grid, THREADS, smem, p));
   return CANOPY_OK;
 }
