@@ -44,6 +44,7 @@ int main(void) {
   return 1;
 }
 #else
+#include "bench/bench_cuda.h"
 #include "kernels/cuda/cuda_ops.h"
 
 #define MAX_CONFIGS 4
@@ -52,26 +53,6 @@ int main(void) {
 static void die(const char *what) {
   fprintf(stderr, "bench_step: %s: %s\n", what, canopy_last_error());
   exit(1);
-}
-
-/* Device-to-device copy bandwidth in bytes/s (read + write), median of reps copies of 1 GiB. */
-static double copy_bandwidth(cn_cuda_ctx *cu, cn_cuda_timer *tm, int reps) {
-  size_t bytes = (size_t)1 << 30;
-  void *a = NULL, *b = NULL;
-  if (cn_cuda_malloc(cu, &a, bytes) || cn_cuda_malloc(cu, &b, bytes)) die("copy buffers");
-  if (cn_cuda_memset(cu, a, 0x5A, bytes)) die("memset");
-  double *t = malloc(sizeof *t * (size_t)reps);
-  for (int r = -2; r < reps; r++) {
-    float ms;
-    if (cn_cuda_timer_start(tm) || cn_cuda_memcpy_d2d(cu, b, a, bytes) || cn_cuda_timer_stop(tm, &ms))
-      die("copy");
-    if (r >= 0) t[r] = ms * 1e-3;
-  }
-  double med = bench_median(t, reps);
-  free(t);
-  cn_cuda_free(cu, a);
-  cn_cuda_free(cu, b);
-  return 2.0 * (double)bytes / med;
 }
 
 typedef struct step_time {
@@ -316,7 +297,8 @@ int main(int argc, char **argv) {
   cn_cuda_ctx *cu;
   cn_cuda_timer *tm;
   if (cn_cuda_ctx_create(0, &cu) || cn_cuda_timer_create(cu, &tm)) die("cuda context");
-  double bw = copy_bandwidth(cu, tm, 10);
+  double bw = bench_cuda_copy_bandwidth(cu, tm, 10);
+  if (bw <= 0) die("copy bandwidth");
   cn_cuda_timer_free(tm);
   cn_cuda_ctx_free(cu);
   printf("device-to-device copy bandwidth (1 GiB, read + write, median of 10): %.0f GB/s\n", bw / 1e9);

@@ -24,6 +24,7 @@
 
 #ifdef CANOPY_HAVE_CUDA
 #include "canopy.h"
+#include "bench/bench_cuda.h"
 #include "kernels/cuda/cuda_ops.h"
 
 #define HQ 32
@@ -35,15 +36,6 @@
 #define POOL_BYTES (2560ull << 20)
 #define ROTATE_BYTES (256ull << 20)
 #define GROUPS 7
-
-#define CK(call)                                                                                                       \
-  do {                                                                                                                 \
-    int st_ = (call);                                                                                                  \
-    if (st_) {                                                                                                         \
-      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, canopy_last_error());                             \
-      exit(1);                                                                                                         \
-    }                                                                                                                  \
-  } while (0)
 
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
 static uint64_t next_rand(void) {
@@ -100,16 +92,6 @@ static double time_us(void (*f)(void *, int), void *arg, int per) {
     t[g] = 1e3 * ms / per;
   }
   return bench_median(t, GROUPS);
-}
-
-typedef struct copy_job {
-  void *dst, *src;
-  size_t bytes;
-} copy_job;
-
-static void run_copy(void *arg, int i) {
-  copy_job *j = arg;
-  CK(cn_cuda_memcpy_d2d(ctx, j->dst, j->src, j->bytes));
 }
 
 /* One benchmarked shape: n_sets copies of the batch's block tables over disjoint K/V blocks. */
@@ -253,28 +235,6 @@ static double check_impl(const bench_bufs *bb, shape_job *j, cn_cuda_tree_attn_i
   return rel_diff(bb->out, bb->naive_out, (size_t)j->batch * j->n * HQ * HD, bb->scratch);
 }
 
-/* The dense bf16 matrix rate of this device, from a cuBLAS GEMM (8192^3, median of 5): the
- * compute ceiling the tree kernel's products are compared with. */
-static double gemm_tflops(void) {
-  const int N = 8192;
-  uint16_t *x = dmalloc(sizeof(uint16_t) * (size_t)N * N), *w = dmalloc(sizeof(uint16_t) * (size_t)N * N),
-           *y = dmalloc(sizeof(uint16_t) * (size_t)N * N);
-  fill_random_bf16(x, (size_t)N * N);
-  fill_random_bf16(w, (size_t)N * N);
-  CK(cn_cuda_matmul(ctx, y, CN_CUDA_BF16, x, CN_CUDA_BF16, w, NULL, N, N, N)); /* warm-up */
-  CK(cn_cuda_sync(ctx));
-  double t[5];
-  for (int i = 0; i < 5; i++) {
-    float ms;
-    CK(cn_cuda_timer_start(timer));
-    CK(cn_cuda_matmul(ctx, y, CN_CUDA_BF16, x, CN_CUDA_BF16, w, NULL, N, N, N));
-    CK(cn_cuda_timer_stop(timer, &ms));
-    t[i] = ms;
-  }
-  cn_cuda_free(ctx, x), cn_cuda_free(ctx, w), cn_cuda_free(ctx, y);
-  return 2.0 * N * (double)N * N / (bench_median(t, 5) * 1e-3) / 1e12;
-}
-
 int main(int argc, char **argv) {
   int quick = argc > 1 && !strcmp(argv[1], "--quick");
   if (cn_cuda_device_count() == 0) {
@@ -285,17 +245,8 @@ int main(int argc, char **argv) {
   CK(cn_cuda_timer_create(ctx, &timer));
 
   /* The ceilings: a large device-to-device copy (read + written bytes over time), and a GEMM. */
-  copy_job cj = {.bytes = 1ull << 30};
-  cj.src = dmalloc(cj.bytes);
-  cj.dst = dmalloc(cj.bytes);
-  CK(cn_cuda_memset(ctx, cj.src, 0x3c, cj.bytes));
-  double copy_us = time_us(run_copy, &cj, 3);
-  double copy_gbs = 2.0 * (double)cj.bytes / (copy_us * 1e-6) / 1e9;
-  cn_cuda_free(ctx, cj.src);
-  cn_cuda_free(ctx, cj.dst);
-  double tflops = gemm_tflops();
-  printf("copy bandwidth (1 GiB device-to-device, read + write): %.0f GB/s\n", copy_gbs);
-  printf("dense bf16 matrix rate (cuBLAS 8192^3 GEMM, random data): %.0f TFLOP/s\n", tflops);
+  double copy_gbs, tflops;
+  if (bench_cuda_ceilings(ctx, timer, "bench_tree_attention", &copy_gbs, &tflops)) return 1;
 
   bench_bufs bb = {.pool_blocks = POOL_BYTES / (sizeof(uint16_t) * BLOCK_ELEMS), .ws_bytes = 256u << 20};
   bb.pool = dmalloc(bb.pool_blocks * BLOCK_ELEMS * sizeof(uint16_t));

@@ -41,6 +41,7 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
   /* CANOPY_CUDA_GEMV_MMA_ROWS=k: the few-row GEMM on tensor cores from k rows (1: always; 9: never). */
   const char *mma = getenv("CANOPY_CUDA_GEMV_MMA_ROWS");
   c->gemv_mma_rows = mma && *mma ? atoi(mma) : CN_GEMV_MMA_ROWS;
+  c->gemv_max_rows = CN_GEMV_MAX_ROWS;
   /* CANOPY_CUDA_TA_SPLIT_MIN_KEYS=k (a multiple of 64): the tree-attention plan's fewest keys a
    * split, to measure where splitting a short context stops paying for its merge. */
   const char *split_min = getenv("CANOPY_CUDA_TA_SPLIT_MIN_KEYS");
@@ -143,6 +144,12 @@ int cn_cuda_set_gemv_mma_rows(cn_cuda_ctx *ctx, int min_rows) {
 }
 
 int cn_cuda_gemv_mma_rows(const cn_cuda_ctx *ctx) { return ctx ? ctx->gemv_mma_rows : 0; }
+
+int cn_cuda_set_gemv_max_rows(cn_cuda_ctx *ctx, int max_rows) {
+  if (!ctx) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_gemv_max_rows: NULL cuda context");
+  ctx->gemv_max_rows = max_rows < 0 || max_rows > CN_GEMV_MAX_ROWS ? CN_GEMV_MAX_ROWS : max_rows;
+  return CANOPY_OK;
+}
 
 int cn_cuda_reserve_scratch(cn_cuda_ctx *ctx, size_t elems) {
   CN_CUDA_ENTER(ctx);

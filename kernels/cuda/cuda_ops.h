@@ -78,6 +78,10 @@ int cn_cuda_gemv_fusion(const cn_cuda_ctx *ctx);
 int cn_cuda_set_gemv_mma_rows(cn_cuda_ctx *ctx, int min_rows);
 int cn_cuda_gemv_mma_rows(const cn_cuda_ctx *ctx);
 
+/* GEMMs of up to max_rows rows run the few-row kernel, larger ones cuBLAS (< 0 or above the
+ * kernel's 8 rows: 8, the default; 0: cuBLAS always, which bench_gemm compares). */
+int cn_cuda_set_gemv_max_rows(cn_cuda_ctx *ctx, int max_rows);
+
 /* Preallocates the matmul scratch for fp32 inputs of up to `elems` elements, so that no
  * allocation happens later in a decode loop (it would otherwise grow on first use). */
 int cn_cuda_reserve_scratch(cn_cuda_ctx *ctx, size_t elems);

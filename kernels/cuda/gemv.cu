@@ -99,15 +99,15 @@ template <int N, int XK> __device__ __forceinline__ void stage(cn_bf16_t *xs, co
   const float *x = (const float *)p.x;
   const int in = p.in;
   if constexpr (XK == CN_GEMV_X_NORM) {
+    /* One row: 8 loads a thread in flight (Llama-3-8B decode 8% faster than one at a time, its
+     * q/k/v and gate/up products 17% and 8%). Two rows: one at a time, which measured 4-7% faster
+     * there than 8 (bench/RESULTS.md). */
+    constexpr int LOADS = N == 1 ? 8 : 1;
     __shared__ float scale[N];
-    cn_rms_scales<N>(x, in, p.eps, scale);
+    cn_rms_scales<N, LOADS>(x, in, p.eps, scale);
 #pragma unroll 1
-    for (int r = 0; r < N; r++) {
-      const float *xr = x + (size_t)r * in;
-      float s = scale[r];
-      for (int j = threadIdx.x; j < in; j += THREADS)
-        cn_st(xs + (size_t)r * in + j, xr[j] * s * cn_ld(p.norm_w + j));
-    }
+    for (int r = 0; r < N; r++)
+      cn_rms_apply<LOADS>(xs + (size_t)r * in, x + (size_t)r * in, p.norm_w, in, scale[r]);
   } else {
     for (int e = threadIdx.x; e < N * in; e += THREADS)
       cn_st(xs + e, x[e]);

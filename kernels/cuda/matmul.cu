@@ -35,7 +35,7 @@ static int gemm_rows(const cn_cuda_ctx *ctx, int n) {
 /* Whether the few-row kernel runs n rows with its fusions (gemv.cuh): not in batch-invariant
  * mode, where every call must be the same padded cuBLAS problem. */
 static bool fused(const cn_cuda_ctx *ctx, int n, int in, cn_gemv_x kind) {
-  return n <= ctx->gemv_fusion && !ctx->batch_invariant && cn_gemv_fits(n, in, kind);
+  return n <= ctx->gemv_fusion && n <= ctx->gemv_max_rows && !ctx->batch_invariant && cn_gemv_fits(n, in, kind);
 }
 
 static int gemv(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const void *x, cn_gemv_x kind, const cn_bf16 *norm_w,
@@ -50,7 +50,7 @@ static int gemv(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const void *x, cn
 static int gemm_bf16(cn_cuda_ctx *ctx, void *y_out, cn_cuda_dtype y_dt, const void *xb, const cn_bf16 *w,
                      const cn_bf16 *bias, int n_real, int in, int out, bool accumulate) {
   int n = gemm_rows(ctx, n_real);
-  if (n <= CN_GEMV_MAX_ROWS) /* bias and accumulation in the kernel's epilogue */
+  if (n <= ctx->gemv_max_rows) /* bias and accumulation in the kernel's epilogue */
     return gemv(ctx, y_out, y_dt, xb, CN_GEMV_X_BF16, NULL, 0.0f, w, bias, n, in, out,
                 accumulate ? CN_GEMV_ADD : CN_GEMV_STORE);
   size_t row_bytes = (size_t)out * (y_dt == CN_CUDA_F32 ? sizeof(float) : sizeof(cn_bf16));

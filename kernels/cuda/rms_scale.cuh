@@ -11,9 +11,32 @@
 
 #define CN_RMS_THREADS 256 /* the block size of every caller */
 
+/* y[j] = x[j] * s * w[j] for this thread's elements j of a row (j = threadIdx.x + k CN_RMS_THREADS),
+ * LOADS of them loaded before any is stored; each thread writes only what it read, so y may alias
+ * x. Every RMSNorm of the engine scales with this expression. */
+template <int LOADS, typename TO, typename TI>
+__device__ __forceinline__ void cn_rms_apply(TO *y, const TI *x, const cn_bf16_t *w, int dim, float s) {
+  for (int j0 = threadIdx.x; j0 < dim; j0 += LOADS * CN_RMS_THREADS) {
+    float v[LOADS], g[LOADS];
+#pragma unroll
+    for (int u = 0; u < LOADS; u++) {
+      const int j = j0 + u * CN_RMS_THREADS;
+      v[u] = j < dim ? cn_ld(x + j) : 0.0f;
+      g[u] = j < dim ? cn_ld(w + j) : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < LOADS; u++) {
+      const int j = j0 + u * CN_RMS_THREADS;
+      if (j < dim) cn_st(y + j, v[u] * s * g[u]);
+    }
+  }
+}
+
 /* scale[r] = 1 / sqrt(mean(x[r]^2) + eps) for rows x [N][dim] (T fp32 or bf16); scale is shared
- * memory, valid in every thread on return. */
-template <int N, typename T>
+ * memory, valid in every thread on return. Each thread has LOADS loads in flight before it adds
+ * their squares, in the same order as one at a time (the same bits for every LOADS): a row of 4096
+ * is 16 loads a thread, which one after the other cost 16 memory latencies. */
+template <int N, int LOADS, typename T>
 __device__ __forceinline__ void cn_rms_scales(const T *x, int dim, float eps, float *scale) {
   __shared__ float part[CN_RMS_THREADS / 32][N];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -21,9 +44,16 @@ __device__ __forceinline__ void cn_rms_scales(const T *x, int dim, float eps, fl
 #pragma unroll
   for (int r = 0; r < N; r++) {
     ss[r] = 0.0f;
-    for (int j = threadIdx.x; j < dim; j += CN_RMS_THREADS) {
-      float v = cn_ld(x + (size_t)r * dim + j);
-      ss[r] += v * v;
+    for (int j0 = threadIdx.x; j0 < dim; j0 += LOADS * CN_RMS_THREADS) {
+      float v[LOADS];
+#pragma unroll
+      for (int u = 0; u < LOADS; u++) {
+        const int j = j0 + u * CN_RMS_THREADS;
+        v[u] = j < dim ? cn_ld(x + (size_t)r * dim + j) : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < LOADS; u++)
+        if (j0 + u * CN_RMS_THREADS < dim) ss[r] += v[u] * v[u];
     }
   }
 #pragma unroll
