@@ -24,6 +24,26 @@
     }                                                                                                                  \
   } while (0)
 
+#define BENCH_CUDA_GROUPS 7
+
+/* Median of BENCH_CUDA_GROUPS device-event timings of `per` back-to-back calls f(arg, i), in
+ * microseconds, after `warmups` calls and a wait for them; i counts every call from 0, so f can
+ * rotate through its buffers. */
+static inline double bench_cuda_time_us(cn_cuda_ctx *ctx, cn_cuda_timer *tm, void (*f)(void *, int), void *arg,
+                                        int warmups, int per) {
+  double t[BENCH_CUDA_GROUPS];
+  int i = 0;
+  while (i < warmups) f(arg, i++);
+  CK(cn_cuda_sync(ctx));
+  for (int g = 0; g < BENCH_CUDA_GROUPS; g++) {
+    float ms;
+    CK(cn_cuda_timer_start(tm));
+    for (int k = 0; k < per; k++) f(arg, i++);
+    CK(cn_cuda_timer_stop(tm, &ms));
+    t[g] = 1e3 * ms / per;
+  }
+  return bench_median(t, BENCH_CUDA_GROUPS);
+}
 
 /* Bytes/s, median of reps (<= BENCH_CUDA_REPS_MAX) copies after two warm-ups. */
 static inline double bench_cuda_copy_bandwidth(cn_cuda_ctx *ctx, cn_cuda_timer *tm, int reps) {

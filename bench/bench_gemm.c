@@ -24,7 +24,6 @@
 #include "bench/bench_cuda.h"
 #include "kernels/cuda/cuda_ops.h"
 
-#define GROUPS 7
 #define PER_GROUP 12
 #define ROTATE_BYTES (256ull << 20)
 #define MAX_ROWS_LIST 16
@@ -61,28 +60,14 @@ typedef struct job {
   float *y;
 } job;
 
-static void run(job *j, int i) {
+static void run(void *arg, int i) {
+  const job *j = arg;
   const shape *s = j->s;
   const cn_bf16 *w = j->w[i % j->copies];
   if (s->add)
     CK(cn_cuda_matmul_add(ctx, j->y, j->x, CN_CUDA_BF16, w, NULL, j->n, s->in, s->out));
   else
     CK(cn_cuda_matmul(ctx, j->y, CN_CUDA_F32, j->x, CN_CUDA_BF16, w, NULL, j->n, s->in, s->out));
-}
-
-static double time_us(job *j) {
-  double t[GROUPS];
-  int i = 0;
-  for (int k = 0; k < j->copies; k++) run(j, i++); /* warm-up: every copy once */
-  CK(cn_cuda_sync(ctx));
-  for (int g = 0; g < GROUPS; g++) {
-    float ms;
-    CK(cn_cuda_timer_start(timer));
-    for (int k = 0; k < PER_GROUP; k++) run(j, i++);
-    CK(cn_cuda_timer_stop(timer, &ms));
-    t[g] = 1e3 * ms / PER_GROUP;
-  }
-  return bench_median(t, GROUPS);
 }
 
 static int parse_rows(const char *s, int *rows) {
@@ -151,7 +136,7 @@ int main(int argc, char **argv) {
       printf("  %5d", j.n);
       for (int v = 0; v < N_VARIANTS; v++) {
         set_variant(v);
-        double us = time_us(&j);
+        double us = bench_cuda_time_us(ctx, timer, run, &j, j.copies, PER_GROUP); /* every copy warmed */
         step_us[v][r] += us * s->per_step;
         printf(" | %8.1f us %5.1f%% %6.1f TF", us, 100.0 * floor_us / us, 2.0 * j.n * (double)w_elems / us * 1e-6);
       }

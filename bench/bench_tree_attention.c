@@ -35,7 +35,6 @@
 #define BLOCK_ELEMS (2 * BS * KV_DIM) /* K and V of one block */
 #define POOL_BYTES (2560ull << 20)
 #define ROTATE_BYTES (256ull << 20)
-#define GROUPS 7
 
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
 static uint64_t next_rand(void) {
@@ -78,20 +77,9 @@ static void fill_random_bf16(uint16_t *d, size_t elems) {
   free(h);
 }
 
-/* Median of GROUPS device-event timings of `per` back-to-back calls of f(i), in microseconds. */
+/* Median time of `per` back-to-back calls of f, in microseconds, after one warm-up call. */
 static double time_us(void (*f)(void *, int), void *arg, int per) {
-  double t[GROUPS];
-  int i = 0;
-  f(arg, i++); /* warm-up */
-  CK(cn_cuda_sync(ctx));
-  for (int g = 0; g < GROUPS; g++) {
-    float ms;
-    CK(cn_cuda_timer_start(timer));
-    for (int k = 0; k < per; k++) f(arg, i++);
-    CK(cn_cuda_timer_stop(timer, &ms));
-    t[g] = 1e3 * ms / per;
-  }
-  return bench_median(t, GROUPS);
+  return bench_cuda_time_us(ctx, timer, f, arg, 1, per);
 }
 
 /* One benchmarked shape: n_sets copies of the batch's block tables over disjoint K/V blocks. */
