@@ -13,7 +13,10 @@
  * kernel's on every shape; wg128 and wg64 are the wgmma kernel with 128-row and 64-row tiles (the
  * same below 128 rows a KV head), auto what AUTO runs. A split sweep at batch 1 (n = 64, 128) follows.
  *
- *   bench_tree_attention [--quick]     (--quick: batch 1, L 4k only, no sweep) */
+ *   bench_tree_attention [--quick]     (--quick: batch 1, L 4k only, no sweep)
+ *   bench_tree_attention --shape B,N,L[,SPLITS[,TILE]]
+ *       one shape only: the automatic kernel (or the wgmma kernel with TILE-row tiles) at the
+ *       engine's split count (or SPLITS), three untimed launches then the timing, for profilers */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -223,8 +226,36 @@ static double check_impl(const bench_bufs *bb, shape_job *j, cn_cuda_tree_attn_i
   return rel_diff(bb->out, bb->naive_out, (size_t)j->batch * j->n * HQ * HD, bb->scratch);
 }
 
+/* --shape: one shape, few launches, so that a profiler sees only this kernel. */
+static int run_one_shape(const bench_bufs *bb, const char *spec) {
+  int batch = 0, n = 0, L = 0, splits = 0, tile = 0;
+  if (sscanf(spec, "%d,%d,%d,%d,%d", &batch, &n, &L, &splits, &tile) < 3 || batch < 1 || batch > 8 || n < 1 ||
+      n > 128 || L < 1 || splits < 0 || (tile && tile != 64 && tile != 128)) {
+    fprintf(stderr, "bench_tree_attention: --shape B,N,L[,SPLITS[,TILE]]: bad '%s' (B 1..8, N 1..128, TILE 64 or 128)\n",
+            spec);
+    return 1;
+  }
+  shape_job j = make_shape(bb, batch, n, L);
+  if (splits) j.a.n_splits = splits, j.a.split_keys = 0;
+  if (!fits(bb, &j)) {
+    fprintf(stderr, "bench_tree_attention: workspace too small for %d splits\n", j.a.n_splits);
+    return 1;
+  }
+  cn_cuda_tree_attn_impl impl = tile ? CN_CUDA_TA_WGMMA : CN_CUDA_TA_AUTO;
+  j.a.impl = impl, j.a.row_tile = tile;
+  for (int i = 0; i < 3; i++) run_tree(&j, i);
+  CK(cn_cuda_sync(ctx));
+  double t = bench_cuda_time_us(ctx, timer, run_tree, &j, 1, 10);
+  double kv_bytes = (double)batch * L * KV_DIM * 2 * sizeof(uint16_t);
+  printf("batch %d n %d L %d splits %d tile %d: %.1f us (K/V %.1f MB)\n", batch, n, L, j.a.n_splits, tile, t,
+         kv_bytes / 1e6);
+  free_shape(&j);
+  return 0;
+}
+
 int main(int argc, char **argv) {
   int quick = argc > 1 && !strcmp(argv[1], "--quick");
+  const char *shape = argc > 2 && !strcmp(argv[1], "--shape") ? argv[2] : NULL;
   if (cn_cuda_device_count() == 0) {
     printf("bench_tree_attention: no CUDA device visible\n");
     return 0;
@@ -245,6 +276,7 @@ int main(int argc, char **argv) {
   bb.out2 = dmalloc(sizeof(uint16_t) * qe), bb.naive_out = dmalloc(sizeof(uint16_t) * qe);
   bb.scratch = dmalloc(sizeof(float) * qe);
   fill_random_bf16(bb.q, qe);
+  if (shape) return run_one_shape(&bb, shape);
 
   printf("\nLlama-3-8B heads (32 q / 8 kv, d 128), bf16, paged K/V (block 16). bw floor = prefix K/V bytes / copy\n"
          "bandwidth; mma floor = 4 n (32/8) L 128 8 batch FLOPs / the GEMM rate; %% = floor / auto time\n");

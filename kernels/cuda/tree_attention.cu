@@ -98,30 +98,25 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
     }
   }
 
-  auto load_tile = [&](int kt, int st) {
-    constexpr int CH = D / 8; /* 16-byte pieces per key row */
-    cn_bf16_t *kd = ks + st * KT * LD, *vd = vs + st * KT * LD;
-#pragma unroll
-    for (int it = 0; it < KT * CH / TA_THREADS; it++) {
-      int c = threadIdx.x + it * TA_THREADS, key = c / CH, col = (c % CH) * 8, slot = kt + key;
-      size_t off = slot < b.k_end ? ta_kv_offset(a, b, slot, col, D) : 0;
-      int bytes = slot < b.k_end ? 16 : 0;
-      cp_async16(smem_addr(kd + key * LD + col), (const cn_bf16_t *)a.k + off, bytes);
-      cp_async16(smem_addr(vd + key * LD + col), (const cn_bf16_t *)a.v + off, bytes);
-    }
+  auto find = [&](int kt) { return ta_tile_find<D, KT>(a, b, kt); };
+  auto copy = [&](const ta_tile_src<D, KT> &src, int st) {
+    ta_tile_copy<D, KT>(a, b, src, smem_addr(ks + st * KT * LD), smem_addr(vs + st * KT * LD),
+                        [](int key, int piece) { return (uint32_t)(sizeof(cn_bf16_t) * (key * LD + piece * 8)); });
   };
 
   const float sl2 = a.scale * TA_LOG2E;
   float o[RW][DN][4], m[RW][2], l[RW][2];
   ta_state_init(o, m, l);
 
-  ta_prologue<TA_STAGES, KT>(b, n_tiles, load_tile);
+  ta_prologue<TA_STAGES, KT>(b, n_tiles, find, copy);
   for (int it = 0; it < n_tiles; it++) {
     const int kt = b.k_begin + it * KT, ahead = it + TA_STAGES - 1;
-    if (ahead < n_tiles) load_tile(b.k_begin + ahead * KT, ahead % TA_STAGES);
+    ta_tile_src<D, KT> next; /* its table lookups travel while this tile's copies land */
+    if (ahead < n_tiles) next = find(b.k_begin + ahead * KT);
+    cp_async_wait<TA_STAGES - 2>();
+    __syncthreads(); /* also: every warp is past the iteration that last read stage `ahead` */
+    if (ahead < n_tiles) copy(next, ahead % TA_STAGES);
     cp_async_commit();
-    cp_async_wait<TA_STAGES - 1>();
-    __syncthreads();
     if (warp_active) {
       const int st = it % TA_STAGES;
       const cn_bf16_t *kst = ks + st * KT * LD, *vst = vs + st * KT * LD;

@@ -82,6 +82,7 @@ struct ta_block {
   int g, G, rows;     /* KV head; query heads per KV head; query rows (n G) of this KV head */
   int row0;           /* the tile's first row */
   int k_begin, k_end; /* the keys this block streams */
+  int bs_shift;       /* log2 of the cache's block size, or -1 when it is not a power of two */
   bool causal;
 };
 
@@ -103,6 +104,7 @@ template <int ROWS> __device__ __forceinline__ bool ta_block_init(const cn_cuda_
   const key_split ksp = split_of(b.sq, a);
   if (split >= ksp.n_used) return false;
   b.causal = b.sq.mask0 < 0;
+  b.bs_shift = (a.block_size & (a.block_size - 1)) ? -1 : __ffs(a.block_size) - 1;
   b.pos = a.pos + b.sq.pos0;
   /* This block's keys: its split, cut at the last key any of its rows may see. */
   const int tok_lo = b.row0 / b.G, tok_hi = (min(b.rows, b.row0 + ROWS) - 1) / b.G;
@@ -119,15 +121,70 @@ template <int ROWS> __device__ __forceinline__ bool ta_block_init(const cn_cuda_
   return true;
 }
 
-/* Element offset of (slot, column col of KV head g) in the paged cache: K and V alike. Block sizes
- * are powers of two in practice: a shift and a mask instead of a division per 16-byte piece (the
- * address arithmetic competes with the MMAs for issue slots). */
-__device__ __forceinline__ size_t ta_kv_offset(const cn_cuda_tree_attn_args &a, const ta_block &b, int slot, int col,
-                                               int D) {
-  const int bs = a.block_size, shift = __ffs(bs) - 1;
-  const bool pow2 = (bs & (bs - 1)) == 0;
-  int blk = pow2 ? slot >> shift : slot / bs, in = pow2 ? slot & (bs - 1) : slot % bs;
-  return (size_t)a.block_tables[b.sq.table0 + blk] * a.block_stride + (size_t)(in * a.n_kv_heads * D + b.g * D + col);
+/* The block-table lookups of one K/V tile, made before its copies (ta_tile_find, then
+ * ta_tile_copy): thread t copies 16-byte piece t % (D / 8) of keys t / (D / 8) + i TA_THREADS /
+ * (D / 8), i < P, and src holds where each of those keys lies in the paged cache. All P table
+ * loads are issued before any is used, and a kernel may do other work between the two halves, so
+ * a tile waits for at most one memory round trip instead of one per piece: looking up each piece
+ * just before its copy was the kernels' largest stall (ncu on the H200, bench/RESULTS.md
+ * 2026-12-04, third session). */
+template <int D, int KT> struct ta_tile_src {
+  static constexpr int CH = D / 8, STEP = TA_THREADS / CH, P = KT / STEP;
+  static_assert(TA_THREADS % CH == 0 && KT % STEP == 0, "a tile is whole rounds of the block's threads");
+  int kt;        /* the tile's first key */
+  int32_t blk[P]; /* the cache block of each of this thread's keys (keys past the range: the last key's) */
+  int in[P];      /* the key's slot in its block */
+};
+
+template <int D, int KT>
+__device__ __forceinline__ ta_tile_src<D, KT> ta_tile_find(const cn_cuda_tree_attn_args &a, const ta_block &b, int kt) {
+  using S = ta_tile_src<D, KT>;
+  S src;
+  src.kt = kt;
+  const int32_t *table = a.block_tables + b.sq.table0;
+  const int key0 = kt + threadIdx.x / S::CH, last = b.k_end - 1;
+  /* Block sizes are powers of two in practice: a shift and a mask instead of a division per key
+   * (the address arithmetic competes with the MMAs for issue slots); one uniform branch a tile. */
+  if (b.bs_shift >= 0) {
+#pragma unroll
+    for (int i = 0; i < S::P; i++) {
+      const int slot = min(key0 + i * S::STEP, last);
+      src.blk[i] = __ldg(table + (slot >> b.bs_shift));
+      src.in[i] = slot & (a.block_size - 1);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < S::P; i++) {
+      const int slot = min(key0 + i * S::STEP, last);
+      src.blk[i] = __ldg(table + slot / a.block_size);
+      src.in[i] = slot % a.block_size;
+    }
+  }
+  return src;
+}
+
+/* The copies of a found tile: K and V of key `key` (0 .. KT - 1), piece c, to k_dst + at(key, c)
+ * and v_dst + at(key, c) (shared-memory byte addresses); keys at or past k_end become zeros. `at`
+ * must be affine in the key over one thread's keys (key0 + i STEP, STEP a multiple of 8): true of
+ * a padded row-major tile and of the 128-byte swizzle, whose pattern repeats every 8 rows. So a
+ * piece costs its two copies and a few adds. */
+template <int D, int KT, typename At>
+__device__ __forceinline__ void ta_tile_copy(const cn_cuda_tree_attn_args &a, const ta_block &b,
+                                             const ta_tile_src<D, KT> &src, uint32_t k_dst, uint32_t v_dst, At at) {
+  using S = ta_tile_src<D, KT>;
+  static_assert(S::STEP % 8 == 0, "a thread's keys lie 8 rows apart or a multiple of that");
+  const int piece = threadIdx.x % S::CH, key0 = threadIdx.x / S::CH;
+  const uint32_t to0 = at(key0, piece), to_step = at(key0 + S::STEP, piece) - to0;
+  const size_t head = (size_t)b.g * D + piece * 8, row = (size_t)a.n_kv_heads * D;
+  const cn_bf16_t *kp = (const cn_bf16_t *)a.k + head, *vp = (const cn_bf16_t *)a.v + head;
+  const int live = b.k_end - src.kt - key0; /* this thread's keys below it are in range */
+#pragma unroll
+  for (int i = 0; i < S::P; i++) {
+    const size_t off = (size_t)src.blk[i] * a.block_stride + (size_t)src.in[i] * row;
+    const int bytes = i * S::STEP < live ? 16 : 0;
+    cp_async16(k_dst + to0 + i * to_step, kp + off, bytes);
+    cp_async16(v_dst + to0 + i * to_step, vp + off, bytes);
+  }
 }
 
 /* Whether token t of the block sees key `key` (k_begin <= key); the prefix part is the same test
@@ -159,14 +216,20 @@ __device__ __forceinline__ void ta_state_init(float (&o)[RW][DN][4], float (&m)[
   }
 }
 
-/* The pipeline's start: the first STAGES - 1 tiles of KT keys requested, one cp.async group each.
- * Every later iteration commits one group too (empty past the last tile), so waiting for all but
- * the newest STAGES - 1 groups always means that iteration's tile has landed. */
-template <int STAGES, int KT, typename F>
-__device__ __forceinline__ void ta_prologue(const ta_block &b, int n_tiles, F &&load_tile) {
+/* The pipeline's start: the first STAGES - 1 tiles of KT keys requested, one cp.async group each
+ * (their table lookups all issued first). Every iteration after that commits one group too (empty
+ * past the last tile), so at the top of iteration `it`, waiting for all but the newest STAGES - 2
+ * groups means tile `it` has landed. find(kt) and copy(src, stage) are the two halves of a tile's
+ * load (ta_tile_find, ta_tile_copy). */
+template <int STAGES, int KT, typename Find, typename Copy>
+__device__ __forceinline__ void ta_prologue(const ta_block &b, int n_tiles, Find &&find, Copy &&copy) {
+  decltype(find(0)) src[STAGES - 1];
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; st++)
+    if (st < n_tiles) src[st] = find(b.k_begin + st * KT);
 #pragma unroll
   for (int st = 0; st < STAGES - 1; st++) {
-    if (st < n_tiles) load_tile(b.k_begin + st * KT, st);
+    if (st < n_tiles) copy(src[st], st);
     cp_async_commit();
   }
 }

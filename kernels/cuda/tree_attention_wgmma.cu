@@ -102,6 +102,13 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo, uint
          (uint64_t)((sbo & 0x3FFFF) >> 4) << 32 | 1ull << 62;
 }
 
+/* A descriptor moved by `bytes` (a multiple of 16) in shared memory: the start address / 16 is
+ * its low 14 bits and no shared address carries out of them, so a 32-bit add does it (one
+ * instruction instead of rebuilding the descriptor for every wgmma). */
+__device__ __forceinline__ uint64_t desc_add(uint64_t d, uint32_t bytes) {
+  return (d & 0xFFFFFFFF00000000ull) | (uint32_t)((uint32_t)d + (bytes >> 4));
+}
+
 /* Byte offset of 16-byte piece c (8 columns) of row r in a swizzled tile of R rows. */
 template <int R> __device__ __forceinline__ uint32_t sw128_at(int r, int c) {
   return (uint32_t)((c / 8) * R * 128 + r * 128 + (((c % 8) ^ (r % 8)) << 4));
@@ -153,33 +160,29 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
     base[rb] = b.row0 + rb * 64 + warp * 16;
   const int n_tiles = b.k_end > b.k_begin ? (b.k_end - b.k_begin + KT - 1) / KT : 0;
 
-  auto load_tile = [&](int kt, int st) {
-    constexpr int CH = D / 8;
-#pragma unroll
-    for (int it = 0; it < KT * CH / TA_THREADS; it++) {
-      int c = threadIdx.x + it * TA_THREADS, key = c / CH, piece = c % CH, slot = kt + key;
-      size_t off = slot < b.k_end ? ta_kv_offset(a, b, slot, piece * 8, D) : 0;
-      int bytes = slot < b.k_end ? 16 : 0;
-      uint32_t at = sw128_at<KT>(key, piece);
-      cp_async16(ks(st) + at, (const cn_bf16_t *)a.k + off, bytes);
-      cp_async16(vs(st) + at, (const cn_bf16_t *)a.v + off, bytes);
-    }
+  auto find = [&](int kt) { return ta_tile_find<D, KT>(a, b, kt); };
+  auto copy = [&](const ta_tile_src<D, KT> &src, int st) {
+    ta_tile_copy<D, KT>(a, b, src, ks(st), vs(st), [](int key, int piece) { return sw128_at<KT>(key, piece); });
   };
   /* The tile this thread waited for, made visible to the tensor cores and to the other threads. */
   auto tile_ready = [&]() {
     fence_proxy_async(); /* this thread's cp.async (and Q) writes, seen by the tensor cores */
     __syncthreads();
   };
+  /* The operands' descriptors at stage 0 (a stage is a fixed distance further). */
+  const uint64_t q_desc = sw128_desc(qs, 16, 1024), k_desc = sw128_desc(ks(0), 16, 1024),
+                 v_desc = sw128_desc(vs(0), KT * 128, 1024);
   /* S = Q K^T from stage st, issued (async). */
   auto issue_s = [&](int st, float(&s)[RW][NT][4]) {
+    const uint64_t kd = desc_add(k_desc, st * 2 * TILE);
     wgmma_fence();
 #pragma unroll
     for (int rb = 0; rb < RW; rb++)
 #pragma unroll
       for (int kk = 0; kk < D / 16; kk++) {
         const uint32_t panel = (kk / 4) * 8192u + (kk % 4) * 32u; /* 64 rows x 128 bytes a Q panel */
-        wgmma_ss_n64(s[rb], sw128_desc(qs + rb * 64 * D * 2 + panel, 16, 1024),
-                     sw128_desc(ks(st) + (kk / 4) * KT * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
+        wgmma_ss_n64(s[rb], desc_add(q_desc, rb * 64 * D * 2 + panel), desc_add(kd, (kk / 4) * KT * 128 + (kk % 4) * 32),
+                     kk > 0);
       }
     wgmma_commit();
   };
@@ -197,20 +200,23 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
     for (int kk = 0; kk < KT / 16; kk++)
 #pragma unroll
       for (int rb = 0; rb < RW; rb++)
-        wgmma_o<D>(o[rb], pa[rb][kk], sw128_desc(vs(st) + kk * 16 * 128, KT * 128, 1024));
+        wgmma_o<D>(o[rb], pa[rb][kk], desc_add(v_desc, st * 2 * TILE + kk * 16 * 128));
     wgmma_commit();
   };
 
-  ta_prologue<STAGES, KT>(b, n_tiles, load_tile);
+  ta_prologue<STAGES, KT>(b, n_tiles, find, copy);
   load_q<T, D, ROWS>(a, b, qs); /* while the first tiles are on their way */
   for (int it = 0; it < n_tiles; it++) {
     const int kt = b.k_begin + it * KT, ahead = it + STAGES - 1, st = it % STAGES;
-    if (ahead < n_tiles) load_tile(b.k_begin + ahead * KT, ahead % STAGES);
-    cp_async_commit();
-    cp_async_wait<STAGES - 1>();
-    tile_ready();
+    ta_tile_src<D, KT> next; /* its table lookups travel while this tile's copies land */
+    if (ahead < n_tiles) next = find(b.k_begin + ahead * KT);
+    cp_async_wait<STAGES - 2>();
+    tile_ready(); /* also: every thread is past the iteration that last read stage `ahead` */
     float s[RW][NT][4];
     issue_s(st, s);
+    /* The copies of a later tile are issued while the tensor cores work on this one. */
+    if (ahead < n_tiles) copy(next, ahead % STAGES);
+    cp_async_commit();
     wgmma_wait_all();
 #pragma unroll
     for (int rb = 0; rb < RW; rb++)
