@@ -226,6 +226,9 @@ static double check_impl(const bench_bufs *bb, shape_job *j, cn_cuda_tree_attn_i
   return rel_diff(bb->out, bb->naive_out, (size_t)j->batch * j->n * HQ * HD, bb->scratch);
 }
 
+/* Bytes of the prefix K/V a batch of `batch` sequences of L keys reads (bf16 K and V). */
+static double prefix_kv_bytes(int batch, int L) { return (double)batch * L * KV_DIM * 2 * sizeof(uint16_t); }
+
 /* --shape: one shape, few launches, so that a profiler sees only this kernel. */
 static int run_one_shape(const bench_bufs *bb, const char *spec) {
   int batch = 0, n = 0, L = 0, splits = 0, tile = 0;
@@ -241,14 +244,12 @@ static int run_one_shape(const bench_bufs *bb, const char *spec) {
     fprintf(stderr, "bench_tree_attention: workspace too small for %d splits\n", j.a.n_splits);
     return 1;
   }
-  cn_cuda_tree_attn_impl impl = tile ? CN_CUDA_TA_WGMMA : CN_CUDA_TA_AUTO;
-  j.a.impl = impl, j.a.row_tile = tile;
+  j.a.impl = tile ? CN_CUDA_TA_WGMMA : CN_CUDA_TA_AUTO, j.a.row_tile = tile;
   for (int i = 0; i < 3; i++) run_tree(&j, i);
   CK(cn_cuda_sync(ctx));
   double t = bench_cuda_time_us(ctx, timer, run_tree, &j, 1, 10);
-  double kv_bytes = (double)batch * L * KV_DIM * 2 * sizeof(uint16_t);
   printf("batch %d n %d L %d splits %d tile %d: %.1f us (K/V %.1f MB)\n", batch, n, L, j.a.n_splits, tile, t,
-         kv_bytes / 1e6);
+         prefix_kv_bytes(batch, L) / 1e6);
   free_shape(&j);
   return 0;
 }
@@ -311,8 +312,7 @@ int main(int argc, char **argv) {
         }
         /* What AUTO runs here (the AUTO count picked the tile too). */
         double t_auto = time_impl(&j, CN_CUDA_TA_AUTO, 0);
-        double kv_bytes = (double)batch * L * KV_DIM * 2 * sizeof(uint16_t);
-        double bw_us = kv_bytes / (copy_gbs * 1e9) * 1e6;
+        double bw_us = prefix_kv_bytes(batch, L) / (copy_gbs * 1e9) * 1e6;
         double mma_us = 4.0 * n * (HQ / HKV) * (double)L * HD * HKV * batch / (tflops * 1e12) * 1e6;
         double floor_us = bw_us > mma_us ? bw_us : mma_us;
         printf("%5d %4d %6d %6d | %9.1f %9.1f %9.1f %9.1f %6.2fx | %8.1f %8.1f %6.1f%% %6.1f%% | %10.1f %7.1fx | %8.2e %8.2e\n",
