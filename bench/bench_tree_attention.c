@@ -188,7 +188,8 @@ static shape_job make_shape(const bench_bufs *bb, int batch, int n, int L) {
                                  .v = bb->pool + BS * KV_DIM, .block_stride = BLOCK_ELEMS, .block_size = BS,
                                  .pos = j.d_pos, .tree_mask = j.d_mask, .seqs = j.d_desc, .n_seqs = batch, .max_n = n,
                                  .n_splits = splits, .split_keys = split_keys, .n_heads = HQ, .n_kv_heads = HKV, .head_dim = HD,
-                                 .scale = 1.0f / sqrtf((float)HD), .workspace = bb->ws};
+                                 .scale = 1.0f / sqrtf((float)HD), .workspace = bb->ws,
+                                 .prefix_ready = 1 /* the K/V pool is filled once, before any launch */};
   free(ht), free(pos), free(mask), free(desc);
   return j;
 }

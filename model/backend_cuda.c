@@ -698,7 +698,11 @@ static void cuda_attention_batch(void *ctx, void *out, const void *q, const cn_a
                               .head_dim = hd,
                               .sliding_window = d[0].sliding_window,
                               .scale = d[0].scale,
-                              .workspace = c->ta_ws};
+                              .workspace = c->ta_ws,
+                              /* A forward writes only slots at or past ctx_len; the prefix, the
+                               * tables and the descriptors came from earlier forwards, span copies
+                               * and this forward's upload, all before its first kernel. */
+                              .prefix_ready = 1};
   keep(c, cn_cuda_tree_attention(c->cu, &a));
 }
 

@@ -335,6 +335,11 @@ typedef struct cn_cuda_tree_attn_args {
   cn_cuda_tree_attn_impl impl;  /* AUTO (0) unless a test or benchmark picks a kernel */
   int row_tile;                 /* query rows a block: 0 lets the kernel pick (below); 64 or 128 force
                                    one (tests, benchmarks); 128 takes effect only with 128+ rows */
+  int prefix_ready;             /* 1: the K/V of every sequence's keys below its ctx_len, and seqs,
+                                   block_tables and pos, were complete before the kernel that
+                                   precedes this launch on the stream began (true in a forward: earlier
+                                   forwards and its upload wrote them). The kernel then requests its
+                                   first prefix tiles before it waits for that kernel. 0: after. */
 } cn_cuda_tree_attn_args;
 
 /* Whether the tree kernel handles this head_dim (64 and 128); others take cn_cuda_attention. */

@@ -17,6 +17,8 @@
  * Masks are applied only on tiles that reach the new slots (tree or causal), the end of the
  * range, or with a sliding window; prefix tiles are all visible. Keys past the range are zero
  * filled, so masked products stay finite. */
+#include <type_traits>
+
 #include "kernels/cuda/tree_attention.cuh"
 
 #define TA_PAD 8    /* bf16 of padding per shared row: 16 bytes, so ldmatrix rows hit distinct banks */
@@ -64,7 +66,7 @@ static inline int rows_cap(int max_n, int group) { return rows_cap(max_n, group,
  * within budget. */
 template <typename T, int D, int RW, int KT>
 __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_attn_args a) {
-  cn_pdl_wait(); /* launched early (cn_launch): what came before is complete from here on */
+  if (!a.prefix_ready) cn_pdl_wait(); /* launched early (cn_launch); else in ta_prologue */
   constexpr int LD = D + TA_PAD, KSTEPS = D / 16, DN = D / 8, NT = KT / 8, ROWS = 64 * RW;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   cn_bf16_t *ks = reinterpret_cast<cn_bf16_t *>(smem_raw); /* [TA_STAGES][KT][LD] */
@@ -80,7 +82,19 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
   const bool warp_active = base[0] < b.rows;
   const int n_tiles = b.k_end > b.k_begin ? (b.k_end - b.k_begin + KT - 1) / KT : 0;
 
-  /* Q fragments (A operand, row-major 16 x 16 per k-step), rounded to bf16. */
+  auto find = [&](int kt) { return ta_tile_find<D, KT>(a, b, kt); };
+  auto copy = [&](const ta_tile_src<D, KT> &src, int st) {
+    ta_tile_copy<D, KT>(a, b, src, smem_addr(ks + st * KT * LD), smem_addr(vs + st * KT * LD),
+                        [](int key, int piece) { return (uint32_t)(sizeof(cn_bf16_t) * (key * LD + piece * 8)); });
+  };
+
+  const float sl2 = a.scale * TA_LOG2E;
+  float o[RW][DN][4], m[RW][2], l[RW][2];
+  ta_state_init(o, m, l);
+
+  ta_prologue<TA_STAGES, KT>(a, b, n_tiles, find, copy);
+  /* Q fragments (A operand, row-major 16 x 16 per k-step), rounded to bf16; after the prologue,
+   * which waits for the kernel before (Q is its output). */
   uint32_t qa[RW][KSTEPS][4];
 #pragma unroll
   for (int rb = 0; rb < RW; rb++) {
@@ -98,17 +112,6 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
     }
   }
 
-  auto find = [&](int kt) { return ta_tile_find<D, KT>(a, b, kt); };
-  auto copy = [&](const ta_tile_src<D, KT> &src, int st) {
-    ta_tile_copy<D, KT>(a, b, src, smem_addr(ks + st * KT * LD), smem_addr(vs + st * KT * LD),
-                        [](int key, int piece) { return (uint32_t)(sizeof(cn_bf16_t) * (key * LD + piece * 8)); });
-  };
-
-  const float sl2 = a.scale * TA_LOG2E;
-  float o[RW][DN][4], m[RW][2], l[RW][2];
-  ta_state_init(o, m, l);
-
-  ta_prologue<TA_STAGES, KT>(b, n_tiles, find, copy);
   for (int it = 0; it < n_tiles; it++) {
     const int kt = b.k_begin + it * KT, ahead = it + TA_STAGES - 1;
     ta_tile_src<D, KT> next; /* its table lookups travel while this tile's copies land */
@@ -166,11 +169,24 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
 /* A warp per row (MERGE_ROWS rows a block, grid y = sequence x KV head), D / 32 columns a lane.
  * The splits' maxima and weights are computed by all lanes at once and kept in shared memory, so
  * that the accumulator loads that follow are independent of each other and overlap: a serial
- * chain of dependent loads per split was the merge's cost at batch 1 with many splits. */
+ * chain of dependent loads per split was the merge's cost at batch 1 with many splits. The
+ * accumulators are loaded BATCH splits at a time, the first batch together with the maxima
+ * (neither depends on the other): a decode's 22-33 splits cost one or two memory round trips
+ * instead of one per four splits (batch 1, n = 1: 15.1 -> 12.7 us at 4k keys, bench/RESULTS.md
+ * 2026-12-04, fourth session). BATCH is 4 for plans of up to 4 splits (many rows, few splits: the
+ * registers a batch takes would cost blocks a multiprocessor), 16 up to 16, else 32. */
 #define MERGE_ROWS 4
 #define MERGE_MAX_SPLITS 256
-template <typename T, int D> __global__ void __launch_bounds__(32 * MERGE_ROWS) merge_kernel(cn_cuda_tree_attn_args a, int cap) {
+
+__device__ __forceinline__ void merge_add(float (&x)[4], float w, float4 v) {
+  x[0] += w * v.x, x[1] += w * v.y, x[2] += w * v.z, x[3] += w * v.w;
+}
+__device__ __forceinline__ void merge_add(float (&x)[2], float w, float2 v) { x[0] += w * v.x, x[1] += w * v.y; }
+
+template <typename T, int D, int BATCH>
+__global__ void __launch_bounds__(32 * MERGE_ROWS) merge_kernel(cn_cuda_tree_attn_args a, int cap) {
   constexpr int C = D / 32; /* columns per lane: 4 or 2 */
+  using V = typename std::conditional<C == 4, float4, float2>::type;
   __shared__ float wsh[MERGE_ROWS][MERGE_MAX_SPLITS];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int r = blockIdx.x * MERGE_ROWS + warp, g = blockIdx.y % a.n_kv_heads;
@@ -180,6 +196,12 @@ template <typename T, int D> __global__ void __launch_bounds__(32 * MERGE_ROWS) 
   const int used = split_of(sq, a).n_used;
   const size_t base = ((size_t)blockIdx.y * cap + r) * a.n_splits;
   cn_pdl_enter(); /* launched early: the partial states are complete from here on */
+  const V *acc =
+      reinterpret_cast<const V *>(a.workspace + 2 * (size_t)gridDim.y * cap * a.n_splits + base * D + lane * C);
+  V v[BATCH];
+#pragma unroll
+  for (int i = 0; i < BATCH; i++)
+    if (i < used) v[i] = acc[(size_t)i * (D / C)];
   const float *ml = a.workspace + 2 * base;
   float mx = -INFINITY;
   for (int s = lane; s < used; s += 32) mx = fmaxf(mx, ml[2 * s]);
@@ -195,18 +217,16 @@ template <typename T, int D> __global__ void __launch_bounds__(32 * MERGE_ROWS) 
 #pragma unroll
   for (int o = 16; o; o /= 2) den += __shfl_xor_sync(0xffffffffu, den, o);
   __syncwarp();
-  const float *acc = a.workspace + 2 * (size_t)gridDim.y * cap * a.n_splits + base * D + lane * C;
   float x[C] = {};
-#pragma unroll 4
-  for (int s = 0; s < used; s++) {
-    const float w = wsh[warp][s];
-    if (C == 4) {
-      float4 v = *reinterpret_cast<const float4 *>(acc + (size_t)s * D);
-      x[0] += w * v.x, x[1] += w * v.y, x[C - 2] += w * v.z, x[C - 1] += w * v.w;
-    } else {
-      float2 v = *reinterpret_cast<const float2 *>(acc + (size_t)s * D);
-      x[0] += w * v.x, x[C - 1] += w * v.y;
-    }
+  for (int s0 = 0;;) { /* the splits in order, so the sum's rounding does not depend on the batching */
+#pragma unroll
+    for (int i = 0; i < BATCH; i++)
+      if (s0 + i < used) merge_add(x, wsh[warp][s0 + i], v[i]);
+    s0 += BATCH;
+    if (s0 >= used) break;
+#pragma unroll
+    for (int i = 0; i < BATCH; i++)
+      if (s0 + i < used) v[i] = acc[(size_t)(s0 + i) * (D / C)];
   }
   const float inv = den > 0.0f ? 1.0f / den : 0.0f;
   T *out = (T *)a.out + ((size_t)(sq.row0 + r / G) * a.n_heads + g * G + r % G) * D + lane * C;
@@ -324,10 +344,13 @@ template <typename T, int D, int RW> static int launch(cn_cuda_ctx *ctx, const c
     dim3 grid(cap / (64 * RW), a->n_splits, a->n_seqs * a->n_kv_heads);
     CN_CUDA_CHECK(cn_launch(ctx, tree_attn_kernel<T, D, RW, kt_of<D, RW>()>, grid, TA_THREADS, smem, *a));
   }
-  if (a->n_splits > 1)
-    CN_CUDA_CHECK(cn_launch(ctx, merge_kernel<T, D>,
-                            dim3((cap + MERGE_ROWS - 1) / MERGE_ROWS, a->n_seqs * a->n_kv_heads), 32 * MERGE_ROWS, 0,
-                            *a, cap));
+  if (a->n_splits > 1) {
+    auto merge = a->n_splits <= 4    ? merge_kernel<T, D, 4>
+                 : a->n_splits <= 16 ? merge_kernel<T, D, 16>
+                                     : merge_kernel<T, D, 32>;
+    CN_CUDA_CHECK(cn_launch(ctx, merge, dim3((cap + MERGE_ROWS - 1) / MERGE_ROWS, a->n_seqs * a->n_kv_heads),
+                            32 * MERGE_ROWS, 0, *a, cap));
+  }
   return CANOPY_OK;
 }
 

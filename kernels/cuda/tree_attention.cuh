@@ -220,18 +220,37 @@ __device__ __forceinline__ void ta_state_init(float (&o)[RW][DN][4], float (&m)[
  * (their table lookups all issued first). Every iteration after that commits one group too (empty
  * past the last tile), so at the top of iteration `it`, waiting for all but the newest STAGES - 2
  * groups means tile `it` has landed. find(kt) and copy(src, stage) are the two halves of a tile's
- * load (ta_tile_find, ta_tile_copy). */
+ * load (ta_tile_find, ta_tile_copy). The wait for the kernel before is here: with a.prefix_ready
+ * the leading tiles that lie wholly in the committed prefix are requested before it, so their
+ * table lookups and copies travel during that kernel's tail instead of after it (1-1.6 us of a
+ * batch-1 decode, bench/RESULTS.md 2026-12-04, fourth session). */
 template <int STAGES, int KT, typename Find, typename Copy>
-__device__ __forceinline__ void ta_prologue(const ta_block &b, int n_tiles, Find &&find, Copy &&copy) {
+__device__ __forceinline__ void ta_prologue(const cn_cuda_tree_attn_args &a, const ta_block &b, int n_tiles,
+                                            Find &&find, Copy &&copy) {
+  int early = 0; /* tiles requested before the wait */
+  if (a.prefix_ready)
+    while (early < STAGES - 1 && early < n_tiles && min(b.k_begin + (early + 1) * KT, b.k_end) <= b.sq.ctx_len)
+      early++;
   decltype(find(0)) src[STAGES - 1];
 #pragma unroll
   for (int st = 0; st < STAGES - 1; st++)
-    if (st < n_tiles) src[st] = find(b.k_begin + st * KT);
+    if (st < early) src[st] = find(b.k_begin + st * KT);
 #pragma unroll
-  for (int st = 0; st < STAGES - 1; st++) {
-    if (st < n_tiles) copy(src[st], st);
-    cp_async_commit();
-  }
+  for (int st = 0; st < STAGES - 1; st++)
+    if (st < early) {
+      copy(src[st], st);
+      cp_async_commit();
+    }
+  cn_pdl_wait();
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; st++)
+    if (st >= early && st < n_tiles) src[st] = find(b.k_begin + st * KT);
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; st++)
+    if (st >= early) {
+      if (st < n_tiles) copy(src[st], st);
+      cp_async_commit();
+    }
 }
 
 /* Masks are applied only on tiles that reach the new slots (tree or causal), the end of the

@@ -143,7 +143,7 @@ __device__ __forceinline__ void load_q(const cn_cuda_tree_attn_args &a, const ta
 
 template <typename T, int D, int RW>
 __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {
-  cn_pdl_wait(); /* launched early (cn_launch): what came before is complete from here on */
+  if (!a.prefix_ready) cn_pdl_wait(); /* launched early (cn_launch); else in ta_prologue */
   constexpr int KT = WG_KT, DN = D / 8, NT = KT / 8, ROWS = 64 * RW, STAGES = wg_stages<RW>();
   constexpr int TILE = KT * D * 2; /* bytes of one K or V tile */
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
     wgmma_commit();
   };
 
-  ta_prologue<STAGES, KT>(b, n_tiles, find, copy);
+  ta_prologue<STAGES, KT>(a, b, n_tiles, find, copy);
   load_q<T, D, ROWS>(a, b, qs); /* while the first tiles are on their way */
   for (int it = 0; it < n_tiles; it++) {
     const int kt = b.k_begin + it * KT, ahead = it + STAGES - 1, st = it % STAGES;
