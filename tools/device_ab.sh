@@ -32,7 +32,7 @@ a=/tmp/canopy-all
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
   OUT="$out" STEPS=build bash tools/device_all.sh > "$out/ab_build_A.txt" 2>&1 || { tail -20 "$out/ab_build_A.txt"; exit 1; }
 fi
-[[ -f ${DEVDEPS:-.devdeps}/env.sh ]] && source "${DEVDEPS:-.devdeps}/env.sh"
+[[ -f ${DEVDEPS:-.devdeps}/env.sh ]] && source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 b=$a
 if [[ -n ${PATCH:-} ]]; then
   b=/tmp/canopy-base

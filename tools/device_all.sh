@@ -21,10 +21,8 @@ set -uo pipefail
 out="${OUT:-/tmp/out}"
 steps="${STEPS:-build convert test sanitize step attn e2e hf}"
 mkdir -p "$out"
-export PATH=/usr/local/cuda/bin:$PATH PYTHONUNBUFFERED=1
-source "${DEVDEPS:-.devdeps}/env.sh"
-sed -i -e 's#=/usr$#=/opt/devdeps/usr#' -e 's#=/usr/#=/opt/devdeps/usr/#' \
-       -e 's#-I/usr/#-I/opt/devdeps/usr/#' -e 's#-L/usr/#-L/opt/devdeps/usr/#' $(find /opt/devdeps -name '*.pc')
+export PYTHONUNBUFFERED=1
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
 SECONDS=0
 b=/tmp/canopy-all

@@ -7,10 +7,8 @@
 set -uo pipefail
 out="${OUT:-/tmp/out}"
 mkdir -p "$out"
-export PATH=/usr/local/cuda/bin:$PATH PYTHONUNBUFFERED=1
-source "${DEVDEPS:-.devdeps}/env.sh"
-sed -i -e 's#=/usr$#=/opt/devdeps/usr#' -e 's#=/usr/#=/opt/devdeps/usr/#' \
-       -e 's#-I/usr/#-I/opt/devdeps/usr/#' -e 's#-L/usr/#-L/opt/devdeps/usr/#' $(find /opt/devdeps -name '*.pc')
+export PYTHONUNBUFFERED=1
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 SECONDS=0
 b=/tmp/canopy-e2e
 cmake -S . -B $b -DCMAKE_BUILD_TYPE=Release -DCANOPY_BUILD_TESTS=OFF > "$out/configure.log" 2>&1 || { tail -20 "$out/configure.log"; exit 1; }

@@ -10,12 +10,7 @@ out="${OUT:-/tmp/out}"
 tok="${1:-}"
 prompts="${2:-}"
 mkdir -p "$out"
-export PATH=/usr/local/cuda/bin:$PATH
-deps=.devdeps
-[ -d "$deps" ] || deps=../.devdeps
-source "$deps/env.sh"
-sed -i -e 's#=/usr$#=/opt/devdeps/usr#' -e 's#=/usr/#=/opt/devdeps/usr/#' \
-       -e 's#-I/usr/#-I/opt/devdeps/usr/#' -e 's#-L/usr/#-L/opt/devdeps/usr/#' $(find /opt/devdeps -name '*.pc')
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 SECONDS=0
 b=/tmp/canopy-sample-build
 cmake -S . -B $b -DCMAKE_BUILD_TYPE=Release -DCANOPY_WERROR=ON > /tmp/configure.log 2>&1 || { tail -30 /tmp/configure.log; exit 1; }

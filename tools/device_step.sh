@@ -6,10 +6,7 @@
 set -uo pipefail
 out="${OUT:-/tmp/out}"
 mkdir -p "$out"
-export PATH=/usr/local/cuda/bin:$PATH
-source "${DEVDEPS:-.devdeps}/env.sh"
-sed -i -e 's#=/usr$#=/opt/devdeps/usr#' -e 's#=/usr/#=/opt/devdeps/usr/#' \
-       -e 's#-I/usr/#-I/opt/devdeps/usr/#' -e 's#-L/usr/#-L/opt/devdeps/usr/#' $(find /opt/devdeps -name '*.pc')
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$out/gpu.txt"
 SECONDS=0
 b=/tmp/canopy-build

@@ -8,11 +8,7 @@
 set -uo pipefail
 out="${OUT:-/tmp/out}"
 mkdir -p "$out"
-export PATH=/usr/local/cuda/bin:$PATH
-source .devdeps/env.sh
-# The carried .pc files name /usr; the libraries were unpacked under /opt/devdeps.
-sed -i -e 's#=/usr$#=/opt/devdeps/usr#' -e 's#=/usr/#=/opt/devdeps/usr/#' \
-       -e 's#-I/usr/#-I/opt/devdeps/usr/#' -e 's#-L/usr/#-L/opt/devdeps/usr/#' $(find /opt/devdeps -name '*.pc')
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 SECONDS=0
 cmake -S . -B /tmp/canopy-build -DCMAKE_BUILD_TYPE=Release -DCANOPY_WERROR=ON > "$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; exit 1; }

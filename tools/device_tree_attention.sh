@@ -9,12 +9,7 @@ set -uo pipefail
 out="${OUT:-/tmp/out}"
 steps="${STEPS:-test sanitize bench torch}"
 mkdir -p "$out"
-export PATH=/usr/local/cuda/bin:$PATH
-deps="${DEVDEPS:-.devdeps}"
-source "$deps/env.sh"
-# The carried .pc files name /usr; the libraries were unpacked under /opt/devdeps.
-sed -i -e 's#=/usr$#=/opt/devdeps/usr#' -e 's#=/usr/#=/opt/devdeps/usr/#' \
-       -e 's#-I/usr/#-I/opt/devdeps/usr/#' -e 's#-L/usr/#-L/opt/devdeps/usr/#' $(find /opt/devdeps -name '*.pc')
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 SECONDS=0
 b=/tmp/canopy-ta
