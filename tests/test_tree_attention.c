@@ -168,7 +168,6 @@ static seq_spec shrink(seq_spec s) {
   return s;
 }
 
-/* Runs one batch at three split counts; returns the number of mismatches. */
 /* The kernel's output (dt) as floats on the host, through the float scratch d_qf for bf16. */
 static void fetch_out(cn_cuda_dtype dt, void *d_out, void *d_qf, float *host, size_t elems) {
   if (dt == CN_CUDA_BF16) {
@@ -180,6 +179,7 @@ static void fetch_out(cn_cuda_dtype dt, void *d_out, void *d_qf, float *host, si
   CK(cn_cuda_sync(ctx));
 }
 
+/* Runs one batch at four split counts with each kernel; returns the number of mismatches. */
 static int run_case(const batch_case *c) {
   int d = c->head_dim, kv_dim = c->n_kv_heads * d, q_dim = c->n_heads * d, bs = c->block_size;
   int ns = c->n_seqs, bad = 0;

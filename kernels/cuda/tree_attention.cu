@@ -199,9 +199,12 @@ __global__ void __launch_bounds__(32 * MERGE_ROWS) merge_kernel(cn_cuda_tree_att
   const V *acc =
       reinterpret_cast<const V *>(a.workspace + 2 * (size_t)gridDim.y * cap * a.n_splits + base * D + lane * C);
   V v[BATCH];
+  auto load_batch = [&](int s0) { /* splits s0 .. s0 + BATCH - 1 that exist */
 #pragma unroll
-  for (int i = 0; i < BATCH; i++)
-    if (i < used) v[i] = acc[(size_t)i * (D / C)];
+    for (int i = 0; i < BATCH; i++)
+      if (s0 + i < used) v[i] = acc[(size_t)(s0 + i) * (D / C)];
+  };
+  load_batch(0);
   const float *ml = a.workspace + 2 * base;
   float mx = -INFINITY;
   for (int s = lane; s < used; s += 32) mx = fmaxf(mx, ml[2 * s]);
@@ -224,9 +227,7 @@ __global__ void __launch_bounds__(32 * MERGE_ROWS) merge_kernel(cn_cuda_tree_att
       if (s0 + i < used) merge_add(x, wsh[warp][s0 + i], v[i]);
     s0 += BATCH;
     if (s0 >= used) break;
-#pragma unroll
-    for (int i = 0; i < BATCH; i++)
-      if (s0 + i < used) v[i] = acc[(size_t)(s0 + i) * (D / C)];
+    load_batch(s0);
   }
   const float inv = den > 0.0f ? 1.0f / den : 0.0f;
   T *out = (T *)a.out + ((size_t)(sq.row0 + r / G) * a.n_heads + g * G + r % G) * D + lane * C;

@@ -223,7 +223,8 @@ __device__ __forceinline__ void ta_state_init(float (&o)[RW][DN][4], float (&m)[
  * load (ta_tile_find, ta_tile_copy). The wait for the kernel before is here: with a.prefix_ready
  * the leading tiles that lie wholly in the committed prefix are requested before it, so their
  * table lookups and copies travel during that kernel's tail instead of after it (1-1.6 us of a
- * batch-1 decode, bench/RESULTS.md 2026-12-04, fourth session). */
+ * batch-1 decode, bench/RESULTS.md 2026-12-04, fourth session). Without it the kernel waited at
+ * its entry, and the wait here returns at once. */
 template <int STAGES, int KT, typename Find, typename Copy>
 __device__ __forceinline__ void ta_prologue(const cn_cuda_tree_attn_args &a, const ta_block &b, int n_tiles,
                                             Find &&find, Copy &&copy) {
