@@ -48,6 +48,14 @@ typedef struct cn_fwd_io {
   int n_seqs;
   const struct cn_attn_desc *desc; /* [n_seqs] layer 0's attention; later layers differ in .layer only */
   const float *inv_freq;       /* [head_dim / 2] */
+  /* Chained forwards (model/forward.h): the batch's fields, the ids buffers as ids_create made
+   * them. A backend with begin resolves token_src there and fills top_ids in `end`. */
+  const int32_t *token_src;
+  const void *src_ids;
+  void *top_ids;
+  int top_ids_at;
+  const int32_t *accept_parent;
+  int32_t *accept_out;
 } cn_fwd_io;
 
 typedef struct cn_backend {
@@ -132,6 +140,17 @@ typedef struct cn_backend {
    * Returns a status (a device backend also keeps it for `end`). */
   int (*sample_rows)(void *ctx, int32_t *ids, const void *logits, int rows, int vocab, const cn_sample_rule *rule,
                      const double *u);
+  /* Chained forwards (model/forward.h, cn_ids), all three or none: a buffer of n int32 ids in
+   * backend memory, NULL on failure (with cn_error); on the CPU (host_ids set) a plain host array,
+   * which the forward itself reads for token_src and writes for top_ids. */
+  void *(*ids_create)(void *ctx, int n);
+  void (*ids_free)(void *ctx, void *ids);
+  /* Greedy acceptance over the forward's tokens (token_src resolved) and its top ids
+   * (cn_cpu_accept_greedy): out host [2 + 2 n], tokens and top the forward's host arrays (a
+   * device backend finds its copies), parent host [n], already checked. */
+  void (*accept_greedy)(void *ctx, int32_t *out, const int32_t *tokens, const int32_t *top, const int32_t *parent,
+                        int n);
+  int host_ids;
 } cn_backend;
 
 /* The fp32 CPU backend with `n_threads` workers (0 = all online cores). */

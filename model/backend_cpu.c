@@ -170,6 +170,25 @@ static int cpu_sample_rows(void *ctx, int32_t *ids, const void *logits, int rows
   return CANOPY_OK;
 }
 
+/* Chained forwards: ids are host memory, which the forward reads and writes itself. */
+static void *cpu_ids_create(void *ctx, int n) {
+  (void)ctx;
+  void *p = calloc((size_t)n, sizeof(int32_t));
+  if (!p) cn_error(CANOPY_ERR_NO_MEMORY, "cpu backend: no memory for %d ids", n);
+  return p;
+}
+
+static void cpu_ids_free(void *ctx, void *ids) {
+  (void)ctx;
+  free(ids);
+}
+
+static void cpu_accept_greedy(void *ctx, int32_t *out, const int32_t *tokens, const int32_t *top,
+                              const int32_t *parent, int n) {
+  (void)ctx;
+  (void)cn_cpu_accept_greedy(out, tokens, top, parent, n); /* the forward checked the tree */
+}
+
 static const cn_backend cpu_backend = {
     .name = "cpu",
     .weight_elem_bytes = sizeof(float),
@@ -192,6 +211,10 @@ static const cn_backend cpu_backend = {
     .to_host = cpu_to_host,
     .top_rows = cpu_top_rows,
     .sample_rows = cpu_sample_rows,
+    .ids_create = cpu_ids_create,
+    .ids_free = cpu_ids_free,
+    .accept_greedy = cpu_accept_greedy,
+    .host_ids = 1,
 };
 
 int cn_backend_cpu_create(int n_threads, const cn_backend **be, void **ctx) {

@@ -72,6 +72,13 @@ typedef struct arena {
 
 enum { EAGER, CAPTURE, REPLAY };
 
+/* A cn_ids buffer: the ids, and the event marking the last forward that wrote them (on its
+ * context's stream), which a reader on another stream waits for. */
+typedef struct cuda_ids {
+  int32_t *dev;
+  cn_cuda_event *written;
+} cuda_ids;
+
 typedef struct cuda_ctx {
   cn_cuda_ctx *cu;
   int status; /* first failure since begin (ops return nothing) */
@@ -97,6 +104,14 @@ typedef struct cuda_ctx {
   unsigned gen;
   void *copy_tmp; /* device staging of KV span copies, copy_tmp_bytes long */
   int32_t *top_dev;    /* [top_cap] top_rows' device ids, a forward's rows one after the other */
+  int32_t *tok_dev;    /* this forward's tokens as staged (token_src gathers into them) */
+  const int32_t *src_dev, *parent_dev; /* its token_src and accept_parent as staged */
+  int32_t *acc_dev;    /* [acc_cap] accept_greedy's result */
+  int acc_cap;
+  /* A chained forward (top_ids, no host outputs) ends without waiting for the device; staged marks
+   * its uploads, which the next forward waits for before refilling the staging area. */
+  cn_cuda_event *staged;
+  int unsynced;
   float *top_logp_dev; /* [top_cap] and their log-softmax */
   int top_cap, top_used; /* elements (rows x k) */
   void *sample_ws;  /* cn_cuda_sample's workspace for TOP_ROWS rows of sample_vocab, grown on first use */
@@ -230,6 +245,8 @@ static void cuda_destroy(void *ctx) {
   cn_cuda_free(c->cu, c->ta_ws);
   cn_cuda_free(c->cu, c->top_dev);
   cn_cuda_free(c->cu, c->top_logp_dev);
+  cn_cuda_free(c->cu, c->acc_dev);
+  cn_cuda_event_free(c->staged);
   cn_cuda_free(c->cu, c->sample_ws);
   cn_cuda_host_free(c->cu, c->span_h);
   cn_cuda_free(c->cu, c->span_d);
@@ -474,7 +491,7 @@ static int graph_key(const cuda_ctx *c, const cn_fwd_io *io, int n_pos, int n_ma
     if (nb > c->max_blocks) return 0;
   }
   *key = (cn_graph_key){{io->n_tokens, io->n_seqs, io->n_logits, io->top != NULL, c->keys_bucket, c->any_tree,
-                         c->max_n, n_pos, n_mask, io->top_k + (io->top_logp ? 1000 : 0)}};
+                         c->max_n, n_pos, n_mask, io->top_k + (io->top_logp ? 1000 : 0) + (io->accept_parent ? 2000 : 0)}};
   return 1;
 }
 
@@ -502,7 +519,9 @@ static int stage_inputs(cuda_ctx *c, const cn_fwd_io *io, cn_graph_key *key, int
 
   size_t at_pos = align16(sizeof(int32_t) * (size_t)n), at_rows = at_pos + at_pos,
          at_freq = at_rows + align16(sizeof(int32_t) * (size_t)io->n_logits),
-         at_slots = at_freq + align16(sizeof(float) * (size_t)(hd / 2)), at_tb = at_slots + at_pos;
+         at_slots = at_freq + align16(sizeof(float) * (size_t)(hd / 2)), at_src = at_slots + at_pos,
+         at_parent = at_src + at_pos, at_tb = at_parent + at_pos; /* token_src and accept_parent: always room, so
+                                                                     the layout stays a function of the key */
   c->at_tables = align16(sizeof(cn_cuda_tree_seq) * (size_t)ns);
   c->at_pos = c->at_tables + align16(sizeof(int32_t) * (size_t)ns * stride);
   c->at_mask = c->at_pos + align16(sizeof(int32_t) * (size_t)n_pos);
@@ -516,6 +535,8 @@ static int stage_inputs(cuda_ctx *c, const cn_fwd_io *io, cn_graph_key *key, int
   memcpy(h + at_pos, io->pos, sizeof(int32_t) * (size_t)n);
   if (io->n_logits) memcpy(h + at_rows, io->logit_rows, sizeof(int32_t) * (size_t)io->n_logits);
   if (hd) memcpy(h + at_freq, io->inv_freq, sizeof(float) * (size_t)(hd / 2));
+  if (io->token_src) memcpy(h + at_src, io->token_src, sizeof(int32_t) * (size_t)n);
+  if (io->accept_parent) memcpy(h + at_parent, io->accept_parent, sizeof(int32_t) * (size_t)n);
   int32_t *slots = (int32_t *)(h + at_slots);
   char *tb = h + at_tb;
   cn_cuda_tree_seq *desc = (cn_cuda_tree_seq *)tb;
@@ -544,6 +565,9 @@ static int stage_inputs(cuda_ctx *c, const cn_fwd_io *io, cn_graph_key *key, int
   }
   if ((st = cn_cuda_memcpy_h2d_async(c->cu, dev, h, bytes))) return st;
   c->slots = (const int32_t *)(dev + at_slots);
+  c->tok_dev = (int32_t *)dev;
+  c->src_dev = (const int32_t *)(dev + at_src);
+  c->parent_dev = (const int32_t *)(dev + at_parent);
   c->tb = tree ? dev + at_tb : NULL;
   st = map_put(c, io->tokens, sizeof(int32_t) * (size_t)n, dev);
   if (!st) st = map_put(c, io->pos, sizeof(int32_t) * (size_t)n, dev + at_pos);
@@ -561,6 +585,11 @@ static void free_graph(void *g) { cn_cuda_graph_free(g); }
 static int cuda_begin(void *ctx, const cn_fwd_io *io, int *replayed) {
   cuda_ctx *c = ctx;
   *replayed = 0;
+  if (c->unsynced) { /* the chained forward before may still be uploading from the area */
+    int st = cn_cuda_event_sync(c->staged);
+    if (st) return st;
+    c->unsynced = 0;
+  }
   /* The previous forward's `end` waited for the stream, and KV span copies have their own
    * buffer: the area's page-locked bytes are free to refill. */
   for (int i = 0; i < c->n_retired; i++)
@@ -586,8 +615,24 @@ static int cuda_begin(void *ctx, const cn_fwd_io *io, int *replayed) {
     c->top_cap = top_n;
     cn_graph_cache_clear(&c->graphs);
   }
+  if (io->accept_parent && 2 + 2 * io->n_tokens > c->acc_cap) {
+    cn_cuda_free(c->cu, c->acc_dev);
+    c->acc_dev = NULL, c->acc_cap = 0;
+    int cap = 2 + 2 * io->n_tokens, st = cn_cuda_malloc(c->cu, (void **)&c->acc_dev, sizeof *c->acc_dev * (size_t)cap);
+    if (st) return st;
+    c->acc_cap = cap;
+    cn_graph_cache_clear(&c->graphs);
+  }
   cn_graph_key key;
   int key_ok, st = stage_inputs(c, io, &key, &key_ok);
+  /* Tokens from an earlier forward's ids: after that forward (another model's stream, maybe),
+   * into the staged tokens, ahead of the ops or the graph that read them. */
+  if (!st && io->token_src) {
+    const cuda_ids *src = io->src_ids;
+    st = cn_cuda_event_wait(c->cu, src->written);
+    if (!st) st = cn_cuda_gather_ids(c->cu, c->tok_dev, c->src_dev, src->dev, io->n_tokens);
+  }
+  if (!st) st = cn_cuda_event_record(c->cu, c->staged);
   if (st || !key_ok) return st;
   if (cn_cuda_scratch_gen(c->cu) != c->scratch_gen) {
     cn_graph_cache_clear(&c->graphs);
@@ -612,7 +657,7 @@ static int cuda_begin(void *ctx, const cn_fwd_io *io, int *replayed) {
 }
 
 /* Finishes a capture and launches it, then brings the outputs to the host: the forward's one
- * wait. */
+ * wait (none for a chained forward whose outputs stay on the device). */
 static int cuda_end(void *ctx) {
   cuda_ctx *c = ctx;
   int st = c->status;
@@ -631,8 +676,22 @@ static int cuda_end(void *ctx) {
   }
   const cn_fwd_io *io = &c->io;
   size_t top_n = (size_t)io->n_logits * io->top_k;
-  if (!st && io->n_logits && io->top && !io->sample) {
-    st = cn_cuda_memcpy_d2h(c->cu, io->top, c->top_dev, sizeof(int32_t) * top_n);
+  if (!st && io->top_ids) {
+    /* Chained: the ids stay on the device for the next forward, which waits for `written`. */
+    cuda_ids *dst = io->top_ids;
+    st = cn_cuda_memcpy_d2d(c->cu, dst->dev + io->top_ids_at, c->top_dev, sizeof(int32_t) * top_n);
+    if (!st) st = cn_cuda_event_record(c->cu, dst->written);
+    if (!st && !io->top_logp && !io->accept_out) {
+      if (c->mode != REPLAY) st = cn_cuda_event_record(c->cu, c->staged); /* ops may have staged more */
+      c->unsynced = !st;
+      c->mode = EAGER;
+      return st;
+    }
+  }
+  if (!st && io->accept_out) {
+    st = cn_cuda_memcpy_d2h(c->cu, io->accept_out, c->acc_dev, sizeof(int32_t) * (size_t)(2 + 2 * io->n_tokens));
+  } else if (!st && io->n_logits && io->top && !io->sample) {
+    if (!io->top_ids) st = cn_cuda_memcpy_d2h(c->cu, io->top, c->top_dev, sizeof(int32_t) * top_n);
     if (!st && io->top_logp) st = cn_cuda_memcpy_d2h(c->cu, io->top_logp, c->top_logp_dev, sizeof(float) * top_n);
   } else if (!st && io->n_logits && c->mode != EAGER) {
     const float *src = c->mode == REPLAY ? c->cur->aux : c->cap_logits;
@@ -834,6 +893,48 @@ static void cuda_to_host(void *ctx, float *dst, const void *src, size_t n) {
   else if (!c->status) keep(c, cn_cuda_memcpy_d2h(c->cu, dst, src, sizeof(float) * n));
 }
 
+/* ---- chained forwards ------------------------------------------------------------------------- */
+
+static void *cuda_ids_create(void *ctx, int n) {
+  cuda_ctx *c = ctx;
+  cuda_ids *ids = calloc(1, sizeof *ids);
+  if (!ids) {
+    cn_error(CANOPY_ERR_NO_MEMORY, "cuda backend: no host memory for an ids buffer");
+    return NULL;
+  }
+  int st = cn_cuda_malloc(c->cu, (void **)&ids->dev, sizeof *ids->dev * (size_t)n);
+  if (!st) st = cn_cuda_memset(c->cu, ids->dev, 0, sizeof *ids->dev * (size_t)n);
+  if (!st) st = cn_cuda_event_create(c->cu, &ids->written);
+  if (!st) st = cn_cuda_event_record(c->cu, ids->written); /* the memset */
+  if (st) {
+    cn_cuda_free(c->cu, ids->dev);
+    free(ids);
+    return NULL;
+  }
+  return ids;
+}
+
+static void cuda_ids_free(void *ctx, void *p) {
+  cuda_ctx *c = ctx;
+  cuda_ids *ids = p;
+  if (!ids) return;
+  cn_cuda_free(c->cu, ids->dev); /* cudaFree waits for the work that may still use it */
+  cn_cuda_event_free(ids->written);
+  free(ids);
+}
+
+/* On the device, over the forward's staged tokens (token_src already gathered into them) and its
+ * top ids; `end` brings the result over in place of the ids. */
+static void cuda_accept_greedy(void *ctx, int32_t *out, const int32_t *tokens, const int32_t *top,
+                               const int32_t *parent, int n) {
+  cuda_ctx *c = ctx;
+  if (!c->status && (out != c->io.accept_out || tokens != c->io.tokens || top != c->io.top ||
+                     parent != c->io.accept_parent || n != c->io.n_tokens || 2 + 2 * n > c->acc_cap))
+    keep(c, cn_error(CANOPY_ERR_INVALID_ARG, "cuda accept_greedy: not the forward's own arrays (%d nodes)", n));
+  if (c->status) return;
+  keep(c, cn_cuda_accept_greedy(c->cu, c->acc_dev, c->tok_dev, c->top_dev, c->parent_dev, n));
+}
+
 static const cn_backend cuda_backend = {
     .name = "cuda",
     .weight_elem_bytes = sizeof(cn_bf16),
@@ -860,6 +961,9 @@ static const cn_backend cuda_backend = {
     .to_host = cuda_to_host,
     .top_rows = cuda_top_rows,
     .sample_rows = cuda_sample_rows,
+    .ids_create = cuda_ids_create,
+    .ids_free = cuda_ids_free,
+    .accept_greedy = cuda_accept_greedy,
     .norm_matmul = cuda_norm_matmul,
     .matmul_add = cuda_matmul_add,
     .ffn = cuda_ffn,
@@ -902,6 +1006,7 @@ int cn_backend_cuda_create(int device, const cn_backend **be, void **ctx) {
   if (!st) st = cn_cuda_malloc(c->cu, (void **)&c->top_logp_dev, sizeof *c->top_logp_dev * TOP_ROWS * TOP_K);
   if (!st) c->top_cap = TOP_ROWS * TOP_K;
   if (!st) st = cn_graph_cache_init(&c->graphs, MAX_GRAPHS, free_graph);
+  if (!st) st = cn_cuda_event_create(c->cu, &c->staged);
   const char *inv = getenv("CANOPY_CUDA_BATCH_INVARIANT");
   c->batch_invariant = inv && !strcmp(inv, "1");
   if (!st) st = cn_cuda_set_batch_invariant(c->cu, c->batch_invariant);

@@ -4,17 +4,68 @@
 #include "model/forward.h"
 
 #include <math.h>
+#include <string.h>
 
 #include "common/error.h"
 
 #define LOGIT_CHUNK CN_LOGIT_CHUNK
 
+/* ---- chained forwards (cn_ids) ---------------------------------------------------------------- */
+
+int cn_ids_create(canopy_model *m, int n, cn_ids *out) {
+  *out = (cn_ids){0};
+  if (!m->be->ids_create)
+    return cn_error(CANOPY_ERR_UNSUPPORTED, "%s: the %s backend cannot chain forwards", m->dir, m->be->name);
+  if (n <= 0) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_ids_create: %d ids", n);
+  if (!(out->buf = m->be->ids_create(m->be_ctx, n))) return cn_error_wrap(CANOPY_ERR_NO_MEMORY, "%s: %d ids", m->dir, n);
+  out->n = n;
+  return CANOPY_OK;
+}
+
+void cn_ids_free(canopy_model *m, cn_ids *ids) {
+  if (ids && ids->buf) m->be->ids_free(m->be_ctx, ids->buf);
+  if (ids) *ids = (cn_ids){0};
+}
+
+/* token_src, top_ids and accept_parent (model/forward.h): every index inside its buffer, the
+ * acceptance tree well formed. Ids themselves are checked where they are made (top ids of a
+ * forward of a model with this vocabulary). */
+static int check_chained(canopy_model *m, const cn_batch *b) {
+  if (!m->be->ids_create)
+    return cn_error(CANOPY_ERR_UNSUPPORTED, "forward: the %s backend cannot chain forwards", m->be->name);
+  if (b->token_src) {
+    if (!b->src_ids || !b->src_ids->buf) return cn_error(CANOPY_ERR_INVALID_ARG, "forward: token_src without src_ids");
+    for (int i = 0; i < b->n_tokens; i++)
+      if (b->token_src[i] >= b->src_ids->n)
+        return cn_error(CANOPY_ERR_INVALID_ARG, "forward: token_src[%d] = %d is outside the %d ids", i, b->token_src[i],
+                        b->src_ids->n);
+  }
+  int k = b->top_k > 0 ? b->top_k : 1;
+  if (b->top_ids && (!b->top || b->sample || !b->top_ids->buf || b->top_ids_at < 0 ||
+                     b->top_ids_at + (int64_t)b->n_logits * k > b->top_ids->n))
+    return cn_error(CANOPY_ERR_INVALID_ARG, "forward: top ids [%d][%d] at %d do not fit %d ids (or no top)",
+                    b->n_logits, k, b->top_ids_at, b->top_ids ? b->top_ids->n : 0);
+  if (b->accept_parent) {
+    if (!b->top || b->sample || k != 1 || b->top_logp || !b->accept_out || b->n_seqs != 1 || b->n_logits != b->n_tokens)
+      return cn_error(CANOPY_ERR_INVALID_ARG, "forward: acceptance needs the top id of every token of one sequence");
+    for (int i = 0; i < b->n_tokens; i++)
+      if (b->logit_rows[i] != i || (i == 0 ? b->accept_parent[0] >= 0 : b->accept_parent[i] < 0 || b->accept_parent[i] >= i))
+        return cn_error(CANOPY_ERR_INVALID_ARG, "forward: acceptance tree: node %d has parent %d (or logit row %d)", i,
+                        b->accept_parent[i], b->logit_rows[i]);
+  }
+  return CANOPY_OK;
+}
+
 static int check_batch(canopy_model *m, const cn_batch *b) {
   const cn_config *c = &m->cfg;
   if (b->n_tokens <= 0 || b->n_tokens > m->max_batch)
     return cn_error(CANOPY_ERR_INVALID_ARG, "forward: %d tokens in a batch (1..%d allowed)", b->n_tokens, m->max_batch);
+  if (b->token_src || b->top_ids || b->accept_parent) {
+    int st = check_chained(m, b);
+    if (st) return st;
+  }
   for (int i = 0; i < b->n_tokens; i++)
-    if (b->tokens[i] < 0 || b->tokens[i] >= c->vocab_size)
+    if ((!b->token_src || b->token_src[i] < 0) && (b->tokens[i] < 0 || b->tokens[i] >= c->vocab_size))
       return cn_error(CANOPY_ERR_INVALID_ARG, "forward: token id %d at batch index %d is outside the vocabulary (%d)",
                       b->tokens[i], i, c->vocab_size);
   int covered = 0;
@@ -185,7 +236,24 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
   cn_fwd_io io = {.n_tokens = n, .tokens = b->tokens, .pos = b->pos, .n_logits = b->n_logits,
                   .logit_rows = b->logit_rows, .top = b->top, .top_k = b->top_k > 0 ? b->top_k : 1,
                   .top_logp = b->top_logp, .sample = b->top && b->sample, .logits = b->top ? NULL : logits,
-                  .vocab = c->vocab_size, .n_seqs = b->n_seqs, .desc = m->attn_desc, .inv_freq = m->inv_freq};
+                  .vocab = c->vocab_size, .n_seqs = b->n_seqs, .desc = m->attn_desc, .inv_freq = m->inv_freq,
+                  .token_src = b->token_src, .src_ids = b->src_ids ? b->src_ids->buf : NULL,
+                  .top_ids = b->top_ids ? b->top_ids->buf : NULL, .top_ids_at = b->top_ids_at,
+                  .accept_parent = b->accept_parent, .accept_out = b->accept_out};
+  /* A backend with ids in host memory gets its tokens resolved here; a device backend resolves
+   * them on the device (in begin) into its copy of b->tokens. */
+  const int32_t *tokens = b->tokens;
+  if (b->token_src && be->host_ids) {
+    memcpy(m->fwd_tokens, b->tokens, sizeof *tokens * (size_t)n);
+    cn_cpu_gather_ids(m->fwd_tokens, b->token_src, b->src_ids->buf, n);
+    for (int i = 0; i < n; i++)
+      if (m->fwd_tokens[i] < 0 || m->fwd_tokens[i] >= c->vocab_size) {
+        unreserve(b, b->n_seqs);
+        return cn_error(CANOPY_ERR_INVALID_ARG, "forward: chained token id %d at batch index %d is outside the vocabulary",
+                        m->fwd_tokens[i], i);
+      }
+    tokens = io.tokens = m->fwd_tokens;
+  }
   int replayed = 0;
   if (be->begin && (st = be->begin(ctx, &io, &replayed))) {
     unreserve(b, b->n_seqs);
@@ -194,7 +262,7 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
   m->n_forwards++;
   if (replayed) goto done;
 
-  be->embed(ctx, s->x, m->embed, b->tokens, n, D);
+  be->embed(ctx, s->x, m->embed, tokens, n, D);
   for (int l = 0; l < c->n_layers; l++) {
     const cn_layer *w = &m->layers[l];
     attn_input(m, w, b, l);
@@ -216,6 +284,11 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
       be->top_rows(ctx, b->top + (size_t)r * k, b->top_logp ? b->top_logp + (size_t)r * k : NULL, s->logits, rows,
                    c->vocab_size, k);
     else be->to_host(ctx, logits + (size_t)r * c->vocab_size, s->logits, (size_t)rows * c->vocab_size);
+  }
+  if (!st && b->accept_parent) be->accept_greedy(ctx, b->accept_out, tokens, b->top, b->accept_parent, n);
+  if (!st && b->top_ids && be->host_ids) {
+    int k = b->top_k > 0 ? b->top_k : 1;
+    memcpy((int32_t *)b->top_ids->buf + b->top_ids_at, b->top, sizeof *b->top * (size_t)b->n_logits * k);
   }
 done:
   if (be->end) {

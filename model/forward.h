@@ -23,6 +23,21 @@ typedef struct cn_seq_batch {
                                 set when token i may attend to new slot j (ancestors and itself). */
 } cn_seq_batch;
 
+/* Token ids kept where the backend computes (device memory on CUDA, host memory on the CPU), so
+ * that forwards chain without the host: a speculative step's draft levels take their tokens from
+ * the level before, the verification takes the tree's tokens from the draft, and only acceptance's
+ * result crosses to the host. Made by one model's backend; a forward of another model on the same
+ * backend may use it (the CUDA backend orders the two streams with an event). */
+typedef struct cn_ids {
+  void *buf;
+  int n;
+} cn_ids;
+
+/* n ids (uninitialised) on m's backend. CANOPY_ERR_UNSUPPORTED when the backend cannot chain
+ * forwards; CANOPY_ERR_NO_MEMORY / CANOPY_ERR_DEVICE naming the bytes. */
+int cn_ids_create(canopy_model *m, int n, cn_ids *out);
+void cn_ids_free(canopy_model *m, cn_ids *ids);
+
 typedef struct cn_batch {
   int n_tokens;
   const int32_t *tokens;     /* [n_tokens] */
@@ -44,6 +59,23 @@ typedef struct cn_batch {
    * sampled decoding without speculation needs only the ids. */
   const cn_sample_rule *sample;
   const double *u;
+  /* Optional, chaining forwards on the backend (cn_ids above):
+   *  - token_src [n_tokens]: where token_src[i] >= 0, token i is element token_src[i] of src_ids
+   *    (ids an earlier forward wrote) and tokens[i] is ignored;
+   *  - top_ids: with top, the top ids [n_logits][top_k] also go to elements top_ids_at.. of
+   *    top_ids; a backend that keeps them there (CUDA) leaves `top` unwritten and does not wait
+   *    for the device at the end of the forward;
+   *  - accept_parent [n_tokens], with top (top_k 0 or 1), n_logits == n_tokens, the identity as
+   *    logit_rows and one sequence: greedy acceptance of the batch as a token tree (token i's
+   *    parent, -1 for the root at 0) where the top ids are (cn_cpu_accept_greedy): accept_out
+   *    [2 + 2 n_tokens] (host) receives the accepted count, the bonus, the accepted nodes and
+   *    their tokens, and `top` is unwritten on CUDA. */
+  const int32_t *token_src;
+  const cn_ids *src_ids;
+  cn_ids *top_ids;
+  int top_ids_at;
+  const int32_t *accept_parent;
+  int32_t *accept_out;
 } cn_batch;
 
 /* Runs the model over the batch and writes logits [n_logits][vocab] (host fp32), or their top

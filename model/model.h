@@ -56,6 +56,7 @@ struct canopy_model {
                         * tokens, and a draft level's best ids (up to 32 a row) */
   float *step_top_logp; /* [32 * max_batch]: their log-probabilities */
   struct cn_attn_desc *attn_desc; /* [max_batch] one layer's attention batch (model/forward.c) */
+  int32_t *fwd_tokens; /* [max_batch] a forward's tokens with token_src resolved (host_ids backends) */
   struct cn_seq_batch *step_seqs; /* [step_cap] */
   struct cn_step_part *step_parts; /* [step_cap] */
   int step_cap;

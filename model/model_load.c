@@ -133,7 +133,7 @@ static int alloc_scratch(canopy_model *m) {
       return cn_error(CANOPY_ERR_NO_MEMORY, "%s: cannot allocate %zu bytes of %s memory for forward scratch", m->dir,
                       bufs[i].n * sizeof(float), m->be->name);
   }
-  if (!(m->attn_desc = malloc(sizeof *m->attn_desc * B)))
+  if (!(m->attn_desc = malloc(sizeof *m->attn_desc * B)) || !(m->fwd_tokens = malloc(sizeof *m->fwd_tokens * B)))
     return cn_error(CANOPY_ERR_NO_MEMORY, "%s: no host memory for %zu attention descriptors", m->dir, B);
   return CANOPY_OK;
 }
@@ -236,6 +236,7 @@ void canopy_model_free(canopy_model *m) {
   free(m->step_idx);
   free(m->step_top_logp);
   free(m->attn_desc);
+  free(m->fwd_tokens);
   free(m->step_seqs);
   free(m->step_parts);
   free(m->layers);

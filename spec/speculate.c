@@ -55,6 +55,17 @@ struct cn_spec {
   float *tprobs;             /* [n_nodes + 1][V], stochastic only */
   const float *qrows[CN_TREE_MAX_NODES];
   float *scratch;            /* [2V] */
+
+  /* Chained steps (greedy static trees, both models on one backend that chains forwards): each
+   * draft level takes its tokens from the picks of the level before where the backend keeps them,
+   * the verification takes the tree's tokens from there too and runs acceptance, and only its
+   * result crosses to the host: one wait a step instead of one a level. */
+  int chained;
+  cn_ids ids;                /* [rows][top_k]: row 0 the root's picks, row 1 + slot those of each fed node */
+  int32_t id_src[CN_TREE_MAX_NODES]; /* tree node -> the element of ids holding its token; -1 the root */
+  int32_t tparent[CN_TREE_MAX_NODES];
+  int32_t acc_out[2 + 2 * CN_TREE_MAX_NODES];
+  int32_t frontier_buf[CN_TREE_MAX_NODES], dsrc[CN_TREE_MAX_NODES];
 };
 
 static double now_s(void) {
@@ -71,6 +82,32 @@ static int spec_top_k(const cn_tree_spec *sp, int stochastic, int vocab) {
   if (sp->kind == CN_TREE_STATIC)
     for (int u = 1; u <= sp->n_nodes; u++) k = sp->rank[u] + 1 > k ? sp->rank[u] + 1 : k;
   return k <= 32 && k <= vocab ? k : 0;
+}
+
+/* Chained steps where they apply (see struct cn_spec): the fixed tree (tokens aside) and where each
+ * node's token will be. $CANOPY_SPEC_HOST_LEVELS=1 keeps every step on the host path, to compare. */
+static int chain_setup(cn_spec *s) {
+  const cn_tree_spec *sp = &s->spec;
+  const char *env = getenv("CANOPY_SPEC_HOST_LEVELS");
+  if (s->stochastic || sp->kind != CN_TREE_STATIC || s->top_k <= 0 || s->target->be != s->draft->be ||
+      !s->target->be->ids_create || (env && !strcmp(env, "1")))
+    return CANOPY_OK;
+  /* Fed nodes (those with children, below the root) take rows in BFS order, as the levels feed
+   * them: row 1 + the node's draft slot. */
+  int32_t row[CN_TREE_MAX_NODES];
+  int rows = 1; /* the root's */
+  row[0] = 0;
+  s->id_src[0] = -1;
+  s->tparent[0] = -1;
+  for (int u = 1; u <= sp->n_nodes; u++) {
+    row[u] = sp->n_children[u] ? rows++ : -1;
+    s->id_src[u] = row[sp->parent[u]] * s->top_k + sp->rank[u];
+    s->tparent[u] = sp->parent[u];
+  }
+  int st = cn_ids_create(s->draft, rows * s->top_k, &s->ids);
+  if (st) return st;
+  s->chained = 1;
+  return CANOPY_OK;
 }
 
 int cn_spec_create(canopy_model *target, canopy_model *draft, const char *tree, const canopy_sampling_params *sp,
@@ -127,12 +164,17 @@ int cn_spec_create(canopy_model *target, canopy_model *draft, const char *tree, 
     return cn_error(CANOPY_ERR_NO_MEMORY, "speculation: no memory for a %d-node tree over %zu tokens",
                     s->bounds.n_nodes, V);
   }
+  if ((st = chain_setup(s))) {
+    cn_spec_free(s);
+    return st;
+  }
   *out = s;
   return CANOPY_OK;
 }
 
 void cn_spec_free(cn_spec *s) {
   if (!s) return;
+  cn_ids_free(s->draft, &s->ids);
   cn_kv_seq_free(s->dkv);
   cn_sampler_free(&s->dist);
   free(s->dmask), free(s->dtok), free(s->dpos), free(s->drows), free(s->dlogits), free(s->dprobs);
@@ -145,6 +187,8 @@ int cn_spec_depth(const cn_spec *s) { return s->bounds.depth; }
 canopy_model *cn_spec_draft_model(const cn_spec *s) { return s->draft; }
 
 int cn_spec_max_nodes(const cn_spec *s) { return s->bounds.n_nodes + 1; }
+
+int cn_spec_chained(const cn_spec *s) { return s->chained; }
 
 void cn_spec_truncate(cn_spec *s, int len) {
   if (cn_kv_seq_len(s->dkv) > len) cn_kv_seq_truncate(s->dkv, len);
@@ -417,8 +461,132 @@ int cn_spec_accept_top(cn_spec *s, cn_kv_seq *target_kv, const int32_t *top, int
   return st ? st : commit_path(s, target_kv, t1, acc, n_acc, bonus, out, n_out, stats);
 }
 
+/* ---- the chained step (struct cn_spec, `chained`) ------------------------------------------------ */
+
+/* The draft catches up on the sequence (host tokens, in chunks), and the last chunk leaves the
+ * root's top_k picks in row 0 of s->ids. */
+static int chained_catch_up(cn_spec *s, const int32_t *tokens, int n_tokens, canopy_stats *stats) {
+  int room = s->draft->max_batch < s->dbatch ? s->draft->max_batch : s->dbatch;
+  int from = cn_kv_seq_len(s->dkv);
+  if (from == 0) from = cn_kv_seq_attach_prefix(s->dkv, tokens, n_tokens - 1);
+  while (from < n_tokens) {
+    int n = n_tokens - from < room ? n_tokens - from : room, last = from + n == n_tokens;
+    for (int i = 0; i < n; i++)
+      s->dpos[i] = from + i;
+    s->drows[0] = n - 1;
+    cn_seq_batch sb = {.kv = s->dkv, .first = 0, .n = n};
+    cn_batch b = {.n_tokens = n, .tokens = tokens + from, .pos = s->dpos, .n_seqs = 1, .seqs = &sb,
+                  .n_logits = last, .logit_rows = s->drows, .top = s->dtop, .top_k = s->top_k,
+                  .top_ids = last ? &s->ids : NULL};
+    int st = cn_forward(s->draft, &b, NULL);
+    if (st) return cn_error_wrap(st, "draft");
+    cn_kv_seq_commit(s->dkv, tokens + from, n);
+    stats->draft_forwards++;
+    from += n;
+  }
+  return CANOPY_OK;
+}
+
+/* Levels 1 .. depth - 1: every node of the level that the spec gives children, its token from its
+ * parent's row, its picks to its own row (1 + its draft slot, as chain_setup numbered them). */
+static int chained_levels(cn_spec *s, canopy_stats *stats) {
+  const cn_tree_spec *sp = &s->spec;
+  int ctx_len = cn_kv_seq_len(s->dkv), fed = 0; /* the root sits at ctx_len - 1 */
+  for (int u = 0; u <= sp->n_nodes; u++)
+    s->slot_of[u] = -1;
+  for (int lo = 1, d = 1; d < sp->depth; d++) {
+    int hi = lo, n = 0;
+    while (hi <= sp->n_nodes && sp->node_depth[hi] == d) hi++;
+    for (int u = lo; u < hi; u++)
+      if (sp->n_children[u]) s->frontier_buf[n++] = u;
+    lo = hi;
+    if (!n) continue;
+    int words = WORDS(fed + n);
+    memset(s->dmask, 0, sizeof *s->dmask * (size_t)n * words);
+    for (int i = 0; i < n; i++) {
+      int u = s->frontier_buf[i];
+      s->dtok[i] = 0; /* from token_src */
+      s->dsrc[i] = s->id_src[u];
+      s->slot_of[u] = fed + i;
+      s->slot_pos[fed + i] = s->dpos[i] = ctx_len - 1 + d;
+      s->drows[i] = i;
+      for (int a = u; a > 0; a = sp->parent[a])
+        s->dmask[(size_t)i * words + s->slot_of[a] / 64] |= 1ull << (s->slot_of[a] % 64);
+    }
+    cn_seq_batch sb = {.kv = s->dkv, .first = 0, .n = n, .tree_prev = fed, .tree_pos = s->slot_pos,
+                       .tree_mask = s->dmask};
+    cn_batch b = {.n_tokens = n, .tokens = s->dtok, .pos = s->dpos, .n_seqs = 1, .seqs = &sb, .n_logits = n,
+                  .logit_rows = s->drows, .top = s->dtop, .top_k = s->top_k, .token_src = s->dsrc,
+                  .src_ids = &s->ids, .top_ids = &s->ids, .top_ids_at = (1 + fed) * s->top_k};
+    int st = cn_forward(s->draft, &b, NULL);
+    if (st) return cn_error_wrap(st, "draft");
+    stats->draft_forwards++;
+    fed += n;
+  }
+  return CANOPY_OK;
+}
+
+/* The whole step with one wait: the draft's catch-up and levels and the target's verification are
+ * queued back to back, and the host reads acceptance's result. draft_s is the time to queue the
+ * draft's forwards; verify_s runs until the result is in, so it includes what the device still
+ * had of the draft. */
+static int chained_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, int32_t *out,
+                        int *n_out, canopy_stats *stats) {
+  int ctx_len = cn_kv_seq_len(target_kv); /* == n_tokens - 1: everything but the root */
+  if (ctx_len + 1 + s->bounds.depth > s->target->max_context)
+    return cn_error(CANOPY_ERR_CONTEXT, "a tree %d deep after %d tokens exceeds the context length %d",
+                    s->bounds.depth, n_tokens, s->target->max_context);
+  double t0 = now_s();
+  s->stats = stats;
+  cn_spec_truncate(s, n_tokens - 1); /* the root is new to the draft too */
+  int st = chained_catch_up(s, tokens, n_tokens, stats);
+  if (!st) st = chained_levels(s, stats);
+  double t1 = now_s();
+  stats->draft_s += t1 - t0;
+  if (st) {
+    cn_spec_truncate(s, cn_kv_seq_len(s->dkv)); /* the levels' slots */
+    return st;
+  }
+
+  /* The tree is the spec's shape; its tokens are on the device, and the accepted ones come back. */
+  cn_tree *t = &s->tree;
+  cn_tree_reset(t, tokens[n_tokens - 1]);
+  for (int u = 1; u <= s->spec.n_nodes; u++)
+    cn_tree_add(t, s->spec.parent[u], 0, 0.0f);
+  for (int u = 0; u < t->n; u++)
+    s->oracle_index[u] = u;
+  cn_seq_batch sb;
+  int n = cn_spec_batch(s, target_kv, 0, s->tbuf_tokens, s->tpos, s->trows, &sb);
+  int32_t top[CN_TREE_MAX_NODES];
+  cn_batch b = {.n_tokens = n, .tokens = s->tbuf_tokens, .pos = s->tpos, .n_seqs = 1, .seqs = &sb, .n_logits = n,
+                .logit_rows = s->trows, .top = top, .token_src = s->id_src, .src_ids = &s->ids,
+                .accept_parent = s->tparent, .accept_out = s->acc_out};
+  st = cn_forward(s->target, &b, NULL);
+  if (!st) {
+    stats->forward_passes++;
+    stats->verify_s += now_s() - t1;
+  }
+  int n_acc = s->acc_out[0], depth = cn_tree_max_depth(t);
+  if (!st && (n_acc < 0 || n_acc > depth || s->acc_out[1] < 0 || s->acc_out[1] >= s->vocab))
+    st = cn_error(CANOPY_ERR_DEVICE, "speculation: acceptance on the device returned %d nodes, bonus %d", n_acc,
+                  s->acc_out[1]);
+  for (int i = 0, u = 0; !st && i < n_acc; i++) {
+    int v = s->acc_out[2 + i], tok = s->acc_out[2 + n + i];
+    if (v <= 0 || v >= n || t->parent[v] != u || tok < 0 || tok >= s->vocab)
+      st = cn_error(CANOPY_ERR_DEVICE, "speculation: acceptance on the device returned node %d (token %d) after %d",
+                    v, tok, u);
+    else t->token[v] = tok, u = v;
+  }
+  if (st) {
+    cn_spec_truncate(s, cn_kv_seq_len(s->dkv));
+    return st;
+  }
+  return commit_path(s, target_kv, now_s(), s->acc_out + 2, n_acc, s->acc_out[1], out, n_out, stats);
+}
+
 int cn_spec_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, cn_sampler *sampler,
                  int32_t *out, int *n_out, canopy_stats *stats) {
+  if (s->chained) return chained_step(s, target_kv, tokens, n_tokens, out, n_out, stats);
   int st = cn_spec_draft(s, target_kv, tokens, n_tokens, stats);
   if (st) return st;
   double t0 = now_s();

@@ -86,6 +86,12 @@ int cn_spec_draft_top_k(const cn_spec *s);
 int cn_spec_draft_take(cn_spec *s, const cn_draft_out *out);
 int cn_spec_draft_end(cn_spec *s);
 
+/* Whether cn_spec_step runs chained (greedy static trees with both models on one backend that
+ * chains forwards, model/forward.h): the draft's levels and the verification queued back to back,
+ * acceptance where the logits are, one wait a step. Unless $CANOPY_SPEC_HOST_LEVELS=1 at
+ * creation, which keeps the host path (each level's picks brought to the host) to compare. */
+int cn_spec_chained(const cn_spec *s);
+
 /* The draft model (sessions with the same one share draft forwards). */
 canopy_model *cn_spec_draft_model(const cn_spec *s);
 

@@ -14,6 +14,7 @@
 #include <cmocka.h>
 
 #include "draft/tree.h"
+#include "kernels/cpu/ops.h"
 #include "spec/accept.h"
 #include "spec/sampler.h"
 #include "tests/testing.h"
@@ -195,6 +196,40 @@ static void test_greedy_chain_all_accepted_takes_the_bonus_from_the_last_node(vo
   assert_int_equal(cn_accept_greedy(&t, logits + 3 * GV, GV, acc, &n, &bonus), CANOPY_OK);
   assert_int_equal(n, 0);
   assert_int_equal(bonus, 2);
+}
+
+/* kernels/cpu's walk over arrays (the CPU twin of the device's acceptance, which chained
+ * speculative steps use) against the walk over a cn_tree, on random BFS trees over a vocabulary
+ * of 3 so that many children match and siblings repeat tokens (the first one wins in both). */
+static void test_array_walk_matches_the_tree_walk_on_random_trees(void **state) {
+  uint64_t rs = seed ^ 0xacce97;
+  for (int rep = 0; rep < 400; rep++) {
+    cn_tree t;
+    cn_tree_reset(&t, (int32_t)(cn_test_rand(&rs) % 3));
+    int n = 1 + (int)(cn_test_rand(&rs) % CN_TREE_MAX_NODES);
+    for (int i = 1; i < n; i++) {
+      /* A parent no earlier than the last added node's keeps siblings consecutive. */
+      int lo = t.parent[t.n - 1] > 0 ? t.parent[t.n - 1] : 0, span = t.n - lo;
+      int p = lo + (int)(cn_test_rand(&rs) % (uint64_t)(span < 4 ? span : 4));
+      assert_int_equal(cn_tree_add(&t, p, (int32_t)(cn_test_rand(&rs) % 3), 0), i);
+    }
+    int32_t top[CN_TREE_MAX_NODES], out[2 + 2 * CN_TREE_MAX_NODES], acc[CN_TREE_MAX_NODES], bonus;
+    for (int i = 0; i < n; i++)
+      top[i] = (int32_t)(cn_test_rand(&rs) % 3);
+    int n_acc;
+    assert_int_equal(cn_accept_greedy_top(&t, top, 3, acc, &n_acc, &bonus), CANOPY_OK);
+    assert_int_equal(cn_cpu_accept_greedy(out, t.token, top, t.parent, n), 0);
+    assert_int_equal(out[0], n_acc);
+    assert_int_equal(out[1], bonus);
+    for (int i = 0; i < n_acc; i++) {
+      assert_int_equal(out[2 + i], acc[i]);
+      assert_int_equal(out[2 + n + i], t.token[acc[i]]);
+    }
+  }
+  int32_t out[8], parent[3] = {-1, 0, 2}, tokens[3] = {0}, top[3] = {0};
+  assert_int_equal(cn_cpu_accept_greedy(out, tokens, top, parent, 3), -1); /* a parent not before its child */
+  parent[0] = 0;
+  assert_int_equal(cn_cpu_accept_greedy(out, tokens, top, parent, 1), -1); /* a root with a parent */
 }
 
 static void test_malformed_input_is_an_error(void **state) {
@@ -741,6 +776,7 @@ int main(void) {
       cmocka_unit_test(test_greedy_follows_the_argmax_path_and_stops_at_the_first_miss),
       cmocka_unit_test(test_greedy_ties_take_the_first_index),
       cmocka_unit_test(test_greedy_chain_all_accepted_takes_the_bonus_from_the_last_node),
+      cmocka_unit_test(test_array_walk_matches_the_tree_walk_on_random_trees),
       cmocka_unit_test(test_malformed_input_is_an_error),
       cmocka_unit_test(test_children_sample_distinct_positive_min_of_k_and_support),
       cmocka_unit_test(test_children_sample_first_and_second_draws_follow_q_without_replacement),

@@ -1030,6 +1030,75 @@ static void test_norm_qkv_rope_kv_is_bit_exact(void **state) {
   END_TEST();
 }
 
+/* A chained speculative step's device pieces against their CPU twins: the gather of tokens from
+ * earlier picks, and greedy acceptance on random trees (n 1..300, a vocabulary of 3 so that
+ * children match often and siblings repeat tokens); and an event recorded on one context's
+ * stream orders another's. */
+static void test_gather_ids_and_tree_acceptance_match_cpu(void **state) {
+  enum { MAXN = 300 };
+  int32_t *d_tok = dev_alloc(sizeof(int32_t) * MAXN), *d_src = dev_alloc(sizeof(int32_t) * MAXN),
+          *d_ids = dev_alloc(sizeof(int32_t) * 4 * MAXN), *d_top = dev_alloc(sizeof(int32_t) * MAXN),
+          *d_par = dev_alloc(sizeof(int32_t) * MAXN), *d_out = dev_alloc(sizeof(int32_t) * (2 + 2 * MAXN));
+  int32_t tok[MAXN], src[MAXN], ids[4 * MAXN], top[MAXN], par[MAXN], want[2 + 2 * MAXN], got[2 + 2 * MAXN];
+  int accepted = 0;
+  static int32_t got_tok_all[MAXN];
+  for (int rep = 0; rep < 200; rep++) {
+    int n = rep < 3 ? rep + 1 : rand_int(1, MAXN);
+    par[0] = -1;
+    for (int i = 0; i < n; i++) {
+      if (i) par[i] = rand_int(i > 4 ? i - 4 : 0, i - 1);
+      tok[i] = rand_int(0, 2);
+      src[i] = rand_int(-1, 4 * MAXN - 1);
+      top[i] = rand_int(0, 2);
+    }
+    for (int i = 0; i < 4 * MAXN; i++)
+      ids[i] = rand_int(0, 2);
+    CK(cn_cuda_memcpy_h2d(ctx, d_tok, tok, sizeof *tok * (size_t)n));
+    CK(cn_cuda_memcpy_h2d(ctx, d_src, src, sizeof *src * (size_t)n));
+    CK(cn_cuda_memcpy_h2d(ctx, d_ids, ids, sizeof ids));
+    CK(cn_cuda_memcpy_h2d(ctx, d_top, top, sizeof *top * (size_t)n));
+    CK(cn_cuda_memcpy_h2d(ctx, d_par, par, sizeof *par * (size_t)n));
+    CK(cn_cuda_memset(ctx, d_out, 0xFF, sizeof(int32_t) * (size_t)(2 + 2 * n)));
+    CK(cn_cuda_gather_ids(ctx, d_tok, d_src, d_ids, n));
+    CK(cn_cuda_accept_greedy(ctx, d_out, d_tok, d_top, d_par, n));
+    cn_cpu_gather_ids(tok, src, ids, n);
+    assert_int_equal(cn_cpu_accept_greedy(want, tok, top, par, n), 0);
+    int32_t got_tok[MAXN];
+    CK(cn_cuda_memcpy_d2h(ctx, got_tok, d_tok, sizeof *tok * (size_t)n));
+    CK(cn_cuda_memcpy_d2h(ctx, got, d_out, sizeof(int32_t) * (size_t)(2 + 2 * n)));
+    assert_memory_equal(got_tok, tok, sizeof *tok * (size_t)n);
+    assert_int_equal(got[0], want[0]);
+    assert_int_equal(got[1], want[1]);
+    for (int i = 0; i < want[0]; i++) {
+      assert_int_equal(got[2 + i], want[2 + i]);
+      assert_int_equal(got[2 + n + i], want[2 + n + i]);
+    }
+    accepted += want[0];
+  }
+  printf("[ accept   ] 200 random trees, %d nodes accepted in all: device equals host\n", accepted);
+  assert_true(accepted > 0);
+
+  /* Another context's stream waits for the event: its copy sees the first stream's memset. */
+  cn_cuda_ctx *other;
+  CK(cn_cuda_ctx_create(0, &other));
+  cn_cuda_event *ev;
+  CK(cn_cuda_event_create(ctx, &ev));
+  CK(cn_cuda_memset(ctx, d_ids, 0x11, sizeof ids));
+  CK(cn_cuda_event_record(ctx, ev));
+  CK(cn_cuda_event_wait(other, ev));
+  CK(cn_cuda_memcpy_d2d(other, d_tok, d_ids, sizeof(int32_t) * MAXN));
+  CK(cn_cuda_sync(other));
+  CK(cn_cuda_event_sync(ev));
+  CK(cn_cuda_memcpy_d2h(ctx, got_tok_all, d_tok, sizeof(int32_t) * MAXN));
+  for (int i = 0; i < MAXN; i++)
+    assert_int_equal(got_tok_all[i], 0x11111111);
+  cn_cuda_event_free(ev);
+  cn_cuda_ctx_free(other);
+  int32_t *bufs[] = {d_tok, d_src, d_ids, d_top, d_par, d_out};
+  for (int i = 0; i < 6; i++)
+    cn_cuda_free(ctx, bufs[i]);
+}
+
 static void test_cuda_failures_become_status_codes(void **state) {
   void *p = (void *)1;
   int st = cn_cuda_malloc(ctx, &p, (size_t)1 << 52); /* 4 PiB */
@@ -1104,6 +1173,7 @@ int main(void) {
       cmocka_unit_test(test_qkv_rope_matches_cpu),
       cmocka_unit_test(test_qkv_rope_kv_matches_the_two_ops),
       cmocka_unit_test(test_norm_qkv_rope_kv_is_bit_exact),
+      cmocka_unit_test(test_gather_ids_and_tree_acceptance_match_cpu),
       cmocka_unit_test(test_cuda_failures_become_status_codes),
   };
   return cmocka_run_group_tests(tests, setup, teardown);

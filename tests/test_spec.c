@@ -14,7 +14,9 @@
 
 #include "cache/kv_cache.h"
 #include "canopy.h"
+#include "model/forward.h"
 #include "model/model.h"
+#include "spec/speculate.h"
 #include "tests/testing.h"
 
 /* Batched verification sums in another order than single-token decoding (~1e-5 on logits): a
@@ -103,6 +105,105 @@ static void test_greedy_speculation_equals_target_only(void **state) {
     }
   }
   printf("[ spec     ] %d runs: %d identical, %d differ at a near-tie (gap < %g)\n", runs, identical, ties, NEAR_TIE);
+}
+
+/* n_new tokens by cn_spec_step alone (the prompt prefilled by hand), chained or on the host path
+ * as `host_levels` asks; returns the tokens generated (the last step may overshoot n_new). */
+static int spec_steps(canopy_model *draft, const char *tree, int host_levels, const int32_t *prompt, int n_prompt,
+                      int n_new, int32_t *seq, canopy_stats *stats) {
+  if (host_levels) setenv("CANOPY_SPEC_HOST_LEVELS", "1", 1);
+  else unsetenv("CANOPY_SPEC_HOST_LEVELS");
+  canopy_sampling_params greedy = canopy_sampling_default_params();
+  greedy.temperature = 0;
+  cn_spec *s;
+  int st = cn_spec_create(target, draft, tree, &greedy, &s);
+  unsetenv("CANOPY_SPEC_HOST_LEVELS");
+  assert_int_equal(st, CANOPY_OK);
+  assert_int_equal(cn_spec_chained(s), !host_levels); /* the CPU backend chains forwards too */
+  cn_kv_seq *kv;
+  assert_int_equal(cn_kv_seq_create(target->kv, &kv), CANOPY_OK);
+  int32_t pos[2048];
+  for (int i = 0; i < n_prompt - 1; i++)
+    pos[i] = i;
+  cn_seq_batch sb = {.kv = kv, .n = n_prompt - 1};
+  cn_batch b = {.n_tokens = n_prompt - 1, .tokens = prompt, .pos = pos, .n_seqs = 1, .seqs = &sb};
+  assert_int_equal(cn_forward(target, &b, NULL), CANOPY_OK);
+  cn_kv_seq_commit(kv, prompt, n_prompt - 1);
+  memcpy(seq, prompt, sizeof *seq * (size_t)n_prompt);
+  memset(stats, 0, sizeof *stats);
+  int len = n_prompt;
+  while (len < n_prompt + n_new) {
+    int n_out;
+    st = cn_spec_step(s, kv, seq, len, NULL, seq + len, &n_out, stats);
+    if (st) print_error("%s\n", canopy_last_error());
+    assert_int_equal(st, CANOPY_OK);
+    len += n_out;
+    assert_int_equal(cn_kv_seq_len(kv), len - 1); /* the bonus is not fed yet */
+  }
+  cn_kv_seq_free(kv);
+  cn_spec_free(s);
+  return len - n_prompt;
+}
+
+/* A chained step (the draft's levels fed from the picks where they were made, acceptance there
+ * too) runs the same forwards on the same inputs as the host path: the same tokens, and the
+ * same acceptance at every depth and rank. */
+static void test_chained_steps_equal_the_host_levels(void **state) {
+  const char *trees[] = {"chain:4", "static:3,2,1", "[[0],[1],[0,0],[0,0,0],[1,0]]", "[[0],[2],[2,1]]"};
+  int n_new = quick() ? 10 : 24;
+  int32_t prompt[2048], a[2200], h[2200];
+  int n_prompt = prompt_ids(2, prompt);
+  for (size_t t = 0; t < sizeof trees / sizeof trees[0]; t += quick() ? 2 : 1)
+    for (int d = 0; d < 2; d++) {
+      canopy_model *draft = d ? full_draft : shallow;
+      canopy_stats sa, sh;
+      int na = spec_steps(draft, trees[t], 0, prompt, n_prompt, n_new, a, &sa);
+      int nh = spec_steps(draft, trees[t], 1, prompt, n_prompt, n_new, h, &sh);
+      printf("[ chained  ] %-32s draft %-8s %d tokens in %d steps (host path: %d in %d)\n", trees[t],
+             d ? "target" : "4 layers", na, sa.spec_steps, nh, sh.spec_steps);
+      assert_int_equal(na, nh);
+      assert_memory_equal(a, h, sizeof *a * (size_t)(n_prompt + na));
+      assert_int_equal(sa.spec_steps, sh.spec_steps);
+      assert_int_equal(sa.spec_tokens, sh.spec_tokens);
+      assert_int_equal(sa.tree_nodes, sh.tree_nodes);
+      assert_int_equal(sa.draft_forwards, sh.draft_forwards);
+      assert_int_equal(sa.forward_passes, sh.forward_passes);
+      assert_memory_equal(sa.accept_depth, sh.accept_depth, sizeof sa.accept_depth);
+      assert_memory_equal(sa.offered_depth, sh.offered_depth, sizeof sa.offered_depth);
+      assert_memory_equal(sa.accept_rank, sh.accept_rank, sizeof sa.accept_rank);
+      assert_memory_equal(sa.offered_rank, sh.offered_rank, sizeof sa.offered_rank);
+    }
+}
+
+/* Chained forwards name their buffers and indices when they are wrong, and leave no slot reserved. */
+static void test_bad_chained_forwards_are_errors(void **state) {
+  cn_ids ids;
+  assert_int_equal(cn_ids_create(target, 0, &ids), CANOPY_ERR_INVALID_ARG);
+  assert_int_equal(cn_ids_create(target, 4, &ids), CANOPY_OK);
+  cn_kv_seq *kv;
+  assert_int_equal(cn_kv_seq_create(target->kv, &kv), CANOPY_OK);
+  int32_t tokens[2] = {1, 2}, pos[2] = {0, 1}, rows[2] = {0, 1}, top[4], src[2] = {-1, 9}, parent[2] = {-1, 1},
+          out[6];
+  cn_seq_batch sb = {.kv = kv, .n = 2};
+  cn_batch b = {.n_tokens = 2, .tokens = tokens, .pos = pos, .n_seqs = 1, .seqs = &sb, .n_logits = 2,
+                .logit_rows = rows, .top = top, .token_src = src, .src_ids = &ids};
+  assert_int_equal(cn_forward(target, &b, NULL), CANOPY_ERR_INVALID_ARG);
+  assert_non_null(strstr(canopy_last_error(), "token_src[1] = 9"));
+  src[1] = 3;
+  b.top_ids = &ids, b.top_ids_at = 3; /* 2 rows of ids from element 3 of 4 */
+  assert_int_equal(cn_forward(target, &b, NULL), CANOPY_ERR_INVALID_ARG);
+  assert_non_null(strstr(canopy_last_error(), "top ids"));
+  b.top_ids = NULL;
+  b.accept_parent = parent, b.accept_out = out; /* node 1 its own parent */
+  assert_int_equal(cn_forward(target, &b, NULL), CANOPY_ERR_INVALID_ARG);
+  assert_non_null(strstr(canopy_last_error(), "acceptance tree"));
+  parent[1] = 0, src[1] = -1; /* a well-formed tree: the forward runs, and acceptance names node 1 or none */
+  assert_int_equal(cn_forward(target, &b, NULL), CANOPY_OK);
+  assert_true(out[0] == 0 || (out[0] == 1 && out[2] == 1 && out[4] == 2));
+  assert_int_equal(out[1], out[0] ? top[1] : top[0]);
+  assert_int_equal(cn_kv_seq_len(kv), 0); /* reserved, never committed */
+  cn_kv_seq_free(kv);
+  cn_ids_free(target, &ids);
 }
 
 static void test_target_as_draft_accepts_every_node_of_a_chain(void **state) {
@@ -320,6 +421,8 @@ int main(void) {
   if (!fixture) return 1;
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_greedy_speculation_equals_target_only),
+      cmocka_unit_test(test_chained_steps_equal_the_host_levels),
+      cmocka_unit_test(test_bad_chained_forwards_are_errors),
       cmocka_unit_test(test_target_as_draft_accepts_every_node_of_a_chain),
       cmocka_unit_test(test_commit_leaves_the_cache_a_fresh_prefill_builds),
       cmocka_unit_test(test_batched_sessions_match_one_at_a_time),

@@ -115,4 +115,18 @@ int32_t cn_cpu_sample(const cn_sample_rule *r, const float *logits, int V, doubl
  * uniform on [-1, 1), rounded to bf16 and widened back, so it equals the device's bf16 copy. */
 void cn_cpu_random_weights(float *dst, size_t n, uint64_t stream, float scale, float mean);
 
+/* ---- a speculative step chained between forwards (model/forward.h, token_src) ------------------ */
+
+/* tokens[i] = ids[src[i]] where src[i] >= 0; tokens[i] unchanged where src[i] < 0. */
+void cn_cpu_gather_ids(int32_t *tokens, const int32_t *src, const int32_t *ids, int n);
+
+/* Greedy acceptance of a token tree of n nodes: node 0 is the root, parent[i] < i the parent of
+ * node i > 0, tokens[i] its token, top[i] the target's choice after node i's path. From the root,
+ * at node u the walk moves to u's first child (in index order) whose token is top[u]; where there
+ * is none it stops, and top[u] is the bonus token. out [2 + 2 n]: out[0] = the accepted count a,
+ * out[1] = the bonus, out[2 .. 2 + a) the accepted nodes in path order, out[2 + n .. 2 + n + a)
+ * their tokens. The walk of cn_accept_greedy_top (spec/accept.h) over arrays instead of a cn_tree.
+ * Returns 0, or -1 (out untouched) when n < 1, parent[0] >= 0 or some parent[i] is not in [0, i). */
+int cn_cpu_accept_greedy(int32_t *out, const int32_t *tokens, const int32_t *top, const int32_t *parent, int n);
+
 #endif

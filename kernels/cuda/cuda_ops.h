@@ -414,6 +414,29 @@ int cn_cuda_sample_workspace(cn_cuda_ctx *ctx, int rows, int V, size_t *bytes);
  * bf16(mean + scale * u), u uniform on [-1, 1); bit-equal to cn_cpu_random_weights. */
 int cn_cuda_random_bf16(cn_cuda_ctx *ctx, cn_bf16 *dst, size_t n, uint64_t stream, float scale, float mean);
 
+/* ---- a speculative step chained between forwards (kernels/cuda/tree_ids.cu) ------------------ */
+
+/* tokens[i] = ids[src[i]] where src[i] >= 0, for i < n (cn_cpu_gather_ids). */
+int cn_cuda_gather_ids(cn_cuda_ctx *ctx, int32_t *tokens, const int32_t *src, const int32_t *ids, int n);
+
+/* Greedy acceptance of a token tree of n nodes, as cn_cpu_accept_greedy: out [2 + 2 n] receives the
+ * accepted count, the bonus, the accepted nodes and their tokens. parent must be a valid tree
+ * (parent[0] < 0, 0 <= parent[i] < i): the caller checks it on the host. One block. */
+int cn_cuda_accept_greedy(cn_cuda_ctx *ctx, int32_t *out, const int32_t *tokens, const int32_t *top,
+                          const int32_t *parent, int n);
+
+/* An event to order two contexts' streams: recorded on one, waited for on another (or by the
+ * host), so that one model's forward may read ids another model's forward wrote. */
+typedef struct cn_cuda_event cn_cuda_event;
+int cn_cuda_event_create(cn_cuda_ctx *ctx, cn_cuda_event **out);
+void cn_cuda_event_free(cn_cuda_event *ev);
+/* Marks the work queued on ctx's stream so far. */
+int cn_cuda_event_record(cn_cuda_ctx *ctx, cn_cuda_event *ev);
+/* Later work on ctx's stream waits for the work ev marked (at once if it was never recorded). */
+int cn_cuda_event_wait(cn_cuda_ctx *ctx, const cn_cuda_event *ev);
+/* The host waits for the work ev marked. */
+int cn_cuda_event_sync(cn_cuda_event *ev);
+
 #ifdef __cplusplus
 }
 #endif
