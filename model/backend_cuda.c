@@ -632,7 +632,8 @@ static int cuda_begin(void *ctx, const cn_fwd_io *io, int *replayed) {
     st = cn_cuda_event_wait(c->cu, src->written);
     if (!st) st = cn_cuda_gather_ids(c->cu, c->tok_dev, c->src_dev, src->dev, io->n_tokens);
   }
-  if (!st) st = cn_cuda_event_record(c->cu, c->staged);
+  /* A forward that will end without waiting marks its uploads (a forward that waits needs not). */
+  if (!st && io->top_ids && !io->top_logp && !io->accept_out) st = cn_cuda_event_record(c->cu, c->staged);
   if (st || !key_ok) return st;
   if (cn_cuda_scratch_gen(c->cu) != c->scratch_gen) {
     cn_graph_cache_clear(&c->graphs);

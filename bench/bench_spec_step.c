@@ -1,0 +1,151 @@
+/* A speculative step chained on the backend against the same step on the host path, side by side
+ * in one run: the draft's levels fed from picks kept where they were made and acceptance where the
+ * logits are (one wait a step), against each level's picks brought to the host before the next
+ * level is built ($CANOPY_SPEC_HOST_LEVELS=1, read when a session's speculation is made). Both
+ * against target-only decoding. Greedy, through the sessions API, decode time only (the prompt's
+ * prefill excluded): ms a step, tokens a step, tokens/s.
+ *
+ * Models come from checkpoints (--target DIR, --draft DIR) or random weights of a config's shape
+ * (--target-config, --draft-config: the same config and seed give the same weights, so a draft of
+ * the target's own config accepts every node, the most a step can return; --draft-layers N keeps
+ * the draft's first N layers). The prompt is --ctx random ids; runs alternate between the paths
+ * (--reps times each) so that drift between processes or clocks shows.
+ *
+ * usage: bench_spec_step (--target DIR | --target-config JSON) (--draft DIR | --draft-config JSON)
+ *                        [--draft-layers N] [--device cuda|cpu] [--tree T ...] [--ctx L] [--new N] [--reps R] */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bench/bench_util.h"
+#include "canopy.h"
+
+#define MAX_TREES 8
+#define MAX_REPS 16
+
+static void die(const char *what) {
+  fprintf(stderr, "bench_spec_step: %s: %s\n", what, canopy_last_error());
+  exit(1);
+}
+
+typedef struct run_result {
+  double s;       /* decode seconds (canopy_session_next) */
+  int tokens, steps, forwards;
+} run_result;
+
+/* One greedy generation of n tokens after the prompt; tree NULL: target only. host_levels picks
+ * the path for a speculative run. */
+static run_result generate(canopy_model *target, canopy_model *draft, const char *tree, int host_levels,
+                           const int32_t *prompt, int n_prompt, int n, int32_t *out) {
+  if (host_levels) setenv("CANOPY_SPEC_HOST_LEVELS", "1", 1);
+  else unsetenv("CANOPY_SPEC_HOST_LEVELS");
+  canopy_session_params sp = canopy_session_default_params();
+  sp.sampling.temperature = 0;
+  sp.max_tokens = n;
+  sp.stop_at_eos = 0;
+  sp.draft = tree ? draft : NULL;
+  sp.tree = tree;
+  canopy_session *s;
+  if (canopy_session_create(target, &sp, &s)) die("session");
+  unsetenv("CANOPY_SPEC_HOST_LEVELS");
+  if (canopy_session_append(s, prompt, n_prompt)) die("prompt");
+  double t0 = bench_now_s();
+  int got = 0, st;
+  while (got < n && (st = canopy_session_next(s, &out[got])) == CANOPY_OK) got++;
+  double t = bench_now_s() - t0;
+  if (got < n) die("generation");
+  canopy_stats stats;
+  canopy_session_get_stats(s, &stats);
+  canopy_session_free(s);
+  return (run_result){.s = t, .tokens = got, .steps = tree ? stats.spec_steps : got,
+                      .forwards = stats.draft_forwards + stats.spec_steps};
+}
+
+static canopy_model *load(const char *dir, const char *config, int layers, int device, int ctx) {
+  canopy_model_params mp = canopy_model_default_params();
+  mp.device = device;
+  mp.max_context = ctx;
+  mp.n_layers = layers;
+  mp.random_weights = config;
+  canopy_model *m;
+  if (canopy_model_load(dir, &mp, &m)) die(config ? config : dir);
+  return m;
+}
+
+int main(int argc, char **argv) {
+  const char *target_dir = NULL, *target_cfg = NULL, *draft_dir = NULL, *draft_cfg = NULL, *trees[MAX_TREES];
+  int n_trees = 0, draft_layers = 0, device = CANOPY_DEVICE_CUDA, L = 256, n_new = 128, reps = 3;
+  for (int i = 1; i < argc; i++) {
+    if (!strcmp(argv[i], "--target") && i + 1 < argc) target_dir = argv[++i];
+    else if (!strcmp(argv[i], "--target-config") && i + 1 < argc) target_cfg = argv[++i];
+    else if (!strcmp(argv[i], "--draft") && i + 1 < argc) draft_dir = argv[++i];
+    else if (!strcmp(argv[i], "--draft-config") && i + 1 < argc) draft_cfg = argv[++i];
+    else if (!strcmp(argv[i], "--draft-layers") && i + 1 < argc) draft_layers = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--device") && i + 1 < argc) device = !strcmp(argv[++i], "cpu") ? CANOPY_DEVICE_CPU : CANOPY_DEVICE_CUDA;
+    else if (!strcmp(argv[i], "--tree") && i + 1 < argc && n_trees < MAX_TREES) trees[n_trees++] = argv[++i];
+    else if (!strcmp(argv[i], "--ctx") && i + 1 < argc) L = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--new") && i + 1 < argc) n_new = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
+    else {
+      fprintf(stderr, "usage: bench_spec_step (--target DIR | --target-config JSON) (--draft DIR | --draft-config JSON) "
+                      "[--draft-layers N] [--device cuda|cpu] [--tree T ...] [--ctx L] [--new N] [--reps R]\n");
+      return 2;
+    }
+  }
+  if ((!target_dir && !target_cfg) || (!draft_dir && !draft_cfg) || L < 2 || n_new < 1 || reps < 1 ||
+      reps > MAX_REPS) {
+    fprintf(stderr, "bench_spec_step: give a target and a draft, --ctx >= 2, --new >= 1, --reps 1..%d\n", MAX_REPS);
+    return 2;
+  }
+  if (!n_trees) trees[n_trees++] = "chain:2", trees[n_trees++] = "chain:4", trees[n_trees++] = "static:3,2,1";
+  int ctx = L + n_new + 64;
+  canopy_model *target = load(target_dir, target_cfg, 0, device, ctx);
+  canopy_model *draft = load(draft_dir, draft_cfg, draft_layers, device, ctx);
+  canopy_model_info ti, di;
+  canopy_model_get_info(target, &ti);
+  canopy_model_get_info(draft, &di);
+  printf("target %s (%d layers), draft %s (%d layers), %s, prompt %d random ids, %d new tokens, greedy, %d reps "
+         "alternating\n",
+         target_cfg ? target_cfg : target_dir, ti.n_layers, draft_cfg ? draft_cfg : draft_dir, di.n_layers,
+         device == CANOPY_DEVICE_CUDA ? "cuda" : "cpu", L, n_new, reps);
+  int32_t *prompt = malloc(sizeof *prompt * (size_t)L), *out = malloc(sizeof *out * (size_t)(n_new + 64)),
+          *ref = malloc(sizeof *ref * (size_t)(n_new + 64));
+  uint64_t x = 0x9e3779b97f4a7c15ull;
+  for (int i = 0; i < L; i++) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    prompt[i] = (int32_t)(x % (uint64_t)ti.vocab_size);
+  }
+  /* Warm-up (graphs captured, buffers grown), then the target alone. */
+  generate(target, draft, NULL, 0, prompt, L, n_new, ref);
+  double alone[MAX_REPS];
+  for (int r = 0; r < reps; r++)
+    alone[r] = generate(target, draft, NULL, 0, prompt, L, n_new, ref).s;
+  double alone_s = bench_median(alone, reps);
+  printf("\n%-28s %-8s %9s %9s %10s %10s %8s %s\n", "tree", "path", "tok/step", "ms/step", "ms/token", "tok/s",
+         "x alone", "same tokens as target-only");
+  printf("%-28s %-8s %9.2f %9.3f %10.3f %10.1f %8.2f\n", "(target only)", "", 1.0, 1e3 * alone_s / n_new,
+         1e3 * alone_s / n_new, n_new / alone_s, 1.0);
+  for (int t = 0; t < n_trees; t++) {
+    run_result best[2];
+    double sec[2][MAX_REPS];
+    int same[2] = {1, 1};
+    for (int p = 0; p < 2; p++) generate(target, draft, trees[t], p, prompt, L, n_new, out); /* warm-up */
+    for (int r = 0; r < reps; r++)
+      for (int p = 0; p < 2; p++) {
+        run_result rr = generate(target, draft, trees[t], p, prompt, L, n_new, out);
+        sec[p][r] = rr.s;
+        best[p] = rr;
+        same[p] &= !memcmp(out, ref, sizeof *out * (size_t)n_new);
+      }
+    for (int p = 0; p < 2; p++) {
+      double s = bench_median(sec[p], reps);
+      printf("%-28s %-8s %9.2f %9.3f %10.3f %10.1f %8.2f %s\n", trees[t], p ? "host" : "chained",
+             (double)best[p].tokens / best[p].steps, 1e3 * s / best[p].steps, 1e3 * s / n_new, n_new / s, alone_s / s,
+             same[p] ? "yes" : "no (near-ties: batched verification sums in another order)");
+    }
+  }
+  free(prompt), free(out), free(ref);
+  canopy_model_free(draft);
+  canopy_model_free(target);
+  return 0;
+}
