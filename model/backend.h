@@ -145,12 +145,12 @@ typedef struct cn_backend {
    * which the forward itself reads for token_src and writes for top_ids. */
   void *(*ids_create)(void *ctx, int n);
   void (*ids_free)(void *ctx, void *ids);
-  /* Greedy acceptance over the forward's tokens (token_src resolved) and its top ids
-   * (cn_cpu_accept_greedy): out host [2 + 2 n], tokens and top the forward's host arrays (a
-   * device backend finds its copies), parent host [n], already checked. */
+  /* Greedy acceptance over the forward's tokens (token_src resolved) and its top ids, a tree a
+   * sequence (cn_cpu_accept_greedy): out host [2 n_seqs + 2 n], tokens and top the forward's host
+   * arrays (a device backend finds its copies), parent host [n], already checked. */
   void (*accept_greedy)(void *ctx, int32_t *out, const int32_t *tokens, const int32_t *top, const int32_t *parent,
                         int n);
-  int host_ids;
+  int host_ids; /* ids are host memory: the forward resolves token_src and fills top_ids itself */
 } cn_backend;
 
 /* The fp32 CPU backend with `n_threads` workers (0 = all online cores). */

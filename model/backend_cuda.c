@@ -615,10 +615,10 @@ static int cuda_begin(void *ctx, const cn_fwd_io *io, int *replayed) {
     c->top_cap = top_n;
     cn_graph_cache_clear(&c->graphs);
   }
-  if (io->accept_parent && 2 + 2 * io->n_tokens > c->acc_cap) {
+  if (io->accept_parent && 2 * io->n_seqs + 2 * io->n_tokens > c->acc_cap) {
     cn_cuda_free(c->cu, c->acc_dev);
     c->acc_dev = NULL, c->acc_cap = 0;
-    int cap = 2 + 2 * io->n_tokens, st = cn_cuda_malloc(c->cu, (void **)&c->acc_dev, sizeof *c->acc_dev * (size_t)cap);
+    int cap = 2 * io->n_seqs + 2 * io->n_tokens, st = cn_cuda_malloc(c->cu, (void **)&c->acc_dev, sizeof *c->acc_dev * (size_t)cap);
     if (st) return st;
     c->acc_cap = cap;
     cn_graph_cache_clear(&c->graphs);
@@ -690,7 +690,8 @@ static int cuda_end(void *ctx) {
     }
   }
   if (!st && io->accept_out) {
-    st = cn_cuda_memcpy_d2h(c->cu, io->accept_out, c->acc_dev, sizeof(int32_t) * (size_t)(2 + 2 * io->n_tokens));
+    st = cn_cuda_memcpy_d2h(c->cu, io->accept_out, c->acc_dev,
+                            sizeof(int32_t) * (size_t)(2 * io->n_seqs + 2 * io->n_tokens));
   } else if (!st && io->n_logits && io->top && !io->sample) {
     if (!io->top_ids) st = cn_cuda_memcpy_d2h(c->cu, io->top, c->top_dev, sizeof(int32_t) * top_n);
     if (!st && io->top_logp) st = cn_cuda_memcpy_d2h(c->cu, io->top_logp, c->top_logp_dev, sizeof(float) * top_n);
@@ -930,10 +931,10 @@ static void cuda_accept_greedy(void *ctx, int32_t *out, const int32_t *tokens, c
                                const int32_t *parent, int n) {
   cuda_ctx *c = ctx;
   if (!c->status && (out != c->io.accept_out || tokens != c->io.tokens || top != c->io.top ||
-                     parent != c->io.accept_parent || n != c->io.n_tokens || 2 + 2 * n > c->acc_cap))
+                     parent != c->io.accept_parent || n != c->io.n_tokens || 2 * c->io.n_seqs + 2 * n > c->acc_cap))
     keep(c, cn_error(CANOPY_ERR_INVALID_ARG, "cuda accept_greedy: not the forward's own arrays (%d nodes)", n));
   if (c->status) return;
-  keep(c, cn_cuda_accept_greedy(c->cu, c->acc_dev, c->tok_dev, c->top_dev, c->parent_dev, n));
+  keep(c, cn_cuda_accept_greedy(c->cu, c->acc_dev, c->tok_dev, c->top_dev, c->parent_dev, n, c->io.n_seqs));
 }
 
 static const cn_backend cuda_backend = {

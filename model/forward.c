@@ -46,12 +46,17 @@ static int check_chained(canopy_model *m, const cn_batch *b) {
     return cn_error(CANOPY_ERR_INVALID_ARG, "forward: top ids [%d][%d] at %d do not fit %d ids (or no top)",
                     b->n_logits, k, b->top_ids_at, b->top_ids ? b->top_ids->n : 0);
   if (b->accept_parent) {
-    if (!b->top || b->sample || k != 1 || b->top_logp || !b->accept_out || b->n_seqs != 1 || b->n_logits != b->n_tokens)
-      return cn_error(CANOPY_ERR_INVALID_ARG, "forward: acceptance needs the top id of every token of one sequence");
-    for (int i = 0; i < b->n_tokens; i++)
-      if (b->logit_rows[i] != i || (i == 0 ? b->accept_parent[0] >= 0 : b->accept_parent[i] < 0 || b->accept_parent[i] >= i))
-        return cn_error(CANOPY_ERR_INVALID_ARG, "forward: acceptance tree: node %d has parent %d (or logit row %d)", i,
-                        b->accept_parent[i], b->logit_rows[i]);
+    if (!b->top || b->sample || k != 1 || b->top_logp || !b->accept_out || b->n_logits != b->n_tokens)
+      return cn_error(CANOPY_ERR_INVALID_ARG, "forward: acceptance needs the top id of every token");
+    /* A root exactly at each sequence's first token, every other parent inside its sequence. */
+    for (int q = 0, i = 0; q < b->n_seqs; q++)
+      for (int f = b->seqs[q].first; i < f + b->seqs[q].n && i < b->n_tokens; i++) {
+        int p = b->accept_parent[i];
+        if (b->logit_rows[i] != i || (i == f ? p != -1 : p < 0 || p >= i - f))
+          return cn_error(CANOPY_ERR_INVALID_ARG,
+                          "forward: acceptance tree: node %d (sequence %d) has parent %d (or logit row %d)", i, q, p,
+                          b->logit_rows[i]);
+      }
   }
   return CANOPY_OK;
 }
@@ -60,10 +65,6 @@ static int check_batch(canopy_model *m, const cn_batch *b) {
   const cn_config *c = &m->cfg;
   if (b->n_tokens <= 0 || b->n_tokens > m->max_batch)
     return cn_error(CANOPY_ERR_INVALID_ARG, "forward: %d tokens in a batch (1..%d allowed)", b->n_tokens, m->max_batch);
-  if (b->token_src || b->top_ids || b->accept_parent) {
-    int st = check_chained(m, b);
-    if (st) return st;
-  }
   for (int i = 0; i < b->n_tokens; i++)
     if ((!b->token_src || b->token_src[i] < 0) && (b->tokens[i] < 0 || b->tokens[i] >= c->vocab_size))
       return cn_error(CANOPY_ERR_INVALID_ARG, "forward: token id %d at batch index %d is outside the vocabulary (%d)",
@@ -92,7 +93,7 @@ static int check_batch(canopy_model *m, const cn_batch *b) {
       return cn_error(CANOPY_ERR_INVALID_ARG, "forward: logit row %d is outside the batch", b->logit_rows[i]);
   if (b->sample && (!b->top || !b->u))
     return cn_error(CANOPY_ERR_INVALID_ARG, "forward: sampling in the forward needs top and u");
-  return CANOPY_OK;
+  return b->token_src || b->top_ids || b->accept_parent ? check_chained(m, b) : CANOPY_OK;
 }
 
 /* Undoes the reservations of sequences [0, n) (truncating to the current length releases them). */

@@ -23,16 +23,6 @@ typedef struct cn_seq_batch {
                                 set when token i may attend to new slot j (ancestors and itself). */
 } cn_seq_batch;
 
-/* Token ids kept where the backend computes (device memory on CUDA, host memory on the CPU), so
- * that forwards chain without the host: a speculative step's draft levels take their tokens from
- * the level before, the verification takes the tree's tokens from the draft, and only acceptance's
- * result crosses to the host. Made by one model's backend; a forward of another model on the same
- * backend may use it (the CUDA backend orders the two streams with an event). */
-typedef struct cn_ids {
-  void *buf;
-  int n;
-} cn_ids;
-
 /* n ids (uninitialised) on m's backend. CANOPY_ERR_UNSUPPORTED when the backend cannot chain
  * forwards; CANOPY_ERR_NO_MEMORY / CANOPY_ERR_DEVICE naming the bytes. */
 int cn_ids_create(canopy_model *m, int n, cn_ids *out);
@@ -65,11 +55,12 @@ typedef struct cn_batch {
    *  - top_ids: with top, the top ids [n_logits][top_k] also go to elements top_ids_at.. of
    *    top_ids; a backend that keeps them there (CUDA) leaves `top` unwritten and does not wait
    *    for the device at the end of the forward;
-   *  - accept_parent [n_tokens], with top (top_k 0 or 1), n_logits == n_tokens, the identity as
-   *    logit_rows and one sequence: greedy acceptance of the batch as a token tree (token i's
-   *    parent, -1 for the root at 0) where the top ids are (cn_cpu_accept_greedy): accept_out
-   *    [2 + 2 n_tokens] (host) receives the accepted count, the bonus, the accepted nodes and
-   *    their tokens, and `top` is unwritten on CUDA. */
+   *  - accept_parent [n_tokens], with top (top_k 0 or 1), n_logits == n_tokens and the identity as
+   *    logit_rows: greedy acceptance of each sequence's tokens as a token tree (token i's parent
+   *    as an index inside its sequence, -1 for the sequence's first token, its root) where the
+   *    top ids are (cn_cpu_accept_greedy): accept_out [2 n_seqs + 2 n_tokens] (host) receives,
+   *    for sequence s from batch index f at 2 s + 2 f, the accepted count, the bonus, the accepted
+   *    nodes and their tokens; `top` is unwritten on CUDA. */
   const int32_t *token_src;
   const cn_ids *src_ids;
   cn_ids *top_ids;

@@ -21,6 +21,16 @@ typedef struct cn_layer {
   void *b_down;      /* [D] or NULL */
 } cn_layer;
 
+/* Token ids kept where the backend computes (device memory on CUDA, host memory on the CPU), so
+ * that forwards chain without the host: a speculative step's draft levels take their tokens from
+ * the level before, the verification takes the tree's tokens from the draft, and only acceptance's
+ * result crosses to the host. Made by one model's backend; a forward of another model on the same
+ * backend may use it (the CUDA backend orders the two streams with an event). */
+typedef struct cn_ids {
+  void *buf;
+  int n;
+} cn_ids;
+
 /* Per-forward activations, sized for max_batch tokens. */
 typedef struct cn_scratch {
   void *x;        /* [B][D] residual stream */
@@ -52,11 +62,16 @@ struct canopy_model {
    * steady-state step allocates nothing. */
   float *step_logits;  /* [step_rows][V] */
   int step_rows;
-  int32_t *step_idx;   /* [(4 + 32) * max_batch]: a forward's tokens, positions, logit rows, top
-                        * tokens, and a draft level's best ids (up to 32 a row) */
+  int32_t *step_idx;   /* [(5 + 32) * max_batch]: a forward's tokens, positions, logit rows, its
+                        * top ids (up to 32 a row), and a chained step's token sources and parents */
   float *step_top_logp; /* [32 * max_batch]: their log-probabilities */
   struct cn_attn_desc *attn_desc; /* [max_batch] one layer's attention batch (model/forward.c) */
   int32_t *fwd_tokens; /* [max_batch] a forward's tokens with token_src resolved (host_ids backends) */
+  /* Chained batched steps (spec/session.c): as a draft, the step's picks; as a target, acceptance's
+   * results [step_accept_cap]. */
+  cn_ids step_ids;
+  int32_t *step_accept;
+  int step_accept_cap;
   struct cn_seq_batch *step_seqs; /* [step_cap] */
   struct cn_step_part *step_parts; /* [step_cap] */
   int step_cap;

@@ -230,6 +230,8 @@ void canopy_model_free(canopy_model *m) {
     m->be->release(m->be_ctx, m->embed);
     m->be->release(m->be_ctx, m->final_norm);
   }
+  if (m->step_ids.buf) m->be->ids_free(m->be_ctx, m->step_ids.buf);
+  free(m->step_accept);
   cn_kv_pool_free(m->kv); /* before the backend: its storage may be the backend's */
   if (m->be) m->be->destroy(m->be_ctx);
   free(m->step_logits);

@@ -260,7 +260,7 @@ static int finished(const canopy_session *s) {
 
 /* Grows a model's step scratch to `sessions` parts and `rows` rows of logits. */
 static int step_scratch(canopy_model *m, int sessions, int rows) {
-  if (!m->step_idx && !(m->step_idx = malloc(sizeof *m->step_idx * (4 + TOP_MAX) * (size_t)m->max_batch)))
+  if (!m->step_idx && !(m->step_idx = malloc(sizeof *m->step_idx * (5 + TOP_MAX) * (size_t)m->max_batch)))
     return cn_error(CANOPY_ERR_NO_MEMORY, "batched step: out of memory");
   if (!m->step_top_logp && !(m->step_top_logp = malloc(sizeof *m->step_top_logp * TOP_MAX * (size_t)m->max_batch)))
     return cn_error(CANOPY_ERR_NO_MEMORY, "batched step: out of memory");
@@ -333,6 +333,59 @@ static int draft_together(canopy_model *d, step_part *parts, int k) {
   }
 }
 
+/* Whether every part is a chained speculation with the same draft model: the whole step then runs
+ * chained (spec/speculate.h), its picks in the draft model's shared ids. */
+static int all_chained(step_part *parts, int k) {
+  for (int j = 0; j < k; j++)
+    if (!parts[j].spec || !cn_spec_chained(parts[j].s->spec) ||
+        cn_spec_draft_model(parts[j].s->spec) != cn_spec_draft_model(parts[0].s->spec))
+      return 0;
+  return k > 0;
+}
+
+/* The draft's side of a chained step for every part: each round is one draft forward holding
+ * every sequence's next piece, its picks appended to the shared ids (rows of K) with no wait. */
+static int draft_chained(canopy_model *d, step_part *parts, int k, int K) {
+  int rows_needed = 0, st = CANOPY_OK;
+  for (int j = 0; j < k; j++)
+    rows_needed += cn_spec_max_nodes(parts[j].s->spec);
+  if (d->step_ids.n < rows_needed * K) {
+    cn_ids_free(d, &d->step_ids);
+    if ((st = cn_ids_create(d, rows_needed * K, &d->step_ids))) return st;
+  }
+  int32_t *tokens = d->step_idx, *pos = tokens + d->max_batch, *rows = pos + d->max_batch,
+          *top = rows + d->max_batch, *src = top + TOP_MAX * d->max_batch;
+  for (int ids_row = 0;;) {
+    int total = 0, n_rows = 0, n_seqs = 0, waiting = 0;
+    for (int j = 0; j < k; j++) {
+      cn_spec *sp = parts[j].s->spec;
+      parts[j].row_first = -1;
+      if (!cn_spec_chain_drafting(sp)) continue;
+      int n = cn_spec_chain_piece(sp, total, d->max_batch - total, tokens, pos, src, rows, n_rows, ids_row + n_rows,
+                                  &d->step_seqs[n_seqs]);
+      if (!n) {
+        waiting++;
+        continue;
+      }
+      parts[j].row_first = n_rows;
+      n_rows += cn_spec_chain_rows(sp);
+      total += n;
+      n_seqs++;
+    }
+    if (!total)
+      return waiting ? cn_error(CANOPY_ERR_INVALID_ARG, "batched step: a draft tree level does not fit the draft's "
+                                                        "batch of %d", d->max_batch)
+                     : CANOPY_OK;
+    cn_batch b = {.n_tokens = total, .tokens = tokens, .pos = pos, .n_seqs = n_seqs, .seqs = d->step_seqs,
+                  .n_logits = n_rows, .logit_rows = rows, .top = top, .top_k = K, .token_src = src,
+                  .src_ids = &d->step_ids, .top_ids = n_rows ? &d->step_ids : NULL, .top_ids_at = ids_row * K};
+    if ((st = cn_forward(d, &b, NULL))) return cn_error_wrap(st, "draft");
+    for (int j = 0; j < k; j++)
+      if (parts[j].row_first >= 0) cn_spec_chain_take(parts[j].s->spec);
+    ids_row += n_rows;
+  }
+}
+
 int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
   if (n_stepped) *n_stepped = 0;
   if (!ss || n <= 0) return cn_error(CANOPY_ERR_INVALID_ARG, "canopy_sessions_step: no sessions");
@@ -365,11 +418,20 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
     total += most;
   }
 
-  /* Draft every tree, sharing draft forwards among sessions with the same draft model. */
-  for (int j = 0; !st && j < k; j++)
+  /* Draft every tree, sharing draft forwards among sessions with the same draft model; chained
+   * when every part can be, so that the step waits once, for acceptance's result. */
+  int chained = all_chained(parts, k), K = 0;
+  canopy_model *d0 = chained ? cn_spec_draft_model(parts[0].s->spec) : NULL;
+  for (int j = 0; chained && j < k; j++)
+    K = cn_spec_draft_top_k(parts[j].s->spec) > K ? cn_spec_draft_top_k(parts[j].s->spec) : K;
+  for (int j = 0; chained && !st && j < k; j++)
+    st = cn_spec_chain_begin(parts[j].s->spec, parts[j].s->kv, parts[j].s->tokens, parts[j].s->n_tokens, K,
+                             &parts[j].s->stats);
+  if (chained && !st && !(st = step_scratch(d0, k, 0))) st = draft_chained(d0, parts, k, K);
+  for (int j = 0; !chained && !st && j < k; j++)
     if (parts[j].spec) st = cn_spec_draft_begin(parts[j].s->spec, parts[j].s->kv, parts[j].s->tokens,
                                                 parts[j].s->n_tokens, &parts[j].s->stats);
-  for (int j = 0; !st && j < k; j++) {
+  for (int j = 0; !chained && !st && j < k; j++) {
     if (!parts[j].spec) continue;
     canopy_model *d = cn_spec_draft_model(parts[j].s->spec);
     int seen = 0;
@@ -377,12 +439,13 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
       seen = parts[i].spec && cn_spec_draft_model(parts[i].s->spec) == d;
     if (!seen) st = draft_together(d, parts, k);
   }
-  for (int j = 0; !st && j < k; j++)
+  for (int j = 0; !chained && !st && j < k; j++)
     if (parts[j].spec) st = cn_spec_draft_end(parts[j].s->spec);
 
   /* One target forward verifies every tree and feeds every plain session's pending token. */
   if (!st) st = step_scratch(m, n, 0);
   int32_t *tokens = m->step_idx, *pos = tokens + m->max_batch, *rows = pos + m->max_batch, *top = rows + m->max_batch;
+  int32_t *src = top + TOP_MAX * m->max_batch, *parent = src + m->max_batch;
   /* When every part verifies a greedy tree, only each node's top token is needed: the argmax runs
    * where the logits are and n ids come back instead of n rows of logits. */
   int greedy = k > 0;
@@ -393,7 +456,9 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
     step_part *p = &parts[j];
     canopy_session *s = p->s;
     p->first = total;
-    if (p->spec) {
+    if (chained) {
+      p->n = cn_spec_chain_batch(s->spec, s->kv, total, tokens, pos, src, rows, parent, &m->step_seqs[j]);
+    } else if (p->spec) {
       p->n = cn_spec_batch(s->spec, s->kv, total, tokens, pos, rows, &m->step_seqs[j]);
     } else {
       p->n = 1;
@@ -405,10 +470,17 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
     total += p->n;
   }
   double t1 = now_s();
-  if (!st && k > 0 && !(st = step_scratch(m, n, total))) {
+  if (!st && chained && 2 * (k + total) > m->step_accept_cap) {
+    int32_t *grown = realloc(m->step_accept, sizeof *grown * 2 * (size_t)(k + total));
+    if (!grown) st = cn_error(CANOPY_ERR_NO_MEMORY, "batched step: no memory for acceptance of %d nodes", total);
+    else m->step_accept = grown, m->step_accept_cap = 2 * (k + total);
+  }
+  if (!st && k > 0 && !(st = step_scratch(m, n, chained ? 0 : total))) {
     cn_batch b = {.n_tokens = total, .tokens = tokens, .pos = pos, .n_seqs = k, .seqs = m->step_seqs,
                   .n_logits = total, .logit_rows = rows, .top = greedy ? top : NULL};
-    st = cn_forward(m, &b, m->step_logits);
+    if (chained)
+      b.token_src = src, b.src_ids = &d0->step_ids, b.accept_parent = parent, b.accept_out = m->step_accept;
+    st = cn_forward(m, &b, chained ? NULL : m->step_logits);
   }
   double t2 = now_s();
   size_t V = (size_t)m->cfg.vocab_size;
@@ -419,8 +491,12 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
     if (parts[j].spec) {
       int n_out = 0;
       s->stats.verify_s += t2 - t1;
-      st = greedy ? cn_spec_accept_top(s->spec, s->kv, top + parts[j].first, s->queue, &n_out, &s->stats)
-                  : cn_spec_accept(s->spec, s->kv, logits, &s->sampler, s->queue, &n_out, &s->stats);
+      if (chained)
+        st = cn_spec_chain_accept(s->spec, s->kv, m->step_accept + 2 * j + 2 * parts[j].first, s->queue, &n_out,
+                                  &s->stats);
+      else
+        st = greedy ? cn_spec_accept_top(s->spec, s->kv, top + parts[j].first, s->queue, &n_out, &s->stats)
+                    : cn_spec_accept(s->spec, s->kv, logits, &s->sampler, s->queue, &n_out, &s->stats);
       if (st) break;
       memcpy(s->tokens + s->n_tokens, s->queue, sizeof *s->queue * (size_t)n_out);
       s->n_tokens += n_out;

@@ -61,11 +61,13 @@ struct cn_spec {
    * the verification takes the tree's tokens from there too and runs acceptance, and only its
    * result crosses to the host: one wait a step instead of one a level. */
   int chained;
-  cn_ids ids;                /* [rows][top_k]: row 0 the root's picks, row 1 + slot those of each fed node */
-  int32_t id_src[CN_TREE_MAX_NODES]; /* tree node -> the element of ids holding its token; -1 the root */
+  cn_ids ids;                /* a step's picks when it runs alone: rows of top_k ids */
+  int chain_k;               /* ids a row in the step under way */
+  int chain_level;           /* the next tree level to feed */
+  int32_t chain_row[CN_TREE_MAX_NODES]; /* node (the root, fed nodes) -> the row of ids holding its picks */
+  int32_t frontier_buf[CN_TREE_MAX_NODES], dsrc[CN_TREE_MAX_NODES], tsrc[CN_TREE_MAX_NODES];
   int32_t tparent[CN_TREE_MAX_NODES];
   int32_t acc_out[2 + 2 * CN_TREE_MAX_NODES];
-  int32_t frontier_buf[CN_TREE_MAX_NODES], dsrc[CN_TREE_MAX_NODES];
 };
 
 static double now_s(void) {
@@ -92,18 +94,9 @@ static int chain_setup(cn_spec *s) {
   if (s->stochastic || sp->kind != CN_TREE_STATIC || s->top_k <= 0 || s->target->be != s->draft->be ||
       !s->target->be->ids_create || (env && !strcmp(env, "1")))
     return CANOPY_OK;
-  /* Fed nodes (those with children, below the root) take rows in BFS order, as the levels feed
-   * them: row 1 + the node's draft slot. */
-  int32_t row[CN_TREE_MAX_NODES];
-  int rows = 1; /* the root's */
-  row[0] = 0;
-  s->id_src[0] = -1;
-  s->tparent[0] = -1;
-  for (int u = 1; u <= sp->n_nodes; u++) {
-    row[u] = sp->n_children[u] ? rows++ : -1;
-    s->id_src[u] = row[sp->parent[u]] * s->top_k + sp->rank[u];
-    s->tparent[u] = sp->parent[u];
-  }
+  int rows = 1; /* the root's, then one a fed node (those with children, below the root) */
+  for (int u = 1; u <= sp->n_nodes; u++)
+    rows += sp->n_children[u] > 0;
   int st = cn_ids_create(s->draft, rows * s->top_k, &s->ids);
   if (st) return st;
   s->chained = 1;
@@ -461,127 +454,187 @@ int cn_spec_accept_top(cn_spec *s, cn_kv_seq *target_kv, const int32_t *top, int
   return st ? st : commit_path(s, target_kv, t1, acc, n_acc, bonus, out, n_out, stats);
 }
 
-/* ---- the chained step (struct cn_spec, `chained`) ------------------------------------------------ */
+/* ---- the chained step (struct cn_spec, `chained`), in pieces ---------------------------------- */
 
-/* The draft catches up on the sequence (host tokens, in chunks), and the last chunk leaves the
- * root's top_k picks in row 0 of s->ids. */
-static int chained_catch_up(cn_spec *s, const int32_t *tokens, int n_tokens, canopy_stats *stats) {
-  int room = s->draft->max_batch < s->dbatch ? s->draft->max_batch : s->dbatch;
-  int from = cn_kv_seq_len(s->dkv);
-  if (from == 0) from = cn_kv_seq_attach_prefix(s->dkv, tokens, n_tokens - 1);
-  while (from < n_tokens) {
-    int n = n_tokens - from < room ? n_tokens - from : room, last = from + n == n_tokens;
-    for (int i = 0; i < n; i++)
-      s->dpos[i] = from + i;
-    s->drows[0] = n - 1;
-    cn_seq_batch sb = {.kv = s->dkv, .first = 0, .n = n};
-    cn_batch b = {.n_tokens = n, .tokens = tokens + from, .pos = s->dpos, .n_seqs = 1, .seqs = &sb,
-                  .n_logits = last, .logit_rows = s->drows, .top = s->dtop, .top_k = s->top_k,
-                  .top_ids = last ? &s->ids : NULL};
-    int st = cn_forward(s->draft, &b, NULL);
-    if (st) return cn_error_wrap(st, "draft");
-    cn_kv_seq_commit(s->dkv, tokens + from, n);
-    stats->draft_forwards++;
-    from += n;
-  }
-  return CANOPY_OK;
-}
-
-/* Levels 1 .. depth - 1: every node of the level that the spec gives children, its token from its
- * parent's row, its picks to its own row (1 + its draft slot, as chain_setup numbered them). */
-static int chained_levels(cn_spec *s, canopy_stats *stats) {
-  const cn_tree_spec *sp = &s->spec;
-  int ctx_len = cn_kv_seq_len(s->dkv), fed = 0; /* the root sits at ctx_len - 1 */
-  for (int u = 0; u <= sp->n_nodes; u++)
-    s->slot_of[u] = -1;
-  for (int lo = 1, d = 1; d < sp->depth; d++) {
-    int hi = lo, n = 0;
-    while (hi <= sp->n_nodes && sp->node_depth[hi] == d) hi++;
-    for (int u = lo; u < hi; u++)
-      if (sp->n_children[u]) s->frontier_buf[n++] = u;
-    lo = hi;
-    if (!n) continue;
-    int words = WORDS(fed + n);
-    memset(s->dmask, 0, sizeof *s->dmask * (size_t)n * words);
-    for (int i = 0; i < n; i++) {
-      int u = s->frontier_buf[i];
-      s->dtok[i] = 0; /* from token_src */
-      s->dsrc[i] = s->id_src[u];
-      s->slot_of[u] = fed + i;
-      s->slot_pos[fed + i] = s->dpos[i] = ctx_len - 1 + d;
-      s->drows[i] = i;
-      for (int a = u; a > 0; a = sp->parent[a])
-        s->dmask[(size_t)i * words + s->slot_of[a] / 64] |= 1ull << (s->slot_of[a] % 64);
-    }
-    cn_seq_batch sb = {.kv = s->dkv, .first = 0, .n = n, .tree_prev = fed, .tree_pos = s->slot_pos,
-                       .tree_mask = s->dmask};
-    cn_batch b = {.n_tokens = n, .tokens = s->dtok, .pos = s->dpos, .n_seqs = 1, .seqs = &sb, .n_logits = n,
-                  .logit_rows = s->drows, .top = s->dtop, .top_k = s->top_k, .token_src = s->dsrc,
-                  .src_ids = &s->ids, .top_ids = &s->ids, .top_ids_at = (1 + fed) * s->top_k};
-    int st = cn_forward(s->draft, &b, NULL);
-    if (st) return cn_error_wrap(st, "draft");
-    stats->draft_forwards++;
-    fed += n;
-  }
-  return CANOPY_OK;
-}
-
-/* The whole step with one wait: the draft's catch-up and levels and the target's verification are
- * queued back to back, and the host reads acceptance's result. draft_s is the time to queue the
- * draft's forwards; verify_s runs until the result is in, so it includes what the device still
- * had of the draft. */
-static int chained_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, int32_t *out,
-                        int *n_out, canopy_stats *stats) {
+int cn_spec_chain_begin(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, int K,
+                        canopy_stats *stats) {
+  if (!s->chained || K < s->top_k)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "speculation: a chained step of rows of %d ids (this tree needs %d)%s", K,
+                    s->top_k, s->chained ? "" : " for a tree that does not chain");
   int ctx_len = cn_kv_seq_len(target_kv); /* == n_tokens - 1: everything but the root */
   if (ctx_len + 1 + s->bounds.depth > s->target->max_context)
     return cn_error(CANOPY_ERR_CONTEXT, "a tree %d deep after %d tokens exceeds the context length %d",
                     s->bounds.depth, n_tokens, s->target->max_context);
-  double t0 = now_s();
   s->stats = stats;
+  s->draft_t0 = now_s();
   cn_spec_truncate(s, n_tokens - 1); /* the root is new to the draft too */
-  int st = chained_catch_up(s, tokens, n_tokens, stats);
-  if (!st) st = chained_levels(s, stats);
-  double t1 = now_s();
-  stats->draft_s += t1 - t0;
-  if (st) {
-    cn_spec_truncate(s, cn_kv_seq_len(s->dkv)); /* the levels' slots */
-    return st;
-  }
+  s->seq = tokens;
+  s->seq_len = n_tokens;
+  s->catch_from = cn_kv_seq_len(s->dkv);
+  if (s->catch_from == 0) s->catch_from = cn_kv_seq_attach_prefix(s->dkv, tokens, n_tokens - 1);
+  s->chain_k = K;
+  s->chain_level = 1;
+  s->piece_n = 0;
+  s->n_fed = 0;
+  for (int u = 0; u <= s->spec.n_nodes; u++)
+    s->slot_of[u] = -1;
+  return CANOPY_OK;
+}
 
-  /* The tree is the spec's shape; its tokens are on the device, and the accepted ones come back. */
-  cn_tree *t = &s->tree;
-  cn_tree_reset(t, tokens[n_tokens - 1]);
-  for (int u = 1; u <= s->spec.n_nodes; u++)
-    cn_tree_add(t, s->spec.parent[u], 0, 0.0f);
-  for (int u = 0; u < t->n; u++)
-    s->oracle_index[u] = u;
-  cn_seq_batch sb;
-  int n = cn_spec_batch(s, target_kv, 0, s->tbuf_tokens, s->tpos, s->trows, &sb);
-  int32_t top[CN_TREE_MAX_NODES];
-  cn_batch b = {.n_tokens = n, .tokens = s->tbuf_tokens, .pos = s->tpos, .n_seqs = 1, .seqs = &sb, .n_logits = n,
-                .logit_rows = s->trows, .top = top, .token_src = s->id_src, .src_ids = &s->ids,
-                .accept_parent = s->tparent, .accept_out = s->acc_out};
-  st = cn_forward(s->target, &b, NULL);
-  if (!st) {
-    stats->forward_passes++;
-    stats->verify_s += now_s() - t1;
+/* The fed nodes of level d (those the spec gives children) into s->frontier_buf; their count. */
+static int level_nodes(cn_spec *s, int d) {
+  const cn_tree_spec *sp = &s->spec;
+  int n = 0;
+  for (int u = 1; u <= sp->n_nodes && sp->node_depth[u] <= d; u++)
+    if (sp->node_depth[u] == d && sp->n_children[u]) s->frontier_buf[n++] = u;
+  return n;
+}
+
+int cn_spec_chain_drafting(cn_spec *s) {
+  if (s->catch_from < s->seq_len) return 1;
+  while (s->chain_level < s->spec.depth && !level_nodes(s, s->chain_level)) s->chain_level++;
+  return s->chain_level < s->spec.depth;
+}
+
+int cn_spec_chain_piece(cn_spec *s, int first, int room, int32_t *tokens, int32_t *pos, int32_t *src, int32_t *rows,
+                        int row_first, int ids_row, cn_seq_batch *sb) {
+  s->piece_n = 0;
+  if (s->catch_from < s->seq_len) {
+    /* The catch-up, causal, in chunks that fit; its last token (the root) gives row 0 of the tree. */
+    int n = s->seq_len - s->catch_from < room ? s->seq_len - s->catch_from : room;
+    if (n <= 0) return 0;
+    for (int i = 0; i < n; i++) {
+      tokens[first + i] = s->seq[s->catch_from + i];
+      pos[first + i] = s->catch_from + i;
+      src[first + i] = -1;
+    }
+    s->piece_last = s->catch_from + n == s->seq_len;
+    if (s->piece_last) rows[row_first] = first + n - 1, s->chain_row[0] = ids_row;
+    *sb = (cn_seq_batch){.kv = s->dkv, .first = first, .n = n};
+    return s->piece_n = n;
   }
-  int n_acc = s->acc_out[0], depth = cn_tree_max_depth(t);
-  if (!st && (n_acc < 0 || n_acc > depth || s->acc_out[1] < 0 || s->acc_out[1] >= s->vocab))
+  /* Level d: each fed node's token is its parent's pick of its rank; its own picks take the next
+   * rows. Slots after the ones earlier levels wrote, attending to its ancestors' slots. */
+  const cn_tree_spec *sp = &s->spec;
+  int d = s->chain_level, n = level_nodes(s, d);
+  if (n <= 0 || n > room) return 0;
+  int ctx_len = cn_kv_seq_len(s->dkv), prev = s->n_fed, words = WORDS(prev + n); /* the root sits at ctx_len - 1 */
+  memset(s->dmask, 0, sizeof *s->dmask * (size_t)n * words);
+  for (int i = 0; i < n; i++) {
+    int u = s->frontier_buf[i];
+    tokens[first + i] = 0; /* from src */
+    src[first + i] = s->chain_row[sp->parent[u]] * s->chain_k + sp->rank[u];
+    s->chain_row[u] = ids_row + i;
+    s->slot_of[u] = prev + i;
+    s->slot_pos[prev + i] = pos[first + i] = ctx_len - 1 + d;
+    rows[row_first + i] = first + i;
+    for (int a = u; a > 0; a = sp->parent[a])
+      s->dmask[(size_t)i * words + s->slot_of[a] / 64] |= 1ull << (s->slot_of[a] % 64);
+  }
+  *sb = (cn_seq_batch){.kv = s->dkv, .first = first, .n = n, .tree_prev = prev, .tree_pos = s->slot_pos,
+                       .tree_mask = s->dmask};
+  return s->piece_n = n;
+}
+
+int cn_spec_chain_rows(const cn_spec *s) {
+  if (!s->piece_n) return 0;
+  return s->catch_from < s->seq_len ? s->piece_last : s->piece_n;
+}
+
+void cn_spec_chain_take(cn_spec *s) {
+  int n = s->piece_n;
+  if (!n) return;
+  s->piece_n = 0;
+  s->stats->draft_forwards++;
+  if (s->catch_from < s->seq_len) {
+    cn_kv_seq_commit(s->dkv, s->seq + s->catch_from, n);
+    s->catch_from += n;
+  } else {
+    s->n_fed += n;
+    s->chain_level++;
+  }
+}
+
+int cn_spec_chain_batch(cn_spec *s, cn_kv_seq *target_kv, int first, int32_t *tokens, int32_t *pos, int32_t *src,
+                        int32_t *rows, int32_t *parent, cn_seq_batch *sb) {
+  s->stats->draft_s += now_s() - s->draft_t0;
+  /* The tree is the spec's shape; its tokens are where the draft left its picks. */
+  const cn_tree_spec *sp = &s->spec;
+  cn_tree *t = &s->tree;
+  cn_tree_reset(t, s->seq[s->seq_len - 1]);
+  for (int u = 1; u <= sp->n_nodes; u++)
+    cn_tree_add(t, sp->parent[u], 0, 0.0f);
+  for (int u = 0; u < t->n; u++) {
+    s->oracle_index[u] = u;
+    src[first + u] = u ? s->chain_row[sp->parent[u]] * s->chain_k + sp->rank[u] : -1;
+    parent[first + u] = sp->parent[u];
+  }
+  return cn_spec_batch(s, target_kv, first, tokens, pos, rows, sb);
+}
+
+int cn_spec_chain_accept(cn_spec *s, cn_kv_seq *target_kv, const int32_t *result, int32_t *out, int *n_out,
+                         canopy_stats *stats) {
+  cn_tree *t = &s->tree;
+  int n = t->n, n_acc = result[0], st = CANOPY_OK;
+  if (n_acc < 0 || n_acc > cn_tree_max_depth(t) || result[1] < 0 || result[1] >= s->vocab)
     st = cn_error(CANOPY_ERR_DEVICE, "speculation: acceptance on the device returned %d nodes, bonus %d", n_acc,
-                  s->acc_out[1]);
+                  result[1]);
   for (int i = 0, u = 0; !st && i < n_acc; i++) {
-    int v = s->acc_out[2 + i], tok = s->acc_out[2 + n + i];
+    int v = result[2 + i], tok = result[2 + n + i];
     if (v <= 0 || v >= n || t->parent[v] != u || tok < 0 || tok >= s->vocab)
       st = cn_error(CANOPY_ERR_DEVICE, "speculation: acceptance on the device returned node %d (token %d) after %d",
                     v, tok, u);
     else t->token[v] = tok, u = v;
   }
   if (st) {
+    cn_spec_truncate(s, cn_kv_seq_len(s->dkv)); /* the levels' slots */
+    return st;
+  }
+  return commit_path(s, target_kv, now_s(), result + 2, n_acc, result[1], out, n_out, stats);
+}
+
+/* The whole step for one sequence, with one wait: the draft's pieces and the verification queued
+ * back to back on this spec's own ids, and the host reads acceptance's result. draft_s is the time
+ * to queue the draft's forwards; verify_s runs until the result is in, so it includes what the
+ * device still had of the draft. */
+static int chained_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, int32_t *out,
+                        int *n_out, canopy_stats *stats) {
+  int st = cn_spec_chain_begin(s, target_kv, tokens, n_tokens, s->top_k, stats);
+  int room = s->draft->max_batch < s->dbatch ? s->draft->max_batch : s->dbatch, ids_row = 0;
+  while (!st && cn_spec_chain_drafting(s)) {
+    cn_seq_batch sb;
+    int n = cn_spec_chain_piece(s, 0, room, s->dtok, s->dpos, s->dsrc, s->drows, 0, ids_row, &sb);
+    if (n <= 0) {
+      st = cn_error(CANOPY_ERR_INVALID_ARG, "draft: a tree level does not fit a batch of %d", room);
+      break;
+    }
+    int rows = cn_spec_chain_rows(s), level = s->catch_from == s->seq_len;
+    cn_batch b = {.n_tokens = n, .tokens = s->dtok, .pos = s->dpos, .n_seqs = 1, .seqs = &sb, .n_logits = rows,
+                  .logit_rows = s->drows, .top = s->dtop, .top_k = s->top_k, .token_src = level ? s->dsrc : NULL,
+                  .src_ids = &s->ids, .top_ids = rows ? &s->ids : NULL, .top_ids_at = ids_row * s->top_k};
+    if ((st = cn_forward(s->draft, &b, NULL))) st = cn_error_wrap(st, "draft");
+    cn_spec_chain_take(s);
+    ids_row += rows;
+  }
+  if (st) {
     cn_spec_truncate(s, cn_kv_seq_len(s->dkv));
     return st;
   }
-  return commit_path(s, target_kv, now_s(), s->acc_out + 2, n_acc, s->acc_out[1], out, n_out, stats);
+  double t1 = now_s();
+  cn_seq_batch sb;
+  int n = cn_spec_chain_batch(s, target_kv, 0, s->tbuf_tokens, s->tpos, s->tsrc, s->trows, s->tparent, &sb);
+  int32_t top[CN_TREE_MAX_NODES];
+  cn_batch b = {.n_tokens = n, .tokens = s->tbuf_tokens, .pos = s->tpos, .n_seqs = 1, .seqs = &sb, .n_logits = n,
+                .logit_rows = s->trows, .top = top, .token_src = s->tsrc, .src_ids = &s->ids,
+                .accept_parent = s->tparent, .accept_out = s->acc_out};
+  st = cn_forward(s->target, &b, NULL);
+  if (st) {
+    cn_spec_truncate(s, cn_kv_seq_len(s->dkv));
+    return st;
+  }
+  stats->forward_passes++;
+  stats->verify_s += now_s() - t1;
+  return cn_spec_chain_accept(s, target_kv, s->acc_out, out, n_out, stats);
 }
 
 int cn_spec_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, cn_sampler *sampler,

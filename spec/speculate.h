@@ -92,6 +92,36 @@ int cn_spec_draft_end(cn_spec *s);
  * creation, which keeps the host path (each level's picks brought to the host) to compare. */
 int cn_spec_chained(const cn_spec *s);
 
+/* A chained step in pieces, so that sessions stepped together share its forwards (spec/session.c;
+ * cn_spec_step's chained step is the same pieces for one sequence). The draft's picks go to rows
+ * of K ids (K >= cn_spec_draft_top_k) in an ids buffer the caller owns and numbers the rows of:
+ *
+ *   cn_spec_chain_begin(s, target_kv, tokens, n_tokens, K, stats);
+ *   while (cn_spec_chain_drafting(s)) {
+ *     n = cn_spec_chain_piece(s, first, room, tokens, pos, src, rows, row_first, ids_row, &sb);
+ *     ... one draft forward (token_src = src, src_ids = top_ids = the buffer, top_k = K, this piece's
+ *         cn_spec_chain_rows(s) logit rows from row_first landing in rows ids_row.. of the buffer) ...
+ *     cn_spec_chain_take(s);
+ *   }
+ *   n = cn_spec_chain_batch(s, target_kv, first, tokens, pos, src, rows, parent, &sb);
+ *   ... one target forward with token_src = src, src_ids = the buffer, accept_parent = parent ...
+ *   cn_spec_chain_accept(s, target_kv, this sequence's acceptance result, out, &n_out, stats);
+ *
+ * cn_spec_chain_piece writes at most `room` tokens at index `first` (a level is never split; a
+ * catch-up is chunked) and returns their count, or 0 when the piece does not fit. The result is
+ * the sequence's part of the forward's accept_out (model/forward.h). Only for chained specs. */
+int cn_spec_chain_begin(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, int K,
+                        canopy_stats *stats);
+int cn_spec_chain_drafting(cn_spec *s);
+int cn_spec_chain_piece(cn_spec *s, int first, int room, int32_t *tokens, int32_t *pos, int32_t *src, int32_t *rows,
+                        int row_first, int ids_row, struct cn_seq_batch *sb);
+int cn_spec_chain_rows(const cn_spec *s);
+void cn_spec_chain_take(cn_spec *s);
+int cn_spec_chain_batch(cn_spec *s, cn_kv_seq *target_kv, int first, int32_t *tokens, int32_t *pos, int32_t *src,
+                        int32_t *rows, int32_t *parent, struct cn_seq_batch *sb);
+int cn_spec_chain_accept(cn_spec *s, cn_kv_seq *target_kv, const int32_t *result, int32_t *out, int *n_out,
+                         canopy_stats *stats);
+
 /* The draft model (sessions with the same one share draft forwards). */
 canopy_model *cn_spec_draft_model(const cn_spec *s);
 

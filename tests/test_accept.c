@@ -199,37 +199,57 @@ static void test_greedy_chain_all_accepted_takes_the_bonus_from_the_last_node(vo
 }
 
 /* kernels/cpu's walk over arrays (the CPU twin of the device's acceptance, which chained
- * speculative steps use) against the walk over a cn_tree, on random BFS trees over a vocabulary
- * of 3 so that many children match and siblings repeat tokens (the first one wins in both). */
+ * speculative steps use) against the walk over a cn_tree, on batches of 1-6 random BFS trees laid
+ * one after the other (local parents, a root each) over a vocabulary of 3, so that many children
+ * match and siblings repeat tokens (the first one wins in both). */
+enum { FOREST = 6 * CN_TREE_MAX_NODES };
+
 static void test_array_walk_matches_the_tree_walk_on_random_trees(void **state) {
   uint64_t rs = seed ^ 0xacce97;
-  for (int rep = 0; rep < 400; rep++) {
-    cn_tree t;
-    cn_tree_reset(&t, (int32_t)(cn_test_rand(&rs) % 3));
-    int n = 1 + (int)(cn_test_rand(&rs) % CN_TREE_MAX_NODES);
-    for (int i = 1; i < n; i++) {
-      /* A parent no earlier than the last added node's keeps siblings consecutive. */
-      int lo = t.parent[t.n - 1] > 0 ? t.parent[t.n - 1] : 0, span = t.n - lo;
-      int p = lo + (int)(cn_test_rand(&rs) % (uint64_t)(span < 4 ? span : 4));
-      assert_int_equal(cn_tree_add(&t, p, (int32_t)(cn_test_rand(&rs) % 3), 0), i);
+  static cn_tree trees[6];
+  static int32_t tokens[FOREST], parent[FOREST], top[FOREST], out[2 * 6 + 2 * FOREST];
+  int accepted = 0;
+  for (int rep = 0; rep < 300; rep++) {
+    int n_trees = 1 + (int)(cn_test_rand(&rs) % 6), n = 0;
+    for (int k = 0; k < n_trees; k++) {
+      cn_tree *t = &trees[k];
+      cn_tree_reset(t, (int32_t)(cn_test_rand(&rs) % 3));
+      int m = 1 + (int)(cn_test_rand(&rs) % CN_TREE_MAX_NODES);
+      for (int i = 1; i < m; i++) {
+        /* A parent no earlier than the last added node's keeps siblings consecutive. */
+        int lo = t->parent[t->n - 1] > 0 ? t->parent[t->n - 1] : 0, span = t->n - lo;
+        int p = lo + (int)(cn_test_rand(&rs) % (uint64_t)(span < 4 ? span : 4));
+        assert_int_equal(cn_tree_add(t, p, (int32_t)(cn_test_rand(&rs) % 3), 0), i);
+      }
+      for (int i = 0; i < m; i++) {
+        tokens[n + i] = t->token[i];
+        parent[n + i] = t->parent[i];
+        top[n + i] = (int32_t)(cn_test_rand(&rs) % 3);
+      }
+      n += m;
     }
-    int32_t top[CN_TREE_MAX_NODES], out[2 + 2 * CN_TREE_MAX_NODES], acc[CN_TREE_MAX_NODES], bonus;
-    for (int i = 0; i < n; i++)
-      top[i] = (int32_t)(cn_test_rand(&rs) % 3);
-    int n_acc;
-    assert_int_equal(cn_accept_greedy_top(&t, top, 3, acc, &n_acc, &bonus), CANOPY_OK);
-    assert_int_equal(cn_cpu_accept_greedy(out, t.token, top, t.parent, n), 0);
-    assert_int_equal(out[0], n_acc);
-    assert_int_equal(out[1], bonus);
-    for (int i = 0; i < n_acc; i++) {
-      assert_int_equal(out[2 + i], acc[i]);
-      assert_int_equal(out[2 + n + i], t.token[acc[i]]);
+    assert_int_equal(cn_cpu_accept_greedy(out, tokens, top, parent, n), n_trees);
+    for (int k = 0, f = 0; k < n_trees; f += trees[k++].n) {
+      const cn_tree *t = &trees[k];
+      int32_t acc[CN_TREE_MAX_NODES], bonus, n_acc, m = t->n;
+      const int32_t *o = out + 2 * k + 2 * f;
+      assert_int_equal(cn_accept_greedy_top(t, top + f, 3, acc, &n_acc, &bonus), CANOPY_OK);
+      assert_int_equal(o[0], n_acc);
+      assert_int_equal(o[1], bonus);
+      for (int i = 0; i < n_acc; i++) {
+        assert_int_equal(o[2 + i], acc[i]);
+        assert_int_equal(o[2 + m + i], t->token[acc[i]]);
+      }
+      accepted += n_acc;
     }
   }
-  int32_t out[8], parent[3] = {-1, 0, 2}, tokens[3] = {0}, top[3] = {0};
-  assert_int_equal(cn_cpu_accept_greedy(out, tokens, top, parent, 3), -1); /* a parent not before its child */
-  parent[0] = 0;
-  assert_int_equal(cn_cpu_accept_greedy(out, tokens, top, parent, 1), -1); /* a root with a parent */
+  assert_true(accepted > 0);
+  int32_t bad[3] = {-1, 0, 2}, tok[3] = {0}, tp[3] = {0}, o[12];
+  assert_int_equal(cn_cpu_accept_greedy(o, tok, tp, bad, 3), -1); /* a parent not before its child */
+  bad[2] = -1, bad[1] = 1;
+  assert_int_equal(cn_cpu_accept_greedy(o, tok, tp, bad, 3), -1); /* its own parent */
+  bad[0] = 0;
+  assert_int_equal(cn_cpu_accept_greedy(o, tok, tp, bad, 1), -1); /* a first node with a parent */
 }
 
 static void test_malformed_input_is_an_error(void **state) {

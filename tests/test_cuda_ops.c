@@ -1038,15 +1038,16 @@ static void test_gather_ids_and_tree_acceptance_match_cpu(void **state) {
   enum { MAXN = 300 };
   int32_t *d_tok = dev_alloc(sizeof(int32_t) * MAXN), *d_src = dev_alloc(sizeof(int32_t) * MAXN),
           *d_ids = dev_alloc(sizeof(int32_t) * 4 * MAXN), *d_top = dev_alloc(sizeof(int32_t) * MAXN),
-          *d_par = dev_alloc(sizeof(int32_t) * MAXN), *d_out = dev_alloc(sizeof(int32_t) * (2 + 2 * MAXN));
-  int32_t tok[MAXN], src[MAXN], ids[4 * MAXN], top[MAXN], par[MAXN], want[2 + 2 * MAXN], got[2 + 2 * MAXN];
-  int accepted = 0;
+          *d_par = dev_alloc(sizeof(int32_t) * MAXN), *d_out = dev_alloc(sizeof(int32_t) * 4 * MAXN);
+  int32_t tok[MAXN], src[MAXN], ids[4 * MAXN], top[MAXN], par[MAXN], want[4 * MAXN], got[4 * MAXN];
+  int accepted = 0, trees = 0;
   static int32_t got_tok_all[MAXN];
   for (int rep = 0; rep < 200; rep++) {
-    int n = rep < 3 ? rep + 1 : rand_int(1, MAXN);
-    par[0] = -1;
-    for (int i = 0; i < n; i++) {
-      if (i) par[i] = rand_int(i > 4 ? i - 4 : 0, i - 1);
+    /* A batch of trees, one after the other: each node a root with probability 1/50. */
+    int n = rep < 3 ? rep + 1 : rand_int(1, MAXN), n_seqs = 0;
+    for (int i = 0, f = 0; i < n; i++) {
+      if (i == 0 || rand_int(0, 49) == 0) f = i, n_seqs++;
+      par[i] = i == f ? -1 : rand_int(i - f > 4 ? i - f - 4 : 0, i - f - 1);
       tok[i] = rand_int(0, 2);
       src[i] = rand_int(-1, 4 * MAXN - 1);
       top[i] = rand_int(0, 2);
@@ -1058,24 +1059,33 @@ static void test_gather_ids_and_tree_acceptance_match_cpu(void **state) {
     CK(cn_cuda_memcpy_h2d(ctx, d_ids, ids, sizeof ids));
     CK(cn_cuda_memcpy_h2d(ctx, d_top, top, sizeof *top * (size_t)n));
     CK(cn_cuda_memcpy_h2d(ctx, d_par, par, sizeof *par * (size_t)n));
-    CK(cn_cuda_memset(ctx, d_out, 0xFF, sizeof(int32_t) * (size_t)(2 + 2 * n)));
+    CK(cn_cuda_memset(ctx, d_out, 0xFF, sizeof(int32_t) * (size_t)(2 * n_seqs + 2 * n)));
     CK(cn_cuda_gather_ids(ctx, d_tok, d_src, d_ids, n));
-    CK(cn_cuda_accept_greedy(ctx, d_out, d_tok, d_top, d_par, n));
+    CK(cn_cuda_accept_greedy(ctx, d_out, d_tok, d_top, d_par, n, n_seqs));
     cn_cpu_gather_ids(tok, src, ids, n);
-    assert_int_equal(cn_cpu_accept_greedy(want, tok, top, par, n), 0);
+    assert_int_equal(cn_cpu_accept_greedy(want, tok, top, par, n), n_seqs);
     int32_t got_tok[MAXN];
     CK(cn_cuda_memcpy_d2h(ctx, got_tok, d_tok, sizeof *tok * (size_t)n));
-    CK(cn_cuda_memcpy_d2h(ctx, got, d_out, sizeof(int32_t) * (size_t)(2 + 2 * n)));
+    CK(cn_cuda_memcpy_d2h(ctx, got, d_out, sizeof(int32_t) * (size_t)(2 * n_seqs + 2 * n)));
     assert_memory_equal(got_tok, tok, sizeof *tok * (size_t)n);
-    assert_int_equal(got[0], want[0]);
-    assert_int_equal(got[1], want[1]);
-    for (int i = 0; i < want[0]; i++) {
-      assert_int_equal(got[2 + i], want[2 + i]);
-      assert_int_equal(got[2 + n + i], want[2 + n + i]);
+    for (int q = 0, f = 0; q < n_seqs; q++) { /* only what each sequence's count says is written */
+      int m = f + 1;
+      while (m < n && par[m] != -1) m++;
+      m -= f;
+      const int32_t *g = got + 2 * q + 2 * f, *w = want + 2 * q + 2 * f;
+      assert_int_equal(g[0], w[0]);
+      assert_int_equal(g[1], w[1]);
+      for (int i = 0; i < w[0]; i++) {
+        assert_int_equal(g[2 + i], w[2 + i]);
+        assert_int_equal(g[2 + m + i], w[2 + m + i]);
+      }
+      accepted += w[0];
+      trees++;
+      f += m;
     }
-    accepted += want[0];
   }
-  printf("[ accept   ] 200 random trees, %d nodes accepted in all: device equals host\n", accepted);
+  printf("[ accept   ] %d random trees in 200 batches, %d nodes accepted in all: device equals host\n", trees,
+         accepted);
   assert_true(accepted > 0);
 
   /* Another context's stream waits for the event: its copy sees the first stream's memset. */

@@ -314,6 +314,73 @@ static void test_batched_sessions_match_one_at_a_time(void **state) {
   }
 }
 
+/* Sessions stepped together whose trees all chain (greedy static trees, one draft model) run the
+ * batched step chained: the draft's pieces of every session share forwards whose picks stay in
+ * the draft's shared ids, and one target forward verifies and accepts every tree. The tokens are
+ * the host path's, and target-only decoding's but at near-ties. */
+static void batched_chained(int host_levels, int32_t out[3][16], canopy_stats *stats) {
+  enum { N = 3, NEW = 16 };
+  const char *trees[N] = {"chain:4", "static:3,2,1", "[[0],[2],[2,1]]"};
+  canopy_session *ss[N];
+  int got[N] = {0}, stepped;
+  if (host_levels) setenv("CANOPY_SPEC_HOST_LEVELS", "1", 1);
+  for (int i = 0; i < N; i++) {
+    int32_t prompt[2048];
+    int n_prompt = prompt_ids(i, prompt);
+    canopy_session_params sp = canopy_session_default_params();
+    sp.max_tokens = NEW;
+    sp.stop_at_eos = 0;
+    sp.draft = shallow;
+    sp.tree = trees[i];
+    assert_int_equal(canopy_session_create(target, &sp, &ss[i]), 0);
+    assert_int_equal(canopy_session_append(ss[i], prompt, n_prompt), 0);
+  }
+  unsetenv("CANOPY_SPEC_HOST_LEVELS");
+  while (canopy_sessions_step(ss, N, &stepped) == CANOPY_OK && stepped > 0)
+    for (int i = 0; i < N; i++) {
+      int32_t t;
+      while (canopy_session_ready(ss[i]) > 0 && got[i] < NEW && canopy_session_next(ss[i], &t) == CANOPY_OK)
+        out[i][got[i]++] = t;
+    }
+  for (int i = 0; i < N; i++) {
+    assert_int_equal(got[i], NEW);
+    canopy_session_get_stats(ss[i], &stats[i]);
+    canopy_session_free(ss[i]);
+  }
+}
+
+static void test_chained_batched_sessions_match_the_host_path_and_one_at_a_time(void **state) {
+  enum { N = 3, NEW = 16 };
+  int32_t chained[N][NEW], host[N][NEW], alone[N][NEW];
+  double gaps[N][NEW];
+  canopy_stats sc[N], sh[N];
+  cn_ids_free(shallow, &shallow->step_ids);
+  batched_chained(1, host, sh);
+  assert_null(shallow->step_ids.buf); /* the host path never chained */
+  int64_t before = shallow->n_forwards;
+  batched_chained(0, chained, sc);
+  assert_non_null(shallow->step_ids.buf); /* this one did */
+  long shared = (long)(shallow->n_forwards - before), separate = 0;
+  for (int i = 0; i < N; i++) {
+    int32_t prompt[2048];
+    int n_prompt = prompt_ids(i, prompt);
+    run(NULL, NULL, prompt, n_prompt, NEW, alone[i], gaps[i]);
+    assert_memory_equal(chained[i], host[i], sizeof chained[i]);
+    assert_int_equal(sc[i].spec_steps, sh[i].spec_steps);
+    assert_int_equal(sc[i].spec_tokens, sh[i].spec_tokens);
+    assert_int_equal(sc[i].draft_forwards, sh[i].draft_forwards);
+    assert_memory_equal(sc[i].accept_rank, sh[i].accept_rank, sizeof sc[i].accept_rank);
+    int first = 0;
+    while (first < NEW && chained[i][first] == alone[i][first]) first++;
+    printf("[ chained  ] session %d stepped together: %d steps, %s target-only\n", i, sc[i].spec_steps,
+           first == NEW ? "identical to" : "differs at a near-tie from");
+    if (first < NEW) assert_true(gaps[i][first] < NEAR_TIE);
+    separate += sc[i].draft_forwards;
+  }
+  printf("[ chained  ] the draft ran %ld forwards for %ld session-forwards\n", shared, separate);
+  assert_true(shared < separate);
+}
+
 static void expect_error(canopy_model *draft, const char *tree, float temp, int status, const char *needle) {
   canopy_session_params sp = canopy_session_default_params();
   sp.draft = draft;
@@ -426,6 +493,7 @@ int main(void) {
       cmocka_unit_test(test_target_as_draft_accepts_every_node_of_a_chain),
       cmocka_unit_test(test_commit_leaves_the_cache_a_fresh_prefill_builds),
       cmocka_unit_test(test_batched_sessions_match_one_at_a_time),
+      cmocka_unit_test(test_chained_batched_sessions_match_the_host_path_and_one_at_a_time),
       cmocka_unit_test(test_sessions_closed_at_any_time_release_every_block),
       cmocka_unit_test(test_bad_trees_and_drafts_are_errors),
   };

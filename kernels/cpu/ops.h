@@ -120,13 +120,16 @@ void cn_cpu_random_weights(float *dst, size_t n, uint64_t stream, float scale, f
 /* tokens[i] = ids[src[i]] where src[i] >= 0; tokens[i] unchanged where src[i] < 0. */
 void cn_cpu_gather_ids(int32_t *tokens, const int32_t *src, const int32_t *ids, int n);
 
-/* Greedy acceptance of a token tree of n nodes: node 0 is the root, parent[i] < i the parent of
- * node i > 0, tokens[i] its token, top[i] the target's choice after node i's path. From the root,
- * at node u the walk moves to u's first child (in index order) whose token is top[u]; where there
- * is none it stops, and top[u] is the bonus token. out [2 + 2 n]: out[0] = the accepted count a,
- * out[1] = the bonus, out[2 .. 2 + a) the accepted nodes in path order, out[2 + n .. 2 + n + a)
- * their tokens. The walk of cn_accept_greedy_top (spec/accept.h) over arrays instead of a cn_tree.
- * Returns 0, or -1 (out untouched) when n < 1, parent[0] >= 0 or some parent[i] is not in [0, i). */
+/* Greedy acceptance of token trees, one a sequence of a batch of n nodes. A sequence's nodes are
+ * consecutive and start with its root, the one node whose parent is -1; for the others parent[i]
+ * is their parent's index inside the sequence, below their own. tokens[i] is node i's token, top[i]
+ * the target's choice after node i's path. From the root, at node u the walk moves to u's first
+ * child (in index order) whose token is top[u]; where there is none it stops, and top[u] is the
+ * bonus token. The sequence starting at node f, the s-th, writes out[2 s + 2 f ..] [2 + 2 m] (m its
+ * nodes): the accepted count a, the bonus, a accepted nodes (indices inside the sequence) in path
+ * order, and from 2 + m on their tokens. For one sequence, the walk of cn_accept_greedy_top
+ * (spec/accept.h) over arrays instead of a cn_tree. Returns the sequence count, or -1 (out
+ * untouched) when n < 1, parent[0] != -1 or some parent is not in [-1, its index in its sequence). */
 int cn_cpu_accept_greedy(int32_t *out, const int32_t *tokens, const int32_t *top, const int32_t *parent, int n);
 
 #endif

@@ -1,5 +1,5 @@
 /* The host twins of kernels/cuda/tree_ids.cu: a speculative step's token ids chained between
- * forwards, and greedy acceptance over a tree given as arrays. */
+ * forwards, and greedy acceptance over trees given as arrays. */
 #include "kernels/cpu/ops.h"
 
 void cn_cpu_gather_ids(int32_t *tokens, const int32_t *src, const int32_t *ids, int n) {
@@ -7,22 +7,35 @@ void cn_cpu_gather_ids(int32_t *tokens, const int32_t *src, const int32_t *ids, 
     if (src[i] >= 0) tokens[i] = ids[src[i]];
 }
 
-int cn_cpu_accept_greedy(int32_t *out, const int32_t *tokens, const int32_t *top, const int32_t *parent, int n) {
-  if (n < 1 || parent[0] >= 0) return -1;
-  for (int i = 1; i < n; i++)
-    if (parent[i] < 0 || parent[i] >= i) return -1;
+/* One tree of m nodes (local parents) into out [2 + 2 m]. */
+static void accept_one(int32_t *out, const int32_t *tokens, const int32_t *top, const int32_t *parent, int m) {
   int a = 0, u = 0;
   for (;;) {
     int next = -1;
-    for (int c = u + 1; c < n && next < 0; c++) /* children come after their parent */
+    for (int c = u + 1; c < m && next < 0; c++) /* children come after their parent */
       if (parent[c] == u && tokens[c] == top[u]) next = c;
     if (next < 0) break;
     out[2 + a] = next;
-    out[2 + n + a] = tokens[next];
+    out[2 + m + a] = tokens[next];
     a++;
     u = next;
   }
   out[0] = a;
   out[1] = top[u];
-  return 0;
+}
+
+int cn_cpu_accept_greedy(int32_t *out, const int32_t *tokens, const int32_t *top, const int32_t *parent, int n) {
+  if (n < 1 || parent[0] != -1) return -1;
+  for (int i = 1, f = 0; i < n; i++) {
+    if (parent[i] == -1) f = i;
+    else if (parent[i] < 0 || parent[i] >= i - f) return -1;
+  }
+  int seqs = 0;
+  for (int f = 0; f < n; seqs++) {
+    int e = f + 1;
+    while (e < n && parent[e] != -1) e++;
+    accept_one(out + 2 * seqs + 2 * f, tokens + f, top + f, parent + f, e - f);
+    f = e;
+  }
+  return seqs;
 }

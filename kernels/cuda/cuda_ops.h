@@ -419,11 +419,12 @@ int cn_cuda_random_bf16(cn_cuda_ctx *ctx, cn_bf16 *dst, size_t n, uint64_t strea
 /* tokens[i] = ids[src[i]] where src[i] >= 0, for i < n (cn_cpu_gather_ids). */
 int cn_cuda_gather_ids(cn_cuda_ctx *ctx, int32_t *tokens, const int32_t *src, const int32_t *ids, int n);
 
-/* Greedy acceptance of a token tree of n nodes, as cn_cpu_accept_greedy: out [2 + 2 n] receives the
- * accepted count, the bonus, the accepted nodes and their tokens. parent must be a valid tree
- * (parent[0] < 0, 0 <= parent[i] < i): the caller checks it on the host. One block. */
+/* Greedy acceptance of n_seqs token trees of n nodes in all, as cn_cpu_accept_greedy: out
+ * [2 n_seqs + 2 n] receives each sequence's accepted count, bonus, accepted nodes and their
+ * tokens. parent must be valid (the caller checks it on the host), with n_seqs roots. One block a
+ * sequence. */
 int cn_cuda_accept_greedy(cn_cuda_ctx *ctx, int32_t *out, const int32_t *tokens, const int32_t *top,
-                          const int32_t *parent, int n);
+                          const int32_t *parent, int n, int n_seqs);
 
 /* An event to order two contexts' streams: recorded on one, waited for on another (or by the
  * host), so that one model's forward may read ids another model's forward wrote. */

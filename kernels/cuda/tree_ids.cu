@@ -24,18 +24,33 @@ int cn_cuda_gather_ids(cn_cuda_ctx *ctx, int32_t *tokens, const int32_t *src, co
   return CANOPY_OK;
 }
 
-/* One block walks the tree: at each accepted node its threads look for the matching child
- * together, and the lowest matching index wins (the CPU twin's first child in index order). */
+/* Block s walks sequence s's tree: it finds where the sequence starts (the s-th node whose parent
+ * is -1), and at each accepted node its threads look for the matching child together; the lowest
+ * matching index wins (the CPU twin's first child in index order). */
 __global__ void __launch_bounds__(IDS_THREADS)
     accept_greedy_kernel(int32_t *out, const int32_t *tokens, const int32_t *top, const int32_t *parent, int n) {
   cn_pdl_enter();
-  __shared__ int next;
+  __shared__ int first, end, next;
+  if (threadIdx.x == 0) {
+    int f = 0;
+    for (int seen = -1, i = 0; i < n; i++)
+      if (parent[i] == -1 && ++seen == (int)blockIdx.x) {
+        f = i;
+        break;
+      }
+    int e = f + 1;
+    while (e < n && parent[e] != -1) e++;
+    first = f, end = e;
+  }
+  __syncthreads();
+  const int f = first, m = end - first;
+  tokens += f, top += f, parent += f, out += 2 * blockIdx.x + 2 * f;
   int u = 0, a = 0;
   for (;;) {
     if (threadIdx.x == 0) next = INT_MAX;
     __syncthreads();
     int want = top[u];
-    for (int c = u + 1 + (int)threadIdx.x; c < n; c += blockDim.x)
+    for (int c = u + 1 + (int)threadIdx.x; c < m; c += blockDim.x)
       if (parent[c] == u && tokens[c] == want) atomicMin(&next, c);
     __syncthreads();
     int v = next;
@@ -43,7 +58,7 @@ __global__ void __launch_bounds__(IDS_THREADS)
     if (v == INT_MAX) break;
     if (threadIdx.x == 0) {
       out[2 + a] = v;
-      out[2 + n + a] = tokens[v];
+      out[2 + m + a] = tokens[v];
     }
     a++;
     u = v;
@@ -55,10 +70,11 @@ __global__ void __launch_bounds__(IDS_THREADS)
 }
 
 int cn_cuda_accept_greedy(cn_cuda_ctx *ctx, int32_t *out, const int32_t *tokens, const int32_t *top,
-                          const int32_t *parent, int n) {
+                          const int32_t *parent, int n, int n_seqs) {
   CN_CUDA_ENTER(ctx);
-  if (n < 1) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_accept_greedy: a tree of %d nodes", n);
-  CN_CUDA_CHECK(cn_launch(ctx, accept_greedy_kernel, 1, IDS_THREADS, 0, out, tokens, top, parent, n));
+  if (n < 1 || n_seqs < 1 || n_seqs > n)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_accept_greedy: %d trees of %d nodes in all", n_seqs, n);
+  CN_CUDA_CHECK(cn_launch(ctx, accept_greedy_kernel, n_seqs, IDS_THREADS, 0, out, tokens, top, parent, n));
   return CANOPY_OK;
 }
 
