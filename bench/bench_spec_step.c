@@ -9,10 +9,14 @@
  * (--target-config, --draft-config: the same config and seed give the same weights, so a draft of
  * the target's own config accepts every node, the most a step can return; --draft-layers N keeps
  * the draft's first N layers). The prompt is --ctx random ids; runs alternate between the paths
- * (--reps times each) so that drift between processes or clocks shows.
+ * (--reps times each) so that drift between processes or clocks shows. With --sessions S > 1, S
+ * sessions (different random prompts) are stepped together by canopy_sessions_step, one draft
+ * forward a round for all of them and one target forward verifying every tree; a step is then one
+ * such batched step, and tokens count over all sessions.
  *
  * usage: bench_spec_step (--target DIR | --target-config JSON) (--draft DIR | --draft-config JSON)
- *                        [--draft-layers N] [--device cuda|cpu] [--tree T ...] [--ctx L] [--new N] [--reps R] */
+ *                        [--draft-layers N] [--device cuda|cpu] [--tree T ...] [--ctx L] [--new N] [--reps R]
+ *                        [--sessions S] */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +26,7 @@
 
 #define MAX_TREES 8
 #define MAX_REPS 16
+#define MAX_SESSIONS 64
 
 static void die(const char *what) {
   fprintf(stderr, "bench_spec_step: %s: %s\n", what, canopy_last_error());
@@ -33,10 +38,11 @@ typedef struct run_result {
   int tokens, steps, forwards;
 } run_result;
 
-/* One greedy generation of n tokens after the prompt; tree NULL: target only. host_levels picks
- * the path for a speculative run. */
+/* One greedy generation of n tokens after each of S prompts (L ids each, one after the other in
+ * `prompt`); tree NULL: target only. host_levels picks the path for a speculative run. S == 1 runs
+ * canopy_session_next, more step the sessions together. out [S][n]. */
 static run_result generate(canopy_model *target, canopy_model *draft, const char *tree, int host_levels,
-                           const int32_t *prompt, int n_prompt, int n, int32_t *out) {
+                           const int32_t *prompt, int L, int S, int n, int32_t *out) {
   if (host_levels) setenv("CANOPY_SPEC_HOST_LEVELS", "1", 1);
   else unsetenv("CANOPY_SPEC_HOST_LEVELS");
   canopy_session_params sp = canopy_session_default_params();
@@ -45,20 +51,40 @@ static run_result generate(canopy_model *target, canopy_model *draft, const char
   sp.stop_at_eos = 0;
   sp.draft = tree ? draft : NULL;
   sp.tree = tree;
-  canopy_session *s;
-  if (canopy_session_create(target, &sp, &s)) die("session");
+  canopy_session *ss[MAX_SESSIONS];
+  for (int i = 0; i < S; i++) {
+    if (canopy_session_create(target, &sp, &ss[i])) die("session");
+    if (canopy_session_append(ss[i], prompt + (size_t)i * L, L)) die("prompt");
+  }
   unsetenv("CANOPY_SPEC_HOST_LEVELS");
-  if (canopy_session_append(s, prompt, n_prompt)) die("prompt");
+  int got[MAX_SESSIONS] = {0}, total = 0, steps = 0, st, stepped;
   double t0 = bench_now_s();
-  int got = 0, st;
-  while (got < n && (st = canopy_session_next(s, &out[got])) == CANOPY_OK) got++;
+  if (S == 1) {
+    while (got[0] < n && (st = canopy_session_next(ss[0], &out[got[0]])) == CANOPY_OK) got[0]++;
+    total = got[0];
+  } else {
+    while (canopy_sessions_step(ss, S, &stepped) == CANOPY_OK && stepped > 0) {
+      steps++;
+      for (int i = 0; i < S; i++) {
+        int32_t t;
+        while (canopy_session_ready(ss[i]) > 0 && got[i] < n && canopy_session_next(ss[i], &t) == CANOPY_OK)
+          out[(size_t)i * n + got[i]++] = t;
+      }
+    }
+    for (int i = 0; i < S; i++) total += got[i];
+  }
   double t = bench_now_s() - t0;
-  if (got < n) die("generation");
-  canopy_stats stats;
-  canopy_session_get_stats(s, &stats);
-  canopy_session_free(s);
-  return (run_result){.s = t, .tokens = got, .steps = tree ? stats.spec_steps : got,
-                      .forwards = stats.draft_forwards + stats.spec_steps};
+  if (total < S * n) die("generation");
+  int spec_steps = 0, forwards = 0;
+  for (int i = 0; i < S; i++) {
+    canopy_stats stats;
+    canopy_session_get_stats(ss[i], &stats);
+    spec_steps += stats.spec_steps;
+    forwards += stats.draft_forwards + stats.spec_steps;
+    canopy_session_free(ss[i]);
+  }
+  if (S == 1) steps = tree ? spec_steps : n;
+  return (run_result){.s = t, .tokens = total, .steps = steps, .forwards = forwards};
 }
 
 static canopy_model *load(const char *dir, const char *config, int layers, int device, int ctx) {
@@ -74,7 +100,7 @@ static canopy_model *load(const char *dir, const char *config, int layers, int d
 
 int main(int argc, char **argv) {
   const char *target_dir = NULL, *target_cfg = NULL, *draft_dir = NULL, *draft_cfg = NULL, *trees[MAX_TREES];
-  int n_trees = 0, draft_layers = 0, device = CANOPY_DEVICE_CUDA, L = 256, n_new = 128, reps = 3;
+  int n_trees = 0, draft_layers = 0, device = CANOPY_DEVICE_CUDA, L = 256, n_new = 128, reps = 3, S = 1;
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--target") && i + 1 < argc) target_dir = argv[++i];
     else if (!strcmp(argv[i], "--target-config") && i + 1 < argc) target_cfg = argv[++i];
@@ -86,15 +112,18 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--ctx") && i + 1 < argc) L = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--new") && i + 1 < argc) n_new = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--sessions") && i + 1 < argc) S = atoi(argv[++i]);
     else {
       fprintf(stderr, "usage: bench_spec_step (--target DIR | --target-config JSON) (--draft DIR | --draft-config JSON) "
-                      "[--draft-layers N] [--device cuda|cpu] [--tree T ...] [--ctx L] [--new N] [--reps R]\n");
+                      "[--draft-layers N] [--device cuda|cpu] [--tree T ...] [--ctx L] [--new N] [--reps R] "
+                      "[--sessions S]\n");
       return 2;
     }
   }
   if ((!target_dir && !target_cfg) || (!draft_dir && !draft_cfg) || L < 2 || n_new < 1 || reps < 1 ||
-      reps > MAX_REPS) {
-    fprintf(stderr, "bench_spec_step: give a target and a draft, --ctx >= 2, --new >= 1, --reps 1..%d\n", MAX_REPS);
+      reps > MAX_REPS || S < 1 || S > MAX_SESSIONS) {
+    fprintf(stderr, "bench_spec_step: give a target and a draft, --ctx >= 2, --new >= 1, --reps 1..%d, "
+                    "--sessions 1..%d\n", MAX_REPS, MAX_SESSIONS);
     return 2;
   }
   if (!n_trees) trees[n_trees++] = "chain:2", trees[n_trees++] = "chain:4", trees[n_trees++] = "static:3,2,1";
@@ -104,43 +133,44 @@ int main(int argc, char **argv) {
   canopy_model_info ti, di;
   canopy_model_get_info(target, &ti);
   canopy_model_get_info(draft, &di);
-  printf("target %s (%d layers), draft %s (%d layers), %s, prompt %d random ids, %d new tokens, greedy, %d reps "
-         "alternating\n",
+  printf("target %s (%d layers), draft %s (%d layers), %s, %d session%s of %d random ids, %d new tokens each, "
+         "greedy, %d reps alternating\n",
          target_cfg ? target_cfg : target_dir, ti.n_layers, draft_cfg ? draft_cfg : draft_dir, di.n_layers,
-         device == CANOPY_DEVICE_CUDA ? "cuda" : "cpu", L, n_new, reps);
-  int32_t *prompt = malloc(sizeof *prompt * (size_t)L), *out = malloc(sizeof *out * (size_t)(n_new + 64)),
-          *ref = malloc(sizeof *ref * (size_t)(n_new + 64));
+         device == CANOPY_DEVICE_CUDA ? "cuda" : "cpu", S, S > 1 ? "s stepped together" : "", L, n_new, reps);
+  size_t n_out = (size_t)S * n_new;
+  int32_t *prompt = malloc(sizeof *prompt * (size_t)L * S), *out = malloc(sizeof *out * n_out),
+          *ref = malloc(sizeof *ref * n_out);
   uint64_t x = 0x9e3779b97f4a7c15ull;
-  for (int i = 0; i < L; i++) {
+  for (int i = 0; i < L * S; i++) {
     x ^= x << 13, x ^= x >> 7, x ^= x << 17;
     prompt[i] = (int32_t)(x % (uint64_t)ti.vocab_size);
   }
   /* Warm-up (graphs captured, buffers grown), then the target alone. */
-  generate(target, draft, NULL, 0, prompt, L, n_new, ref);
+  generate(target, draft, NULL, 0, prompt, L, S, n_new, ref);
   double alone[MAX_REPS];
   for (int r = 0; r < reps; r++)
-    alone[r] = generate(target, draft, NULL, 0, prompt, L, n_new, ref).s;
+    alone[r] = generate(target, draft, NULL, 0, prompt, L, S, n_new, ref).s;
   double alone_s = bench_median(alone, reps);
   printf("\n%-28s %-8s %9s %9s %10s %10s %8s %s\n", "tree", "path", "tok/step", "ms/step", "ms/token", "tok/s",
          "x alone", "same tokens as target-only");
-  printf("%-28s %-8s %9.2f %9.3f %10.3f %10.1f %8.2f\n", "(target only)", "", 1.0, 1e3 * alone_s / n_new,
-         1e3 * alone_s / n_new, n_new / alone_s, 1.0);
+  printf("%-28s %-8s %9.2f %9.3f %10.3f %10.1f %8.2f\n", "(target only)", "", (double)S, 1e3 * alone_s / n_new,
+         1e3 * alone_s / n_out, n_out / alone_s, 1.0);
   for (int t = 0; t < n_trees; t++) {
     run_result best[2];
     double sec[2][MAX_REPS];
     int same[2] = {1, 1};
-    for (int p = 0; p < 2; p++) generate(target, draft, trees[t], p, prompt, L, n_new, out); /* warm-up */
+    for (int p = 0; p < 2; p++) generate(target, draft, trees[t], p, prompt, L, S, n_new, out); /* warm-up */
     for (int r = 0; r < reps; r++)
       for (int p = 0; p < 2; p++) {
-        run_result rr = generate(target, draft, trees[t], p, prompt, L, n_new, out);
+        run_result rr = generate(target, draft, trees[t], p, prompt, L, S, n_new, out);
         sec[p][r] = rr.s;
         best[p] = rr;
-        same[p] &= !memcmp(out, ref, sizeof *out * (size_t)n_new);
+        same[p] &= !memcmp(out, ref, sizeof *out * n_out);
       }
     for (int p = 0; p < 2; p++) {
       double s = bench_median(sec[p], reps);
       printf("%-28s %-8s %9.2f %9.3f %10.3f %10.1f %8.2f %s\n", trees[t], p ? "host" : "chained",
-             (double)best[p].tokens / best[p].steps, 1e3 * s / best[p].steps, 1e3 * s / n_new, n_new / s, alone_s / s,
+             (double)best[p].tokens / best[p].steps, 1e3 * s / best[p].steps, 1e3 * s / n_out, n_out / s, alone_s / s,
              same[p] ? "yes" : "no (near-ties: batched verification sums in another order)");
     }
   }
