@@ -87,10 +87,11 @@ static run_result generate(canopy_model *target, canopy_model *draft, const char
   return (run_result){.s = t, .tokens = total, .steps = steps, .forwards = forwards};
 }
 
-static canopy_model *load(const char *dir, const char *config, int layers, int device, int ctx) {
+static canopy_model *load(const char *dir, const char *config, int layers, int device, int ctx, int sessions) {
   canopy_model_params mp = canopy_model_default_params();
   mp.device = device;
   mp.max_context = ctx;
+  mp.kv_blocks = 2 * sessions * ((ctx + 15) / 16 + 1); /* every session's context, twice over */
   mp.n_layers = layers;
   mp.random_weights = config;
   canopy_model *m;
@@ -128,8 +129,8 @@ int main(int argc, char **argv) {
   }
   if (!n_trees) trees[n_trees++] = "chain:2", trees[n_trees++] = "chain:4", trees[n_trees++] = "static:3,2,1";
   int ctx = L + n_new + 64;
-  canopy_model *target = load(target_dir, target_cfg, 0, device, ctx);
-  canopy_model *draft = load(draft_dir, draft_cfg, draft_layers, device, ctx);
+  canopy_model *target = load(target_dir, target_cfg, 0, device, ctx, S);
+  canopy_model *draft = load(draft_dir, draft_cfg, draft_layers, device, ctx, S);
   canopy_model_info ti, di;
   canopy_model_get_info(target, &ti);
   canopy_model_get_info(draft, &di);
