@@ -486,7 +486,7 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
   size_t V = (size_t)m->cfg.vocab_size;
   for (int j = 0; !st && j < k; j++) {
     canopy_session *s = parts[j].s;
-    const float *logits = m->step_logits + (size_t)parts[j].first * V;
+    const float *logits = chained ? NULL : m->step_logits + (size_t)parts[j].first * V; /* none when chained */
     s->stats.forward_passes++;
     if (parts[j].spec) {
       int n_out = 0;
