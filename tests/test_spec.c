@@ -385,6 +385,41 @@ static void test_chained_batched_sessions_match_the_host_path_and_one_at_a_time(
   assert_true(shared < separate);
 }
 
+/* A draft whose KV pool runs out in the middle of a chained step: the step ends with
+ * CANOPY_ERR_KV_EXHAUSTED and a message, leaves the target's cache as it was, and closing the
+ * session gives every block back to both pools. */
+static void test_a_draft_pool_exhausted_mid_step_is_an_error(void **state) {
+  canopy_model_params mp = canopy_model_default_params();
+  mp.max_context = 4096;
+  mp.n_layers = 4;
+  mp.kv_blocks = 3; /* 48 slots: the step's catch-up (47 prompt tokens and the first new one) fills
+                     * them, and the tree's levels find none */
+  canopy_model *tight;
+  assert_int_equal(canopy_model_load(model_dir, &mp, &tight), CANOPY_OK);
+  int32_t prompt[4096], t;
+  int n_prompt = prompt_ids(0, prompt);
+  n_prompt += prompt_ids(1, prompt + n_prompt); /* two prompts one after the other: long enough */
+  assert_true(n_prompt >= 47);
+  n_prompt = 47;
+  canopy_session_params sp = canopy_session_default_params();
+  sp.stop_at_eos = 0;
+  sp.draft = tight;
+  sp.tree = "static:2,2,1";
+  canopy_session *s;
+  int target_before = cn_kv_pool_in_use(target->kv);
+  assert_int_equal(canopy_session_create(target, &sp, &s), CANOPY_OK);
+  assert_int_equal(canopy_session_append(s, prompt, n_prompt), CANOPY_OK);
+  assert_int_equal(canopy_session_next(s, &t), CANOPY_OK); /* from the prompt's logits: no step yet */
+  int len = canopy_session_len(s), st = canopy_session_next(s, &t);
+  printf("[ chained  ] draft pool of 3 blocks: %s\n", canopy_last_error());
+  assert_int_equal(st, CANOPY_ERR_KV_EXHAUSTED);
+  assert_int_equal(canopy_session_len(s), len);
+  canopy_session_free(s);
+  assert_int_equal(cn_kv_pool_in_use(target->kv), target_before);
+  assert_int_equal(cn_kv_pool_in_use(tight->kv), 0);
+  canopy_model_free(tight);
+}
+
 static void expect_error(canopy_model *draft, const char *tree, float temp, int status, const char *needle) {
   canopy_session_params sp = canopy_session_default_params();
   sp.draft = draft;
@@ -499,6 +534,7 @@ int main(void) {
       cmocka_unit_test(test_batched_sessions_match_one_at_a_time),
       cmocka_unit_test(test_chained_batched_sessions_match_the_host_path_and_one_at_a_time),
       cmocka_unit_test(test_sessions_closed_at_any_time_release_every_block),
+      cmocka_unit_test(test_a_draft_pool_exhausted_mid_step_is_an_error),
       cmocka_unit_test(test_bad_trees_and_drafts_are_errors),
   };
   int rc = cmocka_run_group_tests(tests, setup, teardown);
