@@ -368,7 +368,7 @@ static int draft_chained(canopy_model *d, step_part *parts, int k, int K) {
         continue;
       }
       parts[j].row_first = n_rows;
-      n_rows += cn_spec_chain_rows(sp);
+      n_rows += cn_spec_draft_rows(sp);
       total += n;
       n_seqs++;
     }

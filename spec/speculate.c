@@ -194,14 +194,18 @@ static int pick_sampled(void *ctx, const float *q, int vocab, int k, int32_t *to
   return cn_draft_children_sample(q, vocab, k, &s->rng, tokens, s->scratch);
 }
 
-int cn_spec_draft_begin(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, canopy_stats *stats) {
-  s->stats = stats;
+/* ---- what the host path and the chained step share: the draft's catch-up, a level's slots --- */
+
+/* A step's start for the draft: the tree must fit the context; the draft drops what it fed past the
+ * sequence's committed tokens (the root is new to it too) and catches up from there. */
+static int step_begin(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, canopy_stats *stats) {
   int ctx_len = cn_kv_seq_len(target_kv); /* == n_tokens - 1: everything but the root */
   if (ctx_len + 1 + s->bounds.depth > s->target->max_context)
     return cn_error(CANOPY_ERR_CONTEXT, "a tree %d deep after %d tokens exceeds the context length %d",
                     s->bounds.depth, n_tokens, s->target->max_context);
+  s->stats = stats;
   s->draft_t0 = now_s();
-  cn_spec_truncate(s, n_tokens - 1); /* the root is new to the draft too */
+  cn_spec_truncate(s, n_tokens - 1);
   s->seq = tokens;
   s->seq_len = n_tokens;
   s->catch_from = cn_kv_seq_len(s->dkv);
@@ -209,6 +213,62 @@ int cn_spec_draft_begin(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens,
   s->piece_n = 0;
   s->n_fed = 0;
   for (int i = 0; i < CN_TREE_MAX_NODES; i++) s->slot_of[i] = -1;
+  return CANOPY_OK;
+}
+
+/* Catch-up: every sequence token the draft has not fed (the prompt at first, later the accepted
+ * tokens it never fed, and the root), causal, in chunks that fit; the last chunk's last row is the
+ * root's distribution. */
+static int catch_up_piece(cn_spec *s, int first, int room, int32_t *tokens, int32_t *pos, int32_t *rows, int row_first,
+                          cn_seq_batch *sb) {
+  int n = s->seq_len - s->catch_from < room ? s->seq_len - s->catch_from : room;
+  if (n <= 0) return 0;
+  for (int i = 0; i < n; i++) {
+    tokens[first + i] = s->seq[s->catch_from + i];
+    pos[first + i] = s->catch_from + i;
+  }
+  s->piece_last = s->catch_from + n == s->seq_len;
+  if (s->piece_last) rows[row_first] = first + n - 1;
+  *sb = (cn_seq_batch){.kv = s->dkv, .first = first, .n = n};
+  return s->piece_n = n;
+}
+
+/* A tree level: nodes[0, n) (parent and depth as `parent`, `depth` say) take the draft slots after
+ * the ones earlier levels wrote, each attending to its ancestors' slots; a logit row each. */
+static int level_piece(cn_spec *s, const int32_t *nodes, int n, const int32_t *parent, const int32_t *depth, int first,
+                       int32_t *pos, int32_t *rows, int row_first, cn_seq_batch *sb) {
+  int ctx_len = cn_kv_seq_len(s->dkv), prev = s->n_fed, words = WORDS(prev + n);
+  memset(s->dmask, 0, sizeof *s->dmask * (size_t)n * words);
+  for (int i = 0; i < n; i++) {
+    int u = nodes[i];
+    s->slot_of[u] = prev + i;
+    s->slot_pos[prev + i] = pos[first + i] = ctx_len - 1 + depth[u]; /* the root sits at ctx_len - 1 */
+    rows[row_first + i] = first + i;
+    for (int a = u; a > 0; a = parent[a]) s->dmask[(size_t)i * words + s->slot_of[a] / 64] |= 1ull << (s->slot_of[a] % 64);
+  }
+  *sb = (cn_seq_batch){.kv = s->dkv, .first = first, .n = n, .tree_prev = prev, .tree_pos = s->slot_pos,
+                       .tree_mask = s->dmask};
+  return s->piece_n = n;
+}
+
+/* After the piece's forward: a catch-up chunk is committed, a level's slots stay reserved for the
+ * tree. Returns 1 for a level. */
+static int take_piece(cn_spec *s) {
+  int n = s->piece_n;
+  s->piece_n = 0;
+  s->stats->draft_forwards++;
+  if (s->catch_from < s->seq_len) {
+    cn_kv_seq_commit(s->dkv, s->seq + s->catch_from, n);
+    s->catch_from += n;
+    return 0;
+  }
+  s->n_fed += n;
+  return 1;
+}
+
+int cn_spec_draft_begin(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, canopy_stats *stats) {
+  int st = step_begin(s, target_kv, tokens, n_tokens, stats);
+  if (st) return st;
   cn_grow_params gp = {.spec = &s->spec, .root_token = tokens[n_tokens - 1], .vocab = s->vocab,
                        .picker = s->stochastic ? pick_sampled : cn_pick_topk, .picker_ctx = s,
                        .sampled = s->stochastic, .log_tau = s->log_tau};
@@ -222,38 +282,14 @@ int cn_spec_drafting(const cn_spec *s) {
 int cn_spec_draft_piece(cn_spec *s, int first, int room, int32_t *tokens, int32_t *pos, int32_t *rows, int row_first,
                         cn_seq_batch *sb) {
   s->piece_n = 0;
-  if (s->catch_from < s->seq_len) {
-    /* Catch-up: every sequence token the draft has not fed (the prompt at first, later the
-     * accepted tokens it never fed, and the root), causal, in chunks that fit. */
-    int n = s->seq_len - s->catch_from < room ? s->seq_len - s->catch_from : room;
-    if (n <= 0) return 0;
-    for (int i = 0; i < n; i++) {
-      tokens[first + i] = s->seq[s->catch_from + i];
-      pos[first + i] = s->catch_from + i;
-    }
-    s->piece_last = s->catch_from + n == s->seq_len;
-    if (s->piece_last) rows[row_first] = first + n - 1; /* the root's distribution */
-    *sb = (cn_seq_batch){.kv = s->dkv, .first = first, .n = n};
-    return s->piece_n = n;
-  }
-  /* A tree level: one tree-masked piece over its frontier, after the slots earlier levels wrote. */
+  if (s->catch_from < s->seq_len) return catch_up_piece(s, first, room, tokens, pos, rows, row_first, sb);
+  /* A tree level: one tree-masked piece over the grower's frontier. */
   const cn_tree *t;
   const int32_t *frontier;
   int n = cn_tree_grower_frontier(&s->grower, &t, &frontier);
   if (n <= 0 || n > room) return 0;
-  int ctx_len = cn_kv_seq_len(s->dkv), prev = s->n_fed, words = WORDS(prev + n);
-  memset(s->dmask, 0, sizeof *s->dmask * (size_t)n * words);
-  for (int i = 0; i < n; i++) {
-    int u = frontier[i];
-    tokens[first + i] = t->token[u];
-    s->slot_of[u] = prev + i;
-    s->slot_pos[prev + i] = pos[first + i] = ctx_len - 1 + t->depth[u]; /* the root sits at ctx_len - 1 */
-    rows[row_first + i] = first + i;
-    for (int a = u; a > 0; a = t->parent[a]) s->dmask[(size_t)i * words + s->slot_of[a] / 64] |= 1ull << (s->slot_of[a] % 64);
-  }
-  *sb = (cn_seq_batch){.kv = s->dkv, .first = first, .n = n, .tree_prev = prev, .tree_pos = s->slot_pos,
-                       .tree_mask = s->dmask};
-  return s->piece_n = n;
+  for (int i = 0; i < n; i++) tokens[first + i] = t->token[frontier[i]];
+  return level_piece(s, frontier, n, t->parent, t->depth, first, pos, rows, row_first, sb);
 }
 
 int cn_spec_draft_rows(const cn_spec *s) {
@@ -294,17 +330,10 @@ int cn_spec_draft_take(cn_spec *s, const cn_draft_out *o) {
   if (!o->logits && (s->top_k <= 0 || o->k < s->top_k || !o->ids || !o->logp))
     return cn_error(CANOPY_ERR_INVALID_ARG, "draft: %d best ids a row given, this tree needs %s", o->k,
                     s->top_k > 0 ? "more" : "the logits");
-  s->piece_n = 0;
-  s->stats->draft_forwards++;
-  if (s->catch_from < s->seq_len) {
-    cn_kv_seq_commit(s->dkv, s->seq + s->catch_from, n);
-    s->catch_from += n;
-    if (!s->piece_last) return CANOPY_OK;
-    draft_probs(s, o, 0, s->dprobs); /* the root is node 0 of every tree */
-    return give_level(s, NULL);
-  }
-  s->n_fed += n;
-  return give_level(s, o);
+  if (take_piece(s)) return give_level(s, o);
+  if (!s->piece_last) return CANOPY_OK;
+  draft_probs(s, o, 0, s->dprobs); /* the root is node 0 of every tree */
+  return give_level(s, NULL);
 }
 
 int cn_spec_draft_end(cn_spec *s) {
@@ -461,24 +490,10 @@ int cn_spec_chain_begin(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens,
   if (!s->chained || K < s->top_k)
     return cn_error(CANOPY_ERR_INVALID_ARG, "speculation: a chained step of rows of %d ids (this tree needs %d)%s", K,
                     s->top_k, s->chained ? "" : " for a tree that does not chain");
-  int ctx_len = cn_kv_seq_len(target_kv); /* == n_tokens - 1: everything but the root */
-  if (ctx_len + 1 + s->bounds.depth > s->target->max_context)
-    return cn_error(CANOPY_ERR_CONTEXT, "a tree %d deep after %d tokens exceeds the context length %d",
-                    s->bounds.depth, n_tokens, s->target->max_context);
-  s->stats = stats;
-  s->draft_t0 = now_s();
-  cn_spec_truncate(s, n_tokens - 1); /* the root is new to the draft too */
-  s->seq = tokens;
-  s->seq_len = n_tokens;
-  s->catch_from = cn_kv_seq_len(s->dkv);
-  if (s->catch_from == 0) s->catch_from = cn_kv_seq_attach_prefix(s->dkv, tokens, n_tokens - 1);
+  int st = step_begin(s, target_kv, tokens, n_tokens, stats);
   s->chain_k = K;
   s->chain_level = 1;
-  s->piece_n = 0;
-  s->n_fed = 0;
-  for (int u = 0; u <= s->spec.n_nodes; u++)
-    s->slot_of[u] = -1;
-  return CANOPY_OK;
+  return st;
 }
 
 /* The fed nodes of level d (those the spec gives children) into s->frontier_buf; their count. */
@@ -500,59 +515,27 @@ int cn_spec_chain_piece(cn_spec *s, int first, int room, int32_t *tokens, int32_
                         int row_first, int ids_row, cn_seq_batch *sb) {
   s->piece_n = 0;
   if (s->catch_from < s->seq_len) {
-    /* The catch-up, causal, in chunks that fit; its last token (the root) gives row 0 of the tree. */
-    int n = s->seq_len - s->catch_from < room ? s->seq_len - s->catch_from : room;
-    if (n <= 0) return 0;
-    for (int i = 0; i < n; i++) {
-      tokens[first + i] = s->seq[s->catch_from + i];
-      pos[first + i] = s->catch_from + i;
-      src[first + i] = -1;
-    }
-    s->piece_last = s->catch_from + n == s->seq_len;
-    if (s->piece_last) rows[row_first] = first + n - 1, s->chain_row[0] = ids_row;
-    *sb = (cn_seq_batch){.kv = s->dkv, .first = first, .n = n};
-    return s->piece_n = n;
+    int n = catch_up_piece(s, first, room, tokens, pos, rows, row_first, sb);
+    for (int i = 0; i < n; i++) src[first + i] = -1;
+    if (n && s->piece_last) s->chain_row[0] = ids_row; /* the root's picks: row 0 of the tree */
+    return n;
   }
   /* Level d: each fed node's token is its parent's pick of its rank; its own picks take the next
-   * rows. Slots after the ones earlier levels wrote, attending to its ancestors' slots. */
+   * rows. */
   const cn_tree_spec *sp = &s->spec;
-  int d = s->chain_level, n = level_nodes(s, d);
+  int n = level_nodes(s, s->chain_level);
   if (n <= 0 || n > room) return 0;
-  int ctx_len = cn_kv_seq_len(s->dkv), prev = s->n_fed, words = WORDS(prev + n); /* the root sits at ctx_len - 1 */
-  memset(s->dmask, 0, sizeof *s->dmask * (size_t)n * words);
   for (int i = 0; i < n; i++) {
     int u = s->frontier_buf[i];
     tokens[first + i] = 0; /* from src */
     src[first + i] = s->chain_row[sp->parent[u]] * s->chain_k + sp->rank[u];
     s->chain_row[u] = ids_row + i;
-    s->slot_of[u] = prev + i;
-    s->slot_pos[prev + i] = pos[first + i] = ctx_len - 1 + d;
-    rows[row_first + i] = first + i;
-    for (int a = u; a > 0; a = sp->parent[a])
-      s->dmask[(size_t)i * words + s->slot_of[a] / 64] |= 1ull << (s->slot_of[a] % 64);
   }
-  *sb = (cn_seq_batch){.kv = s->dkv, .first = first, .n = n, .tree_prev = prev, .tree_pos = s->slot_pos,
-                       .tree_mask = s->dmask};
-  return s->piece_n = n;
-}
-
-int cn_spec_chain_rows(const cn_spec *s) {
-  if (!s->piece_n) return 0;
-  return s->catch_from < s->seq_len ? s->piece_last : s->piece_n;
+  return level_piece(s, s->frontier_buf, n, sp->parent, sp->node_depth, first, pos, rows, row_first, sb);
 }
 
 void cn_spec_chain_take(cn_spec *s) {
-  int n = s->piece_n;
-  if (!n) return;
-  s->piece_n = 0;
-  s->stats->draft_forwards++;
-  if (s->catch_from < s->seq_len) {
-    cn_kv_seq_commit(s->dkv, s->seq + s->catch_from, n);
-    s->catch_from += n;
-  } else {
-    s->n_fed += n;
-    s->chain_level++;
-  }
+  if (s->piece_n && take_piece(s)) s->chain_level++;
 }
 
 int cn_spec_chain_batch(cn_spec *s, cn_kv_seq *target_kv, int first, int32_t *tokens, int32_t *pos, int32_t *src,
@@ -608,7 +591,7 @@ static int chained_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens,
       st = cn_error(CANOPY_ERR_INVALID_ARG, "draft: a tree level does not fit a batch of %d", room);
       break;
     }
-    int rows = cn_spec_chain_rows(s), level = s->catch_from == s->seq_len;
+    int rows = cn_spec_draft_rows(s), level = s->catch_from == s->seq_len;
     cn_batch b = {.n_tokens = n, .tokens = s->dtok, .pos = s->dpos, .n_seqs = 1, .seqs = &sb, .n_logits = rows,
                   .logit_rows = s->drows, .top = s->dtop, .top_k = s->top_k, .token_src = level ? s->dsrc : NULL,
                   .src_ids = &s->ids, .top_ids = rows ? &s->ids : NULL, .top_ids_at = ids_row * s->top_k};

@@ -100,7 +100,7 @@ int cn_spec_chained(const cn_spec *s);
  *   while (cn_spec_chain_drafting(s)) {
  *     n = cn_spec_chain_piece(s, first, room, tokens, pos, src, rows, row_first, ids_row, &sb);
  *     ... one draft forward (token_src = src, src_ids = top_ids = the buffer, top_k = K, this piece's
- *         cn_spec_chain_rows(s) logit rows from row_first landing in rows ids_row.. of the buffer) ...
+ *         cn_spec_draft_rows(s) logit rows from row_first landing in rows ids_row.. of the buffer) ...
  *     cn_spec_chain_take(s);
  *   }
  *   n = cn_spec_chain_batch(s, target_kv, first, tokens, pos, src, rows, parent, &sb);
@@ -115,7 +115,6 @@ int cn_spec_chain_begin(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens,
 int cn_spec_chain_drafting(cn_spec *s);
 int cn_spec_chain_piece(cn_spec *s, int first, int room, int32_t *tokens, int32_t *pos, int32_t *src, int32_t *rows,
                         int row_first, int ids_row, struct cn_seq_batch *sb);
-int cn_spec_chain_rows(const cn_spec *s);
 void cn_spec_chain_take(cn_spec *s);
 int cn_spec_chain_batch(cn_spec *s, cn_kv_seq *target_kv, int first, int32_t *tokens, int32_t *pos, int32_t *src,
                         int32_t *rows, int32_t *parent, struct cn_seq_batch *sb);
