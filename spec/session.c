@@ -376,8 +376,10 @@ static int draft_chained(canopy_model *d, step_part *parts, int k, int K) {
       return waiting ? cn_error(CANOPY_ERR_INVALID_ARG, "batched step: a draft tree level does not fit the draft's "
                                                         "batch of %d", d->max_batch)
                      : CANOPY_OK;
+    int from_ids = 0; /* catch-up chunks alone take every token from the host: no gather */
+    for (int i = 0; i < total && !from_ids; i++) from_ids = src[i] >= 0;
     cn_batch b = {.n_tokens = total, .tokens = tokens, .pos = pos, .n_seqs = n_seqs, .seqs = d->step_seqs,
-                  .n_logits = n_rows, .logit_rows = rows, .top = top, .top_k = K, .token_src = src,
+                  .n_logits = n_rows, .logit_rows = rows, .top = top, .top_k = K, .token_src = from_ids ? src : NULL,
                   .src_ids = &d->step_ids, .top_ids = n_rows ? &d->step_ids : NULL, .top_ids_at = ids_row * K};
     if ((st = cn_forward(d, &b, NULL))) return cn_error_wrap(st, "draft");
     for (int j = 0; j < k; j++)
