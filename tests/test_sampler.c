@@ -87,21 +87,25 @@ static void test_draws_follow_the_distribution(void **state) {
   assert_int_equal(cn_sampler_init(&s, &sp, V), 0);
   float probs[V];
   cn_sampler_probs(&s, logits, probs);
-  int counts[V] = {0};
-  for (int i = 0; i < N; i++) counts[cn_sampler_sample(&s, logits)]++;
   double chi2 = 0;
-  int dof = -1;
-  for (int i = 0; i < V; i++) {
-    if (probs[i] == 0) {
-      assert_int_equal(counts[i], 0);
-      continue;
+  /* chi-square with <= 7 degrees of freedom: 24.3 is the p = 0.001 critical value at 7. Past it,
+   * one more run with fresh draws must pass: chance alone fails both 1 run in a million. */
+  for (int run = 0; run < 2 && (run == 0 || chi2 >= 24.3); run++) {
+    int counts[V] = {0};
+    for (int i = 0; i < N; i++) counts[cn_sampler_sample(&s, logits)]++;
+    chi2 = 0;
+    int dof = -1;
+    for (int i = 0; i < V; i++) {
+      if (probs[i] == 0) {
+        assert_int_equal(counts[i], 0);
+        continue;
+      }
+      double e = (double)N * probs[i];
+      chi2 += (counts[i] - e) * (counts[i] - e) / e;
+      dof++;
     }
-    double e = (double)N * probs[i];
-    chi2 += (counts[i] - e) * (counts[i] - e) / e;
-    dof++;
+    printf("[ chi2     ] %.2f with %d degrees of freedom\n", chi2, dof);
   }
-  /* chi-square with <= 7 degrees of freedom: 24.3 is the p = 0.001 critical value at 7. */
-  printf("[ chi2     ] %.2f with %d degrees of freedom\n", chi2, dof);
   assert_true(chi2 < 24.3);
   cn_sampler_free(&s);
 }
