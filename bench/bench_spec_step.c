@@ -12,11 +12,12 @@
  * (--reps times each) so that drift between processes or clocks shows. With --sessions S > 1, S
  * sessions (different random prompts) are stepped together by canopy_sessions_step, one draft
  * forward a round for all of them and one target forward verifying every tree; a step is then one
- * such batched step, and tokens count over all sessions.
+ * such batched step, and tokens count over all sessions. --plain P makes the last P of them decode
+ * without a draft in the speculative runs (a mixed batch: each is a tree of one node).
  *
  * usage: bench_spec_step (--target DIR | --target-config JSON) (--draft DIR | --draft-config JSON)
  *                        [--draft-layers N] [--device cuda|cpu] [--tree T ...] [--ctx L] [--new N] [--reps R]
- *                        [--sessions S] */
+ *                        [--sessions S] [--plain P] */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,17 +43,17 @@ typedef struct run_result {
  * `prompt`); tree NULL: target only. host_levels picks the path for a speculative run. S == 1 runs
  * canopy_session_next, more step the sessions together. out [S][n]. */
 static run_result generate(canopy_model *target, canopy_model *draft, const char *tree, int host_levels,
-                           const int32_t *prompt, int L, int S, int n, int32_t *out) {
+                           const int32_t *prompt, int L, int S, int plain, int n, int32_t *out) {
   if (host_levels) setenv("CANOPY_SPEC_HOST_LEVELS", "1", 1);
   else unsetenv("CANOPY_SPEC_HOST_LEVELS");
   canopy_session_params sp = canopy_session_default_params();
   sp.sampling.temperature = 0;
   sp.max_tokens = n;
   sp.stop_at_eos = 0;
-  sp.draft = tree ? draft : NULL;
-  sp.tree = tree;
   canopy_session *ss[MAX_SESSIONS];
   for (int i = 0; i < S; i++) {
+    sp.draft = tree && i < S - plain ? draft : NULL;
+    sp.tree = sp.draft ? tree : NULL;
     if (canopy_session_create(target, &sp, &ss[i])) die("session");
     if (canopy_session_append(ss[i], prompt + (size_t)i * L, L)) die("prompt");
   }
@@ -101,7 +102,7 @@ static canopy_model *load(const char *dir, const char *config, int layers, int d
 
 int main(int argc, char **argv) {
   const char *target_dir = NULL, *target_cfg = NULL, *draft_dir = NULL, *draft_cfg = NULL, *trees[MAX_TREES];
-  int n_trees = 0, draft_layers = 0, device = CANOPY_DEVICE_CUDA, L = 256, n_new = 128, reps = 3, S = 1;
+  int n_trees = 0, draft_layers = 0, device = CANOPY_DEVICE_CUDA, L = 256, n_new = 128, reps = 3, S = 1, plain = 0;
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--target") && i + 1 < argc) target_dir = argv[++i];
     else if (!strcmp(argv[i], "--target-config") && i + 1 < argc) target_cfg = argv[++i];
@@ -114,17 +115,18 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--new") && i + 1 < argc) n_new = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--sessions") && i + 1 < argc) S = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--plain") && i + 1 < argc) plain = atoi(argv[++i]);
     else {
       fprintf(stderr, "usage: bench_spec_step (--target DIR | --target-config JSON) (--draft DIR | --draft-config JSON) "
                       "[--draft-layers N] [--device cuda|cpu] [--tree T ...] [--ctx L] [--new N] [--reps R] "
-                      "[--sessions S]\n");
+                      "[--sessions S] [--plain P]\n");
       return 2;
     }
   }
   if ((!target_dir && !target_cfg) || (!draft_dir && !draft_cfg) || L < 2 || n_new < 1 || reps < 1 ||
-      reps > MAX_REPS || S < 1 || S > MAX_SESSIONS) {
+      reps > MAX_REPS || S < 1 || S > MAX_SESSIONS || plain < 0 || plain >= S) {
     fprintf(stderr, "bench_spec_step: give a target and a draft, --ctx >= 2, --new >= 1, --reps 1..%d, "
-                    "--sessions 1..%d\n", MAX_REPS, MAX_SESSIONS);
+                    "--sessions 1..%d, --plain 0..S-1\n", MAX_REPS, MAX_SESSIONS);
     return 2;
   }
   if (!n_trees) trees[n_trees++] = "chain:2", trees[n_trees++] = "chain:4", trees[n_trees++] = "static:3,2,1";
@@ -135,9 +137,10 @@ int main(int argc, char **argv) {
   canopy_model_get_info(target, &ti);
   canopy_model_get_info(draft, &di);
   printf("target %s (%d layers), draft %s (%d layers), %s, %d session%s of %d random ids, %d new tokens each, "
-         "greedy, %d reps alternating\n",
+         "greedy, %d reps alternating%s\n",
          target_cfg ? target_cfg : target_dir, ti.n_layers, draft_cfg ? draft_cfg : draft_dir, di.n_layers,
-         device == CANOPY_DEVICE_CUDA ? "cuda" : "cpu", S, S > 1 ? "s stepped together" : "", L, n_new, reps);
+         device == CANOPY_DEVICE_CUDA ? "cuda" : "cpu", S, S > 1 ? "s stepped together" : "", L, n_new, reps,
+         plain ? ", the last sessions without a draft (--plain)" : "");
   size_t n_out = (size_t)S * n_new;
   int32_t *prompt = malloc(sizeof *prompt * (size_t)L * S), *out = malloc(sizeof *out * n_out),
           *ref = malloc(sizeof *ref * n_out);
@@ -147,10 +150,10 @@ int main(int argc, char **argv) {
     prompt[i] = (int32_t)(x % (uint64_t)ti.vocab_size);
   }
   /* Warm-up (graphs captured, buffers grown), then the target alone. */
-  generate(target, draft, NULL, 0, prompt, L, S, n_new, ref);
+  generate(target, draft, NULL, 0, prompt, L, S, 0, n_new, ref);
   double alone[MAX_REPS];
   for (int r = 0; r < reps; r++)
-    alone[r] = generate(target, draft, NULL, 0, prompt, L, S, n_new, ref).s;
+    alone[r] = generate(target, draft, NULL, 0, prompt, L, S, 0, n_new, ref).s;
   double alone_s = bench_median(alone, reps);
   printf("\n%-28s %-8s %9s %9s %10s %10s %8s %s\n", "tree", "path", "tok/step", "ms/step", "ms/token", "tok/s",
          "x alone", "same tokens as target-only");
@@ -160,10 +163,10 @@ int main(int argc, char **argv) {
     run_result best[2];
     double sec[2][MAX_REPS];
     int same[2] = {1, 1};
-    for (int p = 0; p < 2; p++) generate(target, draft, trees[t], p, prompt, L, S, n_new, out); /* warm-up */
+    for (int p = 0; p < 2; p++) generate(target, draft, trees[t], p, prompt, L, S, plain, n_new, out); /* warm-up */
     for (int r = 0; r < reps; r++)
       for (int p = 0; p < 2; p++) {
-        run_result rr = generate(target, draft, trees[t], p, prompt, L, S, n_new, out);
+        run_result rr = generate(target, draft, trees[t], p, prompt, L, S, plain, n_new, out);
         sec[p][r] = rr.s;
         best[p] = rr;
         same[p] &= !memcmp(out, ref, sizeof *out * n_out);

@@ -632,6 +632,10 @@ static int cuda_begin(void *ctx, const cn_fwd_io *io, int *replayed) {
     st = cn_cuda_event_wait(c->cu, src->written);
     if (!st) st = cn_cuda_gather_ids(c->cu, c->tok_dev, c->src_dev, src->dev, io->n_tokens);
   }
+  /* Ids another model's forwards are writing too (a step with two draft models): this forward's
+   * write, and the event it records, come after theirs, so a reader's one wait covers them all. */
+  if (!st && io->top_ids && (!io->token_src || io->src_ids != io->top_ids))
+    st = cn_cuda_event_wait(c->cu, ((const cuda_ids *)io->top_ids)->written);
   /* A forward that will end without waiting marks its uploads (a forward that waits needs not). */
   if (!st && io->top_ids && !io->top_logp && !io->accept_out) st = cn_cuda_event_record(c->cu, c->staged);
   if (st || !key_ok) return st;

@@ -238,6 +238,7 @@ int canopy_session_next(canopy_session *s, int32_t *token) {
 typedef struct cn_step_part {
   canopy_session *s;
   int spec;      /* 1: a drafted tree; 0: its pending token */
+  int chain;     /* 1: the tree drafts chained (spec/speculate.h) */
   int first, n;  /* its tokens in the verification batch */
   int row_first; /* its draft piece's first logit row in the current draft forward, -1: none */
 } step_part;
@@ -290,7 +291,7 @@ static int draft_together(canopy_model *d, step_part *parts, int k) {
     for (int j = 0; !st && j < k; j++) {
       step_part *p = &parts[j];
       p->row_first = -1;
-      if (!p->spec || cn_spec_draft_model(p->s->spec) != d || !cn_spec_drafting(p->s->spec)) continue;
+      if (!p->spec || p->chain || cn_spec_draft_model(p->s->spec) != d || !cn_spec_drafting(p->s->spec)) continue;
       int n = cn_spec_draft_piece(p->s->spec, total, d->max_batch - total, tokens, pos, rows, n_rows,
                                   &d->step_seqs[n_seqs]);
       if (!n) {
@@ -333,35 +334,46 @@ static int draft_together(canopy_model *d, step_part *parts, int k) {
   }
 }
 
-/* Whether every part is a chained speculation with the same draft model: the whole step then runs
- * chained (spec/speculate.h), its picks in the draft model's shared ids. */
-static int all_chained(step_part *parts, int k) {
-  for (int j = 0; j < k; j++)
-    if (!parts[j].spec || !cn_spec_chained(parts[j].s->spec) ||
-        cn_spec_draft_model(parts[j].s->spec) != cn_spec_draft_model(parts[0].s->spec))
-      return 0;
-  return k > 0;
+/* Whether the step verifies with acceptance where the logits are (model/forward.h, accept_parent),
+ * so that it waits once, for acceptance's result: when some tree drafts chained and every part is
+ * greedy (a greedy tree of any kind, or a greedy session feeding its pending token: a tree of one
+ * node, whose bonus is its next token). Marks the parts whose trees draft chained: those of a
+ * draft model whose every tree here chains. A draft model with a tree that does not (dynamic, say)
+ * grows all its trees through the host, so that they still share its forwards. */
+static int accept_where_logits_are(step_part *parts, int k) {
+  int any = 0;
+  for (int j = 0; j < k; j++) {
+    canopy_session *s = parts[j].s;
+    parts[j].chain = parts[j].spec && cn_spec_chained(s->spec);
+    for (int i = 0; i < k && parts[j].chain; i++)
+      if (parts[i].spec && !cn_spec_chained(parts[i].s->spec) &&
+          cn_spec_draft_model(parts[i].s->spec) == cn_spec_draft_model(s->spec))
+        parts[j].chain = 0;
+    any |= parts[j].chain;
+  }
+  for (int j = 0; any && j < k; j++) {
+    canopy_session *s = parts[j].s;
+    if (parts[j].spec ? !cn_spec_greedy(s->spec) : cn_sampler_rule(&s->sampler).temperature > 0) any = 0;
+  }
+  for (int j = 0; !any && j < k; j++) parts[j].chain = 0;
+  return any;
 }
 
-/* The draft's side of a chained step for every part: each round is one draft forward holding
- * every sequence's next piece, its picks appended to the shared ids (rows of K) with no wait. */
-static int draft_chained(canopy_model *d, step_part *parts, int k, int K) {
-  int rows_needed = 0, st = CANOPY_OK;
-  for (int j = 0; j < k; j++)
-    rows_needed += cn_spec_max_nodes(parts[j].s->spec);
-  if (d->step_ids.n < rows_needed * K) {
-    cn_ids_free(d, &d->step_ids);
-    if ((st = cn_ids_create(d, rows_needed * K, &d->step_ids))) return st;
-  }
+/* The draft's side of a chained step for the parts whose draft model is d: each round is one draft
+ * forward holding every such sequence's next piece, its picks appended to `ids` (rows of K, from
+ * *ids_row on) with no wait. Every draft model of the step writes its own rows of the same ids. */
+static int draft_chained(canopy_model *d, step_part *parts, int k, int K, cn_ids *ids, int *ids_row) {
+  int st = step_scratch(d, k, 0);
+  if (st) return st;
   int32_t *tokens = d->step_idx, *pos = tokens + d->max_batch, *rows = pos + d->max_batch,
           *top = rows + d->max_batch, *src = top + TOP_MAX * d->max_batch;
-  for (int ids_row = 0;;) {
+  for (;;) {
     int total = 0, n_rows = 0, n_seqs = 0, waiting = 0;
     for (int j = 0; j < k; j++) {
       cn_spec *sp = parts[j].s->spec;
       parts[j].row_first = -1;
-      if (!cn_spec_chain_drafting(sp)) continue;
-      int n = cn_spec_chain_piece(sp, total, d->max_batch - total, tokens, pos, src, rows, n_rows, ids_row + n_rows,
+      if (!parts[j].chain || cn_spec_draft_model(sp) != d || !cn_spec_chain_drafting(sp)) continue;
+      int n = cn_spec_chain_piece(sp, total, d->max_batch - total, tokens, pos, src, rows, n_rows, *ids_row + n_rows,
                                   &d->step_seqs[n_seqs]);
       if (!n) {
         waiting++;
@@ -380,12 +392,52 @@ static int draft_chained(canopy_model *d, step_part *parts, int k, int K) {
     for (int i = 0; i < total && !from_ids; i++) from_ids = src[i] >= 0;
     cn_batch b = {.n_tokens = total, .tokens = tokens, .pos = pos, .n_seqs = n_seqs, .seqs = d->step_seqs,
                   .n_logits = n_rows, .logit_rows = rows, .top = top, .top_k = K, .token_src = from_ids ? src : NULL,
-                  .src_ids = &d->step_ids, .top_ids = n_rows ? &d->step_ids : NULL, .top_ids_at = ids_row * K};
+                  .src_ids = ids, .top_ids = n_rows ? ids : NULL, .top_ids_at = *ids_row * K};
     if ((st = cn_forward(d, &b, NULL))) return cn_error_wrap(st, "draft");
     for (int j = 0; j < k; j++)
       if (parts[j].row_first >= 0) cn_spec_chain_take(parts[j].s->spec);
-    ids_row += n_rows;
+    *ids_row += n_rows;
   }
+}
+
+/* Whether parts[j]'s draft model is the first of its kind among parts[0..j] that `chain` selects. */
+static int first_of_draft(const step_part *parts, int j, int chain) {
+  canopy_model *d = cn_spec_draft_model(parts[j].s->spec);
+  for (int i = 0; i < j; i++)
+    if (parts[i].spec && parts[i].chain == chain && cn_spec_draft_model(parts[i].s->spec) == d) return 0;
+  return 1;
+}
+
+/* Grows every part's tree, sharing draft forwards among the sessions with the same draft model:
+ * chained trees into the first chained draft model's shared ids (its step_ids, returned in *ids),
+ * the others level by level through the host. */
+static int draft_all(step_part *parts, int k, int K, cn_ids **ids) {
+  int st = CANOPY_OK, rows_needed = 0, ids_row = 0;
+  canopy_model *d0 = NULL;
+  for (int j = 0; j < k; j++)
+    if (parts[j].chain) {
+      if (!d0) d0 = cn_spec_draft_model(parts[j].s->spec);
+      rows_needed += cn_spec_max_nodes(parts[j].s->spec);
+    }
+  *ids = d0 ? &d0->step_ids : NULL;
+  if (d0 && d0->step_ids.n < rows_needed * K) {
+    cn_ids_free(d0, &d0->step_ids);
+    st = cn_ids_create(d0, rows_needed * K, &d0->step_ids);
+  }
+  for (int j = 0; !st && j < k; j++) {
+    canopy_session *s = parts[j].s;
+    if (parts[j].chain) st = cn_spec_chain_begin(s->spec, s->kv, s->tokens, s->n_tokens, K, &s->stats);
+    else if (parts[j].spec) st = cn_spec_draft_begin(s->spec, s->kv, s->tokens, s->n_tokens, &s->stats);
+  }
+  for (int j = 0; !st && j < k; j++)
+    if (parts[j].chain && first_of_draft(parts, j, 1))
+      st = draft_chained(cn_spec_draft_model(parts[j].s->spec), parts, k, K, &d0->step_ids, &ids_row);
+  for (int j = 0; !st && j < k; j++)
+    if (parts[j].spec && !parts[j].chain && first_of_draft(parts, j, 0))
+      st = draft_together(cn_spec_draft_model(parts[j].s->spec), parts, k);
+  for (int j = 0; !st && j < k; j++)
+    if (parts[j].spec && !parts[j].chain) st = cn_spec_draft_end(parts[j].s->spec);
+  return st;
 }
 
 int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
@@ -421,28 +473,12 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
   }
 
   /* Draft every tree, sharing draft forwards among sessions with the same draft model; chained
-   * when every part can be, so that the step waits once, for acceptance's result. */
-  int chained = all_chained(parts, k), K = 0;
-  canopy_model *d0 = chained ? cn_spec_draft_model(parts[0].s->spec) : NULL;
-  for (int j = 0; chained && j < k; j++)
-    K = cn_spec_draft_top_k(parts[j].s->spec) > K ? cn_spec_draft_top_k(parts[j].s->spec) : K;
-  for (int j = 0; chained && !st && j < k; j++)
-    st = cn_spec_chain_begin(parts[j].s->spec, parts[j].s->kv, parts[j].s->tokens, parts[j].s->n_tokens, K,
-                             &parts[j].s->stats);
-  if (chained && !st && !(st = step_scratch(d0, k, 0))) st = draft_chained(d0, parts, k, K);
-  for (int j = 0; !chained && !st && j < k; j++)
-    if (parts[j].spec) st = cn_spec_draft_begin(parts[j].s->spec, parts[j].s->kv, parts[j].s->tokens,
-                                                parts[j].s->n_tokens, &parts[j].s->stats);
-  for (int j = 0; !chained && !st && j < k; j++) {
-    if (!parts[j].spec) continue;
-    canopy_model *d = cn_spec_draft_model(parts[j].s->spec);
-    int seen = 0;
-    for (int i = 0; i < j && !seen; i++)
-      seen = parts[i].spec && cn_spec_draft_model(parts[i].s->spec) == d;
-    if (!seen) st = draft_together(d, parts, k);
-  }
-  for (int j = 0; !chained && !st && j < k; j++)
-    if (parts[j].spec) st = cn_spec_draft_end(parts[j].s->spec);
+   * where it can be, so that the step waits once, for acceptance's result. */
+  int chained = accept_where_logits_are(parts, k), K = 0;
+  for (int j = 0; j < k; j++)
+    if (parts[j].chain && cn_spec_draft_top_k(parts[j].s->spec) > K) K = cn_spec_draft_top_k(parts[j].s->spec);
+  cn_ids *ids = NULL;
+  st = draft_all(parts, k, K, &ids);
 
   /* One target forward verifies every tree and feeds every plain session's pending token. */
   if (!st) st = step_scratch(m, n, 0);
@@ -458,7 +494,7 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
     step_part *p = &parts[j];
     canopy_session *s = p->s;
     p->first = total;
-    if (chained) {
+    if (chained && p->spec) {
       p->n = cn_spec_chain_batch(s->spec, s->kv, total, tokens, pos, src, rows, parent, &m->step_seqs[j]);
     } else if (p->spec) {
       p->n = cn_spec_batch(s->spec, s->kv, total, tokens, pos, rows, &m->step_seqs[j]);
@@ -467,6 +503,7 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
       tokens[total] = s->tokens[s->n_tokens - 1];
       pos[total] = s->n_tokens - 1;
       rows[total] = total;
+      src[total] = parent[total] = -1;
       m->step_seqs[j] = (cn_seq_batch){.kv = s->kv, .first = total, .n = 1};
     }
     total += p->n;
@@ -479,34 +516,45 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
   }
   if (!st && k > 0 && !(st = step_scratch(m, n, chained ? 0 : total))) {
     cn_batch b = {.n_tokens = total, .tokens = tokens, .pos = pos, .n_seqs = k, .seqs = m->step_seqs,
-                  .n_logits = total, .logit_rows = rows, .top = greedy ? top : NULL};
+                  .n_logits = total, .logit_rows = rows, .top = greedy || chained ? top : NULL};
     if (chained)
-      b.token_src = src, b.src_ids = &d0->step_ids, b.accept_parent = parent, b.accept_out = m->step_accept;
+      b.token_src = src, b.src_ids = ids, b.accept_parent = parent, b.accept_out = m->step_accept;
     st = cn_forward(m, &b, chained ? NULL : m->step_logits);
   }
   double t2 = now_s();
   size_t V = (size_t)m->cfg.vocab_size;
   for (int j = 0; !st && j < k; j++) {
     canopy_session *s = parts[j].s;
-    const float *logits = chained ? NULL : m->step_logits + (size_t)parts[j].first * V; /* none when chained */
+    const int32_t *result = chained ? m->step_accept + 2 * j + 2 * parts[j].first : NULL;
     s->stats.forward_passes++;
     if (parts[j].spec) {
       int n_out = 0;
       s->stats.verify_s += t2 - t1;
       if (chained)
-        st = cn_spec_chain_accept(s->spec, s->kv, m->step_accept + 2 * j + 2 * parts[j].first, s->queue, &n_out,
-                                  &s->stats);
+        st = cn_spec_chain_accept(s->spec, s->kv, result, s->queue, &n_out, &s->stats);
       else
         st = greedy ? cn_spec_accept_top(s->spec, s->kv, top + parts[j].first, s->queue, &n_out, &s->stats)
-                    : cn_spec_accept(s->spec, s->kv, logits, &s->sampler, s->queue, &n_out, &s->stats);
+                    : cn_spec_accept(s->spec, s->kv, m->step_logits + (size_t)parts[j].first * V, &s->sampler,
+                                     s->queue, &n_out, &s->stats);
       if (st) break;
       memcpy(s->tokens + s->n_tokens, s->queue, sizeof *s->queue * (size_t)n_out);
       s->n_tokens += n_out;
       s->n_queue = n_out;
       s->has_logits = 0;
+    } else if (chained) {
+      /* A tree of one node: nothing to accept, and the bonus is the argmax, the greedy token. */
+      if (result[0] != 0 || result[1] < 0 || result[1] >= (int)V) {
+        st = cn_error(CANOPY_ERR_DEVICE, "batched step: acceptance returned %d nodes, token %d for a plain session",
+                      result[0], result[1]);
+        break;
+      }
+      cn_kv_seq_commit(s->kv, s->tokens + s->n_tokens - 1, 1);
+      s->tokens[s->n_tokens++] = s->queue[0] = result[1];
+      s->n_queue = 1;
+      s->has_logits = 0;
     } else {
       cn_kv_seq_commit(s->kv, s->tokens + s->n_tokens - 1, 1);
-      memcpy(s->logits, logits, sizeof *logits * V);
+      memcpy(s->logits, m->step_logits + (size_t)parts[j].first * V, sizeof *s->logits * V);
       s->has_logits = 1;
       sample_to_queue(s);
     }

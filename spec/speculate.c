@@ -61,6 +61,7 @@ struct cn_spec {
    * the verification takes the tree's tokens from there too and runs acceptance, and only its
    * result crosses to the host: one wait a step instead of one a level. */
   int chained;
+  int step_chained;          /* the step under way drafts chained (cn_spec_chain_begin), not on the host */
   cn_ids ids;                /* a step's picks when it runs alone: rows of top_k ids */
   int chain_k;               /* ids a row in the step under way */
   int chain_level;           /* the next tree level to feed */
@@ -268,6 +269,7 @@ static int take_piece(cn_spec *s) {
 
 int cn_spec_draft_begin(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, canopy_stats *stats) {
   int st = step_begin(s, target_kv, tokens, n_tokens, stats);
+  s->step_chained = 0;
   if (st) return st;
   cn_grow_params gp = {.spec = &s->spec, .root_token = tokens[n_tokens - 1], .vocab = s->vocab,
                        .picker = s->stochastic ? pick_sampled : cn_pick_topk, .picker_ctx = s,
@@ -491,6 +493,7 @@ int cn_spec_chain_begin(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens,
     return cn_error(CANOPY_ERR_INVALID_ARG, "speculation: a chained step of rows of %d ids (this tree needs %d)%s", K,
                     s->top_k, s->chained ? "" : " for a tree that does not chain");
   int st = step_begin(s, target_kv, tokens, n_tokens, stats);
+  s->step_chained = 1;
   s->chain_k = K;
   s->chain_level = 1;
   return st;
@@ -540,10 +543,17 @@ void cn_spec_chain_take(cn_spec *s) {
 
 int cn_spec_chain_batch(cn_spec *s, cn_kv_seq *target_kv, int first, int32_t *tokens, int32_t *pos, int32_t *src,
                         int32_t *rows, int32_t *parent, cn_seq_batch *sb) {
+  cn_tree *t = &s->tree;
+  if (!s->step_chained) { /* a greedy tree the host grew (cn_spec_draft_end): its tokens are on the host */
+    for (int u = 0; u < t->n; u++) {
+      src[first + u] = -1;
+      parent[first + u] = t->parent[u];
+    }
+    return cn_spec_batch(s, target_kv, first, tokens, pos, rows, sb);
+  }
   s->stats->draft_s += now_s() - s->draft_t0;
   /* The tree is the spec's shape; its tokens are where the draft left its picks. */
   const cn_tree_spec *sp = &s->spec;
-  cn_tree *t = &s->tree;
   cn_tree_reset(t, s->seq[s->seq_len - 1]);
   for (int u = 1; u <= sp->n_nodes; u++)
     cn_tree_add(t, sp->parent[u], 0, 0.0f);
@@ -559,12 +569,14 @@ int cn_spec_chain_accept(cn_spec *s, cn_kv_seq *target_kv, const int32_t *result
                          canopy_stats *stats) {
   cn_tree *t = &s->tree;
   int n = t->n, n_acc = result[0], st = CANOPY_OK;
+  if (s->stochastic)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_spec_chain_accept: sampled acceptance needs the target's logits");
   if (n_acc < 0 || n_acc > cn_tree_max_depth(t) || result[1] < 0 || result[1] >= s->vocab)
     st = cn_error(CANOPY_ERR_DEVICE, "speculation: acceptance on the device returned %d nodes, bonus %d", n_acc,
                   result[1]);
   for (int i = 0, u = 0; !st && i < n_acc; i++) {
     int v = result[2 + i], tok = result[2 + n + i];
-    if (v <= 0 || v >= n || t->parent[v] != u || tok < 0 || tok >= s->vocab)
+    if (v <= 0 || v >= n || t->parent[v] != u || tok < 0 || tok >= s->vocab || (!s->step_chained && tok != t->token[v]))
       st = cn_error(CANOPY_ERR_DEVICE, "speculation: acceptance on the device returned node %d (token %d) after %d",
                     v, tok, u);
     else t->token[v] = tok, u = v;

@@ -109,7 +109,10 @@ int cn_spec_chained(const cn_spec *s);
  *
  * cn_spec_chain_piece writes at most `room` tokens at index `first` (a level is never split; a
  * catch-up is chunked) and returns their count, or 0 when the piece does not fit. The result is
- * the sequence's part of the forward's accept_out (model/forward.h). Only for chained specs. */
+ * the sequence's part of the forward's accept_out (model/forward.h). Only chained specs draft so;
+ * cn_spec_chain_batch and cn_spec_chain_accept also verify a greedy tree that this step grew on the
+ * host (cn_spec_draft_begin .. _end; its tokens from the host: src -1), so that one verification
+ * with acceptance where the logits are serves a batch of both kinds. */
 int cn_spec_chain_begin(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, int K,
                         canopy_stats *stats);
 int cn_spec_chain_drafting(cn_spec *s);

@@ -397,6 +397,49 @@ static void test_greedy_speculation_on_cuda_equals_target_only_on_cuda(void **st
   }
 }
 
+/* Steps S sessions (prompt[i], drafts[i] with trees[i]; NULL: no draft) together to NEW tokens,
+ * chained where the step can be or (host) all on the host path; each session's tokens must equal
+ * its target-only run (alone) but at near-ties. */
+enum { TOGETHER_NEW = 24 };
+static void step_together(canopy_model *target, canopy_model *const *drafts, const char *const *trees, int S, int host,
+                          int32_t (*prompt)[24], int32_t (*alone)[TOGETHER_NEW], double (*gaps)[TOGETHER_NEW],
+                          int32_t (*out)[TOGETHER_NEW]) {
+  enum { NEW = TOGETHER_NEW };
+  canopy_session *ss[8];
+  int got[8] = {0}, stepped, steps = 0;
+  if (host) setenv("CANOPY_SPEC_HOST_LEVELS", "1", 1);
+  for (int i = 0; i < S; i++) {
+    canopy_session_params sp = canopy_session_default_params();
+    sp.max_tokens = NEW;
+    sp.stop_at_eos = 0;
+    sp.draft = drafts[i];
+    sp.tree = trees[i];
+    assert_int_equal(canopy_session_create(target, &sp, &ss[i]), CANOPY_OK);
+    assert_int_equal(canopy_session_append(ss[i], prompt[i], 24), CANOPY_OK);
+  }
+  unsetenv("CANOPY_SPEC_HOST_LEVELS");
+  int st;
+  while ((st = canopy_sessions_step(ss, S, &stepped)) == CANOPY_OK && stepped > 0) {
+    steps++;
+    for (int i = 0; i < S; i++) {
+      int32_t t;
+      while (canopy_session_ready(ss[i]) > 0 && got[i] < NEW && canopy_session_next(ss[i], &t) == CANOPY_OK)
+        out[i][got[i]++] = t;
+    }
+  }
+  if (st) print_error("%s\n", canopy_last_error());
+  assert_int_equal(st, CANOPY_OK);
+  for (int i = 0; i < S; i++) {
+    assert_int_equal(got[i], NEW);
+    canopy_session_free(ss[i]);
+    int first = 0;
+    while (first < NEW && out[i][first] == alone[i][first]) first++;
+    printf("[ together ] %s %-26s %d batched steps  %s\n", host ? "host path" : "chained  ",
+           trees[i] ? trees[i] : "no draft", steps, first == NEW ? "identical to target-only" : "differs at a near tie");
+    if (first < NEW) assert_true(gaps[i][first] < NEAR_TIE);
+  }
+}
+
 /* Sessions stepped together with chaining trees (greedy static, one draft model) run chained on
  * the device, draft pieces sharing forwards and every tree accepted by one kernel launch: each
  * session's tokens equal its target-only run but at near-ties, and equal the host path's. */
@@ -404,7 +447,8 @@ static void test_chained_sessions_stepped_together_on_cuda(void **state) {
   char dir[1024];
   fixture_dir("llama", dir, sizeof dir);
   canopy_model *target = load(dir, CANOPY_DEVICE_CUDA, 0, 0), *draft = load(dir, CANOPY_DEVICE_CUDA, 0, 0);
-  enum { S = 3, NEW = 24 };
+  enum { S = 3, NEW = TOGETHER_NEW };
+  canopy_model *drafts[S] = {draft, draft, draft};
   const char *trees[S] = {"chain:4", "static:3,2,1", "[[0],[2],[2,1]]"};
   int32_t prompt[S][24], alone[S][NEW], together[2][S][NEW];
   double gaps[S][NEW];
@@ -413,44 +457,46 @@ static void test_chained_sessions_stepped_together_on_cuda(void **state) {
     generate(target, NULL, NULL, prompt[i], 24, NEW, alone[i], gaps[i], NULL);
   }
   for (int host = 0; host < 2; host++) {
-    canopy_session *ss[S];
-    int got[S] = {0}, stepped, steps = 0;
-    if (host) setenv("CANOPY_SPEC_HOST_LEVELS", "1", 1);
-    for (int i = 0; i < S; i++) {
-      canopy_session_params sp = canopy_session_default_params();
-      sp.max_tokens = NEW;
-      sp.stop_at_eos = 0;
-      sp.draft = draft;
-      sp.tree = trees[i];
-      assert_int_equal(canopy_session_create(target, &sp, &ss[i]), CANOPY_OK);
-      assert_int_equal(canopy_session_append(ss[i], prompt[i], 24), CANOPY_OK);
-    }
-    unsetenv("CANOPY_SPEC_HOST_LEVELS");
-    int st;
-    while ((st = canopy_sessions_step(ss, S, &stepped)) == CANOPY_OK && stepped > 0) {
-      steps++;
-      for (int i = 0; i < S; i++) {
-        int32_t t;
-        while (canopy_session_ready(ss[i]) > 0 && got[i] < NEW && canopy_session_next(ss[i], &t) == CANOPY_OK)
-          together[host][i][got[i]++] = t;
-      }
-    }
-    if (st) print_error("%s\n", canopy_last_error());
-    assert_int_equal(st, CANOPY_OK);
-    for (int i = 0; i < S; i++) {
-      assert_int_equal(got[i], NEW);
-      canopy_session_free(ss[i]);
-      int first = 0;
-      while (first < NEW && together[host][i][first] == alone[i][first]) first++;
-      printf("[ together ] %s %-16s %d batched steps  %s\n", host ? "host path" : "chained  ", trees[i], steps,
-             first == NEW ? "identical to target-only" : "differs at a near tie");
-      if (first < NEW) assert_true(gaps[i][first] < NEAR_TIE);
-    }
+    step_together(target, drafts, trees, S, host, prompt, alone, gaps, together[host]);
     if (!host) assert_non_null(draft->step_ids.buf); /* the step ran chained */
   }
   /* Both paths run the same forwards on the same inputs: the same tokens. */
   assert_memory_equal(together[0], together[1], sizeof together[0]);
   canopy_model_free(draft);
+  canopy_model_free(target);
+}
+
+/* Mixed batches on the device: two draft models' chained trees write their picks to one shared ids
+ * buffer (the second draft's forwards wait for the first's), a session without a draft is a tree
+ * of one node, and a dynamic tree grown through the host joins the same verification; one kernel
+ * launch accepts every tree. Tokens equal the host path's and target-only's but at near-ties. */
+static void test_mixed_batches_stepped_together_on_cuda(void **state) {
+  char dir[1024];
+  fixture_dir("llama", dir, sizeof dir);
+  canopy_model *target = load(dir, CANOPY_DEVICE_CUDA, 0, 0), *same = load(dir, CANOPY_DEVICE_CUDA, 0, 0),
+               *shallow = load(dir, CANOPY_DEVICE_CUDA, 1, 0);
+  enum { S = 5, NEW = TOGETHER_NEW };
+  canopy_model *mixes[2][S] = {{shallow, same, NULL, shallow, same}, {shallow, same, NULL, shallow, shallow}};
+  const char *trees[2][S] = {{"chain:4", "static:2,1", NULL, "static:3,2,1", "chain:2"},
+                             {"chain:4", "static:2,1", NULL, "static:3,2,1", "dynamic:12,depth=4,topk=3"}};
+  int32_t prompt[S][24], alone[S][NEW], together[2][S][NEW];
+  double gaps[S][NEW];
+  for (int i = 0; i < S; i++) {
+    random_tokens(prompt[i], 24, target->cfg.vocab_size);
+    generate(target, NULL, NULL, prompt[i], 24, NEW, alone[i], gaps[i], NULL);
+  }
+  for (int mix = 0; mix < 2; mix++) {
+    for (int host = 1; host >= 0; host--) {
+      free(target->step_accept);
+      target->step_accept = NULL, target->step_accept_cap = 0;
+      step_together(target, mixes[mix], trees[mix], S, host, prompt, alone, gaps, together[host]);
+      if (host) assert_null(target->step_accept);
+      else assert_non_null(target->step_accept); /* accepted on the device */
+    }
+    assert_memory_equal(together[0], together[1], sizeof together[0]);
+  }
+  canopy_model_free(shallow);
+  canopy_model_free(same);
   canopy_model_free(target);
 }
 
@@ -569,6 +615,7 @@ int main(void) {
       cmocka_unit_test(test_ragged_multi_sequence_batch_matches_cpu),
       cmocka_unit_test(test_greedy_speculation_on_cuda_equals_target_only_on_cuda),
       cmocka_unit_test(test_chained_sessions_stepped_together_on_cuda),
+      cmocka_unit_test(test_mixed_batches_stepped_together_on_cuda),
       cmocka_unit_test(test_smollm2_prefill_and_decode_match_cpu),
       cmocka_unit_test(test_device_out_of_memory_is_an_error_naming_the_bytes),
   };

@@ -316,16 +316,13 @@ static void test_batched_sessions_match_one_at_a_time(void **state) {
   }
 }
 
-/* Sessions stepped together whose trees all chain (greedy static trees, one draft model) run the
- * batched step chained: the draft's pieces of every session share forwards whose picks stay in
- * the draft's shared ids, and one target forward verifies and accepts every tree. The tokens are
- * the host path's, and target-only decoding's but at near-ties. */
-static void batched_chained(int host_levels, int32_t out[3][16], canopy_stats *stats) {
-  enum { N = 3 };
+/* Steps N sessions (prompt i, drafts[i] with trees[i]; a session without a draft samples at
+ * plain_temp) together to NEW tokens each, all on the host path when host_levels. */
+static void step_sessions(int N, canopy_model *const *drafts, const char *const *trees, int host_levels,
+                          float plain_temp, int32_t (*out)[16], canopy_stats *stats) {
   const int NEW = quick() ? 8 : 16;
-  const char *trees[N] = {"chain:4", "static:3,2,1", "[[0],[2],[2,1]]"};
-  canopy_session *ss[N];
-  int got[N] = {0}, stepped;
+  canopy_session *ss[8];
+  int got[8] = {0}, stepped;
   if (host_levels) setenv("CANOPY_SPEC_HOST_LEVELS", "1", 1);
   for (int i = 0; i < N; i++) {
     int32_t prompt[2048];
@@ -333,8 +330,9 @@ static void batched_chained(int host_levels, int32_t out[3][16], canopy_stats *s
     canopy_session_params sp = canopy_session_default_params();
     sp.max_tokens = NEW;
     sp.stop_at_eos = 0;
-    sp.draft = shallow;
+    sp.draft = drafts[i];
     sp.tree = trees[i];
+    if (!drafts[i]) sp.sampling.temperature = plain_temp;
     assert_int_equal(canopy_session_create(target, &sp, &ss[i]), 0);
     assert_int_equal(canopy_session_append(ss[i], prompt, n_prompt), 0);
   }
@@ -352,11 +350,43 @@ static void batched_chained(int host_levels, int32_t out[3][16], canopy_stats *s
   }
 }
 
+/* Sessions stepped on the chained path (a, sa) made the host path's tokens and steps (b, sb), and
+ * target-only decoding's tokens but at near-ties. */
+static void same_as_host_path_and_alone(int N, int32_t (*a)[16], int32_t (*b)[16], const canopy_stats *sa,
+                                        const canopy_stats *sb, const char *label) {
+  const int NEW = quick() ? 8 : 16;
+  for (int i = 0; i < N; i++) {
+    int32_t prompt[2048], alone[16];
+    double gaps[16];
+    int n_prompt = prompt_ids(i, prompt);
+    run(NULL, NULL, prompt, n_prompt, NEW, alone, gaps);
+    assert_memory_equal(a[i], b[i], sizeof *a[i] * (size_t)NEW);
+    assert_int_equal(sa[i].spec_steps, sb[i].spec_steps);
+    assert_int_equal(sa[i].spec_tokens, sb[i].spec_tokens);
+    assert_int_equal(sa[i].draft_forwards, sb[i].draft_forwards);
+    assert_int_equal(sa[i].forward_passes, sb[i].forward_passes);
+    assert_memory_equal(sa[i].accept_rank, sb[i].accept_rank, sizeof sa[i].accept_rank);
+    int first = 0;
+    while (first < NEW && a[i][first] == alone[first]) first++;
+    printf("[ %-8s ] session %d stepped together: %d steps, %d forwards, %s target-only\n", label, i,
+           sa[i].spec_steps, sa[i].forward_passes, first == NEW ? "identical to" : "differs at a near-tie from");
+    if (first < NEW) assert_true(gaps[first] < NEAR_TIE);
+  }
+}
+
+/* Sessions stepped together whose trees all chain (greedy static trees, one draft model) run the
+ * batched step chained: the draft's pieces of every session share forwards whose picks stay in
+ * the draft's shared ids, and one target forward verifies and accepts every tree. The tokens are
+ * the host path's, and target-only decoding's but at near-ties. */
+static void batched_chained(int host_levels, int32_t out[3][16], canopy_stats *stats) {
+  canopy_model *drafts[3] = {shallow, shallow, shallow};
+  const char *trees[3] = {"chain:4", "static:3,2,1", "[[0],[2],[2,1]]"};
+  step_sessions(3, drafts, trees, host_levels, 0, out, stats);
+}
+
 static void test_chained_batched_sessions_match_the_host_path_and_one_at_a_time(void **state) {
   enum { N = 3, CAP = 16 };
-  const int NEW = quick() ? 8 : CAP;
-  int32_t chained[N][CAP], host[N][CAP], alone[N][CAP];
-  double gaps[N][CAP];
+  int32_t chained[N][CAP], host[N][CAP];
   canopy_stats sc[N], sh[N];
   cn_ids_free(shallow, &shallow->step_ids);
   batched_chained(1, host, sh);
@@ -365,24 +395,36 @@ static void test_chained_batched_sessions_match_the_host_path_and_one_at_a_time(
   batched_chained(0, chained, sc);
   assert_non_null(shallow->step_ids.buf); /* this one did */
   long shared = (long)(shallow->n_forwards - before), separate = 0;
-  for (int i = 0; i < N; i++) {
-    int32_t prompt[2048];
-    int n_prompt = prompt_ids(i, prompt);
-    run(NULL, NULL, prompt, n_prompt, NEW, alone[i], gaps[i]);
-    assert_memory_equal(chained[i], host[i], sizeof *chained[i] * (size_t)NEW);
-    assert_int_equal(sc[i].spec_steps, sh[i].spec_steps);
-    assert_int_equal(sc[i].spec_tokens, sh[i].spec_tokens);
-    assert_int_equal(sc[i].draft_forwards, sh[i].draft_forwards);
-    assert_memory_equal(sc[i].accept_rank, sh[i].accept_rank, sizeof sc[i].accept_rank);
-    int first = 0;
-    while (first < NEW && chained[i][first] == alone[i][first]) first++;
-    printf("[ chained  ] session %d stepped together: %d steps, %s target-only\n", i, sc[i].spec_steps,
-           first == NEW ? "identical to" : "differs at a near-tie from");
-    if (first < NEW) assert_true(gaps[i][first] < NEAR_TIE);
-    separate += sc[i].draft_forwards;
-  }
+  same_as_host_path_and_alone(N, chained, host, sc, sh, "chained");
+  for (int i = 0; i < N; i++) separate += sc[i].draft_forwards;
   printf("[ chained  ] the draft ran %ld forwards for %ld session-forwards\n", shared, separate);
   assert_true(shared < separate);
+}
+
+/* A mixed batch: two draft models' chained trees and a session without a draft. Both drafts write
+ * their picks to one shared ids buffer, the plain session is a tree of one node, and one target
+ * forward verifies and accepts all of them where the logits are (target->step_accept is where its
+ * results land). With a sampled plain session among them the step takes the host path. */
+static void mixed_batch(int host_levels, float plain_temp, int32_t out[4][16], canopy_stats *stats) {
+  canopy_model *drafts[4] = {shallow, full_draft, NULL, shallow};
+  const char *trees[4] = {"chain:4", "static:2,1", NULL, "static:3,2,1"};
+  step_sessions(4, drafts, trees, host_levels, plain_temp, out, stats);
+}
+
+static void test_mixed_batches_accept_where_the_logits_are(void **state) {
+  enum { N = 4, CAP = 16 };
+  int32_t dev[N][CAP], host[N][CAP], sampled[N][CAP];
+  canopy_stats sd[N], sh[N], ss[N];
+  free(target->step_accept);
+  target->step_accept = NULL, target->step_accept_cap = 0;
+  mixed_batch(1, 0, host, sh);
+  assert_null(target->step_accept); /* the host path accepts on the host */
+  mixed_batch(1, 0.8f, sampled, ss);
+  mixed_batch(0, 0.8f, sampled, ss);
+  assert_null(target->step_accept); /* a sampled session needs its logits: the host path */
+  mixed_batch(0, 0, dev, sd);
+  assert_non_null(target->step_accept);
+  same_as_host_path_and_alone(N, dev, host, sd, sh, "mixed");
 }
 
 /* A draft whose KV pool runs out in the middle of a chained step: the step ends with
@@ -533,6 +575,7 @@ int main(void) {
       cmocka_unit_test(test_commit_leaves_the_cache_a_fresh_prefill_builds),
       cmocka_unit_test(test_batched_sessions_match_one_at_a_time),
       cmocka_unit_test(test_chained_batched_sessions_match_the_host_path_and_one_at_a_time),
+      cmocka_unit_test(test_mixed_batches_accept_where_the_logits_are),
       cmocka_unit_test(test_sessions_closed_at_any_time_release_every_block),
       cmocka_unit_test(test_a_draft_pool_exhausted_mid_step_is_an_error),
       cmocka_unit_test(test_bad_trees_and_drafts_are_errors),
