@@ -19,6 +19,7 @@
 #include "draft/tree.h"
 #include "draft/tree_grow.h"
 #include "draft/tree_spec.h"
+#include "kernels/cpu/ops.h"
 #include "tests/testing.h"
 
 static uint64_t seed;
@@ -104,6 +105,7 @@ typedef struct oracle_state {
   uint64_t frontier_path[MAX_CALLS][CN_TREE_MAX_NODES]; /* token-path hashes of each call's frontier */
   int32_t frontier_node[MAX_CALLS][CN_TREE_MAX_NODES];
   cn_tree last; /* the tree the last call saw */
+  int view_k;   /* > 0: the oracle shows only the top view_k, as q = exp(log q) (a greedy forward's top ids) */
   float probs[CN_TREE_MAX_NODES][VOCAB];
 } oracle_state;
 
@@ -143,6 +145,14 @@ static void node_dist(const int32_t *tok, int len, float *q) {
       sum += e[v] = exp(4.0 * cn_test_randf(&h));
     for (int v = 0; v < VOCAB; v++)
       q[v] = (float)(e[v] / sum);
+  }
+  if (O.view_k > 0) {
+    int32_t ids[32];
+    float kept[32];
+    int n = cn_pick_topk(NULL, q, VOCAB, O.view_k, ids);
+    for (int i = 0; i < n; i++) kept[i] = expf(logf(q[ids[i]]));
+    for (int v = 0; v < VOCAB; v++) q[v] = 0;
+    for (int i = 0; i < n; i++) q[ids[i]] = kept[i];
   }
 }
 
@@ -796,6 +806,106 @@ static void test_dynamic_ties_break_by_depth_then_bfs_order(void **state) {
     assert_int_equal(t.token[i], t.rank[i]); /* picks of a uniform q: ids 0,1,.. */
 }
 
+/* ---- the fixed-shape twin grown where the picks are (kernels/tree_dyn.h) ---------------------- */
+
+/* What a greedy draft forward hands back for a path: its top K ids (q descending, ties to the lower
+ * id) and their log q; missing picks (q = 0) as -inf. */
+static void forward_row(const int32_t *tok, int len, int K, int32_t *ids, float *logp) {
+  float q[VOCAB];
+  int view = O.view_k;
+  O.view_k = 0;
+  node_dist(tok, len, q);
+  O.view_k = view;
+  int n = cn_pick_topk(NULL, q, VOCAB, K, ids);
+  for (int i = 0; i < K; i++) {
+    if (i >= n) ids[i] = (int32_t)i;
+    logp[i] = i < n ? logf(q[ids[i]]) : -INFINITY;
+  }
+}
+
+/* Grows the twin level by level as chained draft forwards would, checking each level's staged mask
+ * and positions, and returns its state. */
+static int32_t *grow_twin(const cn_dyn_layout *l, int32_t root) {
+  int32_t *w = malloc(sizeof *w * (size_t)l->words), ids[32], tok[MAX_PATH], mpos[32], tree_pos[1024];
+  float logp[32];
+  uint64_t mask[32 * 16];
+  for (int i = 0; i < l->words; i++) w[i] = (int32_t)0xabababab; /* nothing read before it is written */
+  tok[0] = root;
+  forward_row(tok, 1, l->K, ids, logp);
+  assert_int_equal(cn_cpu_dyn_grow(w, l, 0, ids, logp, l->K), 0);
+  for (int d = 1; d < l->D; d++) {
+    int first = cn_dyn_level_first(l, d), words = (d * l->K + 63) / 64;
+    cn_cpu_dyn_stage(w, l, d, 100, mask, mpos, tree_pos, NULL);
+    int32_t rows_ids[32 * 32];
+    float rows_logp[32 * 32];
+    for (int j = 0; j < l->K; j++) {
+      int f = first + j, len = 1 + d;
+      uint64_t want[16] = {0};
+      for (int g = f, k = len; g > 0; g = w[l->f_parent + g]) {
+        tok[--k] = w[l->f_token + g];
+        want[(g - 1) / 64] |= 1ull << ((g - 1) % 64);
+        if (!w[l->f_valid + f]) break;
+      }
+      assert_memory_equal(mask + (size_t)j * words, want, sizeof *want * (size_t)words);
+      assert_int_equal(mpos[j], 100 + d);
+      forward_row(tok, len, l->K, rows_ids + j * l->K, rows_logp + j * l->K); /* padding: any row */
+    }
+    for (int g = 1; g < first + l->K; g++) assert_int_equal(tree_pos[g - 1], 100 + w[l->f_depth + g]);
+    assert_int_equal(cn_cpu_dyn_grow(w, l, d, rows_ids, rows_logp, l->K), 0);
+  }
+  return w;
+}
+
+static void run_twin_case(int N, int D, int K, int mode, uint64_t s) {
+  cn_tree_spec spec = parse_dynamic(N, D, K);
+  oracle_reset(s, mode);
+  O.view_k = K;
+  int32_t root = (int32_t)(s % VOCAB), index[CN_TREE_MAX_NODES];
+  int calls;
+  cn_tree t = grow_ok(&spec, root, cn_pick_topk, &calls, index);
+  cn_dyn_layout l = cn_dyn_layout_make(K, D, N);
+  int32_t *w = grow_twin(&l, root);
+  /* The twin's tree is the grower's, node for node; padding after it is in no tree. */
+  assert_int_equal(w[l.t_n], t.n);
+  for (int o = 0; o < l.T; o++) {
+    int real = o < t.n;
+    assert_int_equal(w[l.t_parent + o], real ? t.parent[o] : -2);
+    if (o > 0 && real) assert_int_equal(w[l.t_token + o], t.token[o]);
+    if (real) assert_int_equal(w[l.t_pick + o], t.rank[o]);
+    if (real) assert_int_equal(w[l.t_fed + o] >= 0, index[o] >= 0);
+  }
+  /* The verification's mask and positions: the tree's, and padding sees itself alone. */
+  int words = (l.T + 63) / 64;
+  uint64_t *mask = malloc(sizeof *mask * (size_t)l.T * words), tm[CN_TREE_MAX_NODES * CN_TREE_MASK_WORDS];
+  int32_t *pos = malloc(sizeof *pos * (size_t)l.T), *parent = malloc(sizeof *parent * (size_t)l.T);
+  cn_cpu_dyn_stage(w, &l, -1, 50, mask, pos, NULL, parent);
+  cn_tree_mask(&t, tm, CN_TREE_MASK_WORDS);
+  for (int o = 0; o < l.T; o++) {
+    for (int j = 0; j < l.T; j++) {
+      int bit = (int)(mask[(size_t)o * words + j / 64] >> (j % 64) & 1);
+      int want = o < t.n ? j < t.n && (int)(tm[o * CN_TREE_MASK_WORDS + j / 64] >> (j % 64) & 1) : j == o;
+      assert_int_equal(bit, want);
+    }
+    assert_int_equal(pos[o], 50 + (o < t.n ? t.depth[o] : 0));
+    assert_int_equal(parent[o], o < t.n ? t.parent[o] : -2);
+  }
+  free(mask), free(pos), free(parent), free(w);
+}
+
+static void test_dynamic_twin_grows_the_growers_tree(void **state) {
+  const int modes[] = {DIST_RANDOM, DIST_UNIFORM, DIST_SPARSE, DIST_PEAKED};
+  int cases = 0;
+  for (size_t c = 0; c < sizeof dynamic_cases / sizeof dynamic_cases[0]; c++) {
+    if (cn_dyn_layout_make(dynamic_cases[c][2], dynamic_cases[c][1], dynamic_cases[c][0]).R > 1024 ||
+        dynamic_cases[c][1] * dynamic_cases[c][2] > 512)
+      continue; /* the test's own buffers */
+    for (size_t m = 0; m < 4; m++)
+      for (uint64_t k = 0; k < 3; k++, cases++)
+        run_twin_case(dynamic_cases[c][0], dynamic_cases[c][1], dynamic_cases[c][2], modes[m], seed + 7 * k + c);
+  }
+  printf("[ twin     ] %d trees grown on the fixed shape equal the grower's\n", cases);
+}
+
 static void test_dynamic_trees_take_fewer_picks_and_certain_tokens(void **state) {
   for (size_t c = 0; c < sizeof dynamic_cases / sizeof dynamic_cases[0]; c++)
     for (int mode = DIST_SPARSE; mode <= DIST_PEAKED; mode++)
@@ -1015,6 +1125,7 @@ int main(void) {
       cmocka_unit_test(test_static_children_past_the_last_pick_are_dropped),
       cmocka_unit_test(test_dynamic_tree_equals_brute_force_eagle2),
       cmocka_unit_test(test_dynamic_ties_break_by_depth_then_bfs_order),
+      cmocka_unit_test(test_dynamic_twin_grows_the_growers_tree),
       cmocka_unit_test(test_dynamic_trees_take_fewer_picks_and_certain_tokens),
       cmocka_unit_test(test_dynamic_keeps_only_first_picks_for_an_unordered_picker),
       cmocka_unit_test(test_sampled_dynamic_tree_fixes_child_counts_before_drawing),

@@ -6,6 +6,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kernels/tree_dyn.h"
+
 typedef struct cn_threadpool cn_threadpool;
 
 /* A fixed set of worker threads for the element-wise and attention ops. n_threads <= 1 runs
@@ -131,5 +133,21 @@ void cn_cpu_gather_ids(int32_t *tokens, const int32_t *src, const int32_t *ids, 
  * (spec/accept.h) over arrays instead of a cn_tree. Returns the sequence count, or -1 (out
  * untouched) when n < 1, parent[0] != -1 or some parent is not in [-1, its index in its sequence). */
 int cn_cpu_accept_greedy(int32_t *out, const int32_t *tokens, const int32_t *top, const int32_t *parent, int n);
+
+/* ---- a dynamic (EAGLE-2) tree grown where the picks are (kernels/tree_dyn.h) ------------------- */
+
+/* After draft level `level`'s forward (0: the catch-up's root row): top/logp [rows][k] (k >= K) are
+ * the best ids of each of the level's fed nodes, in order (1 row at level 0, K after). Expands
+ * them into candidates, then readies level + 1's fed nodes, or after the last level writes the
+ * verification tree (t_*). Level 0 starts a new tree. Returns 0, or -1 if the kept nodes were not
+ * closed under ancestors (an internal error). */
+int cn_cpu_dyn_grow(int32_t *w, const cn_dyn_layout *l, int level, const int32_t *top, const float *logp, int k);
+
+/* The tree part of a forward from the state: draft level `level` >= 1 (K tokens after (level - 1) K
+ * tree slots: mask [K][words of level K], pos [K], tree_pos [level K] of every slot) or, level -1,
+ * the verification (T tokens: mask [T][words of T], pos [T], parent [T]: -1 the root, -2 padding).
+ * pos0 is the root's position. */
+void cn_cpu_dyn_stage(const int32_t *w, const cn_dyn_layout *l, int level, int pos0, uint64_t *mask, int32_t *pos,
+                      int32_t *tree_pos, int32_t *parent);
 
 #endif
