@@ -56,6 +56,7 @@ typedef struct cn_fwd_io {
   int top_ids_at;
   const int32_t *accept_parent;
   int32_t *accept_out;
+  const struct cn_dyn_step *dyn; /* the batch's (model/forward.h); ids as ids_create made them */
 } cn_fwd_io;
 
 typedef struct cn_backend {
@@ -151,6 +152,7 @@ typedef struct cn_backend {
   void (*accept_greedy)(void *ctx, int32_t *out, const int32_t *tokens, const int32_t *top, const int32_t *parent,
                         int n);
   int host_ids; /* ids are host memory: the forward resolves token_src and fills top_ids itself */
+  int dyn_trees; /* grows and stages dynamic trees (cn_batch.dyn): host_ids backends in the forward */
 } cn_backend;
 
 /* The fp32 CPU backend with `n_threads` workers (0 = all online cores). */

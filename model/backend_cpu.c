@@ -215,6 +215,7 @@ static const cn_backend cpu_backend = {
     .ids_free = cpu_ids_free,
     .accept_greedy = cpu_accept_greedy,
     .host_ids = 1,
+    .dyn_trees = 1,
 };
 
 int cn_backend_cpu_create(int n_threads, const cn_backend **be, void **ctx) {

@@ -28,6 +28,26 @@ typedef struct cn_seq_batch {
 int cn_ids_create(canopy_model *m, int n, cn_ids *out);
 void cn_ids_free(canopy_model *m, cn_ids *ids);
 
+/* A dynamic (EAGLE-2) tree grown where the draft's picks are (kernels/tree_dyn.h): its state in
+ * `ids`, its shape `layout`. A batch of one sequence may grow it, be staged from it, or both. */
+typedef struct cn_dyn_step {
+  const struct cn_dyn_layout *layout;
+  cn_ids *ids;
+  /* > 0: after the forward, level grow - 1 grows from its top ids and top_logp ([n_logits][top_k],
+   * top_k >= K; 1 row at level 0, K after), which the batch must ask for. */
+  int grow;
+  /* The sequence's tree part comes from the state: draft level `stage` >= 1 (K tokens after
+   * (stage - 1) K tree slots) or, -1, the verification (T tokens, acceptance over the staged
+   * parents); 0: none. mask, pos, tree_pos, parent are the caller's arrays that the batch also
+   * names (tree_mask, pos, tree_pos, accept_parent): the forward fills them where ids are host
+   * memory, a device backend its copies. pos0 is the root's position. */
+  int stage, pos0;
+  uint64_t *mask;
+  int32_t *pos, *tree_pos, *parent;
+  /* stage -1: host [4 T + 1] receives the tree it staged: t_token, t_parent, t_pick, t_fed, t_n. */
+  int32_t *tree_out;
+} cn_dyn_step;
+
 typedef struct cn_batch {
   int n_tokens;
   const int32_t *tokens;     /* [n_tokens] */
@@ -67,6 +87,7 @@ typedef struct cn_batch {
   int top_ids_at;
   const int32_t *accept_parent;
   int32_t *accept_out;
+  const cn_dyn_step *dyn; /* optional: see cn_dyn_step; CANOPY_ERR_UNSUPPORTED where the backend lacks it */
 } cn_batch;
 
 /* Runs the model over the batch and writes logits [n_logits][vocab] (host fp32), or their top

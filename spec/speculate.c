@@ -69,6 +69,14 @@ struct cn_spec {
   int32_t frontier_buf[CN_TREE_MAX_NODES], dsrc[CN_TREE_MAX_NODES], tsrc[CN_TREE_MAX_NODES];
   int32_t tparent[CN_TREE_MAX_NODES];
   int32_t acc_out[2 + 2 * CN_TREE_MAX_NODES];
+
+  /* Chained dynamic trees (greedy EAGLE-2 on a backend that grows them, kernels/tree_dyn.h): the
+   * tree grows in `ids` on a fixed shape, each level's tokens, mask and positions staged from
+   * there, and the verification's too; the host reads acceptance's result and the tree. */
+  int dyn;
+  cn_dyn_layout dyn_layout;
+  uint64_t *dyn_mask;        /* [max(K, T)][words of max((D - 1) K, T)] */
+  int32_t dyn_tree[4 * CN_TREE_MAX_NODES + 1];
 };
 
 static double now_s(void) {
@@ -87,14 +95,34 @@ static int spec_top_k(const cn_tree_spec *sp, int stochastic, int vocab) {
   return k <= 32 && k <= vocab ? k : 0;
 }
 
+/* A dynamic tree grown where the picks are, when the backend can and its fixed shape fits: fed
+ * nodes and verification nodes within a tree's limits and both models' batches. */
+static int dyn_setup(cn_spec *s) {
+  const cn_tree_spec *sp = &s->spec;
+  cn_dyn_layout l = cn_dyn_layout_make(sp->topk, sp->depth, sp->n_nodes);
+  if (!s->target->be->dyn_trees || l.R > CN_TREE_MAX_NODES || l.T > CN_TREE_MAX_NODES || l.K > s->draft->max_batch ||
+      l.T > s->target->max_batch || s->top_k != l.K)
+    return CANOPY_OK;
+  int rows = l.K > l.T ? l.K : l.T, cols = (l.R - 1 > l.T ? l.R - 1 : l.T);
+  if (!(s->dyn_mask = malloc(sizeof *s->dyn_mask * (size_t)rows * WORDS(cols))))
+    return cn_error(CANOPY_ERR_NO_MEMORY, "speculation: out of memory");
+  int st = cn_ids_create(s->draft, l.words, &s->ids);
+  if (st) return st;
+  s->dyn_layout = l;
+  s->dyn = 1;
+  return CANOPY_OK;
+}
+
 /* Chained steps where they apply (see struct cn_spec): the fixed tree (tokens aside) and where each
  * node's token will be. $CANOPY_SPEC_HOST_LEVELS=1 keeps every step on the host path, to compare. */
 static int chain_setup(cn_spec *s) {
   const cn_tree_spec *sp = &s->spec;
   const char *env = getenv("CANOPY_SPEC_HOST_LEVELS");
-  if (s->stochastic || sp->kind != CN_TREE_STATIC || s->top_k <= 0 || s->target->be != s->draft->be ||
-      !s->target->be->ids_create || (env && !strcmp(env, "1")))
+  if (s->stochastic || s->top_k <= 0 || s->target->be != s->draft->be || !s->target->be->ids_create ||
+      (env && !strcmp(env, "1")))
     return CANOPY_OK;
+  if (sp->kind == CN_TREE_DYNAMIC) return dyn_setup(s);
+  if (sp->kind != CN_TREE_STATIC) return CANOPY_OK;
   int rows = 1; /* the root's, then one a fed node (those with children, below the root) */
   for (int u = 1; u <= sp->n_nodes; u++)
     rows += sp->n_children[u] > 0;
@@ -173,6 +201,7 @@ void cn_spec_free(cn_spec *s) {
   cn_sampler_free(&s->dist);
   free(s->dmask), free(s->dtok), free(s->dpos), free(s->drows), free(s->dlogits), free(s->dprobs);
   free(s->tmask), free(s->tlogits), free(s->tprobs), free(s->scratch), free(s->dtop), free(s->dtop_logp);
+  free(s->dyn_mask);
   free(s);
 }
 
@@ -183,6 +212,8 @@ canopy_model *cn_spec_draft_model(const cn_spec *s) { return s->draft; }
 int cn_spec_max_nodes(const cn_spec *s) { return s->bounds.n_nodes + 1; }
 
 int cn_spec_chained(const cn_spec *s) { return s->chained; }
+
+int cn_spec_one_wait(const cn_spec *s) { return s->chained || s->dyn; }
 
 void cn_spec_truncate(cn_spec *s, int len) {
   if (cn_kv_seq_len(s->dkv) > len) cn_kv_seq_truncate(s->dkv, len);
@@ -632,8 +663,101 @@ static int chained_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens,
   return cn_spec_chain_accept(s, target_kv, s->acc_out, out, n_out, stats);
 }
 
+/* The tree the verification staged (t_token, t_parent, t_pick, t_fed, t_n as cn_dyn_step's
+ * tree_out) becomes s->tree, with each node's fed index (oracle_index) and each fed node's draft
+ * slot, for acceptance's result and the commit. */
+static int dyn_take_tree(cn_spec *s, int32_t root) {
+  const cn_dyn_layout *l = &s->dyn_layout;
+  const int32_t *tok = s->dyn_tree, *par = tok + l->T, *pick = par + l->T, *fed = pick + l->T;
+  int n = tok[4 * l->T];
+  cn_tree *t = &s->tree;
+  cn_tree_reset(t, root);
+  s->oracle_index[0] = 0;
+  int st = n < 1 || n > l->T ? -1 : 0;
+  for (int o = 1; !st && o < n; o++) {
+    if (par[o] < 0 || par[o] >= o || tok[o] < 0 || tok[o] >= s->vocab || fed[o] >= l->R ||
+        cn_tree_add(t, par[o], tok[o], 0.0f) != o || t->rank[o] != pick[o])
+      st = -1;
+    s->oracle_index[o] = fed[o];
+  }
+  if (st)
+    return cn_error(CANOPY_ERR_DEVICE, "speculation: the dynamic tree grown on the %s backend is malformed (%d nodes)",
+                    s->target->be->name, n);
+  for (int f = 1; f < l->R; f++) s->slot_of[f] = f - 1;
+  return CANOPY_OK;
+}
+
+/* One step of a dynamic tree grown where the picks are, with one wait: the draft's catch-up grows
+ * the root's candidates, each level of K fed nodes is staged from the state and grows the next, and
+ * the verification stages the kept tree, accepts it, and hands back the result and the tree. */
+static int dyn_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, int32_t *out, int *n_out,
+                    canopy_stats *stats) {
+  const cn_dyn_layout *l = &s->dyn_layout;
+  int st = step_begin(s, target_kv, tokens, n_tokens, stats);
+  int room = s->draft->max_batch < s->dbatch ? s->draft->max_batch : s->dbatch;
+  s->step_chained = 1;
+  cn_dyn_step dyn = {.layout = l, .ids = &s->ids};
+  while (!st && s->catch_from < s->seq_len) {
+    cn_seq_batch sb;
+    int n = catch_up_piece(s, 0, room, s->dtok, s->dpos, s->drows, 0, &sb);
+    dyn.grow = s->piece_last; /* level 0: the root's picks */
+    cn_batch b = {.n_tokens = n, .tokens = s->dtok, .pos = s->dpos, .n_seqs = 1, .seqs = &sb,
+                  .n_logits = s->piece_last, .logit_rows = s->drows, .top = s->dtop, .top_k = l->K,
+                  .top_logp = s->dtop_logp, .dyn = s->piece_last ? &dyn : NULL};
+    if ((st = cn_forward(s->draft, &b, NULL))) st = cn_error_wrap(st, "draft");
+    else take_piece(s);
+  }
+  int ctx_len = cn_kv_seq_len(s->dkv);
+  for (int d = 1; !st && d < l->D; d++) {
+    int first = cn_dyn_level_first(l, d);
+    for (int i = 0; i < l->K; i++) {
+      s->dtok[i] = 0;
+      s->dsrc[i] = l->f_token + first + i;
+      s->drows[i] = i;
+    }
+    cn_seq_batch sb = {.kv = s->dkv, .first = 0, .n = l->K, .tree_prev = (d - 1) * l->K, .tree_pos = s->slot_pos,
+                       .tree_mask = s->dyn_mask};
+    dyn = (cn_dyn_step){.layout = l, .ids = &s->ids, .grow = d + 1, .stage = d, .pos0 = ctx_len - 1,
+                        .mask = s->dyn_mask, .pos = s->dpos, .tree_pos = s->slot_pos};
+    cn_batch b = {.n_tokens = l->K, .tokens = s->dtok, .pos = s->dpos, .n_seqs = 1, .seqs = &sb, .n_logits = l->K,
+                  .logit_rows = s->drows, .top = s->dtop, .top_k = l->K, .top_logp = s->dtop_logp,
+                  .token_src = s->dsrc, .src_ids = &s->ids, .dyn = &dyn};
+    if ((st = cn_forward(s->draft, &b, NULL))) st = cn_error_wrap(st, "draft");
+    stats->draft_forwards++;
+  }
+  s->n_fed = (l->D - 1) * l->K;
+  stats->draft_s += now_s() - s->draft_t0;
+  double t1 = now_s();
+  int T = l->T;
+  for (int o = 0; !st && o < T; o++) {
+    s->tbuf_tokens[o] = o ? 0 : tokens[n_tokens - 1];
+    s->tsrc[o] = o ? l->t_token + o : -1;
+    s->trows[o] = o;
+    s->tparent[o] = o - 1; /* a well-formed stand-in: the forward stages the real parents */
+  }
+  if (!st) {
+    cn_seq_batch sb = {.kv = target_kv, .first = 0, .n = T, .tree_mask = s->tmask};
+    dyn = (cn_dyn_step){.layout = l, .ids = &s->ids, .stage = -1, .pos0 = cn_kv_seq_len(target_kv), .mask = s->tmask,
+                        .pos = s->tpos, .parent = s->tparent, .tree_out = s->dyn_tree};
+    int32_t top[CN_TREE_MAX_NODES];
+    cn_batch b = {.n_tokens = T, .tokens = s->tbuf_tokens, .pos = s->tpos, .n_seqs = 1, .seqs = &sb, .n_logits = T,
+                  .logit_rows = s->trows, .top = top, .token_src = s->tsrc, .src_ids = &s->ids,
+                  .accept_parent = s->tparent, .accept_out = s->acc_out, .dyn = &dyn};
+    st = cn_forward(s->target, &b, NULL);
+  }
+  if (!st) st = dyn_take_tree(s, tokens[n_tokens - 1]);
+  if (st) {
+    cn_spec_truncate(s, cn_kv_seq_len(s->dkv)); /* the levels' slots */
+    return st;
+  }
+  stats->forward_passes++;
+  stats->verify_s += now_s() - t1;
+  return cn_spec_chain_accept(s, target_kv, s->acc_out, out, n_out, stats);
+}
+
 int cn_spec_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, cn_sampler *sampler,
                  int32_t *out, int *n_out, canopy_stats *stats) {
+  if (s->dyn) return dyn_step(s, target_kv, tokens, n_tokens, out, n_out, stats);
   if (s->chained) return chained_step(s, target_kv, tokens, n_tokens, out, n_out, stats);
   int st = cn_spec_draft(s, target_kv, tokens, n_tokens, stats);
   if (st) return st;

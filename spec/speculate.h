@@ -91,6 +91,10 @@ int cn_spec_draft_end(cn_spec *s);
  * acceptance where the logits are, one wait a step. Unless $CANOPY_SPEC_HOST_LEVELS=1 at
  * creation, which keeps the host path (each level's picks brought to the host) to compare. */
 int cn_spec_chained(const cn_spec *s);
+/* Whether cn_spec_step waits for the device once a step: chained static trees, and greedy dynamic
+ * trees grown where the draft's picks are (a backend with dyn_trees, kernels/tree_dyn.h: the tree
+ * takes its fixed shape, K nodes fed a level). Dynamic trees grow on the host in batched steps. */
+int cn_spec_one_wait(const cn_spec *s);
 
 /* A chained step in pieces, so that sessions stepped together share its forwards (spec/session.c;
  * cn_spec_step's chained step is the same pieces for one sequence). The draft's picks go to rows

@@ -119,7 +119,7 @@ static int spec_steps(canopy_model *draft, const char *tree, int host_levels, co
   int st = cn_spec_create(target, draft, tree, &greedy, &s);
   unsetenv("CANOPY_SPEC_HOST_LEVELS");
   assert_int_equal(st, CANOPY_OK);
-  assert_int_equal(cn_spec_chained(s), !host_levels); /* the CPU backend chains forwards too */
+  assert_int_equal(cn_spec_one_wait(s), !host_levels); /* the CPU backend chains forwards too */
   cn_kv_seq *kv;
   assert_int_equal(cn_kv_seq_create(target->kv, &kv), CANOPY_OK);
   int32_t pos[2048];
@@ -146,17 +146,19 @@ static int spec_steps(canopy_model *draft, const char *tree, int host_levels, co
 }
 
 /* A chained step (the draft's levels fed from the picks where they were made, acceptance there
- * too) runs the same forwards on the same inputs as the host path: the same tokens, and the
- * same acceptance at every depth and rank. */
+ * too; a dynamic tree grown there on its fixed shape) runs the same forwards on the same inputs as
+ * the host path: the same tokens, and the same acceptance at every depth and rank. */
 static void test_chained_steps_equal_the_host_levels(void **state) {
-  const char *trees[] = {"chain:4", "static:3,2,1", "[[0],[1],[0,0],[0,0,0],[1,0]]", "[[0],[2],[2,1]]"};
+  const char *trees[] = {"chain:4", "static:3,2,1", "[[0],[1],[0,0],[0,0,0],[1,0]]", "[[0],[2],[2,1]]",
+                         "dynamic:8,depth=3,topk=3", "dynamic:16,depth=4,topk=4"};
   int n_new = quick() ? 10 : 24;
   int32_t prompt[2048], a[2200], h[2200];
   int n_prompt = prompt_ids(2, prompt);
-  /* Under the sanitizers (quick) two of the eight: the first tree with the shallow draft, the last
-   * with the full one. */
-  for (size_t t = 0; t < sizeof trees / sizeof trees[0]; t += quick() ? 3 : 1)
-    for (int d = quick() ? t > 0 : 0; d < (quick() ? (t > 0) + 1 : 2); d++) {
+  for (size_t t = 0; t < sizeof trees / sizeof trees[0]; t++)
+    for (int d = 0; d < 2; d++) {
+      /* Under the sanitizers (quick) three of the twelve: a chain and the larger dynamic tree with
+       * the shallow draft, the rank paths with the full one. */
+      if (quick() && !((t == 0 && d == 0) || (t == 3 && d == 1) || (t == 5 && d == 0))) continue;
       canopy_model *draft = d ? full_draft : shallow;
       canopy_stats sa, sh;
       int na = spec_steps(draft, trees[t], 0, prompt, n_prompt, n_new, a, &sa);
@@ -168,7 +170,10 @@ static void test_chained_steps_equal_the_host_levels(void **state) {
       assert_int_equal(sa.spec_steps, sh.spec_steps);
       assert_int_equal(sa.spec_tokens, sh.spec_tokens);
       assert_int_equal(sa.tree_nodes, sh.tree_nodes);
-      assert_int_equal(sa.draft_forwards, sh.draft_forwards);
+      /* A dynamic tree's host path stops early where no node is worth expanding; chained, every
+       * level runs (its shape is fixed before the step). */
+      if (strncmp(trees[t], "dynamic", 7)) assert_int_equal(sa.draft_forwards, sh.draft_forwards);
+      else assert_true(sa.draft_forwards >= sh.draft_forwards);
       assert_int_equal(sa.forward_passes, sh.forward_passes);
       assert_memory_equal(sa.accept_depth, sh.accept_depth, sizeof sa.accept_depth);
       assert_memory_equal(sa.offered_depth, sh.offered_depth, sizeof sa.offered_depth);
@@ -204,6 +209,30 @@ static void test_bad_chained_forwards_are_errors(void **state) {
   assert_true(out[0] == 0 || (out[0] == 1 && out[2] == 1 && out[4] == 2));
   assert_int_equal(out[1], out[0] ? top[1] : top[0]);
   assert_int_equal(cn_kv_seq_len(kv), 0); /* reserved, never committed */
+  /* A dynamic tree's forward: ids too small for its layout, a level without its log-probabilities,
+   * a verification of the wrong size. */
+  cn_dyn_layout l = cn_dyn_layout_make(2, 2, 3); /* T = 4 */
+  cn_dyn_step dyn = {.layout = &l, .ids = &ids, .grow = 1};
+  b = (cn_batch){.n_tokens = 2, .tokens = tokens, .pos = pos, .n_seqs = 1, .seqs = &sb, .n_logits = 1,
+                 .logit_rows = rows, .top = top, .top_k = 2, .dyn = &dyn};
+  assert_int_equal(cn_forward(target, &b, NULL), CANOPY_ERR_INVALID_ARG);
+  assert_non_null(strstr(canopy_last_error(), "words"));
+  cn_ids big;
+  assert_int_equal(cn_ids_create(target, l.words, &big), CANOPY_OK);
+  dyn.ids = &big;
+  assert_int_equal(cn_forward(target, &b, NULL), CANOPY_ERR_INVALID_ARG);
+  assert_non_null(strstr(canopy_last_error(), "log-probabilities"));
+  uint64_t mask[2];
+  dyn = (cn_dyn_step){.layout = &l, .ids = &big, .stage = -1, .mask = mask, .pos = pos, .parent = parent,
+                      .tree_out = out};
+  sb.tree_mask = mask;
+  b = (cn_batch){.n_tokens = 2, .tokens = tokens, .pos = pos, .n_seqs = 1, .seqs = &sb, .n_logits = 2,
+                 .logit_rows = rows, .top = top, .accept_parent = parent, .accept_out = out, .dyn = &dyn};
+  assert_int_equal(cn_forward(target, &b, NULL), CANOPY_ERR_INVALID_ARG);
+  printf("[ error    ] %s\n", canopy_last_error());
+  assert_non_null(strstr(canopy_last_error(), "verification"));
+  assert_int_equal(cn_kv_seq_len(kv), 0);
+  cn_ids_free(target, &big);
   cn_kv_seq_free(kv);
   cn_ids_free(target, &ids);
 }

@@ -130,8 +130,10 @@ void cn_cpu_gather_ids(int32_t *tokens, const int32_t *src, const int32_t *ids, 
  * bonus token. The sequence starting at node f, the s-th, writes out[2 s + 2 f ..] [2 + 2 m] (m its
  * nodes): the accepted count a, the bonus, a accepted nodes (indices inside the sequence) in path
  * order, and from 2 + m on their tokens. For one sequence, the walk of cn_accept_greedy_top
- * (spec/accept.h) over arrays instead of a cn_tree. Returns the sequence count, or -1 (out
- * untouched) when n < 1, parent[0] != -1 or some parent is not in [-1, its index in its sequence). */
+ * (spec/accept.h) over arrays instead of a cn_tree. A node with parent -2 is in no tree (padding of
+ * a fixed-shape tree, kernels/tree_dyn.h): never accepted. Returns the sequence count, or -1 (out
+ * untouched) when n < 1, parent[0] != -1 or some parent is not -2 or in [-1, its index in its
+ * sequence). */
 int cn_cpu_accept_greedy(int32_t *out, const int32_t *tokens, const int32_t *top, const int32_t *parent, int n);
 
 /* ---- a dynamic (EAGLE-2) tree grown where the picks are (kernels/tree_dyn.h) ------------------- */

@@ -28,7 +28,7 @@ int cn_cpu_accept_greedy(int32_t *out, const int32_t *tokens, const int32_t *top
   if (n < 1 || parent[0] != -1) return -1;
   for (int i = 1, f = 0; i < n; i++) {
     if (parent[i] == -1) f = i;
-    else if (parent[i] < 0 || parent[i] >= i - f) return -1;
+    else if ((parent[i] < 0 && parent[i] != -2) || parent[i] >= i - f) return -1;
   }
   int seqs = 0;
   for (int f = 0; f < n; seqs++) {
