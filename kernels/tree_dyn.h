@@ -17,6 +17,12 @@
 
 #include <stdint.h>
 
+#ifdef __CUDACC__
+#define CN_DYN_HD __host__ __device__
+#else
+#define CN_DYN_HD
+#endif
+
 typedef struct cn_dyn_layout {
   int K, D, N; /* picks a fed node (topk), depth, kept nodes */
   int R;       /* fed nodes, the root included: 1 + (D - 1) K */
@@ -32,7 +38,7 @@ typedef struct cn_dyn_layout {
 } cn_dyn_layout;
 
 /* The layout of a dynamic tree of K picks a node, D levels, N kept nodes (1 <= K <= 32). */
-static inline cn_dyn_layout cn_dyn_layout_make(int K, int D, int N) {
+static inline CN_DYN_HD cn_dyn_layout cn_dyn_layout_make(int K, int D, int N) {
   cn_dyn_layout l = {.K = K, .D = D, .N = N, .R = 1 + (D - 1) * K};
   l.C = l.R * K;
   l.T = 1 + (N < l.C ? N : l.C);
@@ -59,6 +65,6 @@ static inline cn_dyn_layout cn_dyn_layout_make(int K, int D, int N) {
 }
 
 /* Level d's first fed node (d >= 1); level 0 is the root alone. */
-static inline int cn_dyn_level_first(const cn_dyn_layout *l, int d) { return d == 0 ? 0 : 1 + (d - 1) * l->K; }
+static inline CN_DYN_HD int cn_dyn_level_first(const cn_dyn_layout *l, int d) { return d == 0 ? 0 : 1 + (d - 1) * l->K; }
 
 #endif

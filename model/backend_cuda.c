@@ -21,6 +21,7 @@
  * KV span copies between forwards (commit, copy-on-write) upload from their own page-locked buffer
  * and do not wait either; that buffer is reused only after the next forward's wait. */
 #include "model/backend.h"
+#include "model/forward.h"
 
 #include "common/error.h"
 
@@ -105,6 +106,7 @@ typedef struct cuda_ctx {
   void *copy_tmp; /* device staging of KV span copies, copy_tmp_bytes long */
   int32_t *top_dev;    /* [top_cap] top_rows' device ids, a forward's rows one after the other */
   int32_t *tok_dev;    /* this forward's tokens as staged (token_src gathers into them) */
+  int32_t *pos_dev;    /* and its positions (a dynamic tree's staging writes them) */
   const int32_t *src_dev, *parent_dev; /* its token_src and accept_parent as staged */
   int32_t *acc_dev;    /* [acc_cap] accept_greedy's result */
   int acc_cap;
@@ -566,6 +568,7 @@ static int stage_inputs(cuda_ctx *c, const cn_fwd_io *io, cn_graph_key *key, int
   if ((st = cn_cuda_memcpy_h2d_async(c->cu, dev, h, bytes))) return st;
   c->slots = (const int32_t *)(dev + at_slots);
   c->tok_dev = (int32_t *)dev;
+  c->pos_dev = (int32_t *)(dev + at_pos);
   c->src_dev = (const int32_t *)(dev + at_src);
   c->parent_dev = (const int32_t *)(dev + at_parent);
   c->tb = tree ? dev + at_tb : NULL;
@@ -580,6 +583,26 @@ static int stage_inputs(cuda_ctx *c, const cn_fwd_io *io, cn_graph_key *key, int
 }
 
 static void free_graph(void *g) { cn_cuda_graph_free(g); }
+
+/* Whether the forward leaves its outputs on the device and ends without waiting: chained top ids,
+ * or a dynamic tree's level growing from them. */
+static int ends_unsynced(const cn_fwd_io *io) {
+  return (io->top_ids && !io->top_logp && !io->accept_out) || (io->dyn && io->dyn->grow);
+}
+
+/* Sequence 0's mask, positions and parents in the staged block, written from the tree's state. */
+static int stage_dyn(cuda_ctx *c, const cn_fwd_io *io) {
+  const cn_dyn_step *d = io->dyn;
+  const cuda_ids *ids = d->ids->buf;
+  if (!c->tb)
+    return cn_error(CANOPY_ERR_UNSUPPORTED, "cuda backend: a dynamic tree needs the tree attention kernel (head dim %d)",
+                    io->desc[0].head_dim);
+  int st = cn_cuda_event_wait(c->cu, ids->written);
+  if (!st)
+    st = cn_cuda_dyn_stage(c->cu, ids->dev, d->layout, d->stage, d->pos0, (uint64_t *)(c->tb + c->at_mask), c->pos_dev,
+                           (int32_t *)(c->tb + c->at_pos), (int32_t *)c->parent_dev);
+  return st;
+}
 
 /* Stages the inputs, then runs, captures or replays the forward (the file comment's "Graphs"). */
 static int cuda_begin(void *ctx, const cn_fwd_io *io, int *replayed) {
@@ -636,8 +659,11 @@ static int cuda_begin(void *ctx, const cn_fwd_io *io, int *replayed) {
    * write, and the event it records, come after theirs, so a reader's one wait covers them all. */
   if (!st && io->top_ids && (!io->token_src || io->src_ids != io->top_ids))
     st = cn_cuda_event_wait(c->cu, ((const cuda_ids *)io->top_ids)->written);
+  /* A dynamic tree's part of the forward, from its state (an earlier forward's, maybe on another
+   * stream), over the staged stand-ins: mask, positions, acceptance's parents. */
+  if (!st && io->dyn && io->dyn->stage) st = stage_dyn(c, io);
   /* A forward that will end without waiting marks its uploads (a forward that waits needs not). */
-  if (!st && io->top_ids && !io->top_logp && !io->accept_out) st = cn_cuda_event_record(c->cu, c->staged);
+  if (!st && ends_unsynced(io)) st = cn_cuda_event_record(c->cu, c->staged);
   if (st || !key_ok) return st;
   if (cn_cuda_scratch_gen(c->cu) != c->scratch_gen) {
     cn_graph_cache_clear(&c->graphs);
@@ -681,6 +707,18 @@ static int cuda_end(void *ctx) {
   }
   const cn_fwd_io *io = &c->io;
   size_t top_n = (size_t)io->n_logits * io->top_k;
+  if (!st && io->dyn && io->dyn->grow) {
+    /* A dynamic tree's level grows from the top ids where they are; the next forward waits for
+     * `written`, and nothing comes to the host. */
+    cuda_ids *ids = io->dyn->ids->buf;
+    st = cn_cuda_dyn_grow(c->cu, ids->dev, io->dyn->layout, io->dyn->grow - 1, c->top_dev, c->top_logp_dev,
+                          io->top_k);
+    if (!st) st = cn_cuda_event_record(c->cu, ids->written);
+    if (!st && c->mode != REPLAY) st = cn_cuda_event_record(c->cu, c->staged);
+    c->unsynced = !st;
+    c->mode = EAGER;
+    if (!st) return st;
+  }
   if (!st && io->top_ids) {
     /* Chained: the ids stay on the device for the next forward, which waits for `written`. */
     cuda_ids *dst = io->top_ids;
@@ -696,6 +734,11 @@ static int cuda_end(void *ctx) {
   if (!st && io->accept_out) {
     st = cn_cuda_memcpy_d2h(c->cu, io->accept_out, c->acc_dev,
                             sizeof(int32_t) * (size_t)(2 * io->n_seqs + 2 * io->n_tokens));
+    if (!st && io->dyn && io->dyn->tree_out) {
+      const cn_dyn_layout *l = io->dyn->layout;
+      st = cn_cuda_memcpy_d2h(c->cu, io->dyn->tree_out, ((cuda_ids *)io->dyn->ids->buf)->dev + l->t_token,
+                              sizeof(int32_t) * (size_t)(4 * l->T + 1));
+    }
   } else if (!st && io->n_logits && io->top && !io->sample) {
     if (!io->top_ids) st = cn_cuda_memcpy_d2h(c->cu, io->top, c->top_dev, sizeof(int32_t) * top_n);
     if (!st && io->top_logp) st = cn_cuda_memcpy_d2h(c->cu, io->top_logp, c->top_logp_dev, sizeof(float) * top_n);
@@ -970,6 +1013,7 @@ static const cn_backend cuda_backend = {
     .ids_create = cuda_ids_create,
     .ids_free = cuda_ids_free,
     .accept_greedy = cuda_accept_greedy,
+    .dyn_trees = 1,
     .norm_matmul = cuda_norm_matmul,
     .matmul_add = cuda_matmul_add,
     .ffn = cuda_ffn,

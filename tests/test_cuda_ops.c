@@ -1109,6 +1109,136 @@ static void test_gather_ids_and_tree_acceptance_match_cpu(void **state) {
     cn_cuda_free(ctx, bufs[i]);
 }
 
+/* ---- a dynamic tree grown on the device (kernels/cuda/tree_dyn.cu) --------------------------- */
+
+static float as_float(int32_t w) {
+  float f;
+  memcpy(&f, &w, sizeof f);
+  return f;
+}
+
+/* Scores (or q) within 1e-4 of each other but not equal: the device's expf and logf may round them
+ * the other way round. Such a draw is drawn again. */
+static int dyn_near_tie(const int32_t *w, const cn_dyn_layout *l) {
+  for (int a = 0; a < l->C; a++)
+    for (int b = a + 1; b < l->C && w[l->c_valid + a]; b++) {
+      if (!w[l->c_valid + b]) continue;
+      float sa = as_float(w[l->c_score + a]), sb = as_float(w[l->c_score + b]);
+      if (sa != sb && fabsf(sa - sb) < 1e-4f * (1 + fabsf(sa))) return 1;
+    }
+  return 0;
+}
+
+/* The level rows a draft would hand back: distinct ids, and log q random (some exactly repeated,
+ * some -inf: no pick), or (tied) the same value everywhere. */
+static void dyn_rows(int32_t *ids, float *logp, int rows, int K, int tied) {
+  for (int r = 0; r < rows; r++)
+    for (int i = 0; i < K; i++) {
+      int32_t *row = ids + (size_t)r * K;
+      int fresh;
+      do {
+        row[i] = rand_int(0, 999);
+        fresh = 1;
+        for (int j = 0; j < i; j++) fresh &= row[j] != row[i];
+      } while (!fresh);
+      float *lp = logp + (size_t)r * K;
+      int kind = rand_int(0, 9);
+      lp[i] = tied ? -logf((float)K) : kind == 0 ? -INFINITY : kind <= 2 && i ? lp[i - 1] : -8.0f * cn_test_randf(&rng);
+      if (!isfinite(lp[i]) && i == 0) lp[i] = -1.0f;
+    }
+}
+
+static void dyn_compare(const int32_t *got, const int32_t *want, const cn_dyn_layout *l) {
+  const int ints[] = {l->f_parent, l->f_token, l->f_depth, l->f_valid};
+  for (size_t k = 0; k < sizeof ints / sizeof ints[0]; k++)
+    assert_memory_equal(got + ints[k], want + ints[k], sizeof *got * (size_t)l->R);
+  for (int f = 0; f < l->R; f++)
+    if (want[l->f_valid + f]) assert_true(fabsf(as_float(got[l->f_score + f]) - as_float(want[l->f_score + f])) < 1e-5f);
+  assert_memory_equal(got + l->c_valid, want + l->c_valid, sizeof *got * (size_t)l->C);
+  assert_memory_equal(got + l->c_fed, want + l->c_fed, sizeof *got * (size_t)l->C);
+  for (int c = 0; c < l->C; c++)
+    if (want[l->c_valid + c]) {
+      assert_int_equal(got[l->c_token + c], want[l->c_token + c]);
+      assert_true(fabsf(as_float(got[l->c_score + c]) - as_float(want[l->c_score + c])) < 1e-5f);
+      assert_true(fabsf(as_float(got[l->c_logp + c]) - as_float(want[l->c_logp + c])) < 1e-5f);
+    }
+  assert_memory_equal(got + l->t_token, want + l->t_token, sizeof *got * (size_t)(4 * l->T + 1));
+}
+
+static void test_dynamic_tree_growth_and_staging_match_cpu(void **state) {
+  static const int shapes[][3] = {{1, 1, 1},  {3, 1, 4},  {8, 3, 3},   {16, 4, 4},  {60, 6, 8},
+                                  {25, 6, 4}, {40, 9, 2}, {100, 5, 16}, {64, 3, 32}, {7, 2, 32}}; /* N, D, K */
+  int trees = 0, kept = 0;
+  for (size_t sh = 0; sh < sizeof shapes / sizeof shapes[0]; sh++) {
+    cn_dyn_layout l = cn_dyn_layout_make(shapes[sh][2], shapes[sh][1], shapes[sh][0]);
+    int K = l.K, words_max = (l.R > l.T ? l.R : l.T) / 64 + 1, rows_max = K > l.T ? K : l.T;
+    int32_t *ids = malloc(sizeof *ids * (size_t)l.R * K), *w = malloc(sizeof *w * (size_t)l.words),
+            *got = malloc(sizeof *got * (size_t)l.words);
+    float *logp = malloc(sizeof *logp * (size_t)l.R * K);
+    uint64_t *mask = malloc(sizeof *mask * (size_t)rows_max * words_max),
+             *gmask = malloc(sizeof *gmask * (size_t)rows_max * words_max);
+    int32_t *pos = malloc(sizeof *pos * 1024), *apos = malloc(sizeof *apos * 1024), *par = malloc(sizeof *par * 1024),
+            *gpos = malloc(sizeof *gpos * 1024), *gapos = malloc(sizeof *gapos * 1024),
+            *gpar = malloc(sizeof *gpar * 1024);
+    int32_t *d_w = dev_alloc(sizeof(int32_t) * (size_t)l.words), *d_ids = dev_alloc(sizeof(int32_t) * (size_t)l.R * K),
+            *d_pos = dev_alloc(sizeof(int32_t) * 1024), *d_apos = dev_alloc(sizeof(int32_t) * 1024),
+            *d_par = dev_alloc(sizeof(int32_t) * 1024);
+    float *d_logp = dev_alloc(sizeof(float) * (size_t)l.R * K);
+    uint64_t *d_mask = dev_alloc(sizeof(uint64_t) * (size_t)rows_max * words_max);
+    for (int rep = 0; rep < 4; rep++, trees++) {
+      /* The host twin, level by level; a draw with near-ties is drawn again. */
+      for (int tries = 0;; tries++) {
+        dyn_rows(ids, logp, l.R, K, rep == 0);
+        memset(w, 0, sizeof *w * (size_t)l.words);
+        for (int d = 0; d < l.D; d++)
+          assert_int_equal(cn_cpu_dyn_grow(w, &l, d, ids + (size_t)cn_dyn_level_first(&l, d) * K,
+                                           logp + (size_t)cn_dyn_level_first(&l, d) * K, K), 0);
+        if (!dyn_near_tie(w, &l) || tries == 50) break;
+      }
+      CK(cn_cuda_memcpy_h2d(ctx, d_ids, ids, sizeof *ids * (size_t)l.R * K));
+      CK(cn_cuda_memcpy_h2d(ctx, d_logp, logp, sizeof *logp * (size_t)l.R * K));
+      CK(cn_cuda_memset(ctx, d_w, 0xAB, sizeof(int32_t) * (size_t)l.words));
+      memset(w, 0, sizeof *w * (size_t)l.words);
+      for (int d = 0; d < l.D; d++) {
+        if (d > 0) { /* level d's forward is staged from the state the level before left */
+          int words = (d * K + 63) / 64;
+          cn_cpu_dyn_stage(w, &l, d, 40, mask, pos, apos, NULL);
+          CK(cn_cuda_dyn_stage(ctx, d_w, &l, d, 40, d_mask, d_pos, d_apos, d_par));
+          CK(cn_cuda_memcpy_d2h(ctx, gmask, d_mask, sizeof *gmask * (size_t)K * words));
+          CK(cn_cuda_memcpy_d2h(ctx, gpos, d_pos, sizeof *gpos * (size_t)K));
+          CK(cn_cuda_memcpy_d2h(ctx, gapos, d_apos, sizeof *gapos * (size_t)d * K));
+          assert_memory_equal(gmask, mask, sizeof *mask * (size_t)K * words);
+          assert_memory_equal(gpos, pos, sizeof *pos * (size_t)K);
+          assert_memory_equal(gapos, apos, sizeof *apos * (size_t)d * K);
+        }
+        size_t at = (size_t)cn_dyn_level_first(&l, d) * K;
+        assert_int_equal(cn_cpu_dyn_grow(w, &l, d, ids + at, logp + at, K), 0);
+        CK(cn_cuda_dyn_grow(ctx, d_w, &l, d, d_ids + at, d_logp + at, K));
+      }
+      CK(cn_cuda_memcpy_d2h(ctx, got, d_w, sizeof *got * (size_t)l.words));
+      dyn_compare(got, w, &l);
+      int words = (l.T + 63) / 64;
+      cn_cpu_dyn_stage(w, &l, -1, 40, mask, pos, NULL, par);
+      CK(cn_cuda_dyn_stage(ctx, d_w, &l, -1, 40, d_mask, d_pos, d_apos, d_par));
+      CK(cn_cuda_memcpy_d2h(ctx, gmask, d_mask, sizeof *gmask * (size_t)l.T * words));
+      CK(cn_cuda_memcpy_d2h(ctx, gpos, d_pos, sizeof *gpos * (size_t)l.T));
+      CK(cn_cuda_memcpy_d2h(ctx, gapos, d_apos, sizeof *gapos * (size_t)l.T));
+      CK(cn_cuda_memcpy_d2h(ctx, gpar, d_par, sizeof *gpar * (size_t)l.T));
+      assert_memory_equal(gmask, mask, sizeof *mask * (size_t)l.T * words);
+      assert_memory_equal(gpos, pos, sizeof *pos * (size_t)l.T);
+      assert_memory_equal(gapos, pos, sizeof *pos * (size_t)l.T);
+      assert_memory_equal(gpar, par, sizeof *par * (size_t)l.T);
+      kept += w[l.t_n] - 1;
+    }
+    void *bufs[] = {d_w, d_ids, d_pos, d_apos, d_par, d_logp, d_mask};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) cn_cuda_free(ctx, bufs[i]);
+    free(ids), free(w), free(got), free(logp), free(mask), free(gmask);
+    free(pos), free(apos), free(par), free(gpos), free(gapos), free(gpar);
+  }
+  printf("[ dynamic  ] %d trees (%d kept nodes) grown and staged on the device equal the host twin's\n", trees, kept);
+  assert_true(kept > trees);
+}
+
 static void test_cuda_failures_become_status_codes(void **state) {
   void *p = (void *)1;
   int st = cn_cuda_malloc(ctx, &p, (size_t)1 << 52); /* 4 PiB */
@@ -1184,6 +1314,7 @@ int main(void) {
       cmocka_unit_test(test_qkv_rope_kv_matches_the_two_ops),
       cmocka_unit_test(test_norm_qkv_rope_kv_is_bit_exact),
       cmocka_unit_test(test_gather_ids_and_tree_acceptance_match_cpu),
+      cmocka_unit_test(test_dynamic_tree_growth_and_staging_match_cpu),
       cmocka_unit_test(test_cuda_failures_become_status_codes),
   };
   return cmocka_run_group_tests(tests, setup, teardown);

@@ -20,6 +20,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kernels/tree_dyn.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -425,6 +427,16 @@ int cn_cuda_gather_ids(cn_cuda_ctx *ctx, int32_t *tokens, const int32_t *src, co
  * sequence. */
 int cn_cuda_accept_greedy(cn_cuda_ctx *ctx, int32_t *out, const int32_t *tokens, const int32_t *top,
                           const int32_t *parent, int n, int n_seqs);
+
+/* A dynamic tree grown where the picks are (kernels/cuda/tree_dyn.cu; twins cn_cpu_dyn_grow and
+ * cn_cpu_dyn_stage). w is the state in device ids; top and logp the level's device top ids and
+ * log-probabilities [rows][k]. One block each. */
+int cn_cuda_dyn_grow(cn_cuda_ctx *ctx, int32_t *w, const cn_dyn_layout *l, int level, const int32_t *top,
+                     const float *logp, int k);
+/* As cn_cpu_dyn_stage, with the positions twice: rope's pos and the attention's attn_pos (draft
+ * level: every tree slot's, [level K]; verification: [T], equal to pos). */
+int cn_cuda_dyn_stage(cn_cuda_ctx *ctx, const int32_t *w, const cn_dyn_layout *l, int level, int pos0, uint64_t *mask,
+                      int32_t *pos, int32_t *attn_pos, int32_t *parent);
 
 /* An event to order two contexts' streams: recorded on one, waited for on another (or by the
  * host), so that one model's forward may read ids another model's forward wrote. */
