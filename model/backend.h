@@ -56,7 +56,8 @@ typedef struct cn_fwd_io {
   int top_ids_at;
   const int32_t *accept_parent;
   int32_t *accept_out;
-  const struct cn_dyn_step *dyn; /* the batch's (model/forward.h); ids as ids_create made them */
+  int n_dyn;                     /* the batch's dynamic trees (model/forward.h); ids as ids_create made them */
+  const struct cn_dyn_step *dyn;
 } cn_fwd_io;
 
 typedef struct cn_backend {

@@ -584,23 +584,45 @@ static int stage_inputs(cuda_ctx *c, const cn_fwd_io *io, cn_graph_key *key, int
 
 static void free_graph(void *g) { cn_cuda_graph_free(g); }
 
-/* Whether the forward leaves its outputs on the device and ends without waiting: chained top ids,
- * or a dynamic tree's level growing from them. */
-static int ends_unsynced(const cn_fwd_io *io) {
-  return (io->top_ids && !io->top_logp && !io->accept_out) || (io->dyn && io->dyn->grow);
+static int grows(const cn_fwd_io *io) {
+  for (int i = 0; i < io->n_dyn; i++)
+    if (io->dyn[i].grow) return 1;
+  return 0;
 }
 
-/* Sequence 0's mask, positions and parents in the staged block, written from the tree's state. */
+/* Whether the forward leaves its outputs on the device and ends without waiting: chained top ids,
+ * or dynamic trees growing from them. */
+static int ends_unsynced(const cn_fwd_io *io) {
+  return !io->accept_out && ((io->top_ids && !io->top_logp) || grows(io));
+}
+
+/* Each dynamic tree's sequence's tokens, mask, positions and parents in the staged block (the
+ * layout stage_inputs made: tokens and parents by batch index, positions and masks a sequence
+ * after the other), written from the tree's state, which an earlier forward (another model's
+ * stream, maybe) wrote. */
 static int stage_dyn(cuda_ctx *c, const cn_fwd_io *io) {
-  const cn_dyn_step *d = io->dyn;
-  const cuda_ids *ids = d->ids->buf;
-  if (!c->tb)
-    return cn_error(CANOPY_ERR_UNSUPPORTED, "cuda backend: a dynamic tree needs the tree attention kernel (head dim %d)",
-                    io->desc[0].head_dim);
-  int st = cn_cuda_event_wait(c->cu, ids->written);
-  if (!st)
-    st = cn_cuda_dyn_stage(c->cu, ids->dev, d->layout, d->stage, d->pos0, (uint64_t *)(c->tb + c->at_mask), c->pos_dev,
-                           (int32_t *)(c->tb + c->at_pos), (int32_t *)c->parent_dev);
+  const cn_attn_desc *desc = io->desc;
+  int st = CANOPY_OK;
+  for (int i = 0; !st && i < io->n_dyn; i++) {
+    const cn_dyn_step *d = &io->dyn[i];
+    if (!d->stage) continue;
+    if (!c->tb)
+      return cn_error(CANOPY_ERR_UNSUPPORTED, "cuda backend: a dynamic tree needs the tree attention kernel (head dim "
+                      "%d)", desc[0].head_dim);
+    int row = 0, p0 = 0, m0 = 0;
+    for (int q = 0; q < d->seq; q++) {
+      int m = desc[q].q_offset + desc[q].n;
+      row += desc[q].n;
+      p0 += m;
+      m0 += desc[q].tree_mask ? desc[q].n * ((m + 63) / 64) : 0;
+    }
+    const cuda_ids *ids = d->ids->buf;
+    st = cn_cuda_event_wait(c->cu, ids->written);
+    if (!st)
+      st = cn_cuda_dyn_stage(c->cu, ids->dev, d->layout, d->stage, d->pos0, (uint64_t *)(c->tb + c->at_mask) + m0,
+                             c->pos_dev + row, (int32_t *)(c->tb + c->at_pos) + p0, (int32_t *)c->parent_dev + row,
+                             c->tok_dev + row);
+  }
   return st;
 }
 
@@ -661,7 +683,7 @@ static int cuda_begin(void *ctx, const cn_fwd_io *io, int *replayed) {
     st = cn_cuda_event_wait(c->cu, ((const cuda_ids *)io->top_ids)->written);
   /* A dynamic tree's part of the forward, from its state (an earlier forward's, maybe on another
    * stream), over the staged stand-ins: mask, positions, acceptance's parents. */
-  if (!st && io->dyn && io->dyn->stage) st = stage_dyn(c, io);
+  if (!st && io->n_dyn) st = stage_dyn(c, io);
   /* A forward that will end without waiting marks its uploads (a forward that waits needs not). */
   if (!st && ends_unsynced(io)) st = cn_cuda_event_record(c->cu, c->staged);
   if (st || !key_ok) return st;
@@ -707,37 +729,35 @@ static int cuda_end(void *ctx) {
   }
   const cn_fwd_io *io = &c->io;
   size_t top_n = (size_t)io->n_logits * io->top_k;
-  if (!st && io->dyn && io->dyn->grow) {
-    /* A dynamic tree's level grows from the top ids where they are; the next forward waits for
-     * `written`, and nothing comes to the host. */
-    cuda_ids *ids = io->dyn->ids->buf;
-    st = cn_cuda_dyn_grow(c->cu, ids->dev, io->dyn->layout, io->dyn->grow - 1, c->top_dev, c->top_logp_dev,
-                          io->top_k);
+  /* Dynamic trees grow from the top ids where they are, and chained top ids stay on the device: the
+   * next forward waits for `written`. */
+  for (int i = 0; !st && i < io->n_dyn; i++) {
+    const cn_dyn_step *d = &io->dyn[i];
+    if (!d->grow) continue;
+    cuda_ids *ids = d->ids->buf;
+    size_t at = (size_t)d->row * io->top_k;
+    st = cn_cuda_dyn_grow(c->cu, ids->dev, d->layout, d->grow - 1, c->top_dev + at, c->top_logp_dev + at, io->top_k);
     if (!st) st = cn_cuda_event_record(c->cu, ids->written);
-    if (!st && c->mode != REPLAY) st = cn_cuda_event_record(c->cu, c->staged);
-    c->unsynced = !st;
-    c->mode = EAGER;
-    if (!st) return st;
   }
   if (!st && io->top_ids) {
-    /* Chained: the ids stay on the device for the next forward, which waits for `written`. */
     cuda_ids *dst = io->top_ids;
     st = cn_cuda_memcpy_d2d(c->cu, dst->dev + io->top_ids_at, c->top_dev, sizeof(int32_t) * top_n);
     if (!st) st = cn_cuda_event_record(c->cu, dst->written);
-    if (!st && !io->top_logp && !io->accept_out) {
-      if (c->mode != REPLAY) st = cn_cuda_event_record(c->cu, c->staged); /* ops may have staged more */
-      c->unsynced = !st;
-      c->mode = EAGER;
-      return st;
-    }
+  }
+  if (!st && ends_unsynced(io)) {
+    if (c->mode != REPLAY) st = cn_cuda_event_record(c->cu, c->staged); /* ops may have staged more */
+    c->unsynced = !st;
+    c->mode = EAGER;
+    return st;
   }
   if (!st && io->accept_out) {
     st = cn_cuda_memcpy_d2h(c->cu, io->accept_out, c->acc_dev,
                             sizeof(int32_t) * (size_t)(2 * io->n_seqs + 2 * io->n_tokens));
-    if (!st && io->dyn && io->dyn->tree_out) {
-      const cn_dyn_layout *l = io->dyn->layout;
-      st = cn_cuda_memcpy_d2h(c->cu, io->dyn->tree_out, ((cuda_ids *)io->dyn->ids->buf)->dev + l->t_token,
-                              sizeof(int32_t) * (size_t)(4 * l->T + 1));
+    for (int i = 0; !st && i < io->n_dyn; i++) {
+      const cn_dyn_step *d = &io->dyn[i];
+      if (d->tree_out)
+        st = cn_cuda_memcpy_d2h(c->cu, d->tree_out, ((cuda_ids *)d->ids->buf)->dev + d->layout->t_token,
+                                sizeof(int32_t) * (size_t)(4 * d->layout->T + 1));
     }
   } else if (!st && io->n_logits && io->top && !io->sample) {
     if (!io->top_ids) st = cn_cuda_memcpy_d2h(c->cu, io->top, c->top_dev, sizeof(int32_t) * top_n);

@@ -61,30 +61,45 @@ static int check_chained(canopy_model *m, const cn_batch *b) {
   return CANOPY_OK;
 }
 
-/* A dynamic tree's step (cn_dyn_step): one sequence, the shapes its layout fixes, the arrays it
- * stages being the batch's own. */
-static int check_dyn(canopy_model *m, const cn_batch *b) {
-  const cn_dyn_step *d = b->dyn;
-  if (!m->be->dyn_trees)
-    return cn_error(CANOPY_ERR_UNSUPPORTED, "forward: the %s backend cannot grow dynamic trees", m->be->name);
+/* A dynamic tree's part of a forward (cn_dyn_step): its sequence, the shapes its layout fixes, its
+ * logit rows, and the arrays it stages being the batch's own. */
+static int check_dyn(canopy_model *m, const cn_batch *b, const cn_dyn_step *d, int i) {
   const cn_dyn_layout *l = d->layout;
-  if (!l || !d->ids || !d->ids->buf || d->ids->n < l->words || b->n_seqs != 1)
-    return cn_error(CANOPY_ERR_INVALID_ARG, "forward: a dynamic tree needs its layout, ids of %d words and one "
-                    "sequence", l ? l->words : 0);
-  const cn_seq_batch *sb = &b->seqs[0];
-  if (d->grow && (d->grow > l->D || !b->top || !b->top_logp || b->sample || b->top_k < l->K ||
-                  b->n_logits != (d->grow == 1 ? 1 : l->K)))
-    return cn_error(CANOPY_ERR_INVALID_ARG, "forward: growing level %d of a dynamic tree needs %d rows of top %d ids "
-                    "and log-probabilities", d->grow - 1, d->grow == 1 ? 1 : l->K, l->K);
+  if (!l || !d->ids || !d->ids->buf || d->ids->n < l->words || d->seq < 0 || d->seq >= b->n_seqs)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "forward: dynamic tree %d needs its layout, ids of %d words and a "
+                    "sequence of the batch (%d)", i, l ? l->words : 0, d->seq);
+  for (int j = 0; j < i; j++)
+    if (b->dyn[j].seq == d->seq)
+      return cn_error(CANOPY_ERR_INVALID_ARG, "forward: dynamic trees %d and %d share sequence %d", j, i, d->seq);
+  const cn_seq_batch *sb = &b->seqs[d->seq];
+  int f = sb->first, rows = d->grow == 1 ? 1 : l->K, rows_ok = d->row >= 0 && d->row + rows <= b->n_logits;
+  for (int r = 0; rows_ok && r < rows; r++)
+    rows_ok = b->logit_rows[d->row + r] == (d->grow == 1 ? f + sb->n - 1 : f + r);
+  if (d->grow && (d->grow > l->D || !b->top || !b->top_logp || b->sample || b->top_k < l->K || !rows_ok ||
+                  (d->grow > 1 && sb->n != l->K)))
+    return cn_error(CANOPY_ERR_INVALID_ARG, "forward: growing level %d of dynamic tree %d needs %d logit rows (from %d) "
+                    "of the top %d ids and log-probabilities of its sequence's tokens", d->grow - 1, i, rows, d->row,
+                    l->K);
   int level = d->stage > 0, verify = d->stage == -1;
   if ((level && (d->stage >= l->D || sb->n != l->K || sb->tree_prev != (d->stage - 1) * l->K ||
                  (sb->tree_prev && sb->tree_pos != d->tree_pos))) ||
-      (verify && (sb->n != l->T || sb->tree_prev || b->accept_parent != d->parent || !d->tree_out)) ||
-      ((level || verify) && (sb->tree_mask != d->mask || b->pos != d->pos)) || (!level && !verify && d->stage))
-    return cn_error(CANOPY_ERR_INVALID_ARG, "forward: staging %s %d of a dynamic tree (K %d, T %d): %d tokens after "
-                    "%d, or arrays not the batch's", verify ? "the verification, stage" : "level", d->stage, l->K,
+      (verify && (sb->n != l->T || sb->tree_prev || !b->accept_parent || d->parent != b->accept_parent + f ||
+                  !d->tree_out)) ||
+      ((level || verify) && (sb->tree_mask != d->mask || d->pos != b->pos + f)) || (!level && !verify && d->stage))
+    return cn_error(CANOPY_ERR_INVALID_ARG, "forward: staging %s %d of dynamic tree %d (K %d, T %d): %d tokens after "
+                    "%d, or arrays not the batch's", verify ? "the verification, stage" : "level", d->stage, i, l->K,
                     l->T, sb->n, sb->tree_prev);
   return CANOPY_OK;
+}
+
+static int check_dyns(canopy_model *m, const cn_batch *b) {
+  if (!m->be->dyn_trees)
+    return cn_error(CANOPY_ERR_UNSUPPORTED, "forward: the %s backend cannot grow dynamic trees", m->be->name);
+  if (!b->dyn || b->n_dyn > b->n_seqs)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "forward: %d dynamic trees for %d sequences", b->n_dyn, b->n_seqs);
+  int st = CANOPY_OK;
+  for (int i = 0; !st && i < b->n_dyn; i++) st = check_dyn(m, b, &b->dyn[i], i);
+  return st;
 }
 
 static int check_batch(canopy_model *m, const cn_batch *b) {
@@ -120,7 +135,7 @@ static int check_batch(canopy_model *m, const cn_batch *b) {
   if (b->sample && (!b->top || !b->u))
     return cn_error(CANOPY_ERR_INVALID_ARG, "forward: sampling in the forward needs top and u");
   int st = b->token_src || b->top_ids || b->accept_parent ? check_chained(m, b) : CANOPY_OK;
-  return !st && b->dyn ? check_dyn(m, b) : st;
+  return !st && b->n_dyn ? check_dyns(m, b) : st;
 }
 
 /* Undoes the reservations of sequences [0, n) (truncating to the current length releases them). */
@@ -267,17 +282,22 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
                   .vocab = c->vocab_size, .n_seqs = b->n_seqs, .desc = m->attn_desc, .inv_freq = m->inv_freq,
                   .token_src = b->token_src, .src_ids = b->src_ids ? b->src_ids->buf : NULL,
                   .top_ids = b->top_ids ? b->top_ids->buf : NULL, .top_ids_at = b->top_ids_at,
-                  .accept_parent = b->accept_parent, .accept_out = b->accept_out, .dyn = b->dyn};
+                  .accept_parent = b->accept_parent, .accept_out = b->accept_out, .n_dyn = b->n_dyn,
+                  .dyn = b->dyn};
   /* A backend with ids in host memory gets its tokens resolved here; a device backend resolves
    * them on the device (in begin) into its copy of b->tokens. */
   const int32_t *tokens = b->tokens;
-  const cn_dyn_step *dyn = b->dyn;
-  if (dyn && dyn->stage && be->host_ids) /* into the arrays the batch names, before anything reads them */
-    cn_cpu_dyn_stage(dyn->ids->buf, dyn->layout, dyn->stage, dyn->pos0, dyn->mask, dyn->pos, dyn->tree_pos,
-                     dyn->parent);
-  if (b->token_src && be->host_ids) {
+  int staged = 0;
+  for (int i = 0; i < b->n_dyn; i++) staged |= b->dyn[i].stage != 0;
+  if ((b->token_src || staged) && be->host_ids) {
     memcpy(m->fwd_tokens, b->tokens, sizeof *tokens * (size_t)n);
-    cn_cpu_gather_ids(m->fwd_tokens, b->token_src, b->src_ids->buf, n);
+    if (b->token_src) cn_cpu_gather_ids(m->fwd_tokens, b->token_src, b->src_ids->buf, n);
+    for (int i = 0; i < b->n_dyn; i++) { /* into the arrays the batch names, before anything reads them */
+      const cn_dyn_step *d = &b->dyn[i];
+      if (d->stage)
+        cn_cpu_dyn_stage(d->ids->buf, d->layout, d->stage, d->pos0, d->mask, d->pos, d->tree_pos, d->parent,
+                         m->fwd_tokens + b->seqs[d->seq].first);
+    }
     for (int i = 0; i < n; i++)
       if (m->fwd_tokens[i] < 0 || m->fwd_tokens[i] >= c->vocab_size) {
         unreserve(b, b->n_seqs);
@@ -322,13 +342,15 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
     int k = b->top_k > 0 ? b->top_k : 1;
     memcpy((int32_t *)b->top_ids->buf + b->top_ids_at, b->top, sizeof *b->top * (size_t)b->n_logits * k);
   }
-  if (!st && dyn && be->host_ids) {
-    int32_t *w = dyn->ids->buf;
-    const cn_dyn_layout *l = dyn->layout;
-    if (dyn->grow && cn_cpu_dyn_grow(w, l, dyn->grow - 1, b->top, b->top_logp, b->top_k))
+  for (int i = 0; !st && be->host_ids && i < b->n_dyn; i++) {
+    const cn_dyn_step *d = &b->dyn[i];
+    int32_t *w = d->ids->buf;
+    const cn_dyn_layout *l = d->layout;
+    size_t at = (size_t)d->row * b->top_k;
+    if (d->grow && cn_cpu_dyn_grow(w, l, d->grow - 1, b->top + at, b->top_logp + at, b->top_k))
       st = cn_error(CANOPY_ERR_INVALID_ARG, "forward: dynamic tree level %d: a kept node lost its parent (internal)",
-                    dyn->grow - 1);
-    if (dyn->tree_out) memcpy(dyn->tree_out, w + l->t_token, sizeof *w * (size_t)(4 * l->T + 1));
+                    d->grow - 1);
+    if (d->tree_out) memcpy(d->tree_out, w + l->t_token, sizeof *w * (size_t)(4 * l->T + 1));
   }
 done:
   if (be->end) {

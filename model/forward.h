@@ -29,18 +29,22 @@ int cn_ids_create(canopy_model *m, int n, cn_ids *out);
 void cn_ids_free(canopy_model *m, cn_ids *ids);
 
 /* A dynamic (EAGLE-2) tree grown where the draft's picks are (kernels/tree_dyn.h): its state in
- * `ids`, its shape `layout`. A batch of one sequence may grow it, be staged from it, or both. */
+ * `ids`, its shape `layout`, sequence `seq` of the batch. A forward may grow it, be staged from it,
+ * or both. */
 typedef struct cn_dyn_step {
   const struct cn_dyn_layout *layout;
   cn_ids *ids;
-  /* > 0: after the forward, level grow - 1 grows from its top ids and top_logp ([n_logits][top_k],
-   * top_k >= K; 1 row at level 0, K after), which the batch must ask for. */
-  int grow;
+  int seq;
+  /* > 0: after the forward, level grow - 1 grows from the top ids and top_logp of logit rows
+   * row.. (1 row at level 0: the sequence's last token; K after: its tokens), which the batch must
+   * ask for (top_k >= K) and which then stay where they are: top and top_logp are not written. */
+  int grow, row;
   /* The sequence's tree part comes from the state: draft level `stage` >= 1 (K tokens after
    * (stage - 1) K tree slots) or, -1, the verification (T tokens, acceptance over the staged
-   * parents); 0: none. mask, pos, tree_pos, parent are the caller's arrays that the batch also
-   * names (tree_mask, pos, tree_pos, accept_parent): the forward fills them where ids are host
-   * memory, a device backend its copies. pos0 is the root's position. */
+   * parents); 0: none. Its tokens (the root's aside) come from there too. mask, pos, tree_pos,
+   * parent are the caller's arrays that the batch also names (the sequence's tree_mask and
+   * tree_pos, and the batch's pos and accept_parent from its first token): the forward fills them
+   * where ids are host memory, a device backend its copies. pos0 is the root's position. */
   int stage, pos0;
   uint64_t *mask;
   int32_t *pos, *tree_pos, *parent;
@@ -87,7 +91,10 @@ typedef struct cn_batch {
   int top_ids_at;
   const int32_t *accept_parent;
   int32_t *accept_out;
-  const cn_dyn_step *dyn; /* optional: see cn_dyn_step; CANOPY_ERR_UNSUPPORTED where the backend lacks it */
+  /* Optional: the batch's dynamic trees (cn_dyn_step), one a sequence at most;
+   * CANOPY_ERR_UNSUPPORTED where the backend lacks them. */
+  int n_dyn;
+  const cn_dyn_step *dyn;
 } cn_batch;
 
 /* Runs the model over the batch and writes logits [n_logits][vocab] (host fp32), or their top

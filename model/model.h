@@ -74,6 +74,7 @@ struct canopy_model {
   int step_accept_cap;
   struct cn_seq_batch *step_seqs; /* [step_cap] */
   struct cn_step_part *step_parts; /* [step_cap] */
+  struct cn_dyn_step *step_dyn;    /* [step_cap] a forward's dynamic trees */
   int step_cap;
   unsigned step_rr;    /* where the next step starts looking, so no session waits forever */
   int max_context;

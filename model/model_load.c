@@ -241,6 +241,7 @@ void canopy_model_free(canopy_model *m) {
   free(m->fwd_tokens);
   free(m->step_seqs);
   free(m->step_parts);
+  free(m->step_dyn);
   free(m->layers);
   free(m->inv_freq);
   free(m);

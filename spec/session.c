@@ -270,7 +270,10 @@ static int step_scratch(canopy_model *m, int sessions, int rows) {
     if (seqs) m->step_seqs = seqs;
     step_part *parts = seqs ? realloc(m->step_parts, sizeof *parts * (size_t)sessions) : NULL;
     if (parts) m->step_parts = parts;
-    if (!seqs || !parts) return cn_error(CANOPY_ERR_NO_MEMORY, "batched step: no memory for %d sessions", sessions);
+    cn_dyn_step *dyn = parts ? realloc(m->step_dyn, sizeof *dyn * (size_t)sessions) : NULL;
+    if (dyn) m->step_dyn = dyn;
+    if (!seqs || !parts || !dyn)
+      return cn_error(CANOPY_ERR_NO_MEMORY, "batched step: no memory for %d sessions", sessions);
     m->step_cap = sessions;
   }
   if (rows > m->step_rows) {
@@ -368,17 +371,18 @@ static int draft_chained(canopy_model *d, step_part *parts, int k, int K, cn_ids
   int32_t *tokens = d->step_idx, *pos = tokens + d->max_batch, *rows = pos + d->max_batch,
           *top = rows + d->max_batch, *src = top + TOP_MAX * d->max_batch;
   for (;;) {
-    int total = 0, n_rows = 0, n_seqs = 0, waiting = 0;
+    int total = 0, n_rows = 0, n_seqs = 0, n_dyn = 0, waiting = 0;
     for (int j = 0; j < k; j++) {
       cn_spec *sp = parts[j].s->spec;
       parts[j].row_first = -1;
       if (!parts[j].chain || cn_spec_draft_model(sp) != d || !cn_spec_chain_drafting(sp)) continue;
       int n = cn_spec_chain_piece(sp, total, d->max_batch - total, tokens, pos, src, rows, n_rows, *ids_row + n_rows,
-                                  &d->step_seqs[n_seqs]);
+                                  &d->step_seqs[n_seqs], &d->step_dyn[n_dyn]);
       if (!n) {
         waiting++;
         continue;
       }
+      if (d->step_dyn[n_dyn].layout) d->step_dyn[n_dyn++].seq = n_seqs; /* a dynamic tree's piece */
       parts[j].row_first = n_rows;
       n_rows += cn_spec_draft_rows(sp);
       total += n;
@@ -391,8 +395,9 @@ static int draft_chained(canopy_model *d, step_part *parts, int k, int K, cn_ids
     int from_ids = 0; /* catch-up chunks alone take every token from the host: no gather */
     for (int i = 0; i < total && !from_ids; i++) from_ids = src[i] >= 0;
     cn_batch b = {.n_tokens = total, .tokens = tokens, .pos = pos, .n_seqs = n_seqs, .seqs = d->step_seqs,
-                  .n_logits = n_rows, .logit_rows = rows, .top = top, .top_k = K, .token_src = from_ids ? src : NULL,
-                  .src_ids = ids, .top_ids = n_rows ? ids : NULL, .top_ids_at = *ids_row * K};
+                  .n_logits = n_rows, .logit_rows = rows, .top = top, .top_k = K,
+                  .top_logp = n_dyn ? d->step_top_logp : NULL, .token_src = from_ids ? src : NULL, .src_ids = ids,
+                  .top_ids = n_rows ? ids : NULL, .top_ids_at = *ids_row * K, .n_dyn = n_dyn, .dyn = d->step_dyn};
     if ((st = cn_forward(d, &b, NULL))) return cn_error_wrap(st, "draft");
     for (int j = 0; j < k; j++)
       if (parts[j].row_first >= 0) cn_spec_chain_take(parts[j].s->spec);
@@ -417,7 +422,7 @@ static int draft_all(step_part *parts, int k, int K, cn_ids **ids) {
   for (int j = 0; j < k; j++)
     if (parts[j].chain) {
       if (!d0) d0 = cn_spec_draft_model(parts[j].s->spec);
-      rows_needed += cn_spec_max_nodes(parts[j].s->spec);
+      rows_needed += cn_spec_chain_rows(parts[j].s->spec);
     }
   *ids = d0 ? &d0->step_ids : NULL;
   if (d0 && d0->step_ids.n < rows_needed * K) {
@@ -490,12 +495,15 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
   for (int j = 0; j < k && greedy; j++)
     greedy = parts[j].spec && cn_spec_greedy(parts[j].s->spec);
   total = 0;
+  int n_dyn = 0;
   for (int j = 0; !st && j < k; j++) {
     step_part *p = &parts[j];
     canopy_session *s = p->s;
     p->first = total;
     if (chained && p->spec) {
-      p->n = cn_spec_chain_batch(s->spec, s->kv, total, tokens, pos, src, rows, parent, &m->step_seqs[j]);
+      p->n = cn_spec_chain_batch(s->spec, s->kv, total, tokens, pos, src, rows, parent, &m->step_seqs[j],
+                                 &m->step_dyn[n_dyn]);
+      if (m->step_dyn[n_dyn].layout) m->step_dyn[n_dyn++].seq = j; /* a dynamic tree, staged */
     } else if (p->spec) {
       p->n = cn_spec_batch(s->spec, s->kv, total, tokens, pos, rows, &m->step_seqs[j]);
     } else {
@@ -518,7 +526,8 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
     cn_batch b = {.n_tokens = total, .tokens = tokens, .pos = pos, .n_seqs = k, .seqs = m->step_seqs,
                   .n_logits = total, .logit_rows = rows, .top = greedy || chained ? top : NULL};
     if (chained)
-      b.token_src = src, b.src_ids = ids, b.accept_parent = parent, b.accept_out = m->step_accept;
+      b.token_src = src, b.src_ids = ids, b.accept_parent = parent, b.accept_out = m->step_accept, b.n_dyn = n_dyn,
+      b.dyn = m->step_dyn;
     st = cn_forward(m, &b, chained ? NULL : m->step_logits);
   }
   double t2 = now_s();

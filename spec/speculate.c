@@ -109,7 +109,7 @@ static int dyn_setup(cn_spec *s) {
   int st = cn_ids_create(s->draft, l.words, &s->ids);
   if (st) return st;
   s->dyn_layout = l;
-  s->dyn = 1;
+  s->dyn = s->chained = 1;
   return CANOPY_OK;
 }
 
@@ -213,7 +213,7 @@ int cn_spec_max_nodes(const cn_spec *s) { return s->bounds.n_nodes + 1; }
 
 int cn_spec_chained(const cn_spec *s) { return s->chained; }
 
-int cn_spec_one_wait(const cn_spec *s) { return s->chained || s->dyn; }
+int cn_spec_chain_rows(const cn_spec *s) { return s->dyn ? s->dyn_layout.R : cn_spec_max_nodes(s); }
 
 void cn_spec_truncate(cn_spec *s, int len) {
   if (cn_kv_seq_len(s->dkv) > len) cn_kv_seq_truncate(s->dkv, len);
@@ -541,19 +541,44 @@ static int level_nodes(cn_spec *s, int d) {
 
 int cn_spec_chain_drafting(cn_spec *s) {
   if (s->catch_from < s->seq_len) return 1;
+  if (s->dyn) return s->chain_level < s->dyn_layout.D;
   while (s->chain_level < s->spec.depth && !level_nodes(s, s->chain_level)) s->chain_level++;
   return s->chain_level < s->spec.depth;
 }
 
+/* A dynamic tree's level d: its K fed nodes (tokens, mask and positions staged from the state)
+ * after the (d - 1) K slots of the levels before; they grow level d + 1 from their rows. */
+static int dyn_level_piece(cn_spec *s, int first, int room, int32_t *tokens, int32_t *pos, int32_t *src,
+                           int32_t *rows, int row_first, cn_seq_batch *sb, cn_dyn_step *dyn) {
+  const cn_dyn_layout *l = &s->dyn_layout;
+  int d = s->chain_level, K = l->K;
+  if (K > room) return 0;
+  for (int i = 0; i < K; i++) {
+    tokens[first + i] = 0; /* staged */
+    src[first + i] = -1;
+    rows[row_first + i] = first + i;
+  }
+  *sb = (cn_seq_batch){.kv = s->dkv, .first = first, .n = K, .tree_prev = (d - 1) * K, .tree_pos = s->slot_pos,
+                       .tree_mask = s->dyn_mask};
+  *dyn = (cn_dyn_step){.layout = l, .ids = &s->ids, .grow = d + 1, .row = row_first, .stage = d,
+                       .pos0 = cn_kv_seq_len(s->dkv) - 1, .mask = s->dyn_mask, .pos = pos + first,
+                       .tree_pos = s->slot_pos};
+  return s->piece_n = K;
+}
+
 int cn_spec_chain_piece(cn_spec *s, int first, int room, int32_t *tokens, int32_t *pos, int32_t *src, int32_t *rows,
-                        int row_first, int ids_row, cn_seq_batch *sb) {
+                        int row_first, int ids_row, cn_seq_batch *sb, cn_dyn_step *dyn) {
   s->piece_n = 0;
+  dyn->layout = NULL;
   if (s->catch_from < s->seq_len) {
     int n = catch_up_piece(s, first, room, tokens, pos, rows, row_first, sb);
     for (int i = 0; i < n; i++) src[first + i] = -1;
-    if (n && s->piece_last) s->chain_row[0] = ids_row; /* the root's picks: row 0 of the tree */
+    if (n && s->piece_last && !s->dyn) s->chain_row[0] = ids_row; /* the root's picks: row 0 of the tree */
+    if (n && s->piece_last && s->dyn) /* the root's picks grow level 0 */
+      *dyn = (cn_dyn_step){.layout = &s->dyn_layout, .ids = &s->ids, .grow = 1, .row = row_first};
     return n;
   }
+  if (s->dyn) return dyn_level_piece(s, first, room, tokens, pos, src, rows, row_first, sb, dyn);
   /* Level d: each fed node's token is its parent's pick of its rank; its own picks take the next
    * rows. */
   const cn_tree_spec *sp = &s->spec;
@@ -572,9 +597,30 @@ void cn_spec_chain_take(cn_spec *s) {
   if (s->piece_n && take_piece(s)) s->chain_level++;
 }
 
+/* A dynamic tree's verification: its T nodes (the root's token from the host, the rest, their
+ * mask, positions and parents staged from the kept tree), the tree itself coming back with the
+ * result. */
+static int dyn_batch(cn_spec *s, cn_kv_seq *target_kv, int first, int32_t *tokens, int32_t *pos, int32_t *src,
+                     int32_t *rows, int32_t *parent, cn_seq_batch *sb, cn_dyn_step *dyn) {
+  const cn_dyn_layout *l = &s->dyn_layout;
+  s->stats->draft_s += now_s() - s->draft_t0;
+  for (int o = 0; o < l->T; o++) {
+    tokens[first + o] = o ? 0 : s->seq[s->seq_len - 1];
+    src[first + o] = -1;
+    rows[first + o] = first + o;
+    parent[first + o] = o - 1; /* a well-formed stand-in: the forward stages the real parents */
+  }
+  *sb = (cn_seq_batch){.kv = target_kv, .first = first, .n = l->T, .tree_mask = s->tmask};
+  *dyn = (cn_dyn_step){.layout = l, .ids = &s->ids, .stage = -1, .pos0 = cn_kv_seq_len(target_kv), .mask = s->tmask,
+                       .pos = pos + first, .parent = parent + first, .tree_out = s->dyn_tree};
+  return l->T;
+}
+
 int cn_spec_chain_batch(cn_spec *s, cn_kv_seq *target_kv, int first, int32_t *tokens, int32_t *pos, int32_t *src,
-                        int32_t *rows, int32_t *parent, cn_seq_batch *sb) {
+                        int32_t *rows, int32_t *parent, cn_seq_batch *sb, cn_dyn_step *dyn) {
   cn_tree *t = &s->tree;
+  dyn->layout = NULL;
+  if (s->dyn && s->step_chained) return dyn_batch(s, target_kv, first, tokens, pos, src, rows, parent, sb, dyn);
   if (!s->step_chained) { /* a greedy tree the host grew (cn_spec_draft_end): its tokens are on the host */
     for (int u = 0; u < t->n; u++) {
       src[first + u] = -1;
@@ -594,73 +640,6 @@ int cn_spec_chain_batch(cn_spec *s, cn_kv_seq *target_kv, int first, int32_t *to
     parent[first + u] = sp->parent[u];
   }
   return cn_spec_batch(s, target_kv, first, tokens, pos, rows, sb);
-}
-
-int cn_spec_chain_accept(cn_spec *s, cn_kv_seq *target_kv, const int32_t *result, int32_t *out, int *n_out,
-                         canopy_stats *stats) {
-  cn_tree *t = &s->tree;
-  int n = t->n, n_acc = result[0], st = CANOPY_OK;
-  if (s->stochastic)
-    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_spec_chain_accept: sampled acceptance needs the target's logits");
-  if (n_acc < 0 || n_acc > cn_tree_max_depth(t) || result[1] < 0 || result[1] >= s->vocab)
-    st = cn_error(CANOPY_ERR_DEVICE, "speculation: acceptance on the device returned %d nodes, bonus %d", n_acc,
-                  result[1]);
-  for (int i = 0, u = 0; !st && i < n_acc; i++) {
-    int v = result[2 + i], tok = result[2 + n + i];
-    if (v <= 0 || v >= n || t->parent[v] != u || tok < 0 || tok >= s->vocab || (!s->step_chained && tok != t->token[v]))
-      st = cn_error(CANOPY_ERR_DEVICE, "speculation: acceptance on the device returned node %d (token %d) after %d",
-                    v, tok, u);
-    else t->token[v] = tok, u = v;
-  }
-  if (st) {
-    cn_spec_truncate(s, cn_kv_seq_len(s->dkv)); /* the levels' slots */
-    return st;
-  }
-  return commit_path(s, target_kv, now_s(), result + 2, n_acc, result[1], out, n_out, stats);
-}
-
-/* The whole step for one sequence, with one wait: the draft's pieces and the verification queued
- * back to back on this spec's own ids, and the host reads acceptance's result. draft_s is the time
- * to queue the draft's forwards; verify_s runs until the result is in, so it includes what the
- * device still had of the draft. */
-static int chained_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, int32_t *out,
-                        int *n_out, canopy_stats *stats) {
-  int st = cn_spec_chain_begin(s, target_kv, tokens, n_tokens, s->top_k, stats);
-  int room = s->draft->max_batch < s->dbatch ? s->draft->max_batch : s->dbatch, ids_row = 0;
-  while (!st && cn_spec_chain_drafting(s)) {
-    cn_seq_batch sb;
-    int n = cn_spec_chain_piece(s, 0, room, s->dtok, s->dpos, s->dsrc, s->drows, 0, ids_row, &sb);
-    if (n <= 0) {
-      st = cn_error(CANOPY_ERR_INVALID_ARG, "draft: a tree level does not fit a batch of %d", room);
-      break;
-    }
-    int rows = cn_spec_draft_rows(s), level = s->catch_from == s->seq_len;
-    cn_batch b = {.n_tokens = n, .tokens = s->dtok, .pos = s->dpos, .n_seqs = 1, .seqs = &sb, .n_logits = rows,
-                  .logit_rows = s->drows, .top = s->dtop, .top_k = s->top_k, .token_src = level ? s->dsrc : NULL,
-                  .src_ids = &s->ids, .top_ids = rows ? &s->ids : NULL, .top_ids_at = ids_row * s->top_k};
-    if ((st = cn_forward(s->draft, &b, NULL))) st = cn_error_wrap(st, "draft");
-    cn_spec_chain_take(s);
-    ids_row += rows;
-  }
-  if (st) {
-    cn_spec_truncate(s, cn_kv_seq_len(s->dkv));
-    return st;
-  }
-  double t1 = now_s();
-  cn_seq_batch sb;
-  int n = cn_spec_chain_batch(s, target_kv, 0, s->tbuf_tokens, s->tpos, s->tsrc, s->trows, s->tparent, &sb);
-  int32_t top[CN_TREE_MAX_NODES];
-  cn_batch b = {.n_tokens = n, .tokens = s->tbuf_tokens, .pos = s->tpos, .n_seqs = 1, .seqs = &sb, .n_logits = n,
-                .logit_rows = s->trows, .top = top, .token_src = s->tsrc, .src_ids = &s->ids,
-                .accept_parent = s->tparent, .accept_out = s->acc_out};
-  st = cn_forward(s->target, &b, NULL);
-  if (st) {
-    cn_spec_truncate(s, cn_kv_seq_len(s->dkv));
-    return st;
-  }
-  stats->forward_passes++;
-  stats->verify_s += now_s() - t1;
-  return cn_spec_chain_accept(s, target_kv, s->acc_out, out, n_out, stats);
 }
 
 /* The tree the verification staged (t_token, t_parent, t_pick, t_fed, t_n as cn_dyn_step's
@@ -687,67 +666,72 @@ static int dyn_take_tree(cn_spec *s, int32_t root) {
   return CANOPY_OK;
 }
 
-/* One step of a dynamic tree grown where the picks are, with one wait: the draft's catch-up grows
- * the root's candidates, each level of K fed nodes is staged from the state and grows the next, and
- * the verification stages the kept tree, accepts it, and hands back the result and the tree. */
-static int dyn_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, int32_t *out, int *n_out,
-                    canopy_stats *stats) {
-  const cn_dyn_layout *l = &s->dyn_layout;
-  int st = step_begin(s, target_kv, tokens, n_tokens, stats);
-  int room = s->draft->max_batch < s->dbatch ? s->draft->max_batch : s->dbatch;
-  s->step_chained = 1;
-  cn_dyn_step dyn = {.layout = l, .ids = &s->ids};
-  while (!st && s->catch_from < s->seq_len) {
-    cn_seq_batch sb;
-    int n = catch_up_piece(s, 0, room, s->dtok, s->dpos, s->drows, 0, &sb);
-    dyn.grow = s->piece_last; /* level 0: the root's picks */
-    cn_batch b = {.n_tokens = n, .tokens = s->dtok, .pos = s->dpos, .n_seqs = 1, .seqs = &sb,
-                  .n_logits = s->piece_last, .logit_rows = s->drows, .top = s->dtop, .top_k = l->K,
-                  .top_logp = s->dtop_logp, .dyn = s->piece_last ? &dyn : NULL};
-    if ((st = cn_forward(s->draft, &b, NULL))) st = cn_error_wrap(st, "draft");
-    else take_piece(s);
+int cn_spec_chain_accept(cn_spec *s, cn_kv_seq *target_kv, const int32_t *result, int32_t *out, int *n_out,
+                         canopy_stats *stats) {
+  if (s->stochastic)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_spec_chain_accept: sampled acceptance needs the target's logits");
+  int st = s->dyn && s->step_chained ? dyn_take_tree(s, s->seq[s->seq_len - 1]) : CANOPY_OK;
+  cn_tree *t = &s->tree;
+  int n = t->n, n_acc = result[0];
+  if (!st && (n_acc < 0 || n_acc > cn_tree_max_depth(t) || result[1] < 0 || result[1] >= s->vocab))
+    st = cn_error(CANOPY_ERR_DEVICE, "speculation: acceptance on the device returned %d nodes, bonus %d", n_acc,
+                  result[1]);
+  for (int i = 0, u = 0; !st && i < n_acc; i++) {
+    int v = result[2 + i], tok = result[2 + n + i];
+    if (v <= 0 || v >= n || t->parent[v] != u || tok < 0 || tok >= s->vocab || (!s->step_chained && tok != t->token[v]))
+      st = cn_error(CANOPY_ERR_DEVICE, "speculation: acceptance on the device returned node %d (token %d) after %d",
+                    v, tok, u);
+    else t->token[v] = tok, u = v;
   }
-  int ctx_len = cn_kv_seq_len(s->dkv);
-  for (int d = 1; !st && d < l->D; d++) {
-    int first = cn_dyn_level_first(l, d);
-    for (int i = 0; i < l->K; i++) {
-      s->dtok[i] = 0;
-      s->dsrc[i] = l->f_token + first + i;
-      s->drows[i] = i;
-    }
-    cn_seq_batch sb = {.kv = s->dkv, .first = 0, .n = l->K, .tree_prev = (d - 1) * l->K, .tree_pos = s->slot_pos,
-                       .tree_mask = s->dyn_mask};
-    dyn = (cn_dyn_step){.layout = l, .ids = &s->ids, .grow = d + 1, .stage = d, .pos0 = ctx_len - 1,
-                        .mask = s->dyn_mask, .pos = s->dpos, .tree_pos = s->slot_pos};
-    cn_batch b = {.n_tokens = l->K, .tokens = s->dtok, .pos = s->dpos, .n_seqs = 1, .seqs = &sb, .n_logits = l->K,
-                  .logit_rows = s->drows, .top = s->dtop, .top_k = l->K, .top_logp = s->dtop_logp,
-                  .token_src = s->dsrc, .src_ids = &s->ids, .dyn = &dyn};
-    if ((st = cn_forward(s->draft, &b, NULL))) st = cn_error_wrap(st, "draft");
-    stats->draft_forwards++;
-  }
-  s->n_fed = (l->D - 1) * l->K;
-  stats->draft_s += now_s() - s->draft_t0;
-  double t1 = now_s();
-  int T = l->T;
-  for (int o = 0; !st && o < T; o++) {
-    s->tbuf_tokens[o] = o ? 0 : tokens[n_tokens - 1];
-    s->tsrc[o] = o ? l->t_token + o : -1;
-    s->trows[o] = o;
-    s->tparent[o] = o - 1; /* a well-formed stand-in: the forward stages the real parents */
-  }
-  if (!st) {
-    cn_seq_batch sb = {.kv = target_kv, .first = 0, .n = T, .tree_mask = s->tmask};
-    dyn = (cn_dyn_step){.layout = l, .ids = &s->ids, .stage = -1, .pos0 = cn_kv_seq_len(target_kv), .mask = s->tmask,
-                        .pos = s->tpos, .parent = s->tparent, .tree_out = s->dyn_tree};
-    int32_t top[CN_TREE_MAX_NODES];
-    cn_batch b = {.n_tokens = T, .tokens = s->tbuf_tokens, .pos = s->tpos, .n_seqs = 1, .seqs = &sb, .n_logits = T,
-                  .logit_rows = s->trows, .top = top, .token_src = s->tsrc, .src_ids = &s->ids,
-                  .accept_parent = s->tparent, .accept_out = s->acc_out, .dyn = &dyn};
-    st = cn_forward(s->target, &b, NULL);
-  }
-  if (!st) st = dyn_take_tree(s, tokens[n_tokens - 1]);
   if (st) {
     cn_spec_truncate(s, cn_kv_seq_len(s->dkv)); /* the levels' slots */
+    return st;
+  }
+  return commit_path(s, target_kv, now_s(), result + 2, n_acc, result[1], out, n_out, stats);
+}
+
+/* The whole step for one sequence, with one wait: the draft's pieces and the verification queued
+ * back to back on this spec's own ids, and the host reads acceptance's result. draft_s is the time
+ * to queue the draft's forwards; verify_s runs until the result is in, so it includes what the
+ * device still had of the draft. */
+static int chained_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, int32_t *out,
+                        int *n_out, canopy_stats *stats) {
+  int st = cn_spec_chain_begin(s, target_kv, tokens, n_tokens, s->top_k, stats);
+  int room = s->draft->max_batch < s->dbatch ? s->draft->max_batch : s->dbatch, ids_row = 0;
+  while (!st && cn_spec_chain_drafting(s)) {
+    cn_seq_batch sb;
+    cn_dyn_step dyn;
+    int n = cn_spec_chain_piece(s, 0, room, s->dtok, s->dpos, s->dsrc, s->drows, 0, ids_row, &sb, &dyn);
+    if (n <= 0) {
+      st = cn_error(CANOPY_ERR_INVALID_ARG, "draft: a tree level does not fit a batch of %d", room);
+      break;
+    }
+    /* A static tree's picks go to the ids, a dynamic tree grows from them where they are. */
+    int rows = cn_spec_draft_rows(s), level = s->catch_from == s->seq_len && !s->dyn;
+    cn_batch b = {.n_tokens = n, .tokens = s->dtok, .pos = s->dpos, .n_seqs = 1, .seqs = &sb, .n_logits = rows,
+                  .logit_rows = s->drows, .top = s->dtop, .top_k = s->top_k,
+                  .top_logp = dyn.layout ? s->dtop_logp : NULL, .token_src = level ? s->dsrc : NULL,
+                  .src_ids = &s->ids, .top_ids = rows && !s->dyn ? &s->ids : NULL, .top_ids_at = ids_row * s->top_k,
+                  .n_dyn = dyn.layout != NULL, .dyn = &dyn};
+    if ((st = cn_forward(s->draft, &b, NULL))) st = cn_error_wrap(st, "draft");
+    cn_spec_chain_take(s);
+    ids_row += rows;
+  }
+  if (st) {
+    cn_spec_truncate(s, cn_kv_seq_len(s->dkv));
+    return st;
+  }
+  double t1 = now_s();
+  cn_seq_batch sb;
+  cn_dyn_step dyn;
+  int n = cn_spec_chain_batch(s, target_kv, 0, s->tbuf_tokens, s->tpos, s->tsrc, s->trows, s->tparent, &sb, &dyn);
+  int32_t top[CN_TREE_MAX_NODES];
+  cn_batch b = {.n_tokens = n, .tokens = s->tbuf_tokens, .pos = s->tpos, .n_seqs = 1, .seqs = &sb, .n_logits = n,
+                .logit_rows = s->trows, .top = top, .token_src = s->dyn ? NULL : s->tsrc, .src_ids = &s->ids,
+                .accept_parent = s->tparent, .accept_out = s->acc_out, .n_dyn = dyn.layout != NULL, .dyn = &dyn};
+  st = cn_forward(s->target, &b, NULL);
+  if (st) {
+    cn_spec_truncate(s, cn_kv_seq_len(s->dkv));
     return st;
   }
   stats->forward_passes++;
@@ -757,7 +741,6 @@ static int dyn_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int
 
 int cn_spec_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, cn_sampler *sampler,
                  int32_t *out, int *n_out, canopy_stats *stats) {
-  if (s->dyn) return dyn_step(s, target_kv, tokens, n_tokens, out, n_out, stats);
   if (s->chained) return chained_step(s, target_kv, tokens, n_tokens, out, n_out, stats);
   int st = cn_spec_draft(s, target_kv, tokens, n_tokens, stats);
   if (st) return st;

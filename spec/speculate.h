@@ -86,15 +86,16 @@ int cn_spec_draft_top_k(const cn_spec *s);
 int cn_spec_draft_take(cn_spec *s, const cn_draft_out *out);
 int cn_spec_draft_end(cn_spec *s);
 
-/* Whether cn_spec_step runs chained (greedy static trees with both models on one backend that
- * chains forwards, model/forward.h): the draft's levels and the verification queued back to back,
- * acceptance where the logits are, one wait a step. Unless $CANOPY_SPEC_HOST_LEVELS=1 at
- * creation, which keeps the host path (each level's picks brought to the host) to compare. */
+/* Whether cn_spec_step runs chained (greedy static trees, and greedy dynamic trees on a backend
+ * with dyn_trees, with both models on one backend that chains forwards, model/forward.h): the
+ * draft's levels and the verification queued back to back, acceptance where the logits are, one
+ * wait a step. A dynamic tree then grows on its fixed shape where the picks are
+ * (kernels/tree_dyn.h). Unless $CANOPY_SPEC_HOST_LEVELS=1 at creation, which keeps the host path
+ * (each level's picks brought to the host) to compare. */
 int cn_spec_chained(const cn_spec *s);
-/* Whether cn_spec_step waits for the device once a step: chained static trees, and greedy dynamic
- * trees grown where the draft's picks are (a backend with dyn_trees, kernels/tree_dyn.h: the tree
- * takes its fixed shape, K nodes fed a level). Dynamic trees grow on the host in batched steps. */
-int cn_spec_one_wait(const cn_spec *s);
+/* The rows of picks a chained step of this spec writes (a static tree's nodes; a dynamic tree's
+ * K a level and the root's). */
+int cn_spec_chain_rows(const cn_spec *s);
 
 /* A chained step in pieces, so that sessions stepped together share its forwards (spec/session.c;
  * cn_spec_step's chained step is the same pieces for one sequence). The draft's picks go to rows
@@ -102,13 +103,15 @@ int cn_spec_one_wait(const cn_spec *s);
  *
  *   cn_spec_chain_begin(s, target_kv, tokens, n_tokens, K, stats);
  *   while (cn_spec_chain_drafting(s)) {
- *     n = cn_spec_chain_piece(s, first, room, tokens, pos, src, rows, row_first, ids_row, &sb);
+ *     n = cn_spec_chain_piece(s, first, room, tokens, pos, src, rows, row_first, ids_row, &sb, &dyn);
  *     ... one draft forward (token_src = src, src_ids = top_ids = the buffer, top_k = K, this piece's
- *         cn_spec_draft_rows(s) logit rows from row_first landing in rows ids_row.. of the buffer) ...
+ *         cn_spec_draft_rows(s) logit rows from row_first landing in rows ids_row.. of the buffer;
+ *         with top_logp and dyn among the batch's dynamic trees where dyn.layout is set) ...
  *     cn_spec_chain_take(s);
  *   }
- *   n = cn_spec_chain_batch(s, target_kv, first, tokens, pos, src, rows, parent, &sb);
- *   ... one target forward with token_src = src, src_ids = the buffer, accept_parent = parent ...
+ *   n = cn_spec_chain_batch(s, target_kv, first, tokens, pos, src, rows, parent, &sb, &dyn);
+ *   ... one target forward with token_src = src, src_ids = the buffer, accept_parent = parent, and dyn
+ *       where its layout is set ...
  *   cn_spec_chain_accept(s, target_kv, this sequence's acceptance result, out, &n_out, stats);
  *
  * cn_spec_chain_piece writes at most `room` tokens at index `first` (a level is never split; a
@@ -121,10 +124,10 @@ int cn_spec_chain_begin(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens,
                         canopy_stats *stats);
 int cn_spec_chain_drafting(cn_spec *s);
 int cn_spec_chain_piece(cn_spec *s, int first, int room, int32_t *tokens, int32_t *pos, int32_t *src, int32_t *rows,
-                        int row_first, int ids_row, struct cn_seq_batch *sb);
+                        int row_first, int ids_row, struct cn_seq_batch *sb, struct cn_dyn_step *dyn);
 void cn_spec_chain_take(cn_spec *s);
 int cn_spec_chain_batch(cn_spec *s, cn_kv_seq *target_kv, int first, int32_t *tokens, int32_t *pos, int32_t *src,
-                        int32_t *rows, int32_t *parent, struct cn_seq_batch *sb);
+                        int32_t *rows, int32_t *parent, struct cn_seq_batch *sb, struct cn_dyn_step *dyn);
 int cn_spec_chain_accept(cn_spec *s, cn_kv_seq *target_kv, const int32_t *result, int32_t *out, int *n_out,
                          canopy_stats *stats);
 

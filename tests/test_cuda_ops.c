@@ -1179,10 +1179,10 @@ static void test_dynamic_tree_growth_and_staging_match_cpu(void **state) {
              *gmask = malloc(sizeof *gmask * (size_t)rows_max * words_max);
     int32_t *pos = malloc(sizeof *pos * 1024), *apos = malloc(sizeof *apos * 1024), *par = malloc(sizeof *par * 1024),
             *gpos = malloc(sizeof *gpos * 1024), *gapos = malloc(sizeof *gapos * 1024),
-            *gpar = malloc(sizeof *gpar * 1024);
+            *gpar = malloc(sizeof *gpar * 1024), *tok = calloc(1024, sizeof *tok), *gtok = malloc(sizeof *gtok * 1024);
     int32_t *d_w = dev_alloc(sizeof(int32_t) * (size_t)l.words), *d_ids = dev_alloc(sizeof(int32_t) * (size_t)l.R * K),
             *d_pos = dev_alloc(sizeof(int32_t) * 1024), *d_apos = dev_alloc(sizeof(int32_t) * 1024),
-            *d_par = dev_alloc(sizeof(int32_t) * 1024);
+            *d_par = dev_alloc(sizeof(int32_t) * 1024), *d_tok = dev_alloc(sizeof(int32_t) * 1024);
     float *d_logp = dev_alloc(sizeof(float) * (size_t)l.R * K);
     uint64_t *d_mask = dev_alloc(sizeof(uint64_t) * (size_t)rows_max * words_max);
     for (int rep = 0; rep < 4; rep++, trees++) {
@@ -1202,8 +1202,10 @@ static void test_dynamic_tree_growth_and_staging_match_cpu(void **state) {
       for (int d = 0; d < l.D; d++) {
         if (d > 0) { /* level d's forward is staged from the state the level before left */
           int words = (d * K + 63) / 64;
-          cn_cpu_dyn_stage(w, &l, d, 40, mask, pos, apos, NULL);
-          CK(cn_cuda_dyn_stage(ctx, d_w, &l, d, 40, d_mask, d_pos, d_apos, d_par));
+          cn_cpu_dyn_stage(w, &l, d, 40, mask, pos, apos, NULL, tok);
+          CK(cn_cuda_dyn_stage(ctx, d_w, &l, d, 40, d_mask, d_pos, d_apos, d_par, d_tok));
+          CK(cn_cuda_memcpy_d2h(ctx, gtok, d_tok, sizeof *gtok * (size_t)K));
+          assert_memory_equal(gtok, tok, sizeof *tok * (size_t)K);
           CK(cn_cuda_memcpy_d2h(ctx, gmask, d_mask, sizeof *gmask * (size_t)K * words));
           CK(cn_cuda_memcpy_d2h(ctx, gpos, d_pos, sizeof *gpos * (size_t)K));
           CK(cn_cuda_memcpy_d2h(ctx, gapos, d_apos, sizeof *gapos * (size_t)d * K));
@@ -1218,8 +1220,11 @@ static void test_dynamic_tree_growth_and_staging_match_cpu(void **state) {
       CK(cn_cuda_memcpy_d2h(ctx, got, d_w, sizeof *got * (size_t)l.words));
       dyn_compare(got, w, &l);
       int words = (l.T + 63) / 64;
-      cn_cpu_dyn_stage(w, &l, -1, 40, mask, pos, NULL, par);
-      CK(cn_cuda_dyn_stage(ctx, d_w, &l, -1, 40, d_mask, d_pos, d_apos, d_par));
+      cn_cpu_dyn_stage(w, &l, -1, 40, mask, pos, NULL, par, tok);
+      CK(cn_cuda_memcpy_h2d(ctx, d_tok, tok, sizeof *tok)); /* the root's stays */
+      CK(cn_cuda_dyn_stage(ctx, d_w, &l, -1, 40, d_mask, d_pos, d_apos, d_par, d_tok));
+      CK(cn_cuda_memcpy_d2h(ctx, gtok, d_tok, sizeof *gtok * (size_t)l.T));
+      assert_memory_equal(gtok, tok, sizeof *tok * (size_t)l.T);
       CK(cn_cuda_memcpy_d2h(ctx, gmask, d_mask, sizeof *gmask * (size_t)l.T * words));
       CK(cn_cuda_memcpy_d2h(ctx, gpos, d_pos, sizeof *gpos * (size_t)l.T));
       CK(cn_cuda_memcpy_d2h(ctx, gapos, d_apos, sizeof *gapos * (size_t)l.T));
@@ -1230,10 +1235,10 @@ static void test_dynamic_tree_growth_and_staging_match_cpu(void **state) {
       assert_memory_equal(gpar, par, sizeof *par * (size_t)l.T);
       kept += w[l.t_n] - 1;
     }
-    void *bufs[] = {d_w, d_ids, d_pos, d_apos, d_par, d_logp, d_mask};
+    void *bufs[] = {d_w, d_ids, d_pos, d_apos, d_par, d_tok, d_logp, d_mask};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) cn_cuda_free(ctx, bufs[i]);
     free(ids), free(w), free(got), free(logp), free(mask), free(gmask);
-    free(pos), free(apos), free(par), free(gpos), free(gapos), free(gpar);
+    free(pos), free(apos), free(par), free(gpos), free(gapos), free(gpar), free(tok), free(gtok);
   }
   printf("[ dynamic  ] %d trees (%d kept nodes) grown and staged on the device equal the host twin's\n", trees, kept);
   assert_true(kept > trees);

@@ -826,7 +826,7 @@ static void forward_row(const int32_t *tok, int len, int K, int32_t *ids, float 
 /* Grows the twin level by level as chained draft forwards would, checking each level's staged mask
  * and positions, and returns its state. */
 static int32_t *grow_twin(const cn_dyn_layout *l, int32_t root) {
-  int32_t *w = malloc(sizeof *w * (size_t)l->words), ids[32], tok[MAX_PATH], mpos[32], tree_pos[1024];
+  int32_t *w = malloc(sizeof *w * (size_t)l->words), ids[32], tok[MAX_PATH], mpos[32], tree_pos[1024], staged[32];
   float logp[32];
   uint64_t mask[32 * 16];
   for (int i = 0; i < l->words; i++) w[i] = (int32_t)0xabababab; /* nothing read before it is written */
@@ -835,7 +835,7 @@ static int32_t *grow_twin(const cn_dyn_layout *l, int32_t root) {
   assert_int_equal(cn_cpu_dyn_grow(w, l, 0, ids, logp, l->K), 0);
   for (int d = 1; d < l->D; d++) {
     int first = cn_dyn_level_first(l, d), words = (d * l->K + 63) / 64;
-    cn_cpu_dyn_stage(w, l, d, 100, mask, mpos, tree_pos, NULL);
+    cn_cpu_dyn_stage(w, l, d, 100, mask, mpos, tree_pos, NULL, staged);
     int32_t rows_ids[32 * 32];
     float rows_logp[32 * 32];
     for (int j = 0; j < l->K; j++) {
@@ -848,6 +848,7 @@ static int32_t *grow_twin(const cn_dyn_layout *l, int32_t root) {
       }
       assert_memory_equal(mask + (size_t)j * words, want, sizeof *want * (size_t)words);
       assert_int_equal(mpos[j], 100 + d);
+      assert_int_equal(staged[j], w[l->f_token + f]);
       forward_row(tok, len, l->K, rows_ids + j * l->K, rows_logp + j * l->K); /* padding: any row */
     }
     for (int g = 1; g < first + l->K; g++) assert_int_equal(tree_pos[g - 1], 100 + w[l->f_depth + g]);
@@ -877,8 +878,11 @@ static void run_twin_case(int N, int D, int K, int mode, uint64_t s) {
   /* The verification's mask and positions: the tree's, and padding sees itself alone. */
   int words = (l.T + 63) / 64;
   uint64_t *mask = malloc(sizeof *mask * (size_t)l.T * words), tm[CN_TREE_MAX_NODES * CN_TREE_MASK_WORDS];
-  int32_t *pos = malloc(sizeof *pos * (size_t)l.T), *parent = malloc(sizeof *parent * (size_t)l.T);
-  cn_cpu_dyn_stage(w, &l, -1, 50, mask, pos, NULL, parent);
+  int32_t *pos = malloc(sizeof *pos * (size_t)l.T), *parent = malloc(sizeof *parent * (size_t)l.T),
+          *staged = malloc(sizeof *staged * (size_t)l.T);
+  staged[0] = -5;
+  cn_cpu_dyn_stage(w, &l, -1, 50, mask, pos, NULL, parent, staged);
+  assert_int_equal(staged[0], -5); /* the root's token is the caller's */
   cn_tree_mask(&t, tm, CN_TREE_MASK_WORDS);
   for (int o = 0; o < l.T; o++) {
     for (int j = 0; j < l.T; j++) {
@@ -888,8 +892,9 @@ static void run_twin_case(int N, int D, int K, int mode, uint64_t s) {
     }
     assert_int_equal(pos[o], 50 + (o < t.n ? t.depth[o] : 0));
     assert_int_equal(parent[o], o < t.n ? t.parent[o] : -2);
+    if (o > 0 && o < t.n) assert_int_equal(staged[o], t.token[o]);
   }
-  free(mask), free(pos), free(parent), free(w);
+  free(mask), free(pos), free(parent), free(staged), free(w);
 }
 
 static void test_dynamic_twin_grows_the_growers_tree(void **state) {

@@ -146,10 +146,11 @@ int cn_cpu_accept_greedy(int32_t *out, const int32_t *tokens, const int32_t *top
 int cn_cpu_dyn_grow(int32_t *w, const cn_dyn_layout *l, int level, const int32_t *top, const float *logp, int k);
 
 /* The tree part of a forward from the state: draft level `level` >= 1 (K tokens after (level - 1) K
- * tree slots: mask [K][words of level K], pos [K], tree_pos [level K] of every slot) or, level -1,
- * the verification (T tokens: mask [T][words of T], pos [T], parent [T]: -1 the root, -2 padding).
- * pos0 is the root's position. */
+ * tree slots: mask [K][words of level K], pos [K], tree_pos [level K] of every slot, tokens [K] the
+ * fed nodes') or, level -1, the verification (T tokens: mask [T][words of T], pos [T], parent [T]:
+ * -1 the root, -2 padding; tokens [T] but the root's). pos0 is the root's position; tokens may be
+ * NULL. */
 void cn_cpu_dyn_stage(const int32_t *w, const cn_dyn_layout *l, int level, int pos0, uint64_t *mask, int32_t *pos,
-                      int32_t *tree_pos, int32_t *parent);
+                      int32_t *tree_pos, int32_t *parent, int32_t *tokens);
 
 #endif

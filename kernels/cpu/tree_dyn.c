@@ -137,7 +137,7 @@ int cn_cpu_dyn_grow(int32_t *w, const cn_dyn_layout *l, int level, const int32_t
 }
 
 void cn_cpu_dyn_stage(const int32_t *w, const cn_dyn_layout *l, int level, int pos0, uint64_t *mask, int32_t *pos,
-                      int32_t *tree_pos, int32_t *parent) {
+                      int32_t *tree_pos, int32_t *parent, int32_t *tokens) {
   if (level > 0) { /* draft level: K fed nodes after the (level - 1) K of the levels before */
     int first = cn_dyn_level_first(l, level), words = (level * l->K + 63) / 64;
     for (int g = 1; g < first + l->K; g++) tree_pos[g - 1] = pos0 + w[l->f_depth + g];
@@ -146,6 +146,7 @@ void cn_cpu_dyn_stage(const int32_t *w, const cn_dyn_layout *l, int level, int p
       memset(row, 0, sizeof *row * (size_t)words);
       for (int g = first + i; g > 0; g = w[l->f_parent + g]) row[(g - 1) / 64] |= 1ull << ((g - 1) % 64);
       pos[i] = pos0 + w[l->f_depth + first + i];
+      if (tokens) tokens[i] = w[l->f_token + first + i];
     }
     return;
   }
@@ -161,5 +162,6 @@ void cn_cpu_dyn_stage(const int32_t *w, const cn_dyn_layout *l, int level, int p
     }
     pos[o] = pos0 + depth;
     parent[o] = w[l->t_parent + o];
+    if (tokens && o > 0) tokens[o] = w[l->t_token + o];
   }
 }

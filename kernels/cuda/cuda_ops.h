@@ -436,7 +436,7 @@ int cn_cuda_dyn_grow(cn_cuda_ctx *ctx, int32_t *w, const cn_dyn_layout *l, int l
 /* As cn_cpu_dyn_stage, with the positions twice: rope's pos and the attention's attn_pos (draft
  * level: every tree slot's, [level K]; verification: [T], equal to pos). */
 int cn_cuda_dyn_stage(cn_cuda_ctx *ctx, const int32_t *w, const cn_dyn_layout *l, int level, int pos0, uint64_t *mask,
-                      int32_t *pos, int32_t *attn_pos, int32_t *parent);
+                      int32_t *pos, int32_t *attn_pos, int32_t *parent, int32_t *tokens);
 
 /* An event to order two contexts' streams: recorded on one, waited for on another (or by the
  * host), so that one model's forward may read ids another model's forward wrote. */

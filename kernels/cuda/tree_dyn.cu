@@ -139,11 +139,11 @@ __global__ void __launch_bounds__(DYN_THREADS)
 }
 
 /* Draft level `level` >= 1: mask [K][words of level K], rope positions pos [K], attention
- * positions attn_pos [level K] of every tree slot. Verification (-1): mask [T][words of T], pos and
- * attn_pos [T], parent [T]. */
+ * positions attn_pos [level K] of every tree slot, tokens [K]. Verification (-1): mask [T][words of
+ * T], pos and attn_pos [T], parent [T], tokens [T] but the root's. */
 __global__ void __launch_bounds__(DYN_THREADS)
     dyn_stage_kernel(const int32_t *w, cn_dyn_layout l, int level, int pos0, uint64_t *mask, int32_t *pos,
-                     int32_t *attn_pos, int32_t *parent) {
+                     int32_t *attn_pos, int32_t *parent, int32_t *tokens) {
   cn_pdl_enter();
   const int tid = threadIdx.x;
   if (level > 0) {
@@ -154,6 +154,7 @@ __global__ void __launch_bounds__(DYN_THREADS)
       for (int x = 0; x < words; x++) row[x] = 0;
       for (int g = first + i; g > 0; g = w[l.f_parent + g]) row[(g - 1) / 64] |= 1ull << ((g - 1) % 64);
       pos[i] = pos0 + w[l.f_depth + first + i];
+      tokens[i] = w[l.f_token + first + i];
     }
     return;
   }
@@ -169,6 +170,7 @@ __global__ void __launch_bounds__(DYN_THREADS)
     }
     pos[o] = attn_pos[o] = pos0 + depth;
     parent[o] = w[l.t_parent + o];
+    if (o > 0) tokens[o] = w[l.t_token + o];
   }
 }
 
@@ -183,10 +185,11 @@ int cn_cuda_dyn_grow(cn_cuda_ctx *ctx, int32_t *w, const cn_dyn_layout *l, int l
 }
 
 int cn_cuda_dyn_stage(cn_cuda_ctx *ctx, const int32_t *w, const cn_dyn_layout *l, int level, int pos0, uint64_t *mask,
-                      int32_t *pos, int32_t *attn_pos, int32_t *parent) {
+                      int32_t *pos, int32_t *attn_pos, int32_t *parent, int32_t *tokens) {
   CN_CUDA_ENTER(ctx);
   if (level == 0 || level >= l->D || level < -1)
     return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_dyn_stage: level %d of %d", level, l->D);
-  CN_CUDA_CHECK(cn_launch(ctx, dyn_stage_kernel, 1, DYN_THREADS, 0, w, *l, level, pos0, mask, pos, attn_pos, parent));
+  CN_CUDA_CHECK(
+      cn_launch(ctx, dyn_stage_kernel, 1, DYN_THREADS, 0, w, *l, level, pos0, mask, pos, attn_pos, parent, tokens));
   return CANOPY_OK;
 }
