@@ -37,7 +37,8 @@ typedef struct cn_dyn_step {
   int seq;
   /* > 0: after the forward, level grow - 1 grows from the top ids and top_logp of logit rows
    * row.. (1 row at level 0: the sequence's last token; K after: its tokens), which the batch must
-   * ask for (top_k >= K) and which then stay where they are: top and top_logp are not written. */
+   * ask for (top_k >= K). A device backend grows where they are and leaves the host's top and
+   * top_logp unwritten. */
   int grow, row;
   /* The sequence's tree part comes from the state: draft level `stage` >= 1 (K tokens after
    * (stage - 1) K tree slots) or, -1, the verification (T tokens, acceptance over the staged
