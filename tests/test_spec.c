@@ -451,7 +451,6 @@ static void test_mixed_batches_accept_where_the_logits_are(void **state) {
   target->step_accept = NULL, target->step_accept_cap = 0;
   mixed_batch(1, 0, host, sh);
   assert_null(target->step_accept); /* the host path accepts on the host */
-  mixed_batch(1, 0.8f, sampled, ss);
   mixed_batch(0, 0.8f, sampled, ss);
   assert_null(target->step_accept); /* a sampled session needs its logits: the host path */
   mixed_batch(0, 0, dev, sd);
