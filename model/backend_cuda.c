@@ -93,6 +93,7 @@ typedef struct cuda_ctx {
   /* The staged block of this forward (device side). */
   const int32_t *slots;   /* [n_tokens] physical KV slot of each token: block * block_size + row */
   char *tb;               /* the attention batch: descriptors at 0, then tables, positions, masks */
+  const cn_cuda_tree_seq *tb_seqs; /* its descriptors as staged, host side (where each sequence's rows are) */
   size_t at_tables, at_pos, at_mask;
   int max_n, any_tree, keys_bucket, max_blocks;
   cn_cuda_span *span_h, *span_d; /* [span_cap] kv_copy's spans, host and device */
@@ -572,6 +573,7 @@ static int stage_inputs(cuda_ctx *c, const cn_fwd_io *io, cn_graph_key *key, int
   c->src_dev = (const int32_t *)(dev + at_src);
   c->parent_dev = (const int32_t *)(dev + at_parent);
   c->tb = tree ? dev + at_tb : NULL;
+  c->tb_seqs = tree ? desc : NULL;
   st = map_put(c, io->tokens, sizeof(int32_t) * (size_t)n, dev);
   if (!st) st = map_put(c, io->pos, sizeof(int32_t) * (size_t)n, dev + at_pos);
   if (!st && hd) st = map_put(c, io->inv_freq, sizeof(float) * (size_t)(hd / 2), dev + at_freq);
@@ -596,26 +598,19 @@ static int ends_unsynced(const cn_fwd_io *io) {
   return !io->accept_out && ((io->top_ids && !io->top_logp) || grows(io));
 }
 
-/* Each dynamic tree's sequence's tokens, mask, positions and parents in the staged block (the
- * layout stage_inputs made: tokens and parents by batch index, positions and masks a sequence
- * after the other), written from the tree's state, which an earlier forward (another model's
- * stream, maybe) wrote. */
+/* Each dynamic tree's sequence's tokens, mask, positions and parents in the staged block, where
+ * stage_inputs put that sequence's (its descriptor), written from the tree's state, which an
+ * earlier forward (another model's stream, maybe) wrote. */
 static int stage_dyn(cuda_ctx *c, const cn_fwd_io *io) {
-  const cn_attn_desc *desc = io->desc;
   int st = CANOPY_OK;
   for (int i = 0; !st && i < io->n_dyn; i++) {
     const cn_dyn_step *d = &io->dyn[i];
     if (!d->stage) continue;
     if (!c->tb)
       return cn_error(CANOPY_ERR_UNSUPPORTED, "cuda backend: a dynamic tree needs the tree attention kernel (head dim "
-                      "%d)", desc[0].head_dim);
-    int row = 0, p0 = 0, m0 = 0;
-    for (int q = 0; q < d->seq; q++) {
-      int m = desc[q].q_offset + desc[q].n;
-      row += desc[q].n;
-      p0 += m;
-      m0 += desc[q].tree_mask ? desc[q].n * ((m + 63) / 64) : 0;
-    }
+                      "%d)", io->desc[0].head_dim);
+    const cn_cuda_tree_seq *q = &c->tb_seqs[d->seq];
+    int row = q->row0, p0 = q->pos0, m0 = q->mask0;
     const cuda_ids *ids = d->ids->buf;
     st = cn_cuda_event_wait(c->cu, ids->written);
     if (!st)

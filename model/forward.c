@@ -63,7 +63,7 @@ static int check_chained(canopy_model *m, const cn_batch *b) {
 
 /* A dynamic tree's part of a forward (cn_dyn_step): its sequence, the shapes its layout fixes, its
  * logit rows, and the arrays it stages being the batch's own. */
-static int check_dyn(canopy_model *m, const cn_batch *b, const cn_dyn_step *d, int i) {
+static int check_dyn(const cn_batch *b, const cn_dyn_step *d, int i) {
   const cn_dyn_layout *l = d->layout;
   if (!l || !d->ids || !d->ids->buf || d->ids->n < l->words || d->seq < 0 || d->seq >= b->n_seqs)
     return cn_error(CANOPY_ERR_INVALID_ARG, "forward: dynamic tree %d needs its layout, ids of %d words and a "
@@ -85,7 +85,8 @@ static int check_dyn(canopy_model *m, const cn_batch *b, const cn_dyn_step *d, i
                  (sb->tree_prev && sb->tree_pos != d->tree_pos))) ||
       (verify && (sb->n != l->T || sb->tree_prev || !b->accept_parent || d->parent != b->accept_parent + f ||
                   !d->tree_out)) ||
-      ((level || verify) && (sb->tree_mask != d->mask || d->pos != b->pos + f)) || (!level && !verify && d->stage))
+      ((level || verify) && (!d->mask || sb->tree_mask != d->mask || d->pos != b->pos + f)) ||
+      (!level && !verify && d->stage))
     return cn_error(CANOPY_ERR_INVALID_ARG, "forward: staging %s %d of dynamic tree %d (K %d, T %d): %d tokens after "
                     "%d, or arrays not the batch's", verify ? "the verification, stage" : "level", d->stage, i, l->K,
                     l->T, sb->n, sb->tree_prev);
@@ -98,7 +99,7 @@ static int check_dyns(canopy_model *m, const cn_batch *b) {
   if (!b->dyn || b->n_dyn > b->n_seqs)
     return cn_error(CANOPY_ERR_INVALID_ARG, "forward: %d dynamic trees for %d sequences", b->n_dyn, b->n_seqs);
   int st = CANOPY_OK;
-  for (int i = 0; !st && i < b->n_dyn; i++) st = check_dyn(m, b, &b->dyn[i], i);
+  for (int i = 0; !st && i < b->n_dyn; i++) st = check_dyn(b, &b->dyn[i], i);
   return st;
 }
 

@@ -244,14 +244,16 @@ typedef struct cn_step_part {
 } step_part;
 
 /* Samples the next token from the current logits into the sequence (pending) and the queue. */
-static void sample_to_queue(canopy_session *s) {
-  int32_t t = cn_sampler_sample(&s->sampler, s->logits);
+/* Token t joins the sequence (pending) and the queue, alone. */
+static void queue_one(canopy_session *s, int32_t t) {
   s->tokens[s->n_tokens++] = t;
   s->queue[0] = t;
   s->n_queue = 1;
   s->q_at = 0;
   s->pending = 1;
 }
+
+static void sample_to_queue(canopy_session *s) { queue_one(s, cn_sampler_sample(&s->sampler, s->logits)); }
 
 static int finished(const canopy_session *s) {
   return (s->p.max_tokens > 0 && s->stats.n_generated >= s->p.max_tokens) || s->n_tokens >= s->m->max_context;
@@ -341,8 +343,9 @@ static int draft_together(canopy_model *d, step_part *parts, int k) {
  * so that it waits once, for acceptance's result: when some tree drafts chained and every part is
  * greedy (a greedy tree of any kind, or a greedy session feeding its pending token: a tree of one
  * node, whose bonus is its next token). Marks the parts whose trees draft chained: those of a
- * draft model whose every tree here chains. A draft model with a tree that does not (dynamic, say)
- * grows all its trees through the host, so that they still share its forwards. */
+ * draft model whose every tree here chains. A draft model with a tree that does not (one made
+ * with $CANOPY_SPEC_HOST_LEVELS=1) grows all its trees through the host, so that they still share
+ * its forwards. */
 static int accept_where_logits_are(step_part *parts, int k) {
   int any = 0;
   for (int j = 0; j < k; j++) {
@@ -414,15 +417,16 @@ static int first_of_draft(const step_part *parts, int j, int chain) {
 }
 
 /* Grows every part's tree, sharing draft forwards among the sessions with the same draft model:
- * chained trees into the first chained draft model's shared ids (its step_ids, returned in *ids),
- * the others level by level through the host. */
-static int draft_all(step_part *parts, int k, int K, cn_ids **ids) {
-  int st = CANOPY_OK, rows_needed = 0, ids_row = 0;
+ * chained trees into the first chained draft model's shared ids (its step_ids, returned in *ids;
+ * rows of the widest pick any of them needs), the others level by level through the host. */
+static int draft_all(step_part *parts, int k, cn_ids **ids) {
+  int st = CANOPY_OK, rows_needed = 0, ids_row = 0, K = 0;
   canopy_model *d0 = NULL;
   for (int j = 0; j < k; j++)
     if (parts[j].chain) {
       if (!d0) d0 = cn_spec_draft_model(parts[j].s->spec);
       rows_needed += cn_spec_chain_rows(parts[j].s->spec);
+      if (cn_spec_draft_top_k(parts[j].s->spec) > K) K = cn_spec_draft_top_k(parts[j].s->spec);
     }
   *ids = d0 ? &d0->step_ids : NULL;
   if (d0 && d0->step_ids.n < rows_needed * K) {
@@ -479,11 +483,9 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
 
   /* Draft every tree, sharing draft forwards among sessions with the same draft model; chained
    * where it can be, so that the step waits once, for acceptance's result. */
-  int chained = accept_where_logits_are(parts, k), K = 0;
-  for (int j = 0; j < k; j++)
-    if (parts[j].chain && cn_spec_draft_top_k(parts[j].s->spec) > K) K = cn_spec_draft_top_k(parts[j].s->spec);
+  int chained = accept_where_logits_are(parts, k);
   cn_ids *ids = NULL;
-  st = draft_all(parts, k, K, &ids);
+  st = draft_all(parts, k, &ids);
 
   /* One target forward verifies every tree and feeds every plain session's pending token. */
   if (!st) st = step_scratch(m, n, 0);
@@ -558,9 +560,8 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
         break;
       }
       cn_kv_seq_commit(s->kv, s->tokens + s->n_tokens - 1, 1);
-      s->tokens[s->n_tokens++] = s->queue[0] = result[1];
-      s->n_queue = 1;
       s->has_logits = 0;
+      queue_one(s, result[1]);
     } else {
       cn_kv_seq_commit(s->kv, s->tokens + s->n_tokens - 1, 1);
       memcpy(s->logits, m->step_logits + (size_t)parts[j].first * V, sizeof *s->logits * V);

@@ -75,7 +75,7 @@ struct cn_spec {
    * there, and the verification's too; the host reads acceptance's result and the tree. */
   int dyn;
   cn_dyn_layout dyn_layout;
-  uint64_t *dyn_mask;        /* [max(K, T)][words of max((D - 1) K, T)] */
+  uint64_t *dyn_mask;        /* [K][words of (D - 1) K]: a level's mask (the verification's is tmask) */
   int32_t dyn_tree[4 * CN_TREE_MAX_NODES + 1];
 };
 
@@ -103,8 +103,7 @@ static int dyn_setup(cn_spec *s) {
   if (!s->target->be->dyn_trees || l.R > CN_TREE_MAX_NODES || l.T > CN_TREE_MAX_NODES || l.K > s->draft->max_batch ||
       l.T > s->target->max_batch || s->top_k != l.K)
     return CANOPY_OK;
-  int rows = l.K > l.T ? l.K : l.T, cols = (l.R - 1 > l.T ? l.R - 1 : l.T);
-  if (!(s->dyn_mask = malloc(sizeof *s->dyn_mask * (size_t)rows * WORDS(cols))))
+  if (!(s->dyn_mask = malloc(sizeof *s->dyn_mask * (size_t)l.K * WORDS(l.R - 1))))
     return cn_error(CANOPY_ERR_NO_MEMORY, "speculation: out of memory");
   int st = cn_ids_create(s->draft, l.words, &s->ids);
   if (st) return st;
