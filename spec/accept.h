@@ -42,11 +42,14 @@
 #include "spec/sampler.h"
 
 /* Draws up to k distinct tokens from q [vocab] without replacement (Sequoia's drafting rule):
- * each draw is from q with the earlier draws removed and renormalised. Entries <= 0 (or NaN)
- * are never drawn. Writes the tokens in draw order to out_tokens [k] and returns how many were
- * drawn: min(k, number of positive entries of q), or CANOPY_ERR_INVALID_ARG (negative) for a
- * NULL pointer or vocab <= 0. scratch: [vocab] floats. Cost: two passes over q plus, per draw,
- * a walk over at most 1024 block sums and one block. */
+ * each draw is from q with the earlier draws removed and renormalised, draw j by the uniform u[j]
+ * (cn_cpu_draw_distinct). Entries <= 0 (or NaN) are never drawn. Writes the tokens in draw order
+ * to out_tokens [k] (past the draws, repeats of the first, which acceptance skips) and returns how
+ * many were drawn: min(k, number of positive entries of q), or CANOPY_ERR_INVALID_ARG (negative)
+ * for a NULL pointer, vocab <= 0 or k < 0. scratch: [vocab] floats. Cost: two passes over q plus,
+ * per draw, a walk over at most 1024 block sums and one block. */
+int cn_draft_children_draw(const float *q, int vocab, int k, const double *u, int32_t *out_tokens, float *scratch);
+/* The same with k uniforms from rng (k <= CN_TREE_MAX_NODES). */
 int cn_draft_children_sample(const float *q, int vocab, int k, cn_rng *rng, int32_t *out_tokens, float *scratch);
 
 /* Greedy acceptance. From the root, at node u the target's token is the argmax of
@@ -92,5 +95,16 @@ typedef int (*cn_target_row_fn)(void *ctx, int node, const float **row);
 int cn_accept_stochastic_lazy(const cn_tree *t, cn_target_row_fn target_row, void *ctx, const float *const *draft_probs,
                               int vocab, cn_rng *rng, float *scratch, int32_t *accepted, int *n_accepted,
                               int32_t *bonus);
+
+/* The uniforms a stochastic acceptance of an n-node tree takes: u [2 n] from rng, u[2 c] for the
+ * test of child c and u[2 v + 1] for a bonus drawn at v (cn_cpu_accept_sampled_walk). Indexed by
+ * the decision, not by the walk's order, so a walk run elsewhere (on the device) given the same
+ * array decides the same. */
+void cn_accept_uniforms(cn_rng *rng, int n, double *u);
+
+/* The lazy walk with those uniforms given; the rng variants draw them with cn_accept_uniforms. */
+int cn_accept_stochastic_u(const cn_tree *t, cn_target_row_fn target_row, void *ctx, const float *const *draft_probs,
+                           int vocab, const double *u, float *scratch, int32_t *accepted, int *n_accepted,
+                           int32_t *bonus);
 
 #endif

@@ -23,6 +23,7 @@ struct cn_spec {
   cn_tree tree;
   cn_tree_grower grower;
   float log_tau;             /* sampled dynamic trees: the next step's threshold (draft/tree_grow.h) */
+  int draw_k;                /* sampled trees: the uniforms a fed node's draws take (its most children) */
 
   /* The draft phase under way: catch-up chunks, then one piece per tree level. */
   const int32_t *seq;        /* the sequence being drafted from, and its length */
@@ -162,6 +163,7 @@ int cn_spec_create(canopy_model *target, canopy_model *draft, const char *tree, 
   }
   s->bounds = cn_tree_spec_get_bounds(&s->spec);
   s->top_k = spec_top_k(&s->spec, s->stochastic, s->vocab);
+  s->draw_k = spec_top_k(&s->spec, 0, INT32_MAX);
   size_t V = (size_t)s->vocab, on = (size_t)s->bounds.oracle_nodes, fr = (size_t)s->bounds.max_frontier;
   size_t nn = (size_t)s->bounds.n_nodes + 1, batch = fr > (size_t)draft->max_batch ? fr : (size_t)draft->max_batch;
   s->dbatch = (int)batch;
@@ -220,9 +222,15 @@ void cn_spec_truncate(cn_spec *s, int len) {
 
 /* ---- the draft phase, piece by piece ------------------------------------------------------- */
 
+/* A sampled node's children: k draws, though every node takes draw_k uniforms, as a chained
+ * level's row does (all of a spec's rows draw alike there), so both paths draw the same. */
 static int pick_sampled(void *ctx, const float *q, int vocab, int k, int32_t *tokens) {
   cn_spec *s = ctx;
-  return cn_draft_children_sample(q, vocab, k, &s->rng, tokens, s->scratch);
+  double u[CN_TREE_MAX_NODES];
+  int m = k > s->draw_k ? k : s->draw_k;
+  if (m > CN_TREE_MAX_NODES) return cn_error(CANOPY_ERR_INVALID_ARG, "draft: %d children asked", k);
+  for (int j = 0; j < m; j++) u[j] = cn_rng_uniform(&s->rng);
+  return cn_draft_children_draw(q, vocab, k, u, tokens, s->scratch);
 }
 
 /* ---- what the host path and the chained step share: the draft's catch-up, a level's slots --- */
@@ -494,8 +502,9 @@ int cn_spec_accept(cn_spec *s, cn_kv_seq *target_kv, const float *logits, cn_sam
     /* Only the rows the walk visits (depth + 1 at most) go through top-k/top-p: a full sort of
      * the vocabulary per row, for every node of the tree, would cost more than the walk. */
     target_rows rows = {.s = s, .sampler = sampler, .logits = logits};
-    st = cn_accept_stochastic_lazy(t, target_row, &rows, s->qrows, s->vocab, &sampler->rng, s->scratch, acc, &n_acc,
-                                   &bonus);
+    double u[2 * CN_TREE_MAX_NODES]; /* as many as the chained step takes, whatever t->n is */
+    cn_accept_uniforms(&sampler->rng, cn_spec_max_nodes(s), u);
+    st = cn_accept_stochastic_u(t, target_row, &rows, s->qrows, s->vocab, u, s->scratch, acc, &n_acc, &bonus);
   } else {
     st = cn_accept_greedy(t, logits, s->vocab, acc, &n_acc, &bonus);
   }

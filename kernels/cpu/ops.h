@@ -136,6 +136,39 @@ void cn_cpu_gather_ids(int32_t *tokens, const int32_t *src, const int32_t *ids, 
  * sequence). */
 int cn_cpu_accept_greedy(int32_t *out, const int32_t *tokens, const int32_t *top, const int32_t *parent, int n);
 
+/* ---- sampled token trees (stochastic speculation) over arrays: kernels/cpu/tree_sampled.c ------- */
+
+/* Up to k distinct tokens drawn from q [vocab] without replacement (Sequoia's drafting rule):
+ * draw j is from q with the earlier draws removed and renormalised, by inverse CDF in id order
+ * with the uniform u[j]. Entries <= 0 (or NaN) are never drawn. out [k] receives the draws in
+ * order; when q has fewer than k positive entries the rest of out repeats out[0] (0 if there is
+ * none), which acceptance skips (a repeat has no mass left). Returns how many were drawn.
+ * scratch: [vocab] floats. */
+int cn_cpu_draw_distinct(const float *q, int vocab, int k, const double *u, int32_t *out, float *scratch);
+
+/* The processed target distribution of a node ([vocab]), asked for only when the walk visits it;
+ * returns CANOPY_OK or a status (with cn_error). */
+typedef int (*cn_cpu_row_fn)(void *ctx, int node, const float **row);
+
+/* Stochastic acceptance of one token tree of n nodes (node 0 the root; parent[c] < c, or -2 for
+ * a node in no tree; the children of u are the nodes with parent u, in index order = draw
+ * order): at node u with target row p_row(u) and draft q_of[u] (the distribution its children
+ * were drawn from, NULL for a node without children), children are tried in order, child c
+ * accepted with probability min(1, r(x)/q(x)) decided by u[2 c], else r = norm(max(r - q, 0))
+ * and q loses x; if none is accepted the bonus is drawn from r with u[2 u + 1]. accepted
+ * [depth] receives the accepted nodes in path order. scratch: [2 vocab]. Returns CANOPY_OK or a
+ * status naming the node (no row, no q for a node with children, a row without mass). */
+int cn_cpu_accept_sampled_walk(const int32_t *token, const int32_t *parent, int n, int vocab, cn_cpu_row_fn p_row,
+                               void *ctx, const float *const *q_of, const double *u, float *scratch,
+                               int32_t *accepted, int *n_accepted, int32_t *bonus);
+
+/* The walk for every tree of a batch of n nodes, laid out as cn_cpu_accept_greedy's (parents
+ * inside their sequence, each sequence starting at its root) and with its output format: p
+ * [n][vocab] the processed target rows, q [n] node i's draft row or NULL, u [2 n] (u[2 i] tests
+ * node i, u[2 i + 1] draws the bonus at node i). Returns the sequence count or a negative status. */
+int cn_cpu_accept_sampled(int32_t *out, const int32_t *tokens, const int32_t *parent, int n, const float *p,
+                          const float *const *q, const double *u, int vocab, float *scratch);
+
 /* ---- a dynamic (EAGLE-2) tree grown where the picks are (kernels/tree_dyn.h) ------------------- */
 
 /* After draft level `level`'s forward (0: the catch-up's root row): top/logp [rows][k] (k >= K) are
