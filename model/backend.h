@@ -58,6 +58,13 @@ typedef struct cn_fwd_io {
   int32_t *accept_out;
   int n_dyn;                     /* the batch's dynamic trees (model/forward.h); ids as ids_create made them */
   const struct cn_dyn_step *dyn;
+  /* Sampled trees (model/forward.h): the batch's fields; rows are backend addresses. */
+  const double *u;               /* [n_logits][top_k] with sample */
+  float *const *q_out;
+  const cn_sample_rule *accept_sample;
+  float *const *accept_q;
+  const double *accept_u;
+  float *accept_rows;
 } cn_fwd_io;
 
 typedef struct cn_backend {
@@ -142,6 +149,19 @@ typedef struct cn_backend {
    * Returns a status (a device backend also keeps it for `end`). */
   int (*sample_rows)(void *ctx, int32_t *ids, const void *logits, int rows, int vocab, const cn_sample_rule *rule,
                      const double *u);
+  /* Sampled trees (kernels/cpu/tree_sampled.c), all three or none. draw_rows: for rows r < rows
+   * (at most 64 a call) of logits, q_out[r] (a backend row, or NULL: scratch) = the rule's
+   * distribution (cn_cpu_sample_probs) and host ids [rows][k] = k draws without replacement from
+   * it with u[r k + j] (cn_cpu_draw_distinct). probs_rows: dst [rows][vocab] (backend memory) =
+   * the rule's distributions. accept_sampled: cn_cpu_accept_sampled over the forward's tokens
+   * (token_src resolved), with p the forward's [n][vocab] target distributions, q [n] host
+   * pointers to backend rows, u host [2 n], scratch (backend) [2 n_seqs][vocab]; out host. Each
+   * returns a status (a device backend also keeps it for `end`). */
+  int (*draw_rows)(void *ctx, int32_t *ids, float *const *q_out, const void *logits, int rows, int vocab,
+                   const cn_sample_rule *rule, const double *u, int k);
+  int (*probs_rows)(void *ctx, float *dst, const void *logits, int rows, int vocab, const cn_sample_rule *rule);
+  int (*accept_sampled)(void *ctx, int32_t *out, const int32_t *tokens, const int32_t *parent, int n, const float *p,
+                        float *const *q, const double *u, int vocab, float *scratch);
   /* Chained forwards (model/forward.h, cn_ids), all three or none: a buffer of n int32 ids in
    * backend memory, NULL on failure (with cn_error); on the CPU (host_ids set) a plain host array,
    * which the forward itself reads for token_src and writes for top_ids. */

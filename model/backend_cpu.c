@@ -15,7 +15,7 @@ typedef struct cpu_ctx {
   float *attn_scratch; /* [threads][cn_cpu_attention_scratch_floats] fp32, grown on first use */
   size_t attn_scratch_floats;
   int32_t *sample_idx; /* [sample_cap] cn_cpu_sample's scratch, grown on first use */
-  float *sample_prob, *sample_dist;
+  float *sample_prob, *sample_dist, *draw_scratch;
   int sample_cap;
 } cpu_ctx;
 
@@ -28,6 +28,7 @@ static void cpu_destroy(void *ctx) {
   free(c->sample_idx);
   free(c->sample_prob);
   free(c->sample_dist);
+  free(c->draw_scratch);
   free(c);
 }
 
@@ -151,23 +152,58 @@ static void cpu_top_rows(void *ctx, int32_t *ids, float *logp, const void *logit
                  logp ? logp + (size_t)r * k : NULL);
 }
 
+/* cn_cpu_sample's scratch (and a row of draws' scratch), grown to the largest vocab seen. */
+static int sample_scratch(cpu_ctx *c, int vocab) {
+  if (vocab <= c->sample_cap) return CANOPY_OK;
+  free(c->sample_idx);
+  free(c->sample_prob);
+  free(c->sample_dist);
+  free(c->draw_scratch);
+  c->sample_idx = malloc(sizeof *c->sample_idx * (size_t)vocab);
+  c->sample_prob = malloc(sizeof *c->sample_prob * (size_t)vocab);
+  c->sample_dist = malloc(sizeof *c->sample_dist * (size_t)vocab);
+  c->draw_scratch = malloc(sizeof *c->draw_scratch * (size_t)vocab);
+  c->sample_cap = c->sample_idx && c->sample_prob && c->sample_dist && c->draw_scratch ? vocab : 0;
+  if (!c->sample_cap) return cn_error(CANOPY_ERR_NO_MEMORY, "cpu backend: no memory to sample a vocab of %d", vocab);
+  return CANOPY_OK;
+}
+
 static int cpu_sample_rows(void *ctx, int32_t *ids, const void *logits, int rows, int vocab, const cn_sample_rule *r,
                            const double *u) {
   cpu_ctx *c = ctx;
-  if (vocab > c->sample_cap) {
-    free(c->sample_idx);
-    free(c->sample_prob);
-    free(c->sample_dist);
-    c->sample_idx = malloc(sizeof *c->sample_idx * (size_t)vocab);
-    c->sample_prob = malloc(sizeof *c->sample_prob * (size_t)vocab);
-    c->sample_dist = malloc(sizeof *c->sample_dist * (size_t)vocab);
-    c->sample_cap = c->sample_idx && c->sample_prob && c->sample_dist ? vocab : 0;
-    if (!c->sample_cap) return cn_error(CANOPY_ERR_NO_MEMORY, "cpu backend: no memory to sample a vocab of %d", vocab);
-  }
-  for (int i = 0; i < rows; i++)
+  int st = sample_scratch(c, vocab);
+  for (int i = 0; !st && i < rows; i++)
     ids[i] = cn_cpu_sample(r, (const float *)logits + (size_t)i * vocab, vocab, u[i], c->sample_idx, c->sample_prob,
                            c->sample_dist);
-  return CANOPY_OK;
+  return st;
+}
+
+static int cpu_draw_rows(void *ctx, int32_t *ids, float *const *q_out, const void *logits, int rows, int vocab,
+                         const cn_sample_rule *r, const double *u, int k) {
+  cpu_ctx *c = ctx;
+  int st = sample_scratch(c, vocab);
+  for (int i = 0; !st && i < rows; i++) {
+    float *q = q_out[i] ? q_out[i] : c->sample_dist;
+    cn_cpu_sample_probs(r, (const float *)logits + (size_t)i * vocab, vocab, c->sample_idx, c->sample_prob, q);
+    cn_cpu_draw_distinct(q, vocab, k, u + (size_t)i * k, ids + (size_t)i * k, c->draw_scratch);
+  }
+  return st;
+}
+
+static int cpu_probs_rows(void *ctx, float *dst, const void *logits, int rows, int vocab, const cn_sample_rule *r) {
+  cpu_ctx *c = ctx;
+  int st = sample_scratch(c, vocab);
+  for (int i = 0; !st && i < rows; i++)
+    cn_cpu_sample_probs(r, (const float *)logits + (size_t)i * vocab, vocab, c->sample_idx, c->sample_prob,
+                        dst + (size_t)i * vocab);
+  return st;
+}
+
+static int cpu_accept_sampled(void *ctx, int32_t *out, const int32_t *tokens, const int32_t *parent, int n,
+                              const float *p, float *const *q, const double *u, int vocab, float *scratch) {
+  (void)ctx;
+  int st = cn_cpu_accept_sampled(out, tokens, parent, n, p, (const float *const *)q, u, vocab, scratch);
+  return st < 0 ? st : CANOPY_OK;
 }
 
 /* Chained forwards: ids are host memory, which the forward reads and writes itself. */
@@ -211,6 +247,9 @@ static const cn_backend cpu_backend = {
     .to_host = cpu_to_host,
     .top_rows = cpu_top_rows,
     .sample_rows = cpu_sample_rows,
+    .draw_rows = cpu_draw_rows,
+    .probs_rows = cpu_probs_rows,
+    .accept_sampled = cpu_accept_sampled,
     .ids_create = cpu_ids_create,
     .ids_free = cpu_ids_free,
     .accept_greedy = cpu_accept_greedy,

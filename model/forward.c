@@ -27,6 +27,42 @@ void cn_ids_free(canopy_model *m, cn_ids *ids) {
   if (ids) *ids = (cn_ids){0};
 }
 
+int cn_rows_create(canopy_model *m, int rows, cn_rows *out) {
+  *out = (cn_rows){0};
+  size_t bytes = sizeof(float) * (size_t)(rows > 0 ? rows : 0) * (size_t)m->cfg.vocab_size;
+  if (!m->be->ids_create)
+    return cn_error(CANOPY_ERR_UNSUPPORTED, "%s: the %s backend cannot chain forwards", m->dir, m->be->name);
+  if (rows <= 0) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_rows_create: %d rows", rows);
+  if (!(out->buf = m->be->alloc(m->be_ctx, bytes)))
+    return cn_error(CANOPY_ERR_NO_MEMORY, "%s: %d rows of %d probabilities (%zu bytes) on the %s backend", m->dir, rows,
+                    m->cfg.vocab_size, bytes, m->be->name);
+  out->rows = rows;
+  out->vocab = m->cfg.vocab_size;
+  return CANOPY_OK;
+}
+
+void cn_rows_free(canopy_model *m, cn_rows *r) {
+  if (r && r->buf) m->be->release(m->be_ctx, r->buf);
+  if (r) *r = (cn_rows){0};
+}
+
+/* A sampled acceptance's inputs (model/forward.h, accept_sample): the target's distributions go
+ * to accept_rows, each node with children names its draft row, each decision has its uniform. */
+static int check_accept_sampled(canopy_model *m, const cn_batch *b) {
+  const cn_rows *r = b->accept_rows;
+  if (!m->be->accept_sampled)
+    return cn_error(CANOPY_ERR_UNSUPPORTED, "forward: the %s backend cannot accept sampled trees", m->be->name);
+  if (b->top || !b->accept_q || !b->accept_u || !r || !r->buf || r->vocab != m->cfg.vocab_size ||
+      r->rows < b->n_tokens + 2 * b->n_seqs)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "forward: sampled acceptance needs no top ids, accept_q, accept_u and "
+                    "accept_rows of %d rows of %d (has %d of %d)", b->n_tokens + 2 * b->n_seqs, m->cfg.vocab_size,
+                    r ? r->rows : 0, r ? r->vocab : 0);
+  for (int i = 0; i < 2 * b->n_tokens; i++)
+    if (!(b->accept_u[i] >= 0 && b->accept_u[i] < 1))
+      return cn_error(CANOPY_ERR_INVALID_ARG, "forward: accept_u[%d] = %g is not in [0, 1)", i, b->accept_u[i]);
+  return CANOPY_OK;
+}
+
 /* token_src, top_ids and accept_parent (model/forward.h): every index inside its buffer, the
  * acceptance tree well formed. Ids themselves are checked where they are made (top ids of a
  * forward of a model with this vocabulary). */
@@ -41,13 +77,17 @@ static int check_chained(canopy_model *m, const cn_batch *b) {
                         b->src_ids->n);
   }
   int k = b->top_k > 0 ? b->top_k : 1;
-  if (b->top_ids && (!b->top || b->sample || !b->top_ids->buf || b->top_ids_at < 0 ||
+  if (b->top_ids && (!b->top || (b->sample && !b->q_out) || !b->top_ids->buf || b->top_ids_at < 0 ||
                      b->top_ids_at + (int64_t)b->n_logits * k > b->top_ids->n))
     return cn_error(CANOPY_ERR_INVALID_ARG, "forward: top ids [%d][%d] at %d do not fit %d ids (or no top)",
                     b->n_logits, k, b->top_ids_at, b->top_ids ? b->top_ids->n : 0);
   if (b->accept_parent) {
-    if (!b->top || b->sample || k != 1 || b->top_logp || !b->accept_out || b->n_logits != b->n_tokens)
-      return cn_error(CANOPY_ERR_INVALID_ARG, "forward: acceptance needs the top id of every token");
+    int st = b->accept_sample ? check_accept_sampled(m, b) : CANOPY_OK;
+    if (st) return st;
+    if ((!b->accept_sample && (!b->top || b->sample || k != 1 || b->top_logp)) || !b->accept_out ||
+        b->n_logits != b->n_tokens)
+      return cn_error(CANOPY_ERR_INVALID_ARG, "forward: acceptance needs every token's logit row and %s",
+                      b->accept_sample ? "accept_out" : "top id");
     /* A root exactly at each sequence's first token, every other parent inside its sequence. */
     for (int q = 0, i = 0; q < b->n_seqs; q++)
       for (int f = b->seqs[q].first; i < f + b->seqs[q].n && i < b->n_tokens; i++) {
@@ -135,6 +175,14 @@ static int check_batch(canopy_model *m, const cn_batch *b) {
       return cn_error(CANOPY_ERR_INVALID_ARG, "forward: logit row %d is outside the batch", b->logit_rows[i]);
   if (b->sample && (!b->top || !b->u))
     return cn_error(CANOPY_ERR_INVALID_ARG, "forward: sampling in the forward needs top and u");
+  if ((b->q_out && (!b->sample || !m->be->draw_rows)) || (b->sample && b->top_k > 1 && !b->q_out))
+    return cn_error(CANOPY_ERR_INVALID_ARG, "forward: draws of a sampled tree need sample and q_out (and a backend "
+                    "that draws them: %s)", m->be->draw_rows ? "yes" : "no");
+  if (b->accept_sample && !b->accept_parent)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "forward: accept_sample without accept_parent");
+  for (int i = 0; b->sample && i < b->n_logits * (b->top_k > 0 ? b->top_k : 1); i++)
+    if (!(b->u[i] >= 0 && b->u[i] < 1))
+      return cn_error(CANOPY_ERR_INVALID_ARG, "forward: u[%d] = %g is not in [0, 1)", i, b->u[i]);
   int st = b->token_src || b->top_ids || b->accept_parent ? check_chained(m, b) : CANOPY_OK;
   return !st && b->n_dyn ? check_dyns(m, b) : st;
 }
@@ -284,7 +332,9 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
                   .token_src = b->token_src, .src_ids = b->src_ids ? b->src_ids->buf : NULL,
                   .top_ids = b->top_ids ? b->top_ids->buf : NULL, .top_ids_at = b->top_ids_at,
                   .accept_parent = b->accept_parent, .accept_out = b->accept_out, .n_dyn = b->n_dyn,
-                  .dyn = b->dyn};
+                  .dyn = b->dyn, .u = b->sample ? b->u : NULL, .q_out = b->q_out, .accept_sample = b->accept_sample,
+                  .accept_q = b->accept_q, .accept_u = b->accept_u,
+                  .accept_rows = b->accept_sample ? b->accept_rows->buf : NULL};
   /* A backend with ids in host memory gets its tokens resolved here; a device backend resolves
    * them on the device (in begin) into its copy of b->tokens. */
   const int32_t *tokens = b->tokens;
@@ -331,14 +381,24 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
     be->gather_rows(ctx, s->xn, s->x, b->logit_rows + r, rows, D);
     norm_matmul(m, s->logits, s->xn, m->final_norm, m->lm_head, NULL, rows, D, c->vocab_size);
     int k = b->top_k > 0 ? b->top_k : 1;
-    if (b->top && b->sample) {
+    if (b->accept_sample) {
+      if ((st = be->probs_rows(ctx, cn_rows_at(b->accept_rows, r), s->logits, rows, c->vocab_size, b->accept_sample)))
+        break;
+    } else if (b->top && b->q_out) {
+      if ((st = be->draw_rows(ctx, b->top + (size_t)r * k, b->q_out + r, s->logits, rows, c->vocab_size, b->sample,
+                              b->u + (size_t)r * k, k)))
+        break;
+    } else if (b->top && b->sample) {
       if ((st = be->sample_rows(ctx, b->top + r, s->logits, rows, c->vocab_size, b->sample, b->u + r))) break;
     } else if (b->top)
       be->top_rows(ctx, b->top + (size_t)r * k, b->top_logp ? b->top_logp + (size_t)r * k : NULL, s->logits, rows,
                    c->vocab_size, k);
     else be->to_host(ctx, logits + (size_t)r * c->vocab_size, s->logits, (size_t)rows * c->vocab_size);
   }
-  if (!st && b->accept_parent) be->accept_greedy(ctx, b->accept_out, tokens, b->top, b->accept_parent, n);
+  if (!st && b->accept_sample)
+    st = be->accept_sampled(ctx, b->accept_out, tokens, b->accept_parent, n, b->accept_rows->buf, b->accept_q,
+                            b->accept_u, c->vocab_size, cn_rows_at(b->accept_rows, n));
+  else if (!st && b->accept_parent) be->accept_greedy(ctx, b->accept_out, tokens, b->top, b->accept_parent, n);
   if (!st && b->top_ids && be->host_ids) {
     int k = b->top_k > 0 ? b->top_k : 1;
     memcpy((int32_t *)b->top_ids->buf + b->top_ids_at, b->top, sizeof *b->top * (size_t)b->n_logits * k);

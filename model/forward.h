@@ -28,6 +28,11 @@ typedef struct cn_seq_batch {
 int cn_ids_create(canopy_model *m, int n, cn_ids *out);
 void cn_ids_free(canopy_model *m, cn_ids *ids);
 
+/* rows x the model's vocab floats (uninitialised) on m's backend, for any model with the same
+ * vocabulary on the same backend. Errors as cn_ids_create. */
+int cn_rows_create(canopy_model *m, int rows, cn_rows *out);
+void cn_rows_free(canopy_model *m, cn_rows *r);
+
 /* A dynamic (EAGLE-2) tree grown where the draft's picks are (kernels/tree_dyn.h): its state in
  * `ids`, its shape `layout`, sequence `seq` of the batch. A forward may grow it, be staged from it,
  * or both. */
@@ -92,6 +97,22 @@ typedef struct cn_batch {
   int top_ids_at;
   const int32_t *accept_parent;
   int32_t *accept_out;
+  /* Optional, sampled trees chained (kernels/cpu/tree_sampled.c):
+   *  - q_out [n_logits], with sample: each row's distribution under the rule goes to q_out[i] (a
+   *    row of a cn_rows; NULL: not kept), and top [n_logits][top_k] receives top_k draws without
+   *    replacement from it, draw j of row i by u[i top_k + j] (cn_cpu_draw_distinct), which may
+   *    also go to top_ids; a node's children are a sampled draft level's draws;
+   *  - accept_sample, with accept_parent, accept_out and no top: stochastic acceptance of each
+   *    sequence's tree under this rule (cn_cpu_accept_sampled), node i's draft distribution at
+   *    accept_q[i] (a row a draft level kept, NULL for a node without children) and its uniforms
+   *    accept_u [2 n_tokens] (u[2 i] tests node i, u[2 i + 1] draws a bonus at it). accept_rows
+   *    (at least n_tokens + 2 n_seqs rows) is the forward's workspace for the target's
+   *    distributions. */
+  float *const *q_out;
+  const cn_sample_rule *accept_sample;
+  float *const *accept_q;
+  const double *accept_u;
+  const cn_rows *accept_rows;
   /* Optional: the batch's dynamic trees (cn_dyn_step), one a sequence at most;
    * CANOPY_ERR_UNSUPPORTED where the backend lacks them. */
   int n_dyn;

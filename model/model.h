@@ -31,6 +31,16 @@ typedef struct cn_ids {
   int n;
 } cn_ids;
 
+/* Rows of fp32 probabilities kept where the backend computes, as cn_ids keeps ids: a sampled
+ * tree's draft distributions, from the level that drew a node's children to the verification
+ * that accepts among them. Row i starts at cn_rows_at(r, i) (a backend address). */
+typedef struct cn_rows {
+  void *buf;
+  int rows, vocab;
+} cn_rows;
+
+static inline float *cn_rows_at(const cn_rows *r, int i) { return (float *)r->buf + (size_t)i * r->vocab; }
+
 /* Per-forward activations, sized for max_batch tokens. */
 typedef struct cn_scratch {
   void *x;        /* [B][D] residual stream */

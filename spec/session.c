@@ -380,7 +380,7 @@ static int draft_chained(canopy_model *d, step_part *parts, int k, int K, cn_ids
       parts[j].row_first = -1;
       if (!parts[j].chain || cn_spec_draft_model(sp) != d || !cn_spec_chain_drafting(sp)) continue;
       int n = cn_spec_chain_piece(sp, total, d->max_batch - total, tokens, pos, src, rows, n_rows, *ids_row + n_rows,
-                                  &d->step_seqs[n_seqs], &d->step_dyn[n_dyn]);
+                                  NULL, NULL, &d->step_seqs[n_seqs], &d->step_dyn[n_dyn]);
       if (!n) {
         waiting++;
         continue;
@@ -503,8 +503,8 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
     canopy_session *s = p->s;
     p->first = total;
     if (chained && p->spec) {
-      p->n = cn_spec_chain_batch(s->spec, s->kv, total, tokens, pos, src, rows, parent, &m->step_seqs[j],
-                                 &m->step_dyn[n_dyn]);
+      p->n = cn_spec_chain_batch(s->spec, s->kv, total, tokens, pos, src, rows, parent, NULL, NULL, NULL,
+                                 &m->step_seqs[j], &m->step_dyn[n_dyn]);
       if (m->step_dyn[n_dyn].layout) m->step_dyn[n_dyn++].seq = j; /* a dynamic tree, staged */
     } else if (p->spec) {
       p->n = cn_spec_batch(s->spec, s->kv, total, tokens, pos, rows, &m->step_seqs[j]);

@@ -78,6 +78,18 @@ struct cn_spec {
   cn_dyn_layout dyn_layout;
   uint64_t *dyn_mask;        /* [K][words of (D - 1) K]: a level's mask (the verification's is tmask) */
   int32_t dyn_tree[4 * CN_TREE_MAX_NODES + 1];
+
+  /* Chained sampled trees (static shapes; kernels/cpu/tree_sampled.c): each fed row draws draw_k
+   * children where the logits are and keeps its distribution in qbuf, which the verification's
+   * stochastic acceptance reads there, its target rows in prows. Every decision's uniform comes from
+   * the host (the draft's rng for draws, the sampler's for acceptance), drawn as the host path
+   * draws them, so both paths give the same tokens from the same logits. */
+  cn_rows qbuf, prows;       /* [fed rows][V] on the draft; [max nodes + 2][V] on the target */
+  int n_qrows;               /* qbuf rows the step under way has given out */
+  int32_t chain_qrow[CN_TREE_MAX_NODES]; /* fed node -> its qbuf row */
+  cn_sample_rule draw_rule, acc_rule;
+  double du[CN_TREE_MAX_NODES * 32], tu[2 * CN_TREE_MAX_NODES];
+  float *dq[CN_TREE_MAX_NODES], *tq[CN_TREE_MAX_NODES];
 };
 
 static double now_s(void) {
@@ -113,21 +125,29 @@ static int dyn_setup(cn_spec *s) {
   return CANOPY_OK;
 }
 
+/* The ids a row of a chained step of this spec holds: a greedy tree's best picks, a sampled
+ * tree's draws. */
+static int chain_width(const cn_spec *s) { return s->stochastic ? s->draw_k : s->top_k; }
+
 /* Chained steps where they apply (see struct cn_spec): the fixed tree (tokens aside) and where each
  * node's token will be. $CANOPY_SPEC_HOST_LEVELS=1 keeps every step on the host path, to compare. */
 static int chain_setup(cn_spec *s) {
   const cn_tree_spec *sp = &s->spec;
+  const cn_backend *be = s->target->be;
   const char *env = getenv("CANOPY_SPEC_HOST_LEVELS");
-  if (s->stochastic || s->top_k <= 0 || s->target->be != s->draft->be || !s->target->be->ids_create ||
+  if (chain_width(s) <= 0 || chain_width(s) > s->vocab || s->draft->be != be || !be->ids_create ||
       (env && !strcmp(env, "1")))
     return CANOPY_OK;
-  if (sp->kind == CN_TREE_DYNAMIC) return dyn_setup(s);
-  if (sp->kind != CN_TREE_STATIC) return CANOPY_OK;
+  if (sp->kind == CN_TREE_DYNAMIC) return s->stochastic ? CANOPY_OK : dyn_setup(s);
+  if (sp->kind != CN_TREE_STATIC || (s->stochastic && (!be->draw_rows || !be->accept_sampled))) return CANOPY_OK;
   int rows = 1; /* the root's, then one a fed node (those with children, below the root) */
   for (int u = 1; u <= sp->n_nodes; u++)
     rows += sp->n_children[u] > 0;
-  int st = cn_ids_create(s->draft, rows * s->top_k, &s->ids);
+  int st = cn_ids_create(s->draft, rows * chain_width(s), &s->ids);
+  if (!st && s->stochastic) st = cn_rows_create(s->draft, rows, &s->qbuf);
+  if (!st && s->stochastic) st = cn_rows_create(s->target, cn_spec_max_nodes(s) + 2, &s->prows);
   if (st) return st;
+  s->draw_rule = cn_sampler_rule(&s->dist);
   s->chained = 1;
   return CANOPY_OK;
 }
@@ -178,7 +198,8 @@ int cn_spec_create(canopy_model *target, canopy_model *draft, const char *tree, 
   s->tlogits = malloc(sizeof *s->tlogits * nn * V);
   s->tprobs = s->stochastic ? malloc(sizeof *s->tprobs * nn * V) : NULL;
   s->scratch = malloc(sizeof *s->scratch * 2 * V);
-  size_t ntop = fr * (size_t)(s->top_k > 0 ? s->top_k : 1);
+  int width = s->top_k > s->draw_k ? s->top_k : s->draw_k; /* a level's picks, greedy or drawn (chained) */
+  size_t ntop = fr * (size_t)(width > 0 ? width : 1);
   s->dtop = malloc(sizeof *s->dtop * ntop);
   s->dtop_logp = malloc(sizeof *s->dtop_logp * ntop);
   if (!s->dmask || !s->dtok || !s->dpos || !s->drows || !s->dlogits || !s->dprobs || !s->tmask || !s->tlogits ||
@@ -198,6 +219,8 @@ int cn_spec_create(canopy_model *target, canopy_model *draft, const char *tree, 
 void cn_spec_free(cn_spec *s) {
   if (!s) return;
   cn_ids_free(s->draft, &s->ids);
+  cn_rows_free(s->draft, &s->qbuf);
+  cn_rows_free(s->target, &s->prows);
   cn_kv_seq_free(s->dkv);
   cn_sampler_free(&s->dist);
   free(s->dmask), free(s->dtok), free(s->dpos), free(s->drows), free(s->dlogits), free(s->dprobs);
@@ -528,13 +551,14 @@ int cn_spec_accept_top(cn_spec *s, cn_kv_seq *target_kv, const int32_t *top, int
 
 int cn_spec_chain_begin(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, int K,
                         canopy_stats *stats) {
-  if (!s->chained || K < s->top_k)
+  if (!s->chained || K < chain_width(s))
     return cn_error(CANOPY_ERR_INVALID_ARG, "speculation: a chained step of rows of %d ids (this tree needs %d)%s", K,
-                    s->top_k, s->chained ? "" : " for a tree that does not chain");
+                    chain_width(s), s->chained ? "" : " for a tree that does not chain");
   int st = step_begin(s, target_kv, tokens, n_tokens, stats);
   s->step_chained = 1;
   s->chain_k = K;
   s->chain_level = 1;
+  s->n_qrows = 0;
   return st;
 }
 
@@ -574,14 +598,26 @@ static int dyn_level_piece(cn_spec *s, int first, int room, int32_t *tokens, int
   return s->piece_n = K;
 }
 
+/* A sampled tree's fed node u draws its children in output row r of the piece: its qbuf row, and
+ * its uniforms from the draft's rng (draw_k of them, as the host path's picker takes; the rest of
+ * a wider row's draws are never used). */
+static void sampled_row(cn_spec *s, int u, int r, double *u_out, float **q_out) {
+  s->chain_qrow[u] = s->n_qrows;
+  q_out[r] = cn_rows_at(&s->qbuf, s->n_qrows++);
+  for (int j = 0; j < s->chain_k; j++) u_out[(size_t)r * s->chain_k + j] = j < s->draw_k ? cn_rng_uniform(&s->rng) : 0.5;
+}
+
 int cn_spec_chain_piece(cn_spec *s, int first, int room, int32_t *tokens, int32_t *pos, int32_t *src, int32_t *rows,
-                        int row_first, int ids_row, cn_seq_batch *sb, cn_dyn_step *dyn) {
+                        int row_first, int ids_row, double *uni, float **q_out, cn_seq_batch *sb, cn_dyn_step *dyn) {
   s->piece_n = 0;
   dyn->layout = NULL;
+  if (s->stochastic && (!uni || !q_out))
+    return cn_error(CANOPY_ERR_INVALID_ARG, "speculation: a sampled tree's chained piece needs u and q_out");
   if (s->catch_from < s->seq_len) {
     int n = catch_up_piece(s, first, room, tokens, pos, rows, row_first, sb);
     for (int i = 0; i < n; i++) src[first + i] = -1;
     if (n && s->piece_last && !s->dyn) s->chain_row[0] = ids_row; /* the root's picks: row 0 of the tree */
+    if (n && s->piece_last && s->stochastic) sampled_row(s, 0, row_first, uni, q_out);
     if (n && s->piece_last && s->dyn) /* the root's picks grow level 0 */
       *dyn = (cn_dyn_step){.layout = &s->dyn_layout, .ids = &s->ids, .grow = 1, .row = row_first};
     return n;
@@ -597,6 +633,7 @@ int cn_spec_chain_piece(cn_spec *s, int first, int room, int32_t *tokens, int32_
     tokens[first + i] = 0; /* from src */
     src[first + i] = s->chain_row[sp->parent[u]] * s->chain_k + sp->rank[u];
     s->chain_row[u] = ids_row + i;
+    if (s->stochastic) sampled_row(s, u, row_first + i, uni, q_out);
   }
   return level_piece(s, s->frontier_buf, n, sp->parent, sp->node_depth, first, pos, rows, row_first, sb);
 }
@@ -625,9 +662,13 @@ static int dyn_batch(cn_spec *s, cn_kv_seq *target_kv, int first, int32_t *token
 }
 
 int cn_spec_chain_batch(cn_spec *s, cn_kv_seq *target_kv, int first, int32_t *tokens, int32_t *pos, int32_t *src,
-                        int32_t *rows, int32_t *parent, cn_seq_batch *sb, cn_dyn_step *dyn) {
+                        int32_t *rows, int32_t *parent, cn_sampler *sampler, double *acc_u, float **acc_q,
+                        cn_seq_batch *sb, cn_dyn_step *dyn) {
   cn_tree *t = &s->tree;
   dyn->layout = NULL;
+  if (s->stochastic && (!s->step_chained || !sampler || !acc_u || !acc_q))
+    return cn_error(CANOPY_ERR_INVALID_ARG, "speculation: a sampled tree verifies chained only after a chained draft, "
+                    "with its sampler, acc_u and acc_q");
   if (s->dyn && s->step_chained) return dyn_batch(s, target_kv, first, tokens, pos, src, rows, parent, sb, dyn);
   if (!s->step_chained) { /* a greedy tree the host grew (cn_spec_draft_end): its tokens are on the host */
     for (int u = 0; u < t->n; u++) {
@@ -646,6 +687,12 @@ int cn_spec_chain_batch(cn_spec *s, cn_kv_seq *target_kv, int first, int32_t *to
     s->oracle_index[u] = u;
     src[first + u] = u ? s->chain_row[sp->parent[u]] * s->chain_k + sp->rank[u] : -1;
     parent[first + u] = sp->parent[u];
+  }
+  if (s->stochastic) { /* acceptance's uniforms as the host path draws them; each node's q where it was drawn */
+    s->acc_rule = cn_sampler_rule(sampler);
+    cn_accept_uniforms(&sampler->rng, cn_spec_max_nodes(s), acc_u + 2 * (size_t)first);
+    for (int u = 0; u < t->n; u++)
+      acc_q[first + u] = sp->n_children[u] > 0 ? cn_rows_at(&s->qbuf, s->chain_qrow[u]) : NULL;
   }
   return cn_spec_batch(s, target_kv, first, tokens, pos, rows, sb);
 }
@@ -676,8 +723,9 @@ static int dyn_take_tree(cn_spec *s, int32_t root) {
 
 int cn_spec_chain_accept(cn_spec *s, cn_kv_seq *target_kv, const int32_t *result, int32_t *out, int *n_out,
                          canopy_stats *stats) {
-  if (s->stochastic)
-    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_spec_chain_accept: sampled acceptance needs the target's logits");
+  if (s->stochastic && !s->step_chained)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_spec_chain_accept: a sampled tree grown on the host needs the target's "
+                    "logits");
   int st = s->dyn && s->step_chained ? dyn_take_tree(s, s->seq[s->seq_len - 1]) : CANOPY_OK;
   cn_tree *t = &s->tree;
   int n = t->n, n_acc = result[0];
@@ -702,25 +750,26 @@ int cn_spec_chain_accept(cn_spec *s, cn_kv_seq *target_kv, const int32_t *result
  * back to back on this spec's own ids, and the host reads acceptance's result. draft_s is the time
  * to queue the draft's forwards; verify_s runs until the result is in, so it includes what the
  * device still had of the draft. */
-static int chained_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, int32_t *out,
-                        int *n_out, canopy_stats *stats) {
-  int st = cn_spec_chain_begin(s, target_kv, tokens, n_tokens, s->top_k, stats);
+static int chained_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, cn_sampler *sampler,
+                        int32_t *out, int *n_out, canopy_stats *stats) {
+  int st = cn_spec_chain_begin(s, target_kv, tokens, n_tokens, chain_width(s), stats);
   int room = s->draft->max_batch < s->dbatch ? s->draft->max_batch : s->dbatch, ids_row = 0;
   while (!st && cn_spec_chain_drafting(s)) {
     cn_seq_batch sb;
     cn_dyn_step dyn;
-    int n = cn_spec_chain_piece(s, 0, room, s->dtok, s->dpos, s->dsrc, s->drows, 0, ids_row, &sb, &dyn);
+    int n = cn_spec_chain_piece(s, 0, room, s->dtok, s->dpos, s->dsrc, s->drows, 0, ids_row, s->du, s->dq, &sb, &dyn);
     if (n <= 0) {
       st = cn_error(CANOPY_ERR_INVALID_ARG, "draft: a tree level does not fit a batch of %d", room);
       break;
     }
     /* A static tree's picks go to the ids, a dynamic tree grows from them where they are. */
     int rows = cn_spec_draft_rows(s), level = s->catch_from == s->seq_len && !s->dyn;
+    int K = chain_width(s);
     cn_batch b = {.n_tokens = n, .tokens = s->dtok, .pos = s->dpos, .n_seqs = 1, .seqs = &sb, .n_logits = rows,
-                  .logit_rows = s->drows, .top = s->dtop, .top_k = s->top_k,
-                  .top_logp = dyn.layout ? s->dtop_logp : NULL, .token_src = level ? s->dsrc : NULL,
-                  .src_ids = &s->ids, .top_ids = rows && !s->dyn ? &s->ids : NULL, .top_ids_at = ids_row * s->top_k,
-                  .n_dyn = dyn.layout != NULL, .dyn = &dyn};
+                  .logit_rows = s->drows, .top = s->dtop, .top_k = K, .top_logp = dyn.layout ? s->dtop_logp : NULL,
+                  .token_src = level ? s->dsrc : NULL, .src_ids = &s->ids, .top_ids = rows && !s->dyn ? &s->ids : NULL,
+                  .top_ids_at = ids_row * K, .n_dyn = dyn.layout != NULL, .dyn = &dyn};
+    if (s->stochastic && rows) b.sample = &s->draw_rule, b.u = s->du, b.q_out = s->dq;
     if ((st = cn_forward(s->draft, &b, NULL))) st = cn_error_wrap(st, "draft");
     cn_spec_chain_take(s);
     ids_row += rows;
@@ -732,12 +781,15 @@ static int chained_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens,
   double t1 = now_s();
   cn_seq_batch sb;
   cn_dyn_step dyn;
-  int n = cn_spec_chain_batch(s, target_kv, 0, s->tbuf_tokens, s->tpos, s->tsrc, s->trows, s->tparent, &sb, &dyn);
+  int n = cn_spec_chain_batch(s, target_kv, 0, s->tbuf_tokens, s->tpos, s->tsrc, s->trows, s->tparent, sampler, s->tu,
+                              s->tq, &sb, &dyn);
   int32_t top[CN_TREE_MAX_NODES];
   cn_batch b = {.n_tokens = n, .tokens = s->tbuf_tokens, .pos = s->tpos, .n_seqs = 1, .seqs = &sb, .n_logits = n,
                 .logit_rows = s->trows, .top = top, .token_src = s->dyn ? NULL : s->tsrc, .src_ids = &s->ids,
                 .accept_parent = s->tparent, .accept_out = s->acc_out, .n_dyn = dyn.layout != NULL, .dyn = &dyn};
-  st = cn_forward(s->target, &b, NULL);
+  if (s->stochastic)
+    b.top = NULL, b.accept_sample = &s->acc_rule, b.accept_q = s->tq, b.accept_u = s->tu, b.accept_rows = &s->prows;
+  st = n < 0 ? n : cn_forward(s->target, &b, NULL);
   if (st) {
     cn_spec_truncate(s, cn_kv_seq_len(s->dkv));
     return st;
@@ -749,7 +801,7 @@ static int chained_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens,
 
 int cn_spec_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, cn_sampler *sampler,
                  int32_t *out, int *n_out, canopy_stats *stats) {
-  if (s->chained) return chained_step(s, target_kv, tokens, n_tokens, out, n_out, stats);
+  if (s->chained) return chained_step(s, target_kv, tokens, n_tokens, sampler, out, n_out, stats);
   int st = cn_spec_draft(s, target_kv, tokens, n_tokens, stats);
   if (st) return st;
   double t0 = now_s();

@@ -86,12 +86,17 @@ int cn_spec_draft_top_k(const cn_spec *s);
 int cn_spec_draft_take(cn_spec *s, const cn_draft_out *out);
 int cn_spec_draft_end(cn_spec *s);
 
-/* Whether cn_spec_step runs chained (greedy static trees, and greedy dynamic trees on a backend
- * with dyn_trees, with both models on one backend that chains forwards, model/forward.h): the
- * draft's levels and the verification queued back to back, acceptance where the logits are, one
- * wait a step. A dynamic tree then grows on its fixed shape where the picks are
- * (kernels/tree_dyn.h). Unless $CANOPY_SPEC_HOST_LEVELS=1 at creation, which keeps the host path
- * (each level's picks brought to the host) to compare. */
+/* Whether cn_spec_step runs chained (greedy static trees, greedy dynamic trees on a backend with
+ * dyn_trees, and sampled static trees on a backend that draws and accepts them, with both models
+ * on one backend that chains forwards, model/forward.h): the draft's levels and the verification
+ * queued back to back, acceptance where the logits are, one wait a step. A dynamic tree then grows
+ * on its fixed shape where the picks are (kernels/tree_dyn.h); a sampled tree's rows draw their
+ * children there and keep their distributions for acceptance (kernels/cpu/tree_sampled.c), with
+ * the uniforms the host path would take, so both paths give the same tokens from the same logits
+ * (but where a row's distribution has fewer tokens than children: the host path drops the missing
+ * children, a chained row repeats its first draw, which acceptance skips). Unless
+ * $CANOPY_SPEC_HOST_LEVELS=1 at creation, which keeps the host path (each level's picks brought to
+ * the host) to compare. */
 int cn_spec_chained(const cn_spec *s);
 /* The rows of picks a chained step of this spec writes (a static tree's nodes; a dynamic tree's
  * K a level and the root's). */
@@ -103,31 +108,38 @@ int cn_spec_chain_rows(const cn_spec *s);
  *
  *   cn_spec_chain_begin(s, target_kv, tokens, n_tokens, K, stats);
  *   while (cn_spec_chain_drafting(s)) {
- *     n = cn_spec_chain_piece(s, first, room, tokens, pos, src, rows, row_first, ids_row, &sb, &dyn);
+ *     n = cn_spec_chain_piece(s, first, room, tokens, pos, src, rows, row_first, ids_row, u, q_out, &sb, &dyn);
  *     ... one draft forward (token_src = src, src_ids = top_ids = the buffer, top_k = K, this piece's
  *         cn_spec_draft_rows(s) logit rows from row_first landing in rows ids_row.. of the buffer;
- *         with top_logp and dyn among the batch's dynamic trees where dyn.layout is set) ...
+ *         with top_logp and dyn among the batch's dynamic trees where dyn.layout is set; a sampled
+ *         tree's with the draft's rule as sample, u and q_out) ...
  *     cn_spec_chain_take(s);
  *   }
- *   n = cn_spec_chain_batch(s, target_kv, first, tokens, pos, src, rows, parent, &sb, &dyn);
+ *   n = cn_spec_chain_batch(s, target_kv, first, tokens, pos, src, rows, parent, sampler, acc_u, acc_q, &sb, &dyn);
  *   ... one target forward with token_src = src, src_ids = the buffer, accept_parent = parent, and dyn
- *       where its layout is set ...
+ *       where its layout is set; a sampled tree's with the sampler's rule as accept_sample, acc_u,
+ *       acc_q and rows of the target's for accept_rows ...
  *   cn_spec_chain_accept(s, target_kv, this sequence's acceptance result, out, &n_out, stats);
  *
  * cn_spec_chain_piece writes at most `room` tokens at index `first` (a level is never split; a
- * catch-up is chunked) and returns their count, or 0 when the piece does not fit. The result is
- * the sequence's part of the forward's accept_out (model/forward.h). Only chained specs draft so;
- * cn_spec_chain_batch and cn_spec_chain_accept also verify a greedy tree that this step grew on the
- * host (cn_spec_draft_begin .. _end; its tokens from the host: src -1), so that one verification
- * with acceptance where the logits are serves a batch of both kinds. */
+ * catch-up is chunked) and returns their count, or 0 when the piece does not fit. A sampled tree's
+ * piece also writes its rows' uniforms u [rows][K] and q_out [rows] from row_first (both unused,
+ * may be NULL, for greedy trees); its verification writes acc_u [2 n] at 2 first and acc_q [n] at
+ * first (from the sampler's rng, as cn_spec_accept draws them). The result is the sequence's part
+ * of the forward's accept_out (model/forward.h). Only chained specs draft so; cn_spec_chain_batch
+ * and cn_spec_chain_accept also verify a greedy tree that this step grew on the host
+ * (cn_spec_draft_begin .. _end; its tokens from the host: src -1), so that one verification with
+ * acceptance where the logits are serves a batch of both kinds. */
 int cn_spec_chain_begin(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens, int n_tokens, int K,
                         canopy_stats *stats);
 int cn_spec_chain_drafting(cn_spec *s);
 int cn_spec_chain_piece(cn_spec *s, int first, int room, int32_t *tokens, int32_t *pos, int32_t *src, int32_t *rows,
-                        int row_first, int ids_row, struct cn_seq_batch *sb, struct cn_dyn_step *dyn);
+                        int row_first, int ids_row, double *u, float **q_out, struct cn_seq_batch *sb,
+                        struct cn_dyn_step *dyn);
 void cn_spec_chain_take(cn_spec *s);
 int cn_spec_chain_batch(cn_spec *s, cn_kv_seq *target_kv, int first, int32_t *tokens, int32_t *pos, int32_t *src,
-                        int32_t *rows, int32_t *parent, struct cn_seq_batch *sb, struct cn_dyn_step *dyn);
+                        int32_t *rows, int32_t *parent, cn_sampler *sampler, double *acc_u, float **acc_q,
+                        struct cn_seq_batch *sb, struct cn_dyn_step *dyn);
 int cn_spec_chain_accept(cn_spec *s, cn_kv_seq *target_kv, const int32_t *result, int32_t *out, int *n_out,
                          canopy_stats *stats);
 

@@ -108,15 +108,19 @@ static void test_greedy_speculation_equals_target_only(void **state) {
 }
 
 /* n_new tokens by cn_spec_step alone (the prompt prefilled by hand), chained or on the host path
- * as `host_levels` asks; returns the tokens generated (the last step may overshoot n_new). */
-static int spec_steps(canopy_model *draft, const char *tree, int host_levels, const int32_t *prompt, int n_prompt,
-                      int n_new, int32_t *seq, canopy_stats *stats) {
+ * as `host_levels` asks, greedy or (sp) sampled; returns the tokens generated (the last step may
+ * overshoot n_new). */
+static int spec_steps_with(canopy_model *draft, const char *tree, int host_levels, const canopy_sampling_params *sp,
+                           const int32_t *prompt, int n_prompt, int n_new, int32_t *seq, canopy_stats *stats) {
   if (host_levels) setenv("CANOPY_SPEC_HOST_LEVELS", "1", 1);
   else unsetenv("CANOPY_SPEC_HOST_LEVELS");
   canopy_sampling_params greedy = canopy_sampling_default_params();
   greedy.temperature = 0;
+  if (!sp) sp = &greedy;
   cn_spec *s;
-  int st = cn_spec_create(target, draft, tree, &greedy, &s);
+  cn_sampler sampler;
+  assert_int_equal(cn_sampler_init(&sampler, sp, target->cfg.vocab_size), CANOPY_OK);
+  int st = cn_spec_create(target, draft, tree, sp, &s);
   unsetenv("CANOPY_SPEC_HOST_LEVELS");
   assert_int_equal(st, CANOPY_OK);
   assert_int_equal(cn_spec_chained(s), !host_levels); /* the CPU backend chains forwards too */
@@ -134,7 +138,7 @@ static int spec_steps(canopy_model *draft, const char *tree, int host_levels, co
   int len = n_prompt;
   while (len < n_prompt + n_new) {
     int n_out;
-    st = cn_spec_step(s, kv, seq, len, NULL, seq + len, &n_out, stats);
+    st = cn_spec_step(s, kv, seq, len, &sampler, seq + len, &n_out, stats);
     if (st) print_error("%s\n", canopy_last_error());
     assert_int_equal(st, CANOPY_OK);
     len += n_out;
@@ -142,7 +146,13 @@ static int spec_steps(canopy_model *draft, const char *tree, int host_levels, co
   }
   cn_kv_seq_free(kv);
   cn_spec_free(s);
+  cn_sampler_free(&sampler);
   return len - n_prompt;
+}
+
+static int spec_steps(canopy_model *draft, const char *tree, int host_levels, const int32_t *prompt, int n_prompt,
+                      int n_new, int32_t *seq, canopy_stats *stats) {
+  return spec_steps_with(draft, tree, host_levels, NULL, prompt, n_prompt, n_new, seq, stats);
 }
 
 /* A chained step (the draft's levels fed from the picks where they were made, acceptance there
@@ -180,6 +190,44 @@ static void test_chained_steps_equal_the_host_levels(void **state) {
       assert_memory_equal(sa.accept_rank, sh.accept_rank, sizeof sa.accept_rank);
       assert_memory_equal(sa.offered_rank, sh.offered_rank, sizeof sa.offered_rank);
     }
+}
+
+/* A sampled tree's chained step draws each node's children where the draft's logits are and
+ * accepts where the target's are, with the uniforms the host path takes for the same decisions:
+ * from the same seed, the same tokens and the same acceptance as the host path. The rules keep at
+ * least as many tokens as a node has children (where they keep fewer, the two paths' trees differ
+ * by design: spec/speculate.h; test_spec_exact checks that case's distribution). */
+static void test_sampled_chained_steps_equal_the_host_levels(void **state) {
+  const char *trees[] = {"chain:3", "static:3,2,1", "[[0],[1],[0,0],[0,0,0],[1,0]]"};
+  canopy_sampling_params rules[] = {{1.0f, 0, 1.0f, 7}, {0.7f, 40, 1.0f, 11}, {1.3f, 0, 0.999f, 5}};
+  int n_new = quick() ? 10 : 24;
+  int32_t prompt[2048], a[2200], h[2200];
+  int n_prompt = prompt_ids(1, prompt);
+  for (size_t t = 0; t < sizeof trees / sizeof trees[0]; t++)
+    for (size_t r = 0; r < sizeof rules / sizeof rules[0]; r++) {
+      if (quick() && t != r) continue;
+      canopy_model *draft = (t + r) % 2 ? full_draft : shallow;
+      canopy_stats sa, sh;
+      int na = spec_steps_with(draft, trees[t], 0, &rules[r], prompt, n_prompt, n_new, a, &sa);
+      int nh = spec_steps_with(draft, trees[t], 1, &rules[r], prompt, n_prompt, n_new, h, &sh);
+      printf("[ sampled  ] %-32s T %.1f top_k %2d top_p %.3f draft %-8s %d tokens in %d steps (host path: %d in %d)\n",
+             trees[t], rules[r].temperature, rules[r].top_k, rules[r].top_p, draft == full_draft ? "target" : "4 layers",
+             na, sa.spec_steps, nh, sh.spec_steps);
+      assert_int_equal(na, nh);
+      assert_memory_equal(a, h, sizeof *a * (size_t)(n_prompt + na));
+      assert_int_equal(sa.spec_steps, sh.spec_steps);
+      assert_int_equal(sa.draft_forwards, sh.draft_forwards);
+      assert_memory_equal(sa.accept_depth, sh.accept_depth, sizeof sa.accept_depth);
+      assert_memory_equal(sa.accept_rank, sh.accept_rank, sizeof sa.accept_rank);
+      assert_memory_equal(sa.offered_rank, sh.offered_rank, sizeof sa.offered_rank);
+    }
+  /* Another seed draws other tokens: the paths agree because they draw alike, not by accident. */
+  canopy_sampling_params other = rules[0];
+  other.seed = 8;
+  canopy_stats so;
+  int no = spec_steps_with(shallow, trees[0], 0, &other, prompt, n_prompt, n_new, h, &so);
+  int na = spec_steps_with(shallow, trees[0], 0, &rules[0], prompt, n_prompt, n_new, a, &so);
+  assert_true(no != na || memcmp(a, h, sizeof *a * (size_t)(n_prompt + na)) != 0);
 }
 
 /* Chained forwards name their buffers and indices when they are wrong, and leave no slot reserved. */
@@ -601,6 +649,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_greedy_speculation_equals_target_only),
       cmocka_unit_test(test_chained_steps_equal_the_host_levels),
+      cmocka_unit_test(test_sampled_chained_steps_equal_the_host_levels),
       cmocka_unit_test(test_bad_chained_forwards_are_errors),
       cmocka_unit_test(test_target_as_draft_accepts_every_node_of_a_chain),
       cmocka_unit_test(test_commit_leaves_the_cache_a_fresh_prefill_builds),

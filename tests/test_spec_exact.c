@@ -141,6 +141,15 @@ static void test_static_tree_at_t07_with_top_k_and_top_p_is_exact(void **state) 
 }
 
 /* Dynamic trees decide each node's child count before drawing (draft/tree_grow.h). */
+/* Static trees step chained on the CPU (draws and acceptance where the logits are); the host
+ * path, which grows the tree level by level through the host, must be exact too. */
+static void test_static_tree_sampling_on_the_host_path_is_exact(void **state) {
+  setenv("CANOPY_SPEC_HOST_LEVELS", "1", 1);
+  check(draft, "static:2,2", (canopy_sampling_params){1.0f, 0, 1.0f, 0}, n_samples());
+  check(draft, "static:3,2", (canopy_sampling_params){0.7f, 6, 0.8f, 0}, n_samples());
+  unsetenv("CANOPY_SPEC_HOST_LEVELS");
+}
+
 static void test_dynamic_tree_sampling_at_t1_is_exact(void **state) {
   check(draft, "dynamic:6,depth=3,topk=3", (canopy_sampling_params){1.0f, 0, 1.0f, 0}, n_samples());
 }
@@ -176,6 +185,7 @@ int main(void) {
       cmocka_unit_test(test_chain_sampling_at_t07_is_exact),
       cmocka_unit_test(test_sampling_with_top_k_and_top_p_is_exact),
       cmocka_unit_test(test_static_tree_at_t07_with_top_k_and_top_p_is_exact),
+      cmocka_unit_test(test_static_tree_sampling_on_the_host_path_is_exact),
       cmocka_unit_test(test_dynamic_tree_sampling_at_t1_is_exact),
       cmocka_unit_test(test_dynamic_tree_sampling_at_t07_is_exact),
       cmocka_unit_test(test_dynamic_tree_with_top_k_and_top_p_is_exact),
