@@ -153,15 +153,17 @@ typedef struct cn_backend {
    * (at most 64 a call) of logits, q_out[r] (a backend row, or NULL: scratch) = the rule's
    * distribution (cn_cpu_sample_probs) and host ids [rows][k] = k draws without replacement from
    * it with u[r k + j] (cn_cpu_draw_distinct). probs_rows: dst [rows][vocab] (backend memory) =
-   * the rule's distributions. accept_sampled: cn_cpu_accept_sampled over the forward's tokens
-   * (token_src resolved), with p the forward's [n][vocab] target distributions, q [n] host
-   * pointers to backend rows, u host [2 n], scratch (backend) [2 n_seqs][vocab]; out host. Each
-   * returns a status (a device backend also keeps it for `end`). */
+   * what accept_sampled reads of those rows: the rule's distributions (CUDA), or the logits (CPU,
+   * which processes only the rows the walk visits, as the host path does). accept_sampled:
+   * cn_cpu_accept_sampled over the forward's tokens (token_src resolved) under the rule, with p the
+   * forward's [n][vocab] rows from probs_rows, q [n] host pointers to backend rows, u host [2 n],
+   * scratch (backend) [2 n_seqs][vocab]; out host. Each returns a status (a device backend also
+   * keeps it for `end`). */
   int (*draw_rows)(void *ctx, int32_t *ids, float *const *q_out, const void *logits, int rows, int vocab,
                    const cn_sample_rule *rule, const double *u, int k);
   int (*probs_rows)(void *ctx, float *dst, const void *logits, int rows, int vocab, const cn_sample_rule *rule);
   int (*accept_sampled)(void *ctx, int32_t *out, const int32_t *tokens, const int32_t *parent, int n, const float *p,
-                        float *const *q, const double *u, int vocab, float *scratch);
+                        float *const *q, const double *u, int vocab, float *scratch, const cn_sample_rule *rule);
   /* Chained forwards (model/forward.h, cn_ids), all three or none: a buffer of n int32 ids in
    * backend memory, NULL on failure (with cn_error); on the CPU (host_ids set) a plain host array,
    * which the forward itself reads for token_src and writes for top_ids. */

@@ -190,19 +190,38 @@ static int cpu_draw_rows(void *ctx, int32_t *ids, float *const *q_out, const voi
   return st;
 }
 
+/* The logits are kept as they are: acceptance processes the rows its walk visits (at most the
+ * path's depth + 1 a tree), as the host path does, not every node's. */
 static int cpu_probs_rows(void *ctx, float *dst, const void *logits, int rows, int vocab, const cn_sample_rule *r) {
-  cpu_ctx *c = ctx;
-  int st = sample_scratch(c, vocab);
-  for (int i = 0; !st && i < rows; i++)
-    cn_cpu_sample_probs(r, (const float *)logits + (size_t)i * vocab, vocab, c->sample_idx, c->sample_prob,
-                        dst + (size_t)i * vocab);
-  return st;
+  (void)ctx, (void)r;
+  memcpy(dst, logits, sizeof *dst * (size_t)rows * vocab);
+  return CANOPY_OK;
+}
+
+typedef struct lazy_rows {
+  cpu_ctx *c;
+  const float *logits; /* [n][vocab] */
+  int vocab;
+  const cn_sample_rule *rule;
+} lazy_rows;
+
+static int lazy_row(void *ctx, int node, const float **row) {
+  lazy_rows *l = ctx;
+  cpu_ctx *c = l->c;
+  cn_cpu_sample_probs(l->rule, l->logits + (size_t)node * l->vocab, l->vocab, c->sample_idx, c->sample_prob,
+                      c->sample_dist);
+  *row = c->sample_dist;
+  return CANOPY_OK;
 }
 
 static int cpu_accept_sampled(void *ctx, int32_t *out, const int32_t *tokens, const int32_t *parent, int n,
-                              const float *p, float *const *q, const double *u, int vocab, float *scratch) {
-  (void)ctx;
-  int st = cn_cpu_accept_sampled(out, tokens, parent, n, p, (const float *const *)q, u, vocab, scratch);
+                              const float *p, float *const *q, const double *u, int vocab, float *scratch,
+                              const cn_sample_rule *rule) {
+  cpu_ctx *c = ctx;
+  int st = sample_scratch(c, vocab);
+  if (st) return st;
+  lazy_rows l = {c, p, vocab, rule};
+  st = cn_cpu_accept_sampled(out, tokens, parent, n, lazy_row, &l, (const float *const *)q, u, vocab, scratch);
   return st < 0 ? st : CANOPY_OK;
 }
 

@@ -223,6 +223,16 @@ static const void *dev_of(cuda_ctx *c, const void *host, size_t bytes) {
   return d;
 }
 
+/* A device copy of host bytes that may change before the forward ends (a caller's stack array):
+ * uploaded now, not looked up by address. NULL (with the failure kept) when staging fails. */
+static const void *stage_copy(cuda_ctx *c, const void *host, size_t bytes) {
+  void *h, *d;
+  if (c->status || keep(c, arena_take(c, bytes, &h, &d))) return NULL;
+  memcpy(h, host, bytes);
+  if (keep(c, cn_cuda_memcpy_h2d_async(c->cu, d, h, bytes))) return NULL;
+  return d;
+}
+
 /* Records that host array [host, host + bytes) is at dev for this forward (staged by begin). */
 static int map_put(cuda_ctx *c, const void *host, size_t bytes, void *dev) {
   if (!host || !bytes) return CANOPY_OK;
@@ -487,7 +497,7 @@ static size_t align16(size_t n) { return (n + 15) & ~(size_t)15; }
 static int graph_key(const cuda_ctx *c, const cn_fwd_io *io, int n_pos, int n_mask, cn_graph_key *key) {
   const cn_attn_desc *d = io->desc;
   if (!io->n_seqs || !cn_cuda_tree_attn_supported(d[0].head_dim) || !c->max_blocks) return 0;
-  if ((!io->top && io->n_logits > CN_LOGIT_CHUNK) || io->sample) return 0;
+  if ((!io->top && io->n_logits > CN_LOGIT_CHUNK) || io->sample || io->accept_sample) return 0;
   for (int s = 0; s < io->n_seqs; s++) {
     int nb;
     cn_kv_seq_blocks(d[s].seq, &nb);
@@ -645,7 +655,7 @@ static int cuda_begin(void *ctx, const cn_fwd_io *io, int *replayed) {
   c->io = *io;
   c->top_used = 0;
   int top_n = io->n_logits * io->top_k;
-  if (io->top && !io->sample && top_n > c->top_cap) {
+  if (io->top && (!io->sample || io->q_out) && top_n > c->top_cap) {
     cn_cuda_free(c->cu, c->top_dev);
     cn_cuda_free(c->cu, c->top_logp_dev);
     c->top_dev = NULL, c->top_logp_dev = NULL, c->top_cap = 0;
@@ -754,7 +764,7 @@ static int cuda_end(void *ctx) {
         st = cn_cuda_memcpy_d2h(c->cu, d->tree_out, ((cuda_ids *)d->ids->buf)->dev + d->layout->t_token,
                                 sizeof(int32_t) * (size_t)(4 * d->layout->T + 1));
     }
-  } else if (!st && io->n_logits && io->top && !io->sample) {
+  } else if (!st && io->n_logits && io->top && (!io->sample || io->q_out)) {
     if (!io->top_ids) st = cn_cuda_memcpy_d2h(c->cu, io->top, c->top_dev, sizeof(int32_t) * top_n);
     if (!st && io->top_logp) st = cn_cuda_memcpy_d2h(c->cu, io->top_logp, c->top_logp_dev, sizeof(float) * top_n);
   } else if (!st && io->n_logits && c->mode != EAGER) {
@@ -886,6 +896,62 @@ static int cuda_sample_rows(void *ctx, int32_t *ids, const void *logits, int row
     keep(c, cn_cuda_sample(c->cu, c->top_dev, logits, rows, vocab, r->temperature, r->top_k, r->top_p, u_dev,
                            c->sample_ws, c->sample_ws_bytes));
   if (!c->status) keep(c, cn_cuda_memcpy_d2h(c->cu, ids, c->top_dev, sizeof *ids * (size_t)rows));
+  return c->status;
+}
+
+/* A sampled tree level's rows: their distributions into the rows q_out names (device rows of a
+ * cn_rows), then the draws from them into the forward's run of device ids, as top_rows fills it. */
+static int cuda_draw_rows(void *ctx, int32_t *ids, float *const *q_out, const void *logits, int rows, int vocab,
+                          const cn_sample_rule *r, const double *u, int k) {
+  cuda_ctx *c = ctx;
+  size_t n = (size_t)rows * k, at = (size_t)c->top_used;
+  int bad = rows > TOP_ROWS || c->mode != EAGER || k < 1 || k > TOP_K || k != c->io.top_k || ids != c->io.top + at ||
+            at + n > (size_t)c->top_cap || !(r->temperature > 0);
+  for (int i = 0; !bad && i < rows; i++) bad = !q_out[i];
+  if (!c->status && bad)
+    keep(c, cn_error(CANOPY_ERR_INVALID_ARG, "cuda draw_rows: %d rows, k = %d at element %zu (at most %d rows and k = "
+                     "%d a call, in order, never captured, temperature > 0, a q_out row for each)",
+                     rows, k, at, TOP_ROWS, TOP_K));
+  float *const *q_dev = c->status ? NULL : stage_copy(c, q_out, sizeof *q_out * (size_t)rows);
+  const double *u_dev = q_dev ? stage_copy(c, u, sizeof *u * n) : NULL;
+  if (u_dev && !keep(c, sample_ws_for(c, vocab)) &&
+      !keep(c, cn_cuda_sample_probs(c->cu, q_dev, logits, rows, vocab, r->temperature, r->top_k, r->top_p,
+                                    c->sample_ws, c->sample_ws_bytes)))
+    keep(c, cn_cuda_draw_distinct(c->cu, c->top_dev + at, (const float *const *)q_dev, u_dev, rows, vocab, k));
+  c->top_used += (int)n;
+  return c->status;
+}
+
+/* The verification's target distributions, rows one after the other from dst (device). */
+static int cuda_probs_rows(void *ctx, float *dst, const void *logits, int rows, int vocab, const cn_sample_rule *r) {
+  cuda_ctx *c = ctx;
+  float *ptr[TOP_ROWS];
+  if (!c->status && (rows > TOP_ROWS || c->mode != EAGER))
+    keep(c, cn_error(CANOPY_ERR_INVALID_ARG, "cuda probs_rows: %d rows (at most %d a call, never captured)", rows,
+                     TOP_ROWS));
+  for (int i = 0; !c->status && i < rows; i++) ptr[i] = dst + (size_t)i * vocab;
+  float *const *dst_dev = c->status ? NULL : stage_copy(c, ptr, sizeof *ptr * (size_t)rows);
+  if (dst_dev && !keep(c, sample_ws_for(c, vocab)))
+    keep(c, cn_cuda_sample_probs(c->cu, dst_dev, logits, rows, vocab, r->temperature, r->top_k, r->top_p, c->sample_ws,
+                                 c->sample_ws_bytes));
+  return c->status;
+}
+
+/* Stochastic acceptance over the forward's staged tokens and parents, into acc_dev as the greedy
+ * one writes it; `end` brings it over. */
+static int cuda_accept_sampled(void *ctx, int32_t *out, const int32_t *tokens, const int32_t *parent, int n,
+                               const float *p, float *const *q, const double *u, int vocab, float *scratch,
+                               const cn_sample_rule *rule) {
+  (void)rule; /* probs_rows applied it */
+  cuda_ctx *c = ctx;
+  if (!c->status && (out != c->io.accept_out || tokens != c->io.tokens || parent != c->io.accept_parent ||
+                     n != c->io.n_tokens || 2 * c->io.n_seqs + 2 * n > c->acc_cap))
+    keep(c, cn_error(CANOPY_ERR_INVALID_ARG, "cuda accept_sampled: not the forward's own arrays (%d nodes)", n));
+  const float *const *q_dev = c->status ? NULL : stage_copy(c, q, sizeof *q * (size_t)n);
+  const double *u_dev = q_dev ? stage_copy(c, u, sizeof *u * 2 * (size_t)n) : NULL;
+  if (u_dev)
+    keep(c, cn_cuda_accept_sampled(c->cu, c->acc_dev, c->tok_dev, c->parent_dev, n, c->io.n_seqs, p, q_dev, u_dev,
+                                   vocab, scratch));
   return c->status;
 }
 
@@ -1025,6 +1091,9 @@ static const cn_backend cuda_backend = {
     .to_host = cuda_to_host,
     .top_rows = cuda_top_rows,
     .sample_rows = cuda_sample_rows,
+    .draw_rows = cuda_draw_rows,
+    .probs_rows = cuda_probs_rows,
+    .accept_sampled = cuda_accept_sampled,
     .ids_create = cuda_ids_create,
     .ids_free = cuda_ids_free,
     .accept_greedy = cuda_accept_greedy,

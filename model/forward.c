@@ -397,7 +397,7 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
   }
   if (!st && b->accept_sample)
     st = be->accept_sampled(ctx, b->accept_out, tokens, b->accept_parent, n, b->accept_rows->buf, b->accept_q,
-                            b->accept_u, c->vocab_size, cn_rows_at(b->accept_rows, n));
+                            b->accept_u, c->vocab_size, cn_rows_at(b->accept_rows, n), b->accept_sample);
   else if (!st && b->accept_parent) be->accept_greedy(ctx, b->accept_out, tokens, b->top, b->accept_parent, n);
   if (!st && b->top_ids && be->host_ids) {
     int k = b->top_k > 0 ? b->top_k : 1;

@@ -500,6 +500,65 @@ static void test_mixed_batches_stepped_together_on_cuda(void **state) {
   canopy_model_free(target);
 }
 
+/* n sampled tokens after the prompt from one session, chained where it can be or (host) on the host
+ * path. */
+static void sample_session(canopy_model *target, canopy_model *draft, const char *tree, canopy_sampling_params rule,
+                           int host, const int32_t *prompt, int n, int32_t *out, canopy_stats *stats) {
+  canopy_session_params sp = canopy_session_default_params();
+  sp.max_tokens = n;
+  sp.stop_at_eos = 0;
+  sp.draft = draft;
+  sp.tree = tree;
+  sp.sampling = rule;
+  if (host) setenv("CANOPY_SPEC_HOST_LEVELS", "1", 1);
+  canopy_session *s;
+  int st = canopy_session_create(target, &sp, &s);
+  unsetenv("CANOPY_SPEC_HOST_LEVELS");
+  if (st) print_error("%s\n", canopy_last_error());
+  assert_int_equal(st, CANOPY_OK);
+  assert_int_equal(canopy_session_append(s, prompt, 24), CANOPY_OK);
+  for (int i = 0; i < n; i++) {
+    st = canopy_session_next(s, &out[i]);
+    if (st) print_error("%s\n", canopy_last_error());
+    assert_int_equal(st, CANOPY_OK);
+  }
+  canopy_session_get_stats(s, stats);
+  canopy_session_free(s);
+}
+
+/* Sampled static trees on the device: each level's rows draw their children where the logits are
+ * and keep their distributions there, and the verification accepts there
+ * (kernels/cuda/tree_sampled.cu), with the uniforms the host path takes. From the same seed both
+ * paths give the same tokens (the device's distributions may differ from the host's in a float's
+ * last bit, which moves a draw only when its uniform falls within that of a step). */
+static void test_sampled_speculation_on_cuda_chained_equals_host_path(void **state) {
+  char dir[1024];
+  fixture_dir("llama", dir, sizeof dir);
+  canopy_model *target = load(dir, CANOPY_DEVICE_CUDA, 0, 0);
+  canopy_model *drafts[2] = {load(dir, CANOPY_DEVICE_CUDA, 1, 0), load(dir, CANOPY_DEVICE_CUDA, 0, 0)};
+  const char *trees[] = {"chain:3", "static:3,2,1"};
+  const canopy_sampling_params rules[] = {{1.0f, 0, 1.0f, 3}, {0.7f, 40, 0.999f, 9}};
+  enum { NEW = 32 };
+  int32_t prompt[24], got[2][NEW];
+  random_tokens(prompt, 24, target->cfg.vocab_size);
+  for (int d = 0; d < 2; d++)
+    for (size_t t = 0; t < sizeof trees / sizeof trees[0]; t++)
+      for (size_t r = 0; r < sizeof rules / sizeof rules[0]; r++) {
+        canopy_stats st[2];
+        for (int host = 0; host < 2; host++)
+          sample_session(target, drafts[d], trees[t], rules[r], host, prompt, NEW, got[host], &st[host]);
+        printf("[ sampled  ] draft %-8s %-14s T %.1f top_k %2d: %.2f tokens/step chained, %.2f on the host path, %s\n",
+               d ? "=target" : "1 layer", trees[t], rules[r].temperature, rules[r].top_k,
+               (double)st[0].spec_tokens / st[0].spec_steps, (double)st[1].spec_tokens / st[1].spec_steps,
+               memcmp(got[0], got[1], sizeof got[0]) ? "DIFFER" : "identical");
+        assert_memory_equal(got[0], got[1], sizeof got[0]);
+        assert_int_equal(st[0].spec_steps, st[1].spec_steps);
+      }
+  canopy_model_free(drafts[0]);
+  canopy_model_free(drafts[1]);
+  canopy_model_free(target);
+}
+
 /* ---- SmolLM2-135M, when models/ has it ------------------------------------------------------ */
 
 static double now_s(void) {
@@ -616,6 +675,7 @@ int main(void) {
       cmocka_unit_test(test_greedy_speculation_on_cuda_equals_target_only_on_cuda),
       cmocka_unit_test(test_chained_sessions_stepped_together_on_cuda),
       cmocka_unit_test(test_mixed_batches_stepped_together_on_cuda),
+      cmocka_unit_test(test_sampled_speculation_on_cuda_chained_equals_host_path),
       cmocka_unit_test(test_smollm2_prefill_and_decode_match_cpu),
       cmocka_unit_test(test_device_out_of_memory_is_an_error_naming_the_bytes),
   };

@@ -107,6 +107,9 @@ static void check_all_finite(const float *p, size_t n, const char *what) {
 
 static int rand_int(int lo, int hi) { return lo + (int)(cn_test_rand(&rng) % (uint64_t)(hi - lo + 1)); }
 
+/* Uniform in [0, 1) with 53 random bits. */
+static double rand_u(void) { return (double)(cn_test_rand(&rng) >> 11) * 0x1.0p-53; }
+
 /* ---- device helpers ------------------------------------------------------------------------ */
 
 static void *dev_alloc(size_t bytes) {
@@ -1109,6 +1112,187 @@ static void test_gather_ids_and_tree_acceptance_match_cpu(void **state) {
     cn_cuda_free(ctx, bufs[i]);
 }
 
+/* ---- sampled trees (kernels/cuda/tree_sampled.cu, sample.cu's probabilities) ------------------ */
+
+/* A random distribution over V, with about `zeros` of it exactly 0. */
+static void rand_dist(float *q, int V, double zeros) {
+  double sum = 0;
+  for (int v = 0; v < V; v++) {
+    q[v] = (double)(cn_test_rand(&rng) % 1000000) / 1e6 < zeros ? 0.0f : expf(3.0f * cn_test_randf(&rng));
+    sum += q[v];
+  }
+  if (!(sum > 0)) q[rand_int(0, V - 1)] = 1.0f, sum = 1; /* never an empty row */
+  for (int v = 0; v < V; v++) q[v] = (float)(q[v] / sum);
+}
+
+/* The device's row pointers for rows of a [rows][V] device buffer, as a device array. */
+static float **dev_row_ptrs(float *d, int rows, int V) {
+  float **h = malloc(sizeof *h * (size_t)rows);
+  for (int r = 0; r < rows; r++) h[r] = d + (size_t)r * V;
+  float **dp = dev_upload_bytes(h, sizeof *h * (size_t)rows);
+  free(h);
+  return dp;
+}
+
+static void test_sample_probs_and_draws_match_cpu(void **state) {
+  const int Vs[] = {7, 1000, 49152, 262145, 300007};
+  const cn_sample_rule rules[] = {{1.0f, 0, 1.0f}, {0.7f, 40, 1.0f}, {1.3f, 0, 0.9f}, {0.8f, 5, 0.5f}};
+  int rows = 5, draws = 0, probs_rows = 0;
+  double worst_probs = 0;
+  for (size_t vi = 0; vi < sizeof Vs / sizeof Vs[0]; vi++) {
+    int V = Vs[vi];
+    size_t bytes;
+    CK(cn_cuda_sample_workspace(ctx, rows, V, &bytes));
+    void *ws = dev_alloc(bytes);
+    float *logits = rand_buf((size_t)rows * V, 4.0f), *want = malloc(sizeof *want * (size_t)rows * V);
+    float *d_logits = dev_upload(logits, (size_t)rows * V, CN_CUDA_F32), *d_q = dev_alloc(sizeof(float) * rows * V);
+    float **d_ptr = dev_row_ptrs(d_q, rows, V);
+    int32_t *idx = malloc(sizeof *idx * (size_t)V);
+    float *prob = malloc(sizeof *prob * (size_t)V), *scratch = malloc(sizeof *scratch * (size_t)V);
+    for (size_t ri = 0; ri < sizeof rules / sizeof rules[0]; ri++) {
+      const cn_sample_rule *r = &rules[ri];
+      CK(cn_cuda_sample_probs(ctx, d_ptr, d_logits, rows, V, r->temperature, r->top_k, r->top_p, ws, bytes));
+      float *got = dev_download(d_q, (size_t)rows * V, CN_CUDA_F32);
+      for (int i = 0; i < rows; i++)
+        cn_cpu_sample_probs(r, logits + (size_t)i * V, V, idx, prob, want + (size_t)i * V);
+      double num = 0, den = 0;
+      for (size_t e = 0; e < (size_t)rows * V; e++) {
+        assert_true((got[e] > 0) == (want[e] > 0)); /* the same kept set */
+        num += ((double)got[e] - want[e]) * ((double)got[e] - want[e]);
+        den += (double)want[e] * want[e];
+      }
+      double rel = sqrt(num / den);
+      worst_probs = rel > worst_probs ? rel : worst_probs;
+      assert_true(rel <= 1e-5);
+      probs_rows += rows;
+      /* Draws from the device's rows (some with fewer kept tokens than draws), bit-equal. */
+      for (int k = 1; k <= 32; k = k < 4 ? k + 2 : k * 2) {
+        double *u = malloc(sizeof *u * (size_t)rows * k);
+        for (int e = 0; e < rows * k; e++) u[e] = rand_u();
+        double *d_u = dev_upload_bytes(u, sizeof *u * (size_t)rows * k);
+        int32_t *d_ids = dev_alloc(sizeof(int32_t) * (size_t)rows * k), ids[5 * 32], ref[32];
+        CK(cn_cuda_draw_distinct(ctx, d_ids, (const float *const *)d_ptr, d_u, rows, V, k));
+        CK(cn_cuda_sync(ctx));
+        CK(cn_cuda_memcpy_d2h(ctx, ids, d_ids, sizeof(int32_t) * (size_t)rows * k));
+        for (int i = 0; i < rows; i++) {
+          cn_cpu_draw_distinct(got + (size_t)i * V, V, k, u + (size_t)i * k, ref, scratch);
+          assert_memory_equal(ids + (size_t)i * k, ref, sizeof *ref * (size_t)k);
+          draws += k;
+        }
+        cn_cuda_free(ctx, d_u);
+        cn_cuda_free(ctx, d_ids);
+        free(u);
+      }
+      free(got);
+    }
+    cn_cuda_free(ctx, ws);
+    cn_cuda_free(ctx, d_logits);
+    cn_cuda_free(ctx, d_q);
+    cn_cuda_free(ctx, d_ptr);
+    free(logits), free(want), free(idx), free(prob), free(scratch);
+  }
+  printf("[ sampled  ] %d rows' distributions within %.1e (rel L2) of the CPU's; %d draws equal the CPU's\n",
+         probs_rows, worst_probs, draws);
+}
+
+typedef struct rows_of {
+  const float *p; /* [n][V] */
+  int V;
+} rows_of;
+
+static int row_at(void *ctx, int node, const float **row) {
+  const rows_of *r = ctx;
+  *row = r->p + (size_t)node * r->V;
+  return CANOPY_OK;
+}
+
+/* Random batches of sampled trees: each node's children drawn from its own q (half the time the
+ * target's p, so that walks go deep), the target rows random; the device's walk against the CPU's. */
+static void test_sampled_acceptance_matches_cpu(void **state) {
+  enum { MAXN = 120 };
+  const int Vs[] = {11, 1000, 32003};
+  int trees = 0, accepted = 0;
+  for (size_t vi = 0; vi < sizeof Vs / sizeof Vs[0]; vi++) {
+    int V = Vs[vi];
+    float *p = malloc(sizeof *p * (size_t)MAXN * V), *q = malloc(sizeof *q * (size_t)MAXN * V);
+    float *scratch = malloc(sizeof *scratch * 2 * (size_t)MAXN * V);
+    float *d_p = dev_alloc(sizeof(float) * (size_t)MAXN * V), *d_q = dev_alloc(sizeof(float) * (size_t)MAXN * V);
+    float *d_scratch = dev_alloc(sizeof(float) * 2 * (size_t)MAXN * V);
+    int32_t *d_tok = dev_alloc(sizeof(int32_t) * MAXN), *d_par = dev_alloc(sizeof(int32_t) * MAXN);
+    int32_t *d_out = dev_alloc(sizeof(int32_t) * 4 * MAXN);
+    double *d_u = dev_alloc(sizeof(double) * 2 * MAXN);
+    float **d_qp = dev_alloc(sizeof(float *) * MAXN);
+    for (int rep = 0; rep < 30; rep++) {
+      int n = rep < 2 ? rep + 1 : rand_int(1, MAXN), n_seqs = 0;
+      int32_t tok[MAXN], par[MAXN], want[4 * MAXN], got[4 * MAXN];
+      const float *qh[MAXN];
+      float *qd[MAXN];
+      double u[2 * MAXN];
+      for (int i = 0, f = 0; i < n; i++) {
+        if (i == 0 || rand_int(0, 29) == 0) f = i, n_seqs++;
+        par[i] = i == f ? -1 : rand_int(i - f > 3 ? i - f - 3 : 0, i - f - 1);
+        u[2 * i] = rand_u(), u[2 * i + 1] = rand_u();
+        rand_dist(p + (size_t)i * V, V, rand_int(0, 3) == 0 ? 0.5 : 0.0);
+      }
+      for (int i = 0, f = 0; i < n; i++) { /* node i's children: draws from its q, in index order */
+        if (par[i] == -1) f = i;
+        int kids[MAXN], k = 0;
+        for (int c = i + 1; c < n && par[c] != -1; c++)
+          if (par[c] == i - f) kids[k++] = c;
+        float *qi = q + (size_t)i * V;
+        if (rand_int(0, 1)) memcpy(qi, p + (size_t)i * V, sizeof *qi * (size_t)V);
+        else rand_dist(qi, V, rand_int(0, 2) == 0 ? 0.9 : 0.0);
+        qh[i] = k ? qi : NULL;
+        qd[i] = k ? d_q + (size_t)i * V : NULL;
+        if (!k) continue;
+        int32_t drawn[MAXN];
+        double du[MAXN];
+        for (int j = 0; j < k; j++) du[j] = rand_u();
+        cn_cpu_draw_distinct(qi, V, k, du, drawn, scratch);
+        for (int j = 0; j < k; j++) tok[kids[j]] = drawn[j];
+      }
+      if (n_seqs == 0) continue;
+      tok[0] = 0;
+      for (int i = 1; i < n; i++)
+        if (par[i] == -1) tok[i] = rand_int(0, V - 1);
+      CK(cn_cuda_memcpy_h2d(ctx, d_p, p, sizeof *p * (size_t)n * V));
+      CK(cn_cuda_memcpy_h2d(ctx, d_q, q, sizeof *q * (size_t)n * V));
+      CK(cn_cuda_memcpy_h2d(ctx, d_tok, tok, sizeof *tok * (size_t)n));
+      CK(cn_cuda_memcpy_h2d(ctx, d_par, par, sizeof *par * (size_t)n));
+      CK(cn_cuda_memcpy_h2d(ctx, d_u, u, sizeof *u * 2 * (size_t)n));
+      CK(cn_cuda_memcpy_h2d(ctx, d_qp, qd, sizeof *qd * (size_t)n));
+      CK(cn_cuda_memset(ctx, d_out, 0xFF, sizeof(int32_t) * (size_t)(2 * n_seqs + 2 * n)));
+      CK(cn_cuda_accept_sampled(ctx, d_out, d_tok, d_par, n, n_seqs, d_p, (const float *const *)d_qp, d_u, V,
+                                d_scratch));
+      CK(cn_cuda_sync(ctx));
+      CK(cn_cuda_memcpy_d2h(ctx, got, d_out, sizeof(int32_t) * (size_t)(2 * n_seqs + 2 * n)));
+      rows_of pr = {p, V};
+      assert_int_equal(cn_cpu_accept_sampled(want, tok, par, n, row_at, &pr, qh, u, V, scratch), n_seqs);
+      for (int s = 0, f = 0; s < n_seqs; s++) {
+        int m = f + 1;
+        while (m < n && par[m] != -1) m++;
+        m -= f;
+        const int32_t *g = got + 2 * s + 2 * f, *w = want + 2 * s + 2 * f;
+        assert_int_equal(g[0], w[0]);
+        assert_int_equal(g[1], w[1]);
+        for (int i = 0; i < w[0]; i++) {
+          assert_int_equal(g[2 + i], w[2 + i]);
+          assert_int_equal(g[2 + m + i], w[2 + m + i]);
+        }
+        accepted += w[0];
+        trees++;
+        f += m;
+      }
+    }
+    cn_cuda_free(ctx, d_p), cn_cuda_free(ctx, d_q), cn_cuda_free(ctx, d_scratch), cn_cuda_free(ctx, d_tok);
+    cn_cuda_free(ctx, d_par), cn_cuda_free(ctx, d_out), cn_cuda_free(ctx, d_u), cn_cuda_free(ctx, d_qp);
+    free(p), free(q), free(scratch);
+  }
+  printf("[ sampled  ] %d random trees, %d nodes accepted in all: the device's walk equals the CPU's\n", trees,
+         accepted);
+  assert_true(accepted > 0);
+}
+
 /* ---- a dynamic tree grown on the device (kernels/cuda/tree_dyn.cu) --------------------------- */
 
 static float as_float(int32_t w) {
@@ -1320,6 +1504,8 @@ int main(void) {
       cmocka_unit_test(test_norm_qkv_rope_kv_is_bit_exact),
       cmocka_unit_test(test_gather_ids_and_tree_acceptance_match_cpu),
       cmocka_unit_test(test_dynamic_tree_growth_and_staging_match_cpu),
+      cmocka_unit_test(test_sample_probs_and_draws_match_cpu),
+      cmocka_unit_test(test_sampled_acceptance_matches_cpu),
       cmocka_unit_test(test_cuda_failures_become_status_codes),
   };
   return cmocka_run_group_tests(tests, setup, teardown);

@@ -163,11 +163,12 @@ int cn_cpu_accept_sampled_walk(const int32_t *token, const int32_t *parent, int 
                                int32_t *accepted, int *n_accepted, int32_t *bonus);
 
 /* The walk for every tree of a batch of n nodes, laid out as cn_cpu_accept_greedy's (parents
- * inside their sequence, each sequence starting at its root) and with its output format: p
- * [n][vocab] the processed target rows, q [n] node i's draft row or NULL, u [2 n] (u[2 i] tests
- * node i, u[2 i + 1] draws the bonus at node i). Returns the sequence count or a negative status. */
-int cn_cpu_accept_sampled(int32_t *out, const int32_t *tokens, const int32_t *parent, int n, const float *p,
-                          const float *const *q, const double *u, int vocab, float *scratch);
+ * inside their sequence, each sequence starting at its root) and with its output format: p_row
+ * gives the processed target row of batch node i, q [n] node i's draft row or NULL, u [2 n] (u[2 i]
+ * tests node i, u[2 i + 1] draws the bonus at node i). Returns the sequence count or a negative
+ * status. */
+int cn_cpu_accept_sampled(int32_t *out, const int32_t *tokens, const int32_t *parent, int n, cn_cpu_row_fn p_row,
+                          void *ctx, const float *const *q, const double *u, int vocab, float *scratch);
 
 /* ---- a dynamic (EAGLE-2) tree grown where the picks are (kernels/tree_dyn.h) ------------------- */
 

@@ -232,19 +232,20 @@ int cn_cpu_accept_sampled_walk(const int32_t *token, const int32_t *parent, int 
   return CANOPY_OK;
 }
 
-typedef struct rows_of {
-  const float *p; /* [n][vocab] */
-  int vocab;
-} rows_of;
+/* A sequence's rows as the batch's: node i of the sequence is node first + i of the batch. */
+typedef struct seq_rows {
+  cn_cpu_row_fn p_row;
+  void *ctx;
+  int first;
+} seq_rows;
 
-static int row_at(void *ctx, int node, const float **row) {
-  const rows_of *r = ctx;
-  *row = r->p + (size_t)node * r->vocab;
-  return CANOPY_OK;
+static int seq_row(void *ctx, int node, const float **row) {
+  const seq_rows *r = ctx;
+  return r->p_row(r->ctx, r->first + node, row);
 }
 
-int cn_cpu_accept_sampled(int32_t *out, const int32_t *tokens, const int32_t *parent, int n, const float *p,
-                          const float *const *q, const double *u, int vocab, float *scratch) {
+int cn_cpu_accept_sampled(int32_t *out, const int32_t *tokens, const int32_t *parent, int n, cn_cpu_row_fn p_row,
+                          void *ctx, const float *const *q, const double *u, int vocab, float *scratch) {
   if (n < 1 || parent[0] != -1) return cn_error(CANOPY_ERR_INVALID_ARG, "accept sampled: no root at node 0");
   for (int i = 1, f = 0; i < n; i++) {
     if (parent[i] == -1) f = i;
@@ -257,8 +258,8 @@ int cn_cpu_accept_sampled(int32_t *out, const int32_t *tokens, const int32_t *pa
     while (e < n && parent[e] != -1) e++;
     int m = e - f, n_acc = 0;
     int32_t *o = out + 2 * seqs + 2 * f;
-    rows_of r = {p + (size_t)f * vocab, vocab};
-    int st = cn_cpu_accept_sampled_walk(tokens + f, parent + f, m, vocab, row_at, &r, q + f, u + 2 * f, scratch, o + 2,
+    seq_rows r = {p_row, ctx, f};
+    int st = cn_cpu_accept_sampled_walk(tokens + f, parent + f, m, vocab, seq_row, &r, q + f, u + 2 * f, scratch, o + 2,
                                         &n_acc, &o[1]);
     if (st) return st;
     o[0] = n_acc;

@@ -411,6 +411,28 @@ int cn_cuda_top_k(cn_cuda_ctx *ctx, int32_t *ids, float *logp, const void *x, cn
 int cn_cuda_sample(cn_cuda_ctx *ctx, int32_t *ids, const float *logits, int rows, int V, float temperature, int top_k,
                    float top_p, const double *u, void *workspace, size_t workspace_bytes);
 int cn_cuda_sample_workspace(cn_cuda_ctx *ctx, int rows, int V, size_t *bytes);
+/* dst[r] [V] = the rule's distribution of logits row r (cn_cpu_sample_probs), for r < rows;
+ * dst a device array of device row pointers; temperature > 0. Equal to the CPU's but where the
+ * mass sums in another order (the last bit of a float, rarely). Workspace as cn_cuda_sample. */
+int cn_cuda_sample_probs(cn_cuda_ctx *ctx, float *const *dst, const float *logits, int rows, int V, float temperature,
+                         int top_k, float top_p, void *workspace, size_t workspace_bytes);
+
+/* ---- sampled token trees (kernels/cuda/tree_sampled.cu; twins in kernels/cpu/tree_sampled.c) --- */
+
+/* ids [rows][k] = cn_cpu_draw_distinct of row r's distribution q[r] ([V], a device array of
+ * device row pointers) with the uniforms u [rows][k] (device); bit-equal to the CPU twin (the
+ * same block sums in the same order). One block a row; k <= 32. */
+int cn_cuda_draw_distinct(cn_cuda_ctx *ctx, int32_t *ids, const float *const *q, const double *u, int rows, int V,
+                          int k);
+
+/* cn_cpu_accept_sampled over n_seqs trees of n nodes in all (parent valid, checked on the host):
+ * p [n][V] the target's distributions, q [n] device pointers to the draft's rows (NULL: none), u
+ * [2 n], scratch [2 n_seqs][V], out [2 n_seqs + 2 n]; all device. The draws are the CPU's; the
+ * masses sum in another order, so a test within rounding of its threshold may go the other way.
+ * A walk the CPU would refuse (a row without mass, no q where a node has children) writes -1 as
+ * its count. One block a sequence. */
+int cn_cuda_accept_sampled(cn_cuda_ctx *ctx, int32_t *out, const int32_t *tokens, const int32_t *parent, int n,
+                           int n_seqs, const float *p, const float *const *q, const double *u, int V, float *scratch);
 
 /* dst[i] = element i of a random weight tensor of the given stream (kernels/random_init.h):
  * bf16(mean + scale * u), u uniform on [-1, 1); bit-equal to cn_cpu_random_weights. */

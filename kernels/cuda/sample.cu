@@ -189,36 +189,98 @@ int cn_cuda_sample_workspace(cn_cuda_ctx *ctx, int rows, int V, size_t *bytes) {
   return st;
 }
 
+/* The rows' cuts (NULL: nothing cut), sorting into the workspace when top_k or top_p cut. */
+static int cuts_for(cn_cuda_ctx *ctx, const sample_cut **cuts, const float *logits, int rows, int V, float inv_t,
+                    int top_k, float top_p, void *workspace, size_t workspace_bytes, const char *who) {
+  *cuts = nullptr;
+  if (!needs_sort(V, top_k, top_p)) return CANOPY_OK;
+  sample_ws w;
+  int st = layout(&w, (char *)workspace, rows, V);
+  if (st) return st;
+  if (workspace_bytes < w.total)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "%s: workspace of %zu bytes, %d x %d rows need %zu", who, workspace_bytes,
+                    rows, V, w.total);
+  size_t items = (size_t)rows * V;
+  CN_CUDA_CHECK(cn_launch(ctx, sample_prep_kernel, cn_grid_for(ctx, items, 256), 256, 0, w.keys_in, w.vals_in,
+                          w.offsets, logits, rows, V));
+  CN_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
+      w.temp, w.temp_bytes, w.keys_in, w.keys_out, w.vals_in, w.vals_out, (int)items, rows, w.offsets, w.offsets + 1,
+      0, (int)(8 * sizeof(float)), ctx->stream));
+  int n = top_k > 0 && top_k < V ? top_k : V;
+  CN_CUDA_CHECK(
+      cn_launch(ctx, sample_cut_kernel, rows, SAMPLE_THREADS, 0, w.cut, w.keys_out, w.vals_out, V, n, inv_t, top_p));
+  *cuts = w.cut;
+  return CANOPY_OK;
+}
+
+static int check_rule(int rows, int V, float temperature, int top_k, float top_p, const char *who) {
+  if (rows < 0 || V <= 0 || (size_t)rows * V > INT_MAX)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "%s: rows=%d vocab=%d", who, rows, V);
+  if (!(temperature >= 0) || !isfinite(temperature) || top_k < 0 || !(top_p > 0 && top_p <= 1))
+    return cn_error(CANOPY_ERR_INVALID_ARG, "%s: temperature %g, top_k %d, top_p %g", who, temperature, top_k, top_p);
+  return CANOPY_OK;
+}
+
 int cn_cuda_sample(cn_cuda_ctx *ctx, int32_t *ids, const float *logits, int rows, int V, float temperature, int top_k,
                    float top_p, const double *u, void *workspace, size_t workspace_bytes) {
   CN_CUDA_ENTER(ctx);
-  if (rows < 0 || V <= 0 || (size_t)rows * V > INT_MAX)
-    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_sample: rows=%d vocab=%d", rows, V);
-  if (!(temperature >= 0) || !isfinite(temperature) || top_k < 0 || !(top_p > 0 && top_p <= 1))
-    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_sample: temperature %g, top_k %d, top_p %g", temperature, top_k,
-                    top_p);
-  if (!rows) return CANOPY_OK;
+  int st = check_rule(rows, V, temperature, top_k, top_p, "cn_cuda_sample");
+  if (st || !rows) return st;
   if (temperature == 0) return cn_cuda_argmax(ctx, ids, logits, CN_CUDA_F32, rows, V);
   float inv_t = 1.0f / temperature;
-  const sample_cut *cuts = nullptr;
-  if (needs_sort(V, top_k, top_p)) {
-    sample_ws w;
-    int st = layout(&w, (char *)workspace, rows, V);
-    if (st) return st;
-    if (workspace_bytes < w.total)
-      return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_sample: workspace of %zu bytes, %d x %d rows need %zu",
-                      workspace_bytes, rows, V, w.total);
-    size_t items = (size_t)rows * V;
-    CN_CUDA_CHECK(cn_launch(ctx, sample_prep_kernel, cn_grid_for(ctx, items, 256), 256, 0, w.keys_in, w.vals_in,
-                            w.offsets, logits, rows, V));
-    CN_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
-        w.temp, w.temp_bytes, w.keys_in, w.keys_out, w.vals_in, w.vals_out, (int)items, rows, w.offsets, w.offsets + 1,
-        0, (int)(8 * sizeof(float)), ctx->stream));
-    int n = top_k > 0 && top_k < V ? top_k : V;
-    CN_CUDA_CHECK(
-        cn_launch(ctx, sample_cut_kernel, rows, SAMPLE_THREADS, 0, w.cut, w.keys_out, w.vals_out, V, n, inv_t, top_p));
-    cuts = w.cut;
-  }
+  const sample_cut *cuts;
+  if ((st = cuts_for(ctx, &cuts, logits, rows, V, inv_t, top_k, top_p, workspace, workspace_bytes, "cn_cuda_sample")))
+    return st;
   CN_CUDA_CHECK(cn_launch(ctx, sample_draw_kernel, rows, SAMPLE_THREADS, 0, ids, logits, cuts, u, V, inv_t));
+  return CANOPY_OK;
+}
+
+/* One block per row: the kept set's max and mass (as the draw kernel finds them), then the row of
+ * probabilities, the float of p / sum as the CPU writes it. */
+__global__ void __launch_bounds__(SAMPLE_THREADS)
+    sample_probs_kernel(float *const *dst, const float *logits, const sample_cut *cuts, int V, float inv_t) {
+  cn_pdl_enter();
+  typedef cub::BlockReduce<float, SAMPLE_THREADS> FMax;
+  typedef cub::BlockReduce<double, SAMPLE_THREADS> Sum;
+  __shared__ union {
+    typename FMax::TempStorage fmax;
+    typename Sum::TempStorage sum;
+  } tmp;
+  __shared__ float s_mx;
+  __shared__ double s_sum;
+  const float *l = logits + (size_t)blockIdx.x * V;
+  float *out = dst[blockIdx.x];
+  sample_cut c = cuts ? cuts[blockIdx.x] : (sample_cut){0.0f, -1};
+  float mx = -INFINITY;
+  for (int i = threadIdx.x; i < V; i += SAMPLE_THREADS)
+    if (kept(l[i], i, c)) mx = fmaxf(mx, scaled(l[i], inv_t));
+  mx = FMax(tmp.fmax).Reduce(mx, max_op());
+  if (threadIdx.x == 0) s_mx = mx;
+  __syncthreads();
+  mx = s_mx;
+  double s = 0;
+  for (int i = threadIdx.x; i < V; i += SAMPLE_THREADS)
+    if (kept(l[i], i, c)) s += expf(scaled(l[i], inv_t) - mx);
+  s = Sum(tmp.sum).Sum(s);
+  if (threadIdx.x == 0) s_sum = s;
+  __syncthreads();
+  double sum = s_sum;
+  for (int i = threadIdx.x; i < V; i += SAMPLE_THREADS)
+    out[i] = kept(l[i], i, c) ? (float)(expf(scaled(l[i], inv_t) - mx) / sum) : 0.0f;
+}
+
+int cn_cuda_sample_probs(cn_cuda_ctx *ctx, float *const *dst, const float *logits, int rows, int V, float temperature,
+                         int top_k, float top_p, void *workspace, size_t workspace_bytes) {
+  CN_CUDA_ENTER(ctx);
+  int st = check_rule(rows, V, temperature, top_k, top_p, "cn_cuda_sample_probs");
+  if (!st && temperature == 0)
+    st = cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_sample_probs: temperature 0 has no distribution to keep");
+  if (st || !rows) return st;
+  float inv_t = 1.0f / temperature;
+  const sample_cut *cuts;
+  if ((st = cuts_for(ctx, &cuts, logits, rows, V, inv_t, top_k, top_p, workspace, workspace_bytes,
+                     "cn_cuda_sample_probs")))
+    return st;
+  CN_CUDA_CHECK(cn_launch(ctx, sample_probs_kernel, rows, SAMPLE_THREADS, 0, dst, logits, cuts, V, inv_t));
   return CANOPY_OK;
 }
