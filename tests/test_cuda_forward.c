@@ -541,9 +541,11 @@ static void test_sampled_speculation_on_cuda_chained_equals_host_path(void **sta
   enum { NEW = 32 };
   int32_t prompt[24], got[2][NEW];
   random_tokens(prompt, 24, target->cfg.vocab_size);
+  int quick = getenv("CANOPY_TEST_QUICK") != NULL; /* under compute-sanitizer: two of the eight */
   for (int d = 0; d < 2; d++)
     for (size_t t = 0; t < sizeof trees / sizeof trees[0]; t++)
       for (size_t r = 0; r < sizeof rules / sizeof rules[0]; r++) {
+        if (quick && (d != 1 || t != r)) continue;
         canopy_stats st[2];
         for (int host = 0; host < 2; host++)
           sample_session(target, drafts[d], trees[t], rules[r], host, prompt, NEW, got[host], &st[host]);

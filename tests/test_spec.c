@@ -280,6 +280,49 @@ static void test_bad_chained_forwards_are_errors(void **state) {
   printf("[ error    ] %s\n", canopy_last_error());
   assert_non_null(strstr(canopy_last_error(), "verification"));
   assert_int_equal(cn_kv_seq_len(kv), 0);
+  /* A sampled tree's forwards: draws without q_out, a uniform outside [0, 1), acceptance without its
+   * workspace rows, or with too few. */
+  cn_sample_rule rule = {1.0f, 0, 1.0f};
+  double u[4] = {0.5, 0.25, 0.75, 1.0};
+  sb.tree_mask = NULL;
+  b = (cn_batch){.n_tokens = 2, .tokens = tokens, .pos = pos, .n_seqs = 1, .seqs = &sb, .n_logits = 2,
+                 .logit_rows = rows, .top = top, .top_k = 2, .sample = &rule, .u = u};
+  assert_int_equal(cn_forward(target, &b, NULL), CANOPY_ERR_INVALID_ARG);
+  assert_non_null(strstr(canopy_last_error(), "q_out"));
+  cn_rows q;
+  assert_int_equal(cn_rows_create(target, 0, &q), CANOPY_ERR_INVALID_ARG);
+  assert_int_equal(cn_rows_create(target, 2, &q), CANOPY_OK);
+  float *q_out[2] = {cn_rows_at(&q, 0), cn_rows_at(&q, 1)};
+  b.q_out = q_out;
+  assert_int_equal(cn_forward(target, &b, NULL), CANOPY_ERR_INVALID_ARG);
+  assert_non_null(strstr(canopy_last_error(), "u[3] = 1"));
+  u[3] = 0.125;
+  assert_int_equal(cn_forward(target, &b, NULL), CANOPY_OK); /* two draws a row, each row's q kept */
+  for (int r = 0; r < 2; r++) {
+    assert_true(top[2 * r] != top[2 * r + 1]);
+    assert_true(q_out[r][top[2 * r]] > 0 && q_out[r][top[2 * r + 1]] > 0);
+  }
+  float *acc_q[2] = {q_out[0], NULL};
+  parent[1] = 0;
+  b = (cn_batch){.n_tokens = 2, .tokens = tokens, .pos = pos, .n_seqs = 1, .seqs = &sb, .n_logits = 2,
+                 .logit_rows = rows, .accept_parent = parent, .accept_out = out, .accept_sample = &rule,
+                 .accept_q = acc_q, .accept_u = u};
+  assert_int_equal(cn_forward(target, &b, NULL), CANOPY_ERR_INVALID_ARG);
+  printf("[ error    ] %s\n", canopy_last_error());
+  assert_non_null(strstr(canopy_last_error(), "accept_rows of 4 rows"));
+  b.accept_rows = &q; /* 2 rows: too few */
+  assert_int_equal(cn_forward(target, &b, NULL), CANOPY_ERR_INVALID_ARG);
+  assert_non_null(strstr(canopy_last_error(), "has 2 of"));
+  cn_rows work;
+  assert_int_equal(cn_rows_create(target, 4, &work), CANOPY_OK);
+  b.accept_rows = &work;
+  tokens[1] = top[0]; /* node 1 is the root's first draw: acceptance runs, names node 1 or none */
+  assert_int_equal(cn_forward(target, &b, NULL), CANOPY_OK);
+  assert_true(out[0] == 0 || (out[0] == 1 && out[2] == 1 && out[4] == top[0]));
+  assert_true(out[1] >= 0 && out[1] < target->cfg.vocab_size);
+  assert_int_equal(cn_kv_seq_len(kv), 0);
+  cn_rows_free(target, &work);
+  cn_rows_free(target, &q);
   cn_ids_free(target, &big);
   cn_kv_seq_free(kv);
   cn_ids_free(target, &ids);
