@@ -82,6 +82,11 @@ struct canopy_model {
   cn_ids step_ids;
   int32_t *step_accept;
   int step_accept_cap;
+  /* Chained sampled steps: a forward's uniforms [32 max_batch] and draft rows [max_batch] (host),
+   * and as a target the verification's workspace rows (model/forward.h, accept_rows). */
+  double *step_u;
+  float **step_q;
+  cn_rows step_prows;
   struct cn_seq_batch *step_seqs; /* [step_cap] */
   struct cn_step_part *step_parts; /* [step_cap] */
   struct cn_dyn_step *step_dyn;    /* [step_cap] a forward's dynamic trees */

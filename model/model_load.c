@@ -231,7 +231,10 @@ void canopy_model_free(canopy_model *m) {
     m->be->release(m->be_ctx, m->final_norm);
   }
   if (m->step_ids.buf) m->be->ids_free(m->be_ctx, m->step_ids.buf);
+  if (m->step_prows.buf) m->be->release(m->be_ctx, m->step_prows.buf);
   free(m->step_accept);
+  free(m->step_u);
+  free(m->step_q);
   cn_kv_pool_free(m->kv); /* before the backend: its storage may be the backend's */
   if (m->be) m->be->destroy(m->be_ctx);
   free(m->step_logits);

@@ -267,6 +267,10 @@ static int step_scratch(canopy_model *m, int sessions, int rows) {
     return cn_error(CANOPY_ERR_NO_MEMORY, "batched step: out of memory");
   if (!m->step_top_logp && !(m->step_top_logp = malloc(sizeof *m->step_top_logp * TOP_MAX * (size_t)m->max_batch)))
     return cn_error(CANOPY_ERR_NO_MEMORY, "batched step: out of memory");
+  if (!m->step_u && !(m->step_u = malloc(sizeof *m->step_u * TOP_MAX * (size_t)m->max_batch)))
+    return cn_error(CANOPY_ERR_NO_MEMORY, "batched step: out of memory");
+  if (!m->step_q && !(m->step_q = malloc(sizeof *m->step_q * (size_t)m->max_batch)))
+    return cn_error(CANOPY_ERR_NO_MEMORY, "batched step: out of memory");
   if (sessions > m->step_cap) {
     cn_seq_batch *seqs = realloc(m->step_seqs, sizeof *seqs * (size_t)sessions);
     if (seqs) m->step_seqs = seqs;
@@ -339,14 +343,19 @@ static int draft_together(canopy_model *d, step_part *parts, int k) {
   }
 }
 
+static int same_rule(const cn_sample_rule *a, const cn_sample_rule *b) {
+  return a->temperature == b->temperature && a->top_k == b->top_k && a->top_p == b->top_p;
+}
+
 /* Whether the step verifies with acceptance where the logits are (model/forward.h, accept_parent),
  * so that it waits once, for acceptance's result: when some tree drafts chained and every part is
  * greedy (a greedy tree of any kind, or a greedy session feeding its pending token: a tree of one
- * node, whose bonus is its next token). Marks the parts whose trees draft chained: those of a
- * draft model whose every tree here chains. A draft model with a tree that does not (one made
- * with $CANOPY_SPEC_HOST_LEVELS=1) grows all its trees through the host, so that they still share
- * its forwards. */
-static int accept_where_logits_are(step_part *parts, int k) {
+ * node, whose bonus is its next token), or every part is a sampled tree that drafts chained, all
+ * under one sampling rule (*rule; NULL for greedy), which the draft's draws and the acceptance then
+ * share. Marks the parts whose trees draft chained: those of a draft model whose every tree here
+ * chains. A draft model with a tree that does not (one made with $CANOPY_SPEC_HOST_LEVELS=1) grows
+ * all its trees through the host, so that they still share its forwards. */
+static int accept_where_logits_are(step_part *parts, int k, const cn_sample_rule **rule) {
   int any = 0;
   for (int j = 0; j < k; j++) {
     canopy_session *s = parts[j].s;
@@ -357,18 +366,27 @@ static int accept_where_logits_are(step_part *parts, int k) {
         parts[j].chain = 0;
     any |= parts[j].chain;
   }
+  int greedy = 1, sampled = 1;
+  *rule = NULL;
   for (int j = 0; any && j < k; j++) {
     canopy_session *s = parts[j].s;
-    if (parts[j].spec ? !cn_spec_greedy(s->spec) : cn_sampler_rule(&s->sampler).temperature > 0) any = 0;
+    const cn_sample_rule *r = parts[j].spec ? cn_spec_draw_rule(s->spec) : NULL;
+    if (parts[j].spec ? !cn_spec_greedy(s->spec) : cn_sampler_rule(&s->sampler).temperature > 0) greedy = 0;
+    if (!r || !parts[j].chain || (*rule && !same_rule(*rule, r))) sampled = 0;
+    if (r) *rule = r;
   }
+  if (!greedy && !sampled) any = 0;
+  if (greedy || !any) *rule = NULL;
   for (int j = 0; !any && j < k; j++) parts[j].chain = 0;
   return any;
 }
 
 /* The draft's side of a chained step for the parts whose draft model is d: each round is one draft
  * forward holding every such sequence's next piece, its picks appended to `ids` (rows of K, from
- * *ids_row on) with no wait. Every draft model of the step writes its own rows of the same ids. */
-static int draft_chained(canopy_model *d, step_part *parts, int k, int K, cn_ids *ids, int *ids_row) {
+ * *ids_row on) with no wait. Every draft model of the step writes its own rows of the same ids.
+ * Sampled trees (rule) draw their picks under the rule and keep each row's distribution. */
+static int draft_chained(canopy_model *d, step_part *parts, int k, int K, const cn_sample_rule *rule, cn_ids *ids,
+                         int *ids_row) {
   int st = step_scratch(d, k, 0);
   if (st) return st;
   int32_t *tokens = d->step_idx, *pos = tokens + d->max_batch, *rows = pos + d->max_batch,
@@ -380,7 +398,7 @@ static int draft_chained(canopy_model *d, step_part *parts, int k, int K, cn_ids
       parts[j].row_first = -1;
       if (!parts[j].chain || cn_spec_draft_model(sp) != d || !cn_spec_chain_drafting(sp)) continue;
       int n = cn_spec_chain_piece(sp, total, d->max_batch - total, tokens, pos, src, rows, n_rows, *ids_row + n_rows,
-                                  NULL, NULL, &d->step_seqs[n_seqs], &d->step_dyn[n_dyn]);
+                                  d->step_u, d->step_q, &d->step_seqs[n_seqs], &d->step_dyn[n_dyn]);
       if (!n) {
         waiting++;
         continue;
@@ -401,6 +419,7 @@ static int draft_chained(canopy_model *d, step_part *parts, int k, int K, cn_ids
                   .n_logits = n_rows, .logit_rows = rows, .top = top, .top_k = K,
                   .top_logp = n_dyn ? d->step_top_logp : NULL, .token_src = from_ids ? src : NULL, .src_ids = ids,
                   .top_ids = n_rows ? ids : NULL, .top_ids_at = *ids_row * K, .n_dyn = n_dyn, .dyn = d->step_dyn};
+    if (rule && n_rows) b.sample = rule, b.u = d->step_u, b.q_out = d->step_q;
     if ((st = cn_forward(d, &b, NULL))) return cn_error_wrap(st, "draft");
     for (int j = 0; j < k; j++)
       if (parts[j].row_first >= 0) cn_spec_chain_take(parts[j].s->spec);
@@ -419,14 +438,14 @@ static int first_of_draft(const step_part *parts, int j, int chain) {
 /* Grows every part's tree, sharing draft forwards among the sessions with the same draft model:
  * chained trees into the first chained draft model's shared ids (its step_ids, returned in *ids;
  * rows of the widest pick any of them needs), the others level by level through the host. */
-static int draft_all(step_part *parts, int k, cn_ids **ids) {
+static int draft_all(step_part *parts, int k, const cn_sample_rule *rule, cn_ids **ids) {
   int st = CANOPY_OK, rows_needed = 0, ids_row = 0, K = 0;
   canopy_model *d0 = NULL;
   for (int j = 0; j < k; j++)
     if (parts[j].chain) {
       if (!d0) d0 = cn_spec_draft_model(parts[j].s->spec);
       rows_needed += cn_spec_chain_rows(parts[j].s->spec);
-      if (cn_spec_draft_top_k(parts[j].s->spec) > K) K = cn_spec_draft_top_k(parts[j].s->spec);
+      if (cn_spec_chain_width(parts[j].s->spec) > K) K = cn_spec_chain_width(parts[j].s->spec);
     }
   *ids = d0 ? &d0->step_ids : NULL;
   if (d0 && d0->step_ids.n < rows_needed * K) {
@@ -440,7 +459,7 @@ static int draft_all(step_part *parts, int k, cn_ids **ids) {
   }
   for (int j = 0; !st && j < k; j++)
     if (parts[j].chain && first_of_draft(parts, j, 1))
-      st = draft_chained(cn_spec_draft_model(parts[j].s->spec), parts, k, K, &d0->step_ids, &ids_row);
+      st = draft_chained(cn_spec_draft_model(parts[j].s->spec), parts, k, K, rule, &d0->step_ids, &ids_row);
   for (int j = 0; !st && j < k; j++)
     if (parts[j].spec && !parts[j].chain && first_of_draft(parts, j, 0))
       st = draft_together(cn_spec_draft_model(parts[j].s->spec), parts, k);
@@ -483,9 +502,10 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
 
   /* Draft every tree, sharing draft forwards among sessions with the same draft model; chained
    * where it can be, so that the step waits once, for acceptance's result. */
-  int chained = accept_where_logits_are(parts, k);
+  const cn_sample_rule *rule;
+  int chained = accept_where_logits_are(parts, k, &rule);
   cn_ids *ids = NULL;
-  st = draft_all(parts, k, &ids);
+  st = draft_all(parts, k, rule, &ids);
 
   /* One target forward verifies every tree and feeds every plain session's pending token. */
   if (!st) st = step_scratch(m, n, 0);
@@ -503,8 +523,12 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
     canopy_session *s = p->s;
     p->first = total;
     if (chained && p->spec) {
-      p->n = cn_spec_chain_batch(s->spec, s->kv, total, tokens, pos, src, rows, parent, NULL, NULL, NULL,
-                                 &m->step_seqs[j], &m->step_dyn[n_dyn]);
+      p->n = cn_spec_chain_batch(s->spec, s->kv, total, tokens, pos, src, rows, parent, rule ? &s->sampler : NULL,
+                                 m->step_u, m->step_q, &m->step_seqs[j], &m->step_dyn[n_dyn]);
+      if (p->n < 0) {
+        st = p->n;
+        break;
+      }
       if (m->step_dyn[n_dyn].layout) m->step_dyn[n_dyn++].seq = j; /* a dynamic tree, staged */
     } else if (p->spec) {
       p->n = cn_spec_batch(s->spec, s->kv, total, tokens, pos, rows, &m->step_seqs[j]);
@@ -524,12 +548,18 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
     if (!grown) st = cn_error(CANOPY_ERR_NO_MEMORY, "batched step: no memory for acceptance of %d nodes", total);
     else m->step_accept = grown, m->step_accept_cap = 2 * (k + total);
   }
+  if (!st && rule && m->step_prows.rows < total + 2 * k) { /* the sampled verification's workspace */
+    cn_rows_free(m, &m->step_prows);
+    st = cn_rows_create(m, total + 2 * k, &m->step_prows);
+  }
   if (!st && k > 0 && !(st = step_scratch(m, n, chained ? 0 : total))) {
     cn_batch b = {.n_tokens = total, .tokens = tokens, .pos = pos, .n_seqs = k, .seqs = m->step_seqs,
-                  .n_logits = total, .logit_rows = rows, .top = greedy || chained ? top : NULL};
+                  .n_logits = total, .logit_rows = rows, .top = (greedy || chained) && !rule ? top : NULL};
     if (chained)
       b.token_src = src, b.src_ids = ids, b.accept_parent = parent, b.accept_out = m->step_accept, b.n_dyn = n_dyn,
       b.dyn = m->step_dyn;
+    if (rule)
+      b.accept_sample = rule, b.accept_q = m->step_q, b.accept_u = m->step_u, b.accept_rows = &m->step_prows;
     st = cn_forward(m, &b, chained ? NULL : m->step_logits);
   }
   double t2 = now_s();

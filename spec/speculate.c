@@ -125,9 +125,9 @@ static int dyn_setup(cn_spec *s) {
   return CANOPY_OK;
 }
 
-/* The ids a row of a chained step of this spec holds: a greedy tree's best picks, a sampled
- * tree's draws. */
 static int chain_width(const cn_spec *s) { return s->stochastic ? s->draw_k : s->top_k; }
+
+int cn_spec_chain_width(const cn_spec *s) { return chain_width(s); }
 
 /* Chained steps where they apply (see struct cn_spec): the fixed tree (tokens aside) and where each
  * node's token will be. $CANOPY_SPEC_HOST_LEVELS=1 keeps every step on the host path, to compare. */
@@ -147,7 +147,6 @@ static int chain_setup(cn_spec *s) {
   if (!st && s->stochastic) st = cn_rows_create(s->draft, rows, &s->qbuf);
   if (!st && s->stochastic) st = cn_rows_create(s->target, cn_spec_max_nodes(s) + 2, &s->prows);
   if (st) return st;
-  s->draw_rule = cn_sampler_rule(&s->dist);
   s->chained = 1;
   return CANOPY_OK;
 }
@@ -184,6 +183,7 @@ int cn_spec_create(canopy_model *target, canopy_model *draft, const char *tree, 
   s->bounds = cn_tree_spec_get_bounds(&s->spec);
   s->top_k = spec_top_k(&s->spec, s->stochastic, s->vocab);
   s->draw_k = spec_top_k(&s->spec, 0, INT32_MAX);
+  s->draw_rule = cn_sampler_rule(&s->dist);
   size_t V = (size_t)s->vocab, on = (size_t)s->bounds.oracle_nodes, fr = (size_t)s->bounds.max_frontier;
   size_t nn = (size_t)s->bounds.n_nodes + 1, batch = fr > (size_t)draft->max_batch ? fr : (size_t)draft->max_batch;
   s->dbatch = (int)batch;
@@ -236,6 +236,8 @@ canopy_model *cn_spec_draft_model(const cn_spec *s) { return s->draft; }
 int cn_spec_max_nodes(const cn_spec *s) { return s->bounds.n_nodes + 1; }
 
 int cn_spec_chained(const cn_spec *s) { return s->chained; }
+
+const cn_sample_rule *cn_spec_draw_rule(const cn_spec *s) { return s->stochastic ? &s->draw_rule : NULL; }
 
 int cn_spec_chain_rows(const cn_spec *s) { return s->dyn ? s->dyn_layout.R : cn_spec_max_nodes(s); }
 

@@ -99,12 +99,14 @@ int cn_spec_draft_end(cn_spec *s);
  * the host) to compare. */
 int cn_spec_chained(const cn_spec *s);
 /* The rows of picks a chained step of this spec writes (a static tree's nodes; a dynamic tree's
- * K a level and the root's). */
+ * K a level and the root's), and the ids a row holds at least (a greedy tree's best picks,
+ * cn_spec_draft_top_k; a sampled tree's draws, its most children). */
 int cn_spec_chain_rows(const cn_spec *s);
+int cn_spec_chain_width(const cn_spec *s);
 
 /* A chained step in pieces, so that sessions stepped together share its forwards (spec/session.c;
  * cn_spec_step's chained step is the same pieces for one sequence). The draft's picks go to rows
- * of K ids (K >= cn_spec_draft_top_k) in an ids buffer the caller owns and numbers the rows of:
+ * of K ids (K >= cn_spec_chain_width) in an ids buffer the caller owns and numbers the rows of:
  *
  *   cn_spec_chain_begin(s, target_kv, tokens, n_tokens, K, stats);
  *   while (cn_spec_chain_drafting(s)) {
@@ -142,6 +144,10 @@ int cn_spec_chain_batch(cn_spec *s, cn_kv_seq *target_kv, int first, int32_t *to
                         struct cn_seq_batch *sb, struct cn_dyn_step *dyn);
 int cn_spec_chain_accept(cn_spec *s, cn_kv_seq *target_kv, const int32_t *result, int32_t *out, int *n_out,
                          canopy_stats *stats);
+
+/* A sampled spec's rule for its draft's draws (its sampling params'; NULL for greedy): chained
+ * sampled specs with equal rules share draft forwards and one verification. */
+const cn_sample_rule *cn_spec_draw_rule(const cn_spec *s);
 
 /* The draft model (sessions with the same one share draft forwards). */
 canopy_model *cn_spec_draft_model(const cn_spec *s);

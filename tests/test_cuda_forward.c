@@ -556,6 +556,40 @@ static void test_sampled_speculation_on_cuda_chained_equals_host_path(void **sta
         assert_memory_equal(got[0], got[1], sizeof got[0]);
         assert_int_equal(st[0].spec_steps, st[1].spec_steps);
       }
+  /* Three sessions under one rule stepped together: chained (one accept launch for all) and on the
+   * host path, token for token. */
+  enum { S = 3 };
+  int32_t prompts[S][24], together[2][S][NEW];
+  for (int i = 0; i < S; i++) random_tokens(prompts[i], 24, target->cfg.vocab_size);
+  for (int host = 0; host < 2; host++) {
+    canopy_session *ss[S];
+    int got[S] = {0}, stepped, st;
+    if (host) setenv("CANOPY_SPEC_HOST_LEVELS", "1", 1);
+    for (int i = 0; i < S; i++) {
+      canopy_session_params sp = canopy_session_default_params();
+      sp.max_tokens = NEW, sp.stop_at_eos = 0, sp.draft = drafts[i % 2], sp.tree = trees[i % 2];
+      sp.sampling = rules[0], sp.sampling.seed = 40 + i;
+      assert_int_equal(canopy_session_create(target, &sp, &ss[i]), CANOPY_OK);
+      assert_int_equal(canopy_session_append(ss[i], prompts[i], 24), CANOPY_OK);
+    }
+    unsetenv("CANOPY_SPEC_HOST_LEVELS");
+    while ((st = canopy_sessions_step(ss, S, &stepped)) == CANOPY_OK && stepped > 0)
+      for (int i = 0; i < S; i++) {
+        int32_t t;
+        while (canopy_session_ready(ss[i]) > 0 && got[i] < NEW && canopy_session_next(ss[i], &t) == CANOPY_OK)
+          together[host][i][got[i]++] = t;
+      }
+    if (st) print_error("%s\n", canopy_last_error());
+    assert_int_equal(st, CANOPY_OK);
+    for (int i = 0; i < S; i++) {
+      assert_int_equal(got[i], NEW);
+      canopy_session_free(ss[i]);
+    }
+    if (!host) assert_non_null(target->step_prows.buf); /* the sampled verification ran chained */
+  }
+  printf("[ sampled  ] 3 sessions stepped together: chained %s the host path\n",
+         memcmp(together[0], together[1], sizeof together[0]) ? "DIFFERS from" : "equals");
+  assert_memory_equal(together[0], together[1], sizeof together[0]);
   canopy_model_free(drafts[0]);
   canopy_model_free(drafts[1]);
   canopy_model_free(target);

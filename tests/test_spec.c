@@ -436,38 +436,49 @@ static void test_batched_sessions_match_one_at_a_time(void **state) {
   }
 }
 
-/* Steps N sessions (prompt i, drafts[i] with trees[i]; a session without a draft samples at
- * plain_temp) together to NEW tokens each, all on the host path when host_levels. */
-static void step_sessions(int N, canopy_model *const *drafts, const char *const *trees, int host_levels,
-                          float plain_temp, int32_t (*out)[16], canopy_stats *stats) {
+/* Steps N sessions (prompt p0 + i, drafts[i] with trees[i]; a session without a draft samples at
+ * plain_temp; with rules, session i samples by rules[i]) together to NEW tokens each, all on the host
+ * path when host_levels; N = 1 steps by canopy_session_next alone. */
+static void step_sessions_by(int N, int p0, canopy_model *const *drafts, const char *const *trees, int host_levels,
+                             float plain_temp, const canopy_sampling_params *rules, int32_t (*out)[16],
+                             canopy_stats *stats) {
   const int NEW = quick() ? 8 : 16;
   canopy_session *ss[8];
   int got[8] = {0}, stepped;
   if (host_levels) setenv("CANOPY_SPEC_HOST_LEVELS", "1", 1);
   for (int i = 0; i < N; i++) {
     int32_t prompt[2048];
-    int n_prompt = prompt_ids(i, prompt);
+    int n_prompt = prompt_ids(p0 + i, prompt);
     canopy_session_params sp = canopy_session_default_params();
     sp.max_tokens = NEW;
     sp.stop_at_eos = 0;
     sp.draft = drafts[i];
     sp.tree = trees[i];
     if (!drafts[i]) sp.sampling.temperature = plain_temp;
+    if (rules) sp.sampling = rules[i];
     assert_int_equal(canopy_session_create(target, &sp, &ss[i]), 0);
     assert_int_equal(canopy_session_append(ss[i], prompt, n_prompt), 0);
   }
   unsetenv("CANOPY_SPEC_HOST_LEVELS");
-  while (canopy_sessions_step(ss, N, &stepped) == CANOPY_OK && stepped > 0)
+  while (N == 1 && got[0] < NEW && canopy_session_next(ss[0], &out[0][got[0]]) == CANOPY_OK) got[0]++;
+  int st;
+  while (N > 1 && (st = canopy_sessions_step(ss, N, &stepped)) == CANOPY_OK && stepped > 0)
     for (int i = 0; i < N; i++) {
       int32_t t;
       while (canopy_session_ready(ss[i]) > 0 && got[i] < NEW && canopy_session_next(ss[i], &t) == CANOPY_OK)
         out[i][got[i]++] = t;
     }
+  if (N > 1 && st) print_error("%s\n", canopy_last_error());
   for (int i = 0; i < N; i++) {
     assert_int_equal(got[i], NEW);
     canopy_session_get_stats(ss[i], &stats[i]);
     canopy_session_free(ss[i]);
   }
+}
+
+static void step_sessions(int N, canopy_model *const *drafts, const char *const *trees, int host_levels,
+                          float plain_temp, int32_t (*out)[16], canopy_stats *stats) {
+  step_sessions_by(N, 0, drafts, trees, host_levels, plain_temp, NULL, out, stats);
 }
 
 /* Sessions stepped on the chained path (a, sa) made the host path's tokens and steps (b, sb), and
@@ -547,6 +558,46 @@ static void test_mixed_batches_accept_where_the_logits_are(void **state) {
   mixed_batch(0, 0, dev, sd);
   assert_non_null(target->step_accept);
   same_as_host_path_and_alone(N, dev, host, sd, sh, "mixed");
+}
+
+/* Sampled sessions stepped together under one rule run the batched step chained: their trees' draws
+ * share draft forwards where the logits are, and one target forward accepts every tree there. Each
+ * session's randomness is its own, drawn as the host path draws it: the tokens equal the host
+ * path's and each session's stepped alone. Sessions under different rules take the host path. */
+static void test_sampled_sessions_stepped_together_chained(void **state) {
+  enum { N = 3, CAP = 16 };
+  canopy_model *drafts[N] = {shallow, quick() ? shallow : full_draft, shallow}; /* quick: under the sanitizers */
+  const char *trees[N] = {"chain:3", "static:2,1", "[[0],[1],[0,0],[0,0,0],[1,0]]"};
+  canopy_sampling_params rules[N] = {{0.8f, 0, 1.0f, 101}, {0.8f, 0, 1.0f, 102}, {0.8f, 0, 1.0f, 103}};
+  int32_t chained[N][CAP], host[N][CAP], alone[1][CAP];
+  canopy_stats sc[N], sh[N], sa[1];
+  free(target->step_accept);
+  target->step_accept = NULL, target->step_accept_cap = 0;
+  step_sessions_by(N, 0, drafts, trees, 1, 0, rules, host, sh);
+  assert_null(target->step_accept);
+  step_sessions_by(N, 0, drafts, trees, 0, 0, rules, chained, sc);
+  assert_non_null(target->step_accept); /* accepted where the logits are */
+  assert_non_null(target->step_prows.buf);
+  const int NEW = quick() ? 8 : 16;
+  for (int i = 0; i < N; i++) {
+    step_sessions_by(1, i, &drafts[i], &trees[i], 0, 0, &rules[i], alone, sa);
+    printf("[ sampled  ] session %d (%s) stepped together: %d steps, %.2f tokens a step; %s the host path, %s alone\n",
+           i, trees[i], sc[i].spec_steps, (double)sc[i].spec_tokens / sc[i].spec_steps,
+           memcmp(chained[i], host[i], sizeof *chained[i] * (size_t)NEW) ? "differs from" : "equals",
+           memcmp(chained[i], alone[0], sizeof *chained[i] * (size_t)NEW) ? "differs from" : "equals");
+    assert_memory_equal(chained[i], host[i], sizeof *chained[i] * (size_t)NEW);
+    assert_memory_equal(chained[i], alone[0], sizeof *chained[i] * (size_t)NEW);
+    assert_int_equal(sc[i].spec_steps, sh[i].spec_steps);
+    assert_memory_equal(sc[i].accept_rank, sh[i].accept_rank, sizeof sc[i].accept_rank);
+  }
+  /* One session under another temperature: the host path, the same tokens as ever. */
+  rules[2].temperature = 0.9f;
+  free(target->step_accept);
+  target->step_accept = NULL, target->step_accept_cap = 0;
+  step_sessions_by(N, 0, drafts, trees, 0, 0, rules, chained, sc);
+  assert_null(target->step_accept);
+  step_sessions_by(N, 0, drafts, trees, 1, 0, rules, host, sh);
+  assert_memory_equal(chained, host, sizeof chained[0] * N);
 }
 
 /* A draft whose KV pool runs out in the middle of a chained step: the step ends with
@@ -699,6 +750,7 @@ int main(void) {
       cmocka_unit_test(test_batched_sessions_match_one_at_a_time),
       cmocka_unit_test(test_chained_batched_sessions_match_the_host_path_and_one_at_a_time),
       cmocka_unit_test(test_mixed_batches_accept_where_the_logits_are),
+      cmocka_unit_test(test_sampled_sessions_stepped_together_chained),
       cmocka_unit_test(test_sessions_closed_at_any_time_release_every_block),
       cmocka_unit_test(test_a_draft_pool_exhausted_mid_step_is_an_error),
       cmocka_unit_test(test_bad_trees_and_drafts_are_errors),
