@@ -57,13 +57,14 @@ struct cn_spec {
   const float *qrows[CN_TREE_MAX_NODES];
   float *scratch;            /* [2V] */
 
-  /* Chained steps (greedy static trees, both models on one backend that chains forwards): each
-   * draft level takes its tokens from the picks of the level before where the backend keeps them,
-   * the verification takes the tree's tokens from there too and runs acceptance, and only its
-   * result crosses to the host: one wait a step instead of one a level. */
+  /* Chained steps (static trees, greedy or sampled, and greedy dynamic trees, with both models on
+   * one backend that chains forwards): each draft level takes its tokens from the picks of the
+   * level before where the backend keeps them, the verification takes the tree's tokens from there
+   * too and runs acceptance, and only its result crosses to the host: one wait a step instead of one
+   * a level. */
   int chained;
   int step_chained;          /* the step under way drafts chained (cn_spec_chain_begin), not on the host */
-  cn_ids ids;                /* a step's picks when it runs alone: rows of top_k ids */
+  cn_ids ids;                /* a step's picks when it runs alone: rows of chain_width ids */
   int chain_k;               /* ids a row in the step under way */
   int chain_level;           /* the next tree level to feed */
   int32_t chain_row[CN_TREE_MAX_NODES]; /* node (the root, fed nodes) -> the row of ids holding its picks */
