@@ -176,6 +176,7 @@ typedef struct cn_backend {
                         int n);
   int host_ids; /* ids are host memory: the forward resolves token_src and fills top_ids itself */
   int dyn_trees; /* grows and stages dynamic trees (cn_batch.dyn): host_ids backends in the forward */
+  int sampled_batches; /* sessions stepped together may chain sampled trees (spec/session.c) */
 } cn_backend;
 
 /* The fp32 CPU backend with `n_threads` workers (0 = all online cores). */
