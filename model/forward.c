@@ -46,6 +46,12 @@ void cn_rows_free(canopy_model *m, cn_rows *r) {
   if (r) *r = (cn_rows){0};
 }
 
+int cn_rows_reserve(canopy_model *m, cn_rows *r, int rows) {
+  if (r->buf && r->rows >= rows) return CANOPY_OK;
+  cn_rows_free(m, r);
+  return cn_rows_create(m, rows, r);
+}
+
 /* A sampled acceptance's inputs (model/forward.h, accept_sample): the target's distributions go
  * to accept_rows, each node with children names its draft row, each decision has its uniform. */
 static int check_accept_sampled(canopy_model *m, const cn_batch *b) {

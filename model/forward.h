@@ -32,6 +32,8 @@ void cn_ids_free(canopy_model *m, cn_ids *ids);
  * vocabulary on the same backend. Errors as cn_ids_create. */
 int cn_rows_create(canopy_model *m, int rows, cn_rows *out);
 void cn_rows_free(canopy_model *m, cn_rows *r);
+/* r holds at least `rows` rows: made anew (its contents dropped) when it holds fewer. */
+int cn_rows_reserve(canopy_model *m, cn_rows *r, int rows);
 
 /* A dynamic (EAGLE-2) tree grown where the draft's picks are (kernels/tree_dyn.h): its state in
  * `ids`, its shape `layout`, sequence `seq` of the batch. A forward may grow it, be staged from it,

@@ -83,7 +83,8 @@ struct canopy_model {
   int32_t *step_accept;
   int step_accept_cap;
   /* Chained sampled steps: a forward's uniforms [32 max_batch] and draft rows [max_batch] (host),
-   * and as a target the verification's workspace rows (model/forward.h, accept_rows). */
+   * and as a target the verification's workspace rows (model/forward.h, accept_rows), which a
+   * session's own step and a batched step both use. */
   double *step_u;
   float **step_q;
   cn_rows step_prows;

@@ -548,10 +548,7 @@ int canopy_sessions_step(canopy_session *const *ss, int n, int *n_stepped) {
     if (!grown) st = cn_error(CANOPY_ERR_NO_MEMORY, "batched step: no memory for acceptance of %d nodes", total);
     else m->step_accept = grown, m->step_accept_cap = 2 * (k + total);
   }
-  if (!st && rule && m->step_prows.rows < total + 2 * k) { /* the sampled verification's workspace */
-    cn_rows_free(m, &m->step_prows);
-    st = cn_rows_create(m, total + 2 * k, &m->step_prows);
-  }
+  if (!st && rule) st = cn_rows_reserve(m, &m->step_prows, total + 2 * k); /* the verification's workspace */
   if (!st && k > 0 && !(st = step_scratch(m, n, chained ? 0 : total))) {
     cn_batch b = {.n_tokens = total, .tokens = tokens, .pos = pos, .n_seqs = k, .seqs = m->step_seqs,
                   .n_logits = total, .logit_rows = rows, .top = (greedy || chained) && !rule ? top : NULL};

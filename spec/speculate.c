@@ -82,10 +82,11 @@ struct cn_spec {
 
   /* Chained sampled trees (static shapes; kernels/cpu/tree_sampled.c): each fed row draws draw_k
    * children where the logits are and keeps its distribution in qbuf, which the verification's
-   * stochastic acceptance reads there, its target rows in prows. Every decision's uniform comes from
-   * the host (the draft's rng for draws, the sampler's for acceptance), drawn as the host path
-   * draws them, so both paths give the same tokens from the same logits. */
-  cn_rows qbuf, prows;       /* [fed rows][V] on the draft; [max nodes + 2][V] on the target */
+   * stochastic acceptance reads there (its target rows in the target's step_prows, which batched
+   * steps use too). Every decision's uniform comes from the host (the draft's rng for draws, the
+   * sampler's for acceptance), drawn as the host path draws them, so both paths give the same
+   * tokens from the same logits. */
+  cn_rows qbuf;              /* [fed rows][V] on the draft */
   int n_qrows;               /* qbuf rows the step under way has given out */
   int32_t chain_qrow[CN_TREE_MAX_NODES]; /* fed node -> its qbuf row */
   cn_sample_rule draw_rule, acc_rule;
@@ -146,7 +147,6 @@ static int chain_setup(cn_spec *s) {
     rows += sp->n_children[u] > 0;
   int st = cn_ids_create(s->draft, rows * chain_width(s), &s->ids);
   if (!st && s->stochastic) st = cn_rows_create(s->draft, rows, &s->qbuf);
-  if (!st && s->stochastic) st = cn_rows_create(s->target, cn_spec_max_nodes(s) + 2, &s->prows);
   if (st) return st;
   s->chained = 1;
   return CANOPY_OK;
@@ -221,7 +221,6 @@ void cn_spec_free(cn_spec *s) {
   if (!s) return;
   cn_ids_free(s->draft, &s->ids);
   cn_rows_free(s->draft, &s->qbuf);
-  cn_rows_free(s->target, &s->prows);
   cn_kv_seq_free(s->dkv);
   cn_sampler_free(&s->dist);
   free(s->dmask), free(s->dtok), free(s->dpos), free(s->drows), free(s->dlogits), free(s->dprobs);
@@ -791,8 +790,11 @@ static int chained_step(cn_spec *s, cn_kv_seq *target_kv, const int32_t *tokens,
                 .logit_rows = s->trows, .top = top, .token_src = s->dyn ? NULL : s->tsrc, .src_ids = &s->ids,
                 .accept_parent = s->tparent, .accept_out = s->acc_out, .n_dyn = dyn.layout != NULL, .dyn = &dyn};
   if (s->stochastic)
-    b.top = NULL, b.accept_sample = &s->acc_rule, b.accept_q = s->tq, b.accept_u = s->tu, b.accept_rows = &s->prows;
-  st = n < 0 ? n : cn_forward(s->target, &b, NULL);
+    b.top = NULL, b.accept_sample = &s->acc_rule, b.accept_q = s->tq, b.accept_u = s->tu,
+    b.accept_rows = &s->target->step_prows;
+  st = n < 0 ? n : CANOPY_OK;
+  if (!st && s->stochastic) st = cn_rows_reserve(s->target, &s->target->step_prows, n + 2);
+  if (!st) st = cn_forward(s->target, &b, NULL);
   if (st) {
     cn_spec_truncate(s, cn_kv_seq_len(s->dkv));
     return st;

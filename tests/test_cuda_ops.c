@@ -1033,6 +1033,26 @@ static void test_norm_qkv_rope_kv_is_bit_exact(void **state) {
   END_TEST();
 }
 
+/* Acceptance results of a batch of n_seqs trees (cn_cpu_accept_greedy's layout) equal: each
+ * sequence's count, bonus, and only the nodes and tokens its count says are written. Returns the
+ * nodes accepted in all. */
+static int same_acceptance(const int32_t *got, const int32_t *want, const int32_t *par, int n, int n_seqs) {
+  int accepted = 0;
+  for (int q = 0, f = 0; q < n_seqs; q++) {
+    int m = cn_cpu_tree_end(par, n, f) - f;
+    const int32_t *g = got + 2 * q + 2 * f, *w = want + 2 * q + 2 * f;
+    assert_int_equal(g[0], w[0]);
+    assert_int_equal(g[1], w[1]);
+    for (int i = 0; i < w[0]; i++) {
+      assert_int_equal(g[2 + i], w[2 + i]);
+      assert_int_equal(g[2 + m + i], w[2 + m + i]);
+    }
+    accepted += w[0];
+    f += m;
+  }
+  return accepted;
+}
+
 /* A chained speculative step's device pieces against their CPU twins: the gather of tokens from
  * earlier picks, and greedy acceptance on random trees (n 1..300, a vocabulary of 3 so that
  * children match often and siblings repeat tokens); and an event recorded on one context's
@@ -1071,21 +1091,8 @@ static void test_gather_ids_and_tree_acceptance_match_cpu(void **state) {
     CK(cn_cuda_memcpy_d2h(ctx, got_tok, d_tok, sizeof *tok * (size_t)n));
     CK(cn_cuda_memcpy_d2h(ctx, got, d_out, sizeof(int32_t) * (size_t)(2 * n_seqs + 2 * n)));
     assert_memory_equal(got_tok, tok, sizeof *tok * (size_t)n);
-    for (int q = 0, f = 0; q < n_seqs; q++) { /* only what each sequence's count says is written */
-      int m = f + 1;
-      while (m < n && par[m] != -1) m++;
-      m -= f;
-      const int32_t *g = got + 2 * q + 2 * f, *w = want + 2 * q + 2 * f;
-      assert_int_equal(g[0], w[0]);
-      assert_int_equal(g[1], w[1]);
-      for (int i = 0; i < w[0]; i++) {
-        assert_int_equal(g[2 + i], w[2 + i]);
-        assert_int_equal(g[2 + m + i], w[2 + m + i]);
-      }
-      accepted += w[0];
-      trees++;
-      f += m;
-    }
+    accepted += same_acceptance(got, want, par, n, n_seqs);
+    trees += n_seqs;
   }
   printf("[ accept   ] %d random trees in 200 batches, %d nodes accepted in all: device equals host\n", trees,
          accepted);
@@ -1268,21 +1275,8 @@ static void test_sampled_acceptance_matches_cpu(void **state) {
       CK(cn_cuda_memcpy_d2h(ctx, got, d_out, sizeof(int32_t) * (size_t)(2 * n_seqs + 2 * n)));
       rows_of pr = {p, V};
       assert_int_equal(cn_cpu_accept_sampled(want, tok, par, n, row_at, &pr, qh, u, V, scratch), n_seqs);
-      for (int s = 0, f = 0; s < n_seqs; s++) {
-        int m = f + 1;
-        while (m < n && par[m] != -1) m++;
-        m -= f;
-        const int32_t *g = got + 2 * s + 2 * f, *w = want + 2 * s + 2 * f;
-        assert_int_equal(g[0], w[0]);
-        assert_int_equal(g[1], w[1]);
-        for (int i = 0; i < w[0]; i++) {
-          assert_int_equal(g[2 + i], w[2 + i]);
-          assert_int_equal(g[2 + m + i], w[2 + m + i]);
-        }
-        accepted += w[0];
-        trees++;
-        f += m;
-      }
+      accepted += same_acceptance(got, want, par, n, n_seqs);
+      trees += n_seqs;
     }
     cn_cuda_free(ctx, d_p), cn_cuda_free(ctx, d_q), cn_cuda_free(ctx, d_scratch), cn_cuda_free(ctx, d_tok);
     cn_cuda_free(ctx, d_par), cn_cuda_free(ctx, d_out), cn_cuda_free(ctx, d_u), cn_cuda_free(ctx, d_qp);

@@ -576,8 +576,10 @@ static void test_sampled_sessions_stepped_together_chained(void **state) {
   canopy_stats sc[N], sh[N], sa[1];
   free(target->step_accept);
   target->step_accept = NULL, target->step_accept_cap = 0;
+  cn_rows_free(target, &target->step_prows); /* single sessions' chained steps made it too */
   step_sessions_by(N, 0, drafts, trees, 1, 0, rules, host, sh);
   assert_null(target->step_accept);
+  assert_null(target->step_prows.buf);
   step_sessions_by(N, 0, drafts, trees, 0, 0, rules, chained, sc);
   assert_non_null(target->step_accept); /* accepted where the logits are */
   assert_non_null(target->step_prows.buf);

@@ -136,6 +136,12 @@ void cn_cpu_gather_ids(int32_t *tokens, const int32_t *src, const int32_t *ids, 
  * sequence). */
 int cn_cpu_accept_greedy(int32_t *out, const int32_t *tokens, const int32_t *top, const int32_t *parent, int n);
 
+/* The layout the acceptance of a batch of trees takes (above): -1 when parent [n] is one, else the
+ * first node that breaks it (0: no root at node 0, n < 1 included). */
+int cn_cpu_tree_batch_bad(const int32_t *parent, int n);
+/* The end of the tree that starts at root f: the next root, or n. */
+int cn_cpu_tree_end(const int32_t *parent, int n, int f);
+
 /* ---- sampled token trees (stochastic speculation) over arrays: kernels/cpu/tree_sampled.c ------- */
 
 /* Up to k distinct tokens drawn from q [vocab] without replacement (Sequoia's drafting rule):

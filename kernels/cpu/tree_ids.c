@@ -24,16 +24,26 @@ static void accept_one(int32_t *out, const int32_t *tokens, const int32_t *top, 
   out[1] = top[u];
 }
 
-int cn_cpu_accept_greedy(int32_t *out, const int32_t *tokens, const int32_t *top, const int32_t *parent, int n) {
-  if (n < 1 || parent[0] != -1) return -1;
+int cn_cpu_tree_batch_bad(const int32_t *parent, int n) {
+  if (n < 1 || parent[0] != -1) return 0;
   for (int i = 1, f = 0; i < n; i++) {
     if (parent[i] == -1) f = i;
-    else if ((parent[i] < 0 && parent[i] != -2) || parent[i] >= i - f) return -1;
+    else if ((parent[i] < 0 && parent[i] != -2) || parent[i] >= i - f) return i;
   }
+  return -1;
+}
+
+int cn_cpu_tree_end(const int32_t *parent, int n, int f) {
+  int e = f + 1;
+  while (e < n && parent[e] != -1) e++;
+  return e;
+}
+
+int cn_cpu_accept_greedy(int32_t *out, const int32_t *tokens, const int32_t *top, const int32_t *parent, int n) {
+  if (cn_cpu_tree_batch_bad(parent, n) >= 0) return -1;
   int seqs = 0;
   for (int f = 0; f < n; seqs++) {
-    int e = f + 1;
-    while (e < n && parent[e] != -1) e++;
+    int e = cn_cpu_tree_end(parent, n, f);
     accept_one(out + 2 * seqs + 2 * f, tokens + f, top + f, parent + f, e - f);
     f = e;
   }

@@ -246,16 +246,12 @@ static int seq_row(void *ctx, int node, const float **row) {
 
 int cn_cpu_accept_sampled(int32_t *out, const int32_t *tokens, const int32_t *parent, int n, cn_cpu_row_fn p_row,
                           void *ctx, const float *const *q, const double *u, int vocab, float *scratch) {
-  if (n < 1 || parent[0] != -1) return cn_error(CANOPY_ERR_INVALID_ARG, "accept sampled: no root at node 0");
-  for (int i = 1, f = 0; i < n; i++) {
-    if (parent[i] == -1) f = i;
-    else if ((parent[i] < 0 && parent[i] != -2) || parent[i] >= i - f)
-      return cn_error(CANOPY_ERR_INVALID_ARG, "accept sampled: node %d has parent %d", i, parent[i]);
-  }
+  int bad = cn_cpu_tree_batch_bad(parent, n);
+  if (bad == 0) return cn_error(CANOPY_ERR_INVALID_ARG, "accept sampled: no root at node 0");
+  if (bad > 0) return cn_error(CANOPY_ERR_INVALID_ARG, "accept sampled: node %d has parent %d", bad, parent[bad]);
   int seqs = 0;
   for (int f = 0; f < n; seqs++) {
-    int e = f + 1;
-    while (e < n && parent[e] != -1) e++;
+    int e = cn_cpu_tree_end(parent, n, f);
     int m = e - f, n_acc = 0;
     int32_t *o = out + 2 * seqs + 2 * f;
     seq_rows r = {p_row, ctx, f};

@@ -94,26 +94,22 @@ __device__ __forceinline__ bool kept(float l, int i, sample_cut c) {
   return c.id < 0 || l > c.key || (l == c.key && i <= c.id);
 }
 
-/* One block per row: the kept set's max and mass, then its CDF in id order (in double, chunk by
- * chunk) until it passes u. */
-__global__ void __launch_bounds__(SAMPLE_THREADS)
-    sample_draw_kernel(int32_t *ids, const float *logits, const sample_cut *cuts, const double *u, int V, float inv_t) {
-  cn_pdl_enter();
+/* The kept set's max of logit / T and its mass sum exp(logit / T - max) in double, the same in
+ * every thread of the block (the draw and the probabilities both start from them). */
+struct kept_stats {
+  float mx;
+  double sum;
+};
+
+__device__ kept_stats kept_max_sum(const float *l, sample_cut c, int V, float inv_t) {
   typedef cub::BlockReduce<float, SAMPLE_THREADS> FMax;
   typedef cub::BlockReduce<double, SAMPLE_THREADS> Sum;
-  typedef cub::BlockScan<double, SAMPLE_THREADS> Scan;
-  typedef cub::BlockReduce<int, SAMPLE_THREADS> IMax;
   __shared__ union {
     typename FMax::TempStorage fmax;
     typename Sum::TempStorage sum;
-    typename Scan::TempStorage scan;
-    typename IMax::TempStorage imax;
   } tmp;
   __shared__ float s_mx;
   __shared__ double s_sum;
-  __shared__ int s_hit;
-  const float *l = logits + (size_t)blockIdx.x * V;
-  sample_cut c = cuts ? cuts[blockIdx.x] : (sample_cut){0.0f, -1};
   float mx = -INFINITY;
   for (int i = threadIdx.x; i < V; i += SAMPLE_THREADS)
     if (kept(l[i], i, c)) mx = fmaxf(mx, scaled(l[i], inv_t));
@@ -125,12 +121,30 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
   for (int i = threadIdx.x; i < V; i += SAMPLE_THREADS)
     if (kept(l[i], i, c)) s += expf(scaled(l[i], inv_t) - mx);
   s = Sum(tmp.sum).Sum(s);
-  if (threadIdx.x == 0) {
-    s_sum = s;
-    s_hit = INT_MAX;
-  }
+  if (threadIdx.x == 0) s_sum = s;
   __syncthreads();
-  double sum = s_sum, uu = u[blockIdx.x], carry = 0;
+  return kept_stats{mx, s_sum};
+}
+
+/* One block per row: the kept set's max and mass, then its CDF in id order (in double, chunk by
+ * chunk) until it passes u. */
+__global__ void __launch_bounds__(SAMPLE_THREADS)
+    sample_draw_kernel(int32_t *ids, const float *logits, const sample_cut *cuts, const double *u, int V, float inv_t) {
+  cn_pdl_enter();
+  typedef cub::BlockScan<double, SAMPLE_THREADS> Scan;
+  typedef cub::BlockReduce<int, SAMPLE_THREADS> IMax;
+  __shared__ union {
+    typename Scan::TempStorage scan;
+    typename IMax::TempStorage imax;
+  } tmp;
+  __shared__ int s_hit;
+  const float *l = logits + (size_t)blockIdx.x * V;
+  sample_cut c = cuts ? cuts[blockIdx.x] : (sample_cut){0.0f, -1};
+  kept_stats k = kept_max_sum(l, c, V, inv_t);
+  float mx = k.mx;
+  if (threadIdx.x == 0) s_hit = INT_MAX;
+  __syncthreads();
+  double sum = k.sum, uu = u[blockIdx.x], carry = 0;
   int last = 0;
   for (int base = 0; base < V; base += SAMPLE_THREADS) {
     int i = base + threadIdx.x;
@@ -235,38 +249,17 @@ int cn_cuda_sample(cn_cuda_ctx *ctx, int32_t *ids, const float *logits, int rows
   return CANOPY_OK;
 }
 
-/* One block per row: the kept set's max and mass (as the draw kernel finds them), then the row of
- * probabilities, the float of p / sum as the CPU writes it. */
+/* One block per row: the kept set's max and mass, then the row of probabilities, the float of
+ * p / sum as the CPU writes it. */
 __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_probs_kernel(float *const *dst, const float *logits, const sample_cut *cuts, int V, float inv_t) {
   cn_pdl_enter();
-  typedef cub::BlockReduce<float, SAMPLE_THREADS> FMax;
-  typedef cub::BlockReduce<double, SAMPLE_THREADS> Sum;
-  __shared__ union {
-    typename FMax::TempStorage fmax;
-    typename Sum::TempStorage sum;
-  } tmp;
-  __shared__ float s_mx;
-  __shared__ double s_sum;
   const float *l = logits + (size_t)blockIdx.x * V;
   float *out = dst[blockIdx.x];
   sample_cut c = cuts ? cuts[blockIdx.x] : (sample_cut){0.0f, -1};
-  float mx = -INFINITY;
+  kept_stats k = kept_max_sum(l, c, V, inv_t);
   for (int i = threadIdx.x; i < V; i += SAMPLE_THREADS)
-    if (kept(l[i], i, c)) mx = fmaxf(mx, scaled(l[i], inv_t));
-  mx = FMax(tmp.fmax).Reduce(mx, max_op());
-  if (threadIdx.x == 0) s_mx = mx;
-  __syncthreads();
-  mx = s_mx;
-  double s = 0;
-  for (int i = threadIdx.x; i < V; i += SAMPLE_THREADS)
-    if (kept(l[i], i, c)) s += expf(scaled(l[i], inv_t) - mx);
-  s = Sum(tmp.sum).Sum(s);
-  if (threadIdx.x == 0) s_sum = s;
-  __syncthreads();
-  double sum = s_sum;
-  for (int i = threadIdx.x; i < V; i += SAMPLE_THREADS)
-    out[i] = kept(l[i], i, c) ? (float)(expf(scaled(l[i], inv_t) - mx) / sum) : 0.0f;
+    out[i] = kept(l[i], i, c) ? (float)(expf(scaled(l[i], inv_t) - k.mx) / k.sum) : 0.0f;
 }
 
 int cn_cuda_sample_probs(cn_cuda_ctx *ctx, float *const *dst, const float *logits, int rows, int V, float temperature,

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/tree_batch.cuh"
 
 #define IDS_THREADS 256
 
@@ -31,17 +32,7 @@ __global__ void __launch_bounds__(IDS_THREADS)
     accept_greedy_kernel(int32_t *out, const int32_t *tokens, const int32_t *top, const int32_t *parent, int n) {
   cn_pdl_enter();
   __shared__ int first, end, next;
-  if (threadIdx.x == 0) {
-    int f = 0;
-    for (int seen = -1, i = 0; i < n; i++)
-      if (parent[i] == -1 && ++seen == (int)blockIdx.x) {
-        f = i;
-        break;
-      }
-    int e = f + 1;
-    while (e < n && parent[e] != -1) e++;
-    first = f, end = e;
-  }
+  if (threadIdx.x == 0) cn_tree_of_batch(parent, n, (int)blockIdx.x, &first, &end);
   __syncthreads();
   const int f = first, m = end - first;
   tokens += f, top += f, parent += f, out += 2 * blockIdx.x + 2 * f;

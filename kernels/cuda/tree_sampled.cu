@@ -13,6 +13,7 @@
 #include <limits.h>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/tree_batch.cuh"
 
 #define TS_THREADS 256
 #define TS_MAX_BLOCKS 1024
@@ -162,17 +163,7 @@ __global__ void __launch_bounds__(TS_THREADS)
   __shared__ typename Sum::TempStorage tmp;
   __shared__ double bcast, bsum[TS_MAX_BLOCKS];
   __shared__ int first, end, first_child, bonus;
-  if (threadIdx.x == 0) {
-    int f = 0;
-    for (int seen = -1, i = 0; i < n; i++)
-      if (parent[i] == -1 && ++seen == (int)blockIdx.x) {
-        f = i;
-        break;
-      }
-    int e = f + 1;
-    while (e < n && parent[e] != -1) e++;
-    first = f, end = e;
-  }
+  if (threadIdx.x == 0) cn_tree_of_batch(parent, n, (int)blockIdx.x, &first, &end);
   __syncthreads();
   const int f = first, m = end - first;
   tokens += f, parent += f, q_of += f, u += 2 * f, p += (size_t)f * V, out += 2 * blockIdx.x + 2 * f;
