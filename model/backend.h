@@ -175,7 +175,9 @@ typedef struct cn_backend {
   void (*accept_greedy)(void *ctx, int32_t *out, const int32_t *tokens, const int32_t *top, const int32_t *parent,
                         int n);
   int host_ids; /* ids are host memory: the forward resolves token_src and fills top_ids itself */
-  int dyn_trees; /* grows and stages dynamic trees (cn_batch.dyn): host_ids backends in the forward */
+  /* Whether forwards of a model with heads of head_dim grow and stage dynamic trees (cn_batch.dyn);
+   * NULL: never. host_ids backends do it in the forward. */
+  int (*dyn_trees)(int head_dim);
   int sampled_batches; /* sessions stepped together may chain sampled trees (spec/session.c) */
 } cn_backend;
 

@@ -19,6 +19,8 @@ typedef struct cpu_ctx {
   int sample_cap;
 } cpu_ctx;
 
+static int cpu_dyn_trees(int head_dim) { return 1; }
+
 static void cpu_destroy(void *ctx) {
   cpu_ctx *c = ctx;
   cn_threadpool_free(c->tp);
@@ -273,7 +275,7 @@ static const cn_backend cpu_backend = {
     .ids_free = cpu_ids_free,
     .accept_greedy = cpu_accept_greedy,
     .host_ids = 1,
-    .dyn_trees = 1,
+    .dyn_trees = cpu_dyn_trees,
     .sampled_batches = 1,
 };
 

@@ -1097,10 +1097,7 @@ static const cn_backend cuda_backend = {
     .ids_create = cuda_ids_create,
     .ids_free = cuda_ids_free,
     .accept_greedy = cuda_accept_greedy,
-    /* Dynamic trees grown on the device fail test_cuda_forward's greedy and mixed-batch tests (H200,
-     * 2026-12-05; the kernels match their twins in test_cuda_ops, so the fault is in the staging or
-     * the growth's ordering): the host path grows them until that is found. */
-    .dyn_trees = 0,
+    .dyn_trees = cn_cuda_tree_attn_supported, /* staging writes the tree kernel's batch */
     .sampled_batches = 0, /* three sampled sessions stepped together differed from the host path (H200) */
     .norm_matmul = cuda_norm_matmul,
     .matmul_add = cuda_matmul_add,

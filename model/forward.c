@@ -140,8 +140,9 @@ static int check_dyn(const cn_batch *b, const cn_dyn_step *d, int i) {
 }
 
 static int check_dyns(canopy_model *m, const cn_batch *b) {
-  if (!m->be->dyn_trees)
-    return cn_error(CANOPY_ERR_UNSUPPORTED, "forward: the %s backend cannot grow dynamic trees", m->be->name);
+  if (!m->be->dyn_trees || !m->be->dyn_trees(m->cfg.head_dim))
+    return cn_error(CANOPY_ERR_UNSUPPORTED, "forward: the %s backend cannot grow dynamic trees for heads of %d",
+                    m->be->name, m->cfg.head_dim);
   if (!b->dyn || b->n_dyn > b->n_seqs)
     return cn_error(CANOPY_ERR_INVALID_ARG, "forward: %d dynamic trees for %d sequences", b->n_dyn, b->n_seqs);
   int st = CANOPY_OK;

@@ -115,7 +115,9 @@ static int spec_top_k(const cn_tree_spec *sp, int stochastic, int vocab) {
 static int dyn_setup(cn_spec *s) {
   const cn_tree_spec *sp = &s->spec;
   cn_dyn_layout l = cn_dyn_layout_make(sp->topk, sp->depth, sp->n_nodes);
-  if (!s->target->be->dyn_trees || l.R > CN_TREE_MAX_NODES || l.T > CN_TREE_MAX_NODES || l.K > s->draft->max_batch ||
+  const cn_backend *be = s->target->be;
+  if (!be->dyn_trees || !be->dyn_trees(s->target->cfg.head_dim) || !be->dyn_trees(s->draft->cfg.head_dim) ||
+      l.R > CN_TREE_MAX_NODES || l.T > CN_TREE_MAX_NODES || l.K > s->draft->max_batch ||
       l.T > s->target->max_batch || s->top_k != l.K)
     return CANOPY_OK;
   if (!(s->dyn_mask = malloc(sizeof *s->dyn_mask * (size_t)l.K * WORDS(l.R - 1))))

@@ -586,8 +586,14 @@ static void test_sampled_speculation_on_cuda_chained_equals_host_path(void **sta
     }
     /* (The CUDA backend steps sampled batches on the host path for now: sampled_batches = 0.) */
   }
-  printf("[ sampled  ] 3 sessions stepped together: chained %s the host path\n",
-         memcmp(together[0], together[1], sizeof together[0]) ? "DIFFERS from" : "equals");
+  for (int i = 0; i < S; i++) {
+    int first = 0;
+    while (first < NEW && together[0][i][first] == together[1][i][first]) first++;
+    printf("[ sampled  ] 3 sessions stepped together, session %d (%s): chained %s the host path", i, trees[i % 2],
+           first == NEW ? "equals" : "DIFFERS from");
+    if (first < NEW) printf(" from token %d", first);
+    printf("\n");
+  }
   assert_memory_equal(together[0], together[1], sizeof together[0]);
   canopy_model_free(drafts[0]);
   canopy_model_free(drafts[1]);
@@ -702,6 +708,9 @@ int main(void) {
     return CN_TEST_SKIP;
   }
   rng = cn_test_seed("test_cuda_forward");
+  /* $CANOPY_TEST_FILTER: only the tests whose names match (cmocka's pattern: * and ?). */
+  const char *filter = getenv("CANOPY_TEST_FILTER");
+  if (filter) cmocka_set_test_filter(filter);
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_prefill_chunked_prefill_and_decode_match_cpu),
       cmocka_unit_test(test_tree_verify_and_accepted_path_commit_match_cpu),
