@@ -109,6 +109,7 @@ typedef struct cuda_ctx {
   int32_t *tok_dev;    /* this forward's tokens as staged (token_src gathers into them) */
   int32_t *pos_dev;    /* and its positions (a dynamic tree's staging writes them) */
   const int32_t *src_dev, *parent_dev; /* its token_src and accept_parent as staged */
+  float *const *prow_dev; /* [n_logits] staged: the verification's probability rows (accept_rows + i vocab) */
   int32_t *acc_dev;    /* [acc_cap] accept_greedy's result */
   int acc_cap;
   /* A chained forward (top_ids, no host outputs) ends without waiting for the device; staged marks
@@ -220,16 +221,6 @@ static const void *dev_of(cuda_ctx *c, const void *host, size_t bytes) {
   if (keep(c, cn_cuda_memcpy_h2d_async(c->cu, d, h, bytes))) return NULL;
   if (!(c->map[k].gen == c->gen && c->map[k].host)) c->map_used++;
   c->map[k] = (staged){.host = host, .bytes = bytes, .dev = d, .gen = c->gen};
-  return d;
-}
-
-/* A device copy of host bytes that may change before the forward ends (a caller's stack array):
- * uploaded now, not looked up by address. NULL (with the failure kept) when staging fails. */
-static const void *stage_copy(cuda_ctx *c, const void *host, size_t bytes) {
-  void *h, *d;
-  if (c->status || keep(c, arena_take(c, bytes, &h, &d))) return NULL;
-  memcpy(h, host, bytes);
-  if (keep(c, cn_cuda_memcpy_h2d_async(c->cu, d, h, bytes))) return NULL;
   return d;
 }
 
@@ -497,14 +488,23 @@ static size_t align16(size_t n) { return (n + 15) & ~(size_t)15; }
 static int graph_key(const cuda_ctx *c, const cn_fwd_io *io, int n_pos, int n_mask, cn_graph_key *key) {
   const cn_attn_desc *d = io->desc;
   if (!io->n_seqs || !cn_cuda_tree_attn_supported(d[0].head_dim) || !c->max_blocks) return 0;
-  if ((!io->top && io->n_logits > CN_LOGIT_CHUNK) || io->sample || io->accept_sample) return 0;
+  if ((!io->top && io->n_logits > CN_LOGIT_CHUNK) || (io->sample && !io->rule)) return 0;
   for (int s = 0; s < io->n_seqs; s++) {
     int nb;
     cn_kv_seq_blocks(d[s].seq, &nb);
     if (nb > c->max_blocks) return 0;
   }
+  /* A sampled tree's forward: its rule's numbers are kernel arguments, and its verification
+   * writes the probability rows at accept_rows (the uniforms and row pointers are staged data). */
+  const cn_sample_rule *r = io->rule ? io->rule : io->accept_sample;
+  int32_t t = 0, p = 0;
+  if (r) memcpy(&t, &r->temperature, sizeof t), memcpy(&p, &r->top_p, sizeof p);
+  uint64_t rows = (uint64_t)(uintptr_t)io->accept_rows;
+  int flags = (io->top_logp ? 1000 : 0) + (io->accept_parent ? 2000 : 0) + (io->rule ? 4000 : 0) +
+              (io->accept_sample ? 8000 : 0);
   *key = (cn_graph_key){{io->n_tokens, io->n_seqs, io->n_logits, io->top != NULL, c->keys_bucket, c->any_tree,
-                         c->max_n, n_pos, n_mask, io->top_k + (io->top_logp ? 1000 : 0) + (io->accept_parent ? 2000 : 0)}};
+                         c->max_n, n_pos, n_mask, io->top_k + flags, t, r ? r->top_k : 0, p, (int32_t)(uint32_t)rows,
+                         (int32_t)(uint32_t)(rows >> 32)}};
   return 1;
 }
 
@@ -533,8 +533,15 @@ static int stage_inputs(cuda_ctx *c, const cn_fwd_io *io, cn_graph_key *key, int
   size_t at_pos = align16(sizeof(int32_t) * (size_t)n), at_rows = at_pos + at_pos,
          at_freq = at_rows + align16(sizeof(int32_t) * (size_t)io->n_logits),
          at_slots = at_freq + align16(sizeof(float) * (size_t)(hd / 2)), at_src = at_slots + at_pos,
-         at_parent = at_src + at_pos, at_tb = at_parent + at_pos; /* token_src and accept_parent: always room, so
-                                                                     the layout stays a function of the key */
+         at_parent = at_src + at_pos; /* token_src and accept_parent: always room, so the layout stays a
+                                         function of the key */
+  /* A sampled tree's uniforms and device row pointers: its draws' (u, q_out) or its verification's
+   * (the probability rows, accept_q, accept_u). */
+  size_t n_u = io->rule ? (size_t)io->n_logits * io->top_k : 0, n_q = io->rule ? (size_t)io->n_logits : 0,
+         n_prow = io->accept_sample ? (size_t)io->n_logits : 0, n_acc = io->accept_sample ? (size_t)n : 0;
+  size_t at_u = at_parent + at_pos, at_q = at_u + align16(sizeof(double) * n_u),
+         at_prow = at_q + align16(sizeof(float *) * n_q), at_aq = at_prow + align16(sizeof(float *) * n_prow),
+         at_au = at_aq + align16(sizeof(float *) * n_acc), at_tb = at_au + align16(sizeof(double) * 2 * n_acc);
   c->at_tables = align16(sizeof(cn_cuda_tree_seq) * (size_t)ns);
   c->at_pos = c->at_tables + align16(sizeof(int32_t) * (size_t)ns * stride);
   c->at_mask = c->at_pos + align16(sizeof(int32_t) * (size_t)n_pos);
@@ -550,6 +557,13 @@ static int stage_inputs(cuda_ctx *c, const cn_fwd_io *io, cn_graph_key *key, int
   if (hd) memcpy(h + at_freq, io->inv_freq, sizeof(float) * (size_t)(hd / 2));
   if (io->token_src) memcpy(h + at_src, io->token_src, sizeof(int32_t) * (size_t)n);
   if (io->accept_parent) memcpy(h + at_parent, io->accept_parent, sizeof(int32_t) * (size_t)n);
+  if (n_u) memcpy(h + at_u, io->u, sizeof(double) * n_u);
+  if (n_q) memcpy(h + at_q, io->q_out, sizeof(float *) * n_q);
+  for (size_t i = 0; i < n_prow; i++) ((float **)(h + at_prow))[i] = io->accept_rows + i * (size_t)io->vocab;
+  if (n_acc) {
+    memcpy(h + at_aq, io->accept_q, sizeof(float *) * n_acc);
+    memcpy(h + at_au, io->accept_u, sizeof(double) * 2 * n_acc);
+  }
   int32_t *slots = (int32_t *)(h + at_slots);
   char *tb = h + at_tb;
   cn_cuda_tree_seq *desc = (cn_cuda_tree_seq *)tb;
@@ -582,6 +596,7 @@ static int stage_inputs(cuda_ctx *c, const cn_fwd_io *io, cn_graph_key *key, int
   c->pos_dev = (int32_t *)(dev + at_pos);
   c->src_dev = (const int32_t *)(dev + at_src);
   c->parent_dev = (const int32_t *)(dev + at_parent);
+  c->prow_dev = (float *const *)(dev + at_prow);
   c->tb = tree ? dev + at_tb : NULL;
   c->tb_seqs = tree ? desc : NULL;
   st = map_put(c, io->tokens, sizeof(int32_t) * (size_t)n, dev);
@@ -590,7 +605,13 @@ static int stage_inputs(cuda_ctx *c, const cn_fwd_io *io, cn_graph_key *key, int
   for (int r = 0; !st && r < io->n_logits; r += CN_LOGIT_CHUNK) {
     int rows = io->n_logits - r < CN_LOGIT_CHUNK ? io->n_logits - r : CN_LOGIT_CHUNK;
     st = map_put(c, io->logit_rows + r, sizeof(int32_t) * (size_t)rows, dev + at_rows + sizeof(int32_t) * r);
+    /* The draws' arrays, as the forward hands them to draw_rows a chunk at a time. */
+    size_t k = (size_t)io->top_k;
+    if (!st && n_u) st = map_put(c, io->u + r * k, sizeof(double) * rows * k, dev + at_u + sizeof(double) * r * k);
+    if (!st && n_q) st = map_put(c, io->q_out + r, sizeof(float *) * rows, dev + at_q + sizeof(float *) * r);
   }
+  if (!st && n_acc) st = map_put(c, io->accept_q, sizeof(float *) * n_acc, dev + at_aq);
+  if (!st && n_acc) st = map_put(c, io->accept_u, sizeof(double) * 2 * n_acc, dev + at_au);
   return st;
 }
 
@@ -874,6 +895,7 @@ static int sample_ws_for(cuda_ctx *c, int vocab) {
   int st = cn_cuda_sample_workspace(c->cu, TOP_ROWS, vocab, &bytes);
   if (!st) st = cn_cuda_sync(c->cu); /* launches queued earlier may still use the old buffer */
   if (st) return st;
+  cn_graph_cache_clear(&c->graphs); /* and graphs of sampled forwards name it */
   cn_cuda_free(c->cu, c->sample_ws);
   c->sample_ws = NULL;
   c->sample_vocab = 0;
@@ -883,8 +905,8 @@ static int sample_ws_for(cuda_ctx *c, int vocab) {
   return CANOPY_OK;
 }
 
-/* Sampled forwards are never captured (the rule's numbers are kernel arguments): the ids come
- * over here, and `end` leaves them alone. */
+/* A sampled decode row (no tree) is never captured: the ids come over here, and `end` leaves them
+ * alone. */
 static int cuda_sample_rows(void *ctx, int32_t *ids, const void *logits, int rows, int vocab, const cn_sample_rule *r,
                             const double *u) {
   cuda_ctx *c = ctx;
@@ -905,15 +927,16 @@ static int cuda_draw_rows(void *ctx, int32_t *ids, float *const *q_out, const vo
                           const cn_sample_rule *r, const double *u, int k) {
   cuda_ctx *c = ctx;
   size_t n = (size_t)rows * k, at = (size_t)c->top_used;
-  int bad = rows > TOP_ROWS || c->mode != EAGER || k < 1 || k > TOP_K || k != c->io.top_k || ids != c->io.top + at ||
-            at + n > (size_t)c->top_cap || !(r->temperature > 0);
+  int bad = rows > TOP_ROWS || k < 1 || k > TOP_K || k != c->io.top_k || ids != c->io.top + at ||
+            at + n > (size_t)c->top_cap || r != c->io.rule || !(r->temperature > 0);
   for (int i = 0; !bad && i < rows; i++) bad = !q_out[i];
   if (!c->status && bad)
     keep(c, cn_error(CANOPY_ERR_INVALID_ARG, "cuda draw_rows: %d rows, k = %d at element %zu (at most %d rows and k = "
-                     "%d a call, in order, never captured, temperature > 0, a q_out row for each)",
+                     "%d a call, in order, under the forward's rule with temperature > 0, a q_out row for each)",
                      rows, k, at, TOP_ROWS, TOP_K));
-  float *const *q_dev = c->status ? NULL : stage_copy(c, q_out, sizeof *q_out * (size_t)rows);
-  const double *u_dev = q_dev ? stage_copy(c, u, sizeof *u * n) : NULL;
+  /* begin staged both, at addresses a captured graph keeps */
+  float *const *q_dev = c->status ? NULL : dev_of(c, q_out, sizeof *q_out * (size_t)rows);
+  const double *u_dev = q_dev ? dev_of(c, u, sizeof *u * n) : NULL;
   if (u_dev && !keep(c, sample_ws_for(c, vocab)) &&
       !keep(c, cn_cuda_sample_probs(c->cu, q_dev, logits, rows, vocab, r->temperature, r->top_k, r->top_p,
                                     c->sample_ws, c->sample_ws_bytes)))
@@ -925,12 +948,12 @@ static int cuda_draw_rows(void *ctx, int32_t *ids, float *const *q_out, const vo
 /* The verification's target distributions, rows one after the other from dst (device). */
 static int cuda_probs_rows(void *ctx, float *dst, const void *logits, int rows, int vocab, const cn_sample_rule *r) {
   cuda_ctx *c = ctx;
-  float *ptr[TOP_ROWS];
-  if (!c->status && (rows > TOP_ROWS || c->mode != EAGER))
-    keep(c, cn_error(CANOPY_ERR_INVALID_ARG, "cuda probs_rows: %d rows (at most %d a call, never captured)", rows,
-                     TOP_ROWS));
-  for (int i = 0; !c->status && i < rows; i++) ptr[i] = dst + (size_t)i * vocab;
-  float *const *dst_dev = c->status ? NULL : stage_copy(c, ptr, sizeof *ptr * (size_t)rows);
+  ptrdiff_t at = c->io.accept_rows ? dst - c->io.accept_rows : -1, row = at / (vocab > 0 ? vocab : 1);
+  if (!c->status && (rows > TOP_ROWS || at < 0 || at % vocab || row + rows > c->io.n_logits || r != c->io.accept_sample))
+    keep(c, cn_error(CANOPY_ERR_INVALID_ARG, "cuda probs_rows: %d rows at element %td of the forward's accept_rows (at "
+                     "most %d a call, within its %d logit rows, under its rule)", rows, at, TOP_ROWS,
+                     c->io.n_logits));
+  float *const *dst_dev = c->status ? NULL : c->prow_dev + row; /* begin staged every row's pointer */
   if (dst_dev && !keep(c, sample_ws_for(c, vocab)))
     keep(c, cn_cuda_sample_probs(c->cu, dst_dev, logits, rows, vocab, r->temperature, r->top_k, r->top_p, c->sample_ws,
                                  c->sample_ws_bytes));
@@ -945,10 +968,12 @@ static int cuda_accept_sampled(void *ctx, int32_t *out, const int32_t *tokens, c
   (void)rule; /* probs_rows applied it */
   cuda_ctx *c = ctx;
   if (!c->status && (out != c->io.accept_out || tokens != c->io.tokens || parent != c->io.accept_parent ||
-                     n != c->io.n_tokens || 2 * c->io.n_seqs + 2 * n > c->acc_cap))
+                     n != c->io.n_tokens || 2 * c->io.n_seqs + 2 * n > c->acc_cap || p != c->io.accept_rows ||
+                     q != c->io.accept_q || u != c->io.accept_u))
     keep(c, cn_error(CANOPY_ERR_INVALID_ARG, "cuda accept_sampled: not the forward's own arrays (%d nodes)", n));
-  const float *const *q_dev = c->status ? NULL : stage_copy(c, q, sizeof *q * (size_t)n);
-  const double *u_dev = q_dev ? stage_copy(c, u, sizeof *u * 2 * (size_t)n) : NULL;
+  /* begin staged both, at addresses a captured graph keeps */
+  const float *const *q_dev = c->status ? NULL : dev_of(c, q, sizeof *q * (size_t)n);
+  const double *u_dev = q_dev ? dev_of(c, u, sizeof *u * 2 * (size_t)n) : NULL;
   if (u_dev)
     keep(c, cn_cuda_accept_sampled(c->cu, c->acc_dev, c->tok_dev, c->parent_dev, n, c->io.n_seqs, p, q_dev, u_dev,
                                    vocab, scratch));

@@ -8,7 +8,7 @@
 
 /* The shape of a forward, every field an int (zero the unused ones, keys compare as bytes). */
 typedef struct cn_graph_key {
-  int32_t v[10];
+  int32_t v[16];
 } cn_graph_key;
 
 typedef struct cn_graph_slot {
