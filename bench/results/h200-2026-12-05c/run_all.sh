@@ -15,15 +15,15 @@ sed -i 's/^\(\s*\)\.sampled_batches = 0,.*/\1.sampled_batches = 1,/' model/backe
 grep -n "sampled_batches =" model/backend_cuda.c
 b=/tmp/canopy-c
 cmake -S . -B $b -DCMAKE_BUILD_TYPE=Release -DCANOPY_WERROR=ON > "$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; exit 1; }
-cmake --build $b -j16 --target test_cuda_ops test_cuda_forward bench_spec_step canopy_cli > "$out/build.log" 2>&1 \
+cmake --build $b -j16 --target test_cuda_ops test_cuda_forward test_cuda_graphs bench_spec_step canopy_cli > "$out/build.log" 2>&1 \
   || { grep -E "error|warning" -A3 "$out/build.log" | head -40; exit 1; }
 echo "built in ${SECONDS}s"
 src=$PWD
 cd $b
-for t in test_cuda_ops test_cuda_forward; do
+for t in test_cuda_ops test_cuda_graphs test_cuda_forward; do
   CANOPY_SOURCE_DIR=$src timeout 200 ./$t > "$out/$t.log" 2>&1; r=$?
   echo "$t rc $r at ${SECONDS}s: $(grep -E '^\[  (PASSED|FAILED) ' "$out/$t.log" | tr '\n' ' ')"
-  grep -E "^\[ (spec|together|sampled) |FAILED|ERROR|LINE|differs|DIFF" "$out/$t.log" | head -40
+  grep -E "^\[ (spec|together|sampled|graphs) |FAILED|ERROR|LINE|differs|DIFF" "$out/$t.log" | head -40
 done
 pack
 for mode in plain plain2 invariant blocking; do
@@ -56,6 +56,12 @@ echo "== one session (rc $?) at ${SECONDS}s"; tail -6 "$out/spec_step_1.txt"
 timeout 60 $b/bench_spec_step --target-config $cfg --draft-config $cfg --draft-layers 8 --ctx 256 --new 64 --reps 3 \
   --sessions 8 --plain 2 --tree chain:2 --tree dynamic:16,depth=4,topk=4 > "$out/spec_step_8.txt" 2>&1
 echo "== 8 sessions, 2 plain (rc $?) at ${SECONDS}s"; tail -6 "$out/spec_step_8.txt"
+for rule in "--temp 1" "--temp 0.7 --top-p 0.95"; do
+  tag=$(echo "$rule" | tr -d ' -')
+  timeout 60 $b/bench_spec_step --target-config $cfg --draft-config $cfg --draft-layers 8 --ctx 256 --new 128 \
+    --reps 3 $rule --tree chain:2 --tree static:2,1 --tree static:3,2,1 > "$out/spec_step_1_$tag.txt" 2>&1
+  echo "== one session, sampled $rule (rc $?) at ${SECONDS}s"; tail -6 "$out/spec_step_1_$tag.txt"
+done
 timeout 60 $b/bench_spec_step --target-config $cfg --draft-config $cfg --draft-layers 8 --ctx 256 --new 64 --reps 3 \
   --sessions 4 --temp 1 --tree chain:2 --tree static:3,2,1 > "$out/spec_step_4_temp1.txt" 2>&1
 echo "== 4 sessions sampled T 1 (rc $?) at ${SECONDS}s"; tail -6 "$out/spec_step_4_temp1.txt"
