@@ -67,6 +67,11 @@ timeout 60 $b/bench_spec_step --target-config $cfg --draft-config $cfg --draft-l
 echo "== 4 sessions sampled T 1 (rc $?) at ${SECONDS}s"; tail -6 "$out/spec_step_4_temp1.txt"
 pack
 cd $b
+for f in '*dynamic_tree*' '*sampled_acceptance*' '*tree_acceptance*'; do
+  CANOPY_TEST_FILTER="$f" CANOPY_SOURCE_DIR=$src timeout 45 compute-sanitizer --tool racecheck ./test_cuda_ops \
+    > "$out/racecheck_ops_$(echo $f | tr -d '*').log" 2>&1
+  echo "racecheck test_cuda_ops $f (rc $?) at ${SECONDS}s: $(grep -E 'RACECHECK SUMMARY|PASSED|FAILED' "$out/racecheck_ops_$(echo $f | tr -d '*').log" | tr '\n' ' ')"
+done
 CANOPY_TEST_QUICK=1 CANOPY_SOURCE_DIR=$src timeout $((580 - SECONDS)) compute-sanitizer --tool memcheck --report-api-errors no \
   ./test_cuda_forward > "$out/memcheck_forward.log" 2>&1
 echo "memcheck test_cuda_forward (rc $?) at ${SECONDS}s: $(grep -E 'ERROR SUMMARY|PASSED|FAILED' "$out/memcheck_forward.log" | tr '\n' ' ')"
