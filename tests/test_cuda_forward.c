@@ -594,7 +594,7 @@ static void test_sampled_speculation_on_cuda_chained_equals_host_path(void **sta
       assert_int_equal(got[i], NEW);
       canopy_session_free(ss[i]);
     }
-    /* (The CUDA backend steps sampled batches on the host path for now: sampled_batches = 0.) */
+    if (!host) assert_non_null(target->step_prows.buf); /* the sampled verification ran chained */
   }
   for (int i = 0; i < S; i++) {
     int first = 0;
