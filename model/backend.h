@@ -180,7 +180,6 @@ typedef struct cn_backend {
   /* Whether forwards of a model with heads of head_dim grow and stage dynamic trees (cn_batch.dyn);
    * NULL: never. host_ids backends do it in the forward. */
   int (*dyn_trees)(int head_dim);
-  int sampled_batches; /* sessions stepped together may chain sampled trees (spec/session.c) */
 } cn_backend;
 
 /* The fp32 CPU backend with `n_threads` workers (0 = all online cores). */

@@ -276,7 +276,6 @@ static const cn_backend cpu_backend = {
     .accept_greedy = cpu_accept_greedy,
     .host_ids = 1,
     .dyn_trees = cpu_dyn_trees,
-    .sampled_batches = 1,
 };
 
 int cn_backend_cpu_create(int n_threads, const cn_backend **be, void **ctx) {

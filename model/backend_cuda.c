@@ -9,7 +9,8 @@
  * (the per-sequence attention fallback's block tables) is staged on the spot.
  *
  * Graphs. For a forward of a given shape (graph_key: token, sequence and logit counts, top ids or
- * logits, the attention key bucket, the longest sequence, positions and mask words) the block has
+ * logits, the attention key bucket, the longest sequence, positions and mask words, a sampled
+ * forward's rule and probability rows) the block has
  * the same layout and lands at the same device address every time, and no kernel argument
  * depends on anything else. So the first forward of a shape runs its ops (and grows every buffer
  * it needs), the second is captured into a CUDA graph, and later ones upload their block and
@@ -1125,7 +1126,6 @@ static const cn_backend cuda_backend = {
     .ids_free = cuda_ids_free,
     .accept_greedy = cuda_accept_greedy,
     .dyn_trees = cn_cuda_tree_attn_supported, /* staging writes the tree kernel's batch */
-    .sampled_batches = 1,
     .norm_matmul = cuda_norm_matmul,
     .matmul_add = cuda_matmul_add,
     .ffn = cuda_ffn,

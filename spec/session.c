@@ -372,7 +372,7 @@ static int accept_where_logits_are(step_part *parts, int k, const cn_sample_rule
     canopy_session *s = parts[j].s;
     const cn_sample_rule *r = parts[j].spec ? cn_spec_draw_rule(s->spec) : NULL;
     if (parts[j].spec ? !cn_spec_greedy(s->spec) : cn_sampler_rule(&s->sampler).temperature > 0) greedy = 0;
-    if (!r || !parts[j].chain || (*rule && !same_rule(*rule, r)) || !s->m->be->sampled_batches) sampled = 0;
+    if (!r || !parts[j].chain || (*rule && !same_rule(*rule, r))) sampled = 0;
     if (r) *rule = r;
   }
   if (!greedy && !sampled) any = 0;
