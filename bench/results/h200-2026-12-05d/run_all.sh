@@ -38,6 +38,7 @@ for rule in "" "--temp 1" "--temp 0.7 --top-p 0.95"; do
   done; done
 done
 pack
+[[ ${SHORT:-0} == 1 ]] && exit 0 # SHORT=1: tests and the side-by-side benches only
 timeout 90 /tmp/b-new/bench_spec_step $common --tree static:2,2 --tree dynamic:8,depth=3,topk=2 \
   --tree dynamic:16 > "$out/spec_dyn.txt" 2>&1
 echo "== dynamic against static (rc $?) at ${SECONDS}s"; tail -9 "$out/spec_dyn.txt"
