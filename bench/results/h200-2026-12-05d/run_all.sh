@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One GPU-host call (carry .devdeps): the CUDA tests after plain sampled decoding joined the CUDA
-# graphs (test_cuda_graphs, test_cuda_sample, test_cuda_forward), memcheck on the graph test; then
-# bench_spec_step side by side with a build of the same tree without that change
-# (plain_sampled_graphs.patch reversed): target alone and speculation, greedy, T 1 and top-p; and
-# ncu's durations of the dynamic-tree kernels in chained steps. Logs to $OUT as one archive.
+# One GPU-host call (carry .devdeps) for plain_sampled_graphs.patch, which is NOT on main (written
+# on 2026-12-05, no device was lent to test it, so main went back to 77e4b5c's behaviour): a plain
+# sampled decode captured in CUDA graphs. Builds the tree with the patch applied ("new") and as it
+# is ("base"), runs the CUDA tests on new (test_cuda_graphs, test_cuda_sample, test_cuda_forward),
+# bench_spec_step side by side (target alone and speculation, greedy, T 1 and top-p), then (unless
+# SHORT=1) ncu's durations of the dynamic-tree kernels in chained steps and memcheck on the graph
+# test. Logs to $OUT as one archive.
 set -uo pipefail
 final="${OUT:-/tmp/out}"; out=/tmp/logs; mkdir -p "$final" "$out"
 pack() { tar czf "$final/logs.tgz" -C /tmp logs; }
@@ -11,9 +13,9 @@ source tools/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$out/gpu.txt"
 SECONDS=0
 src=$PWD
-rm -rf /tmp/base && cp -r . /tmp/base && (cd /tmp/base && patch -R -p1 < bench/results/h200-2026-12-05d/plain_sampled_graphs.patch > /dev/null) || exit 2
+rm -rf /tmp/new && cp -r . /tmp/new && (cd /tmp/new && patch -p1 < bench/results/h200-2026-12-05d/plain_sampled_graphs.patch > /dev/null) || exit 2
 for t in new base; do
-  d=$src; [[ $t == base ]] && d=/tmp/base
+  d=$src; [[ $t == new ]] && d=/tmp/new
   cmake -S $d -B /tmp/b-$t -DCMAKE_BUILD_TYPE=Release -DCANOPY_WERROR=ON > "$out/configure_$t.log" 2>&1 || { tail -30 "$out/configure_$t.log"; exit 1; }
   tg="bench_spec_step"; [[ $t == new ]] && tg="test_cuda_graphs test_cuda_sample test_cuda_forward bench_spec_step"
   cmake --build /tmp/b-$t -j16 --target $tg > "$out/build_$t.log" 2>&1 || { grep -E "error|warning" -A3 "$out/build_$t.log" | head -40; exit 1; }
