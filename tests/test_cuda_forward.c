@@ -718,9 +718,7 @@ int main(void) {
     return CN_TEST_SKIP;
   }
   rng = cn_test_seed("test_cuda_forward");
-  /* $CANOPY_TEST_FILTER: only the tests whose names match (cmocka's pattern: * and ?). */
-  const char *filter = getenv("CANOPY_TEST_FILTER");
-  if (filter) cmocka_set_test_filter(filter);
+  cn_test_filter();
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_prefill_chunked_prefill_and_decode_match_cpu),
       cmocka_unit_test(test_tree_verify_and_accepted_path_commit_match_cpu),

@@ -1502,9 +1502,7 @@ int main(void) {
       cmocka_unit_test(test_sampled_acceptance_matches_cpu),
       cmocka_unit_test(test_cuda_failures_become_status_codes),
   };
-  /* $CANOPY_TEST_FILTER: only the tests whose names match (cmocka's pattern: * and ?). */
-  const char *filter = getenv("CANOPY_TEST_FILTER");
-  if (filter) cmocka_set_test_filter(filter);
+  cn_test_filter();
   return cmocka_run_group_tests(tests, setup, teardown);
 }
 

@@ -3,10 +3,14 @@
 #include "canopy.h"
 
 #include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <time.h>
+
+#include <cmocka.h>
 
 const char *cn_test_source_dir(void) {
   const char *env = getenv("CANOPY_SOURCE_DIR");
@@ -70,6 +74,11 @@ char *cn_test_read_file(const char *path, size_t *len) {
   buf[n] = '\0';
   if (len) *len = (size_t)n;
   return buf;
+}
+
+void cn_test_filter(void) {
+  const char *filter = getenv("CANOPY_TEST_FILTER");
+  if (filter) cmocka_set_test_filter(filter);
 }
 
 uint64_t cn_test_seed(const char *test_name) {

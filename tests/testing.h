@@ -33,6 +33,10 @@ char *cn_test_read_file(const char *path, size_t *len);
 /* A seed from $CANOPY_TEST_SEED or the clock, printed so a failure can be replayed. */
 uint64_t cn_test_seed(const char *test_name);
 
+/* With $CANOPY_TEST_FILTER set, the next cmocka group runs only the tests whose names match it
+ * (cmocka's pattern: * and ?). */
+void cn_test_filter(void);
+
 /* splitmix64: small, seedable, good enough for test inputs. */
 uint64_t cn_test_rand(uint64_t *state);
 /* Uniform float in [-1, 1). */
