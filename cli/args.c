@@ -1,8 +1,11 @@
-/* Option values shared by the commands: one message format, exit status 2 for usage errors. */
+/* What the commands share: option values (one message format, exit status 2 for usage errors),
+ * file reading and the run information a bench records. */
+#include <cjson/cJSON.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "canopy.h"
 #include "cli/cli.h"
@@ -69,4 +72,19 @@ char *cli_read_file(const char *path) {
   if (f != stdin) fclose(f);
   if (buf) buf[len] = '\0';
   return buf;
+}
+
+int cli_add_run_info(void *o, int argc, char **argv) {
+  size_t len = 32;
+  for (int i = 0; i < argc; i++) len += strlen(argv[i]) + 3;
+  char *cl = malloc(len);
+  if (!cl) return -1;
+  strcpy(cl, "canopy bench");
+  for (int i = 0; i < argc; i++) strcat(strcat(cl, " "), argv[i]);
+  char date[64];
+  time_t now = time(NULL);
+  strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+  int ok = cJSON_AddStringToObject(o, "command", cl) && cJSON_AddStringToObject(o, "date", date);
+  free(cl);
+  return ok ? 0 : -1;
 }

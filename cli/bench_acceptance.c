@@ -439,18 +439,7 @@ static int bench_acceptance(int argc, char **argv) {
 
   /* Metadata. */
   cJSON *meta = cJSON_AddObjectToObject(root, "metadata");
-  size_t cl_len = 32;
-  for (int i = 0; i < argc; i++) cl_len += strlen(argv[i]) + 3;
-  char *cl = malloc(cl_len);
-  if (!cl) goto done;
-  strcpy(cl, "canopy bench");
-  for (int i = 0; i < argc; i++) strcat(strcat(cl, " "), argv[i]);
-  cJSON_AddStringToObject(meta, "command", cl);
-  free(cl);
-  char date[64];
-  time_t now = time(NULL);
-  strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
-  cJSON_AddStringToObject(meta, "date", date);
+  if (!meta || cli_add_run_info(meta, argc, argv)) goto done;
   canopy_model_info ti, di;
   canopy_model_get_info(model, &ti);
   canopy_model_get_info(draft, &di);
@@ -642,11 +631,16 @@ done:
 
 int cli_bench(int argc, char **argv) {
   if (argc >= 2 && !strcmp(argv[1], "acceptance")) return bench_acceptance(argc - 1, argv + 1);
+  if (argc >= 2 && !strcmp(argv[1], "costs")) return cli_bench_costs(argc - 1, argv + 1);
   if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) {
-    fputs("usage: canopy bench acceptance [options]   (see `canopy bench acceptance --help`)\n", stdout);
+    fputs("usage: canopy bench acceptance [options]   (see `canopy bench acceptance --help`)\n"
+          "       canopy bench costs [options]        (see `canopy bench costs --help`)\n",
+          stdout);
     return 0;
   }
-  fprintf(stderr, "canopy: bench: unknown or missing benchmark%s%s%s; try `canopy bench acceptance --help`\n",
+  fprintf(stderr,
+          "canopy: bench: unknown or missing benchmark%s%s%s; try `canopy bench acceptance --help` or "
+          "`canopy bench costs --help`\n",
           argc >= 2 ? " '" : "", argc >= 2 ? argv[1] : "", argc >= 2 ? "'" : "");
   return 2;
 }

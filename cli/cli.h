@@ -10,6 +10,7 @@ int cli_generate(int argc, char **argv);
 int cli_tokenize(int argc, char **argv);
 int cli_detokenize(int argc, char **argv);
 int cli_bench(int argc, char **argv);
+int cli_bench_costs(int argc, char **argv); /* canopy bench costs (cli/bench_costs.c) */
 int cli_tree_opt(int argc, char **argv);
 
 /* Option values: 0, or a message "canopy: CMD: NAME 'S' must be ..." on stderr and 2 (usage). */
@@ -22,6 +23,10 @@ int cli_parse_device(const char *cmd, const char *s, int *out);
 /* A whole file ('-': standard input), NUL-terminated; NULL with errno set if it cannot be read.
  * Caller frees. */
 char *cli_read_file(const char *path);
+
+/* Adds "command" (`canopy bench` and argv, the bench's own arguments) and "date" (UTC, ISO 8601)
+ * to a bench's JSON object o (a cJSON *); 0, or -1 without memory. */
+int cli_add_run_info(void *o, int argc, char **argv);
 
 /* Prints "canopy: <what>: <canopy_last_error()>" to stderr and returns 1. */
 int cli_fail(const char *what);

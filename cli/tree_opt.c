@@ -1,5 +1,6 @@
 /* canopy tree-opt: the static draft tree of N nodes with the highest expected accepted length
- * under measured acceptance rates (Sequoia's dynamic program, cli/tree_opt.h). */
+ * under measured acceptance rates (Sequoia's dynamic program, cli/tree_opt.h), or with --costs
+ * the tree of at most N nodes that is fastest under measured forward times (cli/tree_cost.h). */
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <getopt.h>
@@ -9,6 +10,7 @@
 
 #include "canopy.h"
 #include "cli/cli.h"
+#include "cli/tree_cost.h"
 #include "cli/tree_opt.h"
 #include "draft/tree_spec.h"
 
@@ -21,9 +23,15 @@ static const char *usage =
     "it as a tree file for --tree.\n"
     "\n"
     "  -a, --acceptance FILE  results.json from `canopy bench acceptance`\n"
-    "  -s, --size N           drafted nodes, 1..255\n"
+    "  -s, --size N           drafted nodes, 1..255 (with --costs: the most)\n"
     "  -D, --max-depth D      deepest node, 1..32 (default 8)\n"
     "  -o, --out FILE         write the tree as {\"paths\": [...], ...} (default: standard output)\n"
+    "  -c, --costs FILE       forward times from `canopy bench costs`: choose, among the best trees\n"
+    "                         of every size up to N and depth up to D, the one with the most tokens\n"
+    "                         per unit of time (Sequoia's hardware-aware choice), and predict its\n"
+    "                         speedup over the target alone\n"
+    "      --overhead-ms X    with --costs: time every speculative step pays besides its forwards\n"
+    "                         (default 0)\n"
     "      --p1 P             use P as the first choice's acceptance instead of the measured one\n"
     "      --rank-decay R     the assumed decay of p_k over ranks not measured (default 0.3)\n"
     "  -h, --help             show this help\n"
@@ -36,8 +44,15 @@ static const char *usage =
     "measured, which overestimates it) and p_k = p_1 * R^(k-1) for k > 1 (an assumption: the\n"
     "draft's lower choices are accepted geometrically less often).\n"
     "\n"
+    "The time of a step (--costs): the draft's catch-up forward over the mean accepted length's\n"
+    "rows, one draft forward a level over the level's nodes that have children, the target's\n"
+    "verification of the root and the drafted nodes, and --overhead-ms; the target alone pays its\n"
+    "one-node forward a token. Sizes between the measured ones are interpolated linearly.\n"
+    "\n"
     "example:\n"
-    "  canopy tree-opt --acceptance /tmp/acc/results.json --size 16 --out tree16.json\n";
+    "  canopy tree-opt --acceptance /tmp/acc/results.json --size 16 --out tree16.json\n"
+    "  canopy bench costs -m TARGET -d DRAFT --device cuda --out costs.json\n"
+    "  canopy tree-opt --acceptance /tmp/acc/results.json --costs costs.json --size 64 --out fast.json\n";
 
 static int int_at(const cJSON *arr, int i) {
   const cJSON *x = cJSON_GetArrayItem(arr, i);
@@ -57,16 +72,83 @@ static void pool_tree(const cJSON *t, double *acc, double *tried) {
   }
 }
 
+/* One curve of a costs file: {"nodes": [ascending sizes >= 1], "ms": [times > 0]}, same length. */
+static int read_curve(const char *path, const cJSON *root, const char *name, cli_tree_cost_curve *c) {
+  const cJSON *o = cJSON_GetObjectItemCaseSensitive(root, name);
+  const cJSON *nodes = cJSON_GetObjectItemCaseSensitive(o, "nodes"), *ms = cJSON_GetObjectItemCaseSensitive(o, "ms");
+  int n = cJSON_GetArraySize(nodes);
+  if (!cJSON_IsObject(o) || !cJSON_IsArray(nodes) || !cJSON_IsArray(ms) || n < 1 || n > CLI_TREE_COST_MAX_POINTS ||
+      cJSON_GetArraySize(ms) != n) {
+    fprintf(stderr,
+            "canopy: tree-opt: '%s': field \"%s\" must be {\"nodes\": [...], \"ms\": [...]}, two arrays of the same "
+            "length, 1..%d entries\n",
+            path, name, CLI_TREE_COST_MAX_POINTS);
+    return 1;
+  }
+  c->n = n;
+  for (int i = 0; i < n; i++) {
+    const cJSON *x = cJSON_GetArrayItem(nodes, i), *y = cJSON_GetArrayItem(ms, i);
+    double v = cJSON_IsNumber(x) ? x->valuedouble : 0;
+    if (v != (int)v || v < 1 || v > CLI_TREE_OPT_MAX_NODES + 1 || (i && (int)v <= c->nodes[i - 1])) {
+      fprintf(stderr, "canopy: tree-opt: '%s': field \"%s.nodes\" entry %d must be a whole number of nodes "
+                      "in 1..%d, above the entry before it\n", path, name, i, CLI_TREE_OPT_MAX_NODES + 1);
+      return 1;
+    }
+    if (!cJSON_IsNumber(y) || !(y->valuedouble > 0) || y->valuedouble > 1e9) {
+      fprintf(stderr, "canopy: tree-opt: '%s': field \"%s.ms\" entry %d must be a positive time\n", path, name, i);
+      return 1;
+    }
+    c->nodes[i] = (int)v;
+    c->ms[i] = y->valuedouble;
+  }
+  return 0;
+}
+
+/* A costs file of `canopy bench costs` into c (overhead untouched); 0, or 1 with a message. */
+static int read_costs(const char *path, cli_tree_costs *c) {
+  char *text = cli_read_file(path);
+  if (!text) {
+    fprintf(stderr, "canopy: tree-opt: cannot read '%s': %s\n", path, strerror(errno));
+    return 1;
+  }
+  cJSON *root = cJSON_Parse(text);
+  free(text);
+  int rc = 0;
+  if (!cJSON_IsObject(root)) {
+    fprintf(stderr, "canopy: tree-opt: '%s' is not a JSON object (the output of canopy bench costs)\n", path);
+    rc = 1;
+  }
+  if (!rc) rc = read_curve(path, root, "target_forward", &c->target);
+  if (!rc) rc = read_curve(path, root, "draft_forward", &c->draft);
+  if (!rc && !(cli_tree_cost_at(&c->target, 1) > 0)) {
+    fprintf(stderr, "canopy: tree-opt: '%s': field \"target_forward\" gives no positive time at 1 node\n", path);
+    rc = 1;
+  }
+  cJSON_Delete(root);
+  return rc;
+}
+
+/* cn_tree_spec's tree as the DP's result type (value left 0). */
+static void tree_of_spec(const cn_tree_spec *ts, cli_tree_opt_result *r) {
+  memset(r, 0, sizeof *r);
+  r->n_nodes = ts->n_nodes;
+  r->depth = ts->depth;
+  r->parent[0] = -1;
+  for (int i = 1; i <= ts->n_nodes; i++)
+    r->parent[i] = ts->parent[i], r->rank[i] = ts->rank[i], r->node_depth[i] = ts->node_depth[i];
+}
+
 int cli_tree_opt(int argc, char **argv) {
   struct option opts[] = {{"acceptance", required_argument, 0, 'a'}, {"size", required_argument, 0, 's'},
                           {"max-depth", required_argument, 0, 'D'},  {"out", required_argument, 0, 'o'},
                           {"p1", required_argument, 0, 'P'},         {"rank-decay", required_argument, 0, 'R'},
+                          {"costs", required_argument, 0, 'c'},      {"overhead-ms", required_argument, 0, 'O'},
                           {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
-  const char *acc_path = NULL, *out_path = NULL;
-  double size = 0, depth = 8, p1 = -1, decay = 0.3;
+  const char *acc_path = NULL, *out_path = NULL, *costs_path = NULL;
+  double size = 0, depth = 8, p1 = -1, decay = 0.3, overhead = 0;
   int c, rc = 0;
   optind = 1;
-  while (!rc && (c = getopt_long(argc, argv, "a:s:D:o:h", opts, NULL)) != -1) {
+  while (!rc && (c = getopt_long(argc, argv, "a:s:D:o:c:h", opts, NULL)) != -1) {
     switch (c) {
     case 'a': acc_path = optarg; break;
     case 's': rc = cli_parse_double("tree-opt", "--size", optarg, 1, CLI_TREE_OPT_MAX_NODES, &size); break;
@@ -74,11 +156,17 @@ int cli_tree_opt(int argc, char **argv) {
     case 'o': out_path = optarg; break;
     case 'P': rc = cli_parse_double("tree-opt", "--p1", optarg, 0, 1, &p1); break;
     case 'R': rc = cli_parse_double("tree-opt", "--rank-decay", optarg, 0, 1, &decay); break;
+    case 'c': costs_path = optarg; break;
+    case 'O': rc = cli_parse_double("tree-opt", "--overhead-ms", optarg, 0, 1e6, &overhead); break;
     case 'h': fputs(usage, stdout); return 0;
     default: fputs(usage, stderr); return 2;
     }
   }
   if (rc) return rc;
+  if (overhead > 0 && !costs_path) {
+    fprintf(stderr, "canopy: tree-opt: --overhead-ms is a step time: it needs --costs FILE\n");
+    return 2;
+  }
   if (optind != argc || !acc_path || size == 0 || size != (int)size || depth != (int)depth) {
     fprintf(stderr, "canopy: tree-opt: give --acceptance FILE and an integer --size N\n\n%s", usage);
     return 2;
@@ -142,26 +230,69 @@ int cli_tree_opt(int argc, char **argv) {
     for (n_p = 0; n_p < CLI_TREE_OPT_MAX_NODES; n_p++, pk *= decay) p[n_p] = pk;
   }
 
-  /* The model against the measurements: each static tree's predicted and measured lengths. */
+  cli_tree_costs costs = {.overhead_ms = overhead};
+  if (costs_path && read_costs(costs_path, &costs)) {
+    cJSON_Delete(root);
+    return 1;
+  }
+  FILE *o = out_path ? stdout : stderr;
+
+  /* The model against the measurements: each static tree's predicted and measured lengths, and
+   * with costs its predicted speedup (with the predicted and with the measured length, which
+   * leaves the time model alone to blame) against the measured one. */
   const cJSON *t;
   cJSON_ArrayForEach(t, trees) {
     const cJSON *name = cJSON_GetObjectItemCaseSensitive(t, "tree");
     const cJSON *measured = cJSON_GetObjectItemCaseSensitive(t, "mean_accepted_len");
+    const cJSON *speedup = cJSON_GetObjectItemCaseSensitive(t, "speedup");
     cn_tree_spec ts;
     if (!cJSON_IsString(name) || !cJSON_IsNumber(measured) || cn_tree_spec_parse(name->valuestring, &ts) ||
         ts.kind != CN_TREE_STATIC)
       continue;
-    fprintf(out_path ? stdout : stderr, "%-20s predicted mean accepted length %.4f, measured %.4f\n",
-            name->valuestring, cli_tree_opt_eval(p, n_p, ts.n_nodes, ts.parent, ts.rank), measured->valuedouble);
+    double predicted = cli_tree_opt_eval(p, n_p, ts.n_nodes, ts.parent, ts.rank);
+    fprintf(o, "%-20s predicted mean accepted length %.4f, measured %.4f", name->valuestring, predicted,
+            measured->valuedouble);
+    if (costs_path) {
+      cli_tree_opt_result tr;
+      tree_of_spec(&ts, &tr);
+      double one = cli_tree_cost_at(&costs.target, 1);
+      tr.value = predicted;
+      double s_pred = predicted / cli_tree_step_ms(&costs, &tr, predicted) * one;
+      double s_meas = measured->valuedouble / cli_tree_step_ms(&costs, &tr, measured->valuedouble) * one;
+      fprintf(o, "; speedup predicted %.3fx (%.3fx with the measured length)", s_pred, s_meas);
+      if (cJSON_IsNumber(speedup)) fprintf(o, ", measured %.3fx", speedup->valuedouble);
+    }
+    fprintf(o, "\n");
   }
   cJSON_Delete(root);
 
   cli_tree_opt_result *r = malloc(sizeof *r);
-  if (!r || cli_tree_opt_solve(p, n_p, (int)size, (int)depth, r)) {
+  cli_tree_cost_row *per_size = costs_path ? malloc(sizeof *per_size * ((size_t)size + 1)) : NULL;
+  double best_speedup = 0;
+  int failed = !r || (costs_path && !per_size);
+  if (!failed && costs_path) {
+    cli_tree_opt_dp dp;
+    failed = cli_tree_opt_dp_fill(p, n_p, (int)size, depth < size ? (int)depth : (int)size, &dp) ||
+             (best_speedup = cli_tree_cost_search(&dp, &costs, r, per_size)) < 0;
+    cli_tree_opt_dp_free(&dp);
+  } else if (!failed) {
+    failed = cli_tree_opt_solve(p, n_p, (int)size, (int)depth, r) != 0;
+  }
+  if (failed) {
     fprintf(stderr, "canopy: tree-opt: the dynamic program failed (out of memory?)\n");
     free(r);
+    free(per_size);
     return 1;
   }
+  if (costs_path) {
+    fprintf(o, "the fastest tree of each size under %s (target alone: %.4f ms a token):\n", costs_path,
+            cli_tree_cost_at(&costs.target, 1));
+    fprintf(o, "%6s %6s %12s %10s %10s\n", "nodes", "depth", "mean length", "step ms", "speedup");
+    for (int n = 1; n <= (int)size; n++)
+      fprintf(o, "%6d %6d %12.4f %10.4f %9.3fx%s\n", n, per_size[n].depth, per_size[n].mean_len, per_size[n].step_ms,
+              per_size[n].speedup, n == r->n_nodes ? "  <- fastest" : "");
+  }
+  free(per_size);
 
   /* The JSON, paths in depth order (every prefix before its extensions). */
   size_t cap = 64 * 1024, len = 0;
@@ -185,8 +316,13 @@ int cli_tree_opt(int argc, char **argv) {
     }
   len += (size_t)snprintf(json + len, cap - len, "],\n \"predicted_mean_accepted_len\": %.6f,\n \"p\": [", r->value);
   for (int k = 0; k < n_p && k < 8; k++) len += (size_t)snprintf(json + len, cap - len, "%s%.6f", k ? ", " : "", p[k]);
-  len += (size_t)snprintf(json + len, cap - len, "],\n \"p_source\": \"%s\", \"size\": %d, \"max_depth\": %d}\n", source,
+  len += (size_t)snprintf(json + len, cap - len, "],\n \"p_source\": \"%s\", \"size\": %d, \"max_depth\": %d", source,
                           r->n_nodes, (int)depth);
+  if (costs_path)
+    len += (size_t)snprintf(json + len, cap - len,
+                            ",\n \"predicted_step_ms\": %.6f, \"predicted_speedup\": %.6f, \"overhead_ms\": %g", 
+                            cli_tree_step_ms(&costs, r, r->value), best_speedup, overhead);
+  len += (size_t)snprintf(json + len, cap - len, "}\n");
 
   cn_tree_spec spec;
   if (cn_tree_spec_parse(json, &spec) || spec.n_nodes != r->n_nodes || spec.depth != r->depth) {
@@ -205,7 +341,6 @@ int cli_tree_opt(int argc, char **argv) {
   }
   int width[CLI_TREE_OPT_MAX_DEPTH + 1] = {0};
   for (int i = 1; i <= r->n_nodes; i++) width[r->node_depth[i]]++;
-  FILE *o = out_path ? stdout : stderr;
   if (ranked) {
     fprintf(o, "p =");
     for (int k = 0; k < n_p && k < 6; k++) fprintf(o, " %.4f", p[k]);
@@ -215,6 +350,9 @@ int cli_tree_opt(int argc, char **argv) {
   fprintf(o, "tree: %d nodes, depth %d, nodes per depth:", r->n_nodes, r->depth);
   for (int d = 1; d <= r->depth; d++) fprintf(o, " %d", width[d]);
   fprintf(o, "\npredicted mean accepted length: %.4f tokens per target forward\n", r->value);
+  if (costs_path)
+    fprintf(o, "predicted step: %.4f ms, %.3fx the target alone%s\n", cli_tree_step_ms(&costs, r, r->value),
+            best_speedup, best_speedup < 1 ? " (no tree is predicted to beat the target alone here)" : "");
   if (out_path) fprintf(o, "wrote %s (use it with --tree %s)\n", out_path, out_path);
 done:
   free(json);

@@ -87,27 +87,32 @@ static inline void cli_tree_opt_build(const cli_tree_opt_dp *dp, int d, int n, i
   }
 }
 
-/* Returns 0, or -1 for bad arguments (n_nodes outside 1..CLI_TREE_OPT_MAX_NODES, max_depth
- * outside 1..CLI_TREE_OPT_MAX_DEPTH, a p outside [0, 1]) or no memory. */
-static inline int cli_tree_opt_solve(const double *p, int n_p, int n_nodes, int max_depth,
-                                     cli_tree_opt_result *out) {
+/* Fills dp with T[d][n] for every d <= max_depth and n <= n_nodes + 1 (and the picks that build
+ * each optimum), so that the best tree of any size and depth bound up to those can be read off
+ * one run: cli_tree_opt_value and cli_tree_opt_tree. Returns 0, or -1 for bad arguments (n_nodes
+ * outside 1..CLI_TREE_OPT_MAX_NODES, max_depth outside 1..CLI_TREE_OPT_MAX_DEPTH, a p outside
+ * [0, 1]) or no memory; free with cli_tree_opt_dp_free either way. */
+static inline int cli_tree_opt_dp_fill(const double *p, int n_p, int n_nodes, int max_depth, cli_tree_opt_dp *dp) {
+  memset(dp, 0, sizeof *dp);
   if (n_nodes < 1 || n_nodes > CLI_TREE_OPT_MAX_NODES || max_depth < 1 ||
       max_depth > CLI_TREE_OPT_MAX_DEPTH || n_p < 0 || (n_p > 0 && !p))
     return -1;
   for (int k = 0; k < n_p; k++)
     if (!(p[k] >= 0.0 && p[k] <= 1.0)) return -1;
-  int N = n_nodes, D = max_depth < n_nodes ? max_depth : n_nodes;
-  cli_tree_opt_dp dp = {.N = N, .D = D};
-  dp.q = malloc(sizeof *dp.q * (size_t)N);
-  dp.T = malloc(sizeof *dp.T * (size_t)(D + 1) * (size_t)(N + 2));
-  dp.pick = calloc((size_t)(D + 1) * (size_t)(N + 1) * (size_t)(N + 1), sizeof *dp.pick);
+  int N = n_nodes, D = max_depth;
+  dp->N = N, dp->D = D;
+  dp->q = malloc(sizeof *dp->q * (size_t)N);
+  dp->T = malloc(sizeof *dp->T * (size_t)(D + 1) * (size_t)(N + 2));
+  dp->pick = calloc((size_t)(D + 1) * (size_t)(N + 1) * (size_t)(N + 1), sizeof *dp->pick);
   double *G = malloc(sizeof *G * (size_t)(N + 2) * (size_t)(N + 1)); /* G[k][m] for one d */
-  int rc = -1;
-  if (!dp.q || !dp.T || !dp.pick || !G) goto done;
+  if (!dp->q || !dp->T || !dp->pick || !G) {
+    free(G);
+    return -1;
+  }
   for (int k = 0; k < N; k++)
-    dp.q[k] = cli_tree_opt_q(p, n_p, k);
+    dp->q[k] = cli_tree_opt_q(p, n_p, k);
   for (int n = 1; n <= N + 1; n++)
-    CLI_TREE_OPT_T(&dp, 0, n) = n == 1 ? 0.0 : -1.0;
+    CLI_TREE_OPT_T(dp, 0, n) = n == 1 ? 0.0 : -1.0;
   for (int d = 1; d <= D; d++) {
     /* G[k][m] for k = N down to 0 (m + k <= N: at most N children in all). */
     for (int k = N; k >= 0; k--) {
@@ -117,33 +122,58 @@ static inline int cli_tree_opt_solve(const double *p, int n_p, int n_nodes, int 
         double best = -1.0;
         int best_s = 0;
         for (int s = 1; s <= m; s++) {
-          double sub = CLI_TREE_OPT_T(&dp, d - 1, s);
+          double sub = CLI_TREE_OPT_T(dp, d - 1, s);
           double rest = G[(size_t)(k + 1) * (N + 1) + (m - s)];
           if (sub < 0 || rest < 0) continue;
-          double v = dp.q[k] * (1.0 + sub) + rest;
+          double v = dp->q[k] * (1.0 + sub) + rest;
           if (v > best + 1e-15) {
             best = v;
             best_s = s;
           }
         }
         g[m] = best;
-        CLI_TREE_OPT_PICK(&dp, d, m, k) = (int16_t)best_s;
+        CLI_TREE_OPT_PICK(dp, d, m, k) = (int16_t)best_s;
       }
       for (int m = N - k + 1; m <= N; m++) g[m] = -1.0;
     }
     for (int n = 1; n <= N + 1; n++)
-      CLI_TREE_OPT_T(&dp, d, n) = G[n - 1];
+      CLI_TREE_OPT_T(dp, d, n) = G[n - 1];
   }
+  free(G);
+  return 0;
+}
+
+static inline void cli_tree_opt_dp_free(cli_tree_opt_dp *dp) {
+  free(dp->q);
+  free(dp->T);
+  free(dp->pick);
+  memset(dp, 0, sizeof *dp);
+}
+
+/* The best predicted mean accepted length of n drafted nodes at most d deep (n <= dp->N,
+ * d <= dp->D). */
+static inline double cli_tree_opt_value(const cli_tree_opt_dp *dp, int n, int d) {
+  return 1.0 + CLI_TREE_OPT_T(dp, d, n + 1);
+}
+
+/* That tree. */
+static inline void cli_tree_opt_tree(const cli_tree_opt_dp *dp, int n, int d, cli_tree_opt_result *out) {
   memset(out, 0, sizeof *out);
   out->parent[0] = -1;
-  cli_tree_opt_build(&dp, D, N + 1, 0, out);
-  out->value = 1.0 + CLI_TREE_OPT_T(&dp, D, N + 1);
-  rc = 0;
-done:
-  free(dp.q);
-  free(dp.T);
-  free(dp.pick);
-  free(G);
+  cli_tree_opt_build(dp, d, n + 1, 0, out);
+  out->value = cli_tree_opt_value(dp, n, d);
+}
+
+/* The best tree of exactly n_nodes drafted nodes at most max_depth deep. Returns 0, or -1 as
+ * cli_tree_opt_dp_fill. */
+static inline int cli_tree_opt_solve(const double *p, int n_p, int n_nodes, int max_depth,
+                                     cli_tree_opt_result *out) {
+  cli_tree_opt_dp dp;
+  if (max_depth < 1 || max_depth > CLI_TREE_OPT_MAX_DEPTH) return -1;
+  /* Deeper than n_nodes adds nothing. */
+  int rc = cli_tree_opt_dp_fill(p, n_p, n_nodes, max_depth < n_nodes ? max_depth : n_nodes, &dp);
+  if (!rc) cli_tree_opt_tree(&dp, n_nodes, dp.D, out);
+  cli_tree_opt_dp_free(&dp);
   return rc;
 }
 

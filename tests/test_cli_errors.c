@@ -1,5 +1,6 @@
 /* Bad input through the canopy program: each case ends with exit status 1 and exactly one line
- * on stderr that names the culprit. Uses the converted SmolLM2 folder (./test.sh makes it). */
+ * on stderr that names the culprit (model files, prompts and limits, tree-opt's costs files).
+ * Uses the converted SmolLM2 folder (./test.sh makes it). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -87,6 +88,7 @@ static void test_corrupt_model_files_name_the_file(void **state) {
   snprintf(args, sizeof args, "generate -m %s -p hi -n 1", broken_model("tokenizer.json", 0, "{\"model\": 3}"));
   expect_one_line(args, "tokenizer.json");
   expect_one_line("generate -m /nonexistent/canopy -p hi", "/nonexistent/canopy");
+  expect_one_line("bench costs -m /nonexistent/canopy -d /nonexistent/canopy", "/nonexistent/canopy");
 }
 
 static void test_bad_prompts_and_limits_are_errors(void **state) {
@@ -99,11 +101,53 @@ static void test_bad_prompts_and_limits_are_errors(void **state) {
   expect_one_line(args, "exhausted");
 }
 
+/* tmp/NAME holding text, its path into path[256]. */
+static const char *write_tmp(const char *name, const char *text, char *path) {
+  snprintf(path, 256, "%s/%s", tmp, name);
+  FILE *f = fopen(path, "w");
+  assert_non_null(f);
+  fputs(text, f);
+  fclose(f);
+  return path;
+}
+
+/* tree-opt --costs with a broken costs file names the field (and the entry) at fault. */
+static void test_bad_costs_files_name_the_field(void **state) {
+  char acc[256], costs[256];
+  write_tmp("acc.json", "{\"overall\": {\"trees\": [], \"accept_rate_by_rank\": [0.5, 0.2]}}", acc);
+  const char *draft_ok = "\"draft_forward\": {\"nodes\": [1, 2], \"ms\": [0.5, 0.6]}";
+  const struct { const char *text, *needle; } cases[] = {
+      {"[1, 2]", "is not a JSON object"},
+      {"{\"target_forward\": {\"nodes\": [1, 2], \"ms\": [1.0]}}", "\"target_forward\" must be"},
+      {"{\"target_forward\": {\"nodes\": [2, 1], \"ms\": [1.0, 1.0]}}", "\"target_forward.nodes\" entry 1"},
+      {"{\"target_forward\": {\"nodes\": [1, 2.5], \"ms\": [1.0, 1.0]}}", "\"target_forward.nodes\" entry 1"},
+      {"{\"target_forward\": {\"nodes\": [1], \"ms\": [1.0]}, \"draft_forward\": {\"nodes\": [1], \"ms\": [-2]}}",
+       "\"draft_forward.ms\" entry 0"},
+      {"{\"target_forward\": {\"nodes\": [1], \"ms\": [1.0]}}", "\"draft_forward\" must be"},
+      {NULL, "\"target_forward\" gives no positive time at 1 node"},
+  };
+  char args[2048], text[512];
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    if (cases[i].text) snprintf(text, sizeof text, "%s", cases[i].text);
+    else /* 1 ms at 2 nodes, 9 at 3: -7 at 1 node, held at 0 */
+      snprintf(text, sizeof text, "{\"target_forward\": {\"nodes\": [2, 3], \"ms\": [1, 9]}, %s}", draft_ok);
+    snprintf(args, sizeof args, "tree-opt --acceptance %s --costs %s --size 4", acc, write_tmp("costs.json", text, costs));
+    expect_one_line(args, cases[i].needle);
+  }
+  snprintf(args, sizeof args, "tree-opt --acceptance %s --costs %s/none.json --size 4", acc, tmp);
+  expect_one_line(args, "none.json");
+}
+
 static void test_usage_errors_exit_with_2(void **state) {
   char err[4096];
   assert_int_equal(run_cli("generate", err, sizeof err), 2);
   assert_int_equal(run_cli("frobnicate", err, sizeof err), 2);
   assert_int_equal(run_cli("generate -p x --temp -1", err, sizeof err), 2);
+  assert_int_equal(run_cli("tree-opt --acceptance x.json --size 4 --overhead-ms 1", err, sizeof err), 2);
+  assert_non_null(strstr(err, "needs --costs"));
+  assert_int_equal(run_cli("bench costs -d x --top-k 33", err, sizeof err), 2);
+  assert_int_equal(run_cli("bench costs -d x --nodes 4,2", err, sizeof err), 2);
+  assert_int_equal(run_cli("bench costs --ctx 8", err, sizeof err), 2);
   assert_int_equal(run_cli("--help", err, sizeof err), 0);
 }
 
@@ -114,6 +158,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_corrupt_model_files_name_the_file),
       cmocka_unit_test(test_bad_prompts_and_limits_are_errors),
+      cmocka_unit_test(test_bad_costs_files_name_the_field),
       cmocka_unit_test(test_usage_errors_exit_with_2),
   };
   int rc = cmocka_run_group_tests(tests, NULL, NULL);

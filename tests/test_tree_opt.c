@@ -1,7 +1,9 @@
 /* canopy tree-opt's dynamic program (cli/tree_opt.h): known optima (a chain when only the first
  * choice is ever accepted), the trees it returns are well formed and evaluate to the value it
  * claims, and a brute force over every tree of up to 6 nodes never beats it. The written tree
- * parses back with cn_tree_spec_parse. */
+ * parses back with cn_tree_spec_parse. One filled table answers every size and depth as a solve
+ * of each would. The time model of --costs (cli/tree_cost.h): interpolation, a step's time
+ * worked by hand, and the choices it must make when drafting, verifying or neither costs. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -13,6 +15,7 @@
 #include <cmocka.h>
 
 #include "canopy.h"
+#include "cli/tree_cost.h"
 #include "cli/tree_opt.h"
 #include "draft/tree_spec.h"
 #include "tests/testing.h"
@@ -145,6 +148,117 @@ static void test_bad_arguments(void **state) {
   assert_true(fabs(r.value - 1) < 1e-12);
 }
 
+static void test_one_table_answers_every_size_and_depth(void **state) {
+  uint64_t rng = seed ^ 0x5eed;
+  for (int trial = 0; trial < 4; trial++) {
+    double p[5];
+    for (int k = 0; k < 5; k++) p[k] = (cn_test_randf(&rng) + 1) / 2;
+    cli_tree_opt_dp dp;
+    assert_int_equal(cli_tree_opt_dp_fill(p, 5, 24, 7, &dp), 0);
+    for (int n = 1; n <= 24; n++)
+      for (int d = 1; d <= 7; d++) {
+        cli_tree_opt_result want, got;
+        assert_int_equal(cli_tree_opt_solve(p, 5, n, d, &want), 0);
+        cli_tree_opt_tree(&dp, n, d, &got);
+        check_result(p, 5, n, d, &got);
+        if (fabs(got.value - want.value) > 1e-12 || fabs(cli_tree_opt_value(&dp, n, d) - want.value) > 1e-12)
+          fail_msg("n %d depth %d: table %.12f, solve %.12f", n, d, got.value, want.value);
+      }
+    cli_tree_opt_dp_free(&dp);
+  }
+  cli_tree_opt_dp dp;
+  assert_int_equal(cli_tree_opt_dp_fill(NULL, 0, 4, 0, &dp), -1);
+  cli_tree_opt_dp_free(&dp);
+}
+
+static cli_tree_cost_curve curve(int n, const int *nodes, const double *ms) {
+  cli_tree_cost_curve c = {.n = n};
+  for (int i = 0; i < n; i++) c.nodes[i] = nodes[i], c.ms[i] = ms[i];
+  return c;
+}
+
+static void test_cost_curve_interpolates_and_extends(void **state) {
+  const int x[] = {1, 4, 8};
+  const double y[] = {10, 16, 20};
+  cli_tree_cost_curve c = curve(3, x, y);
+  const double at[][2] = {{1, 10}, {2, 12}, {4, 16}, {6, 18}, {8, 20}, {16, 28}, {0.5, 9}, {2.5, 13}};
+  for (size_t i = 0; i < sizeof at / sizeof *at; i++)
+    if (fabs(cli_tree_cost_at(&c, at[i][0]) - at[i][1]) > 1e-12)
+      fail_msg("at %g: %g, want %g", at[i][0], cli_tree_cost_at(&c, at[i][0]), at[i][1]);
+  cli_tree_cost_curve one = curve(1, x, y);
+  assert_true(cli_tree_cost_at(&one, 50) == 10);
+  const double steep[] = {1, 11};
+  cli_tree_cost_curve s = curve(2, (const int[]){2, 3}, steep);
+  assert_true(cli_tree_cost_at(&s, 1) == 0); /* -9 extrapolated, held at 0 */
+}
+
+/* static:2,1 by hand (two children of the root, one child each): the catch-up over E rows, one
+ * level forward over the two nodes with a child, the verification of 5 nodes, the overhead. */
+static void test_step_time_by_hand(void **state) {
+  cli_tree_costs c = {.overhead_ms = 0.25};
+  c.target = curve(3, (const int[]){1, 2, 8}, (const double[]){1.0, 1.2, 2.4});
+  c.draft = curve(2, (const int[]){1, 4}, (const double[]){0.3, 0.6});
+  cn_tree_spec ts;
+  assert_int_equal(cn_tree_spec_parse("static:2,1", &ts), 0);
+  cli_tree_opt_result r = {.n_nodes = ts.n_nodes, .depth = ts.depth};
+  for (int i = 0; i <= ts.n_nodes; i++)
+    r.parent[i] = ts.parent[i], r.rank[i] = ts.rank[i], r.node_depth[i] = ts.node_depth[i];
+  int rows[CLI_TREE_OPT_MAX_DEPTH + 1];
+  cli_tree_cost_level_rows(&r, rows);
+  assert_int_equal(rows[1], 2);
+  double E = 2.5, want = (0.3 + 0.1 * 1.5) + (0.3 + 0.1) + (1.2 + 0.2 * 3) + 0.25;
+  assert_true(fabs(cli_tree_step_ms(&c, &r, E) - want) < 1e-12);
+  r.value = E;
+  assert_true(fabs(cli_tree_speedup(&c, &r) - E / want * 1.0) < 1e-12);
+}
+
+static double search(const double *p, int n_p, int N, int D, const cli_tree_costs *c, cli_tree_opt_result *best) {
+  cli_tree_opt_dp dp;
+  assert_int_equal(cli_tree_opt_dp_fill(p, n_p, N, D, &dp), 0);
+  cli_tree_cost_row *rows = calloc((size_t)N + 1, sizeof *rows);
+  assert_non_null(rows);
+  double s = cli_tree_cost_search(&dp, c, best, rows);
+  for (int n = 1; n <= N; n++) {
+    assert_true(rows[n].speedup <= s + 1e-12);
+    assert_true(rows[n].depth >= 1 && rows[n].depth <= D && rows[n].depth <= n);
+  }
+  free(rows);
+  cli_tree_opt_dp_free(&dp);
+  check_result(p, n_p, best->n_nodes, D, best);
+  return s;
+}
+
+static void test_cost_search_follows_the_prices(void **state) {
+  const double p[4] = {0.7, 0.4, 0.3, 0.2};
+  const int one[] = {1}, two[] = {1, 64};
+  cli_tree_opt_result best, want;
+  /* Nothing costs more for more: the biggest tree wins, as the acceptance-only optimum. */
+  cli_tree_costs flat = {.target = curve(1, one, (const double[]){1.0}), .draft = curve(1, one, (const double[]){1e-9})};
+  double s = search(p, 4, 30, 6, &flat, &best);
+  assert_int_equal(cli_tree_opt_solve(p, 4, 30, 6, &want), 0);
+  assert_int_equal(best.n_nodes, 30);
+  assert_true(fabs(best.value - want.value) < 1e-12);
+  assert_true(fabs(s - want.value) < 1e-6);
+  /* Draft forwards dearer than a verification: one level only (the catch-up is paid anyway). */
+  cli_tree_costs dear = {.target = curve(1, one, (const double[]){1.0}), .draft = curve(1, one, (const double[]){5.0})};
+  search(p, 4, 30, 6, &dear, &best);
+  assert_int_equal(best.depth, 1);
+  /* Verification linear in the nodes (compute-bound): E <= n + 1 tokens for n + 1 units plus
+   * drafting, never faster than the target alone; the least tree loses least. */
+  cli_tree_costs linear = {.target = curve(2, two, (const double[]){1.0, 64.0}),
+                           .draft = curve(1, one, (const double[]){0.01})};
+  s = search(p, 4, 30, 6, &linear, &best);
+  assert_int_equal(best.n_nodes, 1);
+  assert_true(s < 1);
+  /* A launch-bound device: verification flat to 8 nodes, then linear; cheap draft levels. The
+   * pick stays within the flat part and beats the target alone. */
+  cli_tree_costs gpu = {.target = curve(3, (const int[]){1, 9, 64}, (const double[]){1.0, 1.1, 6.0}),
+                        .draft = curve(1, one, (const double[]){0.1})};
+  s = search(p, 4, 30, 6, &gpu, &best);
+  assert_true(best.n_nodes <= 9 && best.n_nodes >= 2);
+  assert_true(s > 1);
+}
+
 int main(void) {
   seed = cn_test_seed("test_tree_opt");
   const struct CMUnitTest tests[] = {
@@ -153,6 +267,10 @@ int main(void) {
       cmocka_unit_test(test_brute_force_small_trees),
       cmocka_unit_test(test_large_tree_parses_back),
       cmocka_unit_test(test_bad_arguments),
+      cmocka_unit_test(test_one_table_answers_every_size_and_depth),
+      cmocka_unit_test(test_cost_curve_interpolates_and_extends),
+      cmocka_unit_test(test_step_time_by_hand),
+      cmocka_unit_test(test_cost_search_follows_the_prices),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

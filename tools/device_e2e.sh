@@ -4,7 +4,10 @@
 # prompts, 128 new tokens, greedy: canopy target-only and speculative (several trees) on CUDA,
 # chained and again with CANOPY_SPEC_HOST_LEVELS=1 (each draft level's picks through the host) on
 # the first count of prompts, then transformers default / static+compile / assisted generation on
-# the same GPU. Logs go to $OUT.
+# the same GPU. Before them, `canopy bench costs` on CUDA and `canopy tree-opt --costs` with the
+# draft's greedy acceptance (drafts/.../bench/greedy_results.json) choose the tree that is fastest
+# on this GPU, which joins the measured trees; after them tree-opt checks its time model against the
+# measured speedups. Logs go to $OUT.
 #   WHEELS=/root/devbig-C EXTRA=extra DRAFT=../drafts/SmolLM2-135M-draft bash tools/device_e2e.sh
 set -uo pipefail
 out="${OUT:-/tmp/out}"
@@ -23,6 +26,12 @@ PYTHONPATH=/tmp/site python3 tools/convert_smollm2.py --out $model --cache "$WHE
 echo "converted at ${SECONDS}s"
 prompts="$EXTRA/dev_prompts.jsonl"
 trees="--tree chain:3 --tree chain:4 --tree static:2,1 --tree dynamic:16 --tree dynamic:64 --tree $DRAFT/tree.json"
+timeout 120 $b/canopy bench costs -m $model -d "$DRAFT" --device cuda --ctx 256 --reps 20 --out "$out/costs.json" \
+  > "$out/costs.txt" 2>&1
+echo "== bench costs (rc $?) at ${SECONDS}s"; cat "$out/costs.txt"
+$b/canopy tree-opt --acceptance "$DRAFT/bench/greedy_results.json" --costs "$out/costs.json" --size 32 \
+  --out "$out/fast.json" > "$out/fast.txt" 2>&1 && trees="$trees --tree $out/fast.json"
+tail -6 "$out/fast.txt"
 first=1
 for k in ${CANOPY_PROMPTS:-30 8}; do
   for host in 0 1; do
@@ -32,6 +41,8 @@ for k in ${CANOPY_PROMPTS:-30 8}; do
       --chat -n 128 --device cuda --max-prompts $k $trees --out /tmp/$name > "$out/$name.txt" 2>&1
     echo "== $name (rc $?) at ${SECONDS}s"; grep -v "^\s*$" "$out/$name.txt" | grep -v "first differs" | tail -14
     cp /tmp/$name/results.json "$out/$name.json" 2>/dev/null
+    [[ -f "$out/fast.json" ]] && $b/canopy tree-opt --acceptance "$out/$name.json" --costs "$out/costs.json" \
+      --size 32 2>&1 >/dev/null | grep "speedup predicted"
   done
   first=0
 done
