@@ -22,12 +22,13 @@
 static const char *usage =
     "usage: canopy bench costs -m TARGET -d DRAFT [options]\n"
     "\n"
-    "Times the forwards a speculative step is made of, after a context of L tokens (the median of\n"
-    "R repetitions, wall clock, the forward's result on the host): the target over n tree nodes\n"
-    "returning each node's top id (greedy verification; n = 1 is a decode step), and the draft\n"
-    "over n rows returning each row's top-k ids (a draft level; its catch-up forward is the same\n"
-    "size as the tokens it feeds). Prints a table and writes the times as JSON for\n"
-    "`canopy tree-opt --costs`, which picks the tree that is fastest on this machine.\n"
+    "Times the forwards a speculative step is made of, after a context of L tokens: the target\n"
+    "over n tree nodes returning each node's top id (greedy verification; n = 1 is a decode step),\n"
+    "and the draft over n rows returning each row's top-k ids (a draft level; its catch-up forward\n"
+    "is the same size as the tokens it feeds). Wall clock, the forward's result on the host, the\n"
+    "median of R rounds that each time every size of both once, the two models taking turns (as in\n"
+    "a step, each finds the caches after the other). Prints a table and writes the times as\n"
+    "JSON for `canopy tree-opt --costs`, which picks the tree that is fastest on this machine.\n"
     "\n"
     "  -m, --model DIR       target model folder\n"
     "  -d, --draft DIR       draft model folder\n"
@@ -36,7 +37,8 @@ static const char *usage =
     "      --nodes LIST      target forward sizes (default 1,2,3,4,5,6,8,12,16,24,32,48,64)\n"
     "      --draft-nodes LIST  draft forward sizes (default 1,2,3,4,5,6,8,12,16)\n"
     "      --top-k K         ids a draft row returns (default 8)\n"
-    "      --reps R          timed repetitions of each forward (default 10, after 2 warm-ups)\n"
+    "      --reps R          timed rounds, each one forward of every size (default 10, after 2\n"
+    "                        warm-up rounds)\n"
     "      --threads N       CPU threads (default: all cores)\n"
     "      --device D        cpu (default) or cuda, for target and draft\n"
     "      --no-graphs       cuda: launch every op of every forward (no CUDA graphs)\n"
@@ -112,14 +114,15 @@ static int make_context(canopy_model *m, int len, cn_kv_seq **out) {
   return st;
 }
 
-/* The median wall time of a forward over n nodes shaped as a binary heap (node i's parent
- * (i - 1) / 2: BFS order, siblings consecutive) after the sequence's context, every row returning
- * its top k ids; each forward's K/V is dropped again. */
-static int time_forward(canopy_model *m, cn_kv_seq *kv, int n, int k, int reps, double *ms) {
+/* The wall time of one forward over n nodes shaped as a binary heap (node i's parent (i - 1) / 2:
+ * BFS order, siblings consecutive) after the sequence's context, every row returning its top k
+ * ids; the forward's K/V is dropped again. */
+static int time_forward(canopy_model *m, cn_kv_seq *kv, int n, int k, double *ms) {
   int ctx = cn_kv_seq_len(kv), words = (n + 63) / 64, vocab = m->cfg.vocab_size;
   cn_tree t;
   cn_tree_reset(&t, 42 % vocab);
-  for (int i = 1; i < n; i++) cn_tree_add(&t, (i - 1) / 2, (int32_t)((200u + 31u * (unsigned)i) % (unsigned)vocab), -1.0f);
+  for (int i = 1; i < n; i++)
+    cn_tree_add(&t, (i - 1) / 2, (int32_t)((200u + 31u * (unsigned)i) % (unsigned)vocab), -1.0f);
   uint64_t mask[CN_TREE_MAX_NODES * CN_TREE_MASK_WORDS];
   int32_t pos[CN_TREE_MAX_NODES], rows[CN_TREE_MAX_NODES], top[CN_TREE_MAX_NODES * 32];
   cn_tree_mask(&t, mask, words);
@@ -127,34 +130,50 @@ static int time_forward(canopy_model *m, cn_kv_seq *kv, int n, int k, int reps, 
   cn_seq_batch sb = {.kv = kv, .first = 0, .n = n, .tree_mask = n > 1 ? mask : NULL};
   cn_batch b = {.n_tokens = n, .tokens = t.token, .pos = pos, .n_seqs = 1, .seqs = &sb, .n_logits = n,
                 .logit_rows = rows, .top = top, .top_k = k};
-  double *v = malloc(sizeof *v * (size_t)reps);
-  if (!v) return cn_error(CANOPY_ERR_NO_MEMORY, "bench costs: %d repetitions", reps);
-  int st = CANOPY_OK;
-  for (int r = -2; r < reps && !st; r++) { /* two warm-ups: a CUDA graph is captured at the second */
-    double t0 = now_s();
-    st = cn_forward(m, &b, NULL);
-    double t1 = now_s();
-    if (r >= 0) v[r] = 1e3 * (t1 - t0);
-    int tr = cn_kv_seq_truncate(kv, ctx);
-    if (!st) st = tr;
-  }
-  if (!st) {
-    qsort(v, (size_t)reps, sizeof *v, cmp_double);
-    *ms = reps % 2 ? v[reps / 2] : 0.5 * (v[reps / 2 - 1] + v[reps / 2]);
-  }
-  free(v);
-  return st;
+  double t0 = now_s();
+  int st = cn_forward(m, &b, NULL);
+  *ms = 1e3 * (now_s() - t0);
+  int tr = cn_kv_seq_truncate(kv, ctx);
+  return st ? st : tr;
 }
 
-/* Every size of curve c for model m (top k ids a row), into c->ms. */
-static int time_curve(canopy_model *m, const char *what, int ctx, int k, int reps, cli_tree_cost_curve *c) {
-  cn_kv_seq *kv = NULL;
-  int st = make_context(m, ctx, &kv);
-  if (st) st = cn_error_wrap(st, "%s: the context", what);
-  for (int i = 0; !st && i < c->n; i++)
-    if ((st = time_forward(m, kv, c->nodes[i], k, reps, &c->ms[i])))
-      st = cn_error_wrap(st, "%s: a forward over %d nodes", what, c->nodes[i]);
-  cn_kv_seq_free(kv);
+/* The median of x[0 .. n) (sorted in place). */
+static double median(double *x, int n) {
+  qsort(x, (size_t)n, sizeof *x, cmp_double);
+  return n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]);
+}
+
+/* Both curves' times: the median of `reps` rounds. A round times every size of both models once,
+ * the target's and the draft's forwards taking turns, for two reasons: a burst of load from
+ * elsewhere on the machine lands on all sizes alike rather than on one, and each forward finds the
+ * caches as a speculative step leaves them, the other model's weights having just passed through
+ * (a draft forward timed right after another draft forward finds its small weights still cached,
+ * and read 0.6x a real step's draft time on the CPU). Two rounds first warm up (a CUDA graph is
+ * captured at the second). */
+static int time_rounds(canopy_model *const m[2], int ctx, const int k[2], int reps, cli_tree_cost_curve *c[2]) {
+  static const char *what[2] = {"target", "draft"};
+  cn_kv_seq *kv[2] = {NULL, NULL};
+  double *v[2];
+  int st = CANOPY_OK, sizes = c[0]->n > c[1]->n ? c[0]->n : c[1]->n;
+  for (int j = 0; j < 2; j++) v[j] = malloc(sizeof *v[j] * (size_t)reps * (size_t)c[j]->n);
+  if (!v[0] || !v[1]) st = cn_error(CANOPY_ERR_NO_MEMORY, "bench costs: %d repetitions", reps);
+  for (int j = 0; j < 2 && !st; j++)
+    if ((st = make_context(m[j], ctx, &kv[j]))) st = cn_error_wrap(st, "%s: the context", what[j]);
+  for (int r = -2; r < reps && !st; r++)
+    for (int i = 0; i < sizes && !st; i++)
+      for (int j = 0; j < 2 && !st; j++) {
+        double ms;
+        if (i >= c[j]->n) continue;
+        if ((st = time_forward(m[j], kv[j], c[j]->nodes[i], k[j], &ms)))
+          st = cn_error_wrap(st, "%s: a forward over %d nodes", what[j], c[j]->nodes[i]);
+        else if (r >= 0)
+          v[j][(size_t)i * reps + r] = ms;
+      }
+  for (int j = 0; j < 2; j++) {
+    for (int i = 0; i < c[j]->n && !st; i++) c[j]->ms[i] = median(v[j] + (size_t)i * reps, reps);
+    free(v[j]);
+    cn_kv_seq_free(kv[j]);
+  }
   return st;
 }
 
@@ -242,8 +261,10 @@ int cli_bench_costs(int argc, char **argv) {
   rc = 1;
   if (canopy_model_load(dir, &mp, &target)) { cli_fail("loading the model"); goto done; }
   if (canopy_model_load(a.draft, &dp, &draft)) { cli_fail("loading the draft model"); goto done; }
-  if (time_curve(target, "target", a.ctx, 1, a.reps, &a.target)) { cli_fail("bench costs"); goto done; }
-  if (time_curve(draft, "draft", a.ctx, a.top_k, a.reps, &a.drafts)) { cli_fail("bench costs"); goto done; }
+  canopy_model *models[2] = {target, draft};
+  const int top_k[2] = {1, a.top_k};
+  cli_tree_cost_curve *curves[2] = {&a.target, &a.drafts};
+  if (time_rounds(models, a.ctx, top_k, a.reps, curves)) { cli_fail("bench costs"); goto done; }
 
   FILE *o = a.out ? stdout : stderr;
   const char *dev = a.device == CANOPY_DEVICE_CUDA ? "cuda" : "cpu";

@@ -128,7 +128,7 @@ static int read_costs(const char *path, cli_tree_costs *c) {
   return rc;
 }
 
-/* cn_tree_spec's tree as the DP's result type (value left 0). */
+/* cn_tree_spec's tree as the DP's result type (value left 0, for the caller to set). */
 static void tree_of_spec(const cn_tree_spec *ts, cli_tree_opt_result *r) {
   memset(r, 0, sizeof *r);
   r->n_nodes = ts->n_nodes;
@@ -255,10 +255,10 @@ int cli_tree_opt(int argc, char **argv) {
     if (costs_path) {
       cli_tree_opt_result tr;
       tree_of_spec(&ts, &tr);
-      double one = cli_tree_cost_at(&costs.target, 1);
       tr.value = predicted;
-      double s_pred = predicted / cli_tree_step_ms(&costs, &tr, predicted) * one;
-      double s_meas = measured->valuedouble / cli_tree_step_ms(&costs, &tr, measured->valuedouble) * one;
+      double s_pred = cli_tree_speedup(&costs, &tr);
+      tr.value = measured->valuedouble;
+      double s_meas = cli_tree_speedup(&costs, &tr);
       fprintf(o, "; speedup predicted %.3fx (%.3fx with the measured length)", s_pred, s_meas);
       if (cJSON_IsNumber(speedup)) fprintf(o, ", measured %.3fx", speedup->valuedouble);
     }

@@ -108,7 +108,8 @@ static void test_costs_and_the_fastest_tree(void **state) {
   }
   cJSON_Delete(run_bench("acc", ""));
   snprintf(args, sizeof args,
-           "tree-opt --acceptance %s/acc/results.json --costs %s/costs.json --overhead-ms 0.5 --size 6 --out %s/fast.json",
+           "tree-opt --acceptance %s/acc/results.json --costs %s/costs.json --overhead-ms 0.5 --size 6 "
+           "--out %s/fast.json",
            tmp, tmp, tmp);
   cJSON *tree = run_json(args, "fast", "fast.json");
   int size = (int)num(tree, "size");

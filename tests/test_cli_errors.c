@@ -131,7 +131,8 @@ static void test_bad_costs_files_name_the_field(void **state) {
     if (cases[i].text) snprintf(text, sizeof text, "%s", cases[i].text);
     else /* 1 ms at 2 nodes, 9 at 3: -7 at 1 node, held at 0 */
       snprintf(text, sizeof text, "{\"target_forward\": {\"nodes\": [2, 3], \"ms\": [1, 9]}, %s}", draft_ok);
-    snprintf(args, sizeof args, "tree-opt --acceptance %s --costs %s --size 4", acc, write_tmp("costs.json", text, costs));
+    write_tmp("costs.json", text, costs);
+    snprintf(args, sizeof args, "tree-opt --acceptance %s --costs %s --size 4", acc, costs);
     expect_one_line(args, cases[i].needle);
   }
   snprintf(args, sizeof args, "tree-opt --acceptance %s --costs %s/none.json --size 4", acc, tmp);

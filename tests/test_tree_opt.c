@@ -233,7 +233,8 @@ static void test_cost_search_follows_the_prices(void **state) {
   const int one[] = {1}, two[] = {1, 64};
   cli_tree_opt_result best, want;
   /* Nothing costs more for more: the biggest tree wins, as the acceptance-only optimum. */
-  cli_tree_costs flat = {.target = curve(1, one, (const double[]){1.0}), .draft = curve(1, one, (const double[]){1e-9})};
+  cli_tree_costs flat = {.target = curve(1, one, (const double[]){1.0}),
+                         .draft = curve(1, one, (const double[]){1e-9})};
   double s = search(p, 4, 30, 6, &flat, &best);
   assert_int_equal(cli_tree_opt_solve(p, 4, 30, 6, &want), 0);
   assert_int_equal(best.n_nodes, 30);

@@ -25,7 +25,7 @@ PYTHONPATH=/tmp/site python3 tools/convert_smollm2.py --out $model --cache "$WHE
   { tail -20 "$out/convert.log"; exit 1; }
 echo "converted at ${SECONDS}s"
 prompts="$EXTRA/dev_prompts.jsonl"
-trees="--tree chain:3 --tree chain:4 --tree static:2,1 --tree dynamic:16 --tree dynamic:64 --tree $DRAFT/tree.json"
+trees="--tree chain:3 --tree chain:4 --tree static:3 --tree static:2,1 --tree dynamic:4,depth=2,topk=2 --tree dynamic:16 --tree dynamic:64 --tree $DRAFT/tree.json"
 timeout 120 $b/canopy bench costs -m $model -d "$DRAFT" --device cuda --ctx 256 --reps 20 --out "$out/costs.json" \
   > "$out/costs.txt" 2>&1
 echo "== bench costs (rc $?) at ${SECONDS}s"; cat "$out/costs.txt"
