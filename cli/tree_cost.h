@@ -43,8 +43,7 @@ static inline double cli_tree_cost_at(const cli_tree_cost_curve *c, double x) {
   while (i < c->n - 2 && x > c->nodes[i + 1]) i++;
   double x0 = c->nodes[i], x1 = c->nodes[i + 1], y0 = c->ms[i], y1 = c->ms[i + 1];
   double y = y0 + (y1 - y0) * (x - x0) / (x1 - x0);
-  if (x < x0 && y < 0) y = 0;
-  return y;
+  return y < 0 ? 0 : y;
 }
 
 /* Each level's drafting rows of tree r: rows[l] (l = 1 .. r->depth - 1) counts the nodes at depth
@@ -91,7 +90,7 @@ static inline double cli_tree_cost_search(const cli_tree_opt_dp *dp, const cli_t
       /* A deeper bound that adds nothing builds an equal tree: no cheaper, so skip it. */
       if (d > 1 && cli_tree_opt_value(dp, n, d) <= cli_tree_opt_value(dp, n, d - 1) + 1e-12) continue;
       cli_tree_opt_tree(dp, n, d, r);
-      double ms = cli_tree_step_ms(c, r, r->value), s = r->value / ms * cli_tree_cost_at(&c->target, 1);
+      double ms = cli_tree_step_ms(c, r, r->value), s = cli_tree_speedup(c, r);
       if (s > row.speedup) row = (cli_tree_cost_row){r->depth, r->value, ms, s};
       if (s > best_speedup + 1e-12) {
         best_speedup = s;
