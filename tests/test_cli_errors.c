@@ -101,14 +101,13 @@ static void test_bad_prompts_and_limits_are_errors(void **state) {
   expect_one_line(args, "exhausted");
 }
 
-/* tmp/NAME holding text, its path into path[256]. */
-static const char *write_tmp(const char *name, const char *text, char *path) {
+/* Writes text to tmp/NAME, whose path goes to path[256]. */
+static void write_tmp(const char *name, const char *text, char *path) {
   snprintf(path, 256, "%s/%s", tmp, name);
   FILE *f = fopen(path, "w");
   assert_non_null(f);
   fputs(text, f);
   fclose(f);
-  return path;
 }
 
 /* tree-opt --costs with a broken costs file names the field (and the entry) at fault. */
