@@ -8,8 +8,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
+#include "bench/bench_util.h"
 #include "canopy.h"
 #include "cache/kv_cache.h"
 #include "cli/cli.h"
@@ -55,17 +55,6 @@ typedef struct costs_args {
   int draft_layers, ctx, top_k, reps, threads, device, no_graphs;
   cli_tree_cost_curve target, drafts; /* the sizes asked for; ms filled by the timing */
 } costs_args;
-
-static double now_s(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
 
 /* "1,2,4" into strictly ascending sizes 1..CN_TREE_MAX_NODES - 1 (2 on a bad list). */
 static int parse_sizes(const char *name, const char *s, cli_tree_cost_curve *c) {
@@ -130,17 +119,11 @@ static int time_forward(canopy_model *m, cn_kv_seq *kv, int n, int k, double *ms
   cn_seq_batch sb = {.kv = kv, .first = 0, .n = n, .tree_mask = n > 1 ? mask : NULL};
   cn_batch b = {.n_tokens = n, .tokens = t.token, .pos = pos, .n_seqs = 1, .seqs = &sb, .n_logits = n,
                 .logit_rows = rows, .top = top, .top_k = k};
-  double t0 = now_s();
+  double t0 = bench_now_s();
   int st = cn_forward(m, &b, NULL);
-  *ms = 1e3 * (now_s() - t0);
+  *ms = 1e3 * (bench_now_s() - t0);
   int tr = cn_kv_seq_truncate(kv, ctx);
   return st ? st : tr;
-}
-
-/* The median of x[0 .. n) (sorted in place). */
-static double median(double *x, int n) {
-  qsort(x, (size_t)n, sizeof *x, cmp_double);
-  return n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]);
 }
 
 /* Both curves' times: the median of `reps` rounds. A round times every size of both models once,
@@ -170,7 +153,7 @@ static int time_rounds(canopy_model *const m[2], int ctx, const int k[2], int re
           v[j][(size_t)i * reps + r] = ms;
       }
   for (int j = 0; j < 2; j++) {
-    for (int i = 0; i < c[j]->n && !st; i++) c[j]->ms[i] = median(v[j] + (size_t)i * reps, reps);
+    for (int i = 0; i < c[j]->n && !st; i++) c[j]->ms[i] = bench_median(v[j] + (size_t)i * reps, reps);
     free(v[j]);
     cn_kv_seq_free(kv[j]);
   }

@@ -104,15 +104,23 @@ static int read_curve(const char *path, const cJSON *root, const char *name, cli
   return 0;
 }
 
-/* A costs file of `canopy bench costs` into c (overhead untouched); 0, or 1 with a message. */
-static int read_costs(const char *path, cli_tree_costs *c) {
+/* The JSON of a file into *out (NULL if it does not parse: the caller names what it should be);
+ * 0, or 1 with a message if the file cannot be read. */
+static int read_json(const char *path, cJSON **out) {
   char *text = cli_read_file(path);
   if (!text) {
     fprintf(stderr, "canopy: tree-opt: cannot read '%s': %s\n", path, strerror(errno));
     return 1;
   }
-  cJSON *root = cJSON_Parse(text);
+  *out = cJSON_Parse(text);
   free(text);
+  return 0;
+}
+
+/* A costs file of `canopy bench costs` into c (overhead untouched); 0, or 1 with a message. */
+static int read_costs(const char *path, cli_tree_costs *c) {
+  cJSON *root;
+  if (read_json(path, &root)) return 1;
   int rc = 0;
   if (!cJSON_IsObject(root)) {
     fprintf(stderr, "canopy: tree-opt: '%s' is not a JSON object (the output of canopy bench costs)\n", path);
@@ -172,13 +180,8 @@ int cli_tree_opt(int argc, char **argv) {
     return 2;
   }
 
-  char *text = cli_read_file(acc_path);
-  if (!text) {
-    fprintf(stderr, "canopy: tree-opt: cannot read '%s': %s\n", acc_path, strerror(errno));
-    return 1;
-  }
-  cJSON *root = cJSON_Parse(text);
-  free(text);
+  cJSON *root;
+  if (read_json(acc_path, &root)) return 1;
   const cJSON *overall = cJSON_GetObjectItemCaseSensitive(root, "overall");
   const cJSON *trees = cJSON_GetObjectItemCaseSensitive(overall, "trees");
   if (!cJSON_IsArray(trees)) {
