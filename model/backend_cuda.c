@@ -11,10 +11,11 @@
  * Graphs. For a forward of a given shape (graph_key: token, sequence and logit counts, top ids or
  * logits, the attention key bucket, the longest sequence, positions and mask words, a sampled
  * forward's rule and probability rows) the block has the same layout and lands at the same device
- * address every time, and no kernel argument depends on anything else. So the first forward of a shape runs its ops (and grows every buffer
- * it needs), the second is captured into a CUDA graph, and later ones upload their block and
- * replay the graph: one launch instead of ~12 per layer. Anything a graph references moving (the
- * staging area, the split workspace, the argmax output, the GEMM scratch) drops all graphs.
+ * address every time, and no kernel argument depends on anything else. So the first forward of a
+ * shape runs its ops (and grows every buffer it needs), the second is captured into a CUDA graph,
+ * and later ones upload their block and replay the graph: one launch instead of ~12 per layer.
+ * Anything a graph references moving (the staging area, the split workspace, the argmax output,
+ * the GEMM scratch) drops all graphs.
  *
  * Host synchronisation: `end` waits once per forward, for its outputs (argmax ids or logits, one
  * copy). Nothing else in a forward waits, except growing a buffer (first use of a larger shape).
