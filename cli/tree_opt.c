@@ -287,6 +287,7 @@ int cli_tree_opt(int argc, char **argv) {
     free(per_size);
     return 1;
   }
+  double best_step = costs_path ? cli_tree_step_ms(&costs, r, r->value) : 0;
   if (costs_path) {
     fprintf(o, "the fastest tree of each size under %s (target alone: %.4f ms a token):\n", costs_path,
             cli_tree_cost_at(&costs.target, 1));
@@ -323,8 +324,8 @@ int cli_tree_opt(int argc, char **argv) {
                           r->n_nodes, (int)depth);
   if (costs_path)
     len += (size_t)snprintf(json + len, cap - len,
-                            ",\n \"predicted_step_ms\": %.6f, \"predicted_speedup\": %.6f, \"overhead_ms\": %g", 
-                            cli_tree_step_ms(&costs, r, r->value), best_speedup, overhead);
+                            ",\n \"predicted_step_ms\": %.6f, \"predicted_speedup\": %.6f, \"overhead_ms\": %g",
+                            best_step, best_speedup, overhead);
   len += (size_t)snprintf(json + len, cap - len, "}\n");
 
   cn_tree_spec spec;
@@ -354,8 +355,8 @@ int cli_tree_opt(int argc, char **argv) {
   for (int d = 1; d <= r->depth; d++) fprintf(o, " %d", width[d]);
   fprintf(o, "\npredicted mean accepted length: %.4f tokens per target forward\n", r->value);
   if (costs_path)
-    fprintf(o, "predicted step: %.4f ms, %.3fx the target alone%s\n", cli_tree_step_ms(&costs, r, r->value),
-            best_speedup, best_speedup < 1 ? " (no tree is predicted to beat the target alone here)" : "");
+    fprintf(o, "predicted step: %.4f ms, %.3fx the target alone%s\n", best_step, best_speedup,
+            best_speedup < 1 ? " (no tree is predicted to beat the target alone here)" : "");
   if (out_path) fprintf(o, "wrote %s (use it with --tree %s)\n", out_path, out_path);
 done:
   free(json);
