@@ -11,7 +11,8 @@
  *   + sum_{l=1}^{D-1} draft(w_l)  one forward a level, over the level's nodes that have children
  *                                 (spec/speculate.c: level_nodes);
  *   + target(n + 1)               the verification of the root and the n nodes;
- *   + overhead                    anything else a step pays (acceptance, commit), 0 unless given.
+ *   + overhead                    anything else a step pays (acceptance, commit): 0, given, or
+ *                                 fitted to measured steps (cli_tree_step_residual).
  * The target alone pays target(1) a token. draft(x) and target(x) interpolate the measured points
  * linearly. */
 #ifndef CANOPY_CLI_TREE_COST_H
@@ -67,7 +68,17 @@ static inline double cli_tree_step_ms(const cli_tree_costs *c, const cli_tree_op
 
 /* Tokens a step yields per unit of time, against the target alone's one per target(1). */
 static inline double cli_tree_speedup(const cli_tree_costs *c, const cli_tree_opt_result *r) {
-  return r->value / cli_tree_step_ms(c, r, r->value) * cli_tree_cost_at(&c->target, 1);
+  double ms = cli_tree_step_ms(c, r, r->value);
+  return ms > 0 ? r->value / ms * cli_tree_cost_at(&c->target, 1) : 0; /* a fitted overhead can be < 0 */
+}
+
+/* What a measured step of tree r (r->value its measured mean accepted length) paid beyond the
+ * model's forwards: the step that the measured speedup implies, E / speedup x target(1), less the
+ * step the model gives without overhead. c's overhead is ignored. */
+static inline double cli_tree_step_residual(const cli_tree_costs *c, const cli_tree_opt_result *r, double speedup) {
+  cli_tree_costs bare = *c;
+  bare.overhead_ms = 0;
+  return r->value / speedup * cli_tree_cost_at(&c->target, 1) - cli_tree_step_ms(&bare, r, r->value);
 }
 
 /* One size's fastest tree, as cli_tree_cost_search reports it. */

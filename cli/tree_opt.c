@@ -31,7 +31,8 @@ static const char *usage =
     "                         per unit of time (Sequoia's hardware-aware choice), and predict its\n"
     "                         speedup over the target alone\n"
     "      --overhead-ms X    with --costs: time every speculative step pays besides its forwards\n"
-    "                         (default 0)\n"
+    "                         (default 0); 'fit' takes the median of what the static trees\n"
+    "                         measured in RESULTS.json paid beyond the modelled forwards\n"
     "      --p1 P             use P as the first choice's acceptance instead of the measured one\n"
     "      --rank-decay R     the assumed decay of p_k over ranks not measured (default 0.3)\n"
     "  -h, --help             show this help\n"
@@ -136,6 +137,25 @@ static int read_costs(const char *path, cli_tree_costs *c) {
   return rc;
 }
 
+/* A tree of the results that the model covers: static, with its measured mean accepted length and
+ * (0 if none) its measured speedup over the target alone. */
+static int measured_static(const cJSON *t, cn_tree_spec *ts, double *len, double *speedup) {
+  const cJSON *name = cJSON_GetObjectItemCaseSensitive(t, "tree");
+  const cJSON *measured = cJSON_GetObjectItemCaseSensitive(t, "mean_accepted_len");
+  const cJSON *s = cJSON_GetObjectItemCaseSensitive(t, "speedup");
+  if (!cJSON_IsString(name) || !cJSON_IsNumber(measured) || cn_tree_spec_parse(name->valuestring, ts) ||
+      ts->kind != CN_TREE_STATIC)
+    return 0;
+  *len = measured->valuedouble;
+  *speedup = cJSON_IsNumber(s) && s->valuedouble > 0 ? s->valuedouble : 0;
+  return 1;
+}
+
+static int cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+
 /* cn_tree_spec's tree as the DP's result type (value left 0, for the caller to set). */
 static void tree_of_spec(const cn_tree_spec *ts, cli_tree_opt_result *r) {
   memset(r, 0, sizeof *r);
@@ -154,7 +174,7 @@ int cli_tree_opt(int argc, char **argv) {
                           {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
   const char *acc_path = NULL, *out_path = NULL, *costs_path = NULL;
   double size = 0, depth = 8, p1 = -1, decay = 0.3, overhead = 0;
-  int c, rc = 0;
+  int c, rc = 0, fit = 0;
   optind = 1;
   while (!rc && (c = getopt_long(argc, argv, "a:s:D:o:c:h", opts, NULL)) != -1) {
     switch (c) {
@@ -165,13 +185,16 @@ int cli_tree_opt(int argc, char **argv) {
     case 'P': rc = cli_parse_double("tree-opt", "--p1", optarg, 0, 1, &p1); break;
     case 'R': rc = cli_parse_double("tree-opt", "--rank-decay", optarg, 0, 1, &decay); break;
     case 'c': costs_path = optarg; break;
-    case 'O': rc = cli_parse_double("tree-opt", "--overhead-ms", optarg, 0, 1e6, &overhead); break;
+    case 'O':
+      fit = !strcmp(optarg, "fit");
+      if (!fit) rc = cli_parse_double("tree-opt", "--overhead-ms", optarg, 0, 1e6, &overhead);
+      break;
     case 'h': fputs(usage, stdout); return 0;
     default: fputs(usage, stderr); return 2;
     }
   }
   if (rc) return rc;
-  if (overhead > 0 && !costs_path) {
+  if ((overhead > 0 || fit) && !costs_path) {
     fprintf(stderr, "canopy: tree-opt: --overhead-ms is a step time: it needs --costs FILE\n");
     return 2;
   }
@@ -239,31 +262,56 @@ int cli_tree_opt(int argc, char **argv) {
     return 1;
   }
   FILE *o = out_path ? stdout : stderr;
+  const cJSON *t;
+  cn_tree_spec ts;
+  double mean_len, speedup;
+
+  /* --overhead-ms fit: the median of what each measured static step paid beyond its modelled
+   * forwards, so that one outlier (a burst of outside load) moves it little. */
+  int n_fit = 0;
+  if (fit) {
+    double *res = malloc(sizeof *res * (size_t)(cJSON_GetArraySize(trees) + 1));
+    cli_tree_opt_result tr;
+    if (res)
+      cJSON_ArrayForEach(t, trees) {
+        if (!measured_static(t, &ts, &mean_len, &speedup) || speedup == 0) continue;
+        tree_of_spec(&ts, &tr);
+        tr.value = mean_len;
+        res[n_fit++] = cli_tree_step_residual(&costs, &tr, speedup);
+      }
+    if (n_fit) {
+      qsort(res, (size_t)n_fit, sizeof *res, cmp_double);
+      overhead = costs.overhead_ms = n_fit % 2 ? res[n_fit / 2] : 0.5 * (res[n_fit / 2 - 1] + res[n_fit / 2]);
+      fprintf(o, "overhead fitted to %d measured static trees: %.4f ms a step (residuals %.4f .. %.4f ms)\n", n_fit,
+              overhead, res[0], res[n_fit - 1]);
+    } else {
+      fprintf(stderr, "canopy: tree-opt: --overhead-ms fit: '%s' has no static tree with a measured speedup%s\n",
+              acc_path, res ? "" : " (or out of memory)");
+    }
+    free(res);
+    if (!n_fit) {
+      cJSON_Delete(root);
+      return 1;
+    }
+  }
 
   /* The model against the measurements: each static tree's predicted and measured lengths, and
    * with costs its predicted speedup (with the predicted and with the measured length, which
    * leaves the time model alone to blame) against the measured one. */
-  const cJSON *t;
   cJSON_ArrayForEach(t, trees) {
-    const cJSON *name = cJSON_GetObjectItemCaseSensitive(t, "tree");
-    const cJSON *measured = cJSON_GetObjectItemCaseSensitive(t, "mean_accepted_len");
-    const cJSON *speedup = cJSON_GetObjectItemCaseSensitive(t, "speedup");
-    cn_tree_spec ts;
-    if (!cJSON_IsString(name) || !cJSON_IsNumber(measured) || cn_tree_spec_parse(name->valuestring, &ts) ||
-        ts.kind != CN_TREE_STATIC)
-      continue;
+    if (!measured_static(t, &ts, &mean_len, &speedup)) continue;
     double predicted = cli_tree_opt_eval(p, n_p, ts.n_nodes, ts.parent, ts.rank);
-    fprintf(o, "%-20s predicted mean accepted length %.4f, measured %.4f", name->valuestring, predicted,
-            measured->valuedouble);
+    fprintf(o, "%-20s predicted mean accepted length %.4f, measured %.4f",
+            cJSON_GetObjectItemCaseSensitive(t, "tree")->valuestring, predicted, mean_len);
     if (costs_path) {
       cli_tree_opt_result tr;
       tree_of_spec(&ts, &tr);
       tr.value = predicted;
       double s_pred = cli_tree_speedup(&costs, &tr);
-      tr.value = measured->valuedouble;
+      tr.value = mean_len;
       double s_meas = cli_tree_speedup(&costs, &tr);
       fprintf(o, "; speedup predicted %.3fx (%.3fx with the measured length)", s_pred, s_meas);
-      if (cJSON_IsNumber(speedup)) fprintf(o, ", measured %.3fx", speedup->valuedouble);
+      if (speedup > 0) fprintf(o, ", measured %.3fx", speedup);
     }
     fprintf(o, "\n");
   }
@@ -324,8 +372,9 @@ int cli_tree_opt(int argc, char **argv) {
                           r->n_nodes, (int)depth);
   if (costs_path)
     len += (size_t)snprintf(json + len, cap - len,
-                            ",\n \"predicted_step_ms\": %.6f, \"predicted_speedup\": %.6f, \"overhead_ms\": %g",
-                            best_step, best_speedup, overhead);
+                            ",\n \"predicted_step_ms\": %.6f, \"predicted_speedup\": %.6f, \"overhead_ms\": %g, "
+                            "\"overhead_fitted_to\": %d",
+                            best_step, best_speedup, overhead, n_fit);
   len += (size_t)snprintf(json + len, cap - len, "}\n");
 
   cn_tree_spec spec;

@@ -124,6 +124,30 @@ static void test_costs_and_the_fastest_tree(void **state) {
   const cJSON *t_ms = item(item(costs, "target_forward"), "ms");
   assert_true(fabs(speedup - len / step * cJSON_GetArrayItem(t_ms, 0)->valuedouble) < 1e-4 * speedup);
   cJSON_Delete(tree);
+
+  /* --overhead-ms fit on the run's one static tree (chain:2): the fitted overhead makes the model
+   * give that tree's measured speedup at its measured length. */
+  snprintf(args, sizeof args,
+           "tree-opt --acceptance %s/acc/results.json --costs %s/costs.json --overhead-ms fit --size 6 "
+           "--out %s/fit.json",
+           tmp, tmp, tmp);
+  tree = run_json(args, "fit", "fit.json");
+  assert_int_equal((int)num(tree, "overhead_fitted_to"), 1);
+  char path[256], *log;
+  snprintf(path, sizeof path, "%s/fit.log", tmp);
+  assert_non_null(log = cn_test_read_file(path, NULL));
+  double with_measured = 0, measured = 0;
+  const char *line = strstr(log, "chain:2 ");
+  assert_non_null(line);
+  const char *at = strstr(line, "x with the measured length), measured ");
+  assert_non_null(at);
+  while (at > line && at[-1] != '(') at--;
+  assert_int_equal(sscanf(at, "%lfx with the measured length), measured %lfx", &with_measured, &measured), 2);
+  printf("[ costs    ] overhead fitted: %.4f ms a step; chain:2 modelled %.3fx, measured %.3fx\n",
+         num(tree, "overhead_ms"), with_measured, measured);
+  assert_true(fabs(with_measured - measured) < 1.5e-3);
+  free(log);
+  cJSON_Delete(tree);
   cJSON_Delete(costs);
 }
 

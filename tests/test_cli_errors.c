@@ -136,6 +136,15 @@ static void test_bad_costs_files_name_the_field(void **state) {
   }
   snprintf(args, sizeof args, "tree-opt --acceptance %s --costs %s/none.json --size 4", acc, tmp);
   expect_one_line(args, "none.json");
+  /* Nothing measured to fit an overhead to: a static tree without a speedup, and a dynamic one. */
+  snprintf(text, sizeof text, "{\"target_forward\": {\"nodes\": [1], \"ms\": [1.0]}, %s}", draft_ok);
+  write_tmp("costs.json", text, costs);
+  write_tmp("acc.json",
+            "{\"overall\": {\"trees\": [{\"tree\": \"chain:2\", \"mean_accepted_len\": 1.5}, {\"tree\": "
+            "\"dynamic:8\", \"mean_accepted_len\": 2, \"speedup\": 1.2}], \"accept_rate_by_rank\": [0.5]}}",
+            acc);
+  snprintf(args, sizeof args, "tree-opt --acceptance %s --costs %s --overhead-ms fit --size 4", acc, costs);
+  expect_one_line(args, "no static tree with a measured speedup");
 }
 
 static void test_usage_errors_exit_with_2(void **state) {
@@ -145,6 +154,9 @@ static void test_usage_errors_exit_with_2(void **state) {
   assert_int_equal(run_cli("generate -p x --temp -1", err, sizeof err), 2);
   assert_int_equal(run_cli("tree-opt --acceptance x.json --size 4 --overhead-ms 1", err, sizeof err), 2);
   assert_non_null(strstr(err, "needs --costs"));
+  assert_int_equal(run_cli("tree-opt --acceptance x.json --size 4 --overhead-ms fit", err, sizeof err), 2);
+  assert_int_equal(run_cli("tree-opt --acceptance x.json --size 4 --costs c.json --overhead-ms -1", err, sizeof err),
+                   2);
   assert_int_equal(run_cli("bench costs -d x --top-k 33", err, sizeof err), 2);
   assert_int_equal(run_cli("bench costs -d x --nodes 4,2", err, sizeof err), 2);
   assert_int_equal(run_cli("bench costs --ctx 8", err, sizeof err), 2);

@@ -210,6 +210,15 @@ static void test_step_time_by_hand(void **state) {
   assert_true(fabs(cli_tree_step_ms(&c, &r, E) - want) < 1e-12);
   r.value = E;
   assert_true(fabs(cli_tree_speedup(&c, &r) - E / want * 1.0) < 1e-12);
+  /* A measured step 0.4 ms dearer than the forwards: that residual, whatever c's overhead, and
+   * with it as the overhead the model gives the measured speedup back. */
+  double measured = E / (want - 0.25 + 0.4);
+  assert_true(fabs(cli_tree_step_residual(&c, &r, measured) - 0.4) < 1e-12);
+  c.overhead_ms = 0.4;
+  assert_true(fabs(cli_tree_speedup(&c, &r) - measured) < 1e-12);
+  /* An overhead that would make the step free or negative gives no speedup rather than a wrong one. */
+  c.overhead_ms = -want;
+  assert_true(cli_tree_speedup(&c, &r) == 0);
 }
 
 static double search(const double *p, int n_p, int N, int D, const cli_tree_costs *c, cli_tree_opt_result *best) {

@@ -25,7 +25,7 @@ export PYTHONUNBUFFERED=1
 source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
 SECONDS=0
-b=/tmp/canopy-all
+b=${B:-/tmp/canopy-all} # B: an earlier call's build on the same warm machine
 model=/tmp/smollm2
 extra="${EXTRA:-.dev-final}"
 rc=0
