@@ -42,8 +42,8 @@ typedef struct cn_fwd_io {
   int32_t *top;                /* [n_logits][top_k] host: top ids wanted (then logits is NULL) */
   int top_k;                   /* >= 1 */
   float *top_logp;             /* [n_logits][top_k] host, or NULL: their log-softmax */
-  int sample;                  /* top receives sampled ids: sample_rows (never captured), or with
-                                * q_out a sampled tree level's draws (draw_rows) under `rule` */
+  int sample;                  /* top receives sampled ids under `rule`: sample_rows, or with q_out
+                                * a sampled tree level's draws (draw_rows) */
   float *logits;               /* [n_logits][vocab] host, when top is NULL */
   int vocab;
   int n_seqs;
@@ -62,7 +62,7 @@ typedef struct cn_fwd_io {
   /* Sampled trees (model/forward.h): the batch's fields; rows are backend addresses. */
   const double *u;               /* [n_logits][top_k] with sample */
   float *const *q_out;           /* [n_logits] */
-  const cn_sample_rule *rule;    /* the draws' rule, with q_out */
+  const cn_sample_rule *rule;    /* with sample: the rule of its ids */
   const cn_sample_rule *accept_sample;
   float *const *accept_q;
   const double *accept_u;

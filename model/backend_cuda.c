@@ -495,14 +495,14 @@ static int graph_key(const cuda_ctx *c, const cn_fwd_io *io, int n_pos, int n_ma
     cn_kv_seq_blocks(d[s].seq, &nb);
     if (nb > c->max_blocks) return 0;
   }
-  /* A sampled tree's forward: its rule's numbers are kernel arguments, and its verification
-   * writes the probability rows at accept_rows (the uniforms and row pointers are staged data). */
+  /* A sampled forward: its rule's numbers are kernel arguments, and a tree's verification writes
+   * the probability rows at accept_rows (the uniforms and row pointers are staged data). */
   const cn_sample_rule *r = io->rule ? io->rule : io->accept_sample;
   int32_t t = 0, p = 0;
   if (r) memcpy(&t, &r->temperature, sizeof t), memcpy(&p, &r->top_p, sizeof p);
   uint64_t rows = (uint64_t)(uintptr_t)io->accept_rows;
   int flags = (io->top_logp ? 1000 : 0) + (io->accept_parent ? 2000 : 0) + (io->rule ? 4000 : 0) +
-              (io->accept_sample ? 8000 : 0);
+              (io->accept_sample ? 8000 : 0) + (io->q_out ? 16000 : 0);
   *key = (cn_graph_key){{io->n_tokens, io->n_seqs, io->n_logits, io->top != NULL, c->keys_bucket, c->any_tree,
                          c->max_n, n_pos, n_mask, io->top_k + flags, t, r ? r->top_k : 0, p, (int32_t)(uint32_t)rows,
                          (int32_t)(uint32_t)(rows >> 32)}};
@@ -536,9 +536,9 @@ static int stage_inputs(cuda_ctx *c, const cn_fwd_io *io, cn_graph_key *key, int
          at_slots = at_freq + align16(sizeof(float) * (size_t)(hd / 2)), at_src = at_slots + at_pos,
          at_parent = at_src + at_pos; /* token_src and accept_parent: always room, so the layout stays a
                                          function of the key */
-  /* A sampled tree's uniforms and device row pointers: its draws' (u, q_out) or its verification's
-   * (the probability rows, accept_q, accept_u). */
-  size_t n_u = io->rule ? (size_t)io->n_logits * io->top_k : 0, n_q = io->rule ? (size_t)io->n_logits : 0,
+  /* A sampled forward's uniforms and device row pointers: its draws' (u, and a tree level's q_out)
+   * or a tree verification's (the probability rows, accept_q, accept_u). */
+  size_t n_u = io->rule ? (size_t)io->n_logits * io->top_k : 0, n_q = io->q_out ? (size_t)io->n_logits : 0,
          n_prow = io->accept_sample ? (size_t)io->n_logits : 0, n_acc = io->accept_sample ? (size_t)n : 0;
   size_t at_u = at_parent + at_pos, at_q = at_u + align16(sizeof(double) * n_u),
          at_prow = at_q + align16(sizeof(float *) * n_q), at_aq = at_prow + align16(sizeof(float *) * n_prow),
@@ -606,7 +606,7 @@ static int stage_inputs(cuda_ctx *c, const cn_fwd_io *io, cn_graph_key *key, int
   for (int r = 0; !st && r < io->n_logits; r += CN_LOGIT_CHUNK) {
     int rows = io->n_logits - r < CN_LOGIT_CHUNK ? io->n_logits - r : CN_LOGIT_CHUNK;
     st = map_put(c, io->logit_rows + r, sizeof(int32_t) * (size_t)rows, dev + at_rows + sizeof(int32_t) * r);
-    /* The draws' arrays, as the forward hands them to draw_rows a chunk at a time. */
+    /* The draws' arrays, as the forward hands them to sample_rows or draw_rows a chunk at a time. */
     size_t k = (size_t)io->top_k;
     if (!st && n_u) st = map_put(c, io->u + r * k, sizeof(double) * rows * k, dev + at_u + sizeof(double) * r * k);
     if (!st && n_q) st = map_put(c, io->q_out + r, sizeof(float *) * rows, dev + at_q + sizeof(float *) * r);
@@ -677,7 +677,7 @@ static int cuda_begin(void *ctx, const cn_fwd_io *io, int *replayed) {
   c->io = *io;
   c->top_used = 0;
   int top_n = io->n_logits * io->top_k;
-  if (io->top && (!io->sample || io->q_out) && top_n > c->top_cap) {
+  if (io->top && top_n > c->top_cap) {
     cn_cuda_free(c->cu, c->top_dev);
     cn_cuda_free(c->cu, c->top_logp_dev);
     c->top_dev = NULL, c->top_logp_dev = NULL, c->top_cap = 0;
@@ -786,7 +786,7 @@ static int cuda_end(void *ctx) {
         st = cn_cuda_memcpy_d2h(c->cu, d->tree_out, ((cuda_ids *)d->ids->buf)->dev + d->layout->t_token,
                                 sizeof(int32_t) * (size_t)(4 * d->layout->T + 1));
     }
-  } else if (!st && io->n_logits && io->top && (!io->sample || io->q_out)) {
+  } else if (!st && io->n_logits && io->top) {
     if (!io->top_ids) st = cn_cuda_memcpy_d2h(c->cu, io->top, c->top_dev, sizeof(int32_t) * top_n);
     if (!st && io->top_logp) st = cn_cuda_memcpy_d2h(c->cu, io->top_logp, c->top_logp_dev, sizeof(float) * top_n);
   } else if (!st && io->n_logits && c->mode != EAGER) {
@@ -906,19 +906,21 @@ static int sample_ws_for(cuda_ctx *c, int vocab) {
   return CANOPY_OK;
 }
 
-/* A sampled decode row (no tree) is never captured: the ids come over here, and `end` leaves them
- * alone. */
+/* Sampled rows' ids into the forward's run of device ids, as top_rows fills it; `end` brings them
+ * over. The uniforms are staged (begin), so a captured forward replays with this step's. */
 static int cuda_sample_rows(void *ctx, int32_t *ids, const void *logits, int rows, int vocab, const cn_sample_rule *r,
                             const double *u) {
   cuda_ctx *c = ctx;
-  if (!c->status && (rows > TOP_ROWS || c->mode != EAGER))
-    keep(c, cn_error(CANOPY_ERR_INVALID_ARG, "cuda sample_rows: %d rows (at most %d a call, never captured)", rows,
-                     TOP_ROWS));
+  size_t at = (size_t)c->top_used;
+  if (!c->status && (rows > TOP_ROWS || c->io.top_k != 1 || ids != c->io.top + at || at + rows > (size_t)c->top_cap ||
+                     r != c->io.rule))
+    keep(c, cn_error(CANOPY_ERR_INVALID_ARG, "cuda sample_rows: %d rows at element %zu (at most %d a call, in order, "
+                     "one id a row, under the forward's rule)", rows, at, TOP_ROWS));
   const double *u_dev = c->status ? NULL : dev_of(c, u, sizeof *u * (size_t)rows);
   if (u_dev && !keep(c, sample_ws_for(c, vocab)))
-    keep(c, cn_cuda_sample(c->cu, c->top_dev, logits, rows, vocab, r->temperature, r->top_k, r->top_p, u_dev,
+    keep(c, cn_cuda_sample(c->cu, c->top_dev + at, logits, rows, vocab, r->temperature, r->top_k, r->top_p, u_dev,
                            c->sample_ws, c->sample_ws_bytes));
-  if (!c->status) keep(c, cn_cuda_memcpy_d2h(c->cu, ids, c->top_dev, sizeof *ids * (size_t)rows));
+  c->top_used += rows;
   return c->status;
 }
 

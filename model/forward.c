@@ -340,7 +340,7 @@ int cn_forward(canopy_model *m, const cn_batch *b, float *logits) {
                   .top_ids = b->top_ids ? b->top_ids->buf : NULL, .top_ids_at = b->top_ids_at,
                   .accept_parent = b->accept_parent, .accept_out = b->accept_out, .n_dyn = b->n_dyn,
                   .dyn = b->dyn, .u = b->sample ? b->u : NULL, .q_out = b->q_out,
-                  .rule = b->top && b->q_out ? b->sample : NULL, .accept_sample = b->accept_sample,
+                  .rule = b->top ? b->sample : NULL, .accept_sample = b->accept_sample,
                   .accept_q = b->accept_q, .accept_u = b->accept_u,
                   .accept_rows = b->accept_sample ? b->accept_rows->buf : NULL};
   /* A backend with ids in host memory gets its tokens resolved here; a device backend resolves
