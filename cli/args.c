@@ -74,6 +74,15 @@ char *cli_read_file(const char *path) {
   return buf;
 }
 
+int cli_write_file(const char *cmd, const char *path, const char *text) {
+  FILE *f = fopen(path, "w");
+  if (!f || fputs(text, f) == EOF || fclose(f)) {
+    fprintf(stderr, "canopy: %s: cannot write '%s': %s\n", cmd, path, strerror(errno));
+    return 1;
+  }
+  return 0;
+}
+
 int cli_add_run_info(void *o, int argc, char **argv) {
   size_t len = 32;
   for (int i = 0; i < argc; i++) len += strlen(argv[i]) + 3;

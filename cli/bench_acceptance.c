@@ -328,12 +328,7 @@ static int run_one(canopy_model *model, canopy_model *draft, const char *tree, c
 static int write_text(const char *dir, const char *name, const char *text) {
   char path[4096];
   snprintf(path, sizeof path, "%s/%s", dir, name);
-  FILE *f = fopen(path, "w");
-  if (!f || fputs(text, f) == EOF || fclose(f)) {
-    fprintf(stderr, "canopy: bench acceptance: cannot write '%s': %s\n", path, strerror(errno));
-    return 1;
-  }
-  return 0;
+  return cli_write_file("bench acceptance", path, text);
 }
 
 static const char *plot_script =

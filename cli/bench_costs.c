@@ -276,16 +276,16 @@ int cli_bench_costs(int argc, char **argv) {
   cJSON_AddItemToObject(root, "target_forward", curve_json(&a.target));
   cJSON_AddItemToObject(root, "draft_forward", curve_json(&a.drafts));
   json = cJSON_Print(root);
-  if (!json) goto done;
+  size_t len = json ? strlen(json) : 0;
+  char *line = json ? realloc(json, len + 2) : NULL; /* the file ends its last line */
+  if (!line) goto done;
+  json = line;
+  memcpy(json + len, "\n", 2);
   if (a.out) {
-    FILE *f = fopen(a.out, "w");
-    if (!f || fputs(json, f) == EOF || fputc('\n', f) == EOF || fclose(f)) {
-      fprintf(stderr, "canopy: bench costs: cannot write '%s': %s\n", a.out, strerror(errno));
-      goto done;
-    }
+    if (cli_write_file("bench costs", a.out, json)) goto done;
     printf("wrote %s\n", a.out);
   } else {
-    puts(json);
+    fputs(json, stdout);
   }
   rc = 0;
 done:

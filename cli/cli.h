@@ -24,6 +24,9 @@ int cli_parse_device(const char *cmd, const char *s, int *out);
  * Caller frees. */
 char *cli_read_file(const char *path);
 
+/* Writes text to path: 0, or "canopy: CMD: cannot write 'PATH': <reason>" on stderr and 1. */
+int cli_write_file(const char *cmd, const char *path, const char *text);
+
 /* Adds "command" (`canopy bench` and argv, the bench's own arguments) and "date" (UTC, ISO 8601)
  * to a bench's JSON object o (a cJSON *); 0, or -1 without memory. */
 int cli_add_run_info(void *o, int argc, char **argv);

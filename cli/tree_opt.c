@@ -383,12 +383,7 @@ int cli_tree_opt(int argc, char **argv) {
     goto done;
   }
   if (out_path) {
-    FILE *f = fopen(out_path, "w");
-    if (!f || fputs(json, f) == EOF || fclose(f)) {
-      fprintf(stderr, "canopy: tree-opt: cannot write '%s': %s\n", out_path, strerror(errno));
-      rc = 1;
-      goto done;
-    }
+    if ((rc = cli_write_file("tree-opt", out_path, json))) goto done;
   } else {
     fputs(json, stdout);
   }

@@ -145,6 +145,9 @@ static void test_bad_costs_files_name_the_field(void **state) {
             acc);
   snprintf(args, sizeof args, "tree-opt --acceptance %s --costs %s --overhead-ms fit --size 4", acc, costs);
   expect_one_line(args, "no static tree with a measured speedup");
+  /* An output that cannot be written names it. */
+  snprintf(args, sizeof args, "tree-opt --acceptance %s --size 4 --out %s/no/such/dir/tree.json", acc, tmp);
+  expect_one_line(args, "cannot write '");
 }
 
 static void test_usage_errors_exit_with_2(void **state) {
