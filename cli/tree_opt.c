@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bench/bench_util.h"
 #include "canopy.h"
 #include "cli/cli.h"
 #include "cli/tree_cost.h"
@@ -151,11 +152,6 @@ static int measured_static(const cJSON *t, cn_tree_spec *ts, double *len, double
   return 1;
 }
 
-static int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
-
 /* cn_tree_spec's tree as the DP's result type (value left 0, for the caller to set). */
 static void tree_of_spec(const cn_tree_spec *ts, cli_tree_opt_result *r) {
   memset(r, 0, sizeof *r);
@@ -280,8 +276,7 @@ int cli_tree_opt(int argc, char **argv) {
         res[n_fit++] = cli_tree_step_residual(&costs, &tr, speedup);
       }
     if (n_fit) {
-      qsort(res, (size_t)n_fit, sizeof *res, cmp_double);
-      overhead = costs.overhead_ms = n_fit % 2 ? res[n_fit / 2] : 0.5 * (res[n_fit / 2 - 1] + res[n_fit / 2]);
+      overhead = costs.overhead_ms = bench_median(res, n_fit); /* sorts res ascending */
       fprintf(o, "overhead fitted to %d measured static trees: %.4f ms a step (residuals %.4f .. %.4f ms)\n", n_fit,
               overhead, res[0], res[n_fit - 1]);
     } else {
