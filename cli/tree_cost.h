@@ -74,11 +74,10 @@ static inline double cli_tree_speedup(const cli_tree_costs *c, const cli_tree_op
 
 /* What a measured step of tree r (r->value its measured mean accepted length) paid beyond the
  * model's forwards: the step that the measured speedup implies, E / speedup x target(1), less the
- * step the model gives without overhead. c's overhead is ignored. */
+ * model's step without c's overhead. */
 static inline double cli_tree_step_residual(const cli_tree_costs *c, const cli_tree_opt_result *r, double speedup) {
-  cli_tree_costs bare = *c;
-  bare.overhead_ms = 0;
-  return r->value / speedup * cli_tree_cost_at(&c->target, 1) - cli_tree_step_ms(&bare, r, r->value);
+  double forwards = cli_tree_step_ms(c, r, r->value) - c->overhead_ms;
+  return r->value / speedup * cli_tree_cost_at(&c->target, 1) - forwards;
 }
 
 /* One size's fastest tree, as cli_tree_cost_search reports it. */
