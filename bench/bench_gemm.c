@@ -7,6 +7,8 @@
  * process, shape by shape, so the columns compare side by side:
  *   engine   what the forward runs: the few-row kernel (gemv.cu) up to 8 rows, cuBLAS above
  *   cublas   cuBLAS at every row count (cn_cuda_set_gemv_max_rows 0)
+ *   tuned    the engine with cuBLAS's products tuned per shape (cn_cuda_set_gemm_tune; the first,
+ *            untimed call of a shape tunes it), then each tuned shape's choice is listed
  * Every call reads a different copy of the weights (copies rotate until 256 MiB lie between two
  * uses of one, five times the 50 MB L2). Times are device-event medians of groups of back-to-back
  * calls, so a kernel's launch is inside them as in a forward.
@@ -42,14 +44,29 @@ static const shape SHAPES[] = {
 };
 #define N_SHAPES (int)(sizeof SHAPES / sizeof SHAPES[0])
 
-enum { ENGINE, CUBLAS, N_VARIANTS };
-static const char *VARIANT_NAMES[N_VARIANTS] = {"engine", "cublas"};
+enum { ENGINE, CUBLAS, TUNED, N_VARIANTS };
+static const char *VARIANT_NAMES[N_VARIANTS] = {"engine", "cublas", "tuned"};
 
 static cn_cuda_ctx *ctx;
 static cn_cuda_timer *timer;
 
 static void set_variant(int v) {
   CK(cn_cuda_set_gemv_max_rows(ctx, v == CUBLAS ? 0 : -1));
+  CK(cn_cuda_set_gemm_tune(ctx, v == TUNED));
+}
+
+/* What tuning chose for each shape it timed. */
+static void print_plans(void) {
+  int n = cn_cuda_gemm_plans(ctx, NULL, 0);
+  cn_cuda_gemm_plan_info *info = calloc((size_t)(n ? n : 1), sizeof *info);
+  n = cn_cuda_gemm_plans(ctx, info, n);
+  printf("\ntuned shapes (rows x in x out): cublasGemmEx's median, the kept kernel's, of the kernels timed\n");
+  for (int i = 0; i < n; i++)
+    printf("  %4d x %5d x %6d%s: %8.1f us -> %8.1f us (%.2fx), %s of %d\n", info[i].n, info[i].in, info[i].out,
+           info[i].accumulate ? " +=" : "   ", info[i].us_default, info[i].us_kept,
+           info[i].us_kept > 0 ? info[i].us_default / info[i].us_kept : 0.0, info[i].lt ? "cuBLASLt" : "cublasGemmEx",
+           info[i].candidates);
+  free(info);
 }
 
 typedef struct job {
@@ -159,6 +176,7 @@ int main(int argc, char **argv) {
       printf("\n");
     }
   }
+  print_plans();
   cn_cuda_timer_free(timer);
   cn_cuda_ctx_free(ctx);
   return 0;

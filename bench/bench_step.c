@@ -23,12 +23,15 @@
  * own). With --compare-gemv, also with the few-row GEMM on CUDA cores at every row count and
  * fusions up to 4 rows (the settings before the tensor-core form), and on tensor cores at every
  * row count (cn_cuda_set_gemv_mma_rows).
+ * With --compare-tune, also with cuBLAS's products tuned per shape by measurement
+ * (cn_cuda_set_gemm_tune; the warm-up's eager forward tunes each new shape).
  * Forwards replay CUDA graphs (the default: the first warm-up runs the ops, the second captures);
  * --no-graphs launches every op instead, and --compare-graphs times each step both ways, one
  * right after the other, and adds the no-graph time and the ratio.
  *
  * usage: bench_step --config FILE.json [--config ...] [--ctx L] [--nodes 16,64,128] [--reps N] [--unfused]
- *                   [--compare-fusion] [--compare-qkv] [--compare-gemv] [--no-graphs | --compare-graphs] */
+ *                   [--compare-fusion] [--compare-qkv] [--compare-gemv] [--compare-tune]
+ *                   [--no-graphs | --compare-graphs] */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -157,7 +160,7 @@ static void bench_steps(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, cn_
   free(logits);
 }
 
-enum { UNFUSED = 1, BEFORE_FUSION = 2, NO_QKV_FUSION = 4, CUDA_CORES = 8 };
+enum { UNFUSED = 1, BEFORE_FUSION = 2, NO_QKV_FUSION = 4, CUDA_CORES = 8, TUNED = 16 };
 
 /* The steps again through a copy of the model's backend table with fused ops taken out (and the
  * few-row GEMM fusions off for BEFORE_FUSION); graphs are dropped before and after, since they
@@ -246,6 +249,13 @@ static void bench_config(const char *path, int L, const int *nodes, int n_nodes,
     if (cn_cuda_set_gemv_mma_rows(cu, mma_rows) || cn_cuda_set_gemv_fusion(cu, fusion_rows)) die("gemv settings");
     cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64);
   }
+  if (variants & TUNED) {
+    if (cn_cuda_set_gemm_tune(cu, 1)) die("gemm tune");
+    cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64);
+    bench_steps(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, " (tuned products)");
+    if (cn_cuda_set_gemm_tune(cu, 0)) die("gemm tune");
+    cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64);
+  }
   cn_kv_seq_free(kv);
   cn_cuda_timer_free(tm);
   canopy_model_free(m);
@@ -277,12 +287,14 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--compare-fusion")) variants |= BEFORE_FUSION;
     else if (!strcmp(argv[i], "--compare-qkv")) variants |= NO_QKV_FUSION;
     else if (!strcmp(argv[i], "--compare-gemv")) variants |= CUDA_CORES;
+    else if (!strcmp(argv[i], "--compare-tune")) variants |= TUNED;
     else if (!strcmp(argv[i], "--no-graphs")) no_graphs = 1;
     else if (!strcmp(argv[i], "--compare-graphs")) compare_graphs = 1;
     else n_configs = -1;
     if (n_configs < 0 || n_nodes < 0 || L < 1 || reps < 1) {
       fprintf(stderr, "usage: bench_step --config FILE.json [--config ...] [--ctx L] [--nodes 16,64,128] "
-                      "[--reps N] [--unfused] [--compare-fusion] [--compare-qkv] [--compare-gemv] [--no-graphs | --compare-graphs]\n");
+                      "[--reps N] [--unfused] [--compare-fusion] [--compare-qkv] [--compare-gemv] [--compare-tune] "
+                      "[--no-graphs | --compare-graphs]\n");
       return 2;
     }
   }

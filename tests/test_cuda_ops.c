@@ -757,6 +757,100 @@ static void test_matmul_add_matches_cpu(void **state) {
   END_TEST();
 }
 
+/* One tuned product (cn_cuda_matmul, or cn_cuda_matmul_add onto y0), downloaded as fp32. */
+static float *tuned_product(const void *d_x, const void *d_w, const float *y0, int n, int in, int out,
+                            cn_cuda_dtype yt) {
+  size_t ny = (size_t)n * out;
+  void *d_y = y0 ? dev_upload(y0, ny, CN_CUDA_F32) : dev_poisoned(ny, yt);
+  if (y0) CK(cn_cuda_matmul_add(ctx, d_y, d_x, CN_CUDA_BF16, d_w, NULL, n, in, out));
+  else CK(cn_cuda_matmul(ctx, d_y, yt, d_x, CN_CUDA_BF16, d_w, NULL, n, in, out));
+  float *y = dev_download(d_y, ny, yt);
+  cn_cuda_free(ctx, d_y);
+  return y;
+}
+
+/* Products tuned by measurement (cn_cuda_set_gemm_tune): the first call of a shape times the
+ * candidate kernels and keeps one; its result must match the CPU, and the next call (the kept
+ * kernel, no timing) must repeat it bit for bit. A shape first met while a graph is being
+ * captured runs untuned (timing would synchronise the stream) and is tuned at its next eager
+ * call. */
+static void test_tuned_products_match_cpu_and_repeat(void **state) {
+  mismatches = 0;
+  CK(cn_cuda_set_gemm_tune(ctx, 1));
+  const int shapes[][3] = {{9, 128, 40},    {17, 129, 65},    {64, 200, 250},
+                           {64, 1536, 576}, {129, 576, 1537}, {300, 576, 960}}; /* n, in, out */
+  int cases = 0;
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+    for (int form = 0; form < 3; form++) { /* fp32 y, bf16 y, fp32 y += */
+      int n = shapes[s][0], in = shapes[s][1], out = shapes[s][2];
+      size_t ny = (size_t)n * out;
+      cn_cuda_dtype yt = form == 1 ? CN_CUDA_BF16 : CN_CUDA_F32;
+      float *x = rand_bf16_buf((size_t)n * in, 1.0f), *w = rand_bf16_buf((size_t)out * in, 1.0f);
+      float *y0 = form == 2 ? rand_buf(ny, 4.0f) : NULL, *ref = malloc(sizeof *ref * ny);
+      cn_cpu_matmul(NULL, ref, x, w, NULL, n, in, out);
+      void *d_x = dev_upload(x, (size_t)n * in, CN_CUDA_BF16), *d_w = dev_upload(w, (size_t)out * in, CN_CUDA_BF16);
+      float *first = tuned_product(d_x, d_w, y0, n, in, out, yt);
+      float *again = tuned_product(d_x, d_w, y0, n, in, out, yt);
+      check_all_finite(first, ny, "tuned product");
+      char what[64];
+      snprintf(what, sizeof what, "tuned %dx%dx%d %s", n, in, out, form == 2 ? "y +=" : dt_name(yt));
+      if (memcmp(first, again, sizeof *first * ny)) {
+        print_error("%s: the kept kernel's second call differs from the first\n", what);
+        mismatches++;
+      }
+      if (y0)
+        for (size_t i = 0; i < ny; i++) first[i] -= y0[i]; /* the product alone */
+      check_close(form == 2 ? OP_MATMUL_ADD : OP_MATMUL, form == 2 ? CN_CUDA_BF16 : yt, first, ref, ny, what);
+      cases++;
+      cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_w);
+      free(x), free(w), free(y0), free(ref), free(first), free(again);
+    }
+
+  cn_cuda_gemm_plan_info info[64];
+  int plans = cn_cuda_gemm_plans(ctx, info, 64);
+  printf("tuned shapes: %d\n", plans);
+  for (int i = 0; i < plans && i < 64; i++) {
+    printf("  %4dx%5dx%5d %s%s align %3d: %d kernels timed, %s (%.1f us, cublasGemmEx %.1f us)\n", info[i].n,
+           info[i].in, info[i].out, info[i].y_bf16 ? "bf16" : "fp32", info[i].accumulate ? " +=" : "", info[i].align,
+           info[i].candidates, info[i].lt ? "cuBLASLt kept" : "cublasGemmEx kept", info[i].us_kept,
+           info[i].us_default);
+    if (info[i].candidates < 1 || (info[i].lt && !(info[i].us_kept < info[i].us_default))) {
+      print_error("plan %d: %d candidates, kept %.1f us against %.1f\n", i, info[i].candidates, info[i].us_kept,
+                  info[i].us_default);
+      mismatches++;
+    }
+  }
+  /* Every case is its own shape (form and output type are part of the key). */
+  if (plans < cases) {
+    print_error("%d shapes tuned, %d expected\n", plans, cases);
+    mismatches++;
+  }
+
+  /* A new shape inside a capture: untuned there, tuned at the next eager call. */
+  const int n = 33, in = 200, out = 72;
+  float *x = rand_bf16_buf((size_t)n * in, 1.0f), *w = rand_bf16_buf((size_t)out * in, 1.0f);
+  float *ref = malloc(sizeof *ref * (size_t)n * out);
+  cn_cpu_matmul(NULL, ref, x, w, NULL, n, in, out);
+  void *d_x = dev_upload(x, (size_t)n * in, CN_CUDA_BF16), *d_w = dev_upload(w, (size_t)out * in, CN_CUDA_BF16);
+  void *d_y = dev_poisoned((size_t)n * out, CN_CUDA_F32);
+  cn_cuda_graph *g = NULL;
+  CK(cn_cuda_capture_begin(ctx));
+  CK(cn_cuda_matmul(ctx, d_y, CN_CUDA_F32, d_x, CN_CUDA_BF16, d_w, NULL, n, in, out));
+  CK(cn_cuda_capture_end(ctx, &g));
+  assert_int_equal(cn_cuda_gemm_plans(ctx, NULL, 0), plans);
+  CK(cn_cuda_graph_launch(ctx, g));
+  float *y = dev_download(d_y, (size_t)n * out, CN_CUDA_F32);
+  check_close(OP_MATMUL, CN_CUDA_F32, y, ref, (size_t)n * out, "tuned 33x200x72 in a graph");
+  CK(cn_cuda_matmul(ctx, d_y, CN_CUDA_F32, d_x, CN_CUDA_BF16, d_w, NULL, n, in, out));
+  CK(cn_cuda_sync(ctx));
+  assert_int_equal(cn_cuda_gemm_plans(ctx, NULL, 0), plans + 1);
+  cn_cuda_graph_free(g);
+  cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_w), cn_cuda_free(ctx, d_y);
+  free(x), free(w), free(ref), free(y);
+  CK(cn_cuda_set_gemm_tune(ctx, 0));
+  END_TEST();
+}
+
 /* The whole feed-forward block against the CPU ops one after the other, on the fused path (up to
  * 8 rows whose normed input fits the kernel's shared memory), and past it (4096 x 8 rows, 9+ rows). */
 static void test_ffn_matches_cpu(void **state) {
@@ -1482,6 +1576,7 @@ int main(void) {
       cmocka_unit_test(test_rmsnorm_matches_cpu),
       cmocka_unit_test(test_matmul_matches_cpu),
       cmocka_unit_test(test_matmul_rows_do_not_depend_on_the_batch),
+      cmocka_unit_test(test_tuned_products_match_cpu_and_repeat),
       cmocka_unit_test(test_rope_matches_cpu),
       cmocka_unit_test(test_swiglu_matches_cpu),
       cmocka_unit_test(test_add_matches_cpu),

@@ -4,10 +4,9 @@
 #include <string.h>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/gemm_tune.cuh"
 #include "kernels/cuda/gemv.cuh"
 #include "kernels/cuda/tree_attention.cuh"
-
-#define BLAS_WS_BYTES ((size_t)32 << 20)
 
 size_t cn_cuda_dtype_size(cn_cuda_dtype dt) { return dt == CN_CUDA_F32 ? 4 : 2; }
 
@@ -55,9 +54,9 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
       c->blas, (cublasMath_t)(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
   /* A fixed workspace (NVIDIA's recommended size for Hopper): GEMMs captured into CUDA graphs
    * then reference it instead of allocating one per capture. */
-  CN_CUDA_CHECK(cudaMalloc(&c->blas_ws, BLAS_WS_BYTES));
-  CN_CUBLAS_CHECK(cublasSetWorkspace(c->blas, c->blas_ws, BLAS_WS_BYTES));
-  return CANOPY_OK;
+  CN_CUDA_CHECK(cudaMalloc(&c->blas_ws, CN_BLAS_WS_BYTES));
+  CN_CUBLAS_CHECK(cublasSetWorkspace(c->blas, c->blas_ws, CN_BLAS_WS_BYTES));
+  return cn_gemm_tune_init(c);
 }
 
 int cn_cuda_ctx_create(int device, cn_cuda_ctx **out) {
@@ -84,6 +83,7 @@ void cn_cuda_ctx_free(cn_cuda_ctx *c) {
   }
   if (c->scratch) (void)cudaFree(c->scratch);
   if (c->pad_y) (void)cudaFree(c->pad_y);
+  cn_gemm_tune_free(c);
   if (c->blas) (void)cublasDestroy(c->blas);
   if (c->blas_ws) (void)cudaFree(c->blas_ws);
   if (c->stream) (void)cudaStreamDestroy(c->stream);

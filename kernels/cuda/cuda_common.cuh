@@ -4,6 +4,7 @@
 #define CANOPY_KERNELS_CUDA_CUDA_COMMON_CUH
 
 #include <cuda_bf16.h>
+#include <cublasLt.h>
 #include <stddef.h>
 
 #include "kernels/cuda/cuda_check.h"
@@ -20,6 +21,9 @@ struct cn_cuda_ctx {
   size_t scratch_bytes;
   unsigned scratch_gen; /* bumped when scratch or pad_y moves: captured graphs that read them are stale */
   void *blas_ws;       /* cuBLAS workspace of our own, so captured GEMMs allocate nothing */
+  cublasLtHandle_t lt; /* the tuned products' handle (gemm_tune.cuh); shares blas_ws */
+  int gemm_tune;       /* cuBLAS products tuned per shape by measurement (cn_cuda_set_gemm_tune) */
+  struct cn_gemm_plans *gemm_plans; /* the shapes tuned so far, owned */
   int batch_invariant; /* GEMMs padded to a fixed row bucket (cn_cuda_set_batch_invariant) */
   int gemv_fusion;     /* rows up to which few-row GEMMs take in the ops around them (cn_cuda_set_gemv_fusion) */
   int gemv_mma_rows;   /* few-row GEMMs of this many rows and more on tensor cores (cn_cuda_set_gemv_mma_rows) */
@@ -28,6 +32,9 @@ struct cn_cuda_ctx {
   void *pad_y;         /* the padded GEMM's output rows; pad_y_bytes long */
   size_t pad_y_bytes;
 };
+
+/* cuBLAS's workspace (NVIDIA's recommended size for Hopper). */
+#define CN_BLAS_WS_BYTES ((size_t)32 << 20)
 
 typedef __nv_bfloat16 cn_bf16_t;
 

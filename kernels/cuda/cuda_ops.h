@@ -84,6 +84,27 @@ int cn_cuda_gemv_mma_rows(const cn_cuda_ctx *ctx);
  * kernel's 8 rows: 8, the default; 0: cuBLAS always, which bench_gemm compares). */
 int cn_cuda_set_gemv_max_rows(cn_cuda_ctx *ctx, int max_rows);
 
+/* cuBLAS products (more than the few-row kernel's rows, up to 512) tuned by measurement, off by
+ * default (CANOPY_CUDA_GEMM_TUNE=1 at creation turns it on): the first eager call of each shape
+ * (rows, sizes, output type, accumulation, alignment) times cublasGemmEx's kernel and cuBLASLt's
+ * heuristic candidates on its own operands, L2 flushed before each run, and keeps a candidate
+ * that is at least 3% faster (gemm_tune.cuh). That call synchronises the stream; later calls and
+ * captured graphs run the kept kernel, so each shape gives the same bits on every call. Not in
+ * batch-invariant mode, whose products must not depend on a timing. */
+int cn_cuda_set_gemm_tune(cn_cuda_ctx *ctx, int on);
+
+/* One tuned shape: its key, how many kernels were timed (cublasGemmEx's included), whether a
+ * cuBLASLt kernel was kept, and the median microseconds of cublasGemmEx's and of the kept one. */
+typedef struct cn_cuda_gemm_plan_info {
+  int n, in, out, y_bf16, accumulate, align;
+  int candidates, lt;
+  float us_default, us_kept;
+} cn_cuda_gemm_plan_info;
+
+/* The shapes tuned so far: copies up to max of them into out (which may be NULL) and returns how
+ * many there are. */
+int cn_cuda_gemm_plans(const cn_cuda_ctx *ctx, cn_cuda_gemm_plan_info *out, int max);
+
 /* Preallocates the matmul scratch for fp32 inputs of up to `elems` elements, so that no
  * allocation happens later in a decode loop (it would otherwise grow on first use). */
 int cn_cuda_reserve_scratch(cn_cuda_ctx *ctx, size_t elems);

@@ -4,6 +4,7 @@
  * y^T (out x n) = W^T' x^T where W's storage is an (in x out) column-major matrix; so one
  * GEMM with op(A) = T on W and op(B) = N on x, and no transposed copy of any weight. */
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/gemm_tune.cuh"
 #include "kernels/cuda/gemv.cuh"
 
 /* Fills y's rows with the bias, so the GEMM adds onto it with beta = 1 (no second pass). */
@@ -69,7 +70,7 @@ static int gemm_bf16(cn_cuda_ctx *ctx, void *y_out, cn_cuda_dtype y_dt, const vo
     if (accumulate)
       CN_CUDA_CHECK(cudaMemcpyAsync(y, y_out, (size_t)n_real * row_bytes, cudaMemcpyDeviceToDevice, ctx->stream));
   }
-  float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  bool beta_one = accumulate;
   if (bias) {
     int st = cn_dispatch(y_dt, [&](auto t) {
       using T = decltype(t);
@@ -83,11 +84,11 @@ static int gemm_bf16(cn_cuda_ctx *ctx, void *y_out, cn_cuda_dtype y_dt, const vo
       return (int)CANOPY_OK;
     });
     if (st) return st;
-    beta = 1.0f;
+    beta_one = true;
   }
-  cudaDataType_t yt = y_dt == CN_CUDA_F32 ? CUDA_R_32F : CUDA_R_16BF;
-  CN_CUBLAS_CHECK(cublasGemmEx(ctx->blas, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &alpha, w, CUDA_R_16BF, in, xb,
-                               CUDA_R_16BF, in, &beta, y, yt, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  cn_gemm_call call = {w, xb, y, y_dt, n, in, out, beta_one};
+  int st = cn_gemm_run(ctx, &call);
+  if (st) return st;
   if (y != y_out)
     CN_CUDA_CHECK(cudaMemcpyAsync(y_out, y, (size_t)n_real * row_bytes, cudaMemcpyDeviceToDevice, ctx->stream));
   return CANOPY_OK;
