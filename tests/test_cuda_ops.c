@@ -777,8 +777,8 @@ static float *tuned_product(const void *d_x, const void *d_w, const float *y0, i
 static void test_tuned_products_match_cpu_and_repeat(void **state) {
   mismatches = 0;
   CK(cn_cuda_set_gemm_tune(ctx, 1));
-  const int shapes[][3] = {{9, 128, 40},    {17, 129, 65},    {64, 200, 250},
-                           {64, 1536, 576}, {129, 576, 1537}, {300, 576, 960}}; /* n, in, out */
+  /* Few shapes: each is timed ~50 times over, which the sanitizers run slowly. */
+  const int shapes[][3] = {{9, 128, 40}, {17, 129, 65}, {64, 1536, 576}, {300, 576, 1537}}; /* n, in, out */
   int cases = 0;
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
     for (int form = 0; form < 3; form++) { /* fp32 y, bf16 y, fp32 y += */

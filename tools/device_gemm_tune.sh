@@ -41,7 +41,7 @@ grep -A40 "^tuned shapes" "$logs/test_cuda_ops.log" | head -30
 CANOPY_CUDA_GEMM_TUNE=1 CANOPY_TEST_QUICK=1 check test_cuda_forward_tuned "$b/test_cuda_forward"
 CANOPY_CUDA_GEMM_TUNE=1 check test_cuda_graphs_tuned "$b/test_cuda_graphs"
 for tool in memcheck racecheck; do
-  timeout 90 compute-sanitizer --tool $tool --report-api-errors no "$b/test_cuda_ops" > "$logs/$tool.log" 2>&1
+  timeout 150 compute-sanitizer --tool $tool --report-api-errors no "$b/test_cuda_ops" > "$logs/$tool.log" 2>&1
   echo "$tool test_cuda_ops (rc $?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$logs/$tool.log" | tr '\n' ' ')"
 done
 echo "tests done at ${SECONDS}s"

@@ -32,7 +32,7 @@ unset CANOPY_TEST_BIG_MODEL
 CANOPY_TEST_QUICK=1 timeout 150 compute-sanitizer --tool memcheck --report-api-errors no /tmp/canopy-build/test_cuda_forward > "$out/memcheck_forward.log" 2>&1
 echo "memcheck test_cuda_forward (rc $?): $(grep -E 'ERROR SUMMARY|PASSED|FAILED' "$out/memcheck_forward.log" | tr '\n' ' ')"
 for tool in memcheck racecheck; do
-  timeout 45 compute-sanitizer --tool $tool --report-api-errors no /tmp/canopy-build/test_cuda_ops > "$out/$tool.log" 2>&1
+  timeout 120 compute-sanitizer --tool $tool --report-api-errors no /tmp/canopy-build/test_cuda_ops > "$out/$tool.log" 2>&1
   echo "$tool test_cuda_ops: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/$tool.log" | tr '\n' ' ')"
 done
 echo "all done at ${SECONDS}s"
