@@ -891,18 +891,20 @@ static void test_ffn_matches_cpu(void **state) {
 }
 
 /* The few-row kernel's fusions (RMSNorm or fp32 rounding into shared memory, SwiGLU in the
- * epilogue) against the separate kernels they replace: the same bits, for every row count the
- * kernel takes, scalar (in % 8 != 0) and vector paths, and the largest staged input that fits. */
+ * epilogue, also after a separate RMSNorm: F_FFN_EPILOGUE) against the separate kernels they
+ * replace: the same bits, for every row count the kernel takes, scalar (in % 8 != 0) and vector
+ * paths, and the largest staged input that fits. */
 #define CN_GEMV_MAX_ROWS_FOR_TEST 8 /* every row count the few-row kernel takes */
-enum { F_NORM_MM_F32, F_NORM_MM_BF16, F_MATMUL_F32X, F_MATMUL_ADD, F_FFN, N_FUSED };
+enum { F_NORM_MM_F32, F_NORM_MM_BF16, F_MATMUL_F32X, F_MATMUL_ADD, F_FFN, F_FFN_EPILOGUE, N_FUSED };
 
 static float *run_fused(int op, int fusion, const float *x, const void *d_g, const void *d_w, const void *d_b,
                         const void *d_w2, int n, int in, int out, size_t *len) {
-  int rows = cn_cuda_gemv_fusion(ctx);
-  CK(cn_cuda_set_gemv_fusion(ctx, fusion ? CN_GEMV_MAX_ROWS_FOR_TEST : 0));
+  int rows = cn_cuda_gemv_fusion(ctx), swiglu_rows = cn_cuda_gemv_swiglu_rows(ctx);
+  CK(cn_cuda_set_gemv_fusion(ctx, fusion && op != F_FFN_EPILOGUE ? CN_GEMV_MAX_ROWS_FOR_TEST : 0));
+  CK(cn_cuda_set_gemv_swiglu_rows(ctx, fusion && op == F_FFN_EPILOGUE ? CN_GEMV_MAX_ROWS_FOR_TEST : 0));
   void *d_x = dev_upload(x, (size_t)n * in, CN_CUDA_F32);
   cn_cuda_dtype yt = op == F_NORM_MM_BF16 ? CN_CUDA_BF16 : CN_CUDA_F32;
-  *len = op == F_FFN ? (size_t)n * in : (size_t)n * out;
+  *len = op == F_FFN || op == F_FFN_EPILOGUE ? (size_t)n * in : (size_t)n * out;
   void *d_y = op == F_MATMUL_ADD ? dev_upload(x, *len, CN_CUDA_F32) : dev_poisoned(*len, yt);
   void *d_gu = dev_poisoned((size_t)n * 2 * out, CN_CUDA_F32);
   switch (op) {
@@ -910,18 +912,21 @@ static float *run_fused(int op, int fusion, const float *x, const void *d_g, con
   case F_NORM_MM_BF16: CK(cn_cuda_norm_matmul(ctx, d_y, yt, d_x, d_g, 1e-5f, d_w, d_b, n, in, out)); break;
   case F_MATMUL_F32X: CK(cn_cuda_matmul(ctx, d_y, yt, d_x, CN_CUDA_F32, d_w, d_b, n, in, out)); break;
   case F_MATMUL_ADD: CK(cn_cuda_matmul_add(ctx, d_y, d_x, CN_CUDA_F32, d_w, d_b, n, in, out)); break;
-  case F_FFN: CK(cn_cuda_ffn(ctx, d_x, d_gu, d_g, 1e-5f, d_w, d_b, d_w2, NULL, n, in, out)); break;
+  case F_FFN:
+  case F_FFN_EPILOGUE: CK(cn_cuda_ffn(ctx, d_x, d_gu, d_g, 1e-5f, d_w, d_b, d_w2, NULL, n, in, out)); break;
   }
-  float *y = dev_download(op == F_FFN ? d_x : d_y, *len, yt);
+  float *y = dev_download(op == F_FFN || op == F_FFN_EPILOGUE ? d_x : d_y, *len, yt);
   CK(cn_cuda_set_gemv_fusion(ctx, rows));
+  CK(cn_cuda_set_gemv_swiglu_rows(ctx, swiglu_rows));
   cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_y), cn_cuda_free(ctx, d_gu);
   return y;
 }
 
 static void test_gemv_fusions_are_bit_exact(void **state) {
   mismatches = 0;
-  static const char *names[N_FUSED] = {"norm_matmul f32", "norm_matmul bf16", "matmul f32 x", "matmul_add", "ffn"};
-  const int shapes[][2] = {{7, 5}, {203, 37}, {576, 250}, {3000, 19}}; /* in, out (ffn: dim, d) */
+  static const char *names[N_FUSED] = {"norm_matmul f32", "norm_matmul bf16", "matmul f32 x",
+                                       "matmul_add",      "ffn",              "ffn, SwiGLU epilogue only"};
+  const int shapes[][2] = {{7, 5}, {203, 37}, {576, 250}, {576, 264}, {3000, 19}}; /* in, out (ffn: dim, d) */
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
     int in = shapes[s][0], out = shapes[s][1];
     float *g = rand_bf16_buf((size_t)in, 1.0f), *w = rand_bf16_buf((size_t)2 * out * in, 0.5f);

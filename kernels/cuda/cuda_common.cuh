@@ -26,6 +26,8 @@ struct cn_cuda_ctx {
   struct cn_gemm_plans *gemm_plans; /* the shapes tuned so far, owned */
   int batch_invariant; /* GEMMs padded to a fixed row bucket (cn_cuda_set_batch_invariant) */
   int gemv_fusion;     /* rows up to which few-row GEMMs take in the ops around them (cn_cuda_set_gemv_fusion) */
+  int gemv_swiglu_rows; /* rows up to which ffn's gate/up GEMM applies SwiGLU after a separate RMSNorm
+                           (cn_cuda_set_gemv_swiglu_rows) */
   int gemv_mma_rows;   /* few-row GEMMs of this many rows and more on tensor cores (cn_cuda_set_gemv_mma_rows) */
   int gemv_max_rows;   /* GEMMs of up to this many rows run the few-row kernel (cn_cuda_set_gemv_max_rows) */
   int ta_split_min;    /* fewest keys a split of the tree-attention plan holds below 128 rows a KV head */

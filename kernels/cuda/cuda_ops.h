@@ -70,6 +70,13 @@ int cn_cuda_set_batch_invariant(cn_cuda_ctx *ctx, int on);
 int cn_cuda_set_gemv_fusion(cn_cuda_ctx *ctx, int max_rows);
 int cn_cuda_gemv_fusion(const cn_cuda_ctx *ctx);
 
+/* Past the fusion limit, cn_cuda_ffn of up to max_rows rows (< 0: the default, 2, the fusion
+ * limit, so off; CANOPY_CUDA_GEMV_SWIGLU_ROWS=k at creation overrides) still applies SwiGLU in the
+ * gate/up GEMM's epilogue, after a separate RMSNorm kernel: no block restages its input, and the
+ * SwiGLU kernel and the fp32 gate/up round trip go. The same bits as the separate kernels. */
+int cn_cuda_set_gemv_swiglu_rows(cn_cuda_ctx *ctx, int max_rows);
+int cn_cuda_gemv_swiglu_rows(const cn_cuda_ctx *ctx);
+
 /* The few-row GEMM runs its products on tensor cores (mma.sync) for calls of min_rows rows or more
  * (< 0: the default, 3, which CANOPY_CUDA_GEMV_MMA_ROWS=k at creation overrides), on CUDA cores
  * below; rows whose length is not a multiple of 8 always take the CUDA cores. The two forms round

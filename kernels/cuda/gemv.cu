@@ -420,7 +420,7 @@ static int by_out(cn_cuda_ctx *ctx, const cn_gemv *g, const gemv_params &p, unsi
       if (f32) return by_rows<XK, CN_GEMV_ADD, float>(ctx, p, g->n, grid, smem);
     break;
   case CN_GEMV_SWIGLU:
-    if constexpr (XK == CN_GEMV_X_NORM)
+    if constexpr (XK != CN_GEMV_X_F32)
       if (!f32) return by_rows<XK, CN_GEMV_SWIGLU, cn_bf16_t>(ctx, p, g->n, grid, smem);
     break;
   case CN_GEMV_ROPE: /* up to CN_GEMV_ROPE_ROWS rows (cn_gemv_run checks) */
