@@ -1,25 +1,35 @@
 #!/usr/bin/env bash
-# Runs on the GPU host (see ../shared/device/README.md): two changes to the products of a
-# verification step, checked and measured in one call. Both are off by default until this runs.
+# Runs on the GPU host (see ../shared/device/README.md): three changes to a verification step,
+# checked and measured in one call. All are off by default until this runs.
 #   - tuned cuBLAS products above the few-row kernel's 8 rows (CANOPY_CUDA_GEMM_TUNE=1,
 #     cn_cuda_set_gemm_tune, kernels/cuda/gemm_tune.cuh);
 #   - ffn's SwiGLU in the gate/up kernel's epilogue at 3-8 rows, after a separate RMSNorm
-#     (CANOPY_CUDA_GEMV_SWIGLU_ROWS=8, cn_cuda_set_gemv_swiglu_rows).
+#     (CANOPY_CUDA_GEMV_SWIGLU_ROWS=8, cn_cuda_set_gemv_swiglu_rows);
+#   - half of tree attention's softmax exponentials on the FMA pipe (CANOPY_CUDA_TA_POLY_EXP=1,
+#     kernels/cuda/exp2_poly.h), in case the special-function unit bounds trees of 64-128 nodes.
 # Steps:
 #   1. build (-Werror, the carried Debian libraries), or reuse B=DIR;
 #   2. test_cuda_ops (the tuned-products test prints what tuning kept per shape; the fusion test
-#      compares the epilogue bit for bit), the CUDA forward and graph tests with each change on
+#      compares the epilogue bit for bit), test_tree_attention (against float64) with the FMA-pipe
+#      exponentials, the CUDA forward and graph tests with each change on
 #      for the whole forward, and memcheck + racecheck on test_cuda_ops;
 #   3. bench_gemm: Llama-3-8B's projections at 9-512 rows, the engine, cuBLAS and tuned side by
 #      side, and the kept kernel of each shape;
 #   4. bench_step --compare-tune: Llama-3-8B and SmolLM2-135M at L = 4096, decode and verification
 #      with the default products and the tuned ones in one process, twice;
-#   5. bench_step at 3, 4 and 8 nodes with and without the SwiGLU epilogue, alternating processes.
-# Logs go to $OUT/verify_products.tgz (one file: the device returns a few files a call).
-#   device run, carry [".devdeps"]: bash tools/device_verify_products.sh
+#   5. bench_step at 3, 4 and 8 nodes with and without the SwiGLU epilogue, alternating processes;
+#   6. bench_tree_attention --shape with and without the FMA-pipe exponentials, alternating.
+# STEPS picks parts (default tests,bench,ab; each part fits one 600 s call, the three together may
+# not): tests = 2, bench = 3-4, ab = 5-6; step 1 runs in each, reusing B's build. Logs go to
+# $OUT/verify_step_PARTS.tgz (one file: the device returns a few files a call).
+#   device run, carry [".devdeps"], back to back on one warm machine:
+#     B=/tmp/vs STEPS=tests bash tools/device_verify_step.sh
+#     B=/tmp/vs STEPS=bench bash tools/device_verify_step.sh
+#     B=/tmp/vs STEPS=ab bash tools/device_verify_step.sh
 set -uo pipefail
 out="${OUT:-/tmp/out}"
-logs=/tmp/verify-products-logs
+steps="${STEPS:-tests,bench,ab}"
+logs=/tmp/verify-step-logs/${steps//,/_}
 mkdir -p "$out" "$logs"
 source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$logs/gpu.txt"
@@ -29,7 +39,8 @@ if [[ ! -x $b/bench_step ]]; then
   cmake -S . -B "$b" -DCMAKE_BUILD_TYPE=Release -DCANOPY_WERROR=ON > "$logs/configure.log" 2>&1 ||
     { tail -30 "$logs/configure.log"; exit 1; }
 fi
-cmake --build "$b" -j"$(nproc)" --target test_cuda_ops test_cuda_forward test_cuda_graphs bench_gemm bench_step \
+cmake --build "$b" -j"$(nproc)" --target test_cuda_ops test_cuda_forward test_cuda_graphs test_tree_attention bench_gemm bench_step \
+  bench_tree_attention \
   > "$logs/build.log" 2>&1 || { grep -E "error|warning" -A3 "$logs/build.log" | head -40; exit 1; }
 echo "built in ${SECONDS}s"
 
@@ -42,16 +53,22 @@ check() { # check NAME CMD...: runs CMD into NAME.log, prints its verdict
   echo "$name: rc $r $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$logs/$name.log" | tr '\n' ' ')"
   [[ $r -ne 0 ]] && rc=$r && grep -E "FAILED|Failure|differ|error" "$logs/$name.log" | head -10
 }
+if [[ $steps == *tests* ]]; then
 check test_cuda_ops "$b/test_cuda_ops"
 grep -A40 "^tuned shapes" "$logs/test_cuda_ops.log" | head -30
 CANOPY_CUDA_GEMM_TUNE=1 CANOPY_TEST_QUICK=1 check test_cuda_forward_tuned "$b/test_cuda_forward"
 CANOPY_CUDA_GEMM_TUNE=1 check test_cuda_graphs_tuned "$b/test_cuda_graphs"
 CANOPY_CUDA_GEMV_SWIGLU_ROWS=8 CANOPY_TEST_QUICK=1 check test_cuda_forward_swiglu "$b/test_cuda_forward"
+CANOPY_CUDA_TA_POLY_EXP=1 check test_tree_attention_poly "$b/test_tree_attention"
+CANOPY_CUDA_TA_POLY_EXP=1 CANOPY_TEST_QUICK=1 check test_cuda_forward_poly "$b/test_cuda_forward"
 for tool in memcheck racecheck; do
   timeout 150 compute-sanitizer --tool $tool --report-api-errors no "$b/test_cuda_ops" > "$logs/$tool.log" 2>&1
   echo "$tool test_cuda_ops (rc $?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$logs/$tool.log" | tr '\n' ' ')"
 done
 echo "tests done at ${SECONDS}s"
+fi
+
+if [[ $steps == *bench* ]]; then
 
 timeout 200 "$b/bench_gemm" --rows 9,16,32,64,128,256,512 > "$logs/bench_gemm.txt" 2>&1
 grep -A12 "step's products" "$logs/bench_gemm.txt"
@@ -63,6 +80,9 @@ done
 timeout 100 "$b/bench_step" --config bench/configs/smollm2-135m.json --ctx 4096 --nodes 4,16,64 --reps 10 \
   --compare-tune > "$logs/step_smollm2.txt" 2>&1
 grep -E "^decode|top ids" "$logs/step_smollm2.txt"
+fi
+
+if [[ $steps == *ab* ]]; then
 for r in 1 2; do
   for side in on off; do
     env $([[ $side == on ]] && echo CANOPY_CUDA_GEMV_SWIGLU_ROWS=8) timeout 100 "$b/bench_step" \
@@ -72,6 +92,17 @@ for r in 1 2; do
     grep -E "^decode|top ids" "$logs/step_swiglu_${side}_$r.txt"
   done
 done
+: > "$logs/poly_shapes.txt"
+for r in 1 2; do
+  for s in 1,64,4096 1,64,16384 1,128,16384 1,64,32768 1,16,16384 8,64,16384 1,1,16384; do
+    for side in on off; do
+      echo "$side $(env $([[ $side == on ]] && echo CANOPY_CUDA_TA_POLY_EXP=1) timeout 60 "$b/bench_tree_attention" \
+        --shape "$s" 2>&1 | tail -1)" >> "$logs/poly_shapes.txt"
+    done
+  done
+done
+cat "$logs/poly_shapes.txt"
+fi
 echo "all done at ${SECONDS}s"
-tar czf "$out/verify_products.tgz" -C "$logs" .
+tar czf "$out/verify_step_${steps//,/_}.tgz" -C "$logs" .
 exit $rc
