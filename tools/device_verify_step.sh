@@ -39,8 +39,8 @@ if [[ ! -x $b/bench_step ]]; then
   cmake -S . -B "$b" -DCMAKE_BUILD_TYPE=Release -DCANOPY_WERROR=ON > "$logs/configure.log" 2>&1 ||
     { tail -30 "$logs/configure.log"; exit 1; }
 fi
-cmake --build "$b" -j"$(nproc)" --target test_cuda_ops test_cuda_forward test_cuda_graphs test_tree_attention bench_gemm bench_step \
-  bench_tree_attention \
+cmake --build "$b" -j"$(nproc)" --target test_cuda_ops test_cuda_forward test_cuda_graphs test_tree_attention \
+  bench_gemm bench_step bench_tree_attention \
   > "$logs/build.log" 2>&1 || { grep -E "error|warning" -A3 "$logs/build.log" | head -40; exit 1; }
 echo "built in ${SECONDS}s"
 

@@ -253,7 +253,8 @@ static int launch_kernel(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int 
   return CANOPY_OK;
 }
 
-template <typename T, int D, int RW> static int launch_poly(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int cap) {
+template <typename T, int D, int RW>
+static int launch_poly(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int cap) {
   return a->exp_poly ? launch_kernel<T, D, RW, true>(ctx, a, cap) : launch_kernel<T, D, RW, false>(ctx, a, cap);
 }
 
