@@ -18,7 +18,8 @@
 #   4. bench_step --compare-tune: Llama-3-8B and SmolLM2-135M at L = 4096, decode and verification
 #      with the default products and the tuned ones in one process, twice;
 #   5. bench_step at 3, 4 and 8 nodes with and without the SwiGLU epilogue, alternating processes;
-#   6. bench_tree_attention --shape with and without the FMA-pipe exponentials, alternating.
+#   6. bench_tree_attention --shape with and without the FMA-pipe exponentials, alternating, and a
+#      split sweep at batch 1, n = 16, L = 16k (6a's unmet 58%).
 # STEPS picks parts (default tests,bench,ab; each part fits one 600 s call, the three together may
 # not): tests = 2, bench = 3-4, ab = 5-6; step 1 runs in each, reusing B's build. Logs go to
 # $OUT/verify_step_PARTS.tgz (one file: the device returns a few files a call).
@@ -102,6 +103,12 @@ for r in 1 2; do
   done
 done
 cat "$logs/poly_shapes.txt"
+# Batch 1, n = 16 at 16k keys ran at 58% of the floor against 75% for n = 1 with the same tiles:
+# its 64 real rows a KV head write and merge partial states of 17 MB beside 67 MB of K/V at the
+# engine's 32 splits. How the split count trades that against filling the device:
+for sp in 8 12 16 24 32 48; do
+  echo "splits $sp: $(timeout 60 "$b/bench_tree_attention" --shape 1,16,16384,$sp 2>&1 | tail -1)"
+done | tee "$logs/split_sweep_n16.txt"
 fi
 echo "all done at ${SECONDS}s"
 tar czf "$out/verify_step_${steps//,/_}.tgz" -C "$logs" .
