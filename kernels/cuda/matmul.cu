@@ -178,33 +178,29 @@ static bool swiglu_epilogue(const cn_cuda_ctx *ctx, int n, int dim) {
          cn_gemv_fits(n, dim, CN_GEMV_X_BF16);
 }
 
-/* Fused: one kernel makes the SwiGLU activation (RMSNorm, gate and up rows, silu(g) * u) into the
- * scratch buffer, a second adds its down projection to x. Past the fusion limit, the RMSNorm may
- * run as its own kernel into the scratch and the gate/up kernel still apply SwiGLU, writing the
- * activation after it in the scratch. */
+/* Fused: the gate/up kernel makes the SwiGLU activation (gate and up rows, silu(g) * u) into the
+ * scratch buffer, a second kernel adds its down projection to x. Within the fusion limit the
+ * gate/up kernel RMSNorms its input itself; past it, up to the SwiGLU-epilogue limit, an RMSNorm
+ * kernel writes the normed input into the scratch first, ahead of the activation. */
 int cn_cuda_ffn(cn_cuda_ctx *ctx, float *x, float *gate_up, const cn_bf16 *norm_w, float eps, const cn_bf16 *w_gu,
                 const cn_bf16 *b_gu, const cn_bf16 *w_down, const cn_bf16 *b_down, int n, int dim, int d) {
   CN_CUDA_ENTER(ctx);
   int st = check_dims(__func__, n, dim, d);
   if (st) return st;
   if (!n) return CANOPY_OK;
-  if (!fused(ctx, n, dim, CN_GEMV_X_NORM) && swiglu_epilogue(ctx, n, dim)) {
-    const size_t normed = ((size_t)n * dim + 7) / 8 * 8; /* the activation starts 16-byte aligned */
-    st = cn_cuda_reserve_scratch(ctx, normed + (size_t)n * d);
-    cn_bf16 *xn = (cn_bf16 *)ctx->scratch, *act = xn + normed;
-    if (!st) st = cn_cuda_rmsnorm(ctx, xn, CN_CUDA_BF16, x, CN_CUDA_F32, norm_w, n, dim, eps);
-    if (!st) st = gemv(ctx, act, CN_CUDA_BF16, xn, CN_GEMV_X_BF16, NULL, 0.0f, w_gu, b_gu, n, dim, d, CN_GEMV_SWIGLU);
-    return st ? st : gemv(ctx, x, CN_CUDA_F32, act, CN_GEMV_X_BF16, NULL, 0.0f, w_down, b_down, n, d, dim, CN_GEMV_ADD);
-  }
-  if (!fused(ctx, n, dim, CN_GEMV_X_NORM)) {
+  const bool staged = fused(ctx, n, dim, CN_GEMV_X_NORM);
+  if (!staged && !swiglu_epilogue(ctx, n, dim)) {
     st = cn_cuda_norm_matmul(ctx, gate_up, CN_CUDA_F32, x, norm_w, eps, w_gu, b_gu, n, dim, 2 * d);
     return st ? st : cn_cuda_swiglu_matmul_add(ctx, x, gate_up, w_down, b_down, n, d, dim);
   }
-  st = cn_cuda_reserve_scratch(ctx, (size_t)n * d);
+  const size_t normed = staged ? 0 : ((size_t)n * dim + 7) / 8 * 8; /* the activation starts 16-byte aligned */
+  st = cn_cuda_reserve_scratch(ctx, normed + (size_t)n * d);
+  cn_bf16 *xn = (cn_bf16 *)ctx->scratch, *act = xn + normed;
+  if (!st && !staged) st = cn_cuda_rmsnorm(ctx, xn, CN_CUDA_BF16, x, CN_CUDA_F32, norm_w, n, dim, eps);
   if (!st)
-    st = gemv(ctx, ctx->scratch, CN_CUDA_BF16, x, CN_GEMV_X_NORM, norm_w, eps, w_gu, b_gu, n, dim, d, CN_GEMV_SWIGLU);
-  return st ? st : gemv(ctx, x, CN_CUDA_F32, ctx->scratch, CN_GEMV_X_BF16, NULL, 0.0f, w_down, b_down, n, d, dim,
-                        CN_GEMV_ADD);
+    st = staged ? gemv(ctx, act, CN_CUDA_BF16, x, CN_GEMV_X_NORM, norm_w, eps, w_gu, b_gu, n, dim, d, CN_GEMV_SWIGLU)
+                : gemv(ctx, act, CN_CUDA_BF16, xn, CN_GEMV_X_BF16, NULL, 0.0f, w_gu, b_gu, n, dim, d, CN_GEMV_SWIGLU);
+  return st ? st : gemv(ctx, x, CN_CUDA_F32, act, CN_GEMV_X_BF16, NULL, 0.0f, w_down, b_down, n, d, dim, CN_GEMV_ADD);
 }
 
 /* Fused (up to CN_GEMV_ROPE_ROWS rows): the few-row kernel RMSNorms x, projects it and rotates
