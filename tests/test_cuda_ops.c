@@ -900,11 +900,12 @@ enum { F_NORM_MM_F32, F_NORM_MM_BF16, F_MATMUL_F32X, F_MATMUL_ADD, F_FFN, F_FFN_
 static float *run_fused(int op, int fusion, const float *x, const void *d_g, const void *d_w, const void *d_b,
                         const void *d_w2, int n, int in, int out, size_t *len) {
   int rows = cn_cuda_gemv_fusion(ctx), swiglu_rows = cn_cuda_gemv_swiglu_rows(ctx);
+  const int ffn = op == F_FFN || op == F_FFN_EPILOGUE;
   CK(cn_cuda_set_gemv_fusion(ctx, fusion && op != F_FFN_EPILOGUE ? CN_GEMV_MAX_ROWS_FOR_TEST : 0));
   CK(cn_cuda_set_gemv_swiglu_rows(ctx, fusion && op == F_FFN_EPILOGUE ? CN_GEMV_MAX_ROWS_FOR_TEST : 0));
   void *d_x = dev_upload(x, (size_t)n * in, CN_CUDA_F32);
   cn_cuda_dtype yt = op == F_NORM_MM_BF16 ? CN_CUDA_BF16 : CN_CUDA_F32;
-  *len = op == F_FFN || op == F_FFN_EPILOGUE ? (size_t)n * in : (size_t)n * out;
+  *len = ffn ? (size_t)n * in : (size_t)n * out;
   void *d_y = op == F_MATMUL_ADD ? dev_upload(x, *len, CN_CUDA_F32) : dev_poisoned(*len, yt);
   void *d_gu = dev_poisoned((size_t)n * 2 * out, CN_CUDA_F32);
   switch (op) {
@@ -915,7 +916,7 @@ static float *run_fused(int op, int fusion, const float *x, const void *d_g, con
   case F_FFN:
   case F_FFN_EPILOGUE: CK(cn_cuda_ffn(ctx, d_x, d_gu, d_g, 1e-5f, d_w, d_b, d_w2, NULL, n, in, out)); break;
   }
-  float *y = dev_download(op == F_FFN || op == F_FFN_EPILOGUE ? d_x : d_y, *len, yt);
+  float *y = dev_download(ffn ? d_x : d_y, *len, yt);
   CK(cn_cuda_set_gemv_fusion(ctx, rows));
   CK(cn_cuda_set_gemv_swiglu_rows(ctx, swiglu_rows));
   cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_y), cn_cuda_free(ctx, d_gu);
