@@ -20,8 +20,10 @@
 #   5. bench_step at 3, 4 and 8 nodes with and without the SwiGLU epilogue, alternating processes;
 #   6. bench_tree_attention --shape with and without the FMA-pipe exponentials, alternating, and a
 #      split sweep at batch 1, n = 16, L = 16k (6a's unmet 58%).
+#   7. (STEPS=ncu, not in the default) ncu pipe utilisation of the tree-attention kernel at
+#      n = 1, 16, 64, 128, L = 16k, with and without the FMA-pipe exponentials.
 # STEPS picks parts (default tests,bench,ab; each part fits one 600 s call, the three together may
-# not): tests = 2, bench = 3-4, ab = 5-6; step 1 runs in each, reusing B's build. Logs go to
+# not): tests = 2, bench = 3-4, ab = 5-6, ncu = 7; step 1 runs in each, reusing B's build. Logs go to
 # $OUT/verify_step_PARTS.tgz (one file: the device returns a few files a call).
 #   device run, carry [".devdeps"], back to back on one warm machine:
 #     B=/tmp/vs STEPS=tests bash tools/device_verify_step.sh
@@ -109,6 +111,26 @@ cat "$logs/poly_shapes.txt"
 for sp in 8 12 16 24 32 48; do
   echo "splits $sp: $(timeout 60 "$b/bench_tree_attention" --shape 1,16,16384,$sp 2>&1 | tail -1)"
 done | tee "$logs/split_sweep_n16.txt"
+fi
+if [[ $steps == *ncu* ]]; then
+# What bounds the wgmma kernel at 64-128 nodes (on the ridge: bandwidth and MMA floors within 3%):
+# each pipe's utilisation, DRAM throughput and warp stalls, with the exponentials on either pipe.
+# Metric names go as regexes so that a name this ncu lacks drops out instead of failing the run.
+for s in 1,64,16384 1,128,16384 1,16,16384 1,1,16384; do
+  for side in off on; do
+    f="$logs/ncu_${s//,/_}_poly_$side.txt"
+    env $([[ $side == on ]] && echo CANOPY_CUDA_TA_POLY_EXP=1) timeout 90 ncu --clock-control none \
+      --kernel-name-base demangled -k 'regex:tree_attn' --launch-skip 2 -c 1 \
+      --section SpeedOfLight --section WarpStateStats \
+      --metrics 'regex:sm__pipe_.*_cycles_active.avg.pct_of_peak_sustained_active$' \
+      --metrics 'regex:sm__inst_executed_pipe_(xu|fma|alu|lsu|fmaheavy|fmalite|uniform).avg.pct_of_peak_sustained_active$' \
+      --metrics dram__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum \
+      "$b/bench_tree_attention" --shape "$s" > "$f" 2>&1
+    echo "== $s poly $side (rc $?)"
+    grep -E "Function Name|tree_attn|gpu__time_duration|dram__throughput|pipe_(tensor|xu|fma|alu|lsu)|Stall|Duration" "$f" \
+      | grep -vE " 0(\.0+)?$" | head -24
+  done
+done
 fi
 echo "all done at ${SECONDS}s"
 tar czf "$out/verify_step_${steps//,/_}.tgz" -C "$logs" .
