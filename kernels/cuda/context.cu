@@ -41,9 +41,10 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
   const char *mma = getenv("CANOPY_CUDA_GEMV_MMA_ROWS");
   c->gemv_mma_rows = mma && *mma ? atoi(mma) : CN_GEMV_MMA_ROWS;
   c->gemv_max_rows = CN_GEMV_MAX_ROWS;
-  /* CANOPY_CUDA_GEMV_SWIGLU_ROWS=k: ffn's SwiGLU epilogue after a separate RMSNorm up to k rows. */
+  /* CANOPY_CUDA_GEMV_SWIGLU_ROWS=k: ffn's SwiGLU epilogue after a separate RMSNorm up to k rows
+   * (default: every row count the few-row kernel takes; measured faster, bench/RESULTS.md). */
   const char *swiglu = getenv("CANOPY_CUDA_GEMV_SWIGLU_ROWS");
-  c->gemv_swiglu_rows = swiglu && *swiglu ? atoi(swiglu) : CN_GEMV_FUSE_ROWS;
+  c->gemv_swiglu_rows = swiglu && *swiglu ? atoi(swiglu) : CN_GEMV_MAX_ROWS;
   /* CANOPY_CUDA_TA_SPLIT_MIN_KEYS=k (a multiple of 64): the tree-attention plan's fewest keys a
    * split, to measure where splitting a short context stops paying for its merge. */
   const char *split_min = getenv("CANOPY_CUDA_TA_SPLIT_MIN_KEYS");
@@ -154,7 +155,7 @@ int cn_cuda_gemv_mma_rows(const cn_cuda_ctx *ctx) { return ctx ? ctx->gemv_mma_r
 
 int cn_cuda_set_gemv_swiglu_rows(cn_cuda_ctx *ctx, int max_rows) {
   if (!ctx) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_gemv_swiglu_rows: NULL cuda context");
-  ctx->gemv_swiglu_rows = max_rows < 0 ? CN_GEMV_FUSE_ROWS : max_rows;
+  ctx->gemv_swiglu_rows = max_rows < 0 ? CN_GEMV_MAX_ROWS : max_rows;
   return CANOPY_OK;
 }
 
