@@ -13,7 +13,6 @@
 #include <cmocka.h>
 
 #include "kernels/cpu/ops.h"
-#include "kernels/cuda/exp2_poly.h"
 #include "tests/testing.h"
 
 static uint64_t rng;
@@ -276,39 +275,6 @@ static void test_top_k_matches_a_full_ranking(void **state) {
   }
 }
 
-/* The FMA-pipe 2^x of tree attention (kernels/cuda/exp2_poly.h, the same code the kernels
- * compile) against exp2 in double: within 8e-5 relative (7.48e-5 worst) over the softmax's
- * range, every integer boundary and its neighbours included, and exactly 0 for -inf and below -125. */
-/* Keeps the largest relative error of cn_exp2_poly seen, for x in [-125, 0.01]. */
-static void exp2_poly_error(float x, double *worst, float *worst_x) {
-  if (x < -125.0f || x > 0.01f) return;
-  double want = exp2((double)x), err = fabs((double)cn_exp2_poly(x) - want) / want;
-  if (err > *worst) *worst = err, *worst_x = x;
-}
-
-static void test_exp2_poly_within_its_bound(void **state) {
-  (void)state;
-  double worst = 0.0;
-  float worst_x = 0.0f;
-  const int steps = 1 << 21;
-  for (int i = 0; i <= steps; i++) {
-    float x = -125.0f + 125.01f * (float)i / (float)steps; /* [-125, 0.01]: a rounding above 0 too */
-    exp2_poly_error(x, &worst, &worst_x);
-    exp2_poly_error(nextafterf(x, -INFINITY), &worst, &worst_x);
-    exp2_poly_error(nextafterf(x, INFINITY), &worst, &worst_x);
-  }
-  for (int j = -125; j <= 0; j++) { /* round-to-nearest ties of the shifter: x = j +- 1/2 */
-    exp2_poly_error((float)j - 0.5f, &worst, &worst_x);
-    exp2_poly_error((float)j + 0.5f, &worst, &worst_x);
-  }
-  printf("exp2_poly: worst relative error %.3g at x = %.9g\n", worst, (double)worst_x);
-  assert_true(worst < 8e-5);
-  assert_true(cn_exp2_poly(-INFINITY) == 0.0f);
-  assert_true(cn_exp2_poly(nextafterf(-125.0f, -INFINITY)) == 0.0f);
-  assert_true(cn_exp2_poly(-1000.0f) == 0.0f);
-  assert_true(cn_exp2_poly(-125.0f) > 0.0f);
-}
-
 int main(void) {
   rng = cn_test_seed("test_cpu_ops");
   const struct CMUnitTest tests[] = {
@@ -318,7 +284,6 @@ int main(void) {
       cmocka_unit_test(test_paged_attention_matches_naive_causal_tree_window_gqa),
       cmocka_unit_test(test_threadpool_runs_every_item_exactly_once),
       cmocka_unit_test(test_top_k_matches_a_full_ranking),
-      cmocka_unit_test(test_exp2_poly_within_its_bound),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

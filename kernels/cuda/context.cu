@@ -50,10 +50,6 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
   const char *split_min = getenv("CANOPY_CUDA_TA_SPLIT_MIN_KEYS");
   c->ta_split_min =
       split_min && atoi(split_min) >= TA_KEYS ? atoi(split_min) / TA_KEYS * TA_KEYS : CN_TA_SPLIT_MIN_KEYS;
-  /* CANOPY_CUDA_TA_POLY_EXP=1: half of tree attention's softmax exponentials by a polynomial on
-   * the FMA pipe (exp2_poly.h), to measure whether the special-function unit bounds large trees. */
-  const char *poly = getenv("CANOPY_CUDA_TA_POLY_EXP");
-  c->ta_exp_poly = poly && !strcmp(poly, "1");
   CN_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
   CN_CUBLAS_CHECK(cublasCreate(&c->blas));
   CN_CUBLAS_CHECK(cublasSetStream(c->blas, c->stream));

@@ -372,10 +372,6 @@ typedef struct cn_cuda_tree_attn_args {
                                    precedes this launch on the stream began (true in a forward: earlier
                                    forwards and its upload wrote them). The kernel then requests its
                                    first prefix tiles before it waits for that kernel. 0: after. */
-  int exp_poly;                 /* set by cn_cuda_tree_attention from the context, whatever the caller
-                                   put here: half the softmax's exponentials on the FMA pipe
-                                   (CANOPY_CUDA_TA_POLY_EXP=1, kernels/cuda/exp2_poly.h), in the
-                                   wgmma kernel (sm_90) */
 } cn_cuda_tree_attn_args;
 
 /* Whether the tree kernel handles this head_dim (64 and 128); others take cn_cuda_attention. */

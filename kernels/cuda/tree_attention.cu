@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
         }
       }
       ta_mask<RW, NT>(a, b, base, kt, s);
-      ta_softmax<RW, NT, DN>(s, m, l, o, sl2, false); /* the FMA-pipe exponentials: Hopper's kernel only */
+      ta_softmax<RW, NT, DN>(s, m, l, o, sl2);
       /* O += P V: P's C fragments are the A fragments of the next MMA, 16 keys per k-step. */
       uint32_t pa[RW][KT / 16][4];
       ta_pack_p<RW, NT>(s, pa);
@@ -377,9 +377,6 @@ int cn_cuda_tree_attention(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a) {
     return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_tree_attention: a NULL device array (seqs, q, out, k, v, "
                                            "block_tables, pos, or the workspace of %d splits)",
                     a->n_splits);
-  cn_cuda_tree_attn_args args = *a;
-  args.exp_poly = ctx->ta_exp_poly;
-  a = &args;
   return cn_dispatch(a->dt, [&](auto t) {
     using T = decltype(t);
     const int group = a->n_heads / a->n_kv_heads;

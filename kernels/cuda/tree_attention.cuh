@@ -11,7 +11,6 @@
 #include <math.h>
 
 #include "kernels/cuda/cuda_common.cuh"
-#include "kernels/cuda/exp2_poly.h"
 
 #define TA_KEYS 64 /* keys per split unit (splits hold whole multiples) */
 #define TA_THREADS 128
@@ -278,12 +277,10 @@ __device__ __forceinline__ void ta_mask(const cn_cuda_tree_attn_args &a, const t
  * P = 2^(s sl2 - m) in place; l holds this lane's part of each row sum (the quad is summed at the
  * end). corr is the factor the row's accumulators must be scaled by; the return value says
  * whether any row of the warp needs it (saw a new maximum): past the first tiles that is rare, and
- * the multiplications cost as many issue slots as the MMAs of a narrow tile. With poly (the
- * context's CANOPY_CUDA_TA_POLY_EXP) the odd columns' exponentials run on the FMA pipe
- * (exp2_poly.h), the even ones on the special-function unit, so the two pipes share them. */
+ * the multiplications cost as many issue slots as the MMAs of a narrow tile. */
 template <int RW, int NT>
 __device__ __forceinline__ bool ta_softmax_p(float (&s)[RW][NT][4], float (&m)[RW][2], float (&l)[RW][2],
-                                             float (&corr)[RW][2], float sl2, bool poly) {
+                                             float (&corr)[RW][2], float sl2) {
   bool grew = false;
 #pragma unroll
   for (int rb = 0; rb < RW; rb++)
@@ -301,8 +298,7 @@ __device__ __forceinline__ bool ta_softmax_p(float (&s)[RW][NT][4], float (&m)[R
       float rs = 0.0f;
 #pragma unroll
       for (int nn = 0; nn < NT; nn++) {
-        const float x1 = fmaf(s[rb][nn][2 * j + 1], sl2, -mu);
-        float p0 = fast_exp2(fmaf(s[rb][nn][2 * j], sl2, -mu)), p1 = poly ? cn_exp2_poly(x1) : fast_exp2(x1);
+        float p0 = fast_exp2(fmaf(s[rb][nn][2 * j], sl2, -mu)), p1 = fast_exp2(fmaf(s[rb][nn][2 * j + 1], sl2, -mu));
         s[rb][nn][2 * j] = p0;
         s[rb][nn][2 * j + 1] = p1;
         rs += p0 + p1;
@@ -328,9 +324,9 @@ __device__ __forceinline__ void ta_rescale(float (&o)[RW][DN][4], const float (&
 
 template <int RW, int NT, int DN>
 __device__ __forceinline__ void ta_softmax(float (&s)[RW][NT][4], float (&m)[RW][2], float (&l)[RW][2],
-                                           float (&o)[RW][DN][4], float sl2, bool poly) {
+                                           float (&o)[RW][DN][4], float sl2) {
   float corr[RW][2];
-  if (ta_softmax_p<RW, NT>(s, m, l, corr, sl2, poly)) ta_rescale<RW, DN>(o, corr);
+  if (ta_softmax_p<RW, NT>(s, m, l, corr, sl2)) ta_rescale<RW, DN>(o, corr);
 }
 
 /* P (the scores after ta_softmax_p) as bf16 A fragments of the P V product, 16 keys per k-step:

@@ -141,9 +141,7 @@ __device__ __forceinline__ void load_q(const cn_cuda_tree_attn_args &a, const ta
   }
 }
 
-/* POLY: half the softmax's exponentials on the FMA pipe (ta_softmax_p; a.exp_poly picks the
- * instantiation, so the default kernel is the same code without it). */
-template <typename T, int D, int RW, bool POLY>
+template <typename T, int D, int RW>
 __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {
   if (!a.prefix_ready) cn_pdl_wait(); /* launched early (cn_launch); else in ta_prologue */
   constexpr int KT = WG_KT, DN = D / 8, NT = KT / 8, ROWS = 64 * RW, STAGES = wg_stages<RW>();
@@ -224,7 +222,7 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
     for (int rb = 0; rb < RW; rb++)
       pin(s[rb]);
     ta_mask<RW, NT>(a, b, base, kt, s);
-    ta_softmax<RW, NT, DN>(s, m, l, o, sl2, POLY);
+    ta_softmax<RW, NT, DN>(s, m, l, o, sl2);
     uint32_t pa[RW][KT / 16][4];
     ta_pack_p<RW, NT>(s, pa);
     issue_o(st, pa);
@@ -240,34 +238,29 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
 
 #else
 
-template <typename T, int D, int RW, bool POLY> __global__ void tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {}
+template <typename T, int D, int RW> __global__ void tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {}
 
 #endif
 
-template <typename T, int D, int RW, bool POLY>
+template <typename T, int D, int RW>
 static int launch_kernel(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int cap) {
-  auto kernel = tree_attn_wgmma_kernel<T, D, RW, POLY>;
+  auto kernel = tree_attn_wgmma_kernel<T, D, RW>;
   CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, wg_smem<D, RW>()));
   dim3 grid(cap / (64 * RW), a->n_splits, a->n_seqs * a->n_kv_heads);
   CN_CUDA_CHECK(cn_launch(ctx, kernel, grid, TA_THREADS, wg_smem<D, RW>(), *a));
   return CANOPY_OK;
 }
 
-template <typename T, int D, int RW>
-static int launch_poly(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int cap) {
-  return a->exp_poly ? launch_kernel<T, D, RW, true>(ctx, a, cap) : launch_kernel<T, D, RW, false>(ctx, a, cap);
-}
-
 int cn_ta_launch_wgmma(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw, int cap) {
   return cn_dispatch(a->dt, [&](auto t) {
     using T = decltype(t);
-    if (a->head_dim == 64) return rw == 2 ? launch_poly<T, 64, 2>(ctx, a, cap) : launch_poly<T, 64, 1>(ctx, a, cap);
-    return rw == 2 ? launch_poly<T, 128, 2>(ctx, a, cap) : launch_poly<T, 128, 1>(ctx, a, cap);
+    if (a->head_dim == 64) return rw == 2 ? launch_kernel<T, 64, 2>(ctx, a, cap) : launch_kernel<T, 64, 1>(ctx, a, cap);
+    return rw == 2 ? launch_kernel<T, 128, 2>(ctx, a, cap) : launch_kernel<T, 128, 1>(ctx, a, cap);
   });
 }
 
 template <int D, int RW> static int per_sm_of(int *per_sm) {
-  auto kernel = tree_attn_wgmma_kernel<cn_bf16_t, D, RW, false>;
+  auto kernel = tree_attn_wgmma_kernel<cn_bf16_t, D, RW>;
   CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, wg_smem<D, RW>()));
   CN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, TA_THREADS, wg_smem<D, RW>()));
   return CANOPY_OK;
