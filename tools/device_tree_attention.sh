@@ -54,14 +54,20 @@ if [[ $steps == *kt16* ]]; then
   echo "kt16 done at ${SECONDS}s"
 fi
 if [[ $steps == *ncu* ]]; then
-  # Where the 128-row wgmma kernel's time goes at batch 1, n = 64, L = 4k (its first launch in
-  # --quick): throughput against the ceilings, occupancy, and what its warps wait on. (-k matches
-  # the plain function name unless told to use the demangled one: a mangled-name regex found
-  # nothing on 2026-11-23.)
-  timeout 60 ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
-    --kernel-name-base demangled -k 'regex:tree_attn_wgmma_kernel<__nv_bfloat16, 128, 2>' -c 1 \
-    $b/bench_tree_attention --quick > "$out/ncu.txt" 2>&1
-  grep -E "Duration|Throughput|Achieved Occupancy|Stall|Registers|Warp Cycles|Issued|Eligible" "$out/ncu.txt" | head -30
+  # What bounds the wgmma kernel at batch 1, L = 16k: each pipe's utilisation, DRAM throughput and
+  # the cycles a warp waits per issued instruction, at n = 1, 16, 64, 128. (-k matches the plain
+  # function name unless told to use the demangled one; metric names go as regexes so that a name
+  # this ncu lacks drops out instead of failing the run; --metrics once, comma-separated.)
+  for s in 1,64,16384 1,128,16384 1,16,16384 1,1,16384; do
+    f="$out/ncu_${s//,/_}.txt"
+    timeout 90 ncu --clock-control none --kernel-name-base demangled -k 'regex:tree_attn' --launch-skip 2 -c 1 \
+      --section SpeedOfLight --section WarpStateStats \
+      --metrics 'regex:sm__pipe_.*_cycles_active.avg.pct_of_peak_sustained_active$,regex:sm__inst_executed_pipe_(xu|fma|alu|lsu).avg.pct_of_peak_sustained_active$,dram__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum' \
+      $b/bench_tree_attention --shape "$s" > "$f" 2>&1
+    echo "== $s (rc $?)"
+    grep -E "tree_attn_wgmma|gpu__time_duration|dram__throughput|pipe_(tensor|xu|fma|alu|lsu)[a-z_]*\.avg|Warp Cycles Per Issued" "$f" |
+      grep -vE "PROF|hmma_type|type_hmma" | head -12
+  done
   echo "ncu done at ${SECONDS}s"
 fi
 if [[ $steps == *torch* ]]; then
