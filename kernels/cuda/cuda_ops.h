@@ -71,7 +71,7 @@ int cn_cuda_set_gemv_fusion(cn_cuda_ctx *ctx, int max_rows);
 int cn_cuda_gemv_fusion(const cn_cuda_ctx *ctx);
 
 /* Past the fusion limit, cn_cuda_ffn of up to max_rows rows (< 0: the default, 8, every count the
- * few-row kernel takes; 0 or 2, the fusion limit: off; CANOPY_CUDA_GEMV_SWIGLU_ROWS=k at creation
+ * few-row kernel takes; 0-2: none past the fusion limit; CANOPY_CUDA_GEMV_SWIGLU_ROWS=k at creation
  * overrides) still applies SwiGLU in the gate/up GEMM's epilogue, after a separate RMSNorm kernel:
  * no block restages its input, and the SwiGLU kernel and the fp32 gate/up round trip go. The same
  * bits as the separate kernels; H100, 3-8 row verification 4-6% faster on SmolLM2, 1.5% on
