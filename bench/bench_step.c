@@ -17,7 +17,7 @@
  * With --unfused, the decode and verification steps are timed a second time with the backend's
  * fused ops (norm_matmul, matmul_add, ffn, qkv_rope, qkv_rope_kv, norm_qkv_rope_kv) switched off,
  * side by side in the same run. With --compare-fusion, also with the few-row GEMM fusions off
- * (cn_cuda_set_gemv_fusion) and without matmul_add, qkv_rope_kv and norm_qkv_rope_kv: the kernels
+ * (cn_cuda_set_gemv_fusion, and cn_cuda_set_gemv_swiglu_rows past them) and without matmul_add, qkv_rope_kv and norm_qkv_rope_kv: the kernels
  * a step ran before those fusions, side by side. With --compare-qkv, also without
  * norm_qkv_rope_kv only (the q/k/v projection, then RoPE and the cache write in a kernel of their
  * own). With --compare-gemv, also with the few-row GEMM on CUDA cores at every row count and
@@ -172,8 +172,10 @@ static void bench_variant(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, c
   plain.norm_qkv_rope_kv = NULL;
   if (variant != NO_QKV_FUSION) plain.matmul_add = NULL, plain.qkv_rope_kv = NULL;
   if (variant == UNFUSED) plain.norm_matmul = NULL, plain.ffn = NULL, plain.qkv_rope = NULL;
-  int fusion_rows = cn_cuda_gemv_fusion(cu);
-  if (variant == BEFORE_FUSION && cn_cuda_set_gemv_fusion(cu, 0)) die("gemv fusion");
+  int fusion_rows = cn_cuda_gemv_fusion(cu), swiglu_rows = cn_cuda_gemv_swiglu_rows(cu);
+  /* Before the fusions: no few-row GEMM takes in an op, the SwiGLU epilogue past the limit included. */
+  if (variant == BEFORE_FUSION && (cn_cuda_set_gemv_fusion(cu, 0) || cn_cuda_set_gemv_swiglu_rows(cu, 0)))
+    die("gemv fusion");
   m->be = &plain;
   cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64);
   bench_steps(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms,
@@ -181,7 +183,7 @@ static void bench_variant(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, c
               : variant == NO_QKV_FUSION ? " (qkv unfused)"
                                          : " (before fusion)");
   m->be = fused;
-  if (cn_cuda_set_gemv_fusion(cu, fusion_rows)) die("gemv fusion");
+  if (cn_cuda_set_gemv_fusion(cu, fusion_rows) || cn_cuda_set_gemv_swiglu_rows(cu, swiglu_rows)) die("gemv fusion");
   cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64);
 }
 
@@ -236,17 +238,21 @@ static void bench_config(const char *path, int L, const int *nodes, int n_nodes,
   if (variants & UNFUSED) bench_variant(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, UNFUSED, no_graphs);
   if (variants & CUDA_CORES) {
     /* The previous main's few-row GEMM (CUDA cores at every row count: 9 is past its 8 rows;
-     * fusions up to 4 rows), then tensor cores at every row count. */
+     * fusions up to 4 rows, no SwiGLU epilogue past them), then tensor cores at every row count. */
     int mma_rows = cn_cuda_gemv_mma_rows(cu), fusion_rows = cn_cuda_gemv_fusion(cu);
-    const struct { int mma_rows, fusion_rows; const char *label; } alt[] = {
-        {9, 4, " (gemv cuda cores)"}, {1, fusion_rows, " (gemv tensor cores)"}};
+    int swiglu_rows = cn_cuda_gemv_swiglu_rows(cu);
+    const struct { int mma_rows, fusion_rows, swiglu_rows; const char *label; } alt[] = {
+        {9, 4, 4, " (gemv cuda cores)"}, {1, fusion_rows, swiglu_rows, " (gemv tensor cores)"}};
     for (int i = 0; i < 2; i++) {
-      if (cn_cuda_set_gemv_mma_rows(cu, alt[i].mma_rows) || cn_cuda_set_gemv_fusion(cu, alt[i].fusion_rows))
+      if (cn_cuda_set_gemv_mma_rows(cu, alt[i].mma_rows) || cn_cuda_set_gemv_fusion(cu, alt[i].fusion_rows) ||
+          cn_cuda_set_gemv_swiglu_rows(cu, alt[i].swiglu_rows))
         die("gemv settings");
       cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64); /* captured with the other kernels */
       bench_steps(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, alt[i].label);
     }
-    if (cn_cuda_set_gemv_mma_rows(cu, mma_rows) || cn_cuda_set_gemv_fusion(cu, fusion_rows)) die("gemv settings");
+    if (cn_cuda_set_gemv_mma_rows(cu, mma_rows) || cn_cuda_set_gemv_fusion(cu, fusion_rows) ||
+        cn_cuda_set_gemv_swiglu_rows(cu, swiglu_rows))
+      die("gemv settings");
     cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64);
   }
   if (variants & TUNED) {
