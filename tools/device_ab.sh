@@ -7,7 +7,8 @@
 #                patch reversed (patch -R), built into /tmp/canopy-base
 #   ENV_A=...    one build, two environments: side A runs with the assignments in ENV_A (for
 #                example CANOPY_CUDA_TA_PIPELINE=1), side B with those in ENV_B (default none)
-# Then, per round: bench_tree_attention --shape S for each S in SHAPES, and bench_step STEP_ARGS.
+# SKIP_BUILD=1: side A is already built (and side B too, if an earlier call made it here).
+# SHAPES and STEP_ARGS may be empty to skip that part. Then, per round: bench_tree_attention --shape S for each S in SHAPES, and bench_step STEP_ARGS.
 # Writes under OUT: ab_shapes.txt (a line per run: side, then bench_tree_attention's line),
 # ab_step_{A,B}_R.txt, ab_summary.txt (each shape's mean time per side and B/A), build logs.
 # Usage (device run, carry [".devdeps", ".dev-final"]):
@@ -15,8 +16,8 @@
 #   ENV_A=CANOPY_CUDA_TA_PIPELINE=1 OUT=/tmp/devlogs bash tools/device_ab.sh
 set -uo pipefail
 out="${OUT:-/tmp/out}"
-shapes="${SHAPES:-1,1,4096 1,1,16384 1,16,16384 1,64,4096 1,64,32768 8,1,16384 8,64,16384}"
-step_args="${STEP_ARGS:---config bench/configs/llama3-8b.json --ctx 4096 --nodes 2,4,16,64,128}"
+shapes="${SHAPES-1,1,4096 1,1,16384 1,16,16384 1,64,4096 1,64,32768 8,1,16384 8,64,16384}"
+step_args="${STEP_ARGS---config bench/configs/llama3-8b.json --ctx 4096 --nodes 2,4,16,64,128}"
 rounds="${ROUNDS:-2}"
 mkdir -p "$out"
 if [[ -z ${PATCH:-} && -z ${ENV_A:-} ]]; then
@@ -38,9 +39,13 @@ if [[ -n ${PATCH:-} ]]; then
   b=/tmp/canopy-base
   src_b=/tmp/canopy-base-src
   patch_file="$(realpath "$PATCH")"
-  rm -rf "$src_b" && mkdir -p "$src_b" && cp -r . "$src_b"/
-  (cd "$src_b" && patch -R -p1 < "$patch_file") > "$out/ab_patch_B.txt" 2>&1 ||
-    { echo "device_ab.sh: $PATCH does not reverse on this tree (ab_patch_B.txt)" >&2; exit 1; }
+  # With SKIP_BUILD=1, an earlier call's side B on the same warm machine is kept as it is: a fresh
+  # copy would give every file a new time, and the build would start over.
+  if [[ ${SKIP_BUILD:-0} != 1 || ! -d $src_b ]]; then
+    rm -rf "$src_b" && mkdir -p "$src_b" && cp -r . "$src_b"/
+    (cd "$src_b" && patch -R -p1 < "$patch_file") > "$out/ab_patch_B.txt" 2>&1 ||
+      { echo "device_ab.sh: $PATCH does not reverse on this tree (ab_patch_B.txt)" >&2; exit 1; }
+  fi
   { cmake -S "$src_b" -B "$b" -DCMAKE_BUILD_TYPE=Release &&
     cmake --build "$b" -j"$(nproc)" --target bench_tree_attention bench_step; } > "$out/ab_build_B.txt" 2>&1 ||
     { tail -20 "$out/ab_build_B.txt"; exit 1; }
@@ -63,7 +68,7 @@ for r in $(seq "$rounds"); do
     done
   done
 done
-for r in $(seq "$rounds"); do
+[[ -n $step_args ]] && for r in $(seq "$rounds"); do
   for side in A B; do
     run $side bench_step $step_args > "$out/ab_step_${side}_$r.txt" 2>&1
   done

@@ -65,7 +65,13 @@ if [[ $steps == *sanitize* ]]; then
   for t in test_cuda_forward test_cuda_ops test_tree_attention; do
     for tool in memcheck racecheck; do
       [[ $t == test_cuda_forward && $tool == racecheck ]] && continue
-      CANOPY_TEST_QUICK=1 timeout ${SAN_TIMEOUT:-80} compute-sanitizer --tool $tool --report-api-errors no $b/$t > "$out/$tool-$t.log" 2>&1
+      # Racecheck leaves out cuBLAS's own kernels (nvjet_*): it reports shared-memory hazards
+      # between their own instructions (bench/results/h100-2026-12-05/tests/racecheck.log), in
+      # code that is not ours to change, and instrumenting them took test_cuda_ops past 150 s.
+      # Every canopy kernel is still checked.
+      excl=()
+      [[ $tool == racecheck ]] && excl=(--kernel-name-exclude kns=nvjet)
+      CANOPY_TEST_QUICK=1 timeout ${SAN_TIMEOUT:-80} compute-sanitizer --tool $tool "${excl[@]}" --report-api-errors no $b/$t > "$out/$tool-$t.log" 2>&1
       echo "$tool $t (rc $?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/$tool-$t.log" | tr '\n' ' ')"
     done
   done
