@@ -254,17 +254,19 @@ __device__ __forceinline__ void ta_prologue(const cn_cuda_tree_attn_args &a, con
     }
 }
 
-/* Masks are applied only on tiles that reach the new slots (tree or causal), the end of the
+/* The per-tile steps below work on row blocks R0 .. R1 - 1 (all by default): the wgmma kernel
+ * takes its row blocks in turn, so that one's softmax runs while the tensor cores work on another.
+ * Masks are applied only on tiles that reach the new slots (tree or causal), the end of the
  * range, or with a sliding window; prefix tiles are all visible. base[rb] is the first row of
  * this warp's 16-row block rb. */
-template <int RW, int NT>
+template <int RW, int NT, int R0 = 0, int R1 = RW>
 __device__ __forceinline__ void ta_mask(const cn_cuda_tree_attn_args &a, const ta_block &b, const int (&base)[RW],
                                         int kt, float (&s)[RW][NT][4]) {
   const int kt_end = kt + NT * 8;
   if (kt_end <= b.sq.ctx_len && kt_end <= b.k_end && a.sliding_window <= 0) return;
   const int lane = threadIdx.x % 32;
 #pragma unroll
-  for (int rb = 0; rb < RW; rb++)
+  for (int rb = R0; rb < R1; rb++)
 #pragma unroll
     for (int nn = 0; nn < NT; nn++)
 #pragma unroll
@@ -278,12 +280,12 @@ __device__ __forceinline__ void ta_mask(const cn_cuda_tree_attn_args &a, const t
  * end). corr is the factor the row's accumulators must be scaled by; the return value says
  * whether any row of the warp needs it (saw a new maximum): past the first tiles that is rare, and
  * the multiplications cost as many issue slots as the MMAs of a narrow tile. */
-template <int RW, int NT>
+template <int RW, int NT, int R0 = 0, int R1 = RW>
 __device__ __forceinline__ bool ta_softmax_p(float (&s)[RW][NT][4], float (&m)[RW][2], float (&l)[RW][2],
                                              float (&corr)[RW][2], float sl2) {
   bool grew = false;
 #pragma unroll
-  for (int rb = 0; rb < RW; rb++)
+  for (int rb = R0; rb < R1; rb++)
 #pragma unroll
     for (int j = 0; j < 2; j++) {
       float mx = -INFINITY;
@@ -311,10 +313,10 @@ __device__ __forceinline__ bool ta_softmax_p(float (&s)[RW][NT][4], float (&m)[R
   return __any_sync(0xffffffffu, grew);
 }
 
-template <int RW, int DN>
+template <int RW, int DN, int R0 = 0, int R1 = RW>
 __device__ __forceinline__ void ta_rescale(float (&o)[RW][DN][4], const float (&corr)[RW][2]) {
 #pragma unroll
-  for (int rb = 0; rb < RW; rb++)
+  for (int rb = R0; rb < R1; rb++)
 #pragma unroll
     for (int dn = 0; dn < DN; dn++) {
       o[rb][dn][0] *= corr[rb][0], o[rb][dn][1] *= corr[rb][0];
@@ -322,19 +324,19 @@ __device__ __forceinline__ void ta_rescale(float (&o)[RW][DN][4], const float (&
     }
 }
 
-template <int RW, int NT, int DN>
+template <int RW, int NT, int DN, int R0 = 0, int R1 = RW>
 __device__ __forceinline__ void ta_softmax(float (&s)[RW][NT][4], float (&m)[RW][2], float (&l)[RW][2],
                                            float (&o)[RW][DN][4], float sl2) {
   float corr[RW][2];
-  if (ta_softmax_p<RW, NT>(s, m, l, corr, sl2)) ta_rescale<RW, DN>(o, corr);
+  if (ta_softmax_p<RW, NT, R0, R1>(s, m, l, corr, sl2)) ta_rescale<RW, DN, R0, R1>(o, corr);
 }
 
 /* P (the scores after ta_softmax_p) as bf16 A fragments of the P V product, 16 keys per k-step:
  * the m16n8 accumulator layout of two adjacent 8-key blocks is the m16k16 operand layout. */
-template <int RW, int NT>
+template <int RW, int NT, int R0 = 0, int R1 = RW>
 __device__ __forceinline__ void ta_pack_p(const float (&s)[RW][NT][4], uint32_t (&pa)[RW][NT / 2][4]) {
 #pragma unroll
-  for (int rb = 0; rb < RW; rb++)
+  for (int rb = R0; rb < R1; rb++)
 #pragma unroll
     for (int kk = 0; kk < NT / 2; kk++) {
       pa[rb][kk][0] = pack_bf16(s[rb][2 * kk][0], s[rb][2 * kk][1]);

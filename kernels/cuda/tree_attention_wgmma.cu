@@ -84,7 +84,11 @@ __device__ __forceinline__ void wgmma_rs_n128_tb(float (&d)[16][4], const uint32
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+/* Waits until at most N of this warpgroup's committed groups are still running. */
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+template <int R> struct ta_rows { static constexpr int value = R; }; /* a row block as a type */
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 /* Pins accumulator registers after a wait: uses of them cannot be scheduled before it. */
@@ -172,36 +176,47 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
   /* The operands' descriptors at stage 0 (a stage is a fixed distance further). */
   const uint64_t q_desc = sw128_desc(qs, 16, 1024), k_desc = sw128_desc(ks(0), 16, 1024),
                  v_desc = sw128_desc(vs(0), KT * 128, 1024);
-  /* S = Q K^T from stage st, issued (async). */
-  auto issue_s = [&](int st, float(&s)[RW][NT][4]) {
+  /* S = Q K^T of row block rb from stage st, issued (async) as a commit group of its own. */
+  auto issue_s = [&](int st, int rb, float(&s)[NT][4]) {
     const uint64_t kd = desc_add(k_desc, st * 2 * TILE);
     wgmma_fence();
 #pragma unroll
-    for (int rb = 0; rb < RW; rb++)
-#pragma unroll
-      for (int kk = 0; kk < D / 16; kk++) {
-        const uint32_t panel = (kk / 4) * 8192u + (kk % 4) * 32u; /* 64 rows x 128 bytes a Q panel */
-        wgmma_ss_n64(s[rb], desc_add(q_desc, rb * 64 * D * 2 + panel), desc_add(kd, (kk / 4) * KT * 128 + (kk % 4) * 32),
-                     kk > 0);
-      }
+    for (int kk = 0; kk < D / 16; kk++) {
+      const uint32_t panel = (kk / 4) * 8192u + (kk % 4) * 32u; /* 64 rows x 128 bytes a Q panel */
+      wgmma_ss_n64(s, desc_add(q_desc, rb * 64 * D * 2 + panel), desc_add(kd, (kk / 4) * KT * 128 + (kk % 4) * 32),
+                   kk > 0);
+    }
     wgmma_commit();
   };
 
   const float sl2 = a.scale * TA_LOG2E;
   float o[RW][DN][4], m[RW][2], l[RW][2];
   ta_state_init(o, m, l);
-  /* O += P V from stage st, issued (async). */
-  auto issue_o = [&](int st, const uint32_t(&pa)[RW][KT / 16][4]) {
-#pragma unroll
-    for (int rb = 0; rb < RW; rb++)
-      pin(o[rb]);
+  /* O += P V of row block rb from stage st, issued (async) as a commit group of its own. */
+  auto issue_o = [&](int st, int rb, const uint32_t(&pa)[KT / 16][4]) {
+    pin(o[rb]);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < KT / 16; kk++)
-#pragma unroll
-      for (int rb = 0; rb < RW; rb++)
-        wgmma_o<D>(o[rb], pa[rb][kk], desc_add(v_desc, st * 2 * TILE + kk * 16 * 128));
+      wgmma_o<D>(o[rb], pa[kk], desc_add(v_desc, st * 2 * TILE + kk * 16 * 128));
     wgmma_commit();
+  };
+  /* Row block RB of a tile whose S products are all issued, as are the O products of the blocks
+   * before it: wait for its S (at most RW - 1 later groups may still run: the other blocks' S and
+   * O), mask, softmax, and issue its O. With two row blocks, block 0's softmax runs while the
+   * tensor cores compute block 1's S, and block 1's while they compute block 0's O: a block's
+   * registers are untouched while another's products are in flight. On the H200 that measured
+   * 0-1.6% faster at 64-128 nodes than all of a tile's rows at once, with fewer registers spilled
+   * (bench/RESULTS.md, 2026-12-06): the two blocks a multiprocessor already overlapped most of it. */
+  auto rows = [&](auto rbc, int st, int kt, float(&s)[RW][NT][4]) {
+    constexpr int RB = decltype(rbc)::value;
+    wgmma_wait<RW - 1>();
+    pin(s[RB]);
+    ta_mask<RW, NT, RB, RB + 1>(a, b, base, kt, s);
+    ta_softmax<RW, NT, DN, RB, RB + 1>(s, m, l, o, sl2);
+    uint32_t pa[RW][KT / 16][4];
+    ta_pack_p<RW, NT, RB, RB + 1>(s, pa);
+    issue_o(st, RB, pa[RB]);
   };
 
   ta_prologue<STAGES, KT>(a, b, n_tiles, find, copy);
@@ -213,20 +228,15 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
     cp_async_wait<STAGES - 2>();
     tile_ready(); /* also: every thread is past the iteration that last read stage `ahead` */
     float s[RW][NT][4];
-    issue_s(st, s);
+#pragma unroll
+    for (int rb = 0; rb < RW; rb++)
+      issue_s(st, rb, s[rb]);
     /* The copies of a later tile are issued while the tensor cores work on this one. */
     if (ahead < n_tiles) copy(next, ahead % STAGES);
     cp_async_commit();
-    wgmma_wait_all();
-#pragma unroll
-    for (int rb = 0; rb < RW; rb++)
-      pin(s[rb]);
-    ta_mask<RW, NT>(a, b, base, kt, s);
-    ta_softmax<RW, NT, DN>(s, m, l, o, sl2);
-    uint32_t pa[RW][KT / 16][4];
-    ta_pack_p<RW, NT>(s, pa);
-    issue_o(st, pa);
-    wgmma_wait_all();
+    rows(ta_rows<0>{}, st, kt, s);
+    if constexpr (RW == 2) rows(ta_rows<1>{}, st, kt, s);
+    wgmma_wait<0>();
 #pragma unroll
     for (int rb = 0; rb < RW; rb++)
       pin(o[rb]);
