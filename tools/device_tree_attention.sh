@@ -54,19 +54,22 @@ if [[ $steps == *kt16* ]]; then
   echo "kt16 done at ${SECONDS}s"
 fi
 if [[ $steps == *ncu* ]]; then
-  # What bounds the wgmma kernel at batch 1, L = 16k: each pipe's utilisation, DRAM throughput and
-  # the cycles a warp waits per issued instruction, at n = 1, 16, 64, 128. (-k matches the plain
+  # What bounds the wgmma kernel at batch 1, L = 16k: each pipe's utilisation, DRAM throughput,
+  # the cycles a warp waits per issued instruction and what it waits for, at n = 1, 16, 64, 128. (-k matches the plain
   # function name unless told to use the demangled one; metric names go as regexes so that a name
   # this ncu lacks drops out instead of failing the run; --metrics once, comma-separated.)
   for s in 1,64,16384 1,128,16384 1,16,16384 1,1,16384; do
     f="$out/ncu_${s//,/_}.txt"
     timeout 90 ncu --clock-control none --kernel-name-base demangled -k 'regex:tree_attn' --launch-skip 2 -c 1 \
       --section SpeedOfLight --section WarpStateStats \
-      --metrics 'regex:sm__pipe_.*_cycles_active.avg.pct_of_peak_sustained_active$,regex:sm__inst_executed_pipe_(xu|fma|alu|lsu).avg.pct_of_peak_sustained_active$,dram__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum' \
+      --metrics 'regex:sm__pipe_.*_cycles_active.avg.pct_of_peak_sustained_active$,regex:sm__inst_executed_pipe_(xu|fma|alu|lsu).avg.pct_of_peak_sustained_active$,dram__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum,regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio$' \
       $b/bench_tree_attention --shape "$s" > "$f" 2>&1
     echo "== $s (rc $?)"
     grep -E "tree_attn_wgmma|gpu__time_duration|dram__throughput|pipe_(tensor|xu|fma|alu|lsu)[a-z_]*\.avg|Warp Cycles Per Issued" "$f" |
       grep -vE "PROF|hmma_type|type_hmma" | head -12
+    # Why a warp waits, per issued instruction: the six largest reasons (they sum to the cycles
+    # per issued instruction above).
+    grep -E "issue_stalled_" "$f" | awk '{print $NF, $1}' | sort -g -r | head -6
   done
   echo "ncu done at ${SECONDS}s"
 fi
