@@ -8,7 +8,8 @@
 #   ENV_A=...    one build, two environments: side A runs with the assignments in ENV_A (for
 #                example CANOPY_CUDA_TA_PIPELINE=1), side B with those in ENV_B (default none)
 # SKIP_BUILD=1: side A is already built (and side B too, if an earlier call made it here).
-# SHAPES and STEP_ARGS may be empty to skip that part. Then, per round: bench_tree_attention --shape S for each S in SHAPES, and bench_step STEP_ARGS.
+# Then, per round: bench_tree_attention --shape S for each S in SHAPES, and bench_step STEP_ARGS
+# (either may be empty, to skip that part).
 # Writes under OUT: ab_shapes.txt (a line per run: side, then bench_tree_attention's line),
 # ab_step_{A,B}_R.txt, ab_summary.txt (each shape's mean time per side and B/A), build logs.
 # Usage (device run, carry [".devdeps", ".dev-final"]):

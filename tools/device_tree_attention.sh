@@ -55,9 +55,10 @@ if [[ $steps == *kt16* ]]; then
 fi
 if [[ $steps == *ncu* ]]; then
   # What bounds the wgmma kernel at batch 1, L = 16k: each pipe's utilisation, DRAM throughput,
-  # the cycles a warp waits per issued instruction and what it waits for, at n = 1, 16, 64, 128. (-k matches the plain
-  # function name unless told to use the demangled one; metric names go as regexes so that a name
-  # this ncu lacks drops out instead of failing the run; --metrics once, comma-separated.)
+  # the cycles a warp waits per issued instruction and what it waits for, at n = 1, 16, 64, 128.
+  # (-k matches the plain function name unless told to use the demangled one; metric names go as
+  # regexes so that a name this ncu lacks drops out instead of failing the run; --metrics once,
+  # comma-separated.)
   for s in 1,64,16384 1,128,16384 1,16,16384 1,1,16384; do
     f="$out/ncu_${s//,/_}.txt"
     timeout 90 ncu --clock-control none --kernel-name-base demangled -k 'regex:tree_attn' --launch-skip 2 -c 1 \
