@@ -222,6 +222,11 @@ static int run_case(const batch_case *c) {
   float *q = malloc(sizeof(float) * q_elems), *ref_cpu = malloc(sizeof(float) * q_elems),
         *ref_f64 = malloc(sizeof(float) * q_elems), *got = malloc(sizeof(float) * q_elems),
         *got_early = malloc(sizeof(float) * q_elems);
+  enum { N_SPLIT_KINDS = 4 }; /* how the keys are split (below) */
+  /* The one-warpgroup 128-row kernel's output for each split kind, which the two-warpgroup form
+   * must match bit for bit (the same arithmetic per row). */
+  float *one_wg = malloc(sizeof(float) * q_elems * N_SPLIT_KINDS);
+  int one_wg_ran[N_SPLIT_KINDS] = {0};
   for (size_t e = 0; e < q_elems; e++) q[e] = bf16_round(cn_test_randf(&rng) * 2.0f);
   int at_b = 0, at_r = 0, at_p = 0, at_m = 0;
   for (int s = 0; s < ns; s++) {
@@ -286,15 +291,17 @@ static int run_case(const batch_case *c) {
    * odd count and into more splits than the merge loads at once (32), where a row has 33+. */
   int plan_splits, plan_keys;
   cn_cuda_tree_attn_plan(ctx, ns, max_n, max_keys, c->n_heads, c->n_kv_heads, d, 0, &plan_splits, &plan_keys);
-  enum { N_SPLIT_KINDS = 4 };
   int splits[N_SPLIT_KINDS] = {1, plan_splits, 7, 40}, split_keys[N_SPLIT_KINDS] = {0, plan_keys, 0, 0};
-  /* The kernels: mma.sync, and wgmma with 128-row tiles (where a KV head has 128+ rows) and with
-   * 64-row tiles. */
-  static const cn_cuda_tree_attn_impl impls[3] = {CN_CUDA_TA_MMA_SYNC, CN_CUDA_TA_WGMMA, CN_CUDA_TA_WGMMA};
-  static const int row_tiles[3] = {0, 128, 64};
-  static const char *impl_names[3] = {"mma.sync", "wgmma128", "wgmma64"};
-  for (int iv = 0; iv < 3 * N_SPLIT_KINDS; iv++) {
+  /* The kernels: mma.sync, and wgmma with 128-row tiles (where a KV head has 128+ rows; one
+   * warpgroup taking both row blocks, or two warpgroups) and with 64-row tiles. */
+  enum { N_IMPLS = 4 };
+  static const cn_cuda_tree_attn_impl impls[N_IMPLS] = {CN_CUDA_TA_MMA_SYNC, CN_CUDA_TA_WGMMA, CN_CUDA_TA_WGMMA,
+                                                        CN_CUDA_TA_WGMMA};
+  static const int row_tiles[N_IMPLS] = {0, 128, 128, 64}, two_wg[N_IMPLS] = {0, 0, 1, 0};
+  static const char *impl_names[N_IMPLS] = {"mma.sync", "wgmma128", "wgmma128x2", "wgmma64"};
+  for (int iv = 0; iv < N_IMPLS * N_SPLIT_KINDS; iv++) {
     int v = iv % N_SPLIT_KINDS, im = iv / N_SPLIT_KINDS;
+    CK(cn_cuda_set_ta_two_wg(ctx, two_wg[im]));
     size_t ws = cn_cuda_tree_attn_workspace(ns, max_n, splits[v], c->n_heads, c->n_kv_heads, d);
     if (ws) CK(cn_cuda_malloc(ctx, &d_ws, ws));
     CK(cn_cuda_memset(ctx, d_out, 0xFF, et * q_elems));
@@ -320,6 +327,9 @@ static int run_case(const batch_case *c) {
     CK(cn_cuda_tree_attention(ctx, &a));
     fetch_out(c->dt, d_out, d_qf, got_early, q_elems);
     const int early_differs = memcmp(got, got_early, sizeof(float) * q_elems) != 0;
+    float *one = one_wg + (size_t)v * q_elems;
+    if (im == 1) memcpy(one, got, sizeof(float) * q_elems), one_wg_ran[v] = 1;
+    const int two_wg_differs = two_wg[im] && one_wg_ran[v] && memcmp(got, one, sizeof(float) * q_elems) != 0;
     if (d_ws) cn_cuda_free(ctx, d_ws), d_ws = NULL;
 
     int unwritten = 0, blind_bad = 0;
@@ -333,11 +343,12 @@ static int run_case(const batch_case *c) {
       }
     double e_cpu = rel_l2(got, ref_cpu, q_elems), e_f64 = rel_l2(got, ref_f64, q_elems),
            e_twin = rel_l2(ref_cpu, ref_f64, q_elems);
-    int fail = unwritten || blind_bad || early_differs || !(e_cpu <= CPU_TOL) || !(e_f64 <= F64_TOL);
-    printf("  %-34s %-8s splits %3d: rel L2 vs cpu %.2e, vs f64 %.2e (cpu vs f64 %.2e)%s%s%s%s\n", c->name,
+    int fail =
+        unwritten || blind_bad || early_differs || two_wg_differs || !(e_cpu <= CPU_TOL) || !(e_f64 <= F64_TOL);
+    printf("  %-34s %-10s splits %3d: rel L2 vs cpu %.2e, vs f64 %.2e (cpu vs f64 %.2e)%s%s%s%s%s\n", c->name,
            impl_names[im], splits[v], e_cpu, e_f64, e_twin, unwritten ? "  UNWRITTEN" : "",
            blind_bad ? "  BLIND-NOT-ZERO" : "", early_differs ? "  PREFIX-READY-DIFFERS" : "",
-           fail ? "  MISMATCH" : "");
+           two_wg_differs ? "  TWO-WG-DIFFERS" : "", fail ? "  MISMATCH" : "");
     bad += fail;
   }
 
@@ -345,7 +356,8 @@ static int run_case(const batch_case *c) {
   cn_cuda_free(ctx, d_tables), cn_cuda_free(ctx, d_pos), cn_cuda_free(ctx, d_mask), cn_cuda_free(ctx, d_desc);
   for (int s = 0; s < ns; s++) free(sd[s].pos), free(sd[s].mask);
   free(perm), free(pool), free(pool16), free(desc), free(tables), free(pos), free(mask);
-  free(q), free(ref_cpu), free(ref_f64), free(got), free(got_early);
+  CK(cn_cuda_set_ta_two_wg(ctx, 0));
+  free(q), free(ref_cpu), free(ref_f64), free(got), free(got_early), free(one_wg);
   return bad;
 }
 

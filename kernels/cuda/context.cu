@@ -50,6 +50,10 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
   const char *split_min = getenv("CANOPY_CUDA_TA_SPLIT_MIN_KEYS");
   c->ta_split_min =
       split_min && atoi(split_min) >= TA_KEYS ? atoi(split_min) / TA_KEYS * TA_KEYS : CN_TA_SPLIT_MIN_KEYS;
+  /* CANOPY_CUDA_TA_TWO_WG=1: the wgmma tree-attention kernel's 128-row tiles as two warpgroups of
+   * 64 rows each instead of one warpgroup taking both (tree_attention_wgmma.cu), to measure it. */
+  const char *two_wg = getenv("CANOPY_CUDA_TA_TWO_WG");
+  c->ta_two_wg = two_wg && !strcmp(two_wg, "1");
   CN_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
   CN_CUBLAS_CHECK(cublasCreate(&c->blas));
   CN_CUBLAS_CHECK(cublasSetStream(c->blas, c->stream));
@@ -156,6 +160,12 @@ int cn_cuda_set_gemv_swiglu_rows(cn_cuda_ctx *ctx, int max_rows) {
 }
 
 int cn_cuda_gemv_swiglu_rows(const cn_cuda_ctx *ctx) { return ctx ? ctx->gemv_swiglu_rows : 0; }
+
+int cn_cuda_set_ta_two_wg(cn_cuda_ctx *ctx, int on) {
+  if (!ctx) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_ta_two_wg: NULL cuda context");
+  ctx->ta_two_wg = on != 0;
+  return CANOPY_OK;
+}
 
 int cn_cuda_set_gemv_max_rows(cn_cuda_ctx *ctx, int max_rows) {
   if (!ctx) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_gemv_max_rows: NULL cuda context");

@@ -122,23 +122,24 @@ template <int ROWS> __device__ __forceinline__ bool ta_block_init(const cn_cuda_
 }
 
 /* The block-table lookups of one K/V tile, made before its copies (ta_tile_find, then
- * ta_tile_copy): thread t copies 16-byte piece t % (D / 8) of keys t / (D / 8) + i TA_THREADS /
- * (D / 8), i < P, and src holds where each of those keys lies in the paged cache. All P table
+ * ta_tile_copy): of a block of NTH threads, thread t copies 16-byte piece t % (D / 8) of keys
+ * t / (D / 8) + i NTH / (D / 8), i < P, and src holds where each of those keys lies in the paged cache. All P table
  * loads are issued before any is used, and a kernel may do other work between the two halves, so
  * a tile waits for at most one memory round trip instead of one per piece: looking up each piece
  * just before its copy was the kernels' largest stall (ncu on the H200, bench/RESULTS.md
  * 2026-12-04, third session). */
-template <int D, int KT> struct ta_tile_src {
-  static constexpr int CH = D / 8, STEP = TA_THREADS / CH, P = KT / STEP;
-  static_assert(TA_THREADS % CH == 0 && KT % STEP == 0, "a tile is whole rounds of the block's threads");
+template <int D, int KT, int NTH = TA_THREADS> struct ta_tile_src {
+  static constexpr int CH = D / 8, STEP = NTH / CH, P = KT / STEP;
+  static_assert(NTH % CH == 0 && KT % STEP == 0, "a tile is whole rounds of the block's threads");
   int kt;        /* the tile's first key */
   int32_t blk[P]; /* the cache block of each of this thread's keys (keys past the range: the last key's) */
   int in[P];      /* the key's slot in its block */
 };
 
-template <int D, int KT>
-__device__ __forceinline__ ta_tile_src<D, KT> ta_tile_find(const cn_cuda_tree_attn_args &a, const ta_block &b, int kt) {
-  using S = ta_tile_src<D, KT>;
+template <int D, int KT, int NTH = TA_THREADS>
+__device__ __forceinline__ ta_tile_src<D, KT, NTH> ta_tile_find(const cn_cuda_tree_attn_args &a, const ta_block &b,
+                                                                int kt) {
+  using S = ta_tile_src<D, KT, NTH>;
   S src;
   src.kt = kt;
   const int32_t *table = a.block_tables + b.sq.table0;
@@ -168,10 +169,11 @@ __device__ __forceinline__ ta_tile_src<D, KT> ta_tile_find(const cn_cuda_tree_at
  * must be affine in the key over one thread's keys (key0 + i STEP, STEP a multiple of 8): true of
  * a padded row-major tile and of the 128-byte swizzle, whose pattern repeats every 8 rows. So a
  * piece costs its two copies and a few adds. */
-template <int D, int KT, typename At>
+template <int D, int KT, int NTH = TA_THREADS, typename At>
 __device__ __forceinline__ void ta_tile_copy(const cn_cuda_tree_attn_args &a, const ta_block &b,
-                                             const ta_tile_src<D, KT> &src, uint32_t k_dst, uint32_t v_dst, At at) {
-  using S = ta_tile_src<D, KT>;
+                                             const ta_tile_src<D, KT, NTH> &src, uint32_t k_dst, uint32_t v_dst,
+                                             At at) {
+  using S = ta_tile_src<D, KT, NTH>;
   static_assert(S::STEP % 8 == 0, "a thread's keys lie 8 rows apart or a multiple of that");
   const int piece = threadIdx.x % S::CH, key0 = threadIdx.x / S::CH;
   const uint32_t to0 = at(key0, piece), to_step = at(key0 + S::STEP, piece) - to0;
@@ -386,6 +388,6 @@ __device__ __forceinline__ void ta_finish(const cn_cuda_tree_attn_args &a, const
 /* The wgmma kernel's launch (tree_attention_wgmma.cu); rw row blocks of 64 per block. */
 int cn_ta_launch_wgmma(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw, int cap);
 /* Its resident blocks per multiprocessor (after raising its shared-memory limit). */
-int cn_ta_wgmma_per_sm(int head_dim, int rw, int *per_sm);
+int cn_ta_wgmma_per_sm(const cn_cuda_ctx *ctx, int head_dim, int rw, int *per_sm);
 
 #endif

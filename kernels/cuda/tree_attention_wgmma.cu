@@ -126,10 +126,10 @@ template <int D> __device__ __forceinline__ void wgmma_o(float (&d)[D / 8][4], c
 }
 
 /* Q rows of the tile as bf16 into the swizzled Q tile; padding rows are zeros. */
-template <typename T, int D, int ROWS>
+template <typename T, int D, int ROWS, int NTH>
 __device__ __forceinline__ void load_q(const cn_cuda_tree_attn_args &a, const ta_block &b, uint32_t qs) {
   constexpr int CH = D / 8;
-  for (int c = threadIdx.x; c < ROWS * CH; c += TA_THREADS) {
+  for (int c = threadIdx.x; c < ROWS * CH; c += NTH) {
     const int rl = c / CH, piece = c % CH, r = b.row0 + rl;
     uint4 v = make_uint4(0, 0, 0, 0);
     if (r < b.rows) {
@@ -145,10 +145,18 @@ __device__ __forceinline__ void load_q(const cn_cuda_tree_attn_args &a, const ta
   }
 }
 
-template <typename T, int D, int RW>
-__global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {
+/* WG warpgroups a block (1, or 2 with RW = 2; cn_cuda_set_ta_two_wg): with two, warpgroup w alone
+ * takes row block w, so a thread holds one row block's state instead of two (at most 128
+ * registers, for two blocks a multiprocessor; ptxas: 128 with 32/20 bytes of spill at d = 128, 120
+ * and none at 64) and the multiprocessor has twice the warps to hide the softmax's latency with,
+ * on the same shared memory. RT: the row blocks a thread takes (a template parameter: as a local
+ * constant in the kernel it made CUDA 13.0's cicc crash). */
+template <typename T, int D, int RW, int WG, int RT = RW / WG>
+__global__ void __launch_bounds__(TA_THREADS *WG, 2) tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {
+  static_assert(WG == 1 || (WG == 2 && RW == 2), "two warpgroups take a 128-row tile's two row blocks");
   if (!a.prefix_ready) cn_pdl_wait(); /* launched early (cn_launch); else in ta_prologue */
   constexpr int KT = WG_KT, DN = D / 8, NT = KT / 8, ROWS = 64 * RW, STAGES = wg_stages<RW>();
+  constexpr int NTH = TA_THREADS * WG;
   constexpr int TILE = KT * D * 2; /* bytes of one K or V tile */
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw = smem_addr(smem_raw), qs = (raw + 1023) & ~1023u; /* Q, then [STAGES][K, V] */
@@ -157,16 +165,18 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
 
   ta_block b;
   if (!ta_block_init<ROWS>(a, b)) return;
-  const int warp = threadIdx.x / 32;
-  int base[RW];
+  /* This thread's warp in its warpgroup, and its first row block (0 with one warpgroup, known as
+   * such to the compiler: the one-warpgroup kernel compiles as it did before the option). */
+  const int warp = threadIdx.x / 32 % 4, rb0 = WG == 1 ? 0 : threadIdx.x / TA_THREADS * RT;
+  int base[RT];
 #pragma unroll
-  for (int rb = 0; rb < RW; rb++)
-    base[rb] = b.row0 + rb * 64 + warp * 16;
+  for (int rt = 0; rt < RT; rt++)
+    base[rt] = b.row0 + (rb0 + rt) * 64 + warp * 16;
   const int n_tiles = b.k_end > b.k_begin ? (b.k_end - b.k_begin + KT - 1) / KT : 0;
 
-  auto find = [&](int kt) { return ta_tile_find<D, KT>(a, b, kt); };
-  auto copy = [&](const ta_tile_src<D, KT> &src, int st) {
-    ta_tile_copy<D, KT>(a, b, src, ks(st), vs(st), [](int key, int piece) { return sw128_at<KT>(key, piece); });
+  auto find = [&](int kt) { return ta_tile_find<D, KT, NTH>(a, b, kt); };
+  auto copy = [&](const ta_tile_src<D, KT, NTH> &src, int st) {
+    ta_tile_copy<D, KT, NTH>(a, b, src, ks(st), vs(st), [](int key, int piece) { return sw128_at<KT>(key, piece); });
   };
   /* The tile this thread waited for, made visible to the tensor cores and to the other threads. */
   auto tile_ready = [&]() {
@@ -176,107 +186,115 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_wgmma_kernel(cn_cuda_
   /* The operands' descriptors at stage 0 (a stage is a fixed distance further). */
   const uint64_t q_desc = sw128_desc(qs, 16, 1024), k_desc = sw128_desc(ks(0), 16, 1024),
                  v_desc = sw128_desc(vs(0), KT * 128, 1024);
-  /* S = Q K^T of row block rb from stage st, issued (async) as a commit group of its own. */
-  auto issue_s = [&](int st, int rb, float(&s)[NT][4]) {
+  /* S = Q K^T of this thread's row block rt from stage st, issued (async) as a commit group of its
+   * own. */
+  auto issue_s = [&](int st, int rt, float(&s)[NT][4]) {
     const uint64_t kd = desc_add(k_desc, st * 2 * TILE);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
       const uint32_t panel = (kk / 4) * 8192u + (kk % 4) * 32u; /* 64 rows x 128 bytes a Q panel */
-      wgmma_ss_n64(s, desc_add(q_desc, rb * 64 * D * 2 + panel), desc_add(kd, (kk / 4) * KT * 128 + (kk % 4) * 32),
-                   kk > 0);
+      wgmma_ss_n64(s, desc_add(q_desc, (rb0 + rt) * 64 * D * 2 + panel),
+                   desc_add(kd, (kk / 4) * KT * 128 + (kk % 4) * 32), kk > 0);
     }
     wgmma_commit();
   };
 
   const float sl2 = a.scale * TA_LOG2E;
-  float o[RW][DN][4], m[RW][2], l[RW][2];
+  float o[RT][DN][4], m[RT][2], l[RT][2];
   ta_state_init(o, m, l);
-  /* O += P V of row block rb from stage st, issued (async) as a commit group of its own. */
-  auto issue_o = [&](int st, int rb, const uint32_t(&pa)[KT / 16][4]) {
-    pin(o[rb]);
+  /* O += P V of row block rt from stage st, issued (async) as a commit group of its own. */
+  auto issue_o = [&](int st, int rt, const uint32_t(&pa)[KT / 16][4]) {
+    pin(o[rt]);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < KT / 16; kk++)
-      wgmma_o<D>(o[rb], pa[kk], desc_add(v_desc, st * 2 * TILE + kk * 16 * 128));
+      wgmma_o<D>(o[rt], pa[kk], desc_add(v_desc, st * 2 * TILE + kk * 16 * 128));
     wgmma_commit();
   };
   /* Row block RB of a tile whose S products are all issued, as are the O products of the blocks
-   * before it: wait for its S (at most RW - 1 later groups may still run: the other blocks' S and
+   * before it: wait for its S (at most RT - 1 later groups may still run: the other blocks' S and
    * O), mask, softmax, and issue its O. With two row blocks, block 0's softmax runs while the
    * tensor cores compute block 1's S, and block 1's while they compute block 0's O: a block's
    * registers are untouched while another's products are in flight. On the H200 that measured
    * 0-1.6% faster at 64-128 nodes than all of a tile's rows at once, with fewer registers spilled
    * (bench/RESULTS.md, 2026-12-06): the two blocks a multiprocessor already overlapped most of it. */
-  auto rows = [&](auto rbc, int st, int kt, float(&s)[RW][NT][4]) {
+  auto rows = [&](auto rbc, int st, int kt, float(&s)[RT][NT][4]) {
     constexpr int RB = decltype(rbc)::value;
-    wgmma_wait<RW - 1>();
+    wgmma_wait<RT - 1>();
     pin(s[RB]);
-    ta_mask<RW, NT, RB, RB + 1>(a, b, base, kt, s);
-    ta_softmax<RW, NT, DN, RB, RB + 1>(s, m, l, o, sl2);
-    uint32_t pa[RW][KT / 16][4];
-    ta_pack_p<RW, NT, RB, RB + 1>(s, pa);
+    ta_mask<RT, NT, RB, RB + 1>(a, b, base, kt, s);
+    ta_softmax<RT, NT, DN, RB, RB + 1>(s, m, l, o, sl2);
+    uint32_t pa[RT][KT / 16][4];
+    ta_pack_p<RT, NT, RB, RB + 1>(s, pa);
     issue_o(st, RB, pa[RB]);
   };
 
   ta_prologue<STAGES, KT>(a, b, n_tiles, find, copy);
-  load_q<T, D, ROWS>(a, b, qs); /* while the first tiles are on their way */
+  load_q<T, D, ROWS, NTH>(a, b, qs); /* while the first tiles are on their way */
   for (int it = 0; it < n_tiles; it++) {
     const int kt = b.k_begin + it * KT, ahead = it + STAGES - 1, st = it % STAGES;
-    ta_tile_src<D, KT> next; /* its table lookups travel while this tile's copies land */
+    ta_tile_src<D, KT, NTH> next; /* its table lookups travel while this tile's copies land */
     if (ahead < n_tiles) next = find(b.k_begin + ahead * KT);
     cp_async_wait<STAGES - 2>();
     tile_ready(); /* also: every thread is past the iteration that last read stage `ahead` */
-    float s[RW][NT][4];
+    float s[RT][NT][4];
 #pragma unroll
-    for (int rb = 0; rb < RW; rb++)
-      issue_s(st, rb, s[rb]);
+    for (int rt = 0; rt < RT; rt++)
+      issue_s(st, rt, s[rt]);
     /* The copies of a later tile are issued while the tensor cores work on this one. */
     if (ahead < n_tiles) copy(next, ahead % STAGES);
     cp_async_commit();
     rows(ta_rows<0>{}, st, kt, s);
-    if constexpr (RW == 2) rows(ta_rows<1>{}, st, kt, s);
+    if constexpr (RT == 2) rows(ta_rows<1>{}, st, kt, s);
     wgmma_wait<0>();
 #pragma unroll
-    for (int rb = 0; rb < RW; rb++)
-      pin(o[rb]);
+    for (int rt = 0; rt < RT; rt++)
+      pin(o[rt]);
     __syncthreads(); /* a later iteration's loads overwrite this stage */
   }
   cp_async_wait<0>();
-  ta_finish<T, RW, DN>(a, b, base, gridDim.x * ROWS, o, m, l);
+  ta_finish<T, RT, DN>(a, b, base, gridDim.x * ROWS, o, m, l);
 }
 
 #else
 
-template <typename T, int D, int RW> __global__ void tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {}
+template <typename T, int D, int RW, int WG, int RT = RW / WG>
+__global__ void tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {}
 
 #endif
 
-template <typename T, int D, int RW>
+template <typename T, int D, int RW, int WG>
 static int launch_kernel(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int cap) {
-  auto kernel = tree_attn_wgmma_kernel<T, D, RW>;
+  auto kernel = tree_attn_wgmma_kernel<T, D, RW, WG>;
   CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, wg_smem<D, RW>()));
   dim3 grid(cap / (64 * RW), a->n_splits, a->n_seqs * a->n_kv_heads);
-  CN_CUDA_CHECK(cn_launch(ctx, kernel, grid, TA_THREADS, wg_smem<D, RW>(), *a));
+  CN_CUDA_CHECK(cn_launch(ctx, kernel, grid, TA_THREADS * WG, wg_smem<D, RW>(), *a));
   return CANOPY_OK;
+}
+
+template <typename T, int D> static int launch_d(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw, int cap) {
+  if (rw == 1) return launch_kernel<T, D, 1, 1>(ctx, a, cap);
+  return ctx->ta_two_wg ? launch_kernel<T, D, 2, 2>(ctx, a, cap) : launch_kernel<T, D, 2, 1>(ctx, a, cap);
 }
 
 int cn_ta_launch_wgmma(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw, int cap) {
   return cn_dispatch(a->dt, [&](auto t) {
     using T = decltype(t);
-    if (a->head_dim == 64) return rw == 2 ? launch_kernel<T, 64, 2>(ctx, a, cap) : launch_kernel<T, 64, 1>(ctx, a, cap);
-    return rw == 2 ? launch_kernel<T, 128, 2>(ctx, a, cap) : launch_kernel<T, 128, 1>(ctx, a, cap);
+    return a->head_dim == 64 ? launch_d<T, 64>(ctx, a, rw, cap) : launch_d<T, 128>(ctx, a, rw, cap);
   });
 }
 
-template <int D, int RW> static int per_sm_of(int *per_sm) {
-  auto kernel = tree_attn_wgmma_kernel<cn_bf16_t, D, RW>;
+template <int D, int RW, int WG> static int per_sm_of(int *per_sm) {
+  auto kernel = tree_attn_wgmma_kernel<cn_bf16_t, D, RW, WG>;
   CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, wg_smem<D, RW>()));
-  CN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, TA_THREADS, wg_smem<D, RW>()));
+  CN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, TA_THREADS * WG, wg_smem<D, RW>()));
   return CANOPY_OK;
 }
 
-int cn_ta_wgmma_per_sm(int head_dim, int rw, int *per_sm) {
-  if (head_dim == 64) return rw == 2 ? per_sm_of<64, 2>(per_sm) : per_sm_of<64, 1>(per_sm);
-  return rw == 2 ? per_sm_of<128, 2>(per_sm) : per_sm_of<128, 1>(per_sm);
+int cn_ta_wgmma_per_sm(const cn_cuda_ctx *ctx, int head_dim, int rw, int *per_sm) {
+  const bool two = rw == 2 && ctx->ta_two_wg;
+  if (head_dim == 64)
+    return rw == 1 ? per_sm_of<64, 1, 1>(per_sm) : two ? per_sm_of<64, 2, 2>(per_sm) : per_sm_of<64, 2, 1>(per_sm);
+  return rw == 1 ? per_sm_of<128, 1, 1>(per_sm) : two ? per_sm_of<128, 2, 2>(per_sm) : per_sm_of<128, 2, 1>(per_sm);
 }
