@@ -760,7 +760,7 @@ int main(void) {
       cmocka_unit_test(test_a_draft_pool_exhausted_mid_step_is_an_error),
       cmocka_unit_test(test_bad_trees_and_drafts_are_errors),
   };
-  int rc = cmocka_run_group_tests(tests, setup, teardown);
+  int rc = cn_test_run_group("test_spec", tests, sizeof tests / sizeof tests[0], setup, teardown);
   cJSON_Delete(fixture);
   return rc;
 }

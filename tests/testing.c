@@ -81,6 +81,26 @@ void cn_test_filter(void) {
   if (filter) cmocka_set_test_filter(filter);
 }
 
+int cn_test_run_group(const char *name, const struct CMUnitTest *tests, size_t n, int (*setup)(void **),
+                      int (*teardown)(void **)) {
+  const char *env = getenv("CANOPY_TEST_SHARD");
+  int k = 0, of = 1;
+  if (env && (sscanf(env, "%d/%d", &k, &of) != 2 || of < 1 || k < 0 || k >= of)) {
+    fprintf(stderr, "CANOPY_TEST_SHARD=%s: want k/n with 0 <= k < n\n", env);
+    return 1;
+  }
+  struct CMUnitTest *mine = malloc(sizeof *mine * (n ? n : 1));
+  if (!mine) return 1;
+  size_t m = 0;
+  for (size_t i = (size_t)k; i < n; i += (size_t)of)
+    mine[m++] = tests[i];
+  if (of > 1) printf("[ shard    ] %s %d/%d: %zu of %zu tests\n", name, k, of, m, n);
+  cn_test_filter();
+  int rc = _cmocka_run_group_tests(name, mine, m, setup, teardown);
+  free(mine);
+  return rc;
+}
+
 uint64_t cn_test_seed(const char *test_name) {
   const char *env = getenv("CANOPY_TEST_SEED");
   uint64_t seed = env ? strtoull(env, NULL, 0) : (uint64_t)time(NULL) ^ (uint64_t)clock();

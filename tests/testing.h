@@ -37,6 +37,14 @@ uint64_t cn_test_seed(const char *test_name);
  * (cmocka's pattern: * and ?). */
 void cn_test_filter(void);
 
+/* Runs a cmocka group as cmocka_run_group_tests does, or with $CANOPY_TEST_SHARD=k/n only its
+ * tests k, k + n, k + 2n, ...: CMake registers a long program as n ctest entries, one a shard, so
+ * that ctest -j runs them side by side (test_spec under the sanitizers took 1800 s alone). Applies
+ * $CANOPY_TEST_FILTER too (cn_test_filter). */
+struct CMUnitTest;
+int cn_test_run_group(const char *name, const struct CMUnitTest *tests, size_t n, int (*setup)(void **),
+                      int (*teardown)(void **));
+
 /* splitmix64: small, seedable, good enough for test inputs. */
 uint64_t cn_test_rand(uint64_t *state);
 /* Uniform float in [-1, 1). */
