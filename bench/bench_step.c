@@ -17,12 +17,12 @@
  * With --unfused, the decode and verification steps are timed a second time with the backend's
  * fused ops (norm_matmul, matmul_add, ffn, qkv_rope, qkv_rope_kv, norm_qkv_rope_kv) switched off,
  * side by side in the same run. With --compare-fusion, also with the few-row GEMM fusions off
- * (cn_cuda_set_gemv_fusion, and cn_cuda_set_gemv_swiglu_rows past them) and without matmul_add, qkv_rope_kv and norm_qkv_rope_kv: the kernels
- * a step ran before those fusions, side by side. With --compare-qkv, also without
- * norm_qkv_rope_kv only (the q/k/v projection, then RoPE and the cache write in a kernel of their
- * own). With --compare-gemv, also with the few-row GEMM on CUDA cores at every row count and
- * fusions up to 4 rows (the settings before the tensor-core form), and on tensor cores at every
- * row count (cn_cuda_set_gemv_mma_rows).
+ * (cn_cuda_set_gemv_fusion, and cn_cuda_set_gemv_swiglu_rows past them) and without matmul_add,
+ * qkv_rope_kv and norm_qkv_rope_kv: the kernels a step ran before those fusions, side by side.
+ * With --compare-qkv, also without norm_qkv_rope_kv only (the q/k/v projection, then RoPE and the
+ * cache write in a kernel of their own). With --compare-gemv, also with the few-row GEMM on CUDA
+ * cores at every row count and fusions up to 4 rows (the settings before the tensor-core form),
+ * and on tensor cores at every row count (cn_cuda_set_gemv_mma_rows).
  * With --compare-tune, also with cuBLAS's products tuned per shape by measurement
  * (cn_cuda_set_gemm_tune; the warm-up's eager forward tunes each new shape).
  * Forwards replay CUDA graphs (the default: the first warm-up runs the ops, the second captures);
@@ -162,6 +162,22 @@ static void bench_steps(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, cn_
 
 enum { UNFUSED = 1, BEFORE_FUSION = 2, NO_QKV_FUSION = 4, CUDA_CORES = 8, TUNED = 16 };
 
+/* The few-row GEMM's settings the comparisons change, read and set as one, so that each
+ * comparison restores all of them. */
+typedef struct gemv_knobs {
+  int mma_rows, fusion_rows, swiglu_rows;
+} gemv_knobs;
+
+static gemv_knobs gemv_get(const cn_cuda_ctx *cu) {
+  return (gemv_knobs){cn_cuda_gemv_mma_rows(cu), cn_cuda_gemv_fusion(cu), cn_cuda_gemv_swiglu_rows(cu)};
+}
+
+static void gemv_put(cn_cuda_ctx *cu, gemv_knobs k) {
+  if (cn_cuda_set_gemv_mma_rows(cu, k.mma_rows) || cn_cuda_set_gemv_fusion(cu, k.fusion_rows) ||
+      cn_cuda_set_gemv_swiglu_rows(cu, k.swiglu_rows))
+    die("gemv settings");
+}
+
 /* The steps again through a copy of the model's backend table with fused ops taken out (and the
  * few-row GEMM fusions off for BEFORE_FUSION); graphs are dropped before and after, since they
  * were captured with the other ops. */
@@ -172,10 +188,9 @@ static void bench_variant(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, c
   plain.norm_qkv_rope_kv = NULL;
   if (variant != NO_QKV_FUSION) plain.matmul_add = NULL, plain.qkv_rope_kv = NULL;
   if (variant == UNFUSED) plain.norm_matmul = NULL, plain.ffn = NULL, plain.qkv_rope = NULL;
-  int fusion_rows = cn_cuda_gemv_fusion(cu), swiglu_rows = cn_cuda_gemv_swiglu_rows(cu);
+  const gemv_knobs saved = gemv_get(cu);
   /* Before the fusions: no few-row GEMM takes in an op, the SwiGLU epilogue past the limit included. */
-  if (variant == BEFORE_FUSION && (cn_cuda_set_gemv_fusion(cu, 0) || cn_cuda_set_gemv_swiglu_rows(cu, 0)))
-    die("gemv fusion");
+  if (variant == BEFORE_FUSION) gemv_put(cu, (gemv_knobs){saved.mma_rows, 0, 0});
   m->be = &plain;
   cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64);
   bench_steps(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms,
@@ -183,7 +198,7 @@ static void bench_variant(canopy_model *m, cn_cuda_ctx *cu, cn_cuda_timer *tm, c
               : variant == NO_QKV_FUSION ? " (qkv unfused)"
                                          : " (before fusion)");
   m->be = fused;
-  if (cn_cuda_set_gemv_fusion(cu, fusion_rows) || cn_cuda_set_gemv_swiglu_rows(cu, swiglu_rows)) die("gemv fusion");
+  gemv_put(cu, saved);
   cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64);
 }
 
@@ -239,20 +254,15 @@ static void bench_config(const char *path, int L, const int *nodes, int n_nodes,
   if (variants & CUDA_CORES) {
     /* The previous main's few-row GEMM (CUDA cores at every row count: 9 is past its 8 rows;
      * fusions up to 4 rows, no SwiGLU epilogue past them), then tensor cores at every row count. */
-    int mma_rows = cn_cuda_gemv_mma_rows(cu), fusion_rows = cn_cuda_gemv_fusion(cu);
-    int swiglu_rows = cn_cuda_gemv_swiglu_rows(cu);
-    const struct { int mma_rows, fusion_rows, swiglu_rows; const char *label; } alt[] = {
-        {9, 4, 4, " (gemv cuda cores)"}, {1, fusion_rows, swiglu_rows, " (gemv tensor cores)"}};
+    const gemv_knobs saved = gemv_get(cu);
+    const struct { gemv_knobs k; const char *label; } alt[] = {
+        {{9, 4, 4}, " (gemv cuda cores)"}, {{1, saved.fusion_rows, saved.swiglu_rows}, " (gemv tensor cores)"}};
     for (int i = 0; i < 2; i++) {
-      if (cn_cuda_set_gemv_mma_rows(cu, alt[i].mma_rows) || cn_cuda_set_gemv_fusion(cu, alt[i].fusion_rows) ||
-          cn_cuda_set_gemv_swiglu_rows(cu, alt[i].swiglu_rows))
-        die("gemv settings");
+      gemv_put(cu, alt[i].k);
       cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64); /* captured with the other kernels */
       bench_steps(m, cu, tm, kv, nodes, n_nodes, reps, floor_ms, alt[i].label);
     }
-    if (cn_cuda_set_gemv_mma_rows(cu, mma_rows) || cn_cuda_set_gemv_fusion(cu, fusion_rows) ||
-        cn_cuda_set_gemv_swiglu_rows(cu, swiglu_rows))
-      die("gemv settings");
+    gemv_put(cu, saved);
     cn_backend_cuda_set_graphs(m->be, m->be_ctx, no_graphs ? 0 : 64);
   }
   if (variants & TUNED) {
