@@ -20,6 +20,8 @@
  * before the barrier that precedes the MMAs. */
 #include "kernels/cuda/tree_attention.cuh"
 
+#include <type_traits>
+
 /* The 128-byte-swizzle layout and wgmma exist on sm_90a only; the portable PTX pass compiles the
  * kernel as a stub the host never launches there (it runs the mma.sync kernel off sm_90). */
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -264,37 +266,47 @@ __global__ void tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {}
 
 #endif
 
-template <typename T, int D, int RW, int WG>
-static int launch_kernel(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int cap) {
-  auto kernel = tree_attn_wgmma_kernel<T, D, RW, WG>;
-  CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, wg_smem<D, RW>()));
-  dim3 grid(cap / (64 * RW), a->n_splits, a->n_seqs * a->n_kv_heads);
-  CN_CUDA_CHECK(cn_launch(ctx, kernel, grid, TA_THREADS * WG, wg_smem<D, RW>(), *a));
-  return CANOPY_OK;
+/* A kernel variant as a type: head size, row blocks a block, warpgroups a block. */
+template <int D_, int RW_, int WG_> struct ta_variant {
+  static constexpr int D = D_, RW = RW_, WG = WG_;
+};
+
+/* f(ta_variant<...>{}) for the variant that runs head_dim and rw on this context: the one choice
+ * that both the launch and the split plan's occupancy query make. */
+template <typename F> static int with_variant(const cn_cuda_ctx *ctx, int head_dim, int rw, F &&f) {
+  auto of_d = [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    if (rw == 1) return f(ta_variant<D, 1, 1>{});
+    return ctx->ta_two_wg ? f(ta_variant<D, 2, 2>{}) : f(ta_variant<D, 2, 1>{});
+  };
+  return head_dim == 64 ? of_d(std::integral_constant<int, 64>{}) : of_d(std::integral_constant<int, 128>{});
 }
 
-template <typename T, int D> static int launch_d(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw, int cap) {
-  if (rw == 1) return launch_kernel<T, D, 1, 1>(ctx, a, cap);
-  return ctx->ta_two_wg ? launch_kernel<T, D, 2, 2>(ctx, a, cap) : launch_kernel<T, D, 2, 1>(ctx, a, cap);
+/* Raises the variant's shared-memory limit to what it uses; its resident blocks per
+ * multiprocessor into *per_sm when asked. */
+template <typename T, typename V> static int prepare(int *per_sm) {
+  auto kernel = tree_attn_wgmma_kernel<T, V::D, V::RW, V::WG>;
+  constexpr int smem = wg_smem<V::D, V::RW>();
+  CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  if (per_sm) CN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, TA_THREADS * V::WG, smem));
+  return CANOPY_OK;
 }
 
 int cn_ta_launch_wgmma(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw, int cap) {
   return cn_dispatch(a->dt, [&](auto t) {
     using T = decltype(t);
-    return a->head_dim == 64 ? launch_d<T, 64>(ctx, a, rw, cap) : launch_d<T, 128>(ctx, a, rw, cap);
+    return with_variant(ctx, a->head_dim, rw, [&](auto v) {
+      using V = decltype(v);
+      int st = prepare<T, V>(NULL);
+      if (st) return st;
+      auto kernel = tree_attn_wgmma_kernel<T, V::D, V::RW, V::WG>;
+      dim3 grid(cap / (64 * V::RW), a->n_splits, a->n_seqs * a->n_kv_heads);
+      CN_CUDA_CHECK(cn_launch(ctx, kernel, grid, TA_THREADS * V::WG, wg_smem<V::D, V::RW>(), *a));
+      return (int)CANOPY_OK;
+    });
   });
 }
 
-template <int D, int RW, int WG> static int per_sm_of(int *per_sm) {
-  auto kernel = tree_attn_wgmma_kernel<cn_bf16_t, D, RW, WG>;
-  CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, wg_smem<D, RW>()));
-  CN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, TA_THREADS * WG, wg_smem<D, RW>()));
-  return CANOPY_OK;
-}
-
 int cn_ta_wgmma_per_sm(const cn_cuda_ctx *ctx, int head_dim, int rw, int *per_sm) {
-  const bool two = rw == 2 && ctx->ta_two_wg;
-  if (head_dim == 64)
-    return rw == 1 ? per_sm_of<64, 1, 1>(per_sm) : two ? per_sm_of<64, 2, 2>(per_sm) : per_sm_of<64, 2, 1>(per_sm);
-  return rw == 1 ? per_sm_of<128, 1, 1>(per_sm) : two ? per_sm_of<128, 2, 2>(per_sm) : per_sm_of<128, 2, 1>(per_sm);
+  return with_variant(ctx, head_dim, rw, [&](auto v) { return prepare<cn_bf16_t, decltype(v)>(per_sm); });
 }
