@@ -61,20 +61,12 @@ if [[ $steps == *test* ]]; then
 fi
 
 if [[ $steps == *sanitize* ]]; then
-  # --report-api-errors no: the tests ask for impossible allocations on purpose (out-of-memory).
   for t in test_cuda_forward test_cuda_ops test_tree_attention; do
     for tool in memcheck racecheck; do
       [[ $t == test_cuda_forward && $tool == racecheck ]] && continue
-      # Racecheck instruments every kernel: leaving cuBLAS's out (--kernel-name-exclude
-      # kns=nvjet) made an uninstrumented one fault on the H200 (compute-sanitizer 2025.3.1,
-      # bench/results/h200-2026-12-06/racecheck/). It reports hazards inside cuBLAS's nvjet
-      # kernels, which are not ours to change, so the line below counts the reports in canopy's
-      # own kernels apart. test_cuda_ops takes about 420 s under it.
       tmo=${SAN_TIMEOUT:-80}
       [[ $tool == racecheck ]] && tmo=${RACE_TIMEOUT:-480}
-      CANOPY_TEST_QUICK=1 timeout $tmo compute-sanitizer --tool $tool --print-limit 0 --report-api-errors no $b/$t > "$out/$tool-$t.log" 2>&1
-      echo "$tool $t (rc $?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/$tool-$t.log" | tr '\n' ' ')" \
-        "races outside cuBLAS: $(grep 'Race reported between' "$out/$tool-$t.log" | grep -vc ' at nvjet_')"
+      sanitizer_run $tool $tmo "$out/$tool-$t.log" $b/$t
     done
   done
   note sanitizers

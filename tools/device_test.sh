@@ -31,16 +31,10 @@ unset CANOPY_TEST_BIG_MODEL
 # --report-api-errors no: the tests ask for 1 TiB / 4 PiB on purpose to check the out-of-memory status.
 CANOPY_TEST_QUICK=1 timeout 150 compute-sanitizer --tool memcheck --report-api-errors no /tmp/canopy-build/test_cuda_forward > "$out/memcheck_forward.log" 2>&1
 echo "memcheck test_cuda_forward (rc $?): $(grep -E 'ERROR SUMMARY|PASSED|FAILED' "$out/memcheck_forward.log" | tr '\n' ' ')"
-# Racecheck reports hazards inside cuBLAS's own kernels (nvjet_*) and takes about 420 s on this
-# test in quick mode; a kernel filter to leave them out makes compute-sanitizer 2025.3.1 fault
-# (bench/RESULTS.md, 2026-12-06). So every kernel is checked and canopy's are counted apart.
 for tool in memcheck racecheck; do
   tmo=120
   [[ $tool == racecheck ]] && tmo=480
-  CANOPY_TEST_QUICK=1 timeout $tmo compute-sanitizer --tool $tool --print-limit 0 --report-api-errors no \
-    /tmp/canopy-build/test_cuda_ops > "$out/$tool.log" 2>&1
-  echo "$tool test_cuda_ops: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/$tool.log" | tr '\n' ' ')" \
-    "races outside cuBLAS: $(grep 'Race reported between' "$out/$tool.log" | grep -vc ' at nvjet_')"
+  sanitizer_run $tool $tmo "$out/$tool.log" /tmp/canopy-build/test_cuda_ops
 done
 echo "all done at ${SECONDS}s"
 exit $rc
