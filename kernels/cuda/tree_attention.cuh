@@ -123,11 +123,11 @@ template <int ROWS> __device__ __forceinline__ bool ta_block_init(const cn_cuda_
 
 /* The block-table lookups of one K/V tile, made before its copies (ta_tile_find, then
  * ta_tile_copy): of a block of NTH threads, thread t copies 16-byte piece t % (D / 8) of keys
- * t / (D / 8) + i NTH / (D / 8), i < P, and src holds where each of those keys lies in the paged cache. All P table
- * loads are issued before any is used, and a kernel may do other work between the two halves, so
- * a tile waits for at most one memory round trip instead of one per piece: looking up each piece
- * just before its copy was the kernels' largest stall (ncu on the H200, bench/RESULTS.md
- * 2026-12-04, third session). */
+ * t / (D / 8) + i NTH / (D / 8), i < P, and src holds where each of those keys lies in the paged
+ * cache. All P table loads are issued before any is used, and a kernel may do other work between
+ * the two halves, so a tile waits for at most one memory round trip instead of one per piece:
+ * looking up each piece just before its copy was the kernels' largest stall (ncu on the H200,
+ * bench/RESULTS.md 2026-12-04, third session). */
 template <int D, int KT, int NTH = TA_THREADS> struct ta_tile_src {
   static constexpr int CH = D / 8, STEP = NTH / CH, P = KT / STEP;
   static_assert(NTH % CH == 0 && KT % STEP == 0, "a tile is whole rounds of the block's threads");
