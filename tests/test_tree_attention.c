@@ -356,7 +356,7 @@ static int run_case(const batch_case *c) {
   cn_cuda_free(ctx, d_tables), cn_cuda_free(ctx, d_pos), cn_cuda_free(ctx, d_mask), cn_cuda_free(ctx, d_desc);
   for (int s = 0; s < ns; s++) free(sd[s].pos), free(sd[s].mask);
   free(perm), free(pool), free(pool16), free(desc), free(tables), free(pos), free(mask);
-  CK(cn_cuda_set_ta_two_wg(ctx, 0));
+  CK(cn_cuda_set_ta_two_wg(ctx, 1)); /* the default, for the tests after this one */
   free(q), free(ref_cpu), free(ref_f64), free(got), free(got_early), free(one_wg);
   return bad;
 }

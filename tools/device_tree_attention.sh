@@ -21,8 +21,7 @@ rc=0
 if [[ $steps == *test* ]]; then
   # The fixtures' heads (16, 32) take the fallback kernel: the SmolLM2-shape random model of
   # device_test.sh (head_dim 64, 9 / 3 heads) puts the forward test through the tree kernel.
-  awk '/<<.PY./ {f = 1; next} /^PY$/ {f = 0} f' tools/device_test.sh > /tmp/make_big.py
-  python3 /tmp/make_big.py /tmp/smollm2-shape > "$out/bigmodel.log" 2>&1 && export CANOPY_TEST_BIG_MODEL=/tmp/smollm2-shape
+  python3 tools/write_smollm2_shape.py /tmp/smollm2-shape > "$out/bigmodel.log" 2>&1 && export CANOPY_TEST_BIG_MODEL=/tmp/smollm2-shape
   (cd $b && ctest -R "test_cuda_ops|test_cuda_forward" -V > "$out/ctest.log" 2>&1) || rc=1
   unset CANOPY_TEST_BIG_MODEL
   grep -E "\[ (cuda|spec|speed) " "$out/ctest.log" | grep -E "SmolLM2|speed" | head -12

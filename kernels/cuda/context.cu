@@ -50,10 +50,11 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
   const char *split_min = getenv("CANOPY_CUDA_TA_SPLIT_MIN_KEYS");
   c->ta_split_min =
       split_min && atoi(split_min) >= TA_KEYS ? atoi(split_min) / TA_KEYS * TA_KEYS : CN_TA_SPLIT_MIN_KEYS;
-  /* CANOPY_CUDA_TA_TWO_WG=1: the wgmma tree-attention kernel's 128-row tiles as two warpgroups of
-   * 64 rows each instead of one warpgroup taking both (tree_attention_wgmma.cu), to measure it. */
+  /* CANOPY_CUDA_TA_TWO_WG=0: the wgmma tree-attention kernel's 128-row tiles as one warpgroup
+   * taking both 64-row blocks instead of two warpgroups of one block each (the default, measured
+   * 1-13% faster on the H100, bench/RESULTS.md), to compare the two. */
   const char *two_wg = getenv("CANOPY_CUDA_TA_TWO_WG");
-  c->ta_two_wg = two_wg && !strcmp(two_wg, "1");
+  c->ta_two_wg = !(two_wg && !strcmp(two_wg, "0"));
   CN_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
   CN_CUBLAS_CHECK(cublasCreate(&c->blas));
   CN_CUBLAS_CHECK(cublasSetStream(c->blas, c->stream));

@@ -89,10 +89,10 @@ int cn_cuda_gemv_swiglu_rows(const cn_cuda_ctx *ctx);
 int cn_cuda_set_gemv_mma_rows(cn_cuda_ctx *ctx, int min_rows);
 int cn_cuda_gemv_mma_rows(const cn_cuda_ctx *ctx);
 
-/* The sm_90 tree-attention kernel's 128-row tiles as two warpgroups of 64 rows each (on) instead of
- * one warpgroup taking both (off, the default; CANOPY_CUDA_TA_TWO_WG=1 at creation turns it on):
- * twice the warps a multiprocessor on the same shared memory, half the registers a thread. The same
- * arithmetic per row, so the same bits. Not yet measured (bench/RESULTS.md, 2026-12-06). */
+/* The sm_90 tree-attention kernel's 128-row tiles as two warpgroups of 64 rows each (on, the
+ * default) or one warpgroup taking both (off; CANOPY_CUDA_TA_TWO_WG=0 at creation): twice the warps
+ * a multiprocessor on the same shared memory, half the registers a thread. The same arithmetic per
+ * row, so the same bits; on is 1-13% faster at 64-128 nodes on the H100 (bench/RESULTS.md). */
 int cn_cuda_set_ta_two_wg(cn_cuda_ctx *ctx, int on);
 
 /* GEMMs of up to max_rows rows run the few-row kernel, larger ones cuBLAS (< 0 or above the
