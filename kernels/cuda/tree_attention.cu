@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(TA_THREADS, 2) tree_attn_kernel(cn_cuda_tree_a
         }
       }
     }
-    __syncthreads(); /* a later iteration's loads overwrite this stage */
+    /* No barrier here: the next iteration's, before its copies, is the one that frees this stage. */
   }
   cp_async_wait<0>(); /* no copy may still be writing when the block exits */
   ta_finish<T, RW, DN>(a, b, base, gridDim.x * ROWS, o, m, l);

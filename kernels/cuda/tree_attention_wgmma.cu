@@ -249,11 +249,12 @@ __global__ void __launch_bounds__(TA_THREADS *WG, 2) tree_attn_wgmma_kernel(cn_c
     cp_async_commit();
     rows(ta_rows<0>{}, st, kt, s);
     if constexpr (RT == 2) rows(ta_rows<1>{}, st, kt, s);
+    /* No barrier here: the next iteration's tile_ready() is the one that lets its copies into
+     * this stage, after every warpgroup's wait below. */
     wgmma_wait<0>();
 #pragma unroll
     for (int rt = 0; rt < RT; rt++)
       pin(o[rt]);
-    __syncthreads(); /* a later iteration's loads overwrite this stage */
   }
   cp_async_wait<0>();
   ta_finish<T, RT, DN>(a, b, base, gridDim.x * ROWS, o, m, l);
