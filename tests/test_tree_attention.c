@@ -5,9 +5,10 @@
  * counts and prefix lengths, q_offset > 0, GQA ratios 1, 4 and 8, head_dim 64 and 128, a sliding
  * window, randomly permuted cache blocks, and each batch at one split, the automatic split count
  * and a forced odd one, through every kernel (mma.sync, and where the device is sm_90 wgmma with
- * 128-row and with 64-row tiles). A token verified as the last node of a chain gets the same bits
- * as its decode step (the split plan's fixed boundaries). The output is poisoned with NaN first, so an unwritten element fails; a
- * query that sees no key must give exact zeros, as the CPU twin does.
+ * 128-row tiles of one or two warpgroups and with 64-row tiles of one warpgroup or two splitting
+ * the keys). A token verified as the last node of a chain gets the same bits as its decode step
+ * (the split plan's fixed boundaries). The output is poisoned with NaN first, so an unwritten
+ * element fails; a query that sees no key must give exact zeros, as the CPU twin does.
  *
  * CANOPY_TEST_QUICK=1 shrinks the shapes (for compute-sanitizer). Skips (exit 77) when canopy was
  * built without CUDA or no device is visible. */
@@ -293,15 +294,18 @@ static int run_case(const batch_case *c) {
   cn_cuda_tree_attn_plan(ctx, ns, max_n, max_keys, c->n_heads, c->n_kv_heads, d, 0, &plan_splits, &plan_keys);
   int splits[N_SPLIT_KINDS] = {1, plan_splits, 7, 40}, split_keys[N_SPLIT_KINDS] = {0, plan_keys, 0, 0};
   /* The kernels: mma.sync, and wgmma with 128-row tiles (where a KV head has 128+ rows; one
-   * warpgroup taking both row blocks, or two warpgroups) and with 64-row tiles. */
-  enum { N_IMPLS = 4 };
+   * warpgroup taking both row blocks, or two warpgroups) and with 64-row tiles (one warpgroup, or
+   * two with half the keys each). */
+  enum { N_IMPLS = 5 };
   static const cn_cuda_tree_attn_impl impls[N_IMPLS] = {CN_CUDA_TA_MMA_SYNC, CN_CUDA_TA_WGMMA, CN_CUDA_TA_WGMMA,
-                                                        CN_CUDA_TA_WGMMA};
-  static const int row_tiles[N_IMPLS] = {0, 128, 128, 64}, two_wg[N_IMPLS] = {0, 0, 1, 0};
-  static const char *impl_names[N_IMPLS] = {"mma.sync", "wgmma128", "wgmma128x2", "wgmma64"};
+                                                        CN_CUDA_TA_WGMMA, CN_CUDA_TA_WGMMA};
+  static const int row_tiles[N_IMPLS] = {0, 128, 128, 64, 64}, two_wg[N_IMPLS] = {0, 0, 1, 0, 0},
+                   key_split[N_IMPLS] = {0, 0, 0, 0, 1}; /* min rows: 1 splits at every row count */
+  static const char *impl_names[N_IMPLS] = {"mma.sync", "wgmma128", "wgmma128x2", "wgmma64", "wgmma64ks"};
   for (int iv = 0; iv < N_IMPLS * N_SPLIT_KINDS; iv++) {
     int v = iv % N_SPLIT_KINDS, im = iv / N_SPLIT_KINDS;
     CK(cn_cuda_set_ta_two_wg(ctx, two_wg[im]));
+    CK(cn_cuda_set_ta_key_split(ctx, key_split[im]));
     size_t ws = cn_cuda_tree_attn_workspace(ns, max_n, splits[v], c->n_heads, c->n_kv_heads, d);
     if (ws) CK(cn_cuda_malloc(ctx, &d_ws, ws));
     CK(cn_cuda_memset(ctx, d_out, 0xFF, et * q_elems));
@@ -356,7 +360,8 @@ static int run_case(const batch_case *c) {
   cn_cuda_free(ctx, d_tables), cn_cuda_free(ctx, d_pos), cn_cuda_free(ctx, d_mask), cn_cuda_free(ctx, d_desc);
   for (int s = 0; s < ns; s++) free(sd[s].pos), free(sd[s].mask);
   free(perm), free(pool), free(pool16), free(desc), free(tables), free(pos), free(mask);
-  CK(cn_cuda_set_ta_two_wg(ctx, 1)); /* the default, for the tests after this one */
+  CK(cn_cuda_set_ta_two_wg(ctx, 1)); /* the defaults, for the tests after this one */
+  CK(cn_cuda_set_ta_key_split(ctx, CN_CUDA_TA_KEY_SPLIT_ROWS));
   free(q), free(ref_cpu), free(ref_f64), free(got), free(got_early), free(one_wg);
   return bad;
 }
@@ -462,7 +467,9 @@ static int launch_chain(const batch_case *c, void *d_pool, void *d_q_all, void *
                               .n_splits = splits, .split_keys = keys, .n_heads = c->n_heads,
                               .n_kv_heads = c->n_kv_heads, .head_dim = d, .scale = 1.0f / sqrtf((float)d),
                               .workspace = d_ws, .impl = impl};
+  CK(cn_cuda_set_batch_invariant(ctx, invariant)); /* as the engine sets it with that plan */
   int st = cn_cuda_tree_attention(ctx, &a), ran = st != CANOPY_ERR_UNSUPPORTED;
+  CK(cn_cuda_set_batch_invariant(ctx, 0));
   if (ran) {
     CK(st);
     CK(cn_cuda_memcpy_d2h(ctx, got, d_out, sizeof(float) * (size_t)n * q_dim));
@@ -485,8 +492,11 @@ static void test_decode_and_verified_chain_give_the_same_bits(void **state) {
                                        {"smollm2 heads", 9, 3, 64, 16, 0, CN_CUDA_F32, 1, {{0}}}};
   static const int lens[] = {700, 1500, 3000, 6000}; /* a chain's keys stay in one pow2 bucket */
   static const int chains[][2] = {{2, 0}, {5, 0}, {8, 0}, {40, 1}}; /* nodes, batch-invariant plan */
-  /* mma.sync takes 32-key tiles once a KV head has 128+ rows, so it is held to narrow chains. */
-  static const cn_cuda_tree_attn_impl impls[2] = {CN_CUDA_TA_WGMMA, CN_CUDA_TA_MMA_SYNC};
+  /* mma.sync takes 32-key tiles once a KV head has 128+ rows, so it is held to narrow chains. The
+   * wgmma kernel runs with its 64-row tiles' key split off and on. */
+  static const cn_cuda_tree_attn_impl impls[3] = {CN_CUDA_TA_WGMMA, CN_CUDA_TA_WGMMA, CN_CUDA_TA_MMA_SYNC};
+  static const int key_split[3] = {0, 1, 0}; /* min rows (1: every row count) */
+  static const char *impl_names[3] = {"wgmma", "wgmma, key split", "mma.sync"};
   int differ = 0, checked = 0, even_differ = 0;
   for (int sh = 0; sh < 2; sh++) {
     const batch_case *c = &shapes[sh];
@@ -510,9 +520,10 @@ static void test_decode_and_verified_chain_give_the_same_bits(void **state) {
     CK(cn_cuda_memcpy_h2d(ctx, d_tables, tables, sizeof(int32_t) * (size_t)n_blocks));
     for (int li = 0; li < (quick ? 2 : 4); li++)
       for (int ci = 0; ci < 4; ci++)
-        for (int im = 0; im < 2; im++) {
+        for (int im = 0; im < 3; im++) {
           int L = lens[li], n = chains[ci][0], inv = chains[ci][1];
           if (impls[im] == CN_CUDA_TA_MMA_SYNC && n * (c->n_heads / c->n_kv_heads) >= 128) continue;
+          CK(cn_cuda_set_ta_key_split(ctx, key_split[im]));
           for (int fixed = 1; fixed >= 0; fixed--) {
             if (!launch_chain(c, d_pool, d_q, d_out, d_tables, L, n, fixed, inv, impls[im], a)) break;
             launch_chain(c, d_pool, d_q, d_out, d_tables, L + n - 1, 1, fixed, inv, impls[im], b);
@@ -522,7 +533,7 @@ static void test_decode_and_verified_chain_give_the_same_bits(void **state) {
               differ += !same;
               if (!same)
                 printf("  %s L %d chain %d%s %s: the verified token's attention differs from its decode step\n",
-                       c->name, L, n, inv ? " (batch-invariant plan)" : "", im ? "mma.sync" : "wgmma");
+                       c->name, L, n, inv ? " (batch-invariant plan)" : "", impl_names[im]);
             } else {
               even_differ += !same;
             }
@@ -531,6 +542,7 @@ static void test_decode_and_verified_chain_give_the_same_bits(void **state) {
     cn_cuda_free(ctx, d_pool), cn_cuda_free(ctx, d_q), cn_cuda_free(ctx, d_out), cn_cuda_free(ctx, d_tables);
     free(pool16), free(q), free(a), free(b), free(tables);
   }
+  CK(cn_cuda_set_ta_key_split(ctx, CN_CUDA_TA_KEY_SPLIT_ROWS)); /* the default */
   printf("  decode against verified chain: %d of %d cases differ with the plan's fixed boundaries, %d with keys "
          "divided evenly\n",
          differ, checked, even_differ);

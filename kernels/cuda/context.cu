@@ -55,6 +55,11 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
    * 1-13% faster on the H100, bench/RESULTS.md), to compare the two. */
   const char *two_wg = getenv("CANOPY_CUDA_TA_TWO_WG");
   c->ta_two_wg = !(two_wg && !strcmp(two_wg, "0"));
+  /* CANOPY_CUDA_TA_KEY_SPLIT_ROWS=k: its 64-row tiles of KV heads with k or more query rows as two
+   * warpgroups that take half of every key tile each and merge at the end (0: never). */
+  const char *key_split = getenv("CANOPY_CUDA_TA_KEY_SPLIT_ROWS");
+  c->ta_key_split = key_split && *key_split ? atoi(key_split) : CN_CUDA_TA_KEY_SPLIT_ROWS;
+  if (c->ta_key_split < 0) c->ta_key_split = 0;
   CN_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
   CN_CUBLAS_CHECK(cublasCreate(&c->blas));
   CN_CUBLAS_CHECK(cublasSetStream(c->blas, c->stream));
@@ -161,6 +166,12 @@ int cn_cuda_set_gemv_swiglu_rows(cn_cuda_ctx *ctx, int max_rows) {
 }
 
 int cn_cuda_gemv_swiglu_rows(const cn_cuda_ctx *ctx) { return ctx ? ctx->gemv_swiglu_rows : 0; }
+
+int cn_cuda_set_ta_key_split(cn_cuda_ctx *ctx, int min_rows) {
+  if (!ctx) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_ta_key_split: NULL cuda context");
+  ctx->ta_key_split = min_rows > 0 ? min_rows : 0;
+  return CANOPY_OK;
+}
 
 int cn_cuda_set_ta_two_wg(cn_cuda_ctx *ctx, int on) {
   if (!ctx) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_ta_two_wg: NULL cuda context");

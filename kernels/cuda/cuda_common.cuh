@@ -32,6 +32,8 @@ struct cn_cuda_ctx {
   int gemv_max_rows;   /* GEMMs of up to this many rows run the few-row kernel (cn_cuda_set_gemv_max_rows) */
   int ta_split_min;    /* fewest keys a split of the tree-attention plan holds below 128 rows a KV head */
   bool ta_two_wg;      /* 128-row wgmma tree-attention tiles as two warpgroups (CANOPY_CUDA_TA_TWO_WG) */
+  int ta_key_split;    /* 64-row ones of KV heads with this many rows or more as two warpgroups, half the
+                          keys each (0: never; CANOPY_CUDA_TA_KEY_SPLIT_ROWS) */
   void *pad_y;         /* the padded GEMM's output rows; pad_y_bytes long */
   size_t pad_y_bytes;
 };

@@ -95,6 +95,18 @@ int cn_cuda_gemv_mma_rows(const cn_cuda_ctx *ctx);
  * row, so the same bits; on is 1-13% faster at 64-128 nodes on the H100 (bench/RESULTS.md). */
 int cn_cuda_set_ta_two_wg(cn_cuda_ctx *ctx, int on);
 
+/* Its 64-row tiles (KV heads of fewer than 128 query rows: decode, trees of up to 31 nodes at GQA 4)
+ * as two warpgroups that take half of every 64-key tile each, with an online softmax of their own,
+ * merged at the block's end, for KV heads of min_rows to 127 rows (launch max_n x GQA ratio);
+ * one warpgroup otherwise, and with min_rows 0 (CN_CUDA_TA_KEY_SPLIT_ROWS is the default;
+ * CANOPY_CUDA_TA_KEY_SPLIT_ROWS=k at creation sets it). The sums run in another order, so a row's
+ * bits then differ from one warpgroup's, and so between row counts on either side of min_rows:
+ * batch-invariant mode (cn_cuda_set_batch_invariant) never splits the keys. */
+int cn_cuda_set_ta_key_split(cn_cuda_ctx *ctx, int min_rows);
+/* The default min_rows: from 40 rows (10 nodes at GQA 4) the split measured 1-6% faster on the
+ * H100, below 32 up to 3% slower (bench/RESULTS.md, 2026-12-06). */
+#define CN_CUDA_TA_KEY_SPLIT_ROWS 40
+
 /* GEMMs of up to max_rows rows run the few-row kernel, larger ones cuBLAS (< 0 or above the
  * kernel's 8 rows: 8, the default; 0: cuBLAS always, which bench_gemm compares). */
 int cn_cuda_set_gemv_max_rows(cn_cuda_ctx *ctx, int max_rows);
@@ -399,7 +411,8 @@ int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int 
  * tile whenever they are fewer than 128, so launches with the same n_seqs and max_keys (a caller
  * passes a bucket) cut a token's keys at the same positions whether it is decoded alone or
  * verified in a tree of a few nodes: greedy speculation then matches target-only decoding bit for
- * bit in attention. With `invariant` the plan ignores the launch: split_keys is 256 (at most 256
+ * bit in attention, up to the rows where the key split starts (cn_cuda_set_ta_key_split; 9 nodes at
+ * GQA 4 by default, any count in batch-invariant mode). With `invariant` the plan ignores the launch: split_keys is 256 (at most 256
  * splits, so up to 64k keys). */
 void cn_cuda_tree_attn_plan(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int max_keys, int n_heads, int n_kv_heads,
                             int head_dim, int invariant, int *n_splits, int *split_keys);

@@ -291,7 +291,7 @@ int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int 
   int group = n_heads / n_kv_heads;
   bool wg = use_wgmma(ctx, CN_CUDA_TA_AUTO), wide = wide_rows(max_n, group);
   int per_sm = 0;
-  int st = wg ? cn_ta_wgmma_per_sm(ctx, head_dim, wide ? 2 : 1, &per_sm)
+  int st = wg ? cn_ta_wgmma_per_sm(ctx, head_dim, wide ? 2 : 1, max_n * group, &per_sm)
            : head_dim == 64 ? (wide ? prepare<cn_bf16_t, 64, 2>(&per_sm) : prepare<cn_bf16_t, 64, 1>(&per_sm))
                             : (wide ? prepare<cn_bf16_t, 128, 2>(&per_sm) : prepare<cn_bf16_t, 128, 1>(&per_sm));
   if (st || per_sm < 1) per_sm = 1;
@@ -299,7 +299,7 @@ int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int 
   if (wide && !wide_tiles(ctx, wg, n_seqs, max_n, group, n_kv_heads, (int)want)) {
     /* 64-row tiles then (fewer splits never make 128-row tiles fill the device, so the launch
      * picks 64 too). */
-    if (cn_ta_wgmma_per_sm(ctx, head_dim, 1, &per_sm) || per_sm < 1) per_sm = 1;
+    if (cn_ta_wgmma_per_sm(ctx, head_dim, 1, max_n * group, &per_sm) || per_sm < 1) per_sm = 1;
     want = splits_for(ctx, per_sm, n_seqs, max_n, group, n_kv_heads, 64, max_keys);
   }
   return (int)want;

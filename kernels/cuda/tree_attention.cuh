@@ -387,7 +387,8 @@ __device__ __forceinline__ void ta_finish(const cn_cuda_tree_attn_args &a, const
 
 /* The wgmma kernel's launch (tree_attention_wgmma.cu); rw row blocks of 64 per block. */
 int cn_ta_launch_wgmma(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw, int cap);
-/* Its resident blocks per multiprocessor (after raising its shared-memory limit). */
-int cn_ta_wgmma_per_sm(const cn_cuda_ctx *ctx, int head_dim, int rw, int *per_sm);
+/* Its resident blocks per multiprocessor (after raising its shared-memory limit), for KV heads of
+ * `rows` query rows. */
+int cn_ta_wgmma_per_sm(const cn_cuda_ctx *ctx, int head_dim, int rw, int rows, int *per_sm);
 
 #endif

@@ -41,23 +41,20 @@ template <int RW> constexpr int wg_stages() {
 template <int D, int RW> constexpr int wg_smem() { return (RW * 64 + wg_stages<RW>() * 2 * WG_KT) * D * 2 + 1024; }
 
 #if TA_HAVE_WGMMA
-/* The generated operand lists of the three wgmma shapes the kernel uses (d holds the m16n8
+/* The generated operand lists of the four wgmma shapes the kernel uses (d holds the m16n8
  * accumulator fragments of this warp's 16 rows, n / 8 of them):
  *  - wgmma_ss_n64: d (+)= A B, m64n64k16 (64 keys a tile), A and B from shared memory
- *    (descriptors), d = A B when !acc;
+ *    (descriptors), d = A B when !acc; wgmma_ss_n32 the same for 32 keys (half a tile);
  *  - wgmma_rs_nN_tb: d += A B, m64nNk16, A (this warp's 16 rows) from registers, B from shared
  *    memory stored MN-major (transposed: the V tile is key-major with N = head_dim contiguous). */
-/* The accumulator operands of 8 n8 blocks (32 registers) starting at block b. */
-#define WG_ACC8(d, b)                                                                                                  \
+/* The accumulator operands of 4 n8 blocks (16 registers) starting at block b, and of 8. */
+#define WG_ACC4(d, b)                                                                                                  \
   "+f"(d[b][0]), "+f"(d[b][1]), "+f"(d[b][2]), "+f"(d[b][3]), "+f"(d[b + 1][0]), "+f"(d[b + 1][1]), "+f"(d[b + 1][2]), \
       "+f"(d[b + 1][3]), "+f"(d[b + 2][0]), "+f"(d[b + 2][1]), "+f"(d[b + 2][2]), "+f"(d[b + 2][3]),                   \
-      "+f"(d[b + 3][0]), "+f"(d[b + 3][1]), "+f"(d[b + 3][2]), "+f"(d[b + 3][3]), "+f"(d[b + 4][0]),                   \
-      "+f"(d[b + 4][1]), "+f"(d[b + 4][2]), "+f"(d[b + 4][3]), "+f"(d[b + 5][0]), "+f"(d[b + 5][1]),                   \
-      "+f"(d[b + 5][2]), "+f"(d[b + 5][3]), "+f"(d[b + 6][0]), "+f"(d[b + 6][1]), "+f"(d[b + 6][2]),                   \
-      "+f"(d[b + 6][3]), "+f"(d[b + 7][0]), "+f"(d[b + 7][1]), "+f"(d[b + 7][2]), "+f"(d[b + 7][3])
-#define WG_REGS32                                                                                                      \
-  "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30," \
-  "%31"
+      "+f"(d[b + 3][0]), "+f"(d[b + 3][1]), "+f"(d[b + 3][2]), "+f"(d[b + 3][3])
+#define WG_ACC8(d, b) WG_ACC4(d, b), WG_ACC4(d, b + 4)
+#define WG_REGS16 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"
+#define WG_REGS32 WG_REGS16 ",%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"
 #define WG_REGS64                                                                                                      \
   WG_REGS32                                                                                                            \
       ",%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,"      \
@@ -67,6 +64,12 @@ __device__ __forceinline__ void wgmma_ss_n64(float (&d)[8][4], uint64_t da, uint
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
                "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" WG_REGS32 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
                : WG_ACC8(d, 0)
+               : "l"(da), "l"(db), "r"(acc));
+}
+__device__ __forceinline__ void wgmma_ss_n32(float (&d)[4][4], uint64_t da, uint64_t db, int acc) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {" WG_REGS16 "}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+               : WG_ACC4(d, 0)
                : "l"(da), "l"(db), "r"(acc));
 }
 __device__ __forceinline__ void wgmma_rs_n64_tb(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db) {
@@ -147,17 +150,68 @@ __device__ __forceinline__ void load_q(const cn_cuda_tree_attn_args &a, const ta
   }
 }
 
-/* WG warpgroups a block (1, or 2 with RW = 2; cn_cuda_set_ta_two_wg): with two, warpgroup w alone
- * takes row block w, so a thread holds one row block's state instead of two (at most 128
- * registers, for two blocks a multiprocessor; ptxas: 128 with 32/20 bytes of spill at d = 128, 120
- * and none at 64) and the multiprocessor has twice the warps to hide the softmax's latency with,
- * on the same shared memory. RT: the row blocks a thread takes (a template parameter: as a local
- * constant in the kernel it made CUDA 13.0's cicc crash). */
-template <typename T, int D, int RW, int WG, int RT = RW / WG>
+/* The key split's end (KS below): warpgroup 1 leaves its online-softmax state (a thread's
+ * accumulators, row maxima and partial row sums) in the free stage memory `buf`, warpgroup 0
+ * merges it into its own, as the merge kernel merges splits, and finishes the block; true for
+ * warpgroup 0. The pipeline's reads of that memory are over at the first barrier (each warpgroup
+ * waited for its products). A thread's value e goes to buf[e][thread]: conflict-free. */
+template <int DN>
+__device__ __forceinline__ bool ta_merge_halves(unsigned char *buf, float (&o)[DN][4], float (&m)[2], float (&l)[2]) {
+  float *x = reinterpret_cast<float *>(buf);
+  const int t = threadIdx.x % TA_THREADS;
+  const bool first = threadIdx.x < TA_THREADS;
+  __syncthreads();
+  if (!first) {
+#pragma unroll
+    for (int dn = 0; dn < DN; dn++)
+#pragma unroll
+      for (int e = 0; e < 4; e++)
+        x[(dn * 4 + e) * TA_THREADS + t] = o[dn][e];
+#pragma unroll
+    for (int j = 0; j < 2; j++)
+      x[(DN * 4 + j) * TA_THREADS + t] = m[j], x[(DN * 4 + 2 + j) * TA_THREADS + t] = l[j];
+  }
+  __syncthreads();
+  if (!first) {
+    cn_pdl_trigger(); /* as ta_finish does for the threads that finish */
+    return false;
+  }
+#pragma unroll
+  for (int j = 0; j < 2; j++) {
+    const float m1 = x[(DN * 4 + j) * TA_THREADS + t], l1 = x[(DN * 4 + 2 + j) * TA_THREADS + t];
+    const float mx = fmaxf(m[j], m1), mu = mx == -INFINITY ? 0.0f : mx; /* both empty: factors 0 */
+    const float f0 = fast_exp2(m[j] - mu), f1 = fast_exp2(m1 - mu);
+    m[j] = mx, l[j] = l[j] * f0 + l1 * f1;
+#pragma unroll
+    for (int dn = 0; dn < DN; dn++)
+#pragma unroll
+      for (int e = 2 * j; e < 2 * j + 2; e++)
+        o[dn][e] = o[dn][e] * f0 + x[(dn * 4 + e) * TA_THREADS + t] * f1;
+  }
+  return true;
+}
+
+/* WG warpgroups a block, 1 or 2. With two (cn_cuda_set_ta_two_wg, cn_cuda_set_ta_key_split) the
+ * multiprocessor has twice the warps to hide the softmax's latency with, on the same shared memory
+ * (Q and the K/V stages are shared by both), and a thread holds one row block's state (at most 128
+ * registers, for two blocks a multiprocessor):
+ *  - RW = 2 (row split): warpgroup w alone takes row block w (ptxas: 128 registers with 32/20
+ *    bytes of spill at d = 128, 120 and none at 64). A row's arithmetic is the one-warpgroup
+ *    kernel's, so are its bits.
+ *  - RW = 1 (key split, KS): both take the tile's 64 rows, warpgroup w keys 32 w .. 32 w + 31 of
+ *    every tile (S is m64n32, O's product 2 k-steps), each with its own online-softmax state, and
+ *    warpgroup 1 hands its state to warpgroup 0 through shared memory at the end, which merges
+ *    the two as the merge kernel merges splits. A row's bits then differ from the one-warpgroup
+ *    kernel's (another order of sums), but not with the rows beside it.
+ * RT: the row blocks a thread takes (a template parameter: as a local constant in the kernel it
+ * made CUDA 13.0's cicc crash). */
+template <typename T, int D, int RW, int WG, int RT = (WG > RW ? 1 : RW / WG)>
 __global__ void __launch_bounds__(TA_THREADS *WG, 2) tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {
-  static_assert(WG == 1 || (WG == 2 && RW == 2), "two warpgroups take a 128-row tile's two row blocks");
+  static_assert(WG == 1 || (WG == 2 && RW <= 2), "two warpgroups split a tile's rows (RW 2) or keys (RW 1)");
   if (!a.prefix_ready) cn_pdl_wait(); /* launched early (cn_launch); else in ta_prologue */
-  constexpr int KT = WG_KT, DN = D / 8, NT = KT / 8, ROWS = 64 * RW, STAGES = wg_stages<RW>();
+  constexpr bool KS = WG > RW;
+  constexpr int KT = WG_KT, KH = KS ? KT / WG : KT; /* keys a tile; of them, a warpgroup's */
+  constexpr int DN = D / 8, NT = KH / 8, ROWS = 64 * RW, STAGES = wg_stages<RW>();
   constexpr int NTH = TA_THREADS * WG;
   constexpr int TILE = KT * D * 2; /* bytes of one K or V tile */
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -167,9 +221,11 @@ __global__ void __launch_bounds__(TA_THREADS *WG, 2) tree_attn_wgmma_kernel(cn_c
 
   ta_block b;
   if (!ta_block_init<ROWS>(a, b)) return;
-  /* This thread's warp in its warpgroup, and its first row block (0 with one warpgroup, known as
-   * such to the compiler: the one-warpgroup kernel compiles as it did before the option). */
-  const int warp = threadIdx.x / 32 % 4, rb0 = WG == 1 ? 0 : threadIdx.x / TA_THREADS * RT;
+  /* This thread's warp in its warpgroup, its warpgroup, its first row block, and the first of its
+   * keys in a tile (compile-time 0 with one warpgroup: that kernel compiles as it did before the
+   * options). */
+  const int warp = threadIdx.x / 32 % 4, wg = WG == 1 ? 0 : threadIdx.x / TA_THREADS;
+  const int rb0 = KS ? 0 : wg * RT, kw = KS ? wg * KH : 0;
   int base[RT];
 #pragma unroll
   for (int rt = 0; rt < RT; rt++)
@@ -185,9 +241,10 @@ __global__ void __launch_bounds__(TA_THREADS *WG, 2) tree_attn_wgmma_kernel(cn_c
     fence_proxy_async(); /* this thread's cp.async (and Q) writes, seen by the tensor cores */
     __syncthreads();
   };
-  /* The operands' descriptors at stage 0 (a stage is a fixed distance further). */
-  const uint64_t q_desc = sw128_desc(qs, 16, 1024), k_desc = sw128_desc(ks(0), 16, 1024),
-                 v_desc = sw128_desc(vs(0), KT * 128, 1024);
+  /* The operands' descriptors at stage 0 (a stage is a fixed distance further). This warpgroup's
+   * keys start kw rows into the K and V tiles: a multiple of 8 rows, the swizzle's period. */
+  const uint64_t q_desc = sw128_desc(qs, 16, 1024), k_desc = sw128_desc(ks(0) + kw * 128, 16, 1024),
+                 v_desc = sw128_desc(vs(0) + kw * 128, KT * 128, 1024);
   /* S = Q K^T of this thread's row block rt from stage st, issued (async) as a commit group of its
    * own. */
   auto issue_s = [&](int st, int rt, float(&s)[NT][4]) {
@@ -196,8 +253,12 @@ __global__ void __launch_bounds__(TA_THREADS *WG, 2) tree_attn_wgmma_kernel(cn_c
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
       const uint32_t panel = (kk / 4) * 8192u + (kk % 4) * 32u; /* 64 rows x 128 bytes a Q panel */
-      wgmma_ss_n64(s, desc_add(q_desc, (rb0 + rt) * 64 * D * 2 + panel),
-                   desc_add(kd, (kk / 4) * KT * 128 + (kk % 4) * 32), kk > 0);
+      const uint64_t qd = desc_add(q_desc, (rb0 + rt) * 64 * D * 2 + panel);
+      const uint64_t kdk = desc_add(kd, (kk / 4) * KT * 128 + (kk % 4) * 32);
+      if constexpr (NT == 8)
+        wgmma_ss_n64(s, qd, kdk, kk > 0);
+      else
+        wgmma_ss_n32(s, qd, kdk, kk > 0);
     }
     wgmma_commit();
   };
@@ -206,11 +267,11 @@ __global__ void __launch_bounds__(TA_THREADS *WG, 2) tree_attn_wgmma_kernel(cn_c
   float o[RT][DN][4], m[RT][2], l[RT][2];
   ta_state_init(o, m, l);
   /* O += P V of row block rt from stage st, issued (async) as a commit group of its own. */
-  auto issue_o = [&](int st, int rt, const uint32_t(&pa)[KT / 16][4]) {
+  auto issue_o = [&](int st, int rt, const uint32_t(&pa)[NT / 2][4]) {
     pin(o[rt]);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < KT / 16; kk++)
+    for (int kk = 0; kk < NT / 2; kk++)
       wgmma_o<D>(o[rt], pa[kk], desc_add(v_desc, st * 2 * TILE + kk * 16 * 128));
     wgmma_commit();
   };
@@ -225,9 +286,9 @@ __global__ void __launch_bounds__(TA_THREADS *WG, 2) tree_attn_wgmma_kernel(cn_c
     constexpr int RB = decltype(rbc)::value;
     wgmma_wait<RT - 1>();
     pin(s[RB]);
-    ta_mask<RT, NT, RB, RB + 1>(a, b, base, kt, s);
+    ta_mask<RT, NT, RB, RB + 1>(a, b, base, kt + kw, s);
     ta_softmax<RT, NT, DN, RB, RB + 1>(s, m, l, o, sl2);
-    uint32_t pa[RT][KT / 16][4];
+    uint32_t pa[RT][NT / 2][4];
     ta_pack_p<RT, NT, RB, RB + 1>(s, pa);
     issue_o(st, RB, pa[RB]);
   };
@@ -257,12 +318,15 @@ __global__ void __launch_bounds__(TA_THREADS *WG, 2) tree_attn_wgmma_kernel(cn_c
       pin(o[rt]);
   }
   cp_async_wait<0>();
+  if constexpr (KS) {
+    if (!ta_merge_halves<DN>(smem_raw + (ks(0) - raw), o[0], m[0], l[0])) return;
+  }
   ta_finish<T, RT, DN>(a, b, base, gridDim.x * ROWS, o, m, l);
 }
 
 #else
 
-template <typename T, int D, int RW, int WG, int RT = RW / WG>
+template <typename T, int D, int RW, int WG, int RT = (WG > RW ? 1 : RW / WG)>
 __global__ void tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {}
 
 #endif
@@ -272,12 +336,16 @@ template <int D_, int RW_, int WG_> struct ta_variant {
   static constexpr int D = D_, RW = RW_, WG = WG_;
 };
 
-/* f(ta_variant<...>{}) for the variant that runs head_dim and rw on this context: the one choice
- * that both the launch and the split plan's occupancy query make. */
-template <typename F> static int with_variant(const cn_cuda_ctx *ctx, int head_dim, int rw, F &&f) {
+/* f(ta_variant<...>{}) for the variant that runs head_dim, rw and KV heads of `rows` query rows on
+ * this context: the one choice that both the launch and the split plan's occupancy query make. */
+template <typename F> static int with_variant(const cn_cuda_ctx *ctx, int head_dim, int rw, int rows, F &&f) {
+  /* 64-row tiles of 128+ rows (where 128-row tiles would not fill the device) ran 4-9% slower with
+   * the key split (bench/RESULTS.md, 2026-12-06): up to 127 rows only. */
+  const bool key_split =
+      ctx->ta_key_split > 0 && rows >= ctx->ta_key_split && rows < 128 && !ctx->batch_invariant;
   auto of_d = [&](auto d) {
     constexpr int D = decltype(d)::value;
-    if (rw == 1) return f(ta_variant<D, 1, 1>{});
+    if (rw == 1) return key_split ? f(ta_variant<D, 1, 2>{}) : f(ta_variant<D, 1, 1>{});
     return ctx->ta_two_wg ? f(ta_variant<D, 2, 2>{}) : f(ta_variant<D, 2, 1>{});
   };
   return head_dim == 64 ? of_d(std::integral_constant<int, 64>{}) : of_d(std::integral_constant<int, 128>{});
@@ -296,7 +364,7 @@ template <typename T, typename V> static int prepare(int *per_sm) {
 int cn_ta_launch_wgmma(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw, int cap) {
   return cn_dispatch(a->dt, [&](auto t) {
     using T = decltype(t);
-    return with_variant(ctx, a->head_dim, rw, [&](auto v) {
+    return with_variant(ctx, a->head_dim, rw, a->max_n * (a->n_heads / a->n_kv_heads), [&](auto v) {
       using V = decltype(v);
       int st = prepare<T, V>(NULL);
       if (st) return st;
@@ -308,6 +376,6 @@ int cn_ta_launch_wgmma(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw
   });
 }
 
-int cn_ta_wgmma_per_sm(const cn_cuda_ctx *ctx, int head_dim, int rw, int *per_sm) {
-  return with_variant(ctx, head_dim, rw, [&](auto v) { return prepare<cn_bf16_t, decltype(v)>(per_sm); });
+int cn_ta_wgmma_per_sm(const cn_cuda_ctx *ctx, int head_dim, int rw, int rows, int *per_sm) {
+  return with_variant(ctx, head_dim, rw, rows, [&](auto v) { return prepare<cn_bf16_t, decltype(v)>(per_sm); });
 }
