@@ -300,7 +300,7 @@ static int run_case(const batch_case *c) {
   static const cn_cuda_tree_attn_impl impls[N_IMPLS] = {CN_CUDA_TA_MMA_SYNC, CN_CUDA_TA_WGMMA, CN_CUDA_TA_WGMMA,
                                                         CN_CUDA_TA_WGMMA, CN_CUDA_TA_WGMMA};
   static const int row_tiles[N_IMPLS] = {0, 128, 128, 64, 64}, two_wg[N_IMPLS] = {0, 0, 1, 0, 0},
-                   key_split[N_IMPLS] = {0, 0, 0, 0, 1}; /* min rows: 1 splits at every row count */
+                   key_split[N_IMPLS] = {0, 0, 0, 0, 1}; /* min rows (1: all below 128) */
   static const char *impl_names[N_IMPLS] = {"mma.sync", "wgmma128", "wgmma128x2", "wgmma64", "wgmma64ks"};
   for (int iv = 0; iv < N_IMPLS * N_SPLIT_KINDS; iv++) {
     int v = iv % N_SPLIT_KINDS, im = iv / N_SPLIT_KINDS;
@@ -495,7 +495,7 @@ static void test_decode_and_verified_chain_give_the_same_bits(void **state) {
   /* mma.sync takes 32-key tiles once a KV head has 128+ rows, so it is held to narrow chains. The
    * wgmma kernel runs with its 64-row tiles' key split off and on. */
   static const cn_cuda_tree_attn_impl impls[3] = {CN_CUDA_TA_WGMMA, CN_CUDA_TA_WGMMA, CN_CUDA_TA_MMA_SYNC};
-  static const int key_split[3] = {0, 1, 0}; /* min rows (1: every row count) */
+  static const int key_split[3] = {0, 1, 0}; /* min rows (1: all below 128) */
   static const char *impl_names[3] = {"wgmma", "wgmma, key split", "mma.sync"};
   int differ = 0, checked = 0, even_differ = 0;
   for (int sh = 0; sh < 2; sh++) {

@@ -411,9 +411,9 @@ int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int 
  * tile whenever they are fewer than 128, so launches with the same n_seqs and max_keys (a caller
  * passes a bucket) cut a token's keys at the same positions whether it is decoded alone or
  * verified in a tree of a few nodes: greedy speculation then matches target-only decoding bit for
- * bit in attention, up to the rows where the key split starts (cn_cuda_set_ta_key_split; 9 nodes at
- * GQA 4 by default, any count in batch-invariant mode). With `invariant` the plan ignores the launch: split_keys is 256 (at most 256
- * splits, so up to 64k keys). */
+ * bit in attention, below the rows where the key split starts (cn_cuda_set_ta_key_split; up to 9
+ * nodes at GQA 4 by default, any count in batch-invariant mode). With `invariant` the plan ignores
+ * the launch: split_keys is 256 (at most 256 splits, so up to 64k keys). */
 void cn_cuda_tree_attn_plan(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int max_keys, int n_heads, int n_kv_heads,
                             int head_dim, int invariant, int *n_splits, int *split_keys);
 
