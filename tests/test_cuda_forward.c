@@ -718,7 +718,6 @@ int main(void) {
     return CN_TEST_SKIP;
   }
   rng = cn_test_seed("test_cuda_forward");
-  cn_test_filter();
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_prefill_chunked_prefill_and_decode_match_cpu),
       cmocka_unit_test(test_tree_verify_and_accepted_path_commit_match_cpu),
@@ -731,5 +730,5 @@ int main(void) {
       cmocka_unit_test(test_smollm2_prefill_and_decode_match_cpu),
       cmocka_unit_test(test_device_out_of_memory_is_an_error_naming_the_bytes),
   };
-  return cmocka_run_group_tests(tests, NULL, NULL);
+  return cn_test_run_group("test_cuda_forward", tests, sizeof tests / sizeof tests[0], NULL, NULL);
 }

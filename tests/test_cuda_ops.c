@@ -1603,8 +1603,7 @@ int main(void) {
       cmocka_unit_test(test_sampled_acceptance_matches_cpu),
       cmocka_unit_test(test_cuda_failures_become_status_codes),
   };
-  cn_test_filter();
-  return cmocka_run_group_tests(tests, setup, teardown);
+  return cn_test_run_group("test_cuda_ops", tests, sizeof tests / sizeof tests[0], setup, teardown);
 }
 
 #else /* !CANOPY_HAVE_CUDA */

@@ -76,10 +76,6 @@ char *cn_test_read_file(const char *path, size_t *len) {
   return buf;
 }
 
-void cn_test_filter(void) {
-  const char *filter = getenv("CANOPY_TEST_FILTER");
-  if (filter) cmocka_set_test_filter(filter);
-}
 
 int cn_test_run_group(const char *name, const struct CMUnitTest *tests, size_t n, int (*setup)(void **),
                       int (*teardown)(void **)) {
@@ -95,7 +91,8 @@ int cn_test_run_group(const char *name, const struct CMUnitTest *tests, size_t n
   for (size_t i = (size_t)k; i < n; i += (size_t)of)
     mine[m++] = tests[i];
   if (of > 1) printf("[ shard    ] %s %d/%d: %zu of %zu tests\n", name, k, of, m, n);
-  cn_test_filter();
+  const char *filter = getenv("CANOPY_TEST_FILTER");
+  if (filter) cmocka_set_test_filter(filter);
   int rc = _cmocka_run_group_tests(name, mine, m, setup, teardown);
   free(mine);
   return rc;

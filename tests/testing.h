@@ -33,14 +33,10 @@ char *cn_test_read_file(const char *path, size_t *len);
 /* A seed from $CANOPY_TEST_SEED or the clock, printed so a failure can be replayed. */
 uint64_t cn_test_seed(const char *test_name);
 
-/* With $CANOPY_TEST_FILTER set, the next cmocka group runs only the tests whose names match it
- * (cmocka's pattern: * and ?). */
-void cn_test_filter(void);
-
 /* Runs a cmocka group as cmocka_run_group_tests does, or with $CANOPY_TEST_SHARD=k/n only its
  * tests k, k + n, k + 2n, ...: CMake registers a long program as n ctest entries, one a shard, so
- * that ctest -j runs them side by side (test_spec under the sanitizers took 1800 s alone). Applies
- * $CANOPY_TEST_FILTER too (cn_test_filter). */
+ * that ctest -j runs them side by side (test_spec under the sanitizers took 1800 s alone). With
+ * $CANOPY_TEST_FILTER set, only the tests whose names match it (cmocka's pattern: * and ?). */
 struct CMUnitTest;
 int cn_test_run_group(const char *name, const struct CMUnitTest *tests, size_t n, int (*setup)(void **),
                       int (*teardown)(void **));
