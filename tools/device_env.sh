@@ -14,7 +14,8 @@ unset _device_deps
 
 # sanitizer_run TOOL SECONDS LOG PROGRAM: compute-sanitizer's TOOL on PROGRAM in quick mode
 # (--report-api-errors no: the tests ask for impossible allocations on purpose), then one line:
-# its summary, and how many race reports fall outside cuBLAS's own kernels (nvjet_*). Racecheck
+# its summary, the test program's verdict, and how many race reports fall outside cuBLAS's own
+# kernels (nvjet_*). Racecheck
 # reports hazards inside those, which are not ours to change; leaving them out with a kernel
 # filter made compute-sanitizer 2025.3.1 fault (bench/RESULTS.md, 2026-12-06), so every kernel is
 # checked and canopy's are counted apart. Racecheck takes about 420 s on test_cuda_ops.
@@ -22,6 +23,6 @@ sanitizer_run() {
   local tool=$1 secs=$2 log=$3 prog=$4
   CANOPY_TEST_QUICK=1 timeout "$secs" compute-sanitizer --tool "$tool" --print-limit 0 --report-api-errors no \
     "$prog" > "$log" 2>&1
-  echo "$tool $(basename "$prog") (rc $?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tr '\n' ' ')" \
+  echo "$tool $(basename "$prog") (rc $?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED' "$log" | tr '\n' ' ')" \
     "races outside cuBLAS: $(grep 'Race reported between' "$log" | grep -vc ' at nvjet_')"
 }

@@ -28,9 +28,7 @@ tail -28 "$out/ctest.log"
 grep -E "^\[ (cuda|spec|speed) " "$out/cuda_forward.log" | awk '/rel L2/ {f=$4; v=$NF+0; if (v>mx[f]) mx[f]=v; next} {print} END {for (f in mx) printf "max rel L2 %-12s %.2e\n", f, mx[f]}'
 echo "ctest done at ${SECONDS}s"
 unset CANOPY_TEST_BIG_MODEL
-# --report-api-errors no: the tests ask for 1 TiB / 4 PiB on purpose to check the out-of-memory status.
-CANOPY_TEST_QUICK=1 timeout 150 compute-sanitizer --tool memcheck --report-api-errors no /tmp/canopy-build/test_cuda_forward > "$out/memcheck_forward.log" 2>&1
-echo "memcheck test_cuda_forward (rc $?): $(grep -E 'ERROR SUMMARY|PASSED|FAILED' "$out/memcheck_forward.log" | tr '\n' ' ')"
+sanitizer_run memcheck 150 "$out/memcheck_forward.log" /tmp/canopy-build/test_cuda_forward
 for tool in memcheck racecheck; do
   tmo=120
   [[ $tool == racecheck ]] && tmo=480

@@ -33,8 +33,7 @@ if [[ $steps == *test* ]]; then
 fi
 if [[ $steps == *sanitize* ]]; then
   for tool in memcheck racecheck; do
-    CANOPY_TEST_QUICK=1 timeout 100 compute-sanitizer --tool $tool --report-api-errors no $b/test_tree_attention > "$out/$tool.log" 2>&1
-    echo "$tool test_tree_attention (rc $?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED' "$out/$tool.log" | tr '\n' ' ')"
+    sanitizer_run $tool 100 "$out/$tool.log" $b/test_tree_attention
   done
   echo "sanitizers done at ${SECONDS}s"
 fi
