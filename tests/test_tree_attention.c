@@ -57,6 +57,14 @@ typedef struct batch_case {
   seq_spec seqs[4];
 } batch_case;
 
+/* A kernel form the tests run: the kernel, its row tile (0: the launch picks), and the context's
+ * two-warpgroup 128-row tiles and key split (its fewest rows; 1: every 64-row tile below 128). */
+typedef struct ta_form {
+  cn_cuda_tree_attn_impl impl;
+  int row_tile, two_wg, key_split;
+  const char *name;
+} ta_form;
+
 /* One sequence's host data. */
 typedef struct seq_data {
   seq_spec s;
@@ -297,15 +305,16 @@ static int run_case(const batch_case *c) {
    * warpgroup taking both row blocks, or two warpgroups) and with 64-row tiles (one warpgroup, or
    * two with half the keys each). */
   enum { N_IMPLS = 5 };
-  static const cn_cuda_tree_attn_impl impls[N_IMPLS] = {CN_CUDA_TA_MMA_SYNC, CN_CUDA_TA_WGMMA, CN_CUDA_TA_WGMMA,
-                                                        CN_CUDA_TA_WGMMA, CN_CUDA_TA_WGMMA};
-  static const int row_tiles[N_IMPLS] = {0, 128, 128, 64, 64}, two_wg[N_IMPLS] = {0, 0, 1, 0, 0},
-                   key_split[N_IMPLS] = {0, 0, 0, 0, 1}; /* min rows (1: all below 128) */
-  static const char *impl_names[N_IMPLS] = {"mma.sync", "wgmma128", "wgmma128x2", "wgmma64", "wgmma64ks"};
+  static const ta_form forms[N_IMPLS] = {{CN_CUDA_TA_MMA_SYNC, 0, 0, 0, "mma.sync"},
+                                         {CN_CUDA_TA_WGMMA, 128, 0, 0, "wgmma128"},
+                                         {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128x2"},
+                                         {CN_CUDA_TA_WGMMA, 64, 0, 0, "wgmma64"},
+                                         {CN_CUDA_TA_WGMMA, 64, 0, 1, "wgmma64ks"}};
   for (int iv = 0; iv < N_IMPLS * N_SPLIT_KINDS; iv++) {
-    int v = iv % N_SPLIT_KINDS, im = iv / N_SPLIT_KINDS;
-    CK(cn_cuda_set_ta_two_wg(ctx, two_wg[im]));
-    CK(cn_cuda_set_ta_key_split(ctx, key_split[im]));
+    int v = iv % N_SPLIT_KINDS;
+    const ta_form *f = &forms[iv / N_SPLIT_KINDS];
+    CK(cn_cuda_set_ta_two_wg(ctx, f->two_wg));
+    CK(cn_cuda_set_ta_key_split(ctx, f->key_split));
     size_t ws = cn_cuda_tree_attn_workspace(ns, max_n, splits[v], c->n_heads, c->n_kv_heads, d);
     if (ws) CK(cn_cuda_malloc(ctx, &d_ws, ws));
     CK(cn_cuda_memset(ctx, d_out, 0xFF, et * q_elems));
@@ -315,10 +324,10 @@ static int run_case(const batch_case *c) {
                                 .max_n = max_n, .n_splits = splits[v], .split_keys = split_keys[v],
                                 .n_heads = c->n_heads,
                                 .n_kv_heads = c->n_kv_heads, .head_dim = d, .sliding_window = c->window,
-                                .scale = 1.0f / sqrtf((float)d), .workspace = d_ws, .impl = impls[im],
-                                .row_tile = row_tiles[im]};
+                                .scale = 1.0f / sqrtf((float)d), .workspace = d_ws, .impl = f->impl,
+                                .row_tile = f->row_tile};
     int st = cn_cuda_tree_attention(ctx, &a);
-    if (st == CANOPY_ERR_UNSUPPORTED && impls[im] != CN_CUDA_TA_MMA_SYNC) { /* not an sm_90 device */
+    if (st == CANOPY_ERR_UNSUPPORTED && f->impl != CN_CUDA_TA_MMA_SYNC) { /* not an sm_90 device */
       if (d_ws) cn_cuda_free(ctx, d_ws), d_ws = NULL;
       continue;
     }
@@ -332,8 +341,8 @@ static int run_case(const batch_case *c) {
     fetch_out(c->dt, d_out, d_qf, got_early, q_elems);
     const int early_differs = memcmp(got, got_early, sizeof(float) * q_elems) != 0;
     float *one = one_wg + (size_t)v * q_elems;
-    if (row_tiles[im] == 128 && !two_wg[im]) memcpy(one, got, sizeof(float) * q_elems), one_wg_ran[v] = 1;
-    const int two_wg_differs = two_wg[im] && one_wg_ran[v] && memcmp(got, one, sizeof(float) * q_elems) != 0;
+    if (f->row_tile == 128 && !f->two_wg) memcpy(one, got, sizeof(float) * q_elems), one_wg_ran[v] = 1;
+    const int two_wg_differs = f->two_wg && one_wg_ran[v] && memcmp(got, one, sizeof(float) * q_elems) != 0;
     if (d_ws) cn_cuda_free(ctx, d_ws), d_ws = NULL;
 
     int unwritten = 0, blind_bad = 0;
@@ -350,7 +359,7 @@ static int run_case(const batch_case *c) {
     int fail =
         unwritten || blind_bad || early_differs || two_wg_differs || !(e_cpu <= CPU_TOL) || !(e_f64 <= F64_TOL);
     printf("  %-34s %-10s splits %3d: rel L2 vs cpu %.2e, vs f64 %.2e (cpu vs f64 %.2e)%s%s%s%s%s\n", c->name,
-           impl_names[im], splits[v], e_cpu, e_f64, e_twin, unwritten ? "  UNWRITTEN" : "",
+           f->name, splits[v], e_cpu, e_f64, e_twin, unwritten ? "  UNWRITTEN" : "",
            blind_bad ? "  BLIND-NOT-ZERO" : "", early_differs ? "  PREFIX-READY-DIFFERS" : "",
            two_wg_differs ? "  TWO-WG-DIFFERS" : "", fail ? "  MISMATCH" : "");
     bad += fail;
@@ -494,9 +503,9 @@ static void test_decode_and_verified_chain_give_the_same_bits(void **state) {
   static const int chains[][2] = {{2, 0}, {5, 0}, {8, 0}, {40, 1}}; /* nodes, batch-invariant plan */
   /* mma.sync takes 32-key tiles once a KV head has 128+ rows, so it is held to narrow chains. The
    * wgmma kernel runs with its 64-row tiles' key split off and on. */
-  static const cn_cuda_tree_attn_impl impls[3] = {CN_CUDA_TA_WGMMA, CN_CUDA_TA_WGMMA, CN_CUDA_TA_MMA_SYNC};
-  static const int key_split[3] = {0, 1, 0}; /* min rows (1: all below 128) */
-  static const char *impl_names[3] = {"wgmma", "wgmma, key split", "mma.sync"};
+  static const ta_form forms[3] = {{CN_CUDA_TA_WGMMA, 0, 1, 0, "wgmma"},
+                                   {CN_CUDA_TA_WGMMA, 0, 1, 1, "wgmma, key split"},
+                                   {CN_CUDA_TA_MMA_SYNC, 0, 1, 0, "mma.sync"}};
   int differ = 0, checked = 0, even_differ = 0;
   for (int sh = 0; sh < 2; sh++) {
     const batch_case *c = &shapes[sh];
@@ -521,19 +530,21 @@ static void test_decode_and_verified_chain_give_the_same_bits(void **state) {
     for (int li = 0; li < (quick ? 2 : 4); li++)
       for (int ci = 0; ci < 4; ci++)
         for (int im = 0; im < 3; im++) {
+          const ta_form *f = &forms[im];
           int L = lens[li], n = chains[ci][0], inv = chains[ci][1];
-          if (impls[im] == CN_CUDA_TA_MMA_SYNC && n * (c->n_heads / c->n_kv_heads) >= 128) continue;
-          CK(cn_cuda_set_ta_key_split(ctx, key_split[im]));
+          if (f->impl == CN_CUDA_TA_MMA_SYNC && n * (c->n_heads / c->n_kv_heads) >= 128) continue;
+          CK(cn_cuda_set_ta_two_wg(ctx, f->two_wg));
+          CK(cn_cuda_set_ta_key_split(ctx, f->key_split));
           for (int fixed = 1; fixed >= 0; fixed--) {
-            if (!launch_chain(c, d_pool, d_q, d_out, d_tables, L, n, fixed, inv, impls[im], a)) break;
-            launch_chain(c, d_pool, d_q, d_out, d_tables, L + n - 1, 1, fixed, inv, impls[im], b);
+            if (!launch_chain(c, d_pool, d_q, d_out, d_tables, L, n, fixed, inv, f->impl, a)) break;
+            launch_chain(c, d_pool, d_q, d_out, d_tables, L + n - 1, 1, fixed, inv, f->impl, b);
             int same = !memcmp(a + (size_t)(n - 1) * q_dim, b, sizeof(float) * q_dim);
             if (fixed) {
               checked++;
               differ += !same;
               if (!same)
                 printf("  %s L %d chain %d%s %s: the verified token's attention differs from its decode step\n",
-                       c->name, L, n, inv ? " (batch-invariant plan)" : "", impl_names[im]);
+                       c->name, L, n, inv ? " (batch-invariant plan)" : "", f->name);
             } else {
               even_differ += !same;
             }
