@@ -337,7 +337,11 @@ template <int D_, int RW_, int WG_> struct ta_variant {
 };
 
 /* f(ta_variant<...>{}) for the variant that runs head_dim, rw and KV heads of `rows` query rows on
- * this context: the one choice that both the launch and the split plan's occupancy query make. */
+ * this context: the one choice that both the launch and the split plan's occupancy query make.
+ * The plan asks with its planned rows (64 a KV head for decode and small trees, so the key split's
+ * variant where a decode step launches one warpgroup's); both 64-row variants hold two blocks a
+ * multiprocessor (shared memory bounds both; the split's 2 x 256 threads x 128 registers fill the
+ * register file), so the count is the same. */
 template <typename F> static int with_variant(const cn_cuda_ctx *ctx, int head_dim, int rw, int rows, F &&f) {
   /* 64-row tiles of 128+ rows (where 128-row tiles would not fill the device) ran 4-9% slower with
    * the key split (bench/RESULTS.md, 2026-12-06): up to 127 rows only. */
