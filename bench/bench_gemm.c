@@ -5,17 +5,18 @@
  * measured in the same run (the bound of a few-row product), the FLOP rate against a large
  * cuBLAS GEMM's, and a step's sum (32 layers and the head). Every variant is timed in the same
  * process, shape by shape, so the columns compare side by side:
- *   engine   what the forward runs by default: the few-row kernel (gemv.cu) up to 8 rows, then
- *            cuBLAS (or, with CANOPY_CUDA_SKINNY_ROWS=k, the 9-k row kernel)
- *   skinny   the few-row kernel, then the 9-64 row kernel (gemm_skinny.cu; cn_cuda_set_skinny_rows
- *            64) where it takes the shape (gate/up as a plain product here; the forward then takes
- *            SwiGLU into its epilogue), cuBLAS above
- *   cublas   cuBLAS at every row count (cn_cuda_set_gemv_max_rows and cn_cuda_set_skinny_rows 0)
- *   tuned    the few-row kernel, then cuBLAS with its products tuned per shape (cn_cuda_set_gemm_tune;
- *            the first, untimed call of a shape tunes it), then each tuned shape's choice is listed
+ *   engine   what the forward runs: the few-row kernel (gemv.cu) up to 8 rows, cuBLAS above
+ *   cublas   cuBLAS at every row count (cn_cuda_set_gemv_max_rows 0)
+ *   tuned    the engine with cuBLAS's products tuned per shape (cn_cuda_set_gemm_tune; the first,
+ *            untimed call of a shape tunes it), then each tuned shape's choice is listed
  * Every call reads a different copy of the weights (copies rotate until 256 MiB lie between two
  * uses of one, five times the 50 MB L2). Times are device-event medians of groups of back-to-back
- * calls, so a kernel's launch is inside them as in a forward.
+ * calls, so a kernel's launch is inside them as in a forward. Back to back, a kernel that takes a
+ * programmatic dependent launch (the few-row kernel) also fetches its first weights while the
+ * call before it runs, which a forward, whose products follow small kernels, gives it less room
+ * for: against cuBLAS (which cannot) the engine's columns read better than a step does. A 9-64
+ * row kernel that won here by up to 4.7% made whole steps slower (bench/RESULTS.md, 2026-12-06);
+ * bench_step decides.
  *
  *   bench_gemm [--rows 1,2,4,8,16,32,64,128] [--shape NAME] */
 #include <stdint.h>
@@ -48,15 +49,14 @@ static const shape SHAPES[] = {
 };
 #define N_SHAPES (int)(sizeof SHAPES / sizeof SHAPES[0])
 
-enum { ENGINE, SKINNY, CUBLAS, TUNED, N_VARIANTS };
-static const char *VARIANT_NAMES[N_VARIANTS] = {"engine", "skinny", "cublas", "tuned"};
+enum { ENGINE, CUBLAS, TUNED, N_VARIANTS };
+static const char *VARIANT_NAMES[N_VARIANTS] = {"engine", "cublas", "tuned"};
 
 static cn_cuda_ctx *ctx;
 static cn_cuda_timer *timer;
 
 static void set_variant(int v) {
   CK(cn_cuda_set_gemv_max_rows(ctx, v == CUBLAS ? 0 : -1));
-  CK(cn_cuda_set_skinny_rows(ctx, v == SKINNY ? 64 : v == ENGINE ? -1 : 0));
   CK(cn_cuda_set_gemm_tune(ctx, v == TUNED));
 }
 

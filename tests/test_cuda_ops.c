@@ -668,77 +668,6 @@ static void test_matmul_rows_do_not_depend_on_the_batch(void **state) {
   END_TEST();
 }
 
-/* The 9-64 row kernel (gemm_skinny.cu) against the CPU twin at row counts across its range, with
- * k split across a cluster's blocks (outputs of few tiles), a last k chunk cut short (in % 64 !=
- * 0), partial tiles and no split; a second call must repeat the first bit for bit, and row r of a
- * 64-row call must be the bits of the same row computed first of 9. The shapes have enough tiles
- * for the kernel to take them on a GPU of up to 132 multiprocessors (cn_skinny_fits). */
-static void test_skinny_gemm_matches_cpu_and_rows_alike(void **state) {
-  mismatches = 0;
-  CK(cn_cuda_set_skinny_rows(ctx, 64));
-  const int shapes[][2] = {{4096, 2100}, {1032, 8500}, {576, 17000}}; /* in, out */
-  const int rows[] = {9, 16, 33, 64};
-  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
-    int in = shapes[s][0], out = shapes[s][1], max_n = 64, extra = 8;
-    float *x = rand_bf16_buf((size_t)(max_n + extra) * in, 1.0f), *w = rand_bf16_buf((size_t)out * in, 1.0f);
-    float *b = rand_bf16_buf((size_t)out, 1.0f), *y0 = rand_buf((size_t)max_n * out, 4.0f);
-    float *ref = malloc(sizeof *ref * (size_t)max_n * out);
-    void *d_w = dev_upload(w, (size_t)out * in, CN_CUDA_BF16), *d_b = dev_upload(b, (size_t)out, CN_CUDA_BF16);
-    void *d_x = dev_upload(x, (size_t)(max_n + extra) * in, CN_CUDA_BF16);
-    for (size_t k = 0; k < sizeof rows / sizeof rows[0]; k++) {
-      int n = rows[k];
-      size_t ny = (size_t)n * out;
-      cn_cpu_matmul(NULL, ref, x, w, b, n, in, out);
-      for (int yt = 0; yt < 2; yt++) {
-        void *d_y = dev_poisoned(ny, dtypes[yt]);
-        CK(cn_cuda_matmul(ctx, d_y, dtypes[yt], d_x, CN_CUDA_BF16, d_w, d_b, n, in, out));
-        float *y = dev_download(d_y, ny, dtypes[yt]);
-        CK(cn_cuda_matmul(ctx, d_y, dtypes[yt], d_x, CN_CUDA_BF16, d_w, d_b, n, in, out));
-        float *again = dev_download(d_y, ny, dtypes[yt]);
-        char what[64];
-        snprintf(what, sizeof what, "skinny %dx%dx%d +bias", n, in, out);
-        check_close(OP_MATMUL, dtypes[yt], y, ref, ny, what);
-        if (memcmp(y, again, sizeof *y * ny)) {
-          print_error("%s %s: a second call gave other bits\n", what, dt_name(dtypes[yt]));
-          mismatches++;
-        }
-        cn_cuda_free(ctx, d_y);
-        free(y), free(again);
-      }
-      void *d_acc = dev_upload(y0, ny, CN_CUDA_F32); /* x += a W^T + bias: the product alone compared */
-      CK(cn_cuda_matmul_add(ctx, d_acc, d_x, CN_CUDA_BF16, d_w, d_b, n, in, out));
-      float *y = dev_download(d_acc, ny, CN_CUDA_F32);
-      for (size_t i = 0; i < ny; i++) y[i] -= y0[i];
-      char what[64];
-      snprintf(what, sizeof what, "skinny add %dx%dx%d +bias", n, in, out);
-      check_close(OP_MATMUL_ADD, CN_CUDA_BF16, y, ref, ny, what);
-      cn_cuda_free(ctx, d_acc);
-      free(y);
-    }
-    /* Rows alike: each of 64 rows against a 9-row call that starts with it. */
-    void *d_all = dev_poisoned((size_t)max_n * out, CN_CUDA_F32), *d_one = dev_poisoned((size_t)9 * out, CN_CUDA_F32);
-    CK(cn_cuda_matmul(ctx, d_all, CN_CUDA_F32, d_x, CN_CUDA_BF16, d_w, NULL, max_n, in, out));
-    float *all = dev_download(d_all, (size_t)max_n * out, CN_CUDA_F32);
-    int differ = 0;
-    for (int r = 0; r < max_n; r++) {
-      CK(cn_cuda_matmul(ctx, d_one, CN_CUDA_F32, (const cn_bf16 *)d_x + (size_t)r * in, CN_CUDA_BF16, d_w, NULL, 9,
-                        in, out));
-      float *one = dev_download(d_one, (size_t)out, CN_CUDA_F32);
-      differ += memcmp(one, all + (size_t)r * out, sizeof(float) * (size_t)out) != 0;
-      free(one);
-    }
-    if (differ) {
-      print_error("skinny %dx%d: %d of 64 rows differ from the same row first of a 9-row call\n", in, out, differ);
-      mismatches++;
-    }
-    cn_cuda_free(ctx, d_all), cn_cuda_free(ctx, d_one), cn_cuda_free(ctx, d_w), cn_cuda_free(ctx, d_b);
-    cn_cuda_free(ctx, d_x);
-    free(all), free(x), free(w), free(b), free(y0), free(ref);
-  }
-  CK(cn_cuda_set_skinny_rows(ctx, -1));
-  END_TEST();
-}
-
 /* The fused forms against the CPU twins run one after the other. The device rounds the normed
  * (or SwiGLU) rows to bf16 before its GEMM where the CPU keeps fp32: within the bf16 tolerance. */
 static void test_norm_matmul_matches_cpu(void **state) {
@@ -848,7 +777,6 @@ static float *tuned_product(const void *d_x, const void *d_w, const float *y0, i
 static void test_tuned_products_match_cpu_and_repeat(void **state) {
   mismatches = 0;
   CK(cn_cuda_set_gemm_tune(ctx, 1));
-  CK(cn_cuda_set_skinny_rows(ctx, 0)); /* cuBLAS's products from 9 rows: tuning is theirs */
   /* Few shapes: each is timed ~50 times over, which the sanitizers run slowly. */
   const int shapes[][3] = {{9, 128, 40}, {17, 129, 65}, {64, 1536, 576}, {300, 576, 1537}}; /* n, in, out */
   int cases = 0;
@@ -919,63 +847,46 @@ static void test_tuned_products_match_cpu_and_repeat(void **state) {
   cn_cuda_graph_free(g);
   cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_w), cn_cuda_free(ctx, d_y);
   free(x), free(w), free(ref), free(y);
-  CK(cn_cuda_set_skinny_rows(ctx, -1));
   CK(cn_cuda_set_gemm_tune(ctx, 0));
   END_TEST();
 }
 
 /* The whole feed-forward block against the CPU ops one after the other, on the fused path (up to
  * 8 rows whose normed input fits the kernel's shared memory), and past it (4096 x 8 rows, 9+ rows). */
-/* cn_cuda_ffn of n rows against the CPU ops one after the other (the residual taken off again: it
- * would hide an error in the block's output). */
-static void ffn_case(int n, int dim, int d, int use_bias) {
-  size_t nx = (size_t)n * dim;
-  float *x = rand_buf(nx, 3.0f), *g = rand_bf16_buf((size_t)dim, 1.0f);
-  float *wgu = rand_bf16_buf((size_t)2 * d * dim, 0.5f), *bgu = rand_bf16_buf((size_t)2 * d, 1.0f);
-  float *wd = rand_bf16_buf((size_t)dim * d, 0.5f), *bd = rand_bf16_buf((size_t)dim, 1.0f);
-  float *xn = malloc(sizeof *xn * nx), *gu = malloc(sizeof *gu * (size_t)n * 2 * d);
-  float *act = malloc(sizeof *act * (size_t)n * d), *ref = malloc(sizeof *ref * nx);
-  cn_cpu_rmsnorm(xn, x, g, n, dim, 1e-5f);
-  cn_cpu_matmul(NULL, gu, xn, wgu, use_bias ? bgu : NULL, n, dim, 2 * d);
-  cn_cpu_swiglu(act, gu, n, d);
-  cn_cpu_matmul(NULL, ref, act, wd, use_bias ? bd : NULL, n, d, dim);
-  void *d_x = dev_upload(x, nx, CN_CUDA_F32), *d_g = dev_upload(g, (size_t)dim, CN_CUDA_BF16);
-  void *d_wgu = dev_upload(wgu, (size_t)2 * d * dim, CN_CUDA_BF16);
-  void *d_bgu = dev_upload(bgu, (size_t)2 * d, CN_CUDA_BF16);
-  void *d_wd = dev_upload(wd, (size_t)dim * d, CN_CUDA_BF16), *d_bd = dev_upload(bd, (size_t)dim, CN_CUDA_BF16);
-  void *d_gu = dev_poisoned((size_t)n * 2 * d, CN_CUDA_F32);
-  CK(cn_cuda_ffn(ctx, d_x, d_gu, d_g, 1e-5f, d_wgu, use_bias ? d_bgu : NULL, d_wd, use_bias ? d_bd : NULL, n, dim, d));
-  float *y = dev_download(d_x, nx, CN_CUDA_F32);
-  check_all_finite(y, nx, "ffn");
-  for (size_t i = 0; i < nx; i++) y[i] -= x[i];
-  char what[64];
-  snprintf(what, sizeof what, "n=%d dim=%d d=%d%s", n, dim, d, use_bias ? " +bias" : "");
-  check_close(OP_FFN, CN_CUDA_BF16, y, ref, nx, what);
-  cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_g), cn_cuda_free(ctx, d_wgu), cn_cuda_free(ctx, d_bgu);
-  cn_cuda_free(ctx, d_wd), cn_cuda_free(ctx, d_bd), cn_cuda_free(ctx, d_gu);
-  free(x), free(g), free(wgu), free(bgu), free(wd), free(bd), free(xn), free(gu), free(act), free(ref), free(y);
-}
-
 static void test_ffn_matches_cpu(void **state) {
   mismatches = 0;
   const int shapes[][3] = {{1, 7, 5}, {2, 64, 33}, {5, 576, 1536}, {8, 576, 344}, {8, 4096, 64}, {9, 129, 65},
                            {33, 200, 96}}; /* n, dim, d */
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
-    for (int use_bias = 0; use_bias < 2; use_bias++)
-      ffn_case(shapes[s][0], shapes[s][1], shapes[s][2], use_bias);
-  END_TEST();
-}
-
-/* The feed-forward block on the 9-64 row kernel: SwiGLU in the gate/up product's epilogue, the
- * down product's k split across a cluster (Llama-3-8B-like widths, so that it takes both). */
-static void test_skinny_ffn_matches_cpu(void **state) {
-  mismatches = 0;
-  CK(cn_cuda_set_skinny_rows(ctx, 64));
-  for (int use_bias = 0; use_bias < 2; use_bias++) {
-    ffn_case(64, 4096, 4096, use_bias);
-    ffn_case(17, 8192, 2048, use_bias);
-  }
-  CK(cn_cuda_set_skinny_rows(ctx, -1));
+    for (int use_bias = 0; use_bias < 2; use_bias++) {
+      int n = shapes[s][0], dim = shapes[s][1], d = shapes[s][2];
+      size_t nx = (size_t)n * dim;
+      float *x = rand_buf(nx, 3.0f), *g = rand_bf16_buf((size_t)dim, 1.0f);
+      float *wgu = rand_bf16_buf((size_t)2 * d * dim, 0.5f), *bgu = rand_bf16_buf((size_t)2 * d, 1.0f);
+      float *wd = rand_bf16_buf((size_t)dim * d, 0.5f), *bd = rand_bf16_buf((size_t)dim, 1.0f);
+      float *xn = malloc(sizeof *xn * nx), *gu = malloc(sizeof *gu * (size_t)n * 2 * d);
+      float *act = malloc(sizeof *act * (size_t)n * d), *ref = malloc(sizeof *ref * nx);
+      cn_cpu_rmsnorm(xn, x, g, n, dim, 1e-5f);
+      cn_cpu_matmul(NULL, gu, xn, wgu, use_bias ? bgu : NULL, n, dim, 2 * d);
+      cn_cpu_swiglu(act, gu, n, d);
+      cn_cpu_matmul(NULL, ref, act, wd, use_bias ? bd : NULL, n, d, dim);
+      void *d_x = dev_upload(x, nx, CN_CUDA_F32), *d_g = dev_upload(g, (size_t)dim, CN_CUDA_BF16);
+      void *d_wgu = dev_upload(wgu, (size_t)2 * d * dim, CN_CUDA_BF16);
+      void *d_bgu = dev_upload(bgu, (size_t)2 * d, CN_CUDA_BF16);
+      void *d_wd = dev_upload(wd, (size_t)dim * d, CN_CUDA_BF16), *d_bd = dev_upload(bd, (size_t)dim, CN_CUDA_BF16);
+      void *d_gu = dev_poisoned((size_t)n * 2 * d, CN_CUDA_F32);
+      CK(cn_cuda_ffn(ctx, d_x, d_gu, d_g, 1e-5f, d_wgu, use_bias ? d_bgu : NULL, d_wd, use_bias ? d_bd : NULL, n, dim,
+                     d));
+      float *y = dev_download(d_x, nx, CN_CUDA_F32);
+      check_all_finite(y, nx, "ffn");
+      for (size_t i = 0; i < nx; i++) y[i] -= x[i];
+      char what[64];
+      snprintf(what, sizeof what, "n=%d dim=%d d=%d%s", n, dim, d, use_bias ? " +bias" : "");
+      check_close(OP_FFN, CN_CUDA_BF16, y, ref, nx, what);
+      cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_g), cn_cuda_free(ctx, d_wgu), cn_cuda_free(ctx, d_bgu);
+      cn_cuda_free(ctx, d_wd), cn_cuda_free(ctx, d_bd), cn_cuda_free(ctx, d_gu);
+      free(x), free(g), free(wgu), free(bgu), free(wd), free(bd), free(xn), free(gu), free(act), free(ref), free(y);
+    }
   END_TEST();
 }
 
@@ -1671,7 +1582,6 @@ int main(void) {
       cmocka_unit_test(test_rmsnorm_matches_cpu),
       cmocka_unit_test(test_matmul_matches_cpu),
       cmocka_unit_test(test_matmul_rows_do_not_depend_on_the_batch),
-      cmocka_unit_test(test_skinny_gemm_matches_cpu_and_rows_alike),
       cmocka_unit_test(test_tuned_products_match_cpu_and_repeat),
       cmocka_unit_test(test_rope_matches_cpu),
       cmocka_unit_test(test_swiglu_matches_cpu),
@@ -1683,7 +1593,6 @@ int main(void) {
       cmocka_unit_test(test_swiglu_matmul_add_matches_cpu),
       cmocka_unit_test(test_matmul_add_matches_cpu),
       cmocka_unit_test(test_ffn_matches_cpu),
-      cmocka_unit_test(test_skinny_ffn_matches_cpu),
       cmocka_unit_test(test_gemv_fusions_are_bit_exact),
       cmocka_unit_test(test_qkv_rope_matches_cpu),
       cmocka_unit_test(test_qkv_rope_kv_matches_the_two_ops),

@@ -41,9 +41,6 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
   const char *mma = getenv("CANOPY_CUDA_GEMV_MMA_ROWS");
   c->gemv_mma_rows = mma && *mma ? atoi(mma) : CN_GEMV_MMA_ROWS;
   c->gemv_max_rows = CN_GEMV_MAX_ROWS;
-  /* CANOPY_CUDA_SKINNY_ROWS=k: GEMMs of 9 to k rows on gemm_skinny.cu's kernel (0: cuBLAS). */
-  const char *skinny = getenv("CANOPY_CUDA_SKINNY_ROWS");
-  c->skinny_rows = skinny && *skinny ? atoi(skinny) : CN_CUDA_SKINNY_ROWS;
   /* CANOPY_CUDA_GEMV_SWIGLU_ROWS=k: ffn's SwiGLU epilogue after a separate RMSNorm up to k rows
    * (default: every row count the few-row kernel takes; measured faster, bench/RESULTS.md). */
   const char *swiglu = getenv("CANOPY_CUDA_GEMV_SWIGLU_ROWS");
@@ -185,12 +182,6 @@ int cn_cuda_set_ta_two_wg(cn_cuda_ctx *ctx, int on) {
 int cn_cuda_set_gemv_max_rows(cn_cuda_ctx *ctx, int max_rows) {
   if (!ctx) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_gemv_max_rows: NULL cuda context");
   ctx->gemv_max_rows = max_rows < 0 || max_rows > CN_GEMV_MAX_ROWS ? CN_GEMV_MAX_ROWS : max_rows;
-  return CANOPY_OK;
-}
-
-int cn_cuda_set_skinny_rows(cn_cuda_ctx *ctx, int max_rows) {
-  if (!ctx) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_skinny_rows: NULL cuda context");
-  ctx->skinny_rows = max_rows < 0 ? CN_CUDA_SKINNY_ROWS : max_rows;
   return CANOPY_OK;
 }
 

@@ -36,8 +36,6 @@ struct cn_cuda_ctx {
                           keys each (0: never; CANOPY_CUDA_TA_KEY_SPLIT_ROWS) */
   void *pad_y;         /* the padded GEMM's output rows; pad_y_bytes long */
   size_t pad_y_bytes;
-  int skinny_rows;         /* GEMMs of gemv_max_rows + 1 to this many rows run gemm_skinny.cu (cn_cuda_set_skinny_rows) */
-  int skinny_clusters[9];  /* its clusters of 2..8 blocks that fit at once (0: not asked yet) */
 };
 
 /* cuBLAS's workspace (NVIDIA's recommended size for Hopper). */

@@ -111,17 +111,6 @@ int cn_cuda_set_ta_key_split(cn_cuda_ctx *ctx, int min_rows);
  * kernel's 8 rows: 8, the default; 0: cuBLAS always, which bench_gemm compares). */
 int cn_cuda_set_gemv_max_rows(cn_cuda_ctx *ctx, int max_rows);
 
-/* GEMMs of more rows than the few-row kernel takes, up to max_rows (at most 64), run
- * gemm_skinny.cu's kernel where it has a block for every multiprocessor, others cuBLAS (< 0: the
- * default, CN_CUDA_SKINNY_ROWS, which CANOPY_CUDA_SKINNY_ROWS=k at creation overrides; 0: cuBLAS
- * always). Its SwiGLU epilogue also takes ffn's separate SwiGLU kernel and fp32 gate/up round trip
- * away in that range. Not in batch-invariant mode. */
-int cn_cuda_set_skinny_rows(cn_cuda_ctx *ctx, int max_rows);
-/* Off by default: on the H100 its products alone beat cuBLAS's at 9-32 rows (Llama-3-8B's step
- * 2.5-4.7% faster, the LM head 4% at every count) and lost 3% at 64, but whole verification steps
- * ran 1-7% slower with it (bench/RESULTS.md, 2026-12-06): why is not yet known. */
-#define CN_CUDA_SKINNY_ROWS 0
-
 /* cuBLAS products (more than the few-row kernel's rows, up to 512) tuned by measurement, off by
  * default (CANOPY_CUDA_GEMM_TUNE=1 at creation turns it on): the first eager call of each shape
  * (rows, sizes, output type, accumulation, alignment) times cublasGemmEx's kernel and cuBLASLt's

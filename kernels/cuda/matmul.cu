@@ -4,8 +4,8 @@
  * y^T (out x n) = W^T' x^T where W's storage is an (in x out) column-major matrix; so one
  * GEMM with op(A) = T on W and op(B) = N on x, and no transposed copy of any weight. */
 #include "kernels/cuda/cuda_common.cuh"
-#include "kernels/cuda/gemm_skinny.cuh"
 #include "kernels/cuda/gemm_tune.cuh"
+#include "kernels/cuda/gemv.cuh"
 
 /* Fills y's rows with the bias, so the GEMM adds onto it with beta = 1 (no second pass). */
 template <typename T> __global__ void bias_rows_kernel(T *y, const cn_bf16_t *bias, int n, int out) {
@@ -39,20 +39,11 @@ static bool fused(const cn_cuda_ctx *ctx, int n, int in, cn_gemv_x kind) {
   return n <= ctx->gemv_fusion && n <= ctx->gemv_max_rows && !ctx->batch_invariant && cn_gemv_fits(n, in, kind);
 }
 
-/* The few-row kernel, or past its rows the 9-64 row one (gemm_skinny.cuh), which has its bf16
- * input and store, add and SwiGLU outputs. */
 static int gemv(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const void *x, cn_gemv_x kind, const cn_bf16 *norm_w,
                 float eps, const cn_bf16 *w, const cn_bf16 *bias, int n, int in, int out, cn_gemv_out how) {
   cn_gemv g = {y,  y_dt, x,  kind, (const cn_bf16_t *)norm_w, eps, (const cn_bf16_t *)w, (const cn_bf16_t *)bias,
                n,  in,   out, how};
-  return n > ctx->gemv_max_rows ? cn_skinny_run(ctx, &g) : cn_gemv_run(ctx, &g);
-}
-
-/* Whether n rows of a bf16 x [n][in] with output `how` go to the 9-64 row kernel. */
-static bool skinny(const cn_cuda_ctx *ctx, const void *x, const cn_bf16 *w, cn_cuda_dtype y_dt, int n, int in,
-                   int out, cn_gemv_out how) {
-  cn_gemv g = {NULL, y_dt, x, CN_GEMV_X_BF16, NULL, 0.0f, (const cn_bf16_t *)w, NULL, n, in, out, how};
-  return cn_skinny_fits(ctx, &g);
+  return cn_gemv_run(ctx, &g);
 }
 
 /* The GEMM proper on a bf16 x (gemm_rows(n) rows readable): y = (accumulate ? y : 0) + x W^T + bias.
@@ -60,8 +51,8 @@ static bool skinny(const cn_cuda_ctx *ctx, const void *x, const cn_bf16 *w, cn_c
 static int gemm_bf16(cn_cuda_ctx *ctx, void *y_out, cn_cuda_dtype y_dt, const void *xb, const cn_bf16 *w,
                      const cn_bf16 *bias, int n_real, int in, int out, bool accumulate) {
   int n = gemm_rows(ctx, n_real);
-  if (n <= ctx->gemv_max_rows || skinny(ctx, xb, w, y_dt, n, in, out, accumulate ? CN_GEMV_ADD : CN_GEMV_STORE))
-    return gemv( /* bias and accumulation in the kernel's epilogue */ctx, y_out, y_dt, xb, CN_GEMV_X_BF16, NULL, 0.0f, w, bias, n, in, out,
+  if (n <= ctx->gemv_max_rows) /* bias and accumulation in the kernel's epilogue */
+    return gemv(ctx, y_out, y_dt, xb, CN_GEMV_X_BF16, NULL, 0.0f, w, bias, n, in, out,
                 accumulate ? CN_GEMV_ADD : CN_GEMV_STORE);
   size_t row_bytes = (size_t)out * (y_dt == CN_CUDA_F32 ? sizeof(float) : sizeof(cn_bf16));
   void *y = y_out;
@@ -181,15 +172,10 @@ int cn_cuda_swiglu_matmul_add(cn_cuda_ctx *ctx, float *y, const float *gate_up, 
   return st ? st : gemm_bf16(ctx, y, CN_CUDA_F32, ctx->scratch, w, bias, n, d, out, true);
 }
 
-/* Whether ffn's n rows take the SwiGLU epilogue after a separate RMSNorm: the few-row kernel's
- * (cn_cuda_set_gemv_swiglu_rows), or the 9-64 row kernel's wherever it runs both products (their
- * inputs in the scratch buffer, 16-byte aligned: NULL stands for it). */
-static bool swiglu_epilogue(const cn_cuda_ctx *ctx, const cn_bf16 *w_gu, const cn_bf16 *w_down, int n, int dim,
-                            int d) {
-  if (n > ctx->gemv_max_rows)
-    return skinny(ctx, NULL, w_gu, CN_CUDA_BF16, n, dim, d, CN_GEMV_SWIGLU) &&
-           skinny(ctx, NULL, w_down, CN_CUDA_F32, n, d, dim, CN_GEMV_ADD);
-  return n <= ctx->gemv_swiglu_rows && !ctx->batch_invariant && cn_gemv_fits(n, dim, CN_GEMV_X_BF16);
+/* Whether ffn's n rows take the SwiGLU epilogue after a separate RMSNorm (cn_cuda_set_gemv_swiglu_rows). */
+static bool swiglu_epilogue(const cn_cuda_ctx *ctx, int n, int dim) {
+  return n <= ctx->gemv_swiglu_rows && n <= ctx->gemv_max_rows && !ctx->batch_invariant &&
+         cn_gemv_fits(n, dim, CN_GEMV_X_BF16);
 }
 
 /* Fused: the gate/up kernel makes the SwiGLU activation (gate and up rows, silu(g) * u) into the
@@ -203,7 +189,7 @@ int cn_cuda_ffn(cn_cuda_ctx *ctx, float *x, float *gate_up, const cn_bf16 *norm_
   if (st) return st;
   if (!n) return CANOPY_OK;
   const bool staged = fused(ctx, n, dim, CN_GEMV_X_NORM);
-  if (!staged && !swiglu_epilogue(ctx, w_gu, w_down, n, dim, d)) {
+  if (!staged && !swiglu_epilogue(ctx, n, dim)) {
     st = cn_cuda_norm_matmul(ctx, gate_up, CN_CUDA_F32, x, norm_w, eps, w_gu, b_gu, n, dim, 2 * d);
     return st ? st : cn_cuda_swiglu_matmul_add(ctx, x, gate_up, w_down, b_down, n, d, dim);
   }

@@ -11,7 +11,6 @@
 #include <math.h>
 
 #include "kernels/cuda/cuda_common.cuh"
-#include "kernels/cuda/cp_async.cuh"
 
 #define TA_KEYS 64 /* keys per split unit (splits hold whole multiples) */
 #define TA_THREADS 128
@@ -23,6 +22,15 @@
 #define TA_LOG2E 1.4426950408889634f
 
 /* ---- PTX wrappers --------------------------------------------------------------------------- */
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+/* 16 bytes global -> shared; bytes = 0 writes zeros without reading. */
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 /* 2^x by the special-function unit (2^-inf = 0); its relative error (~2^-22) is far below the
  * bf16 rounding of P that follows. */

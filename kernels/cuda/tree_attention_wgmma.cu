@@ -19,13 +19,16 @@
  * and Q's plain stores are made visible to the tensor cores' async proxy by fence.proxy.async
  * before the barrier that precedes the MMAs. */
 #include "kernels/cuda/tree_attention.cuh"
-#include "kernels/cuda/wgmma.cuh"
 
 #include <type_traits>
 
 /* The 128-byte-swizzle layout and wgmma exist on sm_90a only; the portable PTX pass compiles the
  * kernel as a stub the host never launches there (it runs the mma.sync kernel off sm_90). */
-#define TA_HAVE_WGMMA CN_HAVE_WGMMA
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define TA_HAVE_WGMMA 1
+#else
+#define TA_HAVE_WGMMA 0
+#endif
 
 #define WG_KT 64 /* keys per tile (wgmma_ss_n64) */
 
@@ -38,7 +41,87 @@ template <int RW> constexpr int wg_stages() {
 template <int D, int RW> constexpr int wg_smem() { return (RW * 64 + wg_stages<RW>() * 2 * WG_KT) * D * 2 + 1024; }
 
 #if TA_HAVE_WGMMA
+/* The generated operand lists of the four wgmma shapes the kernel uses (d holds the m16n8
+ * accumulator fragments of this warp's 16 rows, n / 8 of them):
+ *  - wgmma_ss_n64: d (+)= A B, m64n64k16 (64 keys a tile), A and B from shared memory
+ *    (descriptors), d = A B when !acc; wgmma_ss_n32 the same for 32 keys (half a tile);
+ *  - wgmma_rs_nN_tb: d += A B, m64nNk16, A (this warp's 16 rows) from registers, B from shared
+ *    memory stored MN-major (transposed: the V tile is key-major with N = head_dim contiguous). */
+/* The accumulator operands of 4 n8 blocks (16 registers) starting at block b, and of 8. */
+#define WG_ACC4(d, b)                                                                                                  \
+  "+f"(d[b][0]), "+f"(d[b][1]), "+f"(d[b][2]), "+f"(d[b][3]), "+f"(d[b + 1][0]), "+f"(d[b + 1][1]), "+f"(d[b + 1][2]), \
+      "+f"(d[b + 1][3]), "+f"(d[b + 2][0]), "+f"(d[b + 2][1]), "+f"(d[b + 2][2]), "+f"(d[b + 2][3]),                   \
+      "+f"(d[b + 3][0]), "+f"(d[b + 3][1]), "+f"(d[b + 3][2]), "+f"(d[b + 3][3])
+#define WG_ACC8(d, b) WG_ACC4(d, b), WG_ACC4(d, b + 4)
+#define WG_REGS16 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"
+#define WG_REGS32 WG_REGS16 ",%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"
+#define WG_REGS64                                                                                                      \
+  WG_REGS32                                                                                                            \
+      ",%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,"      \
+      "%58,%59,%60,%61,%62,%63"
+
+__device__ __forceinline__ void wgmma_ss_n64(float (&d)[8][4], uint64_t da, uint64_t db, int acc) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" WG_REGS32 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+               : WG_ACC8(d, 0)
+               : "l"(da), "l"(db), "r"(acc));
+}
+__device__ __forceinline__ void wgmma_ss_n32(float (&d)[4][4], uint64_t da, uint64_t db, int acc) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {" WG_REGS16 "}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+               : WG_ACC4(d, 0)
+               : "l"(da), "l"(db), "r"(acc));
+}
+__device__ __forceinline__ void wgmma_rs_n64_tb(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" WG_REGS32
+               "}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
+               : WG_ACC8(d, 0)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+__device__ __forceinline__ void wgmma_rs_n128_tb(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" WG_REGS64
+               "}, {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
+               : WG_ACC8(d, 0), WG_ACC8(d, 8)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+/* Waits until at most N of this warpgroup's committed groups are still running. */
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 template <int R> struct ta_rows { static constexpr int value = R; }; /* a row block as a type */
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+/* Pins accumulator registers after a wait: uses of them cannot be scheduled before it. */
+template <int N> __device__ __forceinline__ void pin(float (&d)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; i++)
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+      asm volatile("" : "+f"(d[i][e])::"memory");
+}
+
+/* A shared-memory matrix descriptor, 128-byte swizzle: start, leading and stride byte offsets. */
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | (uint64_t)((lbo & 0x3FFFF) >> 4) << 16 |
+         (uint64_t)((sbo & 0x3FFFF) >> 4) << 32 | 1ull << 62;
+}
+
+/* A descriptor moved by `bytes` (a multiple of 16) in shared memory: the start address / 16 is
+ * its low 14 bits and no shared address carries out of them, so a 32-bit add does it (one
+ * instruction instead of rebuilding the descriptor for every wgmma). */
+__device__ __forceinline__ uint64_t desc_add(uint64_t d, uint32_t bytes) {
+  return (d & 0xFFFFFFFF00000000ull) | (uint32_t)((uint32_t)d + (bytes >> 4));
+}
+
+/* Byte offset of 16-byte piece c (8 columns) of row r in a swizzled tile of R rows. */
+template <int R> __device__ __forceinline__ uint32_t sw128_at(int r, int c) {
+  return (uint32_t)((c / 8) * R * 128 + r * 128 + (((c % 8) ^ (r % 8)) << 4));
+}
 
 template <int D> __device__ __forceinline__ void wgmma_o(float (&d)[D / 8][4], const uint32_t (&a)[4], uint64_t db) {
   if constexpr (D == 128)
