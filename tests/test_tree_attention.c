@@ -255,7 +255,8 @@ static int run_case(const batch_case *c) {
       kb[b] = pool + (size_t)x->table[b] * 2 * half;
       vb[b] = kb[b] + half;
     }
-    float *kc = malloc(sizeof(float) * (size_t)(keys ? keys : 1) * kv_dim), *vc = malloc(sizeof(float) * (size_t)(keys ? keys : 1) * kv_dim);
+    size_t cache_bytes = sizeof(float) * (size_t)(keys ? keys : 1) * kv_dim;
+    float *kc = malloc(cache_bytes), *vc = malloc(cache_bytes);
     for (int k = 0; k < keys; k++) {
       memcpy(kc + (size_t)k * kv_dim, kb[k / bs] + (size_t)(k % bs) * kv_dim, sizeof(float) * kv_dim);
       memcpy(vc + (size_t)k * kv_dim, vb[k / bs] + (size_t)(k % bs) * kv_dim, sizeof(float) * kv_dim);
@@ -465,7 +466,8 @@ static int launch_chain(const batch_case *c, void *d_pool, void *d_q_all, void *
   CK(cn_cuda_malloc(ctx, &d_desc, sizeof desc));
   CK(cn_cuda_memcpy_h2d(ctx, d_desc, &desc, sizeof desc));
   int splits, keys;
-  cn_cuda_tree_attn_plan(ctx, 1, n, pow2_at_least(ctx_len + n), c->n_heads, c->n_kv_heads, d, invariant, &splits, &keys);
+  cn_cuda_tree_attn_plan(ctx, 1, n, pow2_at_least(ctx_len + n), c->n_heads, c->n_kv_heads, d, invariant, &splits,
+                         &keys);
   if (!fixed) keys = 0;
   size_t ws = cn_cuda_tree_attn_workspace(1, n, splits, c->n_heads, c->n_kv_heads, d);
   if (ws) CK(cn_cuda_malloc(ctx, &d_ws, ws));
