@@ -303,14 +303,12 @@ static int run_case(const batch_case *c) {
   cn_cuda_tree_attn_plan(ctx, ns, max_n, max_keys, c->n_heads, c->n_kv_heads, d, 0, &plan_splits, &plan_keys);
   int splits[N_SPLIT_KINDS] = {1, plan_splits, 7, 40}, split_keys[N_SPLIT_KINDS] = {0, plan_keys, 0, 0};
   /* The kernels: mma.sync, and wgmma with 128-row tiles (where a KV head has 128+ rows; one
-   * warpgroup taking both row blocks, or two warpgroups), with 256-row tiles (four warpgroups, where
-   * that pads no more rows than 128) and with 64-row tiles (one warpgroup, or two with half the
-   * keys each). The two- and four-warpgroup row splits must give the one-warpgroup kernel's bits. */
-  enum { N_IMPLS = 6 };
+   * warpgroup taking both row blocks, or two warpgroups) and with 64-row tiles (one warpgroup, or
+   * two with half the keys each). */
+  enum { N_IMPLS = 5 };
   static const ta_form forms[N_IMPLS] = {{CN_CUDA_TA_MMA_SYNC, 0, 0, 0, "mma.sync"},
                                          {CN_CUDA_TA_WGMMA, 128, 0, 0, "wgmma128"},
                                          {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128x2"},
-                                         {CN_CUDA_TA_WGMMA, 256, 1, 0, "wgmma256"},
                                          {CN_CUDA_TA_WGMMA, 64, 0, 0, "wgmma64"},
                                          {CN_CUDA_TA_WGMMA, 64, 0, 1, "wgmma64ks"}};
   for (int iv = 0; iv < N_IMPLS * N_SPLIT_KINDS; iv++) {

@@ -60,10 +60,6 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
   const char *key_split = getenv("CANOPY_CUDA_TA_KEY_SPLIT_ROWS");
   c->ta_key_split = key_split && *key_split ? atoi(key_split) : CN_CUDA_TA_KEY_SPLIT_ROWS;
   if (c->ta_key_split < 0) c->ta_key_split = 0;
-  /* CANOPY_CUDA_TA_QUAD=1: 256-row tiles (four warpgroups sharing one copy of each K/V tile) where
-   * they fill the device, to compare them with two 128-row blocks; off until measured faster. */
-  const char *quad = getenv("CANOPY_CUDA_TA_QUAD");
-  c->ta_quad = quad && !strcmp(quad, "1");
   CN_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
   CN_CUBLAS_CHECK(cublasCreate(&c->blas));
   CN_CUBLAS_CHECK(cublasSetStream(c->blas, c->stream));

@@ -34,8 +34,6 @@ struct cn_cuda_ctx {
   bool ta_two_wg;      /* 128-row wgmma tree-attention tiles as two warpgroups (CANOPY_CUDA_TA_TWO_WG) */
   int ta_key_split;    /* 64-row ones of KV heads with this many rows or more as two warpgroups, half the
                           keys each (0: never; CANOPY_CUDA_TA_KEY_SPLIT_ROWS) */
-  bool ta_quad;        /* 256-row wgmma tree-attention tiles as four warpgroups where they fill the
-                          device (CANOPY_CUDA_TA_QUAD) */
   void *pad_y;         /* the padded GEMM's output rows; pad_y_bytes long */
   size_t pad_y_bytes;
 };

@@ -383,10 +383,8 @@ typedef struct cn_cuda_tree_attn_args {
   float scale;
   float *workspace;             /* cn_cuda_tree_attn_workspace() bytes (device), when n_splits > 1 */
   cn_cuda_tree_attn_impl impl;  /* AUTO (0) unless a test or benchmark picks a kernel */
-  int row_tile;                 /* query rows a block: 0 lets the kernel pick (below); 64, 128 or 256
-                                   force one (tests, benchmarks); 128 takes effect only with 128+
-                                   rows, 256 only on the wgmma kernel and where it pads no more
-                                   rows than 128 (else 128) */
+  int row_tile;                 /* query rows a block: 0 lets the kernel pick (below); 64 or 128 force
+                                   one (tests, benchmarks); 128 takes effect only with 128+ rows */
   int prefix_ready;             /* 1: the K/V of every sequence's keys below its ctx_len, and seqs,
                                    block_tables and pos, were complete before the kernel that
                                    precedes this launch on the stream began (true in a forward: earlier
@@ -402,10 +400,8 @@ int cn_cuda_tree_attn_supported(int head_dim);
  * AUTO picks; a caller that captures graphs passes bucketed values so that the count stays fixed.
  * At most 256. Row tiles: a KV head's rows (max_n n_heads / n_kv_heads) go 64 to a block, or 128
  * once there are 128+ of them and (wgmma kernel) the 128-row blocks of n_splits splits fill at
- * least three quarters of the device's two blocks a multiprocessor, or 256 (wgmma, four
- * warpgroups a block, one block a multiprocessor) where that pads no more rows than 128 and its
- * blocks fill three quarters of the multiprocessors (with CANOPY_CUDA_TA_QUAD=1 at creation);
- * so this count also picks the tile. */
+ * least three quarters of the device's two blocks a multiprocessor; so this count also picks the
+ * tile. */
 int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int max_keys, int n_heads, int n_kv_heads,
                              int head_dim);
 

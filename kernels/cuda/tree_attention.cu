@@ -267,23 +267,6 @@ static bool wide_tiles(const cn_cuda_ctx *ctx, bool wgmma, int n_seqs, int max_n
   return 4 * blocks >= 3L * 2 * ctx->n_sm;
 }
 
-/* Whether the wgmma kernel's 256-row tiles (four warpgroups, one block a multiprocessor) can take
- * a launch: its KV heads have 128+ rows in as many 256-row tiles as 128-row ones would pad to (no
- * tile more of padding), and with the ctx's switch (CANOPY_CUDA_TA_QUAD). */
-static bool quad_rows(const cn_cuda_ctx *ctx, bool wgmma, int max_n, int group) {
-  return wgmma && ctx->ta_quad && wide_rows(max_n, group) && rows_cap(max_n, group, 256) == rows_cap(max_n, group, 128);
-}
-
-/* Rows a block takes, 64, 128 or 256 (cuda_ops.h, cn_cuda_tree_attn_splits): 256 where its blocks,
- * one a multiprocessor, fill three quarters of the device, else as wide_tiles says. */
-static int tile_rows(const cn_cuda_ctx *ctx, bool wgmma, int n_seqs, int max_n, int group, int n_kv, int n_splits) {
-  if (quad_rows(ctx, wgmma, max_n, group)) {
-    long blocks = (long)n_seqs * n_kv * (rows_cap(max_n, group, 256) / 256) * n_splits;
-    if (4 * blocks >= 3L * ctx->n_sm) return 256;
-  }
-  return wide_tiles(ctx, wgmma, n_seqs, max_n, group, n_kv, n_splits) ? 128 : 64;
-}
-
 /* Splits that fill every resident block slot once with tiles of `tile` rows (per_sm blocks a
  * multiprocessor). */
 static long splits_for(const cn_cuda_ctx *ctx, int per_sm, int n_seqs, int max_n, int group, int n_kv, int tile,
@@ -312,13 +295,6 @@ int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int 
            : head_dim == 64 ? (wide ? prepare<cn_bf16_t, 64, 2>(&per_sm) : prepare<cn_bf16_t, 64, 1>(&per_sm))
                             : (wide ? prepare<cn_bf16_t, 128, 2>(&per_sm) : prepare<cn_bf16_t, 128, 1>(&per_sm));
   if (st || per_sm < 1) per_sm = 1;
-  if (quad_rows(ctx, wg, max_n, group)) {
-    int per4 = 0;
-    if (!cn_ta_wgmma_per_sm(ctx, head_dim, 4, max_n * group, &per4) && per4 >= 1) {
-      long w4 = splits_for(ctx, per4, n_seqs, max_n, group, n_kv_heads, 256, max_keys);
-      if (tile_rows(ctx, wg, n_seqs, max_n, group, n_kv_heads, (int)w4) == 256) return (int)w4;
-    }
-  }
   long want = splits_for(ctx, per_sm, n_seqs, max_n, group, n_kv_heads, wide ? 128 : 64, max_keys);
   if (wide && !wide_tiles(ctx, wg, n_seqs, max_n, group, n_kv_heads, (int)want)) {
     /* 64-row tiles then (fewer splits never make 128-row tiles fill the device, so the launch
@@ -362,8 +338,6 @@ template <typename T, int D, int RW> static int launch(cn_cuda_ctx *ctx, const c
   if (use_wgmma(ctx, a->impl)) {
     int st = cn_ta_launch_wgmma(ctx, a, RW, cap);
     if (st) return st;
-  } else if constexpr (RW == 4) {
-    return cn_error(CANOPY_ERR_UNSUPPORTED, "cn_cuda_tree_attention: 256-row tiles need the wgmma kernel");
   } else {
     size_t smem = smem_bytes<D, RW>();
     int st = prepare<T, D, RW>(NULL);
@@ -387,8 +361,7 @@ int cn_cuda_tree_attention(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a) {
   if (a->n_seqs < 0 || a->max_n < 0 || a->n_splits < 1 || a->n_heads <= 0 || a->n_kv_heads <= 0 ||
       a->n_heads % a->n_kv_heads || a->block_size <= 0 || a->n_seqs * a->n_kv_heads > 65535 ||
       a->n_splits > MERGE_MAX_SPLITS || a->split_keys < 0 || a->split_keys % TA_KEYS ||
-      (unsigned)a->impl > CN_CUDA_TA_WGMMA ||
-      (a->row_tile != 0 && a->row_tile != 64 && a->row_tile != 128 && a->row_tile != 256))
+      (unsigned)a->impl > CN_CUDA_TA_WGMMA || (a->row_tile != 0 && a->row_tile != 64 && a->row_tile != 128))
     return cn_error(CANOPY_ERR_INVALID_ARG,
                     "cn_cuda_tree_attention: n_seqs=%d max_n=%d n_splits=%d (1..%d) n_heads=%d n_kv_heads=%d "
                     "block_size=%d impl=%d row_tile=%d split_keys=%d (a multiple of %d)",
@@ -407,18 +380,11 @@ int cn_cuda_tree_attention(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a) {
   return cn_dispatch(a->dt, [&](auto t) {
     using T = decltype(t);
     const int group = a->n_heads / a->n_kv_heads;
-    const bool wgmma = use_wgmma(ctx, a->impl);
-    /* A forced 256 needs the wgmma kernel and a KV head that 256-row tiles pad no more than
-     * 128-row ones; else it is taken as 128. */
-    int tile = a->row_tile == 0 ? tile_rows(ctx, wgmma, a->n_seqs, a->max_n, group, a->n_kv_heads, a->n_splits)
-               : a->row_tile == 64 || !wide_rows(a->max_n, group) ? 64
-               : a->row_tile == 256 && wgmma && rows_cap(a->max_n, group, 256) == rows_cap(a->max_n, group, 128)
-                   ? 256
-                   : 128;
-    if (a->head_dim == 64)
-      return tile == 256 ? launch<T, 64, 4>(ctx, a) : tile == 128 ? launch<T, 64, 2>(ctx, a) : launch<T, 64, 1>(ctx, a);
-    return tile == 256   ? launch<T, 128, 4>(ctx, a)
-           : tile == 128 ? launch<T, 128, 2>(ctx, a)
-                         : launch<T, 128, 1>(ctx, a);
+    bool wide = a->row_tile == 128  ? wide_rows(a->max_n, group)
+                : a->row_tile == 64 ? false
+                                    : wide_tiles(ctx, use_wgmma(ctx, a->impl), a->n_seqs, a->max_n, group,
+                                                 a->n_kv_heads, a->n_splits);
+    if (a->head_dim == 64) return wide ? launch<T, 64, 2>(ctx, a) : launch<T, 64, 1>(ctx, a);
+    return wide ? launch<T, 128, 2>(ctx, a) : launch<T, 128, 1>(ctx, a);
   });
 }

@@ -32,19 +32,13 @@
 
 #define WG_KT 64 /* keys per tile (wgmma_ss_n64) */
 
-/* K/V stages: Q and the stages within two blocks a multiprocessor for 64- and 128-row tiles; the
- * 256-row tile is one block a multiprocessor, and takes as many stages as its 227 KB hold (at most
- * 8): the more bytes in flight, the less a tile waits for its copies. */
-template <int D, int RW> constexpr int wg_stages() {
-  constexpr int fit = (227 * 1024 - 1024 - RW * 64 * D * 2) / (2 * WG_KT * D * 2);
-  return RW == 1 ? 3 : RW == 2 ? 2 : fit < 8 ? fit : 8;
-}
+template <int RW> constexpr int wg_stages() {
+  return RW == 1 ? 3 : 2;
+} /* Q + stages within 2 blocks a multiprocessor */
 
 /* Bytes of shared memory: Q (RW 64 rows), then per stage K and V (WG_KT rows), all D / 64 panels
  * of 128-byte rows; plus up to 1 KB to align the start to the swizzle's 1024-byte period. */
-template <int D, int RW> constexpr int wg_smem() {
-  return (RW * 64 + wg_stages<D, RW>() * 2 * WG_KT) * D * 2 + 1024;
-}
+template <int D, int RW> constexpr int wg_smem() { return (RW * 64 + wg_stages<RW>() * 2 * WG_KT) * D * 2 + 1024; }
 
 #if TA_HAVE_WGMMA
 /* The generated operand lists of the four wgmma shapes the kernel uses (d holds the m16n8
@@ -197,18 +191,13 @@ __device__ __forceinline__ bool ta_merge_halves(unsigned char *buf, float (&o)[D
   return true;
 }
 
-/* WG warpgroups a block, 1, 2 or 4. With two (cn_cuda_set_ta_two_wg, cn_cuda_set_ta_key_split) the
+/* WG warpgroups a block, 1 or 2. With two (cn_cuda_set_ta_two_wg, cn_cuda_set_ta_key_split) the
  * multiprocessor has twice the warps to hide the softmax's latency with, on the same shared memory
  * (Q and the K/V stages are shared by both), and a thread holds one row block's state (at most 128
  * registers, for two blocks a multiprocessor):
  *  - RW = 2 (row split): warpgroup w alone takes row block w (ptxas: 128 registers with 32/20
  *    bytes of spill at d = 128, 120 and none at 64). A row's arithmetic is the one-warpgroup
  *    kernel's, so are its bits.
- *  - RW = 4, WG = 4 (the row split of a 256-row tile, one block a multiprocessor): the same per
- *    warpgroup, so the same bits. Why: a KV head of 256 rows (64 nodes at GQA 4) in 128-row tiles
- *    is two blocks that each copy every K/V tile from L2 into their own shared memory; here one
- *    copy feeds all four warpgroups, and the block's 5 stages (d = 128) keep twice the bytes in
- *    flight of two 2-stage blocks.
  *  - RW = 1 (key split, KS): both take the tile's 64 rows, warpgroup w keys 32 w .. 32 w + 31 of
  *    every tile (S is m64n32, O's product 2 k-steps), each with its own online-softmax state, and
  *    warpgroup 1 hands its state to warpgroup 0 through shared memory at the end, which merges
@@ -217,13 +206,12 @@ __device__ __forceinline__ bool ta_merge_halves(unsigned char *buf, float (&o)[D
  * RT: the row blocks a thread takes (a template parameter: as a local constant in the kernel it
  * made CUDA 13.0's cicc crash). */
 template <typename T, int D, int RW, int WG, int RT = (WG > RW ? 1 : RW / WG)>
-__global__ void __launch_bounds__(TA_THREADS *WG, WG == 4 ? 1 : 2) tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {
-  static_assert(WG == 1 || (WG == 2 && RW <= 2) || (WG == 4 && RW == 4),
-                "two warpgroups split a tile's rows (RW 2) or keys (RW 1); four split 256 rows");
+__global__ void __launch_bounds__(TA_THREADS *WG, 2) tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {
+  static_assert(WG == 1 || (WG == 2 && RW <= 2), "two warpgroups split a tile's rows (RW 2) or keys (RW 1)");
   if (!a.prefix_ready) cn_pdl_wait(); /* launched early (cn_launch); else in ta_prologue */
   constexpr bool KS = WG > RW;
   constexpr int KT = WG_KT, KH = KS ? KT / WG : KT; /* keys a tile; of them, a warpgroup's */
-  constexpr int DN = D / 8, NT = KH / 8, ROWS = 64 * RW, STAGES = wg_stages<D, RW>();
+  constexpr int DN = D / 8, NT = KH / 8, ROWS = 64 * RW, STAGES = wg_stages<RW>();
   constexpr int NTH = TA_THREADS * WG;
   constexpr int TILE = KT * D * 2; /* bytes of one K or V tile */
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -362,7 +350,6 @@ template <typename F> static int with_variant(const cn_cuda_ctx *ctx, int head_d
   auto of_d = [&](auto d) {
     constexpr int D = decltype(d)::value;
     if (rw == 1) return key_split ? f(ta_variant<D, 1, 2>{}) : f(ta_variant<D, 1, 1>{});
-    if (rw == 4) return f(ta_variant<D, 4, 4>{});
     return ctx->ta_two_wg ? f(ta_variant<D, 2, 2>{}) : f(ta_variant<D, 2, 1>{});
   };
   return head_dim == 64 ? of_d(std::integral_constant<int, 64>{}) : of_d(std::integral_constant<int, 128>{});
