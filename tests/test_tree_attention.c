@@ -58,11 +58,13 @@ typedef struct batch_case {
 } batch_case;
 
 /* A kernel form the tests run: the kernel, its row tile (0: the launch picks), and the context's
- * two-warpgroup 128-row tiles and key split (its fewest rows; 1: every 64-row tile below 128). */
+ * two-warpgroup 128-row tiles, key split (its fewest rows; 1: every 64-row tile below 128) and
+ * warp-specialised 128-row tiles. */
 typedef struct ta_form {
   cn_cuda_tree_attn_impl impl;
   int row_tile, two_wg, key_split;
   const char *name;
+  int ws;
 } ta_form;
 
 /* One sequence's host data. */
@@ -305,17 +307,19 @@ static int run_case(const batch_case *c) {
   /* The kernels: mma.sync, and wgmma with 128-row tiles (where a KV head has 128+ rows; one
    * warpgroup taking both row blocks, or two warpgroups) and with 64-row tiles (one warpgroup, or
    * two with half the keys each). */
-  enum { N_IMPLS = 5 };
-  static const ta_form forms[N_IMPLS] = {{CN_CUDA_TA_MMA_SYNC, 0, 0, 0, "mma.sync"},
-                                         {CN_CUDA_TA_WGMMA, 128, 0, 0, "wgmma128"},
-                                         {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128x2"},
-                                         {CN_CUDA_TA_WGMMA, 64, 0, 0, "wgmma64"},
-                                         {CN_CUDA_TA_WGMMA, 64, 0, 1, "wgmma64ks"}};
+  enum { N_IMPLS = 6 };
+  static const ta_form forms[N_IMPLS] = {{CN_CUDA_TA_MMA_SYNC, 0, 0, 0, "mma.sync", 0},
+                                         {CN_CUDA_TA_WGMMA, 128, 0, 0, "wgmma128", 0},
+                                         {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128x2", 0},
+                                         {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128ws", 1},
+                                         {CN_CUDA_TA_WGMMA, 64, 0, 0, "wgmma64", 0},
+                                         {CN_CUDA_TA_WGMMA, 64, 0, 1, "wgmma64ks", 0}};
   for (int iv = 0; iv < N_IMPLS * N_SPLIT_KINDS; iv++) {
     int v = iv % N_SPLIT_KINDS;
     const ta_form *f = &forms[iv / N_SPLIT_KINDS];
     CK(cn_cuda_set_ta_two_wg(ctx, f->two_wg));
     CK(cn_cuda_set_ta_key_split(ctx, f->key_split));
+    CK(cn_cuda_set_ta_ws(ctx, f->ws));
     size_t ws = cn_cuda_tree_attn_workspace(ns, max_n, splits[v], c->n_heads, c->n_kv_heads, d);
     if (ws) CK(cn_cuda_malloc(ctx, &d_ws, ws));
     CK(cn_cuda_memset(ctx, d_out, 0xFF, et * q_elems));
@@ -371,6 +375,7 @@ static int run_case(const batch_case *c) {
   for (int s = 0; s < ns; s++) free(sd[s].pos), free(sd[s].mask);
   free(perm), free(pool), free(pool16), free(desc), free(tables), free(pos), free(mask);
   CK(cn_cuda_set_ta_two_wg(ctx, 1)); /* the defaults, for the tests after this one */
+  CK(cn_cuda_set_ta_ws(ctx, 0));
   CK(cn_cuda_set_ta_key_split(ctx, CN_CUDA_TA_KEY_SPLIT_ROWS));
   free(q), free(ref_cpu), free(ref_f64), free(got), free(got_early), free(one_wg);
   return bad;
@@ -505,9 +510,9 @@ static void test_decode_and_verified_chain_give_the_same_bits(void **state) {
   static const int chains[][2] = {{2, 0}, {5, 0}, {8, 0}, {40, 1}}; /* nodes, batch-invariant plan */
   /* mma.sync takes 32-key tiles once a KV head has 128+ rows, so it is held to narrow chains. The
    * wgmma kernel runs with its 64-row tiles' key split off and on. */
-  static const ta_form forms[3] = {{CN_CUDA_TA_WGMMA, 0, 1, 0, "wgmma"},
-                                   {CN_CUDA_TA_WGMMA, 0, 1, 1, "wgmma, key split"},
-                                   {CN_CUDA_TA_MMA_SYNC, 0, 1, 0, "mma.sync"}};
+  static const ta_form forms[3] = {{CN_CUDA_TA_WGMMA, 0, 1, 0, "wgmma", 0},
+                                   {CN_CUDA_TA_WGMMA, 0, 1, 1, "wgmma, key split", 0},
+                                   {CN_CUDA_TA_MMA_SYNC, 0, 1, 0, "mma.sync", 0}};
   int differ = 0, checked = 0, even_differ = 0;
   for (int sh = 0; sh < 2; sh++) {
     const batch_case *c = &shapes[sh];

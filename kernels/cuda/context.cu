@@ -60,6 +60,9 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
   const char *key_split = getenv("CANOPY_CUDA_TA_KEY_SPLIT_ROWS");
   c->ta_key_split = key_split && *key_split ? atoi(key_split) : CN_CUDA_TA_KEY_SPLIT_ROWS;
   if (c->ta_key_split < 0) c->ta_key_split = 0;
+  /* CANOPY_CUDA_TA_WS=1: its 128-row tiles warp-specialised (tree_attention_wgmma.cu), to compare. */
+  const char *ws = getenv("CANOPY_CUDA_TA_WS");
+  c->ta_ws = ws && !strcmp(ws, "1");
   CN_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
   CN_CUBLAS_CHECK(cublasCreate(&c->blas));
   CN_CUBLAS_CHECK(cublasSetStream(c->blas, c->stream));
@@ -176,6 +179,12 @@ int cn_cuda_set_ta_key_split(cn_cuda_ctx *ctx, int min_rows) {
 int cn_cuda_set_ta_two_wg(cn_cuda_ctx *ctx, int on) {
   if (!ctx) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_ta_two_wg: NULL cuda context");
   ctx->ta_two_wg = on != 0;
+  return CANOPY_OK;
+}
+
+int cn_cuda_set_ta_ws(cn_cuda_ctx *ctx, int on) {
+  if (!ctx) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_ta_ws: NULL cuda context");
+  ctx->ta_ws = on != 0;
   return CANOPY_OK;
 }
 

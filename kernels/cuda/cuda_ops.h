@@ -95,6 +95,12 @@ int cn_cuda_gemv_mma_rows(const cn_cuda_ctx *ctx);
  * row, so the same bits; on is 1-13% faster at 64-128 nodes on the H100 (bench/RESULTS.md). */
 int cn_cuda_set_ta_two_wg(cn_cuda_ctx *ctx, int on);
 
+/* Its 128-row tiles warp-specialised (on) or not (off, the default; CANOPY_CUDA_TA_WS=1 at creation
+ * turns it on): a producer warpgroup copies K/V tiles into six stages handed over by mbarriers, and
+ * two consumer warpgroups take a row block each without a block barrier a tile; one block a
+ * multiprocessor. The same arithmetic per row, so the same bits. */
+int cn_cuda_set_ta_ws(cn_cuda_ctx *ctx, int on);
+
 /* Its 64-row tiles (KV heads of fewer than 128 query rows: decode, trees of up to 31 nodes at GQA 4)
  * as two warpgroups that take half of every 64-key tile each, with an online softmax of their own,
  * merged at the block's end, for KV heads of min_rows to 127 rows (launch max_n x GQA ratio);

@@ -40,6 +40,10 @@ template <int RW> constexpr int wg_stages() {
  * of 128-byte rows; plus up to 1 KB to align the start to the swizzle's 1024-byte period. */
 template <int D, int RW> constexpr int wg_smem() { return (RW * 64 + wg_stages<RW>() * 2 * WG_KT) * D * 2 + 1024; }
 
+/* The warp-specialised form (below): Q of 128 rows, WS_STAGES stages, their full and empty mbarriers. */
+#define WS_STAGES 6
+template <int D> constexpr int ws_smem() { return (128 + WS_STAGES * 2 * WG_KT) * D * 2 + 1024 + 2 * WS_STAGES * 8; }
+
 #if TA_HAVE_WGMMA
 /* The generated operand lists of the four wgmma shapes the kernel uses (d holds the m16n8
  * accumulator fragments of this warp's 16 rows, n / 8 of them):
@@ -324,17 +328,138 @@ __global__ void __launch_bounds__(TA_THREADS *WG, 2) tree_attn_wgmma_kernel(cn_c
   ta_finish<T, RT, DN>(a, b, base, gridDim.x * ROWS, o, m, l);
 }
 
+
+/* ---- the warp-specialised form (cn_cuda_set_ta_ws) --------------------------------------------
+ * 128-row tiles, one block a multiprocessor: warpgroup 0 copies K/V tiles into WS_STAGES stages
+ * and warpgroups 1 and 2 compute (row block 0 and 1), each on its own schedule. A stage is handed
+ * over by two mbarriers instead of the block barrier the kernel above takes every tile:
+ *  - full[s]: the producer's 128 threads arrive through cp.async.mbarrier.arrive.noinc, so the
+ *    phase completes when every copy into the stage has landed;
+ *  - empty[s]: each consumer warp's lane 0 arrives once its warpgroup's products reading the stage
+ *    are complete (8 arrivals).
+ * Why: with the barrier, every warp of a block waits each tile for the slowest, so the softmax of
+ * one warpgroup seldom overlaps the products of the other; the H100 ran 256-row tiles of four
+ * warpgroups in lockstep 4-8% slower than two blocks of two (bench/RESULTS.md, 2026-12-06). Here
+ * the copies run up to WS_STAGES - 1 tiles ahead and the consumers drift apart freely. */
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+/* Arrives on bar when all of this thread's earlier cp.async copies have landed. */
+__device__ __forceinline__ void mbar_arrive_cp_async(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+/* Waits until the phase of the given parity has completed. */
+__device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
+  asm volatile("{\n.reg .pred p;\nWAIT_%=:\n"
+               "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+               "@!p bra WAIT_%=;\n}\n" ::"r"(bar),
+               "r"(parity)
+               : "memory");
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda_tree_attn_args a) {
+  cn_pdl_wait();
+  constexpr int KT = WG_KT, DN = D / 8, NT = KT / 8, ROWS = 128, TILE = KT * D * 2;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t raw = smem_addr(smem_raw), qs = (raw + 1023) & ~1023u; /* Q, [STAGES][K, V], barriers */
+  auto ks = [&](int st) { return qs + ROWS * D * 2 + st * 2 * TILE; };
+  auto vs = [&](int st) { return ks(st) + TILE; };
+  const uint32_t full = ks(WS_STAGES), empty = full + WS_STAGES * 8;
+
+  ta_block b;
+  if (!ta_block_init<ROWS>(a, b)) return;
+  const int wg = threadIdx.x / TA_THREADS, warp = threadIdx.x / 32 % 4;
+  const int n_tiles = b.k_end > b.k_begin ? (b.k_end - b.k_begin + KT - 1) / KT : 0;
+  if (threadIdx.x == 0)
+    for (int st = 0; st < WS_STAGES; st++)
+      mbar_init(full + st * 8, TA_THREADS), mbar_init(empty + st * 8, 8);
+  load_q<T, D, ROWS, 3 * TA_THREADS>(a, b, qs);
+  fence_proxy_async();
+  __syncthreads(); /* Q and the initialised barriers, seen by every thread */
+
+  if (wg == 0) { /* the producer: tile i into stage i % STAGES once its last reader is done */
+    ta_tile_src<D, KT> src;
+    if (n_tiles > 0) src = ta_tile_find<D, KT>(a, b, b.k_begin);
+    for (int it = 0; it < n_tiles; it++) {
+      const int st = it % WS_STAGES;
+      ta_tile_src<D, KT> next; /* the next tile's lookups travel while this one's wait and copies run */
+      if (it + 1 < n_tiles) next = ta_tile_find<D, KT>(a, b, b.k_begin + (it + 1) * KT);
+      if (it >= WS_STAGES) mbar_wait(empty + st * 8, (it / WS_STAGES - 1) & 1);
+      ta_tile_copy<D, KT>(a, b, src, ks(st), vs(st), [](int key, int piece) { return sw128_at<KT>(key, piece); });
+      mbar_arrive_cp_async(full + st * 8);
+      src = next;
+    }
+    cp_async_wait<0>(); /* no copy outlives the block */
+    cn_pdl_trigger();
+    return;
+  }
+
+  const int rb = wg - 1; /* this consumer's row block */
+  int base[1] = {b.row0 + rb * 64 + warp * 16};
+  const uint64_t q_desc = sw128_desc(qs + rb * 64 * D * 2, 16, 1024), k_desc = sw128_desc(ks(0), 16, 1024),
+                 v_desc = sw128_desc(vs(0), KT * 128, 1024);
+  const float sl2 = a.scale * TA_LOG2E;
+  float o[1][DN][4], m[1][2], l[1][2];
+  ta_state_init(o, m, l);
+  for (int it = 0; it < n_tiles; it++) {
+    const int kt = b.k_begin + it * KT, st = it % WS_STAGES;
+    mbar_wait(full + st * 8, (it / WS_STAGES) & 1);
+    fence_proxy_async(); /* the producer's generic-proxy copies, ordered before this thread's wgmma reads */
+    float s[1][NT][4];
+    const uint64_t kd = desc_add(k_desc, st * 2 * TILE);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+      const uint32_t panel = (kk / 4) * 8192u + (kk % 4) * 32u;
+      wgmma_ss_n64(s[0], desc_add(q_desc, panel), desc_add(kd, (kk / 4) * KT * 128 + (kk % 4) * 32), kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin(s[0]);
+    ta_mask<1, NT>(a, b, base, kt, s);
+    ta_softmax<1, NT, DN>(s, m, l, o, sl2);
+    uint32_t pa[1][NT / 2][4];
+    ta_pack_p<1, NT>(s, pa);
+    pin(o[0]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; kk++)
+      wgmma_o<D>(o[0], pa[0][kk], desc_add(v_desc, st * 2 * TILE + kk * 16 * 128));
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin(o[0]);
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) mbar_arrive(empty + st * 8); /* this warp's reads of the stage are done */
+  }
+  ta_finish<T, 1, DN>(a, b, base, gridDim.x * ROWS, o, m, l);
+}
 #else
 
 template <typename T, int D, int RW, int WG, int RT = (WG > RW ? 1 : RW / WG)>
 __global__ void tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {}
 
+template <typename T, int D> __global__ void tree_attn_ws_kernel(cn_cuda_tree_attn_args a) {}
+
 #endif
 
-/* A kernel variant as a type: head size, row blocks a block, warpgroups a block. */
+/* A kernel variant as a type: head size, row blocks a block, warpgroups a block (3: the
+ * warp-specialised form, a producer and two consumers). */
 template <int D_, int RW_, int WG_> struct ta_variant {
   static constexpr int D = D_, RW = RW_, WG = WG_;
 };
+
+/* Its kernel and shared-memory bytes. */
+template <typename T, typename V> static auto variant_kernel() {
+  if constexpr (V::WG == 3)
+    return tree_attn_ws_kernel<T, V::D>;
+  else
+    return tree_attn_wgmma_kernel<T, V::D, V::RW, V::WG>;
+}
+template <typename V> constexpr int variant_smem() { return V::WG == 3 ? ws_smem<V::D>() : wg_smem<V::D, V::RW>(); }
 
 /* f(ta_variant<...>{}) for the variant that runs head_dim, rw and KV heads of `rows` query rows on
  * this context: the one choice that both the launch and the split plan's occupancy query make.
@@ -350,6 +475,7 @@ template <typename F> static int with_variant(const cn_cuda_ctx *ctx, int head_d
   auto of_d = [&](auto d) {
     constexpr int D = decltype(d)::value;
     if (rw == 1) return key_split ? f(ta_variant<D, 1, 2>{}) : f(ta_variant<D, 1, 1>{});
+    if (ctx->ta_ws) return f(ta_variant<D, 2, 3>{});
     return ctx->ta_two_wg ? f(ta_variant<D, 2, 2>{}) : f(ta_variant<D, 2, 1>{});
   };
   return head_dim == 64 ? of_d(std::integral_constant<int, 64>{}) : of_d(std::integral_constant<int, 128>{});
@@ -358,8 +484,8 @@ template <typename F> static int with_variant(const cn_cuda_ctx *ctx, int head_d
 /* Raises the variant's shared-memory limit to what it uses; its resident blocks per
  * multiprocessor into *per_sm when asked. */
 template <typename T, typename V> static int prepare(int *per_sm) {
-  auto kernel = tree_attn_wgmma_kernel<T, V::D, V::RW, V::WG>;
-  constexpr int smem = wg_smem<V::D, V::RW>();
+  auto kernel = variant_kernel<T, V>();
+  constexpr int smem = variant_smem<V>();
   CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   if (per_sm) CN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, TA_THREADS * V::WG, smem));
   return CANOPY_OK;
@@ -372,9 +498,8 @@ int cn_ta_launch_wgmma(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw
       using V = decltype(v);
       int st = prepare<T, V>(NULL);
       if (st) return st;
-      auto kernel = tree_attn_wgmma_kernel<T, V::D, V::RW, V::WG>;
       dim3 grid(cap / (64 * V::RW), a->n_splits, a->n_seqs * a->n_kv_heads);
-      CN_CUDA_CHECK(cn_launch(ctx, kernel, grid, TA_THREADS * V::WG, wg_smem<V::D, V::RW>(), *a));
+      CN_CUDA_CHECK(cn_launch(ctx, variant_kernel<T, V>(), grid, TA_THREADS * V::WG, variant_smem<V>(), *a));
       return (int)CANOPY_OK;
     });
   });
