@@ -34,8 +34,9 @@ struct cn_cuda_ctx {
   bool ta_two_wg;      /* 128-row wgmma tree-attention tiles as two warpgroups (CANOPY_CUDA_TA_TWO_WG) */
   int ta_key_split;    /* 64-row ones of KV heads with this many rows or more as two warpgroups, half the
                           keys each (0: never; CANOPY_CUDA_TA_KEY_SPLIT_ROWS) */
-  bool ta_ws;          /* 128-row ones warp-specialised: a producer warpgroup and two consumers, one
-                          block a multiprocessor (CANOPY_CUDA_TA_WS) */
+  int ta_ws;           /* 128-row ones warp-specialised: a producer warpgroup and two consumers, one
+                          block a multiprocessor; 2: each consumer's S and P V overlapped
+                          (CANOPY_CUDA_TA_WS) */
   void *pad_y;         /* the padded GEMM's output rows; pad_y_bytes long */
   size_t pad_y_bytes;
 };

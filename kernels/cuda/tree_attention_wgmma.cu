@@ -360,7 +360,7 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
                : "memory");
 }
 
-template <typename T, int D>
+template <typename T, int D, bool OVERLAP>
 __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda_tree_attn_args a) {
   cn_pdl_wait();
   constexpr int KT = WG_KT, DN = D / 8, NT = KT / 8, ROWS = 128, TILE = KT * D * 2;
@@ -405,35 +405,73 @@ __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda
   const float sl2 = a.scale * TA_LOG2E;
   float o[1][DN][4], m[1][2], l[1][2];
   ta_state_init(o, m, l);
-  for (int it = 0; it < n_tiles; it++) {
-    const int kt = b.k_begin + it * KT, st = it % WS_STAGES;
-    mbar_wait(full + st * 8, (it / WS_STAGES) & 1);
-    fence_proxy_async(); /* the producer's generic-proxy copies, ordered before this thread's wgmma reads */
-    float s[1][NT][4];
+  /* S = Q K^T of the tile in stage st, issued as a commit group; O += P V likewise. */
+  auto issue_s = [&](int st, float(&s)[NT][4]) {
     const uint64_t kd = desc_add(k_desc, st * 2 * TILE);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
       const uint32_t panel = (kk / 4) * 8192u + (kk % 4) * 32u;
-      wgmma_ss_n64(s[0], desc_add(q_desc, panel), desc_add(kd, (kk / 4) * KT * 128 + (kk % 4) * 32), kk > 0);
+      wgmma_ss_n64(s, desc_add(q_desc, panel), desc_add(kd, (kk / 4) * KT * 128 + (kk % 4) * 32), kk > 0);
     }
     wgmma_commit();
-    wgmma_wait<0>();
-    pin(s[0]);
-    ta_mask<1, NT>(a, b, base, kt, s);
-    ta_softmax<1, NT, DN>(s, m, l, o, sl2);
-    uint32_t pa[1][NT / 2][4];
-    ta_pack_p<1, NT>(s, pa);
+  };
+  auto issue_o = [&](int st, const uint32_t(&pa)[NT / 2][4]) {
     pin(o[0]);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < NT / 2; kk++)
-      wgmma_o<D>(o[0], pa[0][kk], desc_add(v_desc, st * 2 * TILE + kk * 16 * 128));
+      wgmma_o<D>(o[0], pa[kk], desc_add(v_desc, st * 2 * TILE + kk * 16 * 128));
     wgmma_commit();
-    wgmma_wait<0>();
-    pin(o[0]);
+  };
+  auto full_wait = [&](int it) {
+    mbar_wait(full + it % WS_STAGES * 8, (it / WS_STAGES) & 1);
+    fence_proxy_async(); /* the producer's generic-proxy copies, ordered before this thread's wgmma reads */
+  };
+  auto release = [&](int it) { /* this warp's reads of the tile's stage are done */
     __syncwarp();
-    if (threadIdx.x % 32 == 0) mbar_arrive(empty + st * 8); /* this warp's reads of the stage are done */
+    if (threadIdx.x % 32 == 0) mbar_arrive(empty + it % WS_STAGES * 8);
+  };
+  float s[1][NT][4];
+  uint32_t pa[1][NT / 2][4];
+  if constexpr (!OVERLAP) {
+    for (int it = 0; it < n_tiles; it++) {
+      full_wait(it);
+      issue_s(it % WS_STAGES, s[0]);
+      wgmma_wait<0>();
+      pin(s[0]);
+      ta_mask<1, NT>(a, b, base, b.k_begin + it * KT, s);
+      ta_softmax<1, NT, DN>(s, m, l, o, sl2);
+      ta_pack_p<1, NT>(s, pa);
+      issue_o(it % WS_STAGES, pa[0]);
+      wgmma_wait<0>();
+      pin(o[0]);
+      release(it);
+    }
+  } else {
+    /* Tile it's S is computed while tile it - 1's P V is (FlashAttention-3's overlap within a
+     * warpgroup): the softmax of it waits only for its own S; O is rescaled after P V is done. */
+    for (int it = 0; it < n_tiles; it++) {
+      full_wait(it);
+      issue_s(it % WS_STAGES, s[0]);
+      if (it > 0) issue_o((it - 1) % WS_STAGES, pa[0]);
+      wgmma_wait<1>(); /* S done; P V may still run */
+      pin(s[0]);
+      ta_mask<1, NT>(a, b, base, b.k_begin + it * KT, s);
+      float corr[1][2];
+      const bool grew = ta_softmax_p<1, NT>(s, m, l, corr, sl2);
+      wgmma_wait<0>();
+      pin(o[0]);
+      if (it > 0) release(it - 1);
+      if (grew) ta_rescale<1, DN>(o, corr);
+      ta_pack_p<1, NT>(s, pa);
+    }
+    if (n_tiles > 0) {
+      issue_o((n_tiles - 1) % WS_STAGES, pa[0]);
+      wgmma_wait<0>();
+      pin(o[0]);
+      release(n_tiles - 1);
+    }
   }
   ta_finish<T, 1, DN>(a, b, base, gridDim.x * ROWS, o, m, l);
 }
@@ -442,20 +480,21 @@ __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda
 template <typename T, int D, int RW, int WG, int RT = (WG > RW ? 1 : RW / WG)>
 __global__ void tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {}
 
-template <typename T, int D> __global__ void tree_attn_ws_kernel(cn_cuda_tree_attn_args a) {}
+template <typename T, int D, bool OVERLAP> __global__ void tree_attn_ws_kernel(cn_cuda_tree_attn_args a) {}
 
 #endif
 
 /* A kernel variant as a type: head size, row blocks a block, warpgroups a block (3: the
- * warp-specialised form, a producer and two consumers). */
-template <int D_, int RW_, int WG_> struct ta_variant {
+ * warp-specialised form, a producer and two consumers; OV: with the overlap of S and P V). */
+template <int D_, int RW_, int WG_, bool OV_ = false> struct ta_variant {
   static constexpr int D = D_, RW = RW_, WG = WG_;
+  static constexpr bool OV = OV_;
 };
 
 /* Its kernel and shared-memory bytes. */
 template <typename T, typename V> static auto variant_kernel() {
   if constexpr (V::WG == 3)
-    return tree_attn_ws_kernel<T, V::D>;
+    return tree_attn_ws_kernel<T, V::D, V::OV>;
   else
     return tree_attn_wgmma_kernel<T, V::D, V::RW, V::WG>;
 }
@@ -475,7 +514,7 @@ template <typename F> static int with_variant(const cn_cuda_ctx *ctx, int head_d
   auto of_d = [&](auto d) {
     constexpr int D = decltype(d)::value;
     if (rw == 1) return key_split ? f(ta_variant<D, 1, 2>{}) : f(ta_variant<D, 1, 1>{});
-    if (ctx->ta_ws) return f(ta_variant<D, 2, 3>{});
+    if (ctx->ta_ws) return ctx->ta_ws == 2 ? f(ta_variant<D, 2, 3, true>{}) : f(ta_variant<D, 2, 3>{});
     return ctx->ta_two_wg ? f(ta_variant<D, 2, 2>{}) : f(ta_variant<D, 2, 1>{});
   };
   return head_dim == 64 ? of_d(std::integral_constant<int, 64>{}) : of_d(std::integral_constant<int, 128>{});
