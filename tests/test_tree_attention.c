@@ -307,12 +307,13 @@ static int run_case(const batch_case *c) {
   /* The kernels: mma.sync, and wgmma with 128-row tiles (where a KV head has 128+ rows; one
    * warpgroup taking both row blocks, or two warpgroups) and with 64-row tiles (one warpgroup, or
    * two with half the keys each). */
-  enum { N_IMPLS = 7 };
+  enum { N_IMPLS = 8 };
   static const ta_form forms[N_IMPLS] = {{CN_CUDA_TA_MMA_SYNC, 0, 0, 0, "mma.sync", 0},
                                          {CN_CUDA_TA_WGMMA, 128, 0, 0, "wgmma128", 0},
                                          {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128x2", 0},
                                          {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128ws", 1},
                                          {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128wso", 2},
+                                         {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128wsp", 3},
                                          {CN_CUDA_TA_WGMMA, 64, 0, 0, "wgmma64", 0},
                                          {CN_CUDA_TA_WGMMA, 64, 0, 1, "wgmma64ks", 0}};
   for (int iv = 0; iv < N_IMPLS * N_SPLIT_KINDS; iv++) {

@@ -61,9 +61,9 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
   c->ta_key_split = key_split && *key_split ? atoi(key_split) : CN_CUDA_TA_KEY_SPLIT_ROWS;
   if (c->ta_key_split < 0) c->ta_key_split = 0;
   /* CANOPY_CUDA_TA_WS=1: its 128-row tiles warp-specialised (tree_attention_wgmma.cu), 2: with
-   * each consumer's S and P V overlapped, to compare. */
+   * each consumer's S and P V overlapped, 3: and the two consumers' products in turn, to compare. */
   const char *ws = getenv("CANOPY_CUDA_TA_WS");
-  c->ta_ws = ws && (!strcmp(ws, "1") || !strcmp(ws, "2")) ? atoi(ws) : 0;
+  c->ta_ws = ws && *ws >= '1' && *ws <= '3' && !ws[1] ? *ws - '0' : 0;
   CN_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
   CN_CUBLAS_CHECK(cublasCreate(&c->blas));
   CN_CUBLAS_CHECK(cublasSetStream(c->blas, c->stream));
@@ -185,7 +185,7 @@ int cn_cuda_set_ta_two_wg(cn_cuda_ctx *ctx, int on) {
 
 int cn_cuda_set_ta_ws(cn_cuda_ctx *ctx, int on) {
   if (!ctx) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_ta_ws: NULL cuda context");
-  ctx->ta_ws = on == 2 ? 2 : on != 0;
+  ctx->ta_ws = on >= 1 && on <= 3 ? on : 0;
   return CANOPY_OK;
 }
 

@@ -35,8 +35,8 @@ struct cn_cuda_ctx {
   int ta_key_split;    /* 64-row ones of KV heads with this many rows or more as two warpgroups, half the
                           keys each (0: never; CANOPY_CUDA_TA_KEY_SPLIT_ROWS) */
   int ta_ws;           /* 128-row ones warp-specialised: a producer warpgroup and two consumers, one
-                          block a multiprocessor; 2: each consumer's S and P V overlapped
-                          (CANOPY_CUDA_TA_WS) */
+                          block a multiprocessor; 2: each consumer's S and P V overlapped; 3: and
+                          the consumers' products in turn (CANOPY_CUDA_TA_WS) */
   void *pad_y;         /* the padded GEMM's output rows; pad_y_bytes long */
   size_t pad_y_bytes;
 };

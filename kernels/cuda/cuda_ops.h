@@ -99,7 +99,8 @@ int cn_cuda_set_ta_two_wg(cn_cuda_ctx *ctx, int on);
  * turns it on): a producer warpgroup copies K/V tiles into six stages handed over by mbarriers, and
  * two consumer warpgroups take a row block each without a block barrier a tile; one block a
  * multiprocessor. The same arithmetic per row, so the same bits. on = 2: also each consumer's
- * S = Q K^T of a tile computed while the P V of the tile before is. */
+ * S = Q K^T of a tile computed while the P V of the tile before is; 3: and the two consumers'
+ * products issued in turn (ping-pong). */
 int cn_cuda_set_ta_ws(cn_cuda_ctx *ctx, int on);
 
 /* Its 64-row tiles (KV heads of fewer than 128 query rows: decode, trees of up to 31 nodes at GQA 4)

@@ -360,7 +360,7 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
                : "memory");
 }
 
-template <typename T, int D, bool OVERLAP>
+template <typename T, int D, int MODE>
 __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda_tree_attn_args a) {
   cn_pdl_wait();
   constexpr int KT = WG_KT, DN = D / 8, NT = KT / 8, ROWS = 128, TILE = KT * D * 2;
@@ -416,8 +416,9 @@ __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda
     }
     wgmma_commit();
   };
+  /* (No pin of o here: with the overlap the S products are in flight, and ptxas serialises every
+   * wgmma once another instruction touches an accumulator inside a pipeline stage.) */
   auto issue_o = [&](int st, const uint32_t(&pa)[NT / 2][4]) {
-    pin(o[0]);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < NT / 2; kk++)
@@ -434,7 +435,7 @@ __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda
   };
   float s[1][NT][4];
   uint32_t pa[1][NT / 2][4];
-  if constexpr (!OVERLAP) {
+  if constexpr (MODE == 1) {
     for (int it = 0; it < n_tiles; it++) {
       full_wait(it);
       issue_s(it % WS_STAGES, s[0]);
@@ -451,10 +452,40 @@ __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda
   } else {
     /* Tile it's S is computed while tile it - 1's P V is (FlashAttention-3's overlap within a
      * warpgroup): the softmax of it waits only for its own S; O is rescaled after P V is done. */
-    for (int it = 0; it < n_tiles; it++) {
+    /* MODE 3, ping-pong (FlashAttention-3's scheduling of two warpgroups): a consumer issues a
+     * round of products (S of a tile and P V of the one before) only after the other has issued its
+     * round, so one's softmax runs under the other's products instead of both at once. Named
+     * barrier 1 + c is consumer c's turn: it waits there with the 128 arrivals of the other. The
+     * second consumer lets the first go first, and skips its last arrival (nobody waits for it). */
+    const int cw = wg - 1, rounds = n_tiles + 1;
+    int round = 0;
+    auto turn_begin = [&]() {
+      if constexpr (MODE == 3) asm volatile("bar.sync %0, 256;\n" ::"r"(1 + cw) : "memory");
+    };
+    auto turn_end = [&]() {
+      if constexpr (MODE == 3)
+        if (cw == 0 || round + 1 < rounds) asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - cw) : "memory");
+      round++;
+    };
+    if constexpr (MODE == 3)
+      if (cw == 1 && n_tiles > 0) asm volatile("bar.arrive 1, 256;\n" ::: "memory");
+    if (n_tiles > 0) { /* the first tile has no P V before it */
+      full_wait(0);
+      turn_begin();
+      issue_s(0, s[0]);
+      turn_end();
+      wgmma_wait<0>();
+      pin(s[0]);
+      ta_mask<1, NT>(a, b, base, b.k_begin, s);
+      ta_softmax<1, NT, DN>(s, m, l, o, sl2);
+      ta_pack_p<1, NT>(s, pa);
+    }
+    for (int it = 1; it < n_tiles; it++) {
       full_wait(it);
+      turn_begin();
       issue_s(it % WS_STAGES, s[0]);
-      if (it > 0) issue_o((it - 1) % WS_STAGES, pa[0]);
+      issue_o((it - 1) % WS_STAGES, pa[0]);
+      turn_end();
       wgmma_wait<1>(); /* S done; P V may still run */
       pin(s[0]);
       ta_mask<1, NT>(a, b, base, b.k_begin + it * KT, s);
@@ -462,12 +493,14 @@ __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda
       const bool grew = ta_softmax_p<1, NT>(s, m, l, corr, sl2);
       wgmma_wait<0>();
       pin(o[0]);
-      if (it > 0) release(it - 1);
+      release(it - 1);
       if (grew) ta_rescale<1, DN>(o, corr);
       ta_pack_p<1, NT>(s, pa);
     }
     if (n_tiles > 0) {
+      turn_begin();
       issue_o((n_tiles - 1) % WS_STAGES, pa[0]);
+      turn_end();
       wgmma_wait<0>();
       pin(o[0]);
       release(n_tiles - 1);
@@ -480,21 +513,20 @@ __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda
 template <typename T, int D, int RW, int WG, int RT = (WG > RW ? 1 : RW / WG)>
 __global__ void tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {}
 
-template <typename T, int D, bool OVERLAP> __global__ void tree_attn_ws_kernel(cn_cuda_tree_attn_args a) {}
+template <typename T, int D, int MODE> __global__ void tree_attn_ws_kernel(cn_cuda_tree_attn_args a) {}
 
 #endif
 
 /* A kernel variant as a type: head size, row blocks a block, warpgroups a block (3: the
- * warp-specialised form, a producer and two consumers; OV: with the overlap of S and P V). */
-template <int D_, int RW_, int WG_, bool OV_ = false> struct ta_variant {
-  static constexpr int D = D_, RW = RW_, WG = WG_;
-  static constexpr bool OV = OV_;
+ * warp-specialised form, a producer and two consumers; WS: its mode, cn_cuda_set_ta_ws). */
+template <int D_, int RW_, int WG_, int WS_ = 1> struct ta_variant {
+  static constexpr int D = D_, RW = RW_, WG = WG_, WS = WS_;
 };
 
 /* Its kernel and shared-memory bytes. */
 template <typename T, typename V> static auto variant_kernel() {
   if constexpr (V::WG == 3)
-    return tree_attn_ws_kernel<T, V::D, V::OV>;
+    return tree_attn_ws_kernel<T, V::D, V::WS>;
   else
     return tree_attn_wgmma_kernel<T, V::D, V::RW, V::WG>;
 }
@@ -514,7 +546,9 @@ template <typename F> static int with_variant(const cn_cuda_ctx *ctx, int head_d
   auto of_d = [&](auto d) {
     constexpr int D = decltype(d)::value;
     if (rw == 1) return key_split ? f(ta_variant<D, 1, 2>{}) : f(ta_variant<D, 1, 1>{});
-    if (ctx->ta_ws) return ctx->ta_ws == 2 ? f(ta_variant<D, 2, 3, true>{}) : f(ta_variant<D, 2, 3>{});
+    if (ctx->ta_ws == 3) return f(ta_variant<D, 2, 3, 3>{});
+    if (ctx->ta_ws == 2) return f(ta_variant<D, 2, 3, 2>{});
+    if (ctx->ta_ws) return f(ta_variant<D, 2, 3, 1>{});
     return ctx->ta_two_wg ? f(ta_variant<D, 2, 2>{}) : f(ta_variant<D, 2, 1>{});
   };
   return head_dim == 64 ? of_d(std::integral_constant<int, 64>{}) : of_d(std::integral_constant<int, 128>{});
