@@ -12,6 +12,7 @@
  *
  * CANOPY_TEST_QUICK=1 shrinks the shapes (for compute-sanitizer). Skips (exit 77) when canopy was
  * built without CUDA or no device is visible. */
+#include <limits.h>
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -59,7 +60,7 @@ typedef struct batch_case {
 
 /* A kernel form the tests run: the kernel, its row tile (0: the launch picks), and the context's
  * two-warpgroup 128-row tiles, key split (its fewest rows; 1: every 64-row tile below 128) and
- * warp-specialised 128-row tiles. */
+ * the form of 128-row tiles (cn_cuda_set_ta_ws's mode; 0: the two-warpgroup kernel). */
 typedef struct ta_form {
   cn_cuda_tree_attn_impl impl;
   int row_tile, two_wg, key_split;
@@ -321,7 +322,7 @@ static int run_case(const batch_case *c) {
     const ta_form *f = &forms[iv / N_SPLIT_KINDS];
     CK(cn_cuda_set_ta_two_wg(ctx, f->two_wg));
     CK(cn_cuda_set_ta_key_split(ctx, f->key_split));
-    CK(cn_cuda_set_ta_ws(ctx, f->ws));
+    CK(cn_cuda_set_ta_ws(ctx, f->ws, INT_MAX)); /* at every row count here */
     size_t ws = cn_cuda_tree_attn_workspace(ns, max_n, splits[v], c->n_heads, c->n_kv_heads, d);
     if (ws) CK(cn_cuda_malloc(ctx, &d_ws, ws));
     CK(cn_cuda_memset(ctx, d_out, 0xFF, et * q_elems));
@@ -377,7 +378,7 @@ static int run_case(const batch_case *c) {
   for (int s = 0; s < ns; s++) free(sd[s].pos), free(sd[s].mask);
   free(perm), free(pool), free(pool16), free(desc), free(tables), free(pos), free(mask);
   CK(cn_cuda_set_ta_two_wg(ctx, 1)); /* the defaults, for the tests after this one */
-  CK(cn_cuda_set_ta_ws(ctx, 0));
+  CK(cn_cuda_set_ta_ws(ctx, CN_CUDA_TA_WS_MODE, 0));
   CK(cn_cuda_set_ta_key_split(ctx, CN_CUDA_TA_KEY_SPLIT_ROWS));
   free(q), free(ref_cpu), free(ref_f64), free(got), free(got_early), free(one_wg);
   return bad;

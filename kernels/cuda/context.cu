@@ -60,10 +60,11 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
   const char *key_split = getenv("CANOPY_CUDA_TA_KEY_SPLIT_ROWS");
   c->ta_key_split = key_split && *key_split ? atoi(key_split) : CN_CUDA_TA_KEY_SPLIT_ROWS;
   if (c->ta_key_split < 0) c->ta_key_split = 0;
-  /* CANOPY_CUDA_TA_WS=1: its 128-row tiles warp-specialised (tree_attention_wgmma.cu), 2: with
-   * each consumer's S and P V overlapped, 3: and the two consumers' products in turn, to compare. */
+  /* CANOPY_CUDA_TA_WS=m: the form of its 128-row tiles (cn_cuda_set_ta_ws; 0: the two-warpgroup
+   * kernel), to compare. */
   const char *ws = getenv("CANOPY_CUDA_TA_WS");
-  c->ta_ws = ws && *ws >= '1' && *ws <= '3' && !ws[1] ? *ws - '0' : 0;
+  c->ta_ws = ws && *ws >= '0' && *ws <= '3' && !ws[1] ? *ws - '0' : CN_CUDA_TA_WS_MODE;
+  c->ta_ws_max_rows = CN_CUDA_TA_WS_MAX_ROWS;
   CN_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
   CN_CUBLAS_CHECK(cublasCreate(&c->blas));
   CN_CUBLAS_CHECK(cublasSetStream(c->blas, c->stream));
@@ -183,9 +184,11 @@ int cn_cuda_set_ta_two_wg(cn_cuda_ctx *ctx, int on) {
   return CANOPY_OK;
 }
 
-int cn_cuda_set_ta_ws(cn_cuda_ctx *ctx, int on) {
+int cn_cuda_set_ta_ws(cn_cuda_ctx *ctx, int mode, int max_rows) {
   if (!ctx) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_ta_ws: NULL cuda context");
-  ctx->ta_ws = on >= 1 && on <= 3 ? on : 0;
+  if (mode < 0 || mode > 3) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_ta_ws: mode %d (0..3)", mode);
+  ctx->ta_ws = mode;
+  ctx->ta_ws_max_rows = max_rows > 0 ? max_rows : CN_CUDA_TA_WS_MAX_ROWS;
   return CANOPY_OK;
 }
 

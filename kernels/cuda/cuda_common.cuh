@@ -36,7 +36,8 @@ struct cn_cuda_ctx {
                           keys each (0: never; CANOPY_CUDA_TA_KEY_SPLIT_ROWS) */
   int ta_ws;           /* 128-row ones warp-specialised: a producer warpgroup and two consumers, one
                           block a multiprocessor; 2: each consumer's S and P V overlapped; 3: and
-                          the consumers' products in turn (CANOPY_CUDA_TA_WS) */
+                          the consumers' products in turn (CANOPY_CUDA_TA_WS; cn_cuda_set_ta_ws) */
+  int ta_ws_max_rows;  /* ... for KV heads of at most this many query rows */
   void *pad_y;         /* the padded GEMM's output rows; pad_y_bytes long */
   size_t pad_y_bytes;
 };

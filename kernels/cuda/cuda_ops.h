@@ -95,13 +95,18 @@ int cn_cuda_gemv_mma_rows(const cn_cuda_ctx *ctx);
  * row, so the same bits; on is 1-13% faster at 64-128 nodes on the H100 (bench/RESULTS.md). */
 int cn_cuda_set_ta_two_wg(cn_cuda_ctx *ctx, int on);
 
-/* Its 128-row tiles warp-specialised (on) or not (off, the default; CANOPY_CUDA_TA_WS=1 at creation
- * turns it on): a producer warpgroup copies K/V tiles into six stages handed over by mbarriers, and
- * two consumer warpgroups take a row block each without a block barrier a tile; one block a
- * multiprocessor. The same arithmetic per row, so the same bits. on = 2: also each consumer's
- * S = Q K^T of a tile computed while the P V of the tile before is; 3: and the two consumers'
- * products issued in turn (ping-pong). */
-int cn_cuda_set_ta_ws(cn_cuda_ctx *ctx, int on);
+/* The form of its 128-row tiles for KV heads of at most max_rows query rows (0: the default,
+ * CN_CUDA_TA_WS_MAX_ROWS): mode 0, the two-warpgroup kernel above; 1-3, warp-specialised, one block
+ * a multiprocessor: a producer warpgroup copies K/V tiles into six stages handed over by
+ * mbarriers, and two consumer warpgroups take a row block each without a block barrier a tile;
+ * 2: also each consumer's S = Q K^T of a tile computed while the P V of the tile before is; 3 (the
+ * default, CN_CUDA_TA_WS_MODE; CANOPY_CUDA_TA_WS=m at creation sets it): and the two consumers'
+ * products issued in turn (ping-pong). The same arithmetic per row in every mode, so the same
+ * bits. Mode 3 measured 3-8% faster than mode 0 on the H100 at 64 nodes (256 rows a KV head) and
+ * 3-9% slower at 128 (bench/RESULTS.md, 2026-12-06), hence the row limit. */
+int cn_cuda_set_ta_ws(cn_cuda_ctx *ctx, int mode, int max_rows);
+#define CN_CUDA_TA_WS_MODE 3
+#define CN_CUDA_TA_WS_MAX_ROWS 256
 
 /* Its 64-row tiles (KV heads of fewer than 128 query rows: decode, trees of up to 31 nodes at GQA 4)
  * as two warpgroups that take half of every 64-key tile each, with an online softmax of their own,

@@ -264,7 +264,7 @@ static bool wide_tiles(const cn_cuda_ctx *ctx, bool wgmma, int n_seqs, int max_n
   if (!wide_rows(max_n, group)) return false;
   if (!wgmma) return true;
   long blocks = (long)n_seqs * n_kv * (rows_cap(max_n, group, 128) / 128) * n_splits;
-  return 4 * blocks >= 3L * (ctx->ta_ws ? 1 : 2) * ctx->n_sm; /* the warp-specialised form: one a multiprocessor */
+  return 4 * blocks >= 3L * (cn_ta_ws_rows(ctx, max_n * group) ? 1 : 2) * ctx->n_sm;
 }
 
 /* Splits that fill every resident block slot once with tiles of `tile` rows (per_sm blocks a

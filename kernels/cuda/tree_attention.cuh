@@ -385,6 +385,12 @@ __device__ __forceinline__ void ta_finish(const cn_cuda_tree_attn_args &a, const
   cn_pdl_trigger();
 }
 
+/* Whether 128-row tiles of KV heads of `rows` query rows take the warp-specialised form
+ * (cn_cuda_set_ta_ws), which runs one block a multiprocessor instead of two. */
+static inline bool cn_ta_ws_rows(const cn_cuda_ctx *ctx, int rows) {
+  return ctx->ta_ws > 0 && rows <= ctx->ta_ws_max_rows;
+}
+
 /* The wgmma kernel's launch (tree_attention_wgmma.cu); rw row blocks of 64 per block. */
 int cn_ta_launch_wgmma(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw, int cap);
 /* Its resident blocks per multiprocessor (after raising its shared-memory limit), for KV heads of

@@ -546,9 +546,10 @@ template <typename F> static int with_variant(const cn_cuda_ctx *ctx, int head_d
   auto of_d = [&](auto d) {
     constexpr int D = decltype(d)::value;
     if (rw == 1) return key_split ? f(ta_variant<D, 1, 2>{}) : f(ta_variant<D, 1, 1>{});
-    if (ctx->ta_ws == 3) return f(ta_variant<D, 2, 3, 3>{});
-    if (ctx->ta_ws == 2) return f(ta_variant<D, 2, 3, 2>{});
-    if (ctx->ta_ws) return f(ta_variant<D, 2, 3, 1>{});
+    if (cn_ta_ws_rows(ctx, rows)) {
+      if (ctx->ta_ws == 3) return f(ta_variant<D, 2, 3, 3>{});
+      return ctx->ta_ws == 2 ? f(ta_variant<D, 2, 3, 2>{}) : f(ta_variant<D, 2, 3, 1>{});
+    }
     return ctx->ta_two_wg ? f(ta_variant<D, 2, 2>{}) : f(ta_variant<D, 2, 1>{});
   };
   return head_dim == 64 ? of_d(std::integral_constant<int, 64>{}) : of_d(std::integral_constant<int, 128>{});
