@@ -306,8 +306,9 @@ static int run_case(const batch_case *c) {
   cn_cuda_tree_attn_plan(ctx, ns, max_n, max_keys, c->n_heads, c->n_kv_heads, d, 0, &plan_splits, &plan_keys);
   int splits[N_SPLIT_KINDS] = {1, plan_splits, 7, 40}, split_keys[N_SPLIT_KINDS] = {0, plan_keys, 0, 0};
   /* The kernels: mma.sync, and wgmma with 128-row tiles (where a KV head has 128+ rows; one
-   * warpgroup taking both row blocks, or two warpgroups) and with 64-row tiles (one warpgroup, or
-   * two with half the keys each). */
+   * warpgroup taking both row blocks, two warpgroups, or the warp-specialised form in each of its
+   * modes, at every row count) and with 64-row tiles (one warpgroup, or two with half the keys
+   * each). */
   enum { N_IMPLS = 8 };
   static const ta_form forms[N_IMPLS] = {{CN_CUDA_TA_MMA_SYNC, 0, 0, 0, "mma.sync", 0},
                                          {CN_CUDA_TA_WGMMA, 128, 0, 0, "wgmma128", 0},

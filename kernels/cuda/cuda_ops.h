@@ -413,8 +413,8 @@ int cn_cuda_tree_attn_supported(int head_dim);
  * AUTO picks; a caller that captures graphs passes bucketed values so that the count stays fixed.
  * At most 256. Row tiles: a KV head's rows (max_n n_heads / n_kv_heads) go 64 to a block, or 128
  * once there are 128+ of them and (wgmma kernel) the 128-row blocks of n_splits splits fill at
- * least three quarters of the device's two blocks a multiprocessor; so this count also picks the
- * tile. */
+ * least three quarters of the device's two blocks a multiprocessor (one in the warp-specialised
+ * form, cn_cuda_set_ta_ws); so this count also picks the tile. */
 int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int max_keys, int n_heads, int n_kv_heads,
                              int head_dim);
 

@@ -328,7 +328,6 @@ __global__ void __launch_bounds__(TA_THREADS *WG, 2) tree_attn_wgmma_kernel(cn_c
   ta_finish<T, RT, DN>(a, b, base, gridDim.x * ROWS, o, m, l);
 }
 
-
 /* ---- the warp-specialised form (cn_cuda_set_ta_ws) --------------------------------------------
  * 128-row tiles, one block a multiprocessor: warpgroup 0 copies K/V tiles into WS_STAGES stages
  * and warpgroups 1 and 2 compute (row block 0 and 1), each on its own schedule. A stage is handed
@@ -451,8 +450,8 @@ __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda
     }
   } else {
     /* Tile it's S is computed while tile it - 1's P V is (FlashAttention-3's overlap within a
-     * warpgroup): the softmax of it waits only for its own S; O is rescaled after P V is done. */
-    /* MODE 3, ping-pong (FlashAttention-3's scheduling of two warpgroups): a consumer issues a
+     * warpgroup): the softmax of it waits only for its own S; O is rescaled after P V is done.
+     * MODE 3 adds ping-pong (FlashAttention-3's scheduling of two warpgroups): a consumer issues a
      * round of products (S of a tile and P V of the one before) only after the other has issued its
      * round, so one's softmax runs under the other's products instead of both at once. Named
      * barrier 1 + c is consumer c's turn: it waits there with the 128 arrivals of the other. The
