@@ -134,12 +134,11 @@ template <int D> __device__ __forceinline__ void wgmma_o(float (&d)[D / 8][4], c
     wgmma_rs_n64_tb(d, a, db);
 }
 
-/* Q rows of the tile as bf16 into the swizzled Q tile; padding rows are zeros. NTH threads take
- * part, this one as thread `t` of them. */
+/* Q rows of the tile as bf16 into the swizzled Q tile; padding rows are zeros. */
 template <typename T, int D, int ROWS, int NTH>
-__device__ __forceinline__ void load_q(const cn_cuda_tree_attn_args &a, const ta_block &b, uint32_t qs, int t) {
+__device__ __forceinline__ void load_q(const cn_cuda_tree_attn_args &a, const ta_block &b, uint32_t qs) {
   constexpr int CH = D / 8;
-  for (int c = t; c < ROWS * CH; c += NTH) {
+  for (int c = threadIdx.x; c < ROWS * CH; c += NTH) {
     const int rl = c / CH, piece = c % CH, r = b.row0 + rl;
     uint4 v = make_uint4(0, 0, 0, 0);
     if (r < b.rows) {
@@ -299,7 +298,7 @@ __global__ void __launch_bounds__(TA_THREADS *WG, 2) tree_attn_wgmma_kernel(cn_c
   };
 
   ta_prologue<STAGES, KT>(a, b, n_tiles, find, copy);
-  load_q<T, D, ROWS, NTH>(a, b, qs, threadIdx.x); /* while the first tiles are on their way */
+  load_q<T, D, ROWS, NTH>(a, b, qs); /* while the first tiles are on their way */
   for (int it = 0; it < n_tiles; it++) {
     const int kt = b.k_begin + it * KT, ahead = it + STAGES - 1, st = it % STAGES;
     ta_tile_src<D, KT, NTH> next; /* its table lookups travel while this tile's copies land */
@@ -362,7 +361,7 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
 
 template <typename T, int D, int MODE>
 __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda_tree_attn_args a) {
-  if (!a.prefix_ready) cn_pdl_wait(); /* else the producer's copies of the new keys and Q wait below */
+  cn_pdl_wait();
   constexpr int KT = WG_KT, DN = D / 8, NT = KT / 8, ROWS = 128, TILE = KT * D * 2;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw = smem_addr(smem_raw), qs = (raw + 1023) & ~1023u; /* Q, [STAGES][K, V], barriers */
@@ -377,20 +376,17 @@ __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda
   if (threadIdx.x == 0)
     for (int st = 0; st < WS_STAGES; st++)
       mbar_init(full + st * 8, TA_THREADS), mbar_init(empty + st * 8, 8);
-  __syncthreads(); /* the initialised barriers, seen by every thread */
+  load_q<T, D, ROWS, 3 * TA_THREADS>(a, b, qs);
+  fence_proxy_async();
+  __syncthreads(); /* Q and the initialised barriers, seen by every thread */
 
   if (wg == 0) { /* the producer: tile i into stage i % STAGES once its last reader is done */
-    /* With a.prefix_ready, tiles wholly in the committed prefix are copied before the wait for the
-     * kernel before this one, as ta_prologue does for the kernel above (its table lookups may be
-     * made before it in any case). */
-    bool waited = !a.prefix_ready;
     ta_tile_src<D, KT> src;
     if (n_tiles > 0) src = ta_tile_find<D, KT>(a, b, b.k_begin);
     for (int it = 0; it < n_tiles; it++) {
       const int st = it % WS_STAGES;
       ta_tile_src<D, KT> next; /* the next tile's lookups travel while this one's wait and copies run */
       if (it + 1 < n_tiles) next = ta_tile_find<D, KT>(a, b, b.k_begin + (it + 1) * KT);
-      if (!waited && min(b.k_begin + (it + 1) * KT, b.k_end) > b.sq.ctx_len) cn_pdl_wait(), waited = true;
       if (it >= WS_STAGES) mbar_wait(empty + st * 8, (it / WS_STAGES - 1) & 1);
       ta_tile_copy<D, KT>(a, b, src, ks(st), vs(st), [](int key, int piece) { return sw128_at<KT>(key, piece); });
       mbar_arrive_cp_async(full + st * 8);
@@ -401,10 +397,6 @@ __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda
     return;
   }
 
-  if (a.prefix_ready) cn_pdl_wait(); /* Q is the kernel before's */
-  load_q<T, D, ROWS, 2 * TA_THREADS>(a, b, qs, threadIdx.x - TA_THREADS);
-  fence_proxy_async();
-  asm volatile("bar.sync 3, 256;\n" ::: "memory"); /* Q, seen by both consumers */
   const int rb = wg - 1; /* this consumer's row block */
   int base[1] = {b.row0 + rb * 64 + warp * 16};
   const uint64_t q_desc = sw128_desc(qs + rb * 64 * D * 2, 16, 1024), k_desc = sw128_desc(ks(0), 16, 1024),
