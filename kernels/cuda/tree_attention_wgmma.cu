@@ -134,6 +134,36 @@ template <int D> __device__ __forceinline__ void wgmma_o(float (&d)[D / 8][4], c
     wgmma_rs_n64_tb(d, a, db);
 }
 
+/* S = Q K^T of one 64-row block, issued (async) as a commit group of its own: the block's Q tile
+ * lies q_off bytes past q_desc, kd is the stage's K tile at the warpgroup's first key; NT / 8 of a
+ * 64-key tile's 8-key blocks. */
+template <int D, int NT>
+__device__ __forceinline__ void wg_issue_s(float (&s)[NT][4], uint64_t q_desc, uint32_t q_off, uint64_t kd) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; kk++) {
+    const uint32_t panel = (kk / 4) * 8192u + (kk % 4) * 32u; /* 64 rows x 128 bytes a Q panel */
+    const uint64_t qdk = desc_add(q_desc, q_off + panel), kdk = desc_add(kd, (kk / 4) * WG_KT * 128 + (kk % 4) * 32);
+    if constexpr (NT == 8)
+      wgmma_ss_n64(s, qdk, kdk, kk > 0);
+    else
+      wgmma_ss_n32(s, qdk, kdk, kk > 0);
+  }
+  wgmma_commit();
+}
+
+/* O += P V of one 64-row block, issued (async) as a commit group of its own: the stage's V tile at
+ * the warpgroup's first key lies v_off bytes past v_desc. */
+template <int D, int NT>
+__device__ __forceinline__ void wg_issue_o(float (&o)[D / 8][4], const uint32_t (&pa)[NT / 2][4], uint64_t v_desc,
+                                           uint32_t v_off) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < NT / 2; kk++)
+    wgmma_o<D>(o, pa[kk], desc_add(v_desc, v_off + kk * 16 * 128));
+  wgmma_commit();
+}
+
 /* Q rows of the tile as bf16 into the swizzled Q tile; padding rows are zeros. */
 template <typename T, int D, int ROWS, int NTH>
 __device__ __forceinline__ void load_q(const cn_cuda_tree_attn_args &a, const ta_block &b, uint32_t qs) {
@@ -252,19 +282,7 @@ __global__ void __launch_bounds__(TA_THREADS *WG, 2) tree_attn_wgmma_kernel(cn_c
   /* S = Q K^T of this thread's row block rt from stage st, issued (async) as a commit group of its
    * own. */
   auto issue_s = [&](int st, int rt, float(&s)[NT][4]) {
-    const uint64_t kd = desc_add(k_desc, st * 2 * TILE);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) {
-      const uint32_t panel = (kk / 4) * 8192u + (kk % 4) * 32u; /* 64 rows x 128 bytes a Q panel */
-      const uint64_t qd = desc_add(q_desc, (rb0 + rt) * 64 * D * 2 + panel);
-      const uint64_t kdk = desc_add(kd, (kk / 4) * KT * 128 + (kk % 4) * 32);
-      if constexpr (NT == 8)
-        wgmma_ss_n64(s, qd, kdk, kk > 0);
-      else
-        wgmma_ss_n32(s, qd, kdk, kk > 0);
-    }
-    wgmma_commit();
+    wg_issue_s<D, NT>(s, q_desc, (rb0 + rt) * 64 * D * 2, desc_add(k_desc, st * 2 * TILE));
   };
 
   const float sl2 = a.scale * TA_LOG2E;
@@ -273,11 +291,7 @@ __global__ void __launch_bounds__(TA_THREADS *WG, 2) tree_attn_wgmma_kernel(cn_c
   /* O += P V of row block rt from stage st, issued (async) as a commit group of its own. */
   auto issue_o = [&](int st, int rt, const uint32_t(&pa)[NT / 2][4]) {
     pin(o[rt]);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < NT / 2; kk++)
-      wgmma_o<D>(o[rt], pa[kk], desc_add(v_desc, st * 2 * TILE + kk * 16 * 128));
-    wgmma_commit();
+    wg_issue_o<D, NT>(o[rt], pa, v_desc, st * 2 * TILE);
   };
   /* Row block RB of a tile whose S products are all issued, as are the O products of the blocks
    * before it: wait for its S (at most RT - 1 later groups may still run: the other blocks' S and
@@ -404,26 +418,11 @@ __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda
   const float sl2 = a.scale * TA_LOG2E;
   float o[1][DN][4], m[1][2], l[1][2];
   ta_state_init(o, m, l);
-  /* S = Q K^T of the tile in stage st, issued as a commit group; O += P V likewise. */
-  auto issue_s = [&](int st, float(&s)[NT][4]) {
-    const uint64_t kd = desc_add(k_desc, st * 2 * TILE);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) {
-      const uint32_t panel = (kk / 4) * 8192u + (kk % 4) * 32u;
-      wgmma_ss_n64(s, desc_add(q_desc, panel), desc_add(kd, (kk / 4) * KT * 128 + (kk % 4) * 32), kk > 0);
-    }
-    wgmma_commit();
-  };
-  /* (No pin of o here: with the overlap the S products are in flight, and ptxas serialises every
-   * wgmma once another instruction touches an accumulator inside a pipeline stage.) */
-  auto issue_o = [&](int st, const uint32_t(&pa)[NT / 2][4]) {
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < NT / 2; kk++)
-      wgmma_o<D>(o[0], pa[kk], desc_add(v_desc, st * 2 * TILE + kk * 16 * 128));
-    wgmma_commit();
-  };
+  /* S = Q K^T of the tile in stage st; O += P V likewise. (No pin of o in issue_o: with the overlap
+   * the S products are in flight, and ptxas serialises every wgmma once another instruction
+   * touches an accumulator inside a pipeline stage.) */
+  auto issue_s = [&](int st, float(&s)[NT][4]) { wg_issue_s<D, NT>(s, q_desc, 0, desc_add(k_desc, st * 2 * TILE)); };
+  auto issue_o = [&](int st, const uint32_t(&pa)[NT / 2][4]) { wg_issue_o<D, NT>(o[0], pa, v_desc, st * 2 * TILE); };
   auto full_wait = [&](int it) {
     mbar_wait(full + it % WS_STAGES * 8, (it / WS_STAGES) & 1);
     fence_proxy_async(); /* the producer's generic-proxy copies, ordered before this thread's wgmma reads */
