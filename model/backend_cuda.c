@@ -846,6 +846,7 @@ static void cuda_attention_batch(void *ctx, void *out, const void *q, const cn_a
                               .seqs = (const cn_cuda_tree_seq *)c->tb,
                               .n_seqs = n_seqs,
                               .max_n = c->max_n,
+                              .max_keys = c->keys_bucket, /* the plan's, which the graph key holds */
                               .n_splits = splits,
                               .split_keys = split_keys,
                               .n_heads = n_heads,

@@ -60,12 +60,13 @@ typedef struct batch_case {
 
 /* A kernel form the tests run: the kernel, its row tile (0: the launch picks), and the context's
  * two-warpgroup 128-row tiles, key split (its fewest rows; 1: every 64-row tile below 128) and
- * the form of 128-row tiles (cn_cuda_set_ta_ws's mode; 0: the two-warpgroup kernel). */
+ * the form of 128-row tiles (cn_cuda_set_ta_ws's mode and long_keys; 0: the two-warpgroup
+ * kernel; long_keys 0: never 128-key tiles in mode 3). */
 typedef struct ta_form {
   cn_cuda_tree_attn_impl impl;
   int row_tile, two_wg, key_split;
   const char *name;
-  int ws;
+  int ws, long_keys;
 } ta_form;
 
 /* One sequence's host data. */
@@ -307,30 +308,32 @@ static int run_case(const batch_case *c) {
   int splits[N_SPLIT_KINDS] = {1, plan_splits, 7, 40}, split_keys[N_SPLIT_KINDS] = {0, plan_keys, 0, 0};
   /* The kernels: mma.sync, and wgmma with 128-row tiles (where a KV head has 128+ rows; one
    * warpgroup taking both row blocks, two warpgroups, or the warp-specialised form in each of its
-   * modes, at every row count) and with 64-row tiles (one warpgroup, or two with half the keys
-   * each). */
-  enum { N_IMPLS = 8 };
-  static const ta_form forms[N_IMPLS] = {{CN_CUDA_TA_MMA_SYNC, 0, 0, 0, "mma.sync", 0},
-                                         {CN_CUDA_TA_WGMMA, 128, 0, 0, "wgmma128", 0},
-                                         {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128x2", 0},
-                                         {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128ws", 1},
-                                         {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128wso", 2},
-                                         {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128wsp", 3},
-                                         {CN_CUDA_TA_WGMMA, 64, 0, 0, "wgmma64", 0},
-                                         {CN_CUDA_TA_WGMMA, 64, 0, 1, "wgmma64ks", 0}};
+   * modes, at every row count, and mode 3 taking 128-key tiles where a launch has one split) and
+   * with 64-row tiles (one warpgroup, or two with half the keys each). */
+  enum { N_IMPLS = 10 };
+  static const ta_form forms[N_IMPLS] = {{CN_CUDA_TA_MMA_SYNC, 0, 0, 0, "mma.sync", 0, 0},
+                                         {CN_CUDA_TA_WGMMA, 128, 0, 0, "wgmma128", 0, 0},
+                                         {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128x2", 0, 0},
+                                         {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128ws", 1, 0},
+                                         {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128wso", 2, 0},
+                                         {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128wsp", 3, 0},
+                                         {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128wsk", 4, 0},
+                                         {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128wsl", 3, 1},
+                                         {CN_CUDA_TA_WGMMA, 64, 0, 0, "wgmma64", 0, 0},
+                                         {CN_CUDA_TA_WGMMA, 64, 0, 1, "wgmma64ks", 0, 0}};
   for (int iv = 0; iv < N_IMPLS * N_SPLIT_KINDS; iv++) {
     int v = iv % N_SPLIT_KINDS;
     const ta_form *f = &forms[iv / N_SPLIT_KINDS];
     CK(cn_cuda_set_ta_two_wg(ctx, f->two_wg));
     CK(cn_cuda_set_ta_key_split(ctx, f->key_split));
-    CK(cn_cuda_set_ta_ws(ctx, f->ws, INT_MAX)); /* at every row count here */
+    CK(cn_cuda_set_ta_ws(ctx, f->ws, INT_MAX, f->long_keys)); /* at every row count here */
     size_t ws = cn_cuda_tree_attn_workspace(ns, max_n, splits[v], c->n_heads, c->n_kv_heads, d);
     if (ws) CK(cn_cuda_malloc(ctx, &d_ws, ws));
     CK(cn_cuda_memset(ctx, d_out, 0xFF, et * q_elems));
     cn_cuda_tree_attn_args a = {.out = d_out, .q = d_q, .dt = c->dt, .k = d_pool, .v = (uint16_t *)d_pool + half,
                                 .block_stride = 2 * half, .block_size = bs, .block_tables = d_tables, .pos = d_pos,
                                 .tree_mask = total_mask ? d_mask : NULL, .seqs = d_desc, .n_seqs = ns,
-                                .max_n = max_n, .n_splits = splits[v], .split_keys = split_keys[v],
+                                .max_n = max_n, .max_keys = max_keys, .n_splits = splits[v], .split_keys = split_keys[v],
                                 .n_heads = c->n_heads,
                                 .n_kv_heads = c->n_kv_heads, .head_dim = d, .sliding_window = c->window,
                                 .scale = 1.0f / sqrtf((float)d), .workspace = d_ws, .impl = f->impl,
@@ -351,7 +354,10 @@ static int run_case(const batch_case *c) {
     const int early_differs = memcmp(got, got_early, sizeof(float) * q_elems) != 0;
     float *one = one_wg + (size_t)v * q_elems;
     if (f->row_tile == 128 && !f->two_wg) memcpy(one, got, sizeof(float) * q_elems), one_wg_ran[v] = 1;
-    const int two_wg_differs = f->two_wg && one_wg_ran[v] && memcmp(got, one, sizeof(float) * q_elems) != 0;
+    /* 128-key tiles (mode 4, and mode 3 with long_keys at one split) rescale at other keys: not
+     * the same bits. */
+    const int two_wg_differs =
+        f->two_wg && f->ws < 4 && !f->long_keys && one_wg_ran[v] && memcmp(got, one, sizeof(float) * q_elems) != 0;
     if (d_ws) cn_cuda_free(ctx, d_ws), d_ws = NULL;
 
     int unwritten = 0, blind_bad = 0;
@@ -379,7 +385,7 @@ static int run_case(const batch_case *c) {
   for (int s = 0; s < ns; s++) free(sd[s].pos), free(sd[s].mask);
   free(perm), free(pool), free(pool16), free(desc), free(tables), free(pos), free(mask);
   CK(cn_cuda_set_ta_two_wg(ctx, 1)); /* the defaults, for the tests after this one */
-  CK(cn_cuda_set_ta_ws(ctx, CN_CUDA_TA_WS_MODE, 0));
+  CK(cn_cuda_set_ta_ws(ctx, CN_CUDA_TA_WS_MODE, 0, -1));
   CK(cn_cuda_set_ta_key_split(ctx, CN_CUDA_TA_KEY_SPLIT_ROWS));
   free(q), free(ref_cpu), free(ref_f64), free(got), free(got_early), free(one_wg);
   return bad;
@@ -514,9 +520,9 @@ static void test_decode_and_verified_chain_give_the_same_bits(void **state) {
   static const int chains[][2] = {{2, 0}, {5, 0}, {8, 0}, {40, 1}}; /* nodes, batch-invariant plan */
   /* mma.sync takes 32-key tiles once a KV head has 128+ rows, so it is held to narrow chains. The
    * wgmma kernel runs with its 64-row tiles' key split off and on. */
-  static const ta_form forms[3] = {{CN_CUDA_TA_WGMMA, 0, 1, 0, "wgmma", 0},
-                                   {CN_CUDA_TA_WGMMA, 0, 1, 1, "wgmma, key split", 0},
-                                   {CN_CUDA_TA_MMA_SYNC, 0, 1, 0, "mma.sync", 0}};
+  static const ta_form forms[3] = {{CN_CUDA_TA_WGMMA, 0, 1, 0, "wgmma", 0, 0},
+                                   {CN_CUDA_TA_WGMMA, 0, 1, 1, "wgmma, key split", 0, 0},
+                                   {CN_CUDA_TA_MMA_SYNC, 0, 1, 0, "mma.sync", 0, 0}};
   int differ = 0, checked = 0, even_differ = 0;
   for (int sh = 0; sh < 2; sh++) {
     const batch_case *c = &shapes[sh];

@@ -63,8 +63,13 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
   /* CANOPY_CUDA_TA_WS=m: the form of its 128-row tiles (cn_cuda_set_ta_ws; 0: the two-warpgroup
    * kernel), to compare. */
   const char *ws = getenv("CANOPY_CUDA_TA_WS");
-  c->ta_ws = ws && *ws >= '0' && *ws <= '3' && !ws[1] ? *ws - '0' : CN_CUDA_TA_WS_MODE;
-  c->ta_ws_max_rows = CN_CUDA_TA_WS_MAX_ROWS;
+  c->ta_ws = ws && *ws >= '0' && *ws <= '4' && !ws[1] ? *ws - '0' : CN_CUDA_TA_WS_MODE;
+  /* CANOPY_CUDA_TA_WS_MAX_ROWS=r: ... for KV heads of up to r query rows (cn_cuda_set_ta_ws). */
+  const char *ws_rows = getenv("CANOPY_CUDA_TA_WS_MAX_ROWS");
+  c->ta_ws_max_rows = ws_rows && atoi(ws_rows) > 0 ? atoi(ws_rows) : CN_CUDA_TA_WS_MAX_ROWS;
+  /* CANOPY_CUDA_TA_WS_LONG_KEYS=k: mode 3's 128-key tiles from k keys (0: never). */
+  const char *long_keys = getenv("CANOPY_CUDA_TA_WS_LONG_KEYS");
+  c->ta_ws_long_keys = long_keys && *long_keys && atoi(long_keys) >= 0 ? atoi(long_keys) : CN_CUDA_TA_WS_LONG_KEYS;
   CN_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
   CN_CUBLAS_CHECK(cublasCreate(&c->blas));
   CN_CUBLAS_CHECK(cublasSetStream(c->blas, c->stream));
@@ -184,11 +189,12 @@ int cn_cuda_set_ta_two_wg(cn_cuda_ctx *ctx, int on) {
   return CANOPY_OK;
 }
 
-int cn_cuda_set_ta_ws(cn_cuda_ctx *ctx, int mode, int max_rows) {
+int cn_cuda_set_ta_ws(cn_cuda_ctx *ctx, int mode, int max_rows, int long_keys) {
   if (!ctx) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_ta_ws: NULL cuda context");
-  if (mode < 0 || mode > 3) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_ta_ws: mode %d (0..3)", mode);
+  if (mode < 0 || mode > 4) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_ta_ws: mode %d (0..4)", mode);
   ctx->ta_ws = mode;
   ctx->ta_ws_max_rows = max_rows > 0 ? max_rows : CN_CUDA_TA_WS_MAX_ROWS;
+  ctx->ta_ws_long_keys = long_keys >= 0 ? long_keys : CN_CUDA_TA_WS_LONG_KEYS;
   return CANOPY_OK;
 }
 

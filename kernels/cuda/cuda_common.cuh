@@ -38,6 +38,8 @@ struct cn_cuda_ctx {
                           block a multiprocessor; 2: each consumer's S and P V overlapped; 3: and
                           the consumers' products in turn (CANOPY_CUDA_TA_WS; cn_cuda_set_ta_ws) */
   int ta_ws_max_rows;  /* ... for KV heads of at most this many query rows */
+  int ta_ws_long_keys; /* mode 3's 128-key tiles for launches of one split whose sequences may hold
+                          this many keys (0: never; CANOPY_CUDA_TA_WS_LONG_KEYS; cn_cuda_set_ta_ws) */
   void *pad_y;         /* the padded GEMM's output rows; pad_y_bytes long */
   size_t pad_y_bytes;
 };

@@ -101,12 +101,17 @@ int cn_cuda_set_ta_two_wg(cn_cuda_ctx *ctx, int on);
  * mbarriers, and two consumer warpgroups take a row block each without a block barrier a tile;
  * 2: also each consumer's S = Q K^T of a tile computed while the P V of the tile before is; 3 (the
  * default, CN_CUDA_TA_WS_MODE; CANOPY_CUDA_TA_WS=m at creation sets it): and the two consumers'
- * products issued in turn (ping-pong). The same arithmetic per row in every mode, so the same
- * bits. Mode 3 measured 3-8% faster than mode 0 on the H100 at 64 nodes (256 rows a KV head) and
+ * products issued in turn (ping-pong). The same arithmetic per row in modes 1-3, so the same
+ * bits. 4: mode 3 with tiles of 128 keys instead of 64 (registers moved from the producer to the
+ * consumers by setmaxnreg); a row's softmax then rescales at other keys, so its bits differ
+ * (within rounding), and the batch-invariant plan takes mode 3 instead. Mode 3 itself takes mode 4
+ * for launches of one split whose sequences may hold long_keys or more keys (args.max_keys), up to
+ * 512 rows (0: never; negative: the default, CN_CUDA_TA_WS_LONG_KEYS). Mode 3 measured 3-8% faster than mode 0 on the H100 at 64 nodes (256 rows a KV head) and
  * 3-9% slower at 128 (bench/RESULTS.md, 2026-12-06), hence the row limit. */
-int cn_cuda_set_ta_ws(cn_cuda_ctx *ctx, int mode, int max_rows);
+int cn_cuda_set_ta_ws(cn_cuda_ctx *ctx, int mode, int max_rows, int long_keys);
 #define CN_CUDA_TA_WS_MODE 3
 #define CN_CUDA_TA_WS_MAX_ROWS 256
+#define CN_CUDA_TA_WS_LONG_KEYS 8192
 
 /* Its 64-row tiles (KV heads of fewer than 128 query rows: decode, trees of up to 31 nodes at GQA 4)
  * as two warpgroups that take half of every 64-key tile each, with an online softmax of their own,
@@ -384,6 +389,8 @@ typedef struct cn_cuda_tree_attn_args {
   const uint64_t *tree_mask;    /* concatenated mask rows (device), or NULL if every sequence is causal */
   const cn_cuda_tree_seq *seqs; /* [n_seqs] (device) */
   int n_seqs, max_n;            /* grid bucket: sequences, and the most queries any of them has */
+  int max_keys;                 /* no sequence has more keys (ctx_len + q_offset + n): the plan's
+                                   max_keys (0: not known; it only picks a kernel form) */
   int n_splits;                 /* key-range splits, 1 .. 256 (cn_cuda_tree_attn_plan) */
   int split_keys;               /* 0: each sequence's keys divided evenly among n_splits; else keys
                                    per split (a multiple of 64): split j holds keys [j split_keys,

@@ -260,11 +260,12 @@ static bool use_wgmma(const cn_cuda_ctx *ctx, cn_cuda_tree_attn_impl impl) {
  * (batch 1, short prefixes: the 512-key minimum split caps the splits) 64-row tiles make twice as
  * many: the H100 ran n = 64 at 4k in 30 us so (8 splits) against 37 us with 128-row tiles, while
  * at 16k, where 128-row tiles fill the device, they ran 72 us against 89 (bench/RESULTS.md). */
-static bool wide_tiles(const cn_cuda_ctx *ctx, bool wgmma, int n_seqs, int max_n, int group, int n_kv, int n_splits) {
+static bool wide_tiles(const cn_cuda_ctx *ctx, bool wgmma, int n_seqs, int max_n, int group, int n_kv, int n_splits,
+                       int max_keys) {
   if (!wide_rows(max_n, group)) return false;
   if (!wgmma) return true;
   long blocks = (long)n_seqs * n_kv * (rows_cap(max_n, group, 128) / 128) * n_splits;
-  return 4 * blocks >= 3L * (cn_ta_ws_rows(ctx, max_n * group) ? 1 : 2) * ctx->n_sm;
+  return 4 * blocks >= 3L * (cn_ta_ws_form(ctx, max_n * group, n_splits, max_keys) ? 1 : 2) * ctx->n_sm;
 }
 
 /* Splits that fill every resident block slot once with tiles of `tile` rows (per_sm blocks a
@@ -291,15 +292,18 @@ int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int 
   int group = n_heads / n_kv_heads;
   bool wg = use_wgmma(ctx, CN_CUDA_TA_AUTO), wide = wide_rows(max_n, group);
   int per_sm = 0;
-  int st = wg ? cn_ta_wgmma_per_sm(ctx, head_dim, wide ? 2 : 1, max_n * group, &per_sm)
+  /* Planned as one split of no length: a form that only a single split takes (128-key tiles)
+   * holds as many blocks a multiprocessor as the form it replaces (one), or fewer (one for two),
+   * and fewer blocks never ask for more splits. */
+  int st = wg ? cn_ta_wgmma_per_sm(ctx, head_dim, wide ? 2 : 1, max_n * group, 1, 0, &per_sm)
            : head_dim == 64 ? (wide ? prepare<cn_bf16_t, 64, 2>(&per_sm) : prepare<cn_bf16_t, 64, 1>(&per_sm))
                             : (wide ? prepare<cn_bf16_t, 128, 2>(&per_sm) : prepare<cn_bf16_t, 128, 1>(&per_sm));
   if (st || per_sm < 1) per_sm = 1;
   long want = splits_for(ctx, per_sm, n_seqs, max_n, group, n_kv_heads, wide ? 128 : 64, max_keys);
-  if (wide && !wide_tiles(ctx, wg, n_seqs, max_n, group, n_kv_heads, (int)want)) {
+  if (wide && !wide_tiles(ctx, wg, n_seqs, max_n, group, n_kv_heads, (int)want, max_keys)) {
     /* 64-row tiles then (fewer splits never make 128-row tiles fill the device, so the launch
      * picks 64 too). */
-    if (cn_ta_wgmma_per_sm(ctx, head_dim, 1, max_n * group, &per_sm) || per_sm < 1) per_sm = 1;
+    if (cn_ta_wgmma_per_sm(ctx, head_dim, 1, max_n * group, 1, 0, &per_sm) || per_sm < 1) per_sm = 1;
     want = splits_for(ctx, per_sm, n_seqs, max_n, group, n_kv_heads, 64, max_keys);
   }
   return (int)want;
@@ -383,7 +387,7 @@ int cn_cuda_tree_attention(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a) {
     bool wide = a->row_tile == 128  ? wide_rows(a->max_n, group)
                 : a->row_tile == 64 ? false
                                     : wide_tiles(ctx, use_wgmma(ctx, a->impl), a->n_seqs, a->max_n, group,
-                                                 a->n_kv_heads, a->n_splits);
+                                                 a->n_kv_heads, a->n_splits, a->max_keys);
     if (a->head_dim == 64) return wide ? launch<T, 64, 2>(ctx, a) : launch<T, 64, 1>(ctx, a);
     return wide ? launch<T, 128, 2>(ctx, a) : launch<T, 128, 1>(ctx, a);
   });

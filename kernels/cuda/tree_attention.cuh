@@ -20,6 +20,9 @@
  * CANOPY_CUDA_TA_SPLIT_MIN_KEYS sets it per context. */
 #define CN_TA_SPLIT_MIN_KEYS 128
 #define TA_LOG2E 1.4426950408889634f
+/* The most query rows a KV head has where mode 3 takes 128-key tiles: measured up to 512 (128
+ * nodes at GQA 4). */
+#define CN_TA_WS_LONG_MAX_ROWS 512
 
 /* ---- PTX wrappers --------------------------------------------------------------------------- */
 
@@ -385,16 +388,27 @@ __device__ __forceinline__ void ta_finish(const cn_cuda_tree_attn_args &a, const
   cn_pdl_trigger();
 }
 
-/* Whether 128-row tiles of KV heads of `rows` query rows take the warp-specialised form
- * (cn_cuda_set_ta_ws), which runs one block a multiprocessor instead of two. */
-static inline bool cn_ta_ws_rows(const cn_cuda_ctx *ctx, int rows) {
-  return ctx->ta_ws > 0 && rows <= ctx->ta_ws_max_rows;
+/* The form that 128-row tiles of KV heads of `rows` query rows take in a launch of n_splits
+ * splits whose sequences hold at most max_keys keys (cn_cuda_set_ta_ws): 0, the two-warpgroup
+ * kernel (two blocks a multiprocessor), or the warp-specialised one (one) in mode 1-4. Mode 3
+ * takes 128-key tiles (mode 4) where every block streams a whole sequence of ta_ws_long_keys+
+ * keys: the H100 ran them 4-12% faster there at batch 8, 64 and 128 nodes, 16k and 32k keys,
+ * and slower wherever blocks stream a split of 2-4k keys (bench/RESULTS.md, 2026-12-06). */
+static inline int cn_ta_ws_form(const cn_cuda_ctx *ctx, int rows, int n_splits, int max_keys) {
+  if (ctx->ta_ws == 3 && ctx->ta_ws_long_keys > 0 && n_splits == 1 && max_keys >= ctx->ta_ws_long_keys &&
+      rows <= CN_TA_WS_LONG_MAX_ROWS && !ctx->batch_invariant)
+    return 4;
+  if (ctx->ta_ws == 0 || rows > ctx->ta_ws_max_rows) return 0;
+  /* 128-key tiles change where a row's softmax rescales, so its bits: not with the batch-invariant
+   * plan, whose verified tokens must match their decode steps'. */
+  return ctx->ta_ws == 4 && ctx->batch_invariant ? 3 : ctx->ta_ws;
 }
 
 /* The wgmma kernel's launch (tree_attention_wgmma.cu); rw row blocks of 64 per block. */
 int cn_ta_launch_wgmma(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw, int cap);
 /* Its resident blocks per multiprocessor (after raising its shared-memory limit), for KV heads of
- * `rows` query rows. */
-int cn_ta_wgmma_per_sm(const cn_cuda_ctx *ctx, int head_dim, int rw, int rows, int *per_sm);
+ * `rows` query rows in a launch of n_splits splits and at most max_keys keys a sequence. */
+int cn_ta_wgmma_per_sm(const cn_cuda_ctx *ctx, int head_dim, int rw, int rows, int n_splits, int max_keys,
+                       int *per_sm);
 
 #endif

@@ -42,6 +42,8 @@ template <int D, int RW> constexpr int wg_smem() { return (RW * 64 + wg_stages<R
 
 /* The warp-specialised form (below): Q of 128 rows, WS_STAGES stages, their full and empty mbarriers. */
 #define WS_STAGES 6
+#define WS_PRODUCER_REGS 56 /* 128-key tiles: registers a thread, setmaxnreg (128 x 56 + 256 x 224 <= 64K) */
+#define WS_CONSUMER_REGS 224
 template <int D> constexpr int ws_smem() { return (128 + WS_STAGES * 2 * WG_KT) * D * 2 + 1024 + 2 * WS_STAGES * 8; }
 
 #if TA_HAVE_WGMMA
@@ -74,6 +76,12 @@ __device__ __forceinline__ void wgmma_ss_n32(float (&d)[4][4], uint64_t da, uint
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
                "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {" WG_REGS16 "}, %16, %17, p, 1, 1, 0, 0;\n}\n"
                : WG_ACC4(d, 0)
+               : "l"(da), "l"(db), "r"(acc));
+}
+__device__ __forceinline__ void wgmma_ss_n128(float (&d)[16][4], uint64_t da, uint64_t db, int acc) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" WG_REGS64 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+               : WG_ACC8(d, 0), WG_ACC8(d, 8)
                : "l"(da), "l"(db), "r"(acc));
 }
 __device__ __forceinline__ void wgmma_rs_n64_tb(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db) {
@@ -135,16 +143,18 @@ template <int D> __device__ __forceinline__ void wgmma_o(float (&d)[D / 8][4], c
 }
 
 /* S = Q K^T of one 64-row block, issued (async) as a commit group of its own: the block's Q tile
- * lies q_off bytes past q_desc, kd is the stage's K tile at the warpgroup's first key; NT / 8 of a
- * 64-key tile's 8-key blocks. */
-template <int D, int NT>
+ * lies q_off bytes past q_desc, kd is the stage's K tile (KT keys) at the warpgroup's first key;
+ * NT 8-key blocks of it (all of them, or half a 64-key tile for the key split). */
+template <int D, int NT, int KT = WG_KT>
 __device__ __forceinline__ void wg_issue_s(float (&s)[NT][4], uint64_t q_desc, uint32_t q_off, uint64_t kd) {
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < D / 16; kk++) {
     const uint32_t panel = (kk / 4) * 8192u + (kk % 4) * 32u; /* 64 rows x 128 bytes a Q panel */
-    const uint64_t qdk = desc_add(q_desc, q_off + panel), kdk = desc_add(kd, (kk / 4) * WG_KT * 128 + (kk % 4) * 32);
-    if constexpr (NT == 8)
+    const uint64_t qdk = desc_add(q_desc, q_off + panel), kdk = desc_add(kd, (kk / 4) * KT * 128 + (kk % 4) * 32);
+    if constexpr (NT == 16)
+      wgmma_ss_n128(s, qdk, kdk, kk > 0);
+    else if constexpr (NT == 8)
       wgmma_ss_n64(s, qdk, kdk, kk > 0);
     else
       wgmma_ss_n32(s, qdk, kdk, kk > 0);
@@ -164,11 +174,12 @@ __device__ __forceinline__ void wg_issue_o(float (&o)[D / 8][4], const uint32_t 
   wgmma_commit();
 }
 
-/* Q rows of the tile as bf16 into the swizzled Q tile; padding rows are zeros. */
+/* Q rows of the tile as bf16 into the swizzled Q tile; padding rows are zeros. NTH threads take
+ * part, this one as thread `t` of them. */
 template <typename T, int D, int ROWS, int NTH>
-__device__ __forceinline__ void load_q(const cn_cuda_tree_attn_args &a, const ta_block &b, uint32_t qs) {
+__device__ __forceinline__ void load_q(const cn_cuda_tree_attn_args &a, const ta_block &b, uint32_t qs, int t) {
   constexpr int CH = D / 8;
-  for (int c = threadIdx.x; c < ROWS * CH; c += NTH) {
+  for (int c = t; c < ROWS * CH; c += NTH) {
     const int rl = c / CH, piece = c % CH, r = b.row0 + rl;
     uint4 v = make_uint4(0, 0, 0, 0);
     if (r < b.rows) {
@@ -312,7 +323,7 @@ __global__ void __launch_bounds__(TA_THREADS *WG, 2) tree_attn_wgmma_kernel(cn_c
   };
 
   ta_prologue<STAGES, KT>(a, b, n_tiles, find, copy);
-  load_q<T, D, ROWS, NTH>(a, b, qs); /* while the first tiles are on their way */
+  load_q<T, D, ROWS, NTH>(a, b, qs, threadIdx.x); /* while the first tiles are on their way */
   for (int it = 0; it < n_tiles; it++) {
     const int kt = b.k_begin + it * KT, ahead = it + STAGES - 1, st = it % STAGES;
     ta_tile_src<D, KT, NTH> next; /* its table lookups travel while this tile's copies land */
@@ -375,35 +386,48 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
 
 template <typename T, int D, int MODE>
 __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda_tree_attn_args a) {
-  cn_pdl_wait();
-  constexpr int KT = WG_KT, DN = D / 8, NT = KT / 8, ROWS = 128, TILE = KT * D * 2;
+  /* Mode 4: mode 3 with tiles of 128 keys in half as many stages (the same shared memory): half
+   * the waits, barrier arrivals, row maxima and rescales a key, for 64 more registers of scores a
+   * consumer thread (setmaxnreg below moves them from the producer). */
+  constexpr int KT = MODE == 4 ? 2 * WG_KT : WG_KT, STAGES = WS_STAGES * WG_KT / KT, HALVES = KT / WG_KT;
+  constexpr bool PING_PONG = MODE >= 3;
+  if (!a.prefix_ready) cn_pdl_wait(); /* else the producer's copies of the new keys and Q wait below */
+  constexpr int DN = D / 8, NT = KT / 8, ROWS = 128, TILE = KT * D * 2;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw = smem_addr(smem_raw), qs = (raw + 1023) & ~1023u; /* Q, [STAGES][K, V], barriers */
   auto ks = [&](int st) { return qs + ROWS * D * 2 + st * 2 * TILE; };
   auto vs = [&](int st) { return ks(st) + TILE; };
-  const uint32_t full = ks(WS_STAGES), empty = full + WS_STAGES * 8;
+  const uint32_t full = ks(STAGES), empty = full + STAGES * 8;
 
   ta_block b;
   if (!ta_block_init<ROWS>(a, b)) return;
   const int wg = threadIdx.x / TA_THREADS, warp = threadIdx.x / 32 % 4;
   const int n_tiles = b.k_end > b.k_begin ? (b.k_end - b.k_begin + KT - 1) / KT : 0;
   if (threadIdx.x == 0)
-    for (int st = 0; st < WS_STAGES; st++)
+    for (int st = 0; st < STAGES; st++)
       mbar_init(full + st * 8, TA_THREADS), mbar_init(empty + st * 8, 8);
-  load_q<T, D, ROWS, 3 * TA_THREADS>(a, b, qs);
-  fence_proxy_async();
-  __syncthreads(); /* Q and the initialised barriers, seen by every thread */
+  __syncthreads(); /* the initialised barriers, seen by every thread */
 
   if (wg == 0) { /* the producer: tile i into stage i % STAGES once its last reader is done */
-    ta_tile_src<D, KT> src;
-    if (n_tiles > 0) src = ta_tile_find<D, KT>(a, b, b.k_begin);
-    for (int it = 0; it < n_tiles; it++) {
-      const int st = it % WS_STAGES;
-      ta_tile_src<D, KT> next; /* the next tile's lookups travel while this one's wait and copies run */
-      if (it + 1 < n_tiles) next = ta_tile_find<D, KT>(a, b, b.k_begin + (it + 1) * KT);
-      if (it >= WS_STAGES) mbar_wait(empty + st * 8, (it / WS_STAGES - 1) & 1);
-      ta_tile_copy<D, KT>(a, b, src, ks(st), vs(st), [](int key, int piece) { return sw128_at<KT>(key, piece); });
-      mbar_arrive_cp_async(full + st * 8);
+    /* The registers the consumers of 128-key tiles need (FlashAttention-3's split of the file). */
+    if constexpr (KT > WG_KT) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(WS_PRODUCER_REGS));
+    /* With a.prefix_ready, tiles wholly in the committed prefix are copied before the wait for the
+     * kernel before this one, as ta_prologue does for the kernel above (its table lookups may be
+     * made before it in any case). A tile is copied in parts of 64 keys: each part's lookups take
+     * a register a key and thread, and the producer keeps the lookups of two parts in flight. */
+    bool waited = !a.prefix_ready;
+    const int n_parts = n_tiles * HALVES;
+    ta_tile_src<D, WG_KT> src;
+    if (n_parts > 0) src = ta_tile_find<D, WG_KT>(a, b, b.k_begin);
+    for (int j = 0; j < n_parts; j++) {
+      const int it = j / HALVES, h = j % HALVES, st = it % STAGES;
+      ta_tile_src<D, WG_KT> next; /* the next part's lookups travel while this one's wait and copies run */
+      if (j + 1 < n_parts) next = ta_tile_find<D, WG_KT>(a, b, b.k_begin + (j + 1) * WG_KT);
+      if (!waited && min(b.k_begin + (j + 1) * WG_KT, b.k_end) > b.sq.ctx_len) cn_pdl_wait(), waited = true;
+      if (h == 0 && it >= STAGES) mbar_wait(empty + st * 8, (it / STAGES - 1) & 1);
+      ta_tile_copy<D, WG_KT>(a, b, src, ks(st), vs(st),
+                             [h](int key, int piece) { return sw128_at<KT>(key + h * WG_KT, piece); });
+      if (h == HALVES - 1) mbar_arrive_cp_async(full + st * 8);
       src = next;
     }
     cp_async_wait<0>(); /* no copy outlives the block */
@@ -411,6 +435,11 @@ __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda
     return;
   }
 
+  if constexpr (KT > WG_KT) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(WS_CONSUMER_REGS));
+  if (a.prefix_ready) cn_pdl_wait(); /* Q is the kernel before's */
+  load_q<T, D, ROWS, 2 * TA_THREADS>(a, b, qs, threadIdx.x - TA_THREADS);
+  fence_proxy_async();
+  asm volatile("bar.sync 3, 256;\n" ::: "memory"); /* Q, seen by both consumers */
   const int rb = wg - 1; /* this consumer's row block */
   int base[1] = {b.row0 + rb * 64 + warp * 16};
   const uint64_t q_desc = sw128_desc(qs + rb * 64 * D * 2, 16, 1024), k_desc = sw128_desc(ks(0), 16, 1024),
@@ -421,28 +450,30 @@ __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda
   /* S = Q K^T of the tile in stage st; O += P V likewise. (No pin of o in issue_o: with the overlap
    * the S products are in flight, and ptxas serialises every wgmma once another instruction
    * touches an accumulator inside a pipeline stage.) */
-  auto issue_s = [&](int st, float(&s)[NT][4]) { wg_issue_s<D, NT>(s, q_desc, 0, desc_add(k_desc, st * 2 * TILE)); };
+  auto issue_s = [&](int st, float(&s)[NT][4]) {
+    wg_issue_s<D, NT, KT>(s, q_desc, 0, desc_add(k_desc, st * 2 * TILE));
+  };
   auto issue_o = [&](int st, const uint32_t(&pa)[NT / 2][4]) { wg_issue_o<D, NT>(o[0], pa, v_desc, st * 2 * TILE); };
   auto full_wait = [&](int it) {
-    mbar_wait(full + it % WS_STAGES * 8, (it / WS_STAGES) & 1);
+    mbar_wait(full + it % STAGES * 8, (it / STAGES) & 1);
     fence_proxy_async(); /* the producer's generic-proxy copies, ordered before this thread's wgmma reads */
   };
   auto release = [&](int it) { /* this warp's reads of the tile's stage are done */
     __syncwarp();
-    if (threadIdx.x % 32 == 0) mbar_arrive(empty + it % WS_STAGES * 8);
+    if (threadIdx.x % 32 == 0) mbar_arrive(empty + it % STAGES * 8);
   };
   float s[1][NT][4];
   uint32_t pa[1][NT / 2][4];
   if constexpr (MODE == 1) {
     for (int it = 0; it < n_tiles; it++) {
       full_wait(it);
-      issue_s(it % WS_STAGES, s[0]);
+      issue_s(it % STAGES, s[0]);
       wgmma_wait<0>();
       pin(s[0]);
       ta_mask<1, NT>(a, b, base, b.k_begin + it * KT, s);
       ta_softmax<1, NT, DN>(s, m, l, o, sl2);
       ta_pack_p<1, NT>(s, pa);
-      issue_o(it % WS_STAGES, pa[0]);
+      issue_o(it % STAGES, pa[0]);
       wgmma_wait<0>();
       pin(o[0]);
       release(it);
@@ -458,14 +489,14 @@ __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda
     const int cw = wg - 1, rounds = n_tiles + 1;
     int round = 0;
     auto turn_begin = [&]() {
-      if constexpr (MODE == 3) asm volatile("bar.sync %0, 256;\n" ::"r"(1 + cw) : "memory");
+      if constexpr (PING_PONG) asm volatile("bar.sync %0, 256;\n" ::"r"(1 + cw) : "memory");
     };
     auto turn_end = [&]() {
-      if constexpr (MODE == 3)
+      if constexpr (PING_PONG)
         if (cw == 0 || round + 1 < rounds) asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - cw) : "memory");
       round++;
     };
-    if constexpr (MODE == 3)
+    if constexpr (PING_PONG)
       if (cw == 1 && n_tiles > 0) asm volatile("bar.arrive 1, 256;\n" ::: "memory");
     if (n_tiles > 0) { /* the first tile has no P V before it */
       full_wait(0);
@@ -481,8 +512,8 @@ __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda
     for (int it = 1; it < n_tiles; it++) {
       full_wait(it);
       turn_begin();
-      issue_s(it % WS_STAGES, s[0]);
-      issue_o((it - 1) % WS_STAGES, pa[0]);
+      issue_s(it % STAGES, s[0]);
+      issue_o((it - 1) % STAGES, pa[0]);
       turn_end();
       wgmma_wait<1>(); /* S done; P V may still run */
       pin(s[0]);
@@ -497,7 +528,7 @@ __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda
     }
     if (n_tiles > 0) {
       turn_begin();
-      issue_o((n_tiles - 1) % WS_STAGES, pa[0]);
+      issue_o((n_tiles - 1) % STAGES, pa[0]);
       turn_end();
       wgmma_wait<0>();
       pin(o[0]);
@@ -536,7 +567,8 @@ template <typename V> constexpr int variant_smem() { return V::WG == 3 ? ws_smem
  * variant where a decode step launches one warpgroup's); both 64-row variants hold two blocks a
  * multiprocessor (shared memory bounds both; the split's 2 x 256 threads x 128 registers fill the
  * register file), so the count is the same. */
-template <typename F> static int with_variant(const cn_cuda_ctx *ctx, int head_dim, int rw, int rows, F &&f) {
+template <typename F>
+static int with_variant(const cn_cuda_ctx *ctx, int head_dim, int rw, int rows, int n_splits, int max_keys, F &&f) {
   /* 64-row tiles of 128+ rows (where 128-row tiles would not fill the device) ran 4-9% slower with
    * the key split (bench/RESULTS.md, 2026-12-06): up to 127 rows only. */
   const bool key_split =
@@ -544,9 +576,10 @@ template <typename F> static int with_variant(const cn_cuda_ctx *ctx, int head_d
   auto of_d = [&](auto d) {
     constexpr int D = decltype(d)::value;
     if (rw == 1) return key_split ? f(ta_variant<D, 1, 2>{}) : f(ta_variant<D, 1, 1>{});
-    if (cn_ta_ws_rows(ctx, rows)) {
-      if (ctx->ta_ws == 3) return f(ta_variant<D, 2, 3, 3>{});
-      return ctx->ta_ws == 2 ? f(ta_variant<D, 2, 3, 2>{}) : f(ta_variant<D, 2, 3, 1>{});
+    if (const int mode = cn_ta_ws_form(ctx, rows, n_splits, max_keys)) {
+      if (mode == 4) return f(ta_variant<D, 2, 3, 4>{});
+      if (mode == 3) return f(ta_variant<D, 2, 3, 3>{});
+      return mode == 2 ? f(ta_variant<D, 2, 3, 2>{}) : f(ta_variant<D, 2, 3, 1>{});
     }
     return ctx->ta_two_wg ? f(ta_variant<D, 2, 2>{}) : f(ta_variant<D, 2, 1>{});
   };
@@ -566,7 +599,8 @@ template <typename T, typename V> static int prepare(int *per_sm) {
 int cn_ta_launch_wgmma(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw, int cap) {
   return cn_dispatch(a->dt, [&](auto t) {
     using T = decltype(t);
-    return with_variant(ctx, a->head_dim, rw, a->max_n * (a->n_heads / a->n_kv_heads), [&](auto v) {
+    const int rows = a->max_n * (a->n_heads / a->n_kv_heads);
+    return with_variant(ctx, a->head_dim, rw, rows, a->n_splits, a->max_keys, [&](auto v) {
       using V = decltype(v);
       int st = prepare<T, V>(NULL);
       if (st) return st;
@@ -577,6 +611,8 @@ int cn_ta_launch_wgmma(cn_cuda_ctx *ctx, const cn_cuda_tree_attn_args *a, int rw
   });
 }
 
-int cn_ta_wgmma_per_sm(const cn_cuda_ctx *ctx, int head_dim, int rw, int rows, int *per_sm) {
-  return with_variant(ctx, head_dim, rw, rows, [&](auto v) { return prepare<cn_bf16_t, decltype(v)>(per_sm); });
+int cn_ta_wgmma_per_sm(const cn_cuda_ctx *ctx, int head_dim, int rw, int rows, int n_splits, int max_keys,
+                       int *per_sm) {
+  return with_variant(ctx, head_dim, rw, rows, n_splits, max_keys,
+                      [&](auto v) { return prepare<cn_bf16_t, decltype(v)>(per_sm); });
 }
