@@ -307,15 +307,13 @@ static int run_case(const batch_case *c) {
   cn_cuda_tree_attn_plan(ctx, ns, max_n, max_keys, c->n_heads, c->n_kv_heads, d, 0, &plan_splits, &plan_keys);
   int splits[N_SPLIT_KINDS] = {1, plan_splits, 7, 40}, split_keys[N_SPLIT_KINDS] = {0, plan_keys, 0, 0};
   /* The kernels: mma.sync, and wgmma with 128-row tiles (where a KV head has 128+ rows; one
-   * warpgroup taking both row blocks, two warpgroups, or the warp-specialised form in each of its
-   * modes, at every row count, and mode 3 taking 128-key tiles where a launch has one split) and
+   * warpgroup taking both row blocks, two warpgroups, or the warp-specialised form with 64-key
+   * tiles, 128-key tiles, and 128-key tiles where a launch has one split, at every row count) and
    * with 64-row tiles (one warpgroup, or two with half the keys each). */
-  enum { N_IMPLS = 10 };
+  enum { N_IMPLS = 8 };
   static const ta_form forms[N_IMPLS] = {{CN_CUDA_TA_MMA_SYNC, 0, 0, 0, "mma.sync", 0, 0},
                                          {CN_CUDA_TA_WGMMA, 128, 0, 0, "wgmma128", 0, 0},
                                          {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128x2", 0, 0},
-                                         {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128ws", 1, 0},
-                                         {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128wso", 2, 0},
                                          {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128wsp", 3, 0},
                                          {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128wsk", 4, 0},
                                          {CN_CUDA_TA_WGMMA, 128, 1, 0, "wgmma128wsl", 3, 1},

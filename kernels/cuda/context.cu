@@ -63,7 +63,7 @@ static int ctx_init(cn_cuda_ctx *c, int device) {
   /* CANOPY_CUDA_TA_WS=m: the form of its 128-row tiles (cn_cuda_set_ta_ws; 0: the two-warpgroup
    * kernel), to compare. */
   const char *ws = getenv("CANOPY_CUDA_TA_WS");
-  c->ta_ws = ws && *ws >= '0' && *ws <= '4' && !ws[1] ? *ws - '0' : CN_CUDA_TA_WS_MODE;
+  c->ta_ws = ws && (!strcmp(ws, "0") || !strcmp(ws, "3") || !strcmp(ws, "4")) ? *ws - '0' : CN_CUDA_TA_WS_MODE;
   /* CANOPY_CUDA_TA_WS_MAX_ROWS=r: ... for KV heads of up to r query rows (cn_cuda_set_ta_ws). */
   const char *ws_rows = getenv("CANOPY_CUDA_TA_WS_MAX_ROWS");
   c->ta_ws_max_rows = ws_rows && atoi(ws_rows) > 0 ? atoi(ws_rows) : CN_CUDA_TA_WS_MAX_ROWS;
@@ -191,7 +191,8 @@ int cn_cuda_set_ta_two_wg(cn_cuda_ctx *ctx, int on) {
 
 int cn_cuda_set_ta_ws(cn_cuda_ctx *ctx, int mode, int max_rows, int long_keys) {
   if (!ctx) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_ta_ws: NULL cuda context");
-  if (mode < 0 || mode > 4) return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_ta_ws: mode %d (0..4)", mode);
+  if (mode != 0 && mode != 3 && mode != 4)
+    return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_set_ta_ws: mode %d (0, 3 or 4; 1 and 2 were removed)", mode);
   ctx->ta_ws = mode;
   ctx->ta_ws_max_rows = max_rows > 0 ? max_rows : CN_CUDA_TA_WS_MAX_ROWS;
   ctx->ta_ws_long_keys = long_keys >= 0 ? long_keys : CN_CUDA_TA_WS_LONG_KEYS;

@@ -34,9 +34,9 @@ struct cn_cuda_ctx {
   bool ta_two_wg;      /* 128-row wgmma tree-attention tiles as two warpgroups (CANOPY_CUDA_TA_TWO_WG) */
   int ta_key_split;    /* 64-row ones of KV heads with this many rows or more as two warpgroups, half the
                           keys each (0: never; CANOPY_CUDA_TA_KEY_SPLIT_ROWS) */
-  int ta_ws;           /* 128-row ones warp-specialised: a producer warpgroup and two consumers, one
-                          block a multiprocessor; 2: each consumer's S and P V overlapped; 3: and
-                          the consumers' products in turn (CANOPY_CUDA_TA_WS; cn_cuda_set_ta_ws) */
+  int ta_ws;           /* 128-row ones warp-specialised (3: 64-key tiles, 4: 128): a producer
+                          warpgroup and two consumers, one block a multiprocessor (0: not;
+                          CANOPY_CUDA_TA_WS; cn_cuda_set_ta_ws) */
   int ta_ws_max_rows;  /* ... for KV heads of at most this many query rows */
   int ta_ws_long_keys; /* mode 3's 128-key tiles for launches of one split whose sequences may hold
                           this many keys (0: never; CANOPY_CUDA_TA_WS_LONG_KEYS; cn_cuda_set_ta_ws) */

@@ -96,18 +96,20 @@ int cn_cuda_gemv_mma_rows(const cn_cuda_ctx *ctx);
 int cn_cuda_set_ta_two_wg(cn_cuda_ctx *ctx, int on);
 
 /* The form of its 128-row tiles for KV heads of at most max_rows query rows (0: the default,
- * CN_CUDA_TA_WS_MAX_ROWS): mode 0, the two-warpgroup kernel above; 1-3, warp-specialised, one block
- * a multiprocessor: a producer warpgroup copies K/V tiles into six stages handed over by
- * mbarriers, and two consumer warpgroups take a row block each without a block barrier a tile;
- * 2: also each consumer's S = Q K^T of a tile computed while the P V of the tile before is; 3 (the
- * default, CN_CUDA_TA_WS_MODE; CANOPY_CUDA_TA_WS=m at creation sets it): and the two consumers'
- * products issued in turn (ping-pong). The same arithmetic per row in modes 1-3, so the same
- * bits. 4: mode 3 with tiles of 128 keys instead of 64 (registers moved from the producer to the
- * consumers by setmaxnreg); a row's softmax then rescales at other keys, so its bits differ
- * (within rounding), and the batch-invariant plan takes mode 3 instead. Mode 3 itself takes mode 4
- * for launches of one split whose sequences may hold long_keys or more keys (args.max_keys), up to
- * 512 rows (0: never; negative: the default, CN_CUDA_TA_WS_LONG_KEYS). Mode 3 measured 3-8% faster than mode 0 on the H100 at 64 nodes (256 rows a KV head) and
- * 3-9% slower at 128 (bench/RESULTS.md, 2026-12-06), hence the row limit. */
+ * CN_CUDA_TA_WS_MAX_ROWS): mode 0, the two-warpgroup kernel above; 3 (the default,
+ * CN_CUDA_TA_WS_MODE; CANOPY_CUDA_TA_WS=m at creation sets it), warp-specialised, one block a
+ * multiprocessor: a producer warpgroup copies K/V tiles of 64 keys into six stages handed over by
+ * mbarriers, and two consumer warpgroups take a row block each without a block barrier a tile,
+ * each computing S = Q K^T of a tile while the P V of the tile before runs, the two issuing their
+ * products in turn (ping-pong); the same arithmetic per row as mode 0, so the same bits. It
+ * measured 3-8% faster than mode 0 on the H100 at 64 nodes (256 rows a KV head) and 3-9% slower
+ * at 128 (bench/RESULTS.md, 2026-12-06), hence the row limit. 4: mode 3 with tiles of 128 keys
+ * (registers moved from the producer to the consumers by setmaxnreg); a row's softmax then
+ * rescales at other keys, so its bits differ (within rounding), and the batch-invariant plan takes
+ * mode 3 instead. Mode 3 itself takes 128-key tiles for launches of one split whose sequences may
+ * hold long_keys or more keys (args.max_keys), up to 512 rows (long_keys 0: never; negative: the
+ * default, CN_CUDA_TA_WS_LONG_KEYS). Modes 1 and 2 (without ping-pong, and without the overlap)
+ * were slower than 3 on every measured shape and are gone. */
 int cn_cuda_set_ta_ws(cn_cuda_ctx *ctx, int mode, int max_rows, int long_keys);
 #define CN_CUDA_TA_WS_MODE 3
 #define CN_CUDA_TA_WS_MAX_ROWS 256

@@ -354,7 +354,7 @@ __global__ void __launch_bounds__(TA_THREADS *WG, 2) tree_attn_wgmma_kernel(cn_c
 }
 
 /* ---- the warp-specialised form (cn_cuda_set_ta_ws) --------------------------------------------
- * 128-row tiles, one block a multiprocessor: warpgroup 0 copies K/V tiles into WS_STAGES stages
+ * 128-row tiles, one block a multiprocessor: warpgroup 0 copies K/V tiles into stages
  * and warpgroups 1 and 2 compute (row block 0 and 1), each on its own schedule. A stage is handed
  * over by two mbarriers instead of the block barrier the kernel above takes every tile:
  *  - full[s]: the producer's 128 threads arrive through cp.async.mbarrier.arrive.noinc, so the
@@ -364,7 +364,7 @@ __global__ void __launch_bounds__(TA_THREADS *WG, 2) tree_attn_wgmma_kernel(cn_c
  * Why: with the barrier, every warp of a block waits each tile for the slowest, so the softmax of
  * one warpgroup seldom overlaps the products of the other; the H100 ran 256-row tiles of four
  * warpgroups in lockstep 4-8% slower than two blocks of two (bench/RESULTS.md, 2026-12-06). Here
- * the copies run up to WS_STAGES - 1 tiles ahead and the consumers drift apart freely. */
+ * the copies run up to all but one stage ahead and the consumers drift apart freely. */
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
 }
@@ -384,13 +384,14 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
                : "memory");
 }
 
-template <typename T, int D, int MODE>
+/* KT keys a tile, 64 or 128 (cn_cuda_set_ta_ws's mode 3 or 4): 128-key tiles come in half as many
+ * stages (the same shared memory), for half the waits, barrier arrivals, row maxima and rescales a
+ * key, and 64 more registers of scores a consumer thread (setmaxnreg below moves them from the
+ * producer). */
+template <typename T, int D, int KT>
 __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda_tree_attn_args a) {
-  /* Mode 4: mode 3 with tiles of 128 keys in half as many stages (the same shared memory): half
-   * the waits, barrier arrivals, row maxima and rescales a key, for 64 more registers of scores a
-   * consumer thread (setmaxnreg below moves them from the producer). */
-  constexpr int KT = MODE == 4 ? 2 * WG_KT : WG_KT, STAGES = WS_STAGES * WG_KT / KT, HALVES = KT / WG_KT;
-  constexpr bool PING_PONG = MODE >= 3;
+  static_assert(KT == WG_KT || KT == 2 * WG_KT, "tiles of 64 or 128 keys");
+  constexpr int STAGES = WS_STAGES * WG_KT / KT, HALVES = KT / WG_KT;
   if (!a.prefix_ready) cn_pdl_wait(); /* else the producer's copies of the new keys and Q wait below */
   constexpr int DN = D / 8, NT = KT / 8, ROWS = 128, TILE = KT * D * 2;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -464,76 +465,58 @@ __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda
   };
   float s[1][NT][4];
   uint32_t pa[1][NT / 2][4];
-  if constexpr (MODE == 1) {
-    for (int it = 0; it < n_tiles; it++) {
-      full_wait(it);
-      issue_s(it % STAGES, s[0]);
-      wgmma_wait<0>();
-      pin(s[0]);
-      ta_mask<1, NT>(a, b, base, b.k_begin + it * KT, s);
-      ta_softmax<1, NT, DN>(s, m, l, o, sl2);
-      ta_pack_p<1, NT>(s, pa);
-      issue_o(it % STAGES, pa[0]);
-      wgmma_wait<0>();
-      pin(o[0]);
-      release(it);
-    }
-  } else {
-    /* Tile it's S is computed while tile it - 1's P V is (FlashAttention-3's overlap within a
-     * warpgroup): the softmax of it waits only for its own S; O is rescaled after P V is done.
-     * MODE 3 adds ping-pong (FlashAttention-3's scheduling of two warpgroups): a consumer issues a
-     * round of products (S of a tile and P V of the one before) only after the other has issued its
-     * round, so one's softmax runs under the other's products instead of both at once. Named
-     * barrier 1 + c is consumer c's turn: it waits there with the 128 arrivals of the other. The
-     * second consumer lets the first go first, and skips its last arrival (nobody waits for it). */
-    const int cw = wg - 1, rounds = n_tiles + 1;
-    int round = 0;
-    auto turn_begin = [&]() {
-      if constexpr (PING_PONG) asm volatile("bar.sync %0, 256;\n" ::"r"(1 + cw) : "memory");
-    };
-    auto turn_end = [&]() {
-      if constexpr (PING_PONG)
-        if (cw == 0 || round + 1 < rounds) asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - cw) : "memory");
-      round++;
-    };
-    if constexpr (PING_PONG)
-      if (cw == 1 && n_tiles > 0) asm volatile("bar.arrive 1, 256;\n" ::: "memory");
-    if (n_tiles > 0) { /* the first tile has no P V before it */
-      full_wait(0);
-      turn_begin();
-      issue_s(0, s[0]);
-      turn_end();
-      wgmma_wait<0>();
-      pin(s[0]);
-      ta_mask<1, NT>(a, b, base, b.k_begin, s);
-      ta_softmax<1, NT, DN>(s, m, l, o, sl2);
-      ta_pack_p<1, NT>(s, pa);
-    }
-    for (int it = 1; it < n_tiles; it++) {
-      full_wait(it);
-      turn_begin();
-      issue_s(it % STAGES, s[0]);
-      issue_o((it - 1) % STAGES, pa[0]);
-      turn_end();
-      wgmma_wait<1>(); /* S done; P V may still run */
-      pin(s[0]);
-      ta_mask<1, NT>(a, b, base, b.k_begin + it * KT, s);
-      float corr[1][2];
-      const bool grew = ta_softmax_p<1, NT>(s, m, l, corr, sl2);
-      wgmma_wait<0>();
-      pin(o[0]);
-      release(it - 1);
-      if (grew) ta_rescale<1, DN>(o, corr);
-      ta_pack_p<1, NT>(s, pa);
-    }
-    if (n_tiles > 0) {
-      turn_begin();
-      issue_o((n_tiles - 1) % STAGES, pa[0]);
-      turn_end();
-      wgmma_wait<0>();
-      pin(o[0]);
-      release(n_tiles - 1);
-    }
+  /* Tile it's S is computed while tile it - 1's P V is (FlashAttention-3's overlap within a
+   * warpgroup): the softmax of it waits only for its own S; O is rescaled after P V is done. And
+   * ping-pong (FlashAttention-3's scheduling of two warpgroups): a consumer issues a round of
+   * products (S of a tile and P V of the one before) only after the other has issued its round, so
+   * one's softmax runs under the other's products instead of both at once. Named barrier 1 + c is
+   * consumer c's turn: it waits there with the 128 arrivals of the other. The second consumer lets
+   * the first go first, and skips its last arrival (nobody waits for it). Each step measured
+   * faster on the H100 than the form without it (bench/RESULTS.md, 2026-12-06, sixteenth
+   * session); the forms without them were removed. */
+  const int cw = wg - 1, rounds = n_tiles + 1;
+  int round = 0;
+  auto turn_begin = [&]() { asm volatile("bar.sync %0, 256;\n" ::"r"(1 + cw) : "memory"); };
+  auto turn_end = [&]() {
+    if (cw == 0 || round + 1 < rounds) asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - cw) : "memory");
+    round++;
+  };
+  if (cw == 1 && n_tiles > 0) asm volatile("bar.arrive 1, 256;\n" ::: "memory");
+  if (n_tiles > 0) { /* the first tile has no P V before it */
+    full_wait(0);
+    turn_begin();
+    issue_s(0, s[0]);
+    turn_end();
+    wgmma_wait<0>();
+    pin(s[0]);
+    ta_mask<1, NT>(a, b, base, b.k_begin, s);
+    ta_softmax<1, NT, DN>(s, m, l, o, sl2);
+    ta_pack_p<1, NT>(s, pa);
+  }
+  for (int it = 1; it < n_tiles; it++) {
+    full_wait(it);
+    turn_begin();
+    issue_s(it % STAGES, s[0]);
+    issue_o((it - 1) % STAGES, pa[0]);
+    turn_end();
+    wgmma_wait<1>(); /* S done; P V may still run */
+    pin(s[0]);
+    ta_mask<1, NT>(a, b, base, b.k_begin + it * KT, s);
+    float corr[1][2];
+    const bool grew = ta_softmax_p<1, NT>(s, m, l, corr, sl2);
+    wgmma_wait<0>();
+    pin(o[0]);
+    release(it - 1);
+    if (grew) ta_rescale<1, DN>(o, corr);
+    ta_pack_p<1, NT>(s, pa);
+  }
+  if (n_tiles > 0) {
+    turn_begin();
+    issue_o((n_tiles - 1) % STAGES, pa[0]);
+    turn_end();
+    wgmma_wait<0>();
+    pin(o[0]);
+    release(n_tiles - 1);
   }
   ta_finish<T, 1, DN>(a, b, base, gridDim.x * ROWS, o, m, l);
 }
@@ -542,20 +525,20 @@ __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda
 template <typename T, int D, int RW, int WG, int RT = (WG > RW ? 1 : RW / WG)>
 __global__ void tree_attn_wgmma_kernel(cn_cuda_tree_attn_args a) {}
 
-template <typename T, int D, int MODE> __global__ void tree_attn_ws_kernel(cn_cuda_tree_attn_args a) {}
+template <typename T, int D, int KT> __global__ void tree_attn_ws_kernel(cn_cuda_tree_attn_args a) {}
 
 #endif
 
 /* A kernel variant as a type: head size, row blocks a block, warpgroups a block (3: the
- * warp-specialised form, a producer and two consumers; WS: its mode, cn_cuda_set_ta_ws). */
-template <int D_, int RW_, int WG_, int WS_ = 1> struct ta_variant {
-  static constexpr int D = D_, RW = RW_, WG = WG_, WS = WS_;
+ * warp-specialised form, a producer and two consumers; KT: its keys a tile). */
+template <int D_, int RW_, int WG_, int KT_ = WG_KT> struct ta_variant {
+  static constexpr int D = D_, RW = RW_, WG = WG_, KT = KT_;
 };
 
 /* Its kernel and shared-memory bytes. */
 template <typename T, typename V> static auto variant_kernel() {
   if constexpr (V::WG == 3)
-    return tree_attn_ws_kernel<T, V::D, V::WS>;
+    return tree_attn_ws_kernel<T, V::D, V::KT>;
   else
     return tree_attn_wgmma_kernel<T, V::D, V::RW, V::WG>;
 }
@@ -577,9 +560,7 @@ static int with_variant(const cn_cuda_ctx *ctx, int head_dim, int rw, int rows, 
     constexpr int D = decltype(d)::value;
     if (rw == 1) return key_split ? f(ta_variant<D, 1, 2>{}) : f(ta_variant<D, 1, 1>{});
     if (const int mode = cn_ta_ws_form(ctx, rows, n_splits, max_keys)) {
-      if (mode == 4) return f(ta_variant<D, 2, 3, 4>{});
-      if (mode == 3) return f(ta_variant<D, 2, 3, 3>{});
-      return mode == 2 ? f(ta_variant<D, 2, 3, 2>{}) : f(ta_variant<D, 2, 3, 1>{});
+      return mode == 4 ? f(ta_variant<D, 2, 3, 2 * WG_KT>{}) : f(ta_variant<D, 2, 3, WG_KT>{});
     }
     return ctx->ta_two_wg ? f(ta_variant<D, 2, 2>{}) : f(ta_variant<D, 2, 1>{});
   };
