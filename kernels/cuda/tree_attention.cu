@@ -292,9 +292,11 @@ int cn_cuda_tree_attn_splits(const cn_cuda_ctx *ctx, int n_seqs, int max_n, int 
   int group = n_heads / n_kv_heads;
   bool wg = use_wgmma(ctx, CN_CUDA_TA_AUTO), wide = wide_rows(max_n, group);
   int per_sm = 0;
-  /* Planned as one split of no length: a form that only a single split takes (128-key tiles)
-   * holds as many blocks a multiprocessor as the form it replaces (one), or fewer (one for two),
-   * and fewer blocks never ask for more splits. */
+  /* The occupancy of the form a launch takes without long sequences. Where one split of long
+   * sequences takes 128-key tiles instead (cn_ta_ws_form), they hold one block a multiprocessor,
+   * as many as the form at up to 256 rows and fewer than the two-warpgroup kernel's two beyond;
+   * fewer blocks a multiprocessor never ask for more than that one split, and wide_tiles below
+   * counts the form's own blocks. */
   int st = wg ? cn_ta_wgmma_per_sm(ctx, head_dim, wide ? 2 : 1, max_n * group, 1, 0, &per_sm)
            : head_dim == 64 ? (wide ? prepare<cn_bf16_t, 64, 2>(&per_sm) : prepare<cn_bf16_t, 64, 1>(&per_sm))
                             : (wide ? prepare<cn_bf16_t, 128, 2>(&per_sm) : prepare<cn_bf16_t, 128, 1>(&per_sm));

@@ -391,10 +391,10 @@ __device__ __forceinline__ void ta_finish(const cn_cuda_tree_attn_args &a, const
 /* The form that 128-row tiles of KV heads of `rows` query rows take in a launch of n_splits
  * splits whose sequences hold at most max_keys keys (cn_cuda_set_ta_ws): 0, the two-warpgroup
  * kernel (two blocks a multiprocessor), or the warp-specialised one (one) with tiles of 64 keys
- * (3) or 128 (4). Mode 3
- * takes 128-key tiles (mode 4) where every block streams a whole sequence of ta_ws_long_keys+
- * keys: the H100 ran them 4-12% faster there at batch 8, 64 and 128 nodes, 16k and 32k keys,
- * and slower wherever blocks stream a split of 2-4k keys (bench/RESULTS.md, 2026-12-06). */
+ * (3) or 128 (4). Mode 3 takes 128-key tiles where every block streams a whole sequence of
+ * ta_ws_long_keys+ keys: the H100 ran them 5-8% faster there at batch 8, 64 and 128 nodes, 16k and
+ * 32k keys, and slower wherever blocks stream a split of 512-4096 keys (bench/RESULTS.md,
+ * 2026-12-06, seventeenth session). */
 static inline int cn_ta_ws_form(const cn_cuda_ctx *ctx, int rows, int n_splits, int max_keys) {
   if (ctx->ta_ws == 3 && ctx->ta_ws_long_keys > 0 && n_splits == 1 && max_keys >= ctx->ta_ws_long_keys &&
       rows <= CN_TA_WS_LONG_MAX_ROWS && !ctx->batch_invariant)
