@@ -472,7 +472,7 @@ __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda
    * one's softmax runs under the other's products instead of both at once. Named barrier 1 + c is
    * consumer c's turn: it waits there with the 128 arrivals of the other. The second consumer lets
    * the first go first, and skips its last arrival (nobody waits for it). The two together ran
-   * 1-3% faster on the H100 than neither at 64 nodes, the overlap alone 0-1% slower
+   * 2-3% faster on the H100 than neither at 64 nodes, the overlap alone 0-1.3% slower
    * (bench/RESULTS.md, 2026-12-06, sixteenth session); those two forms were removed. */
   const int cw = wg - 1, rounds = n_tiles + 1;
   int round = 0;
