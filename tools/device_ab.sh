@@ -6,7 +6,8 @@
 #                built into /tmp/canopy-all (tools/device_all.sh), side B the same tree with the
 #                patch reversed (patch -R), built into /tmp/canopy-base
 #   ENV_A=...    one build, two environments: side A runs with the assignments in ENV_A (for
-#                example CANOPY_CUDA_TA_PIPELINE=1), side B with those in ENV_B (default none)
+#                example CANOPY_CUDA_TA_PIPELINE=1), side B with those in ENV_B (either may be
+#                empty: the defaults)
 # SKIP_BUILD=1: side A is already built (and side B too, if an earlier call made it here).
 # Then, per round: bench_tree_attention --shape S for each S in SHAPES, and bench_step STEP_ARGS
 # (either may be empty, to skip that part).
@@ -21,8 +22,8 @@ shapes="${SHAPES-1,1,4096 1,1,16384 1,16,16384 1,64,4096 1,64,32768 8,1,16384 8,
 step_args="${STEP_ARGS---config bench/configs/llama3-8b.json --ctx 4096 --nodes 2,4,16,64,128}"
 rounds="${ROUNDS:-2}"
 mkdir -p "$out"
-if [[ -z ${PATCH:-} && -z ${ENV_A:-} ]]; then
-  echo "device_ab.sh: set PATCH (a change applied to this tree) or ENV_A (an environment for side A)" >&2
+if [[ -z ${PATCH:-} && -z ${ENV_A:-} && -z ${ENV_B:-} ]]; then
+  echo "device_ab.sh: set PATCH (a change applied to this tree) or ENV_A / ENV_B (the environments of the sides)" >&2
   exit 2
 fi
 if [[ -n ${PATCH:-} && ! -f $PATCH ]]; then
