@@ -186,8 +186,8 @@ static shape_job make_shape(const bench_bufs *bb, int batch, int n, int L) {
   cn_cuda_tree_attn_plan(ctx, batch, n, L + n, HQ, HKV, HD, 0, &splits, &split_keys);
   j.a = (cn_cuda_tree_attn_args){.out = bb->out, .q = bb->q, .dt = CN_CUDA_BF16, .k = bb->pool,
                                  .v = bb->pool + BS * KV_DIM, .block_stride = BLOCK_ELEMS, .block_size = BS,
-                                 .pos = j.d_pos, .tree_mask = j.d_mask, .seqs = j.d_desc, .n_seqs = batch, .max_n = n, .max_keys = L + n,
-                                 .n_splits = splits, .split_keys = split_keys, .n_heads = HQ, .n_kv_heads = HKV, .head_dim = HD,
+                                 .pos = j.d_pos, .tree_mask = j.d_mask, .seqs = j.d_desc, .n_seqs = batch, .max_n = n,
+                                 .max_keys = L + n, .n_splits = splits, .split_keys = split_keys, .n_heads = HQ, .n_kv_heads = HKV, .head_dim = HD,
                                  .scale = 1.0f / sqrtf((float)HD), .workspace = bb->ws,
                                  .prefix_ready = 1 /* the K/V pool is filled once, before any launch */};
   free(ht), free(pos), free(mask), free(desc);

@@ -221,6 +221,12 @@ __device__ __forceinline__ void ta_state_init(float (&o)[RW][DN][4], float (&m)[
   }
 }
 
+/* Whether the block's keys below key_end all lie in the committed prefix, whose K/V the kernel
+ * before this one does not write: with a.prefix_ready they may be copied before waiting for it. */
+__device__ __forceinline__ bool ta_committed(const ta_block &b, int key_end) {
+  return min(key_end, b.k_end) <= b.sq.ctx_len;
+}
+
 /* The pipeline's start: the first STAGES - 1 tiles of KT keys requested, one cp.async group each
  * (their table lookups all issued first). Every iteration after that commits one group too (empty
  * past the last tile), so at the top of iteration `it`, waiting for all but the newest STAGES - 2
@@ -235,7 +241,7 @@ __device__ __forceinline__ void ta_prologue(const cn_cuda_tree_attn_args &a, con
                                             Find &&find, Copy &&copy) {
   int early = 0; /* tiles requested before the wait */
   if (a.prefix_ready)
-    while (early < STAGES - 1 && early < n_tiles && min(b.k_begin + (early + 1) * KT, b.k_end) <= b.sq.ctx_len)
+    while (early < STAGES - 1 && early < n_tiles && ta_committed(b, b.k_begin + (early + 1) * KT))
       early++;
   decltype(find(0)) src[STAGES - 1];
 #pragma unroll

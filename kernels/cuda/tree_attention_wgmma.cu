@@ -424,7 +424,7 @@ __global__ void __launch_bounds__(3 * TA_THREADS, 1) tree_attn_ws_kernel(cn_cuda
       const int it = j / HALVES, h = j % HALVES, st = it % STAGES;
       ta_tile_src<D, WG_KT> next; /* the next part's lookups travel while this one's wait and copies run */
       if (j + 1 < n_parts) next = ta_tile_find<D, WG_KT>(a, b, b.k_begin + (j + 1) * WG_KT);
-      if (!waited && min(b.k_begin + (j + 1) * WG_KT, b.k_end) > b.sq.ctx_len) cn_pdl_wait(), waited = true;
+      if (!waited && !ta_committed(b, b.k_begin + (j + 1) * WG_KT)) cn_pdl_wait(), waited = true;
       if (h == 0 && it >= STAGES) mbar_wait(empty + st * 8, (it / STAGES - 1) & 1);
       ta_tile_copy<D, WG_KT>(a, b, src, ks(st), vs(st),
                              [h](int key, int piece) { return sw128_at<KT>(key + h * WG_KT, piece); });
