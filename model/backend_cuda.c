@@ -97,6 +97,11 @@ typedef struct cuda_ctx {
   const cn_cuda_tree_seq *tb_seqs; /* its descriptors as staged, host side (where each sequence's rows are) */
   size_t at_tables, at_pos, at_mask;
   int max_n, any_tree, keys_bucket, max_blocks;
+  /* This forward's q and attention output where they are held in bf16: on the tree kernel's path,
+   * which rounds Q to bf16 as it loads it and whose output the o projection rounds to bf16 as it
+   * reads it. Stored rounded, they are the same bits at half the bytes, and the fp32 -> bf16 pass
+   * before a GEMM of 3+ rows is gone. NULL where they are fp32. */
+  const void *q_bf16, *attn_bf16;
   cn_cuda_span *span_h, *span_d; /* [span_cap] kv_copy's spans, host and device */
   int span_cap, span_used;
   arena a;
@@ -414,9 +419,14 @@ static void cuda_rmsnorm(void *ctx, void *out, const void *x, const void *w, int
   if (!c->status) keep(c, cn_cuda_rmsnorm(c->cu, out, CN_CUDA_F32, x, CN_CUDA_F32, w, n, dim, eps));
 }
 
+/* The dtype of an activation a GEMM reads: fp32 but for the attention output held in bf16. */
+static cn_cuda_dtype act_dt(const cuda_ctx *c, const void *x) {
+  return x == c->attn_bf16 ? CN_CUDA_BF16 : CN_CUDA_F32;
+}
+
 static void cuda_matmul(void *ctx, void *y, const void *x, const void *w, const void *bias, int n, int in, int out) {
   cuda_ctx *c = ctx;
-  if (!c->status) keep(c, cn_cuda_matmul(c->cu, y, CN_CUDA_F32, x, CN_CUDA_F32, w, bias, n, in, out));
+  if (!c->status) keep(c, cn_cuda_matmul(c->cu, y, CN_CUDA_F32, x, act_dt(c, x), w, bias, n, in, out));
 }
 
 static void cuda_rope(void *ctx, void *x, const int32_t *pos, int n, int n_heads, int head_dim, const float *inv_freq) {
@@ -441,6 +451,7 @@ static void cuda_split_qkv(void *ctx, void *q, void *k, void *v, const void *qkv
   size_t row = sizeof(float) * ((size_t)q_dim + 2 * (size_t)kv_dim), qb = sizeof(float) * (size_t)q_dim,
          kb = sizeof(float) * (size_t)kv_dim;
   const char *src = qkv;
+  c->q_bf16 = NULL;
   if (!c->status) keep(c, cn_cuda_memcpy_2d(c->cu, q, qb, src, row, qb, (size_t)n));
   if (!c->status) keep(c, cn_cuda_memcpy_2d(c->cu, k, kb, src + qb, row, kb, (size_t)n));
   if (!c->status) keep(c, cn_cuda_memcpy_2d(c->cu, v, kb, src + qb + kb, row, kb, (size_t)n));
@@ -673,6 +684,7 @@ static int cuda_begin(void *ctx, const cn_fwd_io *io, int *replayed) {
   c->status = CANOPY_OK;
   c->mode = EAGER;
   c->cur = NULL;
+  c->q_bf16 = c->attn_bf16 = NULL;
   c->cap_logits = NULL;
   c->io = *io;
   c->top_used = 0;
@@ -806,6 +818,7 @@ static void cuda_attention_batch(void *ctx, void *out, const void *q, const cn_a
   cuda_ctx *c = ctx;
   if (c->status || n_seqs <= 0) return;
   int hd = d[0].head_dim, n_heads = d[0].n_heads, n_kv = d[0].n_kv_heads;
+  c->attn_bf16 = c->tb && q == c->q_bf16 ? out : NULL; /* the output in q's dtype */
   if (!c->tb) {
     size_t row = 0;
     for (int s = 0; s < n_seqs; s++) {
@@ -835,7 +848,7 @@ static void cuda_attention_batch(void *ctx, void *out, const void *q, const cn_a
   cn_cuda_paged_kv kv = layer_view(d[0].pool, d[0].layer);
   cn_cuda_tree_attn_args a = {.out = out,
                               .q = q,
-                              .dt = CN_CUDA_F32,
+                              .dt = c->attn_bf16 ? CN_CUDA_BF16 : CN_CUDA_F32,
                               .k = kv.k,
                               .v = kv.v,
                               .block_stride = kv.block_stride,
@@ -993,7 +1006,7 @@ static void cuda_norm_matmul(void *ctx, void *y, const void *x, const void *norm
 static void cuda_matmul_add(void *ctx, void *x, const void *a, const void *w, const void *bias, int n, int in,
                             int out) {
   cuda_ctx *c = ctx;
-  if (!c->status) keep(c, cn_cuda_matmul_add(c->cu, x, a, CN_CUDA_F32, w, bias, n, in, out));
+  if (!c->status) keep(c, cn_cuda_matmul_add(c->cu, x, a, act_dt(c, a), w, bias, n, in, out));
 }
 
 static void cuda_ffn(void *ctx, void *x, void *gate_up, const void *norm_w, float eps, const void *w_gu,
@@ -1016,6 +1029,7 @@ static void cuda_qkv_rope(void *ctx, void *q, void *k, void *v, const void *qkv,
   cuda_ctx *c = ctx;
   const int32_t *p;
   const float *f;
+  c->q_bf16 = NULL;
   if (rope_inputs(c, pos, n, inv_freq, head_dim, &p, &f))
     keep(c, cn_cuda_qkv_rope(c->cu, q, k, v, qkv, p, n, n_heads, n_kv_heads, head_dim, f));
 }
@@ -1028,7 +1042,9 @@ static void cuda_qkv_rope_kv(void *ctx, void *q, const void *qkv, const int32_t 
   const float *f;
   if (c->status || n_seqs <= 0 || !rope_inputs(c, pos, n, inv_freq, head_dim, &p, &f)) return;
   cn_cuda_paged_kv kv = layer_view(d[0].pool, d[0].layer);
-  keep(c, cn_cuda_qkv_rope_kv(c->cu, q, qkv, p, n, n_heads, n_kv_heads, head_dim, f, &kv, c->slots));
+  c->q_bf16 = c->tb ? q : NULL;
+  keep(c, cn_cuda_qkv_rope_kv(c->cu, q, c->tb ? CN_CUDA_BF16 : CN_CUDA_F32, qkv, p, n, n_heads, n_kv_heads, head_dim,
+                              f, &kv, c->slots));
 }
 
 /* The same, with the RMSNorm and the q/k/v projection before it (one kernel at 1-2 rows). */
@@ -1040,8 +1056,9 @@ static void cuda_norm_qkv_rope_kv(void *ctx, void *q, void *qkv, const void *x, 
   const float *f;
   if (c->status || n_seqs <= 0 || !rope_inputs(c, pos, n, inv_freq, head_dim, &p, &f)) return;
   cn_cuda_paged_kv kv = layer_view(d[0].pool, d[0].layer);
-  keep(c, cn_cuda_norm_qkv_rope_kv(c->cu, q, qkv, x, norm_w, eps, w, bias, n, in, p, n_heads, n_kv_heads, head_dim, f,
-                                   &kv, c->slots));
+  c->q_bf16 = c->tb ? q : NULL;
+  keep(c, cn_cuda_norm_qkv_rope_kv(c->cu, q, c->tb ? CN_CUDA_BF16 : CN_CUDA_F32, qkv, x, norm_w, eps, w, bias, n, in,
+                                   p, n_heads, n_kv_heads, head_dim, f, &kv, c->slots));
 }
 
 /* While capturing, the copy is left to `end` (after the graph's launch): a graph captures one

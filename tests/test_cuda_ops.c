@@ -999,7 +999,8 @@ static void test_qkv_rope_matches_cpu(void **state) {
 }
 
 /* qkv_rope with k and v written into the cache against qkv_rope and kv_write_slots one after the
- * other: q and the whole pool (written slots and untouched ones) the same bits. */
+ * other: q and the whole pool (written slots and untouched ones) the same bits; q written in bf16,
+ * the fp32 q rounded to nearest even. */
 static void test_qkv_rope_kv_matches_the_two_ops(void **state) {
   mismatches = 0;
   const int shapes[][5] = {{1, 4, 1, 64, 16}, {3, 9, 3, 64, 16}, {5, 32, 8, 128, 16}, {17, 6, 2, 34, 5}}; /* +bs */
@@ -1026,13 +1027,19 @@ static void test_qkv_rope_kv_matches_the_two_ops(void **state) {
     CK(cn_cuda_qkv_rope(ctx, d_o, d_o + (size_t)n * qd, d_o + (size_t)n * (qd + kd), d_qkv, d_pos, n, hq, hkv, d, d_inv));
     CK(cn_cuda_kv_write_slots(ctx, &v0, d_phys, d_o + (size_t)n * qd, d_o + (size_t)n * (qd + kd), CN_CUDA_F32, n,
                               (int)kd));
-    CK(cn_cuda_qkv_rope_kv(ctx, d_q, d_qkv, d_pos, n, hq, hkv, d, d_inv, &v1, d_phys));
+    CK(cn_cuda_qkv_rope_kv(ctx, d_q, CN_CUDA_F32, d_qkv, d_pos, n, hq, hkv, d, d_inv, &v1, d_phys));
+    void *d_qb = dev_poisoned((size_t)n * qd, CN_CUDA_BF16);
+    CK(cn_cuda_qkv_rope_kv(ctx, d_qb, CN_CUDA_BF16, d_qkv, d_pos, n, hq, hkv, d, d_inv, &v1, d_phys));
     float *q0 = dev_download(d_o, (size_t)n * qd, CN_CUDA_F32), *q1 = dev_download(d_q, (size_t)n * qd, CN_CUDA_F32);
+    float *qb = dev_download(d_qb, (size_t)n * qd, CN_CUDA_BF16);
     float *pool0 = dev_download(p[0].d_pool, p[0].elems, CN_CUDA_BF16);
     float *pool1 = dev_download(p[1].d_pool, p[1].elems, CN_CUDA_BF16);
     size_t differ = 0, written = 0;
-    for (size_t e = 0; e < (size_t)n * qd; e++)
+    for (size_t e = 0; e < (size_t)n * qd; e++) {
+      float r = bf16_round(q0[e]);
       differ += memcmp(&q0[e], &q1[e], sizeof(float)) != 0;
+      differ += memcmp(&r, &qb[e], sizeof(float)) != 0;
+    }
     for (size_t e = 0; e < p[0].elems; e++) {
       differ += memcmp(&pool0[e], &pool1[e], sizeof(float)) != 0;
       written += !isnan(pool1[e]);
@@ -1047,8 +1054,8 @@ static void test_qkv_rope_kv_matches_the_two_ops(void **state) {
     p[1].d_pool = NULL;
     pool_free(&p[0]);
     cn_cuda_free(ctx, d_qkv), cn_cuda_free(ctx, d_pos), cn_cuda_free(ctx, d_phys), cn_cuda_free(ctx, d_inv);
-    cn_cuda_free(ctx, d_o), cn_cuda_free(ctx, d_q);
-    free(qkv), free(inv), free(pos), free(phys), free(q0), free(q1), free(pool0), free(pool1);
+    cn_cuda_free(ctx, d_o), cn_cuda_free(ctx, d_q), cn_cuda_free(ctx, d_qb);
+    free(qkv), free(inv), free(pos), free(phys), free(q0), free(q1), free(qb), free(pool0), free(pool1);
   }
   END_TEST();
 }
@@ -1056,22 +1063,23 @@ static void test_qkv_rope_kv_matches_the_two_ops(void **state) {
 /* RMSNorm, the q/k/v projection and RoPE into q and the cache in one few-row kernel against
  * cn_cuda_norm_matmul then cn_cuda_qkv_rope_kv (the fusions off): the same bits in q and in the
  * whole pool (the untouched slots included), for every row count the kernel takes (1 and 2,
- * CN_GEMV_ROPE_ROWS), scalar and vector paths, with and without a bias. */
+ * CN_GEMV_ROPE_ROWS), scalar and vector paths, with and without a bias, q in fp32 and in bf16. */
 #define CN_GEMV_ROPE_ROWS_FOR_TEST 2
-static void run_norm_qkv(int fusion, const float *x, const void *d_g, const void *d_w, const void *d_b, int n, int in,
-                         int hq, int hkv, int d, const void *d_pos, const void *d_slots, const void *d_inv,
-                         test_pool *pool, int layer, float **q_out, float **pool_out) {
+static void run_norm_qkv(int fusion, cn_cuda_dtype q_dt, const float *x, const void *d_g, const void *d_w,
+                         const void *d_b, int n, int in, int hq, int hkv, int d, const void *d_pos, const void *d_slots,
+                         const void *d_inv, test_pool *pool, int layer, float **q_out, float **pool_out) {
   int rows = cn_cuda_gemv_fusion(ctx);
   CK(cn_cuda_set_gemv_fusion(ctx, fusion ? CN_GEMV_MAX_ROWS_FOR_TEST : 0));
   size_t qd = (size_t)hq * d, row = qd + 2 * (size_t)hkv * d;
   void *d_x = dev_upload(x, (size_t)n * in, CN_CUDA_F32);
-  float *d_q = dev_poisoned((size_t)n * qd, CN_CUDA_F32), *d_qkv = dev_poisoned((size_t)n * row, CN_CUDA_F32);
+  void *d_q = dev_poisoned((size_t)n * qd, q_dt);
+  float *d_qkv = dev_poisoned((size_t)n * row, CN_CUDA_F32);
   cn_cuda_free(ctx, pool->d_pool);
   pool->d_pool = dev_poisoned(pool->elems, CN_CUDA_BF16);
   cn_cuda_paged_kv kv = pool_view(pool, layer);
-  CK(cn_cuda_norm_qkv_rope_kv(ctx, d_q, d_qkv, d_x, d_g, 1e-5f, d_w, d_b, n, in, d_pos, hq, hkv, d, d_inv, &kv,
+  CK(cn_cuda_norm_qkv_rope_kv(ctx, d_q, q_dt, d_qkv, d_x, d_g, 1e-5f, d_w, d_b, n, in, d_pos, hq, hkv, d, d_inv, &kv,
                               d_slots));
-  *q_out = dev_download(d_q, (size_t)n * qd, CN_CUDA_F32);
+  *q_out = dev_download(d_q, (size_t)n * qd, q_dt);
   *pool_out = dev_download(pool->d_pool, pool->elems, CN_CUDA_BF16);
   CK(cn_cuda_set_gemv_fusion(ctx, rows));
   cn_cuda_free(ctx, d_x), cn_cuda_free(ctx, d_q), cn_cuda_free(ctx, d_qkv);
@@ -1100,11 +1108,14 @@ static void test_norm_qkv_rope_kv_is_bit_exact(void **state) {
       }
       void *d_pos = dev_upload_bytes(pos, sizeof *pos * n), *d_phys = dev_upload_bytes(phys, sizeof *phys * n);
       float *x = rand_buf((size_t)n * in, 3.0f);
-      for (int use_bias = 0; use_bias < 2; use_bias++) {
+      for (int form = 0; form < 4; form++) {
+        const int use_bias = form & 1;
+        const cn_cuda_dtype q_dt = form & 2 ? CN_CUDA_BF16 : CN_CUDA_F32;
         float *q_on, *q_off, *pool_on, *pool_off;
         const void *bias = use_bias ? d_b : NULL;
-        run_norm_qkv(1, x, d_g, d_w, bias, n, in, hq, hkv, d, d_pos, d_phys, d_inv, &p, layer, &q_on, &pool_on);
-        run_norm_qkv(0, x, d_g, d_w, bias, n, in, hq, hkv, d, d_pos, d_phys, d_inv, &p, layer, &q_off, &pool_off);
+        run_norm_qkv(1, q_dt, x, d_g, d_w, bias, n, in, hq, hkv, d, d_pos, d_phys, d_inv, &p, layer, &q_on, &pool_on);
+        run_norm_qkv(0, q_dt, x, d_g, d_w, bias, n, in, hq, hkv, d, d_pos, d_phys, d_inv, &p, layer, &q_off,
+                     &pool_off);
         check_all_finite(q_on, (size_t)n * hq * d, "norm_qkv_rope_kv q");
         size_t differ = 0, written = 0;
         for (size_t e = 0; e < (size_t)n * hq * d; e++)
@@ -1114,9 +1125,9 @@ static void test_norm_qkv_rope_kv_is_bit_exact(void **state) {
           written += !isnan(pool_on[e]);
         }
         if (differ || written != 2 * (size_t)n * kd) {
-          printf("  norm_qkv_rope_kv n=%d in=%d heads=%d/%d head_dim=%d%s: %zu values differ, %zu cache values "
-                 "written (expected %zu)  MISMATCH\n",
-                 n, in, hq, hkv, d, use_bias ? " +bias" : "", differ, written, 2 * (size_t)n * kd);
+          printf("  norm_qkv_rope_kv n=%d in=%d heads=%d/%d head_dim=%d%s, q %s: %zu values differ, %zu cache "
+                 "values written (expected %zu)  MISMATCH\n",
+                 n, in, hq, hkv, d, use_bias ? " +bias" : "", dt_name(q_dt), differ, written, 2 * (size_t)n * kd);
           mismatches++;
         }
         free(q_on), free(q_off), free(pool_on), free(pool_off);

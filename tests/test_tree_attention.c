@@ -234,7 +234,7 @@ static int run_case(const batch_case *c) {
   size_t q_elems = (size_t)total_rows * q_dim;
   float *q = malloc(sizeof(float) * q_elems), *ref_cpu = malloc(sizeof(float) * q_elems),
         *ref_f64 = malloc(sizeof(float) * q_elems), *got = malloc(sizeof(float) * q_elems),
-        *got_early = malloc(sizeof(float) * q_elems);
+        *got_early = malloc(sizeof(float) * q_elems), *got_b = malloc(sizeof(float) * q_elems);
   enum { N_SPLIT_KINDS = 4 }; /* how the keys are split (below) */
   /* The one-warpgroup 128-row kernel's output for each split kind, which the two-warpgroup form
    * must match bit for bit (the same arithmetic per row). */
@@ -292,6 +292,13 @@ static int run_case(const batch_case *c) {
   if (c->dt == CN_CUDA_BF16) CK(cn_cuda_f32_to_bf16(ctx, d_q, d_qf, q_elems));
   else CK(cn_cuda_memcpy_h2d(ctx, d_q, q, sizeof(float) * q_elems));
   CK(cn_cuda_malloc(ctx, &d_out, et * (q_elems ? q_elems : 1)));
+  /* For fp32 cases, q and the output in bf16 too (the engine's forward holds them so). */
+  void *d_qb = NULL, *d_ob = NULL;
+  if (c->dt == CN_CUDA_F32) {
+    CK(cn_cuda_malloc(ctx, &d_qb, sizeof(uint16_t) * (q_elems ? q_elems : 1)));
+    CK(cn_cuda_malloc(ctx, &d_ob, sizeof(uint16_t) * (q_elems ? q_elems : 1)));
+    CK(cn_cuda_f32_to_bf16(ctx, d_qb, d_qf, q_elems));
+  }
   CK(cn_cuda_malloc(ctx, &d_tables, sizeof(int32_t) * (size_t)total_blocks));
   CK(cn_cuda_memcpy_h2d(ctx, d_tables, tables, sizeof(int32_t) * (size_t)total_blocks));
   CK(cn_cuda_malloc(ctx, &d_pos, sizeof(int32_t) * (size_t)(total_pos ? total_pos : 1)));
@@ -350,6 +357,20 @@ static int run_case(const batch_case *c) {
     CK(cn_cuda_tree_attention(ctx, &a));
     fetch_out(c->dt, d_out, d_qf, got_early, q_elems);
     const int early_differs = memcmp(got, got_early, sizeof(float) * q_elems) != 0;
+    /* The kernel rounds Q to bf16 as it loads it (q here is on the bf16 grid already), and a bf16
+     * output is the fp32 one rounded: so the bf16 launch gives got's values rounded, bit for bit. */
+    int bf16_differs = 0;
+    if (c->dt == CN_CUDA_F32) {
+      cn_cuda_tree_attn_args ab = a;
+      ab.q = d_qb, ab.out = d_ob, ab.dt = CN_CUDA_BF16;
+      CK(cn_cuda_memset(ctx, d_ob, 0xFF, sizeof(uint16_t) * q_elems));
+      CK(cn_cuda_tree_attention(ctx, &ab));
+      fetch_out(CN_CUDA_BF16, d_ob, d_qf, got_b, q_elems);
+      for (size_t e = 0; e < q_elems && !bf16_differs; e++) {
+        float r = bf16_round(got[e]);
+        bf16_differs = memcmp(&r, &got_b[e], sizeof r) != 0;
+      }
+    }
     float *one = one_wg + (size_t)v * q_elems;
     if (f->row_tile == 128 && !f->two_wg) memcpy(one, got, sizeof(float) * q_elems), one_wg_ran[v] = 1;
     /* 128-key tiles (mode 4, and mode 3 with long_keys at one split) rescale at other keys: not
@@ -369,23 +390,25 @@ static int run_case(const batch_case *c) {
       }
     double e_cpu = rel_l2(got, ref_cpu, q_elems), e_f64 = rel_l2(got, ref_f64, q_elems),
            e_twin = rel_l2(ref_cpu, ref_f64, q_elems);
-    int fail =
-        unwritten || blind_bad || early_differs || two_wg_differs || !(e_cpu <= CPU_TOL) || !(e_f64 <= F64_TOL);
-    printf("  %-34s %-10s splits %3d: rel L2 vs cpu %.2e, vs f64 %.2e (cpu vs f64 %.2e)%s%s%s%s%s\n", c->name,
+    int fail = unwritten || blind_bad || early_differs || two_wg_differs || bf16_differs || !(e_cpu <= CPU_TOL) ||
+               !(e_f64 <= F64_TOL);
+    printf("  %-34s %-10s splits %3d: rel L2 vs cpu %.2e, vs f64 %.2e (cpu vs f64 %.2e)%s%s%s%s%s%s\n", c->name,
            f->name, splits[v], e_cpu, e_f64, e_twin, unwritten ? "  UNWRITTEN" : "",
            blind_bad ? "  BLIND-NOT-ZERO" : "", early_differs ? "  PREFIX-READY-DIFFERS" : "",
-           two_wg_differs ? "  TWO-WG-DIFFERS" : "", fail ? "  MISMATCH" : "");
+           two_wg_differs ? "  TWO-WG-DIFFERS" : "", bf16_differs ? "  BF16-IO-DIFFERS" : "",
+           fail ? "  MISMATCH" : "");
     bad += fail;
   }
 
   cn_cuda_free(ctx, d_pool), cn_cuda_free(ctx, d_q), cn_cuda_free(ctx, d_qf), cn_cuda_free(ctx, d_out);
+  cn_cuda_free(ctx, d_qb), cn_cuda_free(ctx, d_ob);
   cn_cuda_free(ctx, d_tables), cn_cuda_free(ctx, d_pos), cn_cuda_free(ctx, d_mask), cn_cuda_free(ctx, d_desc);
   for (int s = 0; s < ns; s++) free(sd[s].pos), free(sd[s].mask);
   free(perm), free(pool), free(pool16), free(desc), free(tables), free(pos), free(mask);
   CK(cn_cuda_set_ta_two_wg(ctx, 1)); /* the defaults, for the tests after this one */
   CK(cn_cuda_set_ta_ws(ctx, CN_CUDA_TA_WS_MODE, 0, -1));
   CK(cn_cuda_set_ta_key_split(ctx, CN_CUDA_TA_KEY_SPLIT_ROWS));
-  free(q), free(ref_cpu), free(ref_f64), free(got), free(got_early), free(one_wg);
+  free(q), free(ref_cpu), free(ref_f64), free(got), free(got_early), free(got_b), free(one_wg);
   return bad;
 }
 

@@ -296,9 +296,10 @@ int cn_cuda_kv_write_slots(cn_cuda_ctx *ctx, const cn_cuda_paged_kv *kv, const i
                            const void *v, cn_cuda_dtype dt, int n, int kv_dim);
 
 /* cn_cuda_qkv_rope, with k and v written to the cache as cn_cuda_kv_write_slots would write them
- * (the same bf16 bits) instead of to buffers: one launch for both. */
-int cn_cuda_qkv_rope_kv(cn_cuda_ctx *ctx, float *q, const float *qkv, const int32_t *pos, int n, int n_heads,
-                        int n_kv_heads, int head_dim, const float *inv_freq, const cn_cuda_paged_kv *kv,
+ * (the same bf16 bits) instead of to buffers: one launch for both. q is written in q_dt: bf16 holds
+ * exactly what tree attention reads of an fp32 q (it rounds Q to bf16 as it loads it). */
+int cn_cuda_qkv_rope_kv(cn_cuda_ctx *ctx, void *q, cn_cuda_dtype q_dt, const float *qkv, const int32_t *pos, int n,
+                        int n_heads, int n_kv_heads, int head_dim, const float *inv_freq, const cn_cuda_paged_kv *kv,
                         const int32_t *slots);
 
 /* q/k/v of a layer's new tokens from the residual stream x [n][in] fp32: rmsnorm(x, norm_w), the
@@ -307,10 +308,10 @@ int cn_cuda_qkv_rope_kv(cn_cuda_ctx *ctx, float *q, const float *qkv, const int3
  * kernel does it all, giving the same bits as cn_cuda_norm_matmul into qkv followed by
  * cn_cuda_qkv_rope_kv, which run otherwise (qkv [n][(n_heads + 2 n_kv_heads) head_dim] is their
  * workspace). */
-int cn_cuda_norm_qkv_rope_kv(cn_cuda_ctx *ctx, float *q, float *qkv, const float *x, const cn_bf16 *norm_w, float eps,
-                             const cn_bf16 *w, const cn_bf16 *bias, int n, int in, const int32_t *pos, int n_heads,
-                             int n_kv_heads, int head_dim, const float *inv_freq, const cn_cuda_paged_kv *kv,
-                             const int32_t *slots);
+int cn_cuda_norm_qkv_rope_kv(cn_cuda_ctx *ctx, void *q, cn_cuda_dtype q_dt, float *qkv, const float *x,
+                             const cn_bf16 *norm_w, float eps, const cn_bf16 *w, const cn_bf16 *bias, int n, int in,
+                             const int32_t *pos, int n_heads, int n_kv_heads, int head_dim, const float *inv_freq,
+                             const cn_cuda_paged_kv *kv, const int32_t *slots);
 
 /* Attention for one sequence, with the semantics of cn_cpu_attention: q [n][n_heads][head_dim]
  * and out the same shape, both of dtype dt. Past the ctx_len committed slots lie q_offset + n new

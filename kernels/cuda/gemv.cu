@@ -44,7 +44,7 @@ template <int HOW> __device__ __forceinline__ int weight_row(const gemv_params &
 
 /* Row r's pair (a, b) of unit o into q (rotated), or into the cache: k rotated, v as it is; the
  * same arithmetic and rounding as qkv_rope.cu. */
-__device__ __forceinline__ void rope_out(const gemv_params &p, int r, int o, float a, float b) {
+template <typename Y> __device__ __forceinline__ void rope_out(const gemv_params &p, int r, int o, float a, float b) {
   const cn_gemv_rope &q = p.rope;
   const int d = q.head_dim, half = d / 2, h = o / half, k = o % half;
   const size_t kv_dim = (size_t)q.n_kv_heads * d;
@@ -57,9 +57,9 @@ __device__ __forceinline__ void rope_out(const gemv_params &p, int r, int o, flo
   float x0, x1;
   cn_rope_pair(a, b, q.pos[r], q.inv_freq[k], &x0, &x1);
   if (h < q.n_heads) {
-    float *y = (float *)p.y + (size_t)r * q.n_heads * d + (size_t)h * d + k;
-    y[0] = x0;
-    y[half] = x1;
+    Y *y = (Y *)p.y + (size_t)r * q.n_heads * d + (size_t)h * d + k;
+    cn_st(y, x0);
+    cn_st(y + half, x1);
   } else {
     const size_t j = (size_t)(h - q.n_heads) * d + k;
     cn_kv_put(q.kv, false, q.slots[r], j, kv_dim, x0);
@@ -73,7 +73,7 @@ template <int HOW, typename Y>
 __device__ __forceinline__ void put_out(const gemv_params &p, int r, int o, float a, float b) {
   Y *y = (Y *)p.y + (size_t)r * p.out + o;
   if constexpr (HOW == CN_GEMV_ROPE)
-    rope_out(p, r, o, a, b);
+    rope_out<Y>(p, r, o, a, b);
   else if constexpr (HOW == CN_GEMV_SWIGLU)
     cn_st(y, a / (1.0f + expf(-a)) * b);
   else if constexpr (HOW == CN_GEMV_ADD)
@@ -423,11 +423,14 @@ static int by_out(cn_cuda_ctx *ctx, const cn_gemv *g, const gemv_params &p, unsi
     if constexpr (XK != CN_GEMV_X_F32)
       if (!f32) return by_rows<XK, CN_GEMV_SWIGLU, cn_bf16_t>(ctx, p, g->n, grid, smem);
     break;
-  case CN_GEMV_ROPE: /* up to CN_GEMV_ROPE_ROWS rows (cn_gemv_run checks) */
-    if constexpr (XK == CN_GEMV_X_NORM)
+  case CN_GEMV_ROPE: /* up to CN_GEMV_ROPE_ROWS rows (cn_gemv_run checks); q in fp32 or bf16 */
+    if constexpr (XK == CN_GEMV_X_NORM) {
       if (f32)
         return g->n == 1 ? go<1, XK, CN_GEMV_ROPE, float>(ctx, p, grid, smem)
                          : go<2, XK, CN_GEMV_ROPE, float>(ctx, p, grid, smem);
+      return g->n == 1 ? go<1, XK, CN_GEMV_ROPE, cn_bf16_t>(ctx, p, grid, smem)
+                       : go<2, XK, CN_GEMV_ROPE, cn_bf16_t>(ctx, p, grid, smem);
+    }
     break;
   }
   return cn_error(CANOPY_ERR_INVALID_ARG, "cn_gemv_run: output %d to %s after input kind %d not provided", (int)g->how,

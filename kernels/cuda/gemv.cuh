@@ -46,9 +46,9 @@ typedef enum cn_gemv_out {
   CN_GEMV_STORE,  /* y [n][out] = x W^T + bias (y fp32 or bf16) */
   CN_GEMV_ADD,    /* y [n][out] += x W^T + bias (y fp32) */
   CN_GEMV_SWIGLU, /* W [2 out][in] = [gate | up], bias [2 out]: y [n][out] bf16 = silu(g) * u */
-  CN_GEMV_ROPE,   /* W [out][in] the fused q/k/v projection, out = (H + 2 H_kv) d: y [n][H d] fp32 = q rotated,
-                     k rotated and v into their cache slots (cn_gemv_rope), as cn_cuda_qkv_rope_kv; n up to
-                     CN_GEMV_ROPE_ROWS */
+  CN_GEMV_ROPE,   /* W [out][in] the fused q/k/v projection, out = (H + 2 H_kv) d: y [n][H d] (fp32 or bf16) =
+                     q rotated, k rotated and v into their cache slots (cn_gemv_rope), as cn_cuda_qkv_rope_kv;
+                     n up to CN_GEMV_ROPE_ROWS */
 } cn_gemv_out;
 
 typedef struct cn_gemv_rope {

@@ -206,10 +206,10 @@ int cn_cuda_ffn(cn_cuda_ctx *ctx, float *x, float *gate_up, const cn_bf16 *norm_
 /* Fused (up to CN_GEMV_ROPE_ROWS rows): the few-row kernel RMSNorms x, projects it and rotates
  * each (k, k + d / 2) pair of the q and k heads in its epilogue, so the projection's output never
  * goes through memory; else the projection into qkv, then cn_cuda_qkv_rope_kv. */
-int cn_cuda_norm_qkv_rope_kv(cn_cuda_ctx *ctx, float *q, float *qkv, const float *x, const cn_bf16 *norm_w, float eps,
-                             const cn_bf16 *w, const cn_bf16 *bias, int n, int in, const int32_t *pos, int n_heads,
-                             int n_kv_heads, int head_dim, const float *inv_freq, const cn_cuda_paged_kv *kv,
-                             const int32_t *slots) {
+int cn_cuda_norm_qkv_rope_kv(cn_cuda_ctx *ctx, void *q, cn_cuda_dtype q_dt, float *qkv, const float *x,
+                             const cn_bf16 *norm_w, float eps, const cn_bf16 *w, const cn_bf16 *bias, int n, int in,
+                             const int32_t *pos, int n_heads, int n_kv_heads, int head_dim, const float *inv_freq,
+                             const cn_cuda_paged_kv *kv, const int32_t *slots) {
   CN_CUDA_ENTER(ctx);
   const int out = (n_heads + 2 * n_kv_heads) * head_dim;
   int st = check_dims(__func__, n, in, out);
@@ -218,13 +218,14 @@ int cn_cuda_norm_qkv_rope_kv(cn_cuda_ctx *ctx, float *q, float *qkv, const float
     return cn_error(CANOPY_ERR_INVALID_ARG,
                     "cn_cuda_norm_qkv_rope_kv: n_heads=%d n_kv_heads=%d head_dim=%d (even), and a cache view", n_heads,
                     n_kv_heads, head_dim);
+  if (!cn_dtype_ok(q_dt)) return cn_error(CANOPY_ERR_DTYPE, "cn_cuda_norm_qkv_rope_kv: q dtype %d", (int)q_dt);
   if (!n) return CANOPY_OK;
   if (n <= CN_GEMV_ROPE_ROWS && fused(ctx, n, in, CN_GEMV_X_NORM)) {
-    cn_gemv g = {q, CN_CUDA_F32, x, CN_GEMV_X_NORM, (const cn_bf16_t *)norm_w, eps, (const cn_bf16_t *)w,
+    cn_gemv g = {q, q_dt, x, CN_GEMV_X_NORM, (const cn_bf16_t *)norm_w, eps, (const cn_bf16_t *)w,
                  (const cn_bf16_t *)bias, n, in, out, CN_GEMV_ROPE};
     g.rope = (cn_gemv_rope){*kv, slots, pos, inv_freq, n_heads, n_kv_heads, head_dim};
     return cn_gemv_run(ctx, &g);
   }
   st = cn_cuda_norm_matmul(ctx, qkv, CN_CUDA_F32, x, norm_w, eps, w, bias, n, in, out);
-  return st ? st : cn_cuda_qkv_rope_kv(ctx, q, qkv, pos, n, n_heads, n_kv_heads, head_dim, inv_freq, kv, slots);
+  return st ? st : cn_cuda_qkv_rope_kv(ctx, q, q_dt, qkv, pos, n, n_heads, n_kv_heads, head_dim, inv_freq, kv, slots);
 }

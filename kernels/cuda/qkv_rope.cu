@@ -19,7 +19,8 @@ struct kv_dst {
   }
 };
 
-__global__ void qkv_rope_kernel(float *q, kv_dst out, const float *qkv, const int32_t *pos, int n, int n_heads,
+template <typename TQ>
+__global__ void qkv_rope_kernel(TQ *q, kv_dst out, const float *qkv, const int32_t *pos, int n, int n_heads,
                                 int n_kv_heads, int head_dim, const float *inv_freq) {
   cn_pdl_enter();
   int half = head_dim / 2, heads = n_heads + n_kv_heads;
@@ -40,9 +41,9 @@ __global__ void qkv_rope_kernel(float *q, kv_dst out, const float *qkv, const in
     float x0, x1;
     cn_rope_pair(src[kk], src[kk + half], pos[i], inv_freq[kk], &x0, &x1);
     if (h < n_heads) {
-      float *dst = q + i * q_dim + (size_t)h * head_dim;
-      dst[kk] = x0;
-      dst[kk + half] = x1;
+      TQ *dst = q + i * q_dim + (size_t)h * head_dim;
+      cn_st(dst + kk, x0);
+      cn_st(dst + kk + half, x1);
     } else {
       size_t j = (size_t)(h - n_heads) * head_dim + kk;
       out.put(false, i, j, kv_dim, x0);
@@ -51,34 +52,38 @@ __global__ void qkv_rope_kernel(float *q, kv_dst out, const float *qkv, const in
   }
 }
 
-static int launch(cn_cuda_ctx *ctx, float *q, const kv_dst &out, const float *qkv, const int32_t *pos, int n, int n_heads,
-                  int n_kv_heads, int head_dim, const float *inv_freq) {
+static int launch(cn_cuda_ctx *ctx, void *q, cn_cuda_dtype q_dt, const kv_dst &out, const float *qkv,
+                  const int32_t *pos, int n, int n_heads, int n_kv_heads, int head_dim, const float *inv_freq) {
   CN_CUDA_ENTER(ctx);
   if (n < 0 || n_heads <= 0 || n_kv_heads <= 0 || head_dim <= 0 || head_dim % 2)
     return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_qkv_rope: n=%d n_heads=%d n_kv_heads=%d head_dim=%d (even)", n,
                     n_heads, n_kv_heads, head_dim);
+  if (!cn_dtype_ok(q_dt)) return cn_error(CANOPY_ERR_DTYPE, "cn_cuda_qkv_rope: q dtype %d", (int)q_dt);
   if (!n) return CANOPY_OK;
   const int threads = 256;
   size_t total = (size_t)n * (n_heads + n_kv_heads) * (head_dim / 2) + (size_t)n * n_kv_heads * head_dim;
-  CN_CUDA_CHECK(cn_launch(ctx, qkv_rope_kernel, cn_grid_for(ctx, total, threads), threads, 0, q, out, qkv, pos, n,
-                          n_heads, n_kv_heads, head_dim, inv_freq));
-  return CANOPY_OK;
+  return cn_dispatch(q_dt, [&](auto t) {
+    using TQ = decltype(t);
+    CN_CUDA_CHECK(cn_launch(ctx, qkv_rope_kernel<TQ>, cn_grid_for(ctx, total, threads), threads, 0, (TQ *)q, out, qkv,
+                            pos, n, n_heads, n_kv_heads, head_dim, inv_freq));
+    return (int)CANOPY_OK;
+  });
 }
 
 int cn_cuda_qkv_rope(cn_cuda_ctx *ctx, float *q, float *k, float *v, const float *qkv, const int32_t *pos, int n,
                      int n_heads, int n_kv_heads, int head_dim, const float *inv_freq) {
   kv_dst out = {};
   out.k = k, out.v = v;
-  return launch(ctx, q, out, qkv, pos, n, n_heads, n_kv_heads, head_dim, inv_freq);
+  return launch(ctx, q, CN_CUDA_F32, out, qkv, pos, n, n_heads, n_kv_heads, head_dim, inv_freq);
 }
 
-int cn_cuda_qkv_rope_kv(cn_cuda_ctx *ctx, float *q, const float *qkv, const int32_t *pos, int n, int n_heads,
-                        int n_kv_heads, int head_dim, const float *inv_freq, const cn_cuda_paged_kv *kv,
+int cn_cuda_qkv_rope_kv(cn_cuda_ctx *ctx, void *q, cn_cuda_dtype q_dt, const float *qkv, const int32_t *pos, int n,
+                        int n_heads, int n_kv_heads, int head_dim, const float *inv_freq, const cn_cuda_paged_kv *kv,
                         const int32_t *slots) {
   if (n > 0 && (!kv || !slots || kv->block_size <= 0))
     return cn_error(CANOPY_ERR_INVALID_ARG, "cn_cuda_qkv_rope_kv: a cache view and slots are needed");
   kv_dst out = {};
   if (kv) out.kv = *kv;
   out.slots = slots;
-  return launch(ctx, q, out, qkv, pos, n, n_heads, n_kv_heads, head_dim, inv_freq);
+  return launch(ctx, q, q_dt, out, qkv, pos, n, n_heads, n_kv_heads, head_dim, inv_freq);
 }
