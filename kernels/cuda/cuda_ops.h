@@ -60,13 +60,14 @@ int cn_cuda_sync(cn_cuda_ctx *ctx);
  * the batch. Costs the padded rows' work and a copy of the output. */
 int cn_cuda_set_batch_invariant(cn_cuda_ctx *ctx, int on);
 
-/* Few-row GEMM fusions for calls of up to max_rows rows (0: off; < 0: the default, 2, which
+/* Few-row GEMM fusions for calls of up to max_rows rows (0: off; < 0: the default, 1, which
  * CANOPY_CUDA_GEMV_FUSION_ROWS=k at creation overrides), outside batch-invariant mode: the
  * few-row GEMM kernel makes its own bf16 input (the RMSNorm of norm_matmul and ffn, the rounding
  * of an fp32 x) and applies ffn's SwiGLU in its epilogue, instead of separate kernels before and
  * after it (bias and residual add are always the few-row kernel's epilogue). The results are the
  * same bits either way, so the limit is a matter of speed: each block restages its input rows,
- * which pays up to 2 rows (bench/RESULTS.md). */
+ * which pays at one row (and at two on CUDA cores, but tensor cores unfused beat that: see
+ * cn_cuda_set_gemv_mma_rows; bench/RESULTS.md). */
 int cn_cuda_set_gemv_fusion(cn_cuda_ctx *ctx, int max_rows);
 int cn_cuda_gemv_fusion(const cn_cuda_ctx *ctx);
 
@@ -80,12 +81,13 @@ int cn_cuda_set_gemv_swiglu_rows(cn_cuda_ctx *ctx, int max_rows);
 int cn_cuda_gemv_swiglu_rows(const cn_cuda_ctx *ctx);
 
 /* The few-row GEMM runs its products on tensor cores (mma.sync) for calls of min_rows rows or more
- * (< 0: the default, 3, which CANOPY_CUDA_GEMV_MMA_ROWS=k at creation overrides), on CUDA cores
+ * (< 0: the default, 2, which CANOPY_CUDA_GEMV_MMA_ROWS=k at creation overrides), on CUDA cores
  * below; rows whose length is not a multiple of 8 always take the CUDA cores. The two forms round
  * differently, each alike for every row count it serves: with 1 (tensor cores always) or 9 (never)
  * a row's result is the same bits from 1 to 8 rows, so a greedy chain verified in up to 8 rows is
- * token for token the target's own decode; with the default a decode step (1 row) and a chain of 3+
- * rows may part at near-ties, for 1.2-1.9x faster 3-8 row steps on Llama-3-8B (bench/RESULTS.md). */
+ * token for token the target's own decode; with the default a decode step (1 row) and a chain of 2+
+ * rows may part at near-ties, for 1.2-1.9x faster 3-8 row steps on Llama-3-8B, and 2-row steps
+ * 2.5% (Llama-3-8B) and 8-9% (SmolLM2-135M) faster than fused on CUDA cores (bench/RESULTS.md). */
 int cn_cuda_set_gemv_mma_rows(cn_cuda_ctx *ctx, int min_rows);
 int cn_cuda_gemv_mma_rows(const cn_cuda_ctx *ctx);
 
@@ -304,8 +306,8 @@ int cn_cuda_qkv_rope_kv(cn_cuda_ctx *ctx, void *q, cn_cuda_dtype q_dt, const flo
 
 /* q/k/v of a layer's new tokens from the residual stream x [n][in] fp32: rmsnorm(x, norm_w), the
  * fused projection W [(n_heads + 2 n_kv_heads) head_dim][in] (+ bias), then as
- * cn_cuda_qkv_rope_kv. Up to 2 rows, within the fusion row limit (cn_cuda_set_gemv_fusion), one
- * kernel does it all, giving the same bits as cn_cuda_norm_matmul into qkv followed by
+ * cn_cuda_qkv_rope_kv. Up to 2 rows, within the fusion row limit (cn_cuda_set_gemv_fusion; 1 by
+ * default), one kernel does it all, giving the same bits as cn_cuda_norm_matmul into qkv followed by
  * cn_cuda_qkv_rope_kv, which run otherwise (qkv [n][(n_heads + 2 n_kv_heads) head_dim] is their
  * workspace). */
 int cn_cuda_norm_qkv_rope_kv(cn_cuda_ctx *ctx, void *q, cn_cuda_dtype q_dt, float *qkv, const float *x,

@@ -21,16 +21,20 @@
 
 /* Rows up to which the fusions run by default (cn_cuda_set_gemv_fusion): each block restages its
  * input rows, which from 3 rows on cost more than a separate RMSNorm kernel (with the tensor-core
- * kernel there; bench/RESULTS.md). */
-#define CN_GEMV_FUSE_ROWS 2
+ * kernel there), and at 2 rows too once the tensor-core kernel takes them: a 2-token verification
+ * ran 2.5% (Llama-3-8B) and 8-9% (SmolLM2-135M) faster unfused on tensor cores than fused on CUDA
+ * cores (H100, bench/RESULTS.md, 2026-12-06, eighteenth session). */
+#define CN_GEMV_FUSE_ROWS 1
 
-/* Rows from which the few-row GEMM runs on tensor cores by default (gemv.cu; cn_cuda_set_gemv_mma_rows). */
-#define CN_GEMV_MMA_ROWS 3
+/* Rows from which the few-row GEMM runs on tensor cores by default (gemv.cu; cn_cuda_set_gemv_mma_rows):
+ * from 2, outside the fusions (above). */
+#define CN_GEMV_MMA_ROWS 2
 
 /* Rows up to which the q/k/v projection takes RoPE into its epilogue (CN_GEMV_ROPE), within the
- * fusion limit: its warps each carry two weight rows, half as many warps as the plain projection,
- * and from 3 rows on, where the kernel is bound by instructions rather than memory, that lost to
- * the projection plus a RoPE kernel (H200, bench_step --compare-qkv, bench/RESULTS.md). */
+ * fusion limit (so one row by default): its warps each carry two weight rows, half as many warps
+ * as the plain projection, and from 3 rows on, where the kernel is bound by instructions rather
+ * than memory, that lost to the projection plus a RoPE kernel (H200, bench_step --compare-qkv,
+ * bench/RESULTS.md). */
 #define CN_GEMV_ROPE_ROWS 2
 
 /* Shared memory a block may use for staged input rows (the default limit, no opt-in). */
