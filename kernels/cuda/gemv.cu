@@ -237,10 +237,11 @@ template <int N, int XK, int HOW, typename Y> __global__ void __launch_bounds__(
  * A and B agree on the permutation, and every load is 16 bytes. The warps' partial tiles are added
  * in warp order through shared memory: a row's result is the same bits whatever n is (other rows
  * only fill other MMA columns). On the 8B this form costs 1.05x a decode step at 4 rows and 1.10x
- * at 8, but at 1 and 2 rows it is 6% and 3% slower than the kernel above (whose warps stream 512
- * contiguous bytes of one row per load, where here four lanes share a row), so it runs from
- * CN_GEMV_MMA_ROWS rows (cn_cuda_set_gemv_mma_rows): 2, since unfused 2-row steps ran faster on it
- * (H100, Llama-3-8B 5.76 against 6.18 ms on CUDA cores; bench/RESULTS.md, eighteenth session). */
+ * at 8, but alone at 1 and 2 rows it measured 6% and 3% slower than the kernel above (whose warps
+ * stream 512 contiguous bytes of one row per load, where here four lanes share a row; H200). It
+ * runs from CN_GEMV_MMA_ROWS rows (cn_cuda_set_gemv_mma_rows), 2: in whole 2-row steps, where the
+ * kernel above no longer takes in the ops around it, this one was faster (H100, Llama-3-8B 5.76
+ * against 6.18 ms; bench/RESULTS.md, eighteenth session). */
 
 #define MMA_TILE 16 /* weight rows a block: one m16 tile */
 #define MMA_LOADS 4 /* 16-byte weight loads a lane has in one batch and row: two batches in flight */
