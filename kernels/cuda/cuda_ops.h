@@ -82,10 +82,9 @@ int cn_cuda_gemv_swiglu_rows(const cn_cuda_ctx *ctx);
 
 /* The few-row GEMM runs its products on tensor cores (mma.sync) for calls of min_rows rows or more
  * (< 0: the default, 2, which CANOPY_CUDA_GEMV_MMA_ROWS=k at creation overrides), on CUDA cores
- * below; rows whose length is not a multiple of 8 always take the CUDA cores (and cuBLAS past 8 rows).
- * The two forms round differently, each alike for every row count it serves: with 1 (tensor cores
- * always) a row's result is the same bits from 1 to 16 rows, with 9 from 1 to 8 (CUDA cores there,
- * tensor cores past 8; 17: never, cuBLAS past 8), so a greedy chain verified in that many rows is
+ * below; rows whose length is not a multiple of 8 always take the CUDA cores. The two forms round
+ * differently, each alike for every row count it serves: with 1 (tensor cores always) or 9 (never)
+ * a row's result is the same bits from 1 to 8 rows, so a greedy chain verified in up to 8 rows is
  * token for token the target's own decode; with the default a decode step (1 row) and a chain of 2+
  * rows may part at near-ties, for 1.2-1.9x faster 3-8 row steps on Llama-3-8B, and 2-row steps
  * 2.5% (Llama-3-8B) and 8-9% (SmolLM2-135M) faster than fused on CUDA cores (bench/RESULTS.md). */
@@ -131,9 +130,7 @@ int cn_cuda_set_ta_key_split(cn_cuda_ctx *ctx, int min_rows);
 #define CN_CUDA_TA_KEY_SPLIT_ROWS 40
 
 /* GEMMs of up to max_rows rows run the few-row kernel, larger ones cuBLAS (< 0 or above the
- * kernel's 16 rows: 16, the default; 0: cuBLAS always, which bench_gemm compares). Past 8 rows the
- * kernel runs on tensor cores only, for bf16 inputs whose rows are a multiple of 8 long and
- * 16-byte aligned; other such GEMMs run cuBLAS. */
+ * kernel's 8 rows: 8, the default; 0: cuBLAS always, which bench_gemm compares). */
 int cn_cuda_set_gemv_max_rows(cn_cuda_ctx *ctx, int max_rows);
 
 /* cuBLAS products (more than the few-row kernel's rows, up to 512) tuned by measurement, off by

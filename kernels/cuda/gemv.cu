@@ -26,7 +26,6 @@ struct gemv_params {
   int in, out; /* out: output features, warps' units (CN_GEMV_ROPE: rotary pairs, half the weight rows) */
   bool vec;    /* in % 8 == 0 and 16-byte aligned rows: the uint4 path */
   cn_gemv_rope rope;
-  int n; /* input rows: the tensor-core form's 9-16 row instance reads it, the others know n */
 };
 
 /* Weight rows a unit: two for SwiGLU (gate and up) and RoPE (a rotary pair), else one. */
@@ -282,14 +281,8 @@ template <int HOW, int TILE> __device__ __forceinline__ int mma_row(const gemv_p
 template <int N, int XK, int HOW, typename Y>
 __global__ void __launch_bounds__(THREADS, 2) gemv_mma_kernel(gemv_params p) {
   constexpr int TILE = MMA_TILE, P = MMA_PIECES, U = MMA_LOADS / P; /* turns a batch */
-  /* Input rows go to the MMA's 8 columns; 9-16 rows take a second group of 8 columns (N = 16, the
-   * count from p.n), its MMAs on the same weight fragments, so each row's sums are the same bits
-   * as in a call of up to 8 rows. */
-  constexpr int NB = N > 8 ? 2 : 1;
-  static_assert(N <= 8 || (N == 16 && XK == CN_GEMV_X_BF16), "9-16 rows: one instance, bf16 input");
-  const int rows = N > 8 ? p.n : N;
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ float red[WARPS][TILE][8 * NB];
+  __shared__ float red[WARPS][TILE][8];
   constexpr bool staged = XK != CN_GEMV_X_BF16;
   const int in = p.in, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int n8 = in / 8; /* 16-byte pieces a row */
@@ -324,14 +317,9 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_mma_kernel(gemv_params p) {
     stage<N, XK>((cn_bf16_t *)smem, p);
     x = (const cn_bf16_t *)smem;
   }
-  bool has_x[NB];
-  const uint4 *xr[NB];
-#pragma unroll
-  for (int c = 0; c < NB; c++) {
-    has_x[c] = g + 8 * c < rows;
-    xr[c] = (const uint4 *)(x + (size_t)(has_x[c] ? g + 8 * c : 0) * in) + P * t;
-  }
-  float acc[NB][2][4] = {};
+  const bool has_x = g < N;
+  const uint4 *xr = (const uint4 *)(x + (size_t)(has_x ? g : 0) * in) + P * t;
+  float acc[2][4] = {};
   const int batches = (n8 + 4 * P * WARPS * U - 1) / (4 * P * WARPS * U);
   for (int batch = 0; batch < batches; batch++) {
     uint4 nxt[2][MMA_LOADS];
@@ -342,14 +330,11 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_mma_kernel(gemv_params p) {
       if (k >= n8) break; /* the same for the whole warp: mma.sync needs every lane */
 #pragma unroll
       for (int q = 0; q < P; q++) {
+        uint4 xv = zero;
+        if (has_x && k + P * t + q < n8) xv = staged ? xr[k + q] : __ldg(xr + k + q);
         const uint4 &lo = cur[0][u * P + q], &hi = cur[1][u * P + q];
-#pragma unroll
-        for (int c = 0; c < NB; c++) {
-          uint4 xv = zero;
-          if (has_x[c] && k + P * t + q < n8) xv = staged ? xr[c][k + q] : __ldg(xr[c] + k + q);
-          mma_bf16_16816(acc[c][0], lo.x, hi.x, lo.y, hi.y, xv.x, xv.y);
-          mma_bf16_16816(acc[c][1], lo.z, hi.z, lo.w, hi.w, xv.z, xv.w);
-        }
+        mma_bf16_16816(acc[0], lo.x, hi.x, lo.y, hi.y, xv.x, xv.y);
+        mma_bf16_16816(acc[1], lo.z, hi.z, lo.w, hi.w, xv.z, xv.w);
       }
     }
     if (batch + 1 < batches)
@@ -357,21 +342,18 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_mma_kernel(gemv_params p) {
       for (int i = 0; i < MMA_LOADS; i++)
         cur[0][i] = nxt[0][i], cur[1][i] = nxt[1][i];
   }
-  /* C fragment: slots g and g + 8, columns (input rows) 2 t, 2 t + 1 of each group. */
-#pragma unroll
-  for (int c = 0; c < NB; c++) {
-    red[warp][g][8 * c + 2 * t] = acc[c][0][0] + acc[c][1][0];
-    red[warp][g][8 * c + 2 * t + 1] = acc[c][0][1] + acc[c][1][1];
-    red[warp][g + 8][8 * c + 2 * t] = acc[c][0][2] + acc[c][1][2];
-    red[warp][g + 8][8 * c + 2 * t + 1] = acc[c][0][3] + acc[c][1][3];
-  }
+  /* C fragment: slots g and g + 8, columns (input rows) 2 t, 2 t + 1. */
+  red[warp][g][2 * t] = acc[0][0] + acc[1][0];
+  red[warp][g][2 * t + 1] = acc[0][1] + acc[1][1];
+  red[warp][g + 8][2 * t] = acc[0][2] + acc[1][2];
+  red[warp][g + 8][2 * t + 1] = acc[0][3] + acc[1][3];
   __syncthreads();
   constexpr int SLOTS = TILE / rows_per_unit<HOW>(); /* units a block */
-  for (int e = threadIdx.x; e < SLOTS * 8 * NB; e += THREADS) {
-    const int slot = e / (8 * NB), r = e % (8 * NB);
+  for (int e = threadIdx.x; e < SLOTS * 8; e += THREADS) {
+    const int slot = e / 8, r = e % 8;
     bool valid;
     const int o = mma_unit<HOW, TILE>(p, slot, &valid);
-    if (!valid || r >= rows) continue;
+    if (!valid || r >= N) continue;
     float v[2];
 #pragma unroll
     for (int i = 0; i < rows_per_unit<HOW>(); i++) {
@@ -394,7 +376,7 @@ static int go_mma(cn_cuda_ctx *ctx, const gemv_params &p, size_t smem) {
   auto kernel = gemv_mma_kernel<N, XK, HOW, Y>;
   /* The staged rows (up to CN_GEMV_STAGE_BYTES) and the reduction tile pass the 48 KB a block gets
    * without asking. */
-  if (smem > CN_GEMV_STAGE_BYTES - sizeof(float) * WARPS * MMA_TILE * 8 * (N > 8 ? 2 : 1))
+  if (smem > CN_GEMV_STAGE_BYTES - sizeof(float) * WARPS * MMA_TILE * 8)
     CN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   CN_CUDA_CHECK(cn_launch(ctx, kernel, grid, THREADS, smem, p));
   return CANOPY_OK;
@@ -402,28 +384,14 @@ static int go_mma(cn_cuda_ctx *ctx, const gemv_params &p, size_t smem) {
 
 bool cn_gemv_fits(int n, int in, cn_gemv_x kind) {
   if (n < 1 || n > CN_GEMV_MAX_ROWS || in < 1) return false;
-  if (n > CN_GEMV_CC_ROWS) return kind == CN_GEMV_X_BF16 && in % 8 == 0;
   return kind == CN_GEMV_X_BF16 || (size_t)n * in * sizeof(cn_bf16_t) <= CN_GEMV_STAGE_BYTES;
-}
-
-bool cn_gemv_takes(const cn_cuda_ctx *ctx, int n, int in, cn_gemv_x kind, const void *w, const void *x) {
-  if (!cn_gemv_fits(n, in, kind)) return false;
-  return n <= CN_GEMV_CC_ROWS ||
-         (n >= ctx->gemv_mma_rows && (uintptr_t)w % 16 == 0 && (uintptr_t)x % 16 == 0);
 }
 
 template <int N, int XK, int HOW, typename Y>
 static int go(cn_cuda_ctx *ctx, const gemv_params &p, unsigned grid, size_t smem) {
-  if constexpr (N > CN_GEMV_CC_ROWS) { /* the 9-16 row instance: tensor cores only */
-    if (!p.vec || p.n < ctx->gemv_mma_rows)
-      return cn_error(CANOPY_ERR_INVALID_ARG, "cn_gemv_run: %d rows run only on tensor cores (16-byte aligned rows "
-                      "of a multiple of 8, and tensor cores from %d rows)", p.n, ctx->gemv_mma_rows);
-    return go_mma<N, XK, HOW, Y>(ctx, p, smem);
-  } else {
-    if (p.vec && N >= ctx->gemv_mma_rows) return go_mma<N, XK, HOW, Y>(ctx, p, smem);
-    CN_CUDA_CHECK(cn_launch(ctx, gemv_kernel<N, XK, HOW, Y>, grid, THREADS, smem, p));
-    return CANOPY_OK;
-  }
+  if (p.vec && N >= ctx->gemv_mma_rows) return go_mma<N, XK, HOW, Y>(ctx, p, smem);
+  CN_CUDA_CHECK(cn_launch(ctx, gemv_kernel<N, XK, HOW, Y>, grid, THREADS, smem, p));
+  return CANOPY_OK;
 }
 
 template <int XK, int HOW, typename Y>
@@ -438,10 +406,7 @@ static int by_rows(cn_cuda_ctx *ctx, const gemv_params &p, int n, unsigned grid,
   case 7: return go<7, XK, HOW, Y>(ctx, p, grid, smem);
   case 8: return go<8, XK, HOW, Y>(ctx, p, grid, smem);
   }
-  if constexpr (XK == CN_GEMV_X_BF16)
-    if (n > CN_GEMV_CC_ROWS && n <= CN_GEMV_MAX_ROWS) return go<16, XK, HOW, Y>(ctx, p, grid, smem);
-  return cn_error(CANOPY_ERR_INVALID_ARG, "cn_gemv_run: %d rows (1..%d, past %d only bf16 input)", n, CN_GEMV_MAX_ROWS,
-                  CN_GEMV_CC_ROWS);
+  return cn_error(CANOPY_ERR_INVALID_ARG, "cn_gemv_run: %d rows (1..%d)", n, CN_GEMV_MAX_ROWS);
 }
 
 /* The output handling of each input kind: only the pairs the forward uses are instantiated. */
@@ -489,7 +454,7 @@ int cn_gemv_run(cn_cuda_ctx *ctx, const cn_gemv *g) {
                     "(H + 2 H_kv) d), block_size=%d, and slots, positions and frequencies",
                     g->n, CN_GEMV_ROPE_ROWS, g->out, r->n_heads, r->n_kv_heads, r->head_dim, r->kv.block_size);
   const int units = g->how == CN_GEMV_ROPE ? g->out / 2 : g->out;
-  gemv_params p = {g->y, g->x, g->norm_w, g->eps, g->w, g->bias, g->in, units, false, g->rope, g->n};
+  gemv_params p = {g->y, g->x, g->norm_w, g->eps, g->w, g->bias, g->in, units, false, g->rope};
   /* Staged rows start at multiples of in in shared memory: 16-byte aligned when in % 8 == 0. */
   p.vec = g->in % 8 == 0 && (uintptr_t)g->w % 16 == 0 && (g->x_kind != CN_GEMV_X_BF16 || (uintptr_t)g->x % 16 == 0);
   unsigned grid = (unsigned)((units + WARPS - 1) / WARPS);

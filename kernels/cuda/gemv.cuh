@@ -16,11 +16,8 @@
 
 #include "kernels/cuda/cuda_common.cuh"
 
-/* Rows up to which the few-row kernel is used instead of cuBLAS: up to CN_GEMV_CC_ROWS in either
- * form (CUDA cores or tensor cores, cn_cuda_set_gemv_mma_rows), past them on tensor cores only, with
- * a bf16 input of a multiple of 8 columns and 16-byte aligned rows (cn_gemv_takes). */
-#define CN_GEMV_MAX_ROWS 16
-#define CN_GEMV_CC_ROWS 8
+/* Rows up to which the few-row kernel is used instead of cuBLAS. */
+#define CN_GEMV_MAX_ROWS 8
 
 /* Rows up to which the fusions run by default (cn_cuda_set_gemv_fusion): each block restages its
  * input rows, which from 3 rows on cost more than a separate RMSNorm kernel (with the tensor-core
@@ -78,14 +75,9 @@ typedef struct cn_gemv {
   cn_gemv_rope rope; /* CN_GEMV_ROPE only */
 } cn_gemv;
 
-/* Whether n rows of `in` fit the kernel: 1 <= n <= CN_GEMV_MAX_ROWS, the staged kinds (fp32
- * inputs) up to CN_GEMV_CC_ROWS rows and within CN_GEMV_STAGE_BYTES, past CN_GEMV_CC_ROWS rows only
- * bf16 inputs of in % 8 == 0. */
+/* Whether n rows of `in` fit the kernel: 1 <= n <= CN_GEMV_MAX_ROWS, and the staged kinds (fp32
+ * inputs) within CN_GEMV_STAGE_BYTES. */
 bool cn_gemv_fits(int n, int in, cn_gemv_x kind);
-
-/* cn_gemv_fits, and past CN_GEMV_CC_ROWS rows what the tensor-core form also needs: the context's
- * tensor cores at that row count and 16-byte aligned w and x. Where it is false, cuBLAS runs. */
-bool cn_gemv_takes(const cn_cuda_ctx *ctx, int n, int in, cn_gemv_x kind, const void *w, const void *x);
 
 /* Runs g (cn_gemv_fits must hold). Every row is computed in the same order whatever n is, so a
  * row's result does not depend on the rows batched with it. */

@@ -51,8 +51,7 @@ static int gemv(cn_cuda_ctx *ctx, void *y, cn_cuda_dtype y_dt, const void *x, cn
 static int gemm_bf16(cn_cuda_ctx *ctx, void *y_out, cn_cuda_dtype y_dt, const void *xb, const cn_bf16 *w,
                      const cn_bf16 *bias, int n_real, int in, int out, bool accumulate) {
   int n = gemm_rows(ctx, n_real);
-  if (n <= ctx->gemv_max_rows && cn_gemv_takes(ctx, n, in, CN_GEMV_X_BF16, w, xb)) /* bias and accumulation in
-                                                                                      the kernel's epilogue */
+  if (n <= ctx->gemv_max_rows) /* bias and accumulation in the kernel's epilogue */
     return gemv(ctx, y_out, y_dt, xb, CN_GEMV_X_BF16, NULL, 0.0f, w, bias, n, in, out,
                 accumulate ? CN_GEMV_ADD : CN_GEMV_STORE);
   size_t row_bytes = (size_t)out * (y_dt == CN_CUDA_F32 ? sizeof(float) : sizeof(cn_bf16));
@@ -173,12 +172,10 @@ int cn_cuda_swiglu_matmul_add(cn_cuda_ctx *ctx, float *y, const float *gate_up, 
   return st ? st : gemm_bf16(ctx, y, CN_CUDA_F32, ctx->scratch, w, bias, n, d, out, true);
 }
 
-/* Whether ffn's n rows take the SwiGLU epilogue after a separate RMSNorm (cn_cuda_set_gemv_swiglu_rows):
- * both products on the few-row kernel, gate/up reading the normed rows xn, down the activation act. */
-static bool swiglu_epilogue(const cn_cuda_ctx *ctx, int n, int dim, int d, const cn_bf16 *w_gu, const cn_bf16 *w_down,
-                            const void *xn, const void *act) {
+/* Whether ffn's n rows take the SwiGLU epilogue after a separate RMSNorm (cn_cuda_set_gemv_swiglu_rows). */
+static bool swiglu_epilogue(const cn_cuda_ctx *ctx, int n, int dim) {
   return n <= ctx->gemv_swiglu_rows && n <= ctx->gemv_max_rows && !ctx->batch_invariant &&
-         cn_gemv_takes(ctx, n, dim, CN_GEMV_X_BF16, w_gu, xn) && cn_gemv_takes(ctx, n, d, CN_GEMV_X_BF16, w_down, act);
+         cn_gemv_fits(n, dim, CN_GEMV_X_BF16);
 }
 
 /* Fused: the gate/up kernel makes the SwiGLU activation (gate and up rows, silu(g) * u) into the
@@ -192,14 +189,13 @@ int cn_cuda_ffn(cn_cuda_ctx *ctx, float *x, float *gate_up, const cn_bf16 *norm_
   if (st) return st;
   if (!n) return CANOPY_OK;
   const bool staged = fused(ctx, n, dim, CN_GEMV_X_NORM);
-  const size_t normed = staged ? 0 : ((size_t)n * dim + 7) / 8 * 8; /* the activation starts 16-byte aligned */
-  st = cn_cuda_reserve_scratch(ctx, normed + (size_t)n * d);
-  if (st) return st;
-  cn_bf16 *xn = (cn_bf16 *)ctx->scratch, *act = xn + normed;
-  if (!staged && !swiglu_epilogue(ctx, n, dim, d, w_gu, w_down, xn, act)) {
+  if (!staged && !swiglu_epilogue(ctx, n, dim)) {
     st = cn_cuda_norm_matmul(ctx, gate_up, CN_CUDA_F32, x, norm_w, eps, w_gu, b_gu, n, dim, 2 * d);
     return st ? st : cn_cuda_swiglu_matmul_add(ctx, x, gate_up, w_down, b_down, n, d, dim);
   }
+  const size_t normed = staged ? 0 : ((size_t)n * dim + 7) / 8 * 8; /* the activation starts 16-byte aligned */
+  st = cn_cuda_reserve_scratch(ctx, normed + (size_t)n * d);
+  cn_bf16 *xn = (cn_bf16 *)ctx->scratch, *act = xn + normed;
   if (!st && !staged) st = cn_cuda_rmsnorm(ctx, xn, CN_CUDA_BF16, x, CN_CUDA_F32, norm_w, n, dim, eps);
   if (!st)
     st = staged ? gemv(ctx, act, CN_CUDA_BF16, x, CN_GEMV_X_NORM, norm_w, eps, w_gu, b_gu, n, dim, d, CN_GEMV_SWIGLU)
