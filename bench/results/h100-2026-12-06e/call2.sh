@@ -1,7 +1,9 @@
-# Eighteenth session, second device call (lean: 242 s of device time were left): the few-row GEMM
-# on tensor cores at 9-16 rows (4745530; gemv16.patch is that change). Build, test_cuda_ops (its
-# 1-16 row bit-exactness, batch-independence and CPU-twin tests) and test_cuda_forward, then one
-# A/B round of bench_step against the tree without the change.
+# The few-row GEMM on tensor cores at 9-16 rows (gemv16.patch; committed as 4745530 and reverted,
+# as the eighteenth session had no device time left to run it). First `git apply
+# bench/results/h100-2026-12-06e/gemv16.patch`, then this on the device (carry .devdeps): build,
+# test_cuda_ops (its 1-16 row bit-exactness, batch-independence and CPU-twin tests) and
+# test_cuda_forward, then one A/B round of bench_step against the tree without the patch
+# (device_ab.sh reverses it for side B). Written to fit 242 s; with more, ROUNDS=2.
 source tools/device_env.sh
 d=bench/results/h100-2026-12-06e
 b=/tmp/canopy-all
