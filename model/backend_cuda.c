@@ -100,7 +100,7 @@ typedef struct cuda_ctx {
   /* This forward's q and attention output where they are held in bf16: on the tree kernel's path,
    * which rounds Q to bf16 as it loads it and whose output the o projection rounds to bf16 as it
    * reads it. Stored rounded, they are the same bits at half the bytes, and the fp32 -> bf16 pass
-   * before a GEMM of 3+ rows is gone. NULL where they are fp32. */
+   * before an unfused GEMM (2+ rows) is gone. NULL where they are fp32. */
   const void *q_bf16, *attn_bf16;
   cn_cuda_span *span_h, *span_d; /* [span_cap] kv_copy's spans, host and device */
   int span_cap, span_used;
@@ -1024,6 +1024,13 @@ static bool rope_inputs(cuda_ctx *c, const int32_t *pos, int n, const float *inv
   return *p && *f;
 }
 
+/* The dtype the fused q producers write q in, noted for attention_batch: bf16 where the tree kernel
+ * runs (c->tb), else fp32. */
+static cn_cuda_dtype q_dt_for(cuda_ctx *c, const void *q) {
+  c->q_bf16 = c->tb ? q : NULL;
+  return c->tb ? CN_CUDA_BF16 : CN_CUDA_F32;
+}
+
 static void cuda_qkv_rope(void *ctx, void *q, void *k, void *v, const void *qkv, const int32_t *pos, int n,
                           int n_heads, int n_kv_heads, int head_dim, const float *inv_freq) {
   cuda_ctx *c = ctx;
@@ -1042,12 +1049,11 @@ static void cuda_qkv_rope_kv(void *ctx, void *q, const void *qkv, const int32_t 
   const float *f;
   if (c->status || n_seqs <= 0 || !rope_inputs(c, pos, n, inv_freq, head_dim, &p, &f)) return;
   cn_cuda_paged_kv kv = layer_view(d[0].pool, d[0].layer);
-  c->q_bf16 = c->tb ? q : NULL;
-  keep(c, cn_cuda_qkv_rope_kv(c->cu, q, c->tb ? CN_CUDA_BF16 : CN_CUDA_F32, qkv, p, n, n_heads, n_kv_heads, head_dim,
-                              f, &kv, c->slots));
+  keep(c, cn_cuda_qkv_rope_kv(c->cu, q, q_dt_for(c, q), qkv, p, n, n_heads, n_kv_heads, head_dim, f, &kv,
+                              c->slots));
 }
 
-/* The same, with the RMSNorm and the q/k/v projection before it (one kernel at 1-2 rows). */
+/* The same, with the RMSNorm and the q/k/v projection before it (one kernel within the fusion limit). */
 static void cuda_norm_qkv_rope_kv(void *ctx, void *q, void *qkv, const void *x, const void *norm_w, float eps,
                                   const void *w, const void *bias, int in, const int32_t *pos, const cn_attn_desc *d,
                                   int n_seqs, int n, int n_heads, int n_kv_heads, int head_dim, const float *inv_freq) {
@@ -1056,9 +1062,8 @@ static void cuda_norm_qkv_rope_kv(void *ctx, void *q, void *qkv, const void *x, 
   const float *f;
   if (c->status || n_seqs <= 0 || !rope_inputs(c, pos, n, inv_freq, head_dim, &p, &f)) return;
   cn_cuda_paged_kv kv = layer_view(d[0].pool, d[0].layer);
-  c->q_bf16 = c->tb ? q : NULL;
-  keep(c, cn_cuda_norm_qkv_rope_kv(c->cu, q, c->tb ? CN_CUDA_BF16 : CN_CUDA_F32, qkv, x, norm_w, eps, w, bias, n, in,
-                                   p, n_heads, n_kv_heads, head_dim, f, &kv, c->slots));
+  keep(c, cn_cuda_norm_qkv_rope_kv(c->cu, q, q_dt_for(c, q), qkv, x, norm_w, eps, w, bias, n, in, p, n_heads,
+                                   n_kv_heads, head_dim, f, &kv, c->slots));
 }
 
 /* While capturing, the copy is left to `end` (after the graph's launch): a graph captures one
